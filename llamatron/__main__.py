@@ -1,0 +1,5 @@
+import sys
+
+from llamatron.cli import main
+
+sys.exit(main())

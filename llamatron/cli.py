@@ -1,0 +1,250 @@
+"""The `llamatron` command. The only module that parses command lines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llamatron.errors import LlamatronError
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--config", default=default,
+                   help="TOML/YAML config file, or a preset name (llamatron/presets/NAME.toml)" +
+                   (f"; default {default}" if default else ""))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key, e.g. --set train.steps=100 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamatron", description="Pretrain Llama 3.1 models on Megatron-format data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="prepare the embedded corpus, train a tiny Llama 3.1 and evaluate it")
+    p.add_argument("--workdir", default="runs/demo", help="where data, checkpoints and metrics go")
+    _add_config_args(p, "demo")
+
+    p = sub.add_parser("preprocess", help="tokenize JSON lines into Megatron .bin/.idx files")
+    p.add_argument("--input", nargs="+", required=True, help="JSON lines files (.json, .jsonl, .json.gz)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
+    p.add_argument("--tokenizer", default="llama3", help="llama3 (default), or a tokenizer.model / tokenizer.json path")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize (default: text)")
+    p.add_argument("--append-eod", action="store_true", help="append the end-of-text token to every document")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+
+    p = sub.add_parser("c4", help="consolidate raw C4 shards as the MLPerf reference does")
+    p.add_argument("--src", required=True, help="directory with c4-train.*-of-01024.json.gz and c4-validation.*")
+    p.add_argument("--dst", required=True, help="output directory")
+    p.add_argument("--valid-documents", type=int, default=91205)
+
+    p = sub.add_parser("train", help="train from a config")
+    _add_config_args(p, None)
+
+    p = sub.add_parser("eval", help="validation log perplexity of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (newest checkpoint)")
+    p.add_argument("--data", required=True, help="Megatron data prefix (PREFIX.bin/.idx)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's training seq_len")
+    p.add_argument("--num-samples", type=int, default=None, help="first K unshuffled windows (default: all that fit, at most 1024)")
+    p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("flops", help="FLOPs per sequence, tokens/s, MFU and days to train (NVIDIA recipe formula)")
+    p.add_argument("--model", default="llama3.1-8b", help="named model size")
+    p.add_argument("--layers", type=int, default=None, help="proxy: number of layers")
+    p.add_argument("--kv-heads", type=int, default=None, help="KV heads (405B MP16 variant: 16)")
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--flops-per-sequence", type=float, default=None, help="use this instead of the formula")
+    p.add_argument("--step-time", type=float, default=None, help="seconds per optimizer step")
+    p.add_argument("--global-batch", type=int, default=None, help="sequences per step")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
+    p.add_argument("--device-name", default="H100", help="selects the peak FLOP/s (H100, H200, A100, B200)")
+    p.add_argument("--tokens", type=float, default=None, help="total training tokens, for days to train")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except LlamatronError as e:
+        print(f"llamatron {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llamatron {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from llamatron.config import load_config
+    from llamatron.train.trainer import train
+
+    if args.config is None:
+        raise LlamatronError("--config is required (a file, or a preset name such as demo)")
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    print_summary(result)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from llamatron.config import load_config
+    from llamatron.data.corpus import write_default_corpus
+    from llamatron.data.preprocess import preprocess
+    from llamatron.train.trainer import train
+
+    work = Path(args.workdir)
+    data_dir = work / "data"
+    corpus = write_default_corpus(data_dir / "json")
+    prefixes = {}
+    for split in ("train", "valid"):
+        prefix = data_dir / "tokens" / f"corpus-{split}"
+        out = Path(f"{prefix}_text_document")
+        if not (out.with_suffix(".idx").is_file() and out.with_suffix(".bin").is_file()):
+            print(f"tokenizing the {split} split with the Llama 3.1 tokenizer ...")
+            stats = preprocess([str(p) for p in corpus[split]], str(prefix), "llama3", workers=2)
+            print(f"  {stats['documents']:,} documents, {stats['tokens']:,} tokens -> {out}.bin/.idx")
+        prefixes[split] = str(out)
+    overrides = [f"data.train={prefixes['train']}", f"data.valid={prefixes['valid']}",
+                 f"train.out_dir={work / 'run'}", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    result = train(cfg)
+    print_summary(result)
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from llamatron.data.preprocess import preprocess
+
+    stats = preprocess(args.input, args.output_prefix, args.tokenizer, json_keys=tuple(args.json_keys),
+                       append_eod=args.append_eod, workers=args.workers)
+    print(f"{stats['documents']:,} documents ({stats.get('dropped_empty', 0):,} empty dropped), "
+          f"{stats['tokens']:,} tokens in {stats['seconds']:.1f} s ({stats['tokens_per_s']:,.0f} tokens/s)")
+    for p in stats.get("paths", []):
+        print(f"  wrote {p}")
+    return 0
+
+
+def cmd_c4(args) -> int:
+    from llamatron.data.c4 import consolidate_c4
+
+    result = consolidate_c4(args.src, args.dst, valid_documents=args.valid_documents)
+    for k, v in result.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import yaml
+
+    from llamatron.config import config_from_dict, model_args
+    from llamatron.data.gpt_dataset import GPTDataset
+    from llamatron.data.indexed import IndexedDataset
+    from llamatron.train import checkpoint as ckpt
+    from llamatron.train.trainer import autocast_dtype, build_model, evaluate, select_device
+
+    path = Path(args.checkpoint)
+    if not path.exists():
+        raise LlamatronError(f"{path}: no such checkpoint")
+    if not (path / ".metadata").is_file():  # a run directory: take its newest checkpoint
+        newest = ckpt.latest_checkpoint(path)
+        if newest is None:
+            raise LlamatronError(f"{path}: neither a checkpoint nor a run directory with a complete checkpoint")
+        path = newest
+    cfg = config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path)))
+    margs = model_args(cfg.model)
+    seq_len = args.seq_len or cfg.data.seq_len
+    data = IndexedDataset(args.data)
+    available = (data.num_tokens - 1) // seq_len
+    if available < 1:
+        raise LlamatronError(f"{args.data}: {data.num_tokens} tokens, too few for one window of {seq_len + 1}")
+    num = args.num_samples or min(available, 1024)
+    if num > available:
+        raise LlamatronError(f"--num-samples {num}: {args.data} holds only {available} windows of {seq_len + 1} tokens")
+    top = data.max_token_id()
+    if top >= margs.vocab_size:
+        raise LlamatronError(f"{args.data}.bin: token id {top} is outside the model vocabulary of {margs.vocab_size}")
+    device = select_device(args.device)
+    model = build_model(margs, device, seed=0)
+    ckpt.load_model_weights(path, model)
+    dataset = GPTDataset(data, seq_len, num, seed=cfg.data.seed, split="valid", shuffle=False)
+    mbs = args.micro_batch_size or cfg.train.micro_batch_size
+    val = evaluate(model, dataset, num, mbs, device, autocast_dtype(cfg.train.precision, device))
+    print(f"checkpoint {path}, data {args.data}: {num} windows of {seq_len} tokens")
+    print(f"validation log perplexity: {val:.4f}")
+    return 0
+
+
+def cmd_flops(args) -> int:
+    import dataclasses
+
+    from llamatron import flops
+    from llamatron.model import MODEL_SIZES
+
+    if args.model not in MODEL_SIZES:
+        raise LlamatronError(f"--model {args.model!r}: unknown; known sizes: {', '.join(MODEL_SIZES)}")
+    margs = MODEL_SIZES[args.model]
+    if args.layers:
+        margs = dataclasses.replace(margs, n_layers=args.layers)
+    if args.kv_heads:
+        margs = dataclasses.replace(margs, n_kv_heads=args.kv_heads)
+    per_seq = args.flops_per_sequence or flops.flops_per_sequence(margs, args.seq_len)
+    print(f"model {args.model}{f' ({args.layers} layers)' if args.layers else ''}, seq {args.seq_len}")
+    print(f"model FLOPs per token:    {per_seq / args.seq_len / 1e9:.2f} GFLOP")
+    print(f"model FLOPs per sequence: {per_seq:.4e}")
+    if args.step_time and args.global_batch:
+        tps = flops.tokens_per_second(args.seq_len, args.global_batch, args.step_time)
+        print(f"tokens/s:                 {tps:,.0f} ({tps / args.gpus:,.0f} per GPU)")
+        tflops = args.global_batch * per_seq / args.step_time / args.gpus / 1e12
+        print(f"TFLOP/s per GPU:          {tflops:,.1f}")
+        peak = flops.peak_flops(args.device_name, args.precision)
+        if peak:
+            util = args.global_batch * per_seq / args.step_time / args.gpus / peak
+            print(f"MFU ({args.precision} peak {peak / 1e12:.0f} TFLOP/s): {100 * util:.2f}%")
+        else:
+            print(f"MFU: unknown (no {args.precision} peak known for device {args.device_name!r})")
+        if args.tokens:
+            print(f"days to train {args.tokens:.3g} tokens: {flops.days_to_train(args.tokens, tps):.2f}")
+    elif args.tokens:
+        raise LlamatronError("--tokens needs --step-time and --global-batch")
+    return 0
+
+
+def print_summary(result) -> None:
+    print()
+    print("run summary")
+    print("-" * 60)
+    rows = [
+        ("run directory", str(result.out_dir)),
+        ("optimizer steps", f"{result.steps}"),
+        ("final training loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"),
+    ]
+    for step, val in result.eval_history:
+        rows.append((f"validation log perplexity @ step {step}", f"{val:.4f}"))
+    rows += [
+        ("tokens/s (last interval)", f"{result.tokens_per_s:,.0f}" if result.tokens_per_s else "n/a"),
+        ("MFU", f"{100 * result.mfu:.1f}%" if result.mfu is not None else "n/a (no known peak for this device)"),
+        ("checkpoint", str(result.checkpoint) if result.checkpoint else "none"),
+        ("wall time", f"{result.wall_s:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "preprocess": cmd_preprocess,
+    "c4": cmd_c4,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "flops": cmd_flops,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

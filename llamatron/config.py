@@ -1,0 +1,298 @@
+"""Run configuration: typed dataclasses, one loader (TOML or YAML), `--set section.key=value` overrides.
+
+Every key of every section can be given in the file or on the command line. Unknown keys, wrong types
+and impossible combinations are rejected with a one-line error that names the key and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llamatron.errors import LlamatronError
+from llamatron.model import MODEL_SIZES, ModelArgs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"  # a named size: llama3.1-8b, llama3.1-70b, llama3.1-405b, tiny, debug
+    # Each of these, when set, replaces the named size's value (n_layers < the size's makes a proxy).
+    n_layers: int | None = None
+    dim: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    vocab_size: int | None = None
+    max_seq_len: int | None = None
+
+
+@dataclass
+class DataConfig:
+    # Megatron data prefixes (PATH for PATH.bin/PATH.idx). Several train prefixes are blended by weight.
+    train: list[str] = field(default_factory=list)
+    train_weights: list[float] | None = None  # one weight per train prefix; None = equal weights
+    valid: str | None = None
+    mock: bool = False  # synthetic random tokens instead of files (benchmarking)
+    tokenizer: str = "llama3"  # name or path; its vocabulary must fit the model's
+    seq_len: int = 256
+    seed: int = 1234  # sample-order seed (Megatron's GPTDataset random_seed)
+    cache_dir: str | None = None  # index cache; None = next to the data, as Megatron does
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # end of the cosine
+    warmup_steps: int = 0
+    schedule_steps: int | None = None  # cosine length in steps (MLPerf: max_steps); None = train.steps
+    weight_decay: float = 0.1  # not applied to 1-D tensors (norms), as Megatron
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-5
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    fused: bool | None = None  # fused AdamW kernel; None = on for CUDA
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps to run in total (a resumed run continues to this count)
+    global_batch_size: int = 8  # sequences per optimizer step
+    micro_batch_size: int = 8  # sequences per forward/backward; the rest is gradient accumulation
+    seed: int = 1234  # model init seed
+    device: str = "auto"  # auto (cuda if available), cuda, cpu
+    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), bf16, fp32
+    compile: bool = False  # torch.compile each transformer block
+    activation_checkpointing: bool = False
+    deterministic: bool = False  # torch deterministic algorithms (slower)
+    out_dir: str = "runs/default"
+    log_every: int = 1
+    threads: int | None = None  # CPU threads for torch; None = torch's default
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # validate every N steps; 0 = only at the end
+    samples: int = 64  # validation windows, the first N unshuffled ones
+    micro_batch_size: int | None = None  # None = train.micro_batch_size
+    at_start: bool = True  # also validate before the first step
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps; 0 = only at the end
+    keep: int = 2  # complete checkpoints to keep (older ones are deleted)
+    resume: bool = True  # continue from the newest complete checkpoint in out_dir, if any
+    init_from: str | None = None  # start from this checkpoint's model weights (fresh optimizer)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a parsed value against a dataclass field type, naming the key on failure."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except LlamatronError:
+                pass
+        raise LlamatronError(f"config key '{key}': {value!r} is not of type {_type_name(tp)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `--set data.train=path` means a one-element list
+        if not isinstance(value, (list, tuple)):
+            raise LlamatronError(f"config key '{key}': {value!r} is not a list")
+        return [_coerce(v, item, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise LlamatronError(f"config key '{key}': {value!r} is not true/false")
+    if isinstance(value, str) and tp in (int, float):
+        try:  # YAML reads "1e-2" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise LlamatronError(f"config key '{key}': {value!r} is not an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise LlamatronError(f"config key '{key}': {value!r} is not a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise LlamatronError(f"config key '{key}': {value!r} is not a string")
+    raise LlamatronError(f"config key '{key}': unsupported type {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    sections = _section_types(Config)
+    if section not in sections:
+        raise LlamatronError(f"{source}: unknown config section '{section}'; expected one of {sorted(sections)}")
+    obj = getattr(cfg, section)
+    hints = _section_types(type(obj))
+    if key not in hints:
+        raise LlamatronError(
+            f"{source}: unknown config key '{section}.{key}'; keys of [{section}] are: {', '.join(hints)}"
+        )
+    setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A file path, or the name of a preset shipped with llamatron (llamatron/presets/NAME.toml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    preset = PRESETS_DIR / f"{name_or_path}.toml"
+    if preset.is_file():
+        return preset
+    names = sorted(q.stem for q in PRESETS_DIR.glob("*.toml"))
+    raise LlamatronError(f"config {name_or_path!r}: no such file, and no preset of that name (presets: {', '.join(names)})")
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the file (TOML or YAML), then `section.key=value` overrides; then validated."""
+    cfg = Config()
+    if path is not None:
+        p = resolve_config_path(path)
+        text = p.read_text()
+        try:
+            data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+            raise LlamatronError(f"{p}: cannot parse config: {str(e).splitlines()[0]}") from None
+        data = data or {}
+        if not isinstance(data, dict):
+            raise LlamatronError(f"{p}: a config file is a mapping of sections, got {type(data).__name__}")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise LlamatronError(f"{p}: config section '{section}' must be a table of keys")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, str(p))
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise LlamatronError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _apply(cfg, section, key, value, "--set")
+    validate_config(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    for section, values in data.items():
+        for key, value in values.items():
+            _apply(cfg, section, key, value, "saved config")
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (what gets printed and saved with the run)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Derived values and validation
+
+
+def model_args(cfg: ModelConfig) -> ModelArgs:
+    if cfg.size not in MODEL_SIZES:
+        raise LlamatronError(f"config key 'model.size': unknown size {cfg.size!r}; known: {', '.join(MODEL_SIZES)}")
+    overrides = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "size"}
+    return dataclasses.replace(MODEL_SIZES[cfg.size], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def validate_config(cfg: Config, data_parallel_size: int = 1) -> None:
+    args = model_args(cfg.model)
+    t, d, o, e = cfg.train, cfg.data, cfg.optim, cfg.eval
+
+    def need(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            raise LlamatronError(f"config key '{key}': {rule}")
+
+    for key, val in (("n_layers", args.n_layers), ("dim", args.dim), ("n_heads", args.n_heads),
+                     ("n_kv_heads", args.n_kv_heads), ("ffn_dim", args.ffn_dim), ("vocab_size", args.vocab_size)):
+        need(val > 0, f"model.{key}", f"must be positive, got {val}")
+    need(args.dim % args.n_heads == 0, "model.n_heads", f"dim {args.dim} must be divisible by n_heads {args.n_heads}")
+    need(args.n_heads % args.n_kv_heads == 0, "model.n_kv_heads",
+         f"n_heads {args.n_heads} must be divisible by n_kv_heads {args.n_kv_heads}")
+    need(args.head_dim % 2 == 0, "model.n_heads", f"head_dim {args.head_dim} must be even for rotary embeddings")
+    need(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
+    need(t.micro_batch_size > 0, "train.micro_batch_size", f"must be positive, got {t.micro_batch_size}")
+    need(t.global_batch_size > 0, "train.global_batch_size", f"must be positive, got {t.global_batch_size}")
+    need(t.global_batch_size % (t.micro_batch_size * data_parallel_size) == 0, "train.global_batch_size",
+         f"{t.global_batch_size} must be divisible by micro_batch_size x data-parallel size "
+         f"= {t.micro_batch_size} x {data_parallel_size}")
+    need(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
+    need(t.precision in ("auto", "bf16", "fp32"), "train.precision", f"must be auto, bf16 or fp32, got {t.precision!r}")
+    need(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
+    need(d.seq_len > 0, "data.seq_len", f"must be positive, got {d.seq_len}")
+    need(d.seq_len <= args.max_seq_len, "data.seq_len",
+         f"{d.seq_len} exceeds the model's max_seq_len {args.max_seq_len} (set model.max_seq_len)")
+    need(d.mock or bool(d.train), "data.train", "give at least one data prefix, or set data.mock=true")
+    if d.train_weights is not None:
+        need(len(d.train_weights) == len(d.train), "data.train_weights",
+             f"{len(d.train_weights)} weights for {len(d.train)} train prefixes")
+        need(all(w > 0 for w in d.train_weights), "data.train_weights", "weights must be positive")
+    need(o.lr >= 0 and o.min_lr >= 0, "optim.lr", "learning rates must be >= 0")
+    need(o.min_lr <= o.lr, "optim.min_lr", f"{o.min_lr} must not exceed optim.lr {o.lr}")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if o.schedule_steps is not None:
+        need(o.schedule_steps >= o.warmup_steps, "optim.schedule_steps",
+             f"{o.schedule_steps} must be >= warmup_steps {o.warmup_steps}")
+    need(e.every >= 0, "eval.every", f"must be >= 0, got {e.every}")
+    need(e.samples >= 0, "eval.samples", f"must be >= 0, got {e.samples}")
+    need(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")

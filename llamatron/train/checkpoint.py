@@ -1,0 +1,164 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): model, optimizer, schedule position, data
+position and RNG, saved together so a run resumes exactly.
+
+Layout of one checkpoint, `OUT/checkpoints/step_00000100/`:
+    .metadata, __*.distcp     DCP shards: {"model": ..., "optim": ...} with clean parameter names
+    rng_rank{r}.pt            each rank's RNG states (plain tensors, loaded with weights_only=True)
+    trainer_state.json        step, consumed samples, ...
+    config.yaml               the resolved run config (what `eval` needs to rebuild the model)
+    COMPLETE                  written last; a directory without it is never resumed from
+
+A checkpoint is written under a temporary name and renamed once complete, so a crash at any moment
+leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from llamatron.errors import LlamatronError
+
+MARKER = "COMPLETE"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoints_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoints_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and (p / MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+@contextlib.contextmanager
+def _quiet():
+    # DCP warns that it runs without a process group in single-process use; that is intended here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*process group.*")
+        warnings.filterwarnings("ignore", message=".*torch.distributed.*not.*initialized.*")
+        yield
+
+
+def save_checkpoint(
+    out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str, keep: int
+) -> Path:
+    root = checkpoints_root(out_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".step_{step:08d}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        (tmp / "config.yaml").write_text(config_yaml)
+        with open(tmp / MARKER, "w") as f:
+            f.write(f"step {step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step saved again (e.g. a resumed run's final save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def read_trainer_state(path: str | Path) -> dict:
+    path = Path(path)
+    f = path / "trainer_state.json"
+    if not f.is_file():
+        raise LlamatronError(f"{path}: not a llamatron checkpoint (no trainer_state.json)")
+    return json.loads(f.read_text())
+
+
+def read_checkpoint_config(path: str | Path) -> str:
+    f = Path(path) / "config.yaml"
+    if not f.is_file():
+        raise LlamatronError(f"{path}: not a llamatron checkpoint (no config.yaml)")
+    return f.read_text()
+
+
+def load_checkpoint(path: str | Path, model, optimizer) -> dict:
+    """Restore model, optimizer and this rank's RNG in place; return the trainer state."""
+    path = Path(path)
+    state = read_trainer_state(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    sd = {"model": model_sd, "optim": optim_sd}
+    with _quiet():
+        dcp.load(sd, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    rng_file = path / f"rng_rank{_rank()}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+def load_model_weights(path: str | Path, model) -> None:
+    """Only the model weights (for evaluation, or to start training from a checkpoint)."""
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise LlamatronError(f"{path}: not a checkpoint directory (no DCP .metadata file)")
+    model_sd = get_model_state_dict(model)
+    sd = {"model": model_sd}
+    with _quiet():
+        dcp.load(sd, checkpoint_id=str(path))
+    set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=True))

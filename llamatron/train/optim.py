@@ -1,0 +1,52 @@
+"""AdamW with Megatron's weight-decay rule, and NeMo's warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llamatron.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases or any 1-D tensor (norm weights), as Megatron's optimizer does."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
+    fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=fused or None,
+    )
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Learning rate for the optimizer step that follows `step` completed steps.
+
+    NeMo WarmupAnnealHoldPolicy + CosineAnnealing: with W warmup and M schedule steps,
+      s <= W (W > 0): peak * (s + 1) / (W + 1)
+      s > M:          min_lr
+      otherwise:      min_lr + (peak - min_lr) * (1 + cos(pi * (s - W) / (M - W))) / 2
+    """
+    w = cfg.warmup_steps
+    m = cfg.schedule_steps if cfg.schedule_steps is not None else total_steps
+    if w > 0 and step <= w:
+        return cfg.lr * (step + 1) / (w + 1)
+    if step > m or m <= w:
+        return cfg.min_lr
+    progress = (step - w) / (m - w)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))

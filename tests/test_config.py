@@ -1,0 +1,61 @@
+import pytest
+
+from llamatron.config import dump_config, load_config, config_from_dict, config_to_dict, model_args
+from llamatron.errors import LlamatronError
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_toml_yaml_and_overrides(tmp_path):
+    t = write(tmp_path, "a.toml", '[model]\nsize = "debug"\nn_layers = 3\n[train]\nsteps = 7\n[data]\nmock = true\n')
+    cfg = load_config(t, ["train.steps=9", "optim.lr=1e-2", "data.train=[a, b]", "train.compile=true"])
+    assert cfg.model.n_layers == 3 and cfg.train.steps == 9 and cfg.optim.lr == 0.01
+    assert cfg.data.train == ["a", "b"] and cfg.train.compile is True
+    assert model_args(cfg.model).n_layers == 3 and model_args(cfg.model).dim == 64
+    y = write(tmp_path, "a.yaml", "model:\n  size: debug\ndata:\n  mock: true\ntrain:\n  global_batch_size: 4\n  micro_batch_size: 2\n")
+    cfg = load_config(y)
+    assert cfg.train.global_batch_size == 4
+    # The resolved config round-trips through its YAML dump.
+    import yaml
+    assert config_to_dict(config_from_dict(yaml.safe_load(dump_config(cfg)))) == config_to_dict(cfg)
+
+
+def test_presets_load():
+    cfg = load_config("demo", ["data.train=x"])
+    assert cfg.model.size == "tiny"
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["train.stepz=3"], "unknown config key 'train.stepz'"),
+        (["trian.steps=3"], "unknown config section 'trian'"),
+        (["train.steps=three"], "'train.steps'"),
+        (["train.global_batch_size=10", "train.micro_batch_size=4"], "'train.global_batch_size': 10 must be divisible"),
+        (["model.n_kv_heads=3"], "'model.n_kv_heads': n_heads 4 must be divisible by n_kv_heads 3"),
+        (["model.size=llama9"], "unknown size 'llama9'"),
+        (["data.seq_len=4096"], "exceeds the model's max_seq_len"),
+        (["optim.min_lr=1", "optim.lr=0.1"], "'optim.min_lr'"),
+        (["steps=3"], "expected section.key=value"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, needle):
+    with pytest.raises(LlamatronError) as e:
+        load_config(None, ["model.size=debug", "data.mock=true", *overrides])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    p = write(tmp_path, "bad.toml", "[train]\nbogus = 1\n")
+    with pytest.raises(LlamatronError, match=r"bad.toml: unknown config key 'train.bogus'"):
+        load_config(p)
+
+
+def test_missing_data_rejected():
+    with pytest.raises(LlamatronError, match="data.train"):
+        load_config(None, [])

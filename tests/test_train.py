@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from llamatron.config import load_config
+from llamatron.train import checkpoint as ckpt
+from llamatron.train.trainer import train
+
+
+def _cfg(out_dir, steps, extra=()):
+    return load_config(None, [
+        "model.size=debug", "data.mock=true", "data.seq_len=32", f"train.steps={steps}",
+        "train.global_batch_size=4", "train.micro_batch_size=2", "train.device=cpu",
+        "optim.lr=1e-2", "optim.min_lr=1e-3", "optim.warmup_steps=2", "optim.schedule_steps=8",
+        "eval.samples=4", "eval.every=0", f"train.out_dir={out_dir}", *extra,
+    ])
+
+
+def _losses(out_dir):
+    rows = [json.loads(l) for l in open(out_dir / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_resume_is_exact(tmp_path):
+    """2N steps in one run == N steps, stop, resume in a new trainer, N more steps: identical losses."""
+    straight = tmp_path / "straight"
+    train(_cfg(straight, 8), progress=False, log=lambda *_: None)
+
+    split = tmp_path / "split"
+    first = train(_cfg(split, 4), progress=False, log=lambda *_: None)
+    assert first.steps == 4 and ckpt.latest_checkpoint(split).name == "step_00000004"
+    second = train(_cfg(split, 8), progress=False, log=lambda *_: None)
+    assert second.steps == 8
+
+    a, b = _losses(straight), _losses(split)
+    assert sorted(a) == list(range(1, 9)) and sorted(b) == list(range(1, 9))
+    assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]  # bit-identical
+    assert a[8] < a[1]
+
+    assert json.loads((split / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())["consumed_samples"] == 32
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path):
+    a = train(_cfg(tmp_path / "a", 3, ["train.micro_batch_size=1"]), progress=False, log=lambda *_: None)
+    b = train(_cfg(tmp_path / "b", 3, ["train.micro_batch_size=4"]), progress=False, log=lambda *_: None)
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    for s in (1, 2, 3):
+        assert la[s] == pytest.approx(lb[s], rel=1e-5)
+    assert a.eval_history[-1][1] == pytest.approx(b.eval_history[-1][1], rel=1e-4)
+
+
+def test_checkpoint_retention_and_incomplete_ignored(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out, 6, ["checkpoint.every=2", "checkpoint.keep=2"]), progress=False, log=lambda *_: None)
+    names = [p.name for p in ckpt.list_checkpoints(out)]
+    assert names == ["step_00000004", "step_00000006"]
+    # A directory without the completion marker is never picked for resume.
+    broken = ckpt.checkpoints_root(out) / "step_00000099"
+    broken.mkdir()
+    assert ckpt.latest_checkpoint(out).name == "step_00000006"
+
+
+def test_metrics_and_tensorboard_written(tmp_path):
+    out = tmp_path / "run"
+    res = train(_cfg(out, 2), progress=False, log=lambda *_: None)
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert {"loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "consumed_samples"} <= set(train_rows[0])
+    assert train_rows[-1]["consumed_samples"] == 8
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2]
+    assert any((out / "tensorboard").iterdir())
+    assert (out / "config.yaml").read_text().startswith("model:")
+    assert res.eval_history[0][1] > 0
