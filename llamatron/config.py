@@ -77,6 +77,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), bf16, fp32
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False
+    fused_cross_entropy: bool = True  # output layer + loss in chunks, never the full fp32 logits
+    attention_backend: str = "auto"  # SDPA kernel: auto (torch's choice), cudnn, flash, efficient, math
     deterministic: bool = False  # torch deterministic algorithms (slower)
     out_dir: str = "runs/default"
     log_every: int = 1
@@ -277,6 +279,8 @@ def validate_config(cfg: Config, data_parallel_size: int = 1) -> None:
          f"= {t.micro_batch_size} x {data_parallel_size}")
     need(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
     need(t.precision in ("auto", "bf16", "fp32"), "train.precision", f"must be auto, bf16 or fp32, got {t.precision!r}")
+    need(t.attention_backend in ("auto", "cudnn", "flash", "efficient", "math"), "train.attention_backend",
+         f"must be auto, cudnn, flash, efficient or math, got {t.attention_backend!r}")
     need(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
     need(d.seq_len > 0, "data.seq_len", f"must be positive, got {d.seq_len}")
     need(d.seq_len <= args.max_seq_len, "data.seq_len",

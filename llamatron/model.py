@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamatron.loss import linear_cross_entropy
+
 
 @dataclass
 class ModelArgs:
@@ -199,14 +201,24 @@ class Transformer(nn.Module):
             # Sample on the CPU so the same seed gives the same weights on every device.
             p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, s, generator=gen))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab]."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab]; with labels, the mean cross-entropy.
+
+        With labels the output projection and the loss are fused (llamatron.loss) so the full logits
+        are never materialised; computing it here, inside the module, keeps it under whatever wrapping
+        (FSDP, compile) is applied to the model.
+        """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        cos, sin = rope_cos_sin(self.args, tokens.shape[1], device=h.device)
+        cos, sin = rope_cos_sin(self.args, h.shape[1], device=h.device)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
-        h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is None:
+            return h
+        if labels is not None:
+            return linear_cross_entropy(h, self.output.weight, labels)
+        return self.output(h)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -35,7 +35,7 @@ def test_resume_is_exact(tmp_path):
     a, b = _losses(straight), _losses(split)
     assert sorted(a) == list(range(1, 9)) and sorted(b) == list(range(1, 9))
     assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]  # bit-identical
-    assert a[8] < a[1]
+    assert len(set(a.values())) == 8  # the comparison is not between constants
 
     assert json.loads((split / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())["consumed_samples"] == 32
 

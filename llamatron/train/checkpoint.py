@@ -82,7 +82,7 @@ def _quiet():
     # DCP warns that it runs without a process group in single-process use; that is intended here.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*process group.*")
-        warnings.filterwarnings("ignore", message=".*torch.distributed.*not.*initialized.*")
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 
 

@@ -19,7 +19,7 @@ from llamatron.config import Config, dump_config, model_args, validate_config
 from llamatron.data.sampler import accumulation_steps, micro_batch_indices
 from llamatron.errors import LlamatronError
 from llamatron.model import ModelArgs, Transformer, count_parameters
-from llamatron.parallel.apply import apply_activation_checkpointing, apply_compile
+from llamatron.parallel.apply import apply_activation_checkpointing, apply_compile, attention_backend
 from llamatron.train import checkpoint as ckpt
 from llamatron.train.metrics import MetricsWriter
 from llamatron.train.optim import build_optimizer, lr_at
@@ -49,9 +49,15 @@ def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer
     return model
 
 
-def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token negative log-likelihood in nats, computed in fp32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+def compute_loss(model, tokens: torch.Tensor, labels: torch.Tensor, fused: bool) -> torch.Tensor:
+    """Mean token negative log-likelihood in nats, computed in fp32.
+
+    fused: output projection + loss in chunks inside the model (no full logits); otherwise the plain
+    logits -> fp32 cross-entropy path.
+    """
+    if fused:
+        return model(tokens, labels)
+    return F.cross_entropy(model(tokens).flatten(0, 1).float(), labels.flatten())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,7 +118,7 @@ def load_batch(dataset, indices, device: torch.device) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def evaluate(model, dataset, num_samples: int, micro_batch: int, device, amp_dtype) -> float:
+def evaluate(model, dataset, num_samples: int, micro_batch: int, device, amp_dtype, fused: bool = True) -> float:
     """Validation log perplexity: mean token NLL (nats) over the first `num_samples` windows."""
     was_training = model.training
     model.eval()
@@ -121,8 +127,8 @@ def evaluate(model, dataset, num_samples: int, micro_batch: int, device, amp_dty
         idx = range(start, min(start + micro_batch, num_samples))
         tokens, labels = load_batch(dataset, idx, device)
         with _autocast(device, amp_dtype):
-            logits = model(tokens)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").double()
+            loss = compute_loss(model, tokens, labels, fused)
+        total += loss.double() * labels.numel()
         count += labels.numel()
     model.train(was_training)
     return float(total.item() / max(count, 1))
@@ -136,6 +142,31 @@ def _autocast(device, amp_dtype):
 
 # --------------------------------------------------------------------------------------------------
 # Training
+
+
+def train_step(model, optimizer, micro_batches, accum: int, *, lr: float, device, amp_dtype,
+               fused_cross_entropy: bool, grad_clip: float, attention: str = "auto"):
+    """One optimizer step over `accum` micro-batches. Returns (loss, grad norm) as device tensors,
+    unread, so the step never waits for the GPU."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    with attention_backend(attention):
+        for tokens, labels in micro_batches:
+            with _autocast(device, amp_dtype):
+                loss = compute_loss(model, tokens, labels, fused_cross_entropy)
+            # Every micro-batch has the same token count, so the mean of micro-batch means is the
+            # global-batch token mean.
+            loss = loss / accum
+            loss.backward()
+            loss_sum += loss.detach()
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
 
 
 @dataclass
@@ -218,7 +249,7 @@ def train(cfg: Config, *, progress: bool = True, log=print) -> TrainResult:
         if valid_ds is None or cfg.eval.samples == 0:
             return
         t0 = time.perf_counter()
-        val = evaluate(model, valid_ds, cfg.eval.samples, eval_mbs, device, amp_dtype)
+        val = evaluate(model, valid_ds, cfg.eval.samples, eval_mbs, device, amp_dtype, t.fused_cross_entropy)
         eval_history.append((step, val))
         metrics.write("eval", step, {"val_loss": val, "val_ppl": math.exp(min(val, 50)),
                                      "consumed_samples": consumed, "eval_s": time.perf_counter() - t0})
@@ -241,24 +272,15 @@ def train(cfg: Config, *, progress: bool = True, log=print) -> TrainResult:
     final_loss = tokens_per_s = mfu_value = None
     while step < t.steps:
         lr = lr_at(step, cfg.optim, t.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            tokens, labels = load_batch(train_ds, micro_batch_indices(step, micro, t.global_batch_size, t.micro_batch_size), device)
-            with _autocast(device, amp_dtype):
-                logits = model(tokens)
-            # Each micro-batch has the same token count, so the mean of micro-batch means is the
-            # global-batch token mean.
-            loss = cross_entropy_loss(logits, labels) / accum
-            loss.backward()
-            loss_sum += loss.detach()
-        if cfg.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = (
+            load_batch(train_ds, micro_batch_indices(step, m, t.global_batch_size, t.micro_batch_size), device)
+            for m in range(accum)
+        )
+        loss_sum, grad_norm = train_step(
+            model, optimizer, micro_batches, accum, lr=lr, device=device, amp_dtype=amp_dtype,
+            fused_cross_entropy=t.fused_cross_entropy, grad_clip=cfg.optim.grad_clip,
+            attention=t.attention_backend,
+        )
         step += 1
         consumed += t.global_batch_size
         pending_loss.append(loss_sum)

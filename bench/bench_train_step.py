@@ -1,0 +1,245 @@
+"""Single-device training-step benchmark: every variant in one process, one table.
+
+Each variant is the normal trainer's model and step (`llamatron.train.trainer.train_step`) with some of
+its speed options switched on; "baseline" is the plainest correct eager version (fp32 master weights
+with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-entropy, for-each AdamW).
+
+    python bench/bench_train_step.py --layers 4 --seq-len 8192 --steps 12 --json out.json
+    python bench/bench_train_step.py --size debug --seq-len 128 --steps 3 --device cpu   # smoke test
+
+Step time is the median of the timed steps after warm-up (compilation happens in warm-up). MFU uses the
+formula of llamatron/flops.py against the device's dense BF16 peak. Tokens are random ids from the
+synthetic dataset (never zeros), or a Megatron prefix with --data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+
+from llamatron import flops  # noqa: E402
+from llamatron.config import OptimConfig  # noqa: E402
+from llamatron.data.sampler import micro_batch_indices  # noqa: E402
+from llamatron.model import MODEL_SIZES  # noqa: E402
+from llamatron.parallel.apply import apply_activation_checkpointing, apply_compile  # noqa: E402
+from llamatron.train.optim import build_optimizer  # noqa: E402
+from llamatron.train.trainer import build_model, load_batch, train_step  # noqa: E402
+
+VARIANTS = {
+    "baseline": dict(compile=False, fused_ce=False, fused_adam=False, attention="auto", ac=False),
+    "fused-ce": dict(compile=False, fused_ce=True, fused_adam=False, attention="auto", ac=False),
+    "fused-ce+adam": dict(compile=False, fused_ce=True, fused_adam=True, attention="auto", ac=False),
+    "cudnn": dict(compile=False, fused_ce=True, fused_adam=True, attention="cudnn", ac=False),
+    "compile": dict(compile=True, fused_ce=True, fused_adam=True, attention="auto", ac=False),
+    "compile+cudnn": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False),
+    "compile+cudnn+ac": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=True),
+}
+
+
+def build_dataset(args, vocab: int, n: int):
+    if args.data:
+        from llamatron.data.gpt_dataset import GPTDataset
+        from llamatron.data.indexed import IndexedDataset
+
+        return GPTDataset(IndexedDataset(args.data), args.seq_len, n, seed=1234, split="train")
+    from llamatron.data.gpt_dataset import MockDataset
+
+    return MockDataset(vocab, args.seq_len, n, seed=1234)
+
+
+def run_variant(name, opts, margs, args, device, dataset):
+    torch.manual_seed(0)
+    model = build_model(margs, device, seed=0)
+    if opts["ac"]:
+        apply_activation_checkpointing(model)
+    if opts["compile"]:
+        apply_compile(model)
+    opt = build_optimizer(model, OptimConfig(fused=opts["fused_adam"]), device.type)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    accum = args.global_batch // args.micro_batch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        batches = (
+            load_batch(dataset, micro_batch_indices(step, m, args.global_batch, args.micro_batch), device)
+            for m in range(accum)
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        loss, _ = train_step(model, opt, batches, accum, lr=args.lr, device=device, amp_dtype=amp,
+                             fused_cross_entropy=opts["fused_ce"], grad_clip=1.0, attention=opts["attention"])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        losses.append(float(loss))
+        if step >= args.warmup:
+            times.append(dt)
+    profile = None
+    if args.profile == name and not getattr(args, "profiled", False):
+        profile = profile_step(model, opt, dataset, args, device, amp, opts)
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    del model, opt
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return times, losses, peak_mem, profile
+
+
+def categorize(kernel: str) -> str:
+    k = kernel.lower()
+    if any(s in k for s in ("fmha", "flash", "cudnn", "attention", "sdpa", "fprop", "dgrad_")) and "gemm" not in k:
+        return "attention"
+    if any(s in k for s in ("gemm", "nvjet", "xmma", "cutlass", "sm90", "matmul", "cublas")):
+        return "gemm"
+    if any(s in k for s in ("adam", "multi_tensor", "foreach", "norm_kernel", "l2norm")):
+        return "optimizer"
+    if any(s in k for s in ("nccl",)):
+        return "communication"
+    if any(s in k for s in ("memcpy", "memset")):
+        return "memcpy/memset"
+    return "element-wise/other"
+
+
+def profile_step(model, opt, dataset, args, device, amp, opts) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    accum = args.global_batch // args.micro_batch
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step = args.warmup + args.steps
+    batches = [load_batch(dataset, micro_batch_indices(step, m, args.global_batch, args.micro_batch), device)
+               for m in range(accum)]
+    torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        train_step(model, opt, iter(batches), accum, lr=args.lr, device=device, amp_dtype=amp,
+                   fused_cross_entropy=opts["fused_ce"], grad_clip=1.0, attention=opts["attention"])
+        torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+    buckets: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if dev_us <= 0 or evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        cat = categorize(evt.key)
+        buckets[cat] = buckets.get(cat, 0.0) + dev_us / 1e3
+        top[evt.key[:90]] = top.get(evt.key[:90], 0.0) + dev_us / 1e3
+    busy = sum(buckets.values())
+    buckets["idle (wall - kernels)"] = max(wall * 1e3 - busy, 0.0)
+    return {"wall_ms": wall * 1e3, "buckets_ms": buckets,
+            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="llama3.1-8b")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--global-batch", default="1,8", help="comma-separated; every variant runs with each")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", default=None, help="Megatron prefix for real tokens (default: synthetic)")
+    p.add_argument("--profile", default=None, help="variant whose extra step is profiled")
+    p.add_argument("--json", default=None, help="write results here")
+    cli = p.parse_args()
+
+    device = torch.device(cli.device)
+    margs = dataclasses.replace(MODEL_SIZES[cli.size], n_layers=cli.layers, max_seq_len=max(cli.seq_len, 8192))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = flops.peak_flops(name, "bf16")
+    per_seq = flops.flops_per_sequence(margs, cli.seq_len)
+    batch_sizes = [int(b) for b in cli.global_batch.split(",")]
+    dataset = build_dataset(cli, margs.vocab_size, (cli.warmup + cli.steps + 2) * max(batch_sizes))
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    print(f"device {name}; torch {torch.__version__}; {cli.size} x {cli.layers} layers; seq {cli.seq_len}; "
+          f"micro batch {cli.micro_batch}; {precision}; {per_seq / 1e12:.2f} TFLOP per sequence "
+          f"(NVIDIA recipe formula)", flush=True)
+    results = []
+    for gbs in batch_sizes:
+        for vname in cli.variants.split(","):
+            opts = VARIANTS[vname]
+            if device.type != "cuda" and opts["attention"] == "cudnn":
+                continue
+            args = argparse.Namespace(**{**vars(cli), "global_batch": gbs})
+            try:
+                times, losses, mem, prof = run_variant(vname, opts, margs, args, device, dataset)
+            except torch.OutOfMemoryError:
+                print(f"{vname} (global batch {gbs}): out of memory", flush=True)
+                results.append({"variant": vname, "global_batch": gbs, "error": "OOM"})
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            med = statistics.median(times)
+            tps = flops.tokens_per_second(cli.seq_len, gbs, med)
+            row = {
+                "variant": vname, **opts, "layers": cli.layers, "seq_len": cli.seq_len,
+                "micro_batch": cli.micro_batch, "global_batch": gbs, "precision": precision,
+                "layout": "1 device", "step_time_s": med, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps,
+                "tflops_per_gpu": gbs * per_seq / med / 1e12,
+                "mfu": flops.mfu(margs, cli.seq_len, gbs, med, 1, peak),
+                "peak_mem_gib": mem, "losses": losses, "step_times_s": times,
+            }
+            if prof:
+                row["profile"] = prof
+            results.append(row)
+            mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+            print(f"{vname:18s} gbs {gbs:3d} {med * 1e3:9.1f} ms {tps:10,.0f} tok/s {row['tflops_per_gpu']:7.1f} "
+                  f"TFLOP/s MFU {mfu:>6s} mem {mem or 0:5.1f} GiB  loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+                  flush=True)
+
+    ok = [r for r in results if "error" not in r]
+    print()
+    print("| variant | layers | seq | micro | global | precision | layout | step ms (median) | tokens/s | "
+          "tokens/s/GPU | TFLOP/s/GPU | MFU | peak mem GiB | vs baseline |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in ok:
+        base = next((b for b in ok if b["variant"] == "baseline" and b["global_batch"] == r["global_batch"]), None)
+        ratio = f"{base['step_time_s'] / r['step_time_s']:.2f}x" if base else ""
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
+        print(f"| {r['variant']} | {r['layers']} | {r['seq_len']} | {r['micro_batch']} | {r['global_batch']} | "
+              f"{r['precision']} | 1 GPU | {r['step_time_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.1f} | {mfu} | {mem} | {ratio} |")
+    # Same seed, same data: every variant's losses against the baseline's, step by step.
+    for r in ok:
+        base = next((b for b in ok if b["variant"] == "baseline" and b["global_batch"] == r["global_batch"]), None)
+        if base and r is not base:
+            diffs = [abs(a - b) for a, b in zip(r["losses"], base["losses"])]
+            rel = max(d / abs(b) for d, b in zip(diffs, base["losses"]))
+            print(f"losses {r['variant']} vs baseline (global batch {r['global_batch']}, {len(diffs)} steps): "
+                  f"max |diff| {max(diffs):.4f}, max relative {rel:.2e}")
+    for r in ok:
+        if "profile" in r:
+            print(f"\nprofile of one {r['variant']} step, global batch {r['global_batch']} "
+                  f"({r['profile']['wall_ms']:.1f} ms wall):")
+            for k, v in sorted(r["profile"]["buckets_ms"].items(), key=lambda kv: -kv[1]):
+                print(f"  {k:24s} {v:8.1f} ms")
+            print("  top kernels:")
+            for k, v in r["profile"]["top_kernels_ms"].items():
+                print(f"    {v:8.1f} ms  {k}")
+    if cli.json:
+        meta = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                "command": " ".join(sys.argv)}
+        with open(cli.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
