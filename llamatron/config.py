@@ -77,6 +77,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), bf16, fp32
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False
+    # With activation_checkpointing: how many transformer blocks (per pipeline stage) to checkpoint,
+    # spread evenly; None = all. Fewer blocks: less recomputation, more activation memory.
+    activation_checkpointing_layers: int | None = None
     fused_cross_entropy: bool = True  # output layer + loss in chunks, never the full fp32 logits
     attention_backend: str = "auto"  # SDPA kernel: auto (torch's choice), cudnn, flash, efficient, math
     deterministic: bool = False  # torch deterministic algorithms (slower)
@@ -95,10 +98,23 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = True  # false: write no checkpoint at all (benchmarks: an 8B one is ~96 GB)
     every: int = 0  # save every N steps; 0 = only at the end
     keep: int = 2  # complete checkpoints to keep (older ones are deleted)
     resume: bool = True  # continue from the newest complete checkpoint in out_dir, if any
     init_from: str | None = None  # start from this checkpoint's model weights (fresh optimizer)
+
+
+@dataclass
+class ParallelConfig:
+    # The layout of world_size = dp_replicate x dp_shard x cp x tp x pp processes (torchrun ranks).
+    dp_replicate: int = 1  # data-parallel replicas (HSDP: FSDP within a replica, all-reduce across)
+    dp_shard: int = -1  # FSDP degree: parameters, gradients and optimizer state sharded; -1 = what is left
+    tp: int = 1  # tensor parallel with sequence parallel (DTensor); divides n_heads, n_kv_heads, seq_len
+    pp: int = 1  # pipeline stages (torch.distributed.pipelining); n_layers split evenly
+    pp_virtual_stages: int = 1  # stages per pipeline rank (> 1: interleaved schedule)
+    pp_schedule: str = "auto"  # gpipe, 1f1b, interleaved1f1b; auto = 1f1b, or interleaved1f1b when virtual > 1
+    cp: int = 1  # context parallel: each rank holds 2 of 2*cp chunks of every sequence (load-balanced)
 
 
 @dataclass
@@ -109,6 +125,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,9 +273,27 @@ def model_args(cfg: ModelConfig) -> ModelArgs:
     return dataclasses.replace(MODEL_SIZES[cfg.size], **{k: v for k, v in overrides.items() if v is not None})
 
 
-def validate_config(cfg: Config, data_parallel_size: int = 1) -> None:
+PP_SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved1f1b")
+
+
+def resolve_dp_shard(p: ParallelConfig, world_size: int) -> int:
+    """dp_shard with -1 filled in from the world size (the caller has checked divisibility)."""
+    if p.dp_shard != -1:
+        return p.dp_shard
+    return max(world_size // (p.dp_replicate * p.cp * p.tp * p.pp), 1)
+
+
+def pp_schedule_name(p: ParallelConfig) -> str:
+    if p.pp_schedule != "auto":
+        return p.pp_schedule
+    return "interleaved1f1b" if p.pp_virtual_stages > 1 else "1f1b"
+
+
+def validate_config(cfg: Config, world_size: int | None = None) -> None:
+    """Check every key alone and against the others. With `world_size` (the trainer, under torchrun),
+    also the parallel layout against it; without, only what does not depend on it."""
     args = model_args(cfg.model)
-    t, d, o, e = cfg.train, cfg.data, cfg.optim, cfg.eval
+    t, d, o, e, p = cfg.train, cfg.data, cfg.optim, cfg.eval, cfg.parallel
 
     def need(ok: bool, key: str, rule: str) -> None:
         if not ok:
@@ -274,9 +309,55 @@ def validate_config(cfg: Config, data_parallel_size: int = 1) -> None:
     need(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
     need(t.micro_batch_size > 0, "train.micro_batch_size", f"must be positive, got {t.micro_batch_size}")
     need(t.global_batch_size > 0, "train.global_batch_size", f"must be positive, got {t.global_batch_size}")
-    need(t.global_batch_size % (t.micro_batch_size * data_parallel_size) == 0, "train.global_batch_size",
+
+    # Parallel layout: each degree alone, then against the model shape, then against the world size.
+    for key in ("dp_replicate", "tp", "pp", "pp_virtual_stages", "cp"):
+        need(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
+    need(p.dp_shard >= 1 or p.dp_shard == -1, "parallel.dp_shard", f"must be >= 1, or -1 (fill), got {p.dp_shard}")
+    need(p.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}, got {p.pp_schedule!r}")
+    schedule = pp_schedule_name(p)
+    if p.pp_virtual_stages > 1:
+        need(schedule == "interleaved1f1b", "parallel.pp_schedule",
+             f"{schedule} runs one stage per rank; pp_virtual_stages {p.pp_virtual_stages} needs interleaved1f1b")
+    need(args.n_heads % p.tp == 0, "parallel.tp", f"n_heads {args.n_heads} must be divisible by tp {p.tp}")
+    need(args.n_kv_heads % p.tp == 0, "parallel.tp", f"n_kv_heads {args.n_kv_heads} must be divisible by tp {p.tp}")
+    need(args.ffn_dim % p.tp == 0, "parallel.tp", f"ffn_dim {args.ffn_dim} must be divisible by tp {p.tp}")
+    need(args.vocab_size % p.tp == 0, "parallel.tp", f"vocab_size {args.vocab_size} must be divisible by tp {p.tp}")
+    need(d.seq_len % p.tp == 0, "parallel.tp",
+         f"data.seq_len {d.seq_len} must be divisible by tp {p.tp} (sequence parallel shards the sequence)")
+    stages = p.pp * p.pp_virtual_stages
+    need(args.n_layers % stages == 0, "parallel.pp",
+         f"n_layers {args.n_layers} must be divisible by pp x pp_virtual_stages = {p.pp} x {p.pp_virtual_stages}")
+    need(d.seq_len % (2 * p.cp) == 0, "parallel.cp",
+         f"data.seq_len {d.seq_len} must be divisible by 2 x cp = {2 * p.cp} (each rank holds 2 load-balanced chunks)")
+    fixed = p.dp_replicate * p.cp * p.tp * p.pp
+    if world_size is not None:
+        if p.dp_shard == -1:
+            need(world_size % fixed == 0, "parallel.dp_shard",
+                 f"-1 fills the world size {world_size}, which is not divisible by dp_replicate x cp x tp x pp = {fixed}")
+        else:
+            need(fixed * p.dp_shard == world_size, "parallel.dp_shard",
+                 f"dp_replicate x dp_shard x cp x tp x pp = {p.dp_replicate} x {p.dp_shard} x {p.cp} x {p.tp} x {p.pp} "
+                 f"= {fixed * p.dp_shard}, but the world size is {world_size} (set dp_shard=-1 to fill)")
+    # Without a world size, dp_shard=-1 counts as 1: every check below is then a necessary condition
+    # (a larger data-parallel size only adds to it), and the trainer repeats them with the real size.
+    known = world_size is not None or p.dp_shard != -1
+    dp = p.dp_replicate * resolve_dp_shard(p, world_size if world_size is not None else fixed * max(p.dp_shard, 1))
+    need(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
          f"{t.global_batch_size} must be divisible by micro_batch_size x data-parallel size "
-         f"= {t.micro_batch_size} x {data_parallel_size}")
+         f"= {t.micro_batch_size} x {dp}")
+    micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+    if p.pp > 1:
+        need(micro_batches >= p.pp, "train.global_batch_size",
+             f"the pipeline needs at least pp = {p.pp} micro-batches per step and rank, got global_batch_size / "
+             f"(micro_batch_size x data-parallel size) = {micro_batches}")
+        rounds = max(1, micro_batches // p.pp)
+        if schedule == "interleaved1f1b" and known:
+            need(micro_batches % rounds == 0, "train.global_batch_size",
+                 f"interleaved1f1b needs the {micro_batches} micro-batches per step to be a multiple of "
+                 f"{rounds} (micro-batches // pp)")
+    need(t.activation_checkpointing_layers is None or t.activation_checkpointing_layers >= 0,
+         "train.activation_checkpointing_layers", f"must be >= 0, got {t.activation_checkpointing_layers}")
     need(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
     need(t.precision in ("auto", "bf16", "fp32"), "train.precision", f"must be auto, bf16 or fp32, got {t.precision!r}")
     need(t.attention_backend in ("auto", "cudnn", "flash", "efficient", "math"), "train.attention_backend",

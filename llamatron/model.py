@@ -13,6 +13,7 @@ unmodified instance by functions elsewhere. Build large models on the meta devic
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +141,9 @@ class Attention(nn.Module):
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        # cos/sin hold every position this rank's sequence may start at; the rows for this sequence
+        # come first (under context parallelism they are this rank's positions, sharded like the tokens).
+        cos, sin = cos[:seqlen], sin[:seqlen]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # GQA: each KV head serves n_heads/n_kv_heads consecutive query heads.
         n_rep = q.shape[2] // k.shape[2]
@@ -183,23 +187,47 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Rotary cos/sin for positions 0..max_seq_len-1, fp32, as buffers rather than computed from the
+        # input's length in forward: under sequence parallelism a block sees only a slice of the
+        # sequence, under context parallelism these rows are sharded with the tokens, and a pipeline
+        # stage's input is a hidden state. Not persistent (never in checkpoints); `init_weights`
+        # recomputes them after `to_empty`.
+        cos, sin = rope_cos_sin(args, args.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def initial_value(self, name: str, shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:
+        """The initial fp32 value of parameter `name` (its clean FQN) on the CPU.
+
+        Megatron's init: N(0, std) everywhere, output projections of attention and MLP at
+        std/sqrt(2*n_layers), norms at 1. Each parameter draws from its own generator, seeded by
+        (seed, name): a pipeline stage holding some of the layers, or a rank holding a shard, gets
+        exactly the values the whole model has, and sampling on the CPU makes them the same on every
+        device.
+        """
+        if len(shape) == 1:
+            return torch.ones(shape)
+        std = self.args.init_std
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            std = std / math.sqrt(2 * self.args.n_layers)
+        gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+
+    @torch.no_grad()
+    def init_rope(self) -> None:
+        cos, sin = rope_cos_sin(self.args, self.rope_cos.shape[0], device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Megatron's init: N(0, std) everywhere, output projections of attention and MLP at
-        std/sqrt(2*n_layers), norms at 1. Deterministic for a seed whatever the device."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-        std = self.args.init_std
-        out_std = std / math.sqrt(2 * self.args.n_layers)
+        """Initialise every parameter (`initial_value`) and the rotary tables. Deterministic for a seed
+        whatever the device; seed None draws one from torch's global generator."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
         for name, p in self.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0)
-                continue
-            s = out_std if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else std
-            # Sample on the CPU so the same seed gives the same weights on every device.
-            p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, s, generator=gen))
+            p.copy_(self.initial_value(name, p.shape, seed))
+        self.init_rope()
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]; with labels, the mean cross-entropy.
@@ -209,9 +237,8 @@ class Transformer(nn.Module):
         (FSDP, compile) is applied to the model.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        cos, sin = rope_cos_sin(self.args, h.shape[1], device=h.device)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, self.rope_cos, self.rope_sin)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:

@@ -1,4 +1,5 @@
-"""Single-device transformations applied to a built model, in place."""
+"""Single-device transformations applied to a model, in place: activation checkpointing, compile,
+and the choice of attention kernel."""
 
 from __future__ import annotations
 
@@ -10,13 +11,19 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from llamatron.model import Transformer
 
 
-def apply_activation_checkpointing(model: Transformer) -> None:
-    """Recompute each transformer block in the backward pass instead of keeping its activations.
+def apply_activation_checkpointing(model: Transformer, layers: int | None = None) -> None:
+    """Recompute transformer blocks in the backward pass instead of keeping their activations: all of
+    them, or `layers` of them spread evenly (each checkpointed block saves its activations and costs
+    one more forward of it, so checkpoint as few as memory allows).
 
     Checkpoint FQNs stay clean: `torch.distributed.checkpoint.state_dict` strips the wrapper's prefix.
     """
-    for name, block in list(model.layers.items()):
-        model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+    names = list(model.layers.keys())
+    n = len(names) if layers is None else min(layers, len(names))
+    chosen = {names[(i * len(names)) // n] for i in range(n)} if n else set()
+    for name in names:
+        if name in chosen:
+            model.layers[name] = checkpoint_wrapper(model.layers[name], preserve_rng_state=False)
 
 
 def apply_compile(model: Transformer) -> None:

@@ -1,8 +1,15 @@
-"""The training loop: build everything from a Config, train, validate, checkpoint, resume."""
+"""The training loop: build everything from a Config, train, validate, checkpoint, resume.
+
+One process, or one per GPU under torchrun: with WORLD_SIZE > 1 the trainer joins the process group
+(NCCL on GPUs, gloo on CPUs), builds the device mesh of the `[parallel]` layout and applies it to the
+model (`llamatron.parallel.parallelize`). Every rank runs this same loop; only rank 0 prints and
+writes metrics.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -11,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from llamatron import flops
@@ -19,17 +28,31 @@ from llamatron.config import Config, dump_config, model_args, validate_config
 from llamatron.data.sampler import accumulation_steps, micro_batch_indices
 from llamatron.errors import LlamatronError
 from llamatron.model import ModelArgs, Transformer, count_parameters
-from llamatron.parallel.apply import apply_activation_checkpointing, apply_compile, attention_backend
+from llamatron.parallel.apply import attention_backend
+from llamatron.parallel.dims import ParallelDims
+from llamatron.parallel.memory import estimate_memory
+from llamatron.parallel.reduce import (
+    clip_grad_norm_,
+    gather_per_rank,
+    global_mean_loss,
+    peak_memory_gib,
+    sum_over,
+)
 from llamatron.train import checkpoint as ckpt
 from llamatron.train.metrics import MetricsWriter
 from llamatron.train.optim import build_optimizer, lr_at
 
 
 def select_device(name: str) -> torch.device:
+    """The device of this process: under torchrun, GPU number LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise LlamatronError("config key 'train.device': cuda requested but no CUDA device is available")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        return device
     return torch.device(name)
 
 
@@ -53,11 +76,75 @@ def compute_loss(model, tokens: torch.Tensor, labels: torch.Tensor, fused: bool)
     """Mean token negative log-likelihood in nats, computed in fp32.
 
     fused: output projection + loss in chunks inside the model (no full logits); otherwise the plain
-    logits -> fp32 cross-entropy path.
+    logits -> fp32 cross-entropy path (under tensor parallelism, inside `loss_parallel`, over
+    vocabulary-sharded logits).
     """
     if fused:
         return model(tokens, labels)
     return F.cross_entropy(model(tokens).flatten(0, 1).float(), labels.flatten())
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (a loss under tensor parallelism) as a plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout
+
+
+@dataclass
+class Layout:
+    """How this rank runs the model: its parts (its pipeline stages, else the whole model), the
+    parallel dimensions, and the pipeline schedule if any. One process is the layout with one part
+    and no mesh."""
+
+    parts: list[nn.Module]
+    dims: ParallelDims
+    pipeline: object | None = None  # llamatron.parallel.pipeline.Pipeline
+
+    @classmethod
+    def single(cls, model: nn.Module) -> "Layout":
+        return cls([model], ParallelDims())
+
+    @property
+    def model(self) -> nn.Module:
+        return self.parts[0]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for part in self.parts for p in part.parameters()]
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+    def fused_loss(self, requested: bool) -> bool:
+        """The fused cross-entropy needs the whole output weight on the rank that computes the loss:
+        not under tensor parallelism (vocabulary-sharded), nor pipelining (the schedule's loss
+        function, outside the stage's module, computes it)."""
+        return requested and self.dims.tp == 1 and self.dims.pp == 1
+
+    def loss_context(self):
+        """Under TP the logits are vocabulary-sharded DTensors: torch's `loss_parallel` computes the
+        cross-entropy without gathering them. It must surround the backward too."""
+        if self.dims.tp == 1:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+
+    def sequence_context(self, tokens: torch.Tensor, labels: torch.Tensor):
+        """Under CP, shards tokens, labels and each part's rotary tables along the sequence (in place)
+        and makes attention span the CP ranks, for the forward and backward inside."""
+        if self.dims.cp == 1:
+            return contextlib.nullcontext()
+        from llamatron.parallel.context_parallel import context_parallel_context
+
+        tables = [t for part in self.parts for t in (part.rope_cos, part.rope_sin)]
+        return context_parallel_context(self.dims.submesh("cp"), [tokens, labels, *tables],
+                                        [1, 1] + [0] * len(tables), {tokens, labels})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,7 +197,8 @@ def load_batch(dataset, indices, device: torch.device) -> tuple[torch.Tensor, to
     window = torch.from_numpy(np.stack([np.asarray(dataset[i], dtype=np.int64) for i in indices]))
     if device.type == "cuda":
         window = window.pin_memory().to(device, non_blocking=True)
-    return window[:, :-1], window[:, 1:]
+    # Two tensors of their own, not views of one window: context parallelism resizes them in place.
+    return window[:, :-1].clone(), window[:, 1:].clone()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,19 +207,65 @@ def load_batch(dataset, indices, device: torch.device) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def evaluate(model, dataset, num_samples: int, micro_batch: int, device, amp_dtype, fused: bool = True) -> float:
-    """Validation log perplexity: mean token NLL (nats) over the first `num_samples` windows."""
-    was_training = model.training
-    model.eval()
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for start in range(0, num_samples, micro_batch):
-        idx = range(start, min(start + micro_batch, num_samples))
-        tokens, labels = load_batch(dataset, idx, device)
-        with _autocast(device, amp_dtype):
-            loss = compute_loss(model, tokens, labels, fused)
-        total += loss.double() * labels.numel()
-        count += labels.numel()
-    model.train(was_training)
-    return float(total.item() / max(count, 1))
+    """Validation log perplexity: mean token NLL (nats) over the first `num_samples` windows.
+
+    `model` is a module or a `Layout`. Data-parallel ranks score interleaved micro-batches of the
+    windows (as the training sampler hands them out) and the sums are reduced; every rank runs the
+    same number of forwards (FSDP and TP need all of them), a rank with nothing left scoring a
+    dummy window with weight 0.
+    """
+    layout = model if isinstance(model, Layout) else Layout.single(model)
+    dims = layout.dims
+    was_training = layout.model.training
+    layout.train(False)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    fused = layout.fused_loss(fused)
+    if layout.pipeline is not None:
+        total, count = _evaluate_pipeline(layout, dataset, num_samples, micro_batch, device, amp_dtype)
+    else:
+        chunk = micro_batch * dims.dp
+        for start in range(0, num_samples, chunk):
+            first = start + dims.dp_rank * micro_batch
+            idx = range(first, min(first + micro_batch, num_samples))
+            weight = 1.0 if len(idx) else 0.0
+            tokens, labels = load_batch(dataset, idx if len(idx) else range(0, 1), device)
+            with layout.sequence_context(tokens, labels), layout.loss_context(), _autocast(device, amp_dtype):
+                loss = _plain(compute_loss(layout.model, tokens, labels, fused))
+            # labels is this rank's shard of the sequence under CP (sharded in place).
+            total += loss.double() * labels.numel() * weight
+            count += labels.numel() * weight
+    sum_over(total, dims, "dp_cp", "pp")
+    sum_over(count, dims, "dp_cp", "pp")
+    layout.train(was_training)
+    return float(total.item() / max(count.item(), 1))
+
+
+def _evaluate_pipeline(layout: Layout, dataset, num_samples, micro_batch, device, amp_dtype):
+    """Pipeline evaluation: the schedule takes a fixed number of equal micro-batches, so the last
+    batch is filled with copies of window 0 whose labels are ignored."""
+    from llamatron.parallel.pipeline import IGNORE_INDEX
+
+    pipe, dims = layout.pipeline, layout.dims
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    per_rank = pipe.n_microbatches * micro_batch
+    for start in range(0, num_samples, per_rank * dims.dp):
+        first = start + dims.dp_rank * per_rank
+        idx = list(range(first, min(first + per_rank, num_samples)))
+        valid = len(idx)
+        tokens, labels = load_batch(dataset, idx + [0] * (per_rank - valid), device)
+        labels = labels.clone()
+        labels[valid:] = IGNORE_INDEX
+        with layout.sequence_context(tokens, labels), layout.loss_context(), _autocast(device, amp_dtype):
+            losses = pipe.eval_losses(tokens, labels)
+        if pipe.has_last:
+            for m, loss in enumerate(losses):
+                n = (labels[m * micro_batch : (m + 1) * micro_batch] != IGNORE_INDEX).sum()
+                if n > 0:
+                    total += loss.double() * n
+                    count += n
+    return total, count
 
 
 def _autocast(device, amp_dtype):
@@ -147,25 +281,40 @@ def _autocast(device, amp_dtype):
 def train_step(model, optimizer, micro_batches, accum: int, *, lr: float, device, amp_dtype,
                fused_cross_entropy: bool, grad_clip: float, attention: str = "auto"):
     """One optimizer step over `accum` micro-batches. Returns (loss, grad norm) as device tensors,
-    unread, so the step never waits for the GPU."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss_sum = torch.zeros((), device=device)
+    unread, so the step never waits for the GPU.
+
+    model: a module or a `Layout`; optimizer: one optimizer or a list, one per part. The loss is
+    this rank's (None on a pipeline stage without the loss); `global_mean_loss` reduces it.
+    """
+    layout = model if isinstance(model, Layout) else Layout.single(model)
+    optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    fused = layout.fused_loss(fused_cross_entropy)
     with attention_backend(attention):
-        for tokens, labels in micro_batches:
-            with _autocast(device, amp_dtype):
-                loss = compute_loss(model, tokens, labels, fused_cross_entropy)
-            # Every micro-batch has the same token count, so the mean of micro-batch means is the
-            # global-batch token mean.
-            loss = loss / accum
-            loss.backward()
-            loss_sum += loss.detach()
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        if layout.pipeline is not None:
+            # The schedule splits the concatenated micro-batches back into `accum` of them, in order.
+            batches = list(micro_batches)
+            tokens = torch.cat([b[0] for b in batches])
+            labels = torch.cat([b[1] for b in batches])
+            with layout.sequence_context(tokens, labels), layout.loss_context(), _autocast(device, amp_dtype):
+                loss_sum = layout.pipeline.train_step(tokens, labels)
+        else:
+            loss_sum = torch.zeros((), device=device)
+            for tokens, labels in micro_batches:
+                with layout.sequence_context(tokens, labels), layout.loss_context():
+                    with _autocast(device, amp_dtype):
+                        loss = compute_loss(layout.model, tokens, labels, fused)
+                    # Every micro-batch has the same token count, so the mean of micro-batch means is
+                    # the global-batch token mean.
+                    loss = loss / accum
+                    loss.backward()
+                loss_sum += _plain(loss.detach())
+    grad_norm = clip_grad_norm_(layout.parameters(), grad_clip, layout.dims)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
 
 
@@ -179,24 +328,64 @@ class TrainResult:
     mfu: float | None
     checkpoint: Path | None
     wall_s: float
+    rank: int = 0  # under torchrun every rank returns; only rank 0 reports
+
+
+def _init_distributed(device: torch.device, world_size: int) -> bool:
+    """Join torchrun's process group (env:// rendezvous); True if this call created it."""
+    if world_size == 1 or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return True
 
 
 def train(cfg: Config, *, progress: bool = True, log=print) -> TrainResult:
-    validate_config(cfg)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_config(cfg, world_size)
+    # Whole-segment growth instead of fixed blocks: far less fragmentation with large, varying
+    # activations (must be set before the first CUDA allocation; a user's setting wins).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    device = select_device(cfg.train.device)
+    created = _init_distributed(device, world_size)
+    try:
+        return _train(cfg, device, world_size, progress=progress, log=log)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool, log) -> TrainResult:
     t_start = time.perf_counter()
     t = cfg.train
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    main = rank == 0
+    if not main:
+        log, progress = (lambda *a, **k: None), False
     out_dir = Path(t.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     if t.threads:
         torch.set_num_threads(t.threads)
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    device = select_device(t.device)
     amp_dtype = autocast_dtype(t.precision, device)
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    dims.build_mesh(device.type)
+    # Under FSDP the parameters are gathered in bf16 (MixedPrecisionPolicy) and no autocast is needed.
+    param_dtype = None
+    if dims.fsdp_enabled and amp_dtype is not None:
+        param_dtype, amp_dtype = amp_dtype, None
     args = model_args(cfg.model)
+    if dims.cp > 1:
+        # The rotary tables are sharded along the sequence with the tokens: exactly seq_len rows.
+        args = dataclasses.replace(args, max_seq_len=cfg.data.seq_len)
     config_yaml = dump_config(cfg)
-    (out_dir / "config.yaml").write_text(config_yaml)
+    if main:
+        (out_dir / "config.yaml").write_text(config_yaml)
     log(f"config (saved to {out_dir / 'config.yaml'}):\n{config_yaml}")
 
     # Data first: bad data paths should fail before any memory is spent on the model.
@@ -210,105 +399,142 @@ def train(cfg: Config, *, progress: bool = True, log=print) -> TrainResult:
                 f"{tok_vocab} ({cfg.data.tokenizer})"
             )
         check_vocab(cfg.data.train + ([cfg.data.valid] if cfg.data.valid else []), args.vocab_size)
-    train_ds, valid_ds = build_datasets(cfg, args.vocab_size, t.steps * t.global_batch_size)
+    # One rank per host builds the sample-index caches; the others then read them.
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if first:
+        train_ds, valid_ds = build_datasets(cfg, args.vocab_size, t.steps * t.global_batch_size)
+    if dist.is_initialized():
+        dist.barrier()
+    if not first:
+        train_ds, valid_ds = build_datasets(cfg, args.vocab_size, t.steps * t.global_batch_size)
+
+    from llamatron.parallel.parallelize import materialize, parallelize
 
     torch.manual_seed(t.seed)
-    model = build_model(args, device, seed=t.seed)
-    n_params = count_parameters(model)
-    if t.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if t.compile:
-        apply_compile(model)
-    optimizer = build_optimizer(model, cfg.optim, device.type)
+    with torch.device("meta"):
+        whole = Transformer(args)
+    n_params = count_parameters(whole)
+    accum = accumulation_steps(t.global_batch_size, t.micro_batch_size, dims.dp)
+    parts, stage_ids = parallelize(whole, t, dims, param_dtype)
+    for part in parts:
+        materialize(part, device, t.seed)
+    pipeline = None
+    if dims.pp > 1:
+        from llamatron.parallel.pipeline import Pipeline
+
+        pipeline = Pipeline(parts, stage_ids, dims.pp * dims.pp_virtual_stages, dims.pp_schedule, accum, device,
+                            dims.group("pp"))
+    layout = Layout(parts, dims, pipeline)
+    optimizers = [build_optimizer(part, cfg.optim, device.type) for part in parts]
 
     step, consumed = 0, 0
     resume_from = ckpt.latest_checkpoint(out_dir) if cfg.checkpoint.resume else None
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer)
+        state = ckpt.load_checkpoint(resume_from, parts, optimizers)
         step, consumed = state["step"], state["consumed_samples"]
         log(f"resumed from {resume_from} at step {step} ({consumed} samples consumed)")
     elif cfg.checkpoint.init_from:
-        ckpt.load_model_weights(cfg.checkpoint.init_from, model)
+        ckpt.load_model_weights(cfg.checkpoint.init_from, parts)
         log(f"initialised model weights from {cfg.checkpoint.init_from}")
 
-    accum = accumulation_steps(t.global_batch_size, t.micro_batch_size)
     eval_mbs = cfg.eval.micro_batch_size or t.micro_batch_size
+    if pipeline is not None:
+        eval_mbs = t.micro_batch_size  # the schedule's micro-batch shape is fixed
     flops_per_seq = flops.flops_per_sequence(args, cfg.data.seq_len)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = flops.peak_flops(device_name, "bf16")
+    n_gpus = world_size
+    precision = param_dtype or amp_dtype or torch.float32
     log(
         f"model {cfg.model.size}: {n_params:,} parameters, {args.n_layers} layers; device {device_name}; "
-        f"precision {amp_dtype or torch.float32}; global batch {t.global_batch_size} = micro {t.micro_batch_size} "
+        f"precision {precision}{' (FSDP mixed precision, fp32 master weights)' if param_dtype else ''}; "
+        f"global batch {t.global_batch_size} = micro {t.micro_batch_size} x data-parallel {dims.dp} "
         f"x accumulation {accum}; seq {cfg.data.seq_len}; {t.steps} steps"
     )
+    log(f"layout: {dims.describe()}")
+    est = estimate_memory(
+        args, cfg.data.seq_len, t.micro_batch_size, dp_shard=dims.dp_shard, tp=dims.tp, pp=dims.pp, cp=dims.cp,
+        pp_schedule=dims.pp_schedule, n_microbatches=accum, bf16=precision == torch.bfloat16,
+        fsdp=dims.fsdp_enabled, activation_checkpointing=t.activation_checkpointing,
+        checkpointed_layers=t.activation_checkpointing_layers, fused_cross_entropy=layout.fused_loss(t.fused_cross_entropy),
+    )
+    log(f"memory estimate per rank (eager count; llamatron/parallel/memory.py): {est.describe()}")
 
-    metrics = MetricsWriter(out_dir)
+    metrics = MetricsWriter(out_dir) if main else None
     eval_history: list[tuple[int, float]] = []
 
     def run_eval() -> None:
         if valid_ds is None or cfg.eval.samples == 0:
             return
         t0 = time.perf_counter()
-        val = evaluate(model, valid_ds, cfg.eval.samples, eval_mbs, device, amp_dtype, t.fused_cross_entropy)
+        val = evaluate(layout, valid_ds, cfg.eval.samples, eval_mbs, device, amp_dtype, t.fused_cross_entropy)
         eval_history.append((step, val))
-        metrics.write("eval", step, {"val_loss": val, "val_ppl": math.exp(min(val, 50)),
-                                     "consumed_samples": consumed, "eval_s": time.perf_counter() - t0})
+        if metrics is not None:
+            metrics.write("eval", step, {"val_loss": val, "val_ppl": math.exp(min(val, 50)),
+                                         "consumed_samples": consumed, "eval_s": time.perf_counter() - t0})
         log(f"step {step:6d} | validation log perplexity {val:.4f} (perplexity {math.exp(min(val, 50)):.1f})")
 
     last_ckpt = resume_from
     def save() -> Path:
-        state = {"step": step, "consumed_samples": consumed, "seed": t.seed, "data_seed": cfg.data.seed}
-        path = ckpt.save_checkpoint(out_dir, step, model, optimizer, state, config_yaml, cfg.checkpoint.keep)
+        state = {"step": step, "consumed_samples": consumed, "seed": t.seed, "data_seed": cfg.data.seed,
+                 "world_size": world_size, "layout": dims.describe()}
+        path = ckpt.save_checkpoint(out_dir, step, parts, optimizers, state, config_yaml, cfg.checkpoint.keep)
         log(f"step {step:6d} | checkpoint saved to {path}")
         return path
 
     if cfg.eval.at_start and step == 0:
         run_eval()
 
-    model.train()
+    layout.train(True)
     bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    pending_loss: list[torch.Tensor] = []
+    last_loss: torch.Tensor | None = None
     last_log_time, last_log_step = time.perf_counter(), step
     final_loss = tokens_per_s = mfu_value = None
     while step < t.steps:
         lr = lr_at(step, cfg.optim, t.steps)
+        # Megatron's sampler: this data-parallel rank's micro-batches of the step; ranks of the same
+        # data-parallel group (TP, CP, PP) read the same samples.
         micro_batches = (
-            load_batch(train_ds, micro_batch_indices(step, m, t.global_batch_size, t.micro_batch_size), device)
+            load_batch(train_ds, micro_batch_indices(step, m, t.global_batch_size, t.micro_batch_size,
+                                                     dims.dp_rank, dims.dp), device)
             for m in range(accum)
         )
         loss_sum, grad_norm = train_step(
-            model, optimizer, micro_batches, accum, lr=lr, device=device, amp_dtype=amp_dtype,
+            layout, optimizers, micro_batches, accum, lr=lr, device=device, amp_dtype=amp_dtype,
             fused_cross_entropy=t.fused_cross_entropy, grad_clip=cfg.optim.grad_clip,
             attention=t.attention_backend,
         )
         step += 1
         consumed += t.global_batch_size
-        pending_loss.append(loss_sum)
+        last_loss = loss_sum
         bar.update(1)
 
         if step % t.log_every == 0 or step == t.steps:
-            # Reading the loss is the only host-device synchronisation, once per log interval.
-            loss_value = float(pending_loss[-1].item())
+            # Reading the loss is the only host-device synchronisation, once per log interval; the
+            # reductions over ranks happen here too, so every rank must reach this point.
+            loss_value = global_mean_loss(last_loss, dims, device)
             now = time.perf_counter()
             step_time = (now - last_log_time) / (step - last_log_step)
             last_log_time, last_log_step = now, step
-            pending_loss.clear()
             tokens_per_s = flops.tokens_per_second(cfg.data.seq_len, t.global_batch_size, step_time)
-            tflops = t.global_batch_size * flops_per_seq / step_time / 1e12
-            mfu_value = flops.mfu(args, cfg.data.seq_len, t.global_batch_size, step_time, 1, peak)
+            tflops = t.global_batch_size * flops_per_seq / step_time / 1e12 / n_gpus
+            mfu_value = flops.mfu(args, cfg.data.seq_len, t.global_batch_size, step_time, n_gpus, peak)
             final_loss = loss_value
+            mem = gather_per_rank(peak_memory_gib(device), device)
             record = {
                 "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "step_time_s": step_time,
-                "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops, "mfu": mfu_value,
-                "consumed_samples": consumed,
+                "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / n_gpus,
+                "tflops_per_gpu": tflops, "mfu": mfu_value, "consumed_samples": consumed,
+                # CUDA: torch's peak allocated memory; CPU: the process's peak resident set.
+                "peak_mem_gib": max(mem), "peak_mem_gib_per_rank": mem,
             }
-            if device.type == "cuda":
-                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            metrics.write("train", step, record)
+            if metrics is not None:
+                metrics.write("train", step, record)
             mfu_txt = f"{100 * mfu_value:.1f}%" if mfu_value is not None else "n/a"
             line = (
                 f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.3e} | grad norm {float(grad_norm):.3f} | "
-                f"{step_time * 1000:.0f} ms/step | {tokens_per_s:,.0f} tok/s | {tflops:.2f} TFLOP/s | MFU {mfu_txt}"
+                f"{step_time * 1000:.0f} ms/step | {tokens_per_s / n_gpus:,.0f} tok/s/GPU | {tflops:.2f} TFLOP/s/GPU "
+                f"| MFU {mfu_txt} | peak mem {max(mem):.2f} GiB"
             )
             if progress:
                 bar.write(line)
@@ -317,14 +543,15 @@ def train(cfg: Config, *, progress: bool = True, log=print) -> TrainResult:
 
         if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
             run_eval()
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
+        if cfg.checkpoint.enabled and cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
             last_ckpt = save()
     bar.close()
 
     if not eval_history or eval_history[-1][0] != step:
         run_eval()
-    if step > 0 and (last_ckpt is None or last_ckpt.name != f"step_{step:08d}"):
+    if cfg.checkpoint.enabled and step > 0 and (last_ckpt is None or last_ckpt.name != f"step_{step:08d}"):
         last_ckpt = save()
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     return TrainResult(out_dir, step, final_loss, eval_history, tokens_per_s, mfu_value, last_ckpt,
-                       time.perf_counter() - t_start)
+                       time.perf_counter() - t_start, rank)

@@ -1,0 +1,109 @@
+"""The parallel layout of a run: degrees, this rank's coordinates, and the DeviceMesh.
+
+World = pp x dp_replicate x dp_shard x cp x tp, in that mesh order (torchtitan's): tensor parallelism,
+the most communication-heavy, varies fastest, so its ranks are neighbours (the same host, NVLink);
+pipeline stages, which exchange only activations, vary slowest.
+
+Only dimensions of size > 1 are in the mesh (a size-1 dimension would only add process groups),
+except `dp_shard`, kept whenever there are data-parallel replicas so that HSDP always has its 2-D
+(replicate, shard) mesh. Groups used together are flattened into named dimensions:
+
+    dp           dp_replicate x dp_shard        which samples a rank reads
+    dp_shard_cp  dp_shard x cp                  what FSDP shards over (a CP rank holds its own shard too)
+    dp_cp        dp_replicate x dp_shard x cp   what the loss is averaged over
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from llamatron.config import ParallelConfig, pp_schedule_name, resolve_dp_shard
+
+
+@dataclass
+class ParallelDims:
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+    pp_virtual_stages: int = 1
+    pp_schedule: str = "1f1b"
+    world_size: int = 1
+    mesh: DeviceMesh | None = field(default=None, repr=False)
+    _submeshes: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_config(cls, p: ParallelConfig, world_size: int) -> "ParallelDims":
+        return cls(dp_replicate=p.dp_replicate, dp_shard=resolve_dp_shard(p, world_size), cp=p.cp, tp=p.tp,
+                   pp=p.pp, pp_virtual_stages=p.pp_virtual_stages, pp_schedule=pp_schedule_name(p),
+                   world_size=world_size)
+
+    # Degrees of the groups that are used together.
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """FSDP (or HSDP) wraps the model whenever any rank shares its parameters with another."""
+        return self.dp_replicate * self.dp_shard * self.cp > 1
+
+    def describe(self) -> str:
+        parts = [f"{k} {getattr(self, k)}" for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp") if getattr(self, k) > 1]
+        if self.pp > 1:
+            parts.append(f"{self.pp_schedule} with {self.pp_virtual_stages} stage(s) per rank")
+        return f"{self.world_size} process(es)" + (": " + ", ".join(parts) if parts else "")
+
+    def build_mesh(self, device_type: str) -> DeviceMesh | None:
+        if self.world_size == 1:
+            return None
+        dims = [("pp", self.pp), ("dp_replicate", self.dp_replicate), ("dp_shard", self.dp_shard),
+                ("cp", self.cp), ("tp", self.tp)]
+        keep = [(n, s) for n, s in dims if s > 1 or (n == "dp_shard" and self.dp_replicate > 1)]
+        self.mesh = init_device_mesh(device_type, tuple(s for _, s in keep), mesh_dim_names=tuple(n for n, _ in keep))
+        names = [n for n, _ in keep]
+        flattened = set()
+        for flat, members in (("dp", ("dp_replicate", "dp_shard")), ("dp_shard_cp", ("dp_shard", "cp")),
+                              ("dp_cp", ("dp_replicate", "dp_shard", "cp"))):
+            present = tuple(m for m in members if m in names)
+            if len(present) == 1:
+                self._submeshes[flat] = self.mesh[present[0]]
+            elif len(present) > 1:
+                self._submeshes[flat] = self.mesh[present]._flatten(mesh_dim_name=flat)
+                flattened.add(flat)
+        for n in names:
+            self._submeshes.setdefault(n, self.mesh[n])
+        if self.dp_replicate > 1:  # HSDP: replicate across the first dimension, shard across the second
+            shard = "dp_shard_cp" if "dp_shard_cp" in flattened else "dp_shard"
+            self._submeshes["fsdp"] = self.mesh["dp_replicate", shard]
+        elif "dp_shard_cp" in self._submeshes:
+            self._submeshes["fsdp"] = self._submeshes["dp_shard_cp"]
+        return self.mesh
+
+    def submesh(self, name: str) -> DeviceMesh | None:
+        """The named (possibly flattened) mesh dimension, or None where its size is 1."""
+        return self._submeshes.get(name)
+
+    def group(self, name: str):
+        m = self.submesh(name)
+        return m.get_group() if m is not None and m.ndim == 1 else None
+
+    def local_rank(self, name: str) -> int:
+        m = self.submesh(name)
+        return m.get_local_rank() if m is not None else 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.local_rank("dp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self.local_rank("pp")
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0

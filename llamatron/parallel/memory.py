@@ -1,0 +1,139 @@
+"""Memory a rank needs for training, estimated before any is allocated (printed by the trainer, and
+usable as a dry run: `estimate_memory(...)` needs no GPU).
+
+Counted per rank, for the rank that holds the most (the first pipeline stage for activations, the
+embedding; the last for the output layer):
+
+- weights: fp32 master parameters, 4 bytes each, divided by tp (matrices only) and by the FSDP shard
+  degree dp_shard x cp;
+- gradients: fp32, the same division;
+- optimizer: AdamW's two fp32 moments, 8 bytes per parameter, the same division;
+- working copies: what the compute runs on besides the masters. Under FSDP, the gathered parameters
+  of the units in flight (two blocks, in the compute dtype; all of the stage's blocks under pipeline
+  parallelism, which keeps them gathered across micro-batches, plus their unsharded gradients);
+  without FSDP under bf16 autocast, the bf16 casts of all weights, which autograd keeps until
+  backward;
+- activations: what autograd saves in each block for backward, per token of the local sequence
+  (micro_batch x seq_len / cp, and / tp for the sequence-parallel parts), counted tensor by tensor
+  for this model in eager mode (r = bytes of the residual stream: 4 with fp32 parameters, 2 with
+  bf16 ones; a = bytes of the compute dtype):
+      norms        2 x (input + normalised + output) = 6 r d  (the output in the compute dtype)
+      casts        under autocast, each matmul's own bf16 copy of its fp32 input (wq, wk, wv, w1,
+                   w3; autocast caches casts of weights only) = 5 a d, in place of the 2 r d above
+      attention    q, k and v after GQA expansion, output, and the output's copy into wo = 5 a d
+      FFN          gate and up outputs, silu(gate), their product = 4 a f
+  times the blocks whose activations are alive at once: all of them, or with activation
+  checkpointing only their inputs (r d) plus one block recomputed; under pipeline parallelism
+  (1F1B) the first stage holds pp micro-batches in flight (interleaved: pp + (pp-1)/v-ish; counted
+  as pp), GPipe all of them;
+- logits: the loss over the vocabulary, per micro-batch: with the fused cross-entropy one chunk of
+  8192 rows (logits + their gradient in the compute dtype; the softmax runs as one compiled kernel),
+  else the whole logits in the compute dtype, in fp32 and their fp32 gradient (the tensor-parallel
+  path divides V by tp).
+
+An estimate: allocator fragmentation, communication buffers and torch.compile's own choices of what
+to save (it may keep more or less than eager) are not modelled. docs/parallelism.md compares it with
+measured peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llamatron.model import ModelArgs
+
+GiB = 2**30
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float
+    gradients: float
+    optimizer: float
+    working: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.working + self.activations + self.logits
+
+    def as_dict(self) -> dict[str, float]:
+        keys = ("weights", "gradients", "optimizer", "working", "activations", "logits", "total")
+        return {k: getattr(self, k) for k in keys}
+
+    def describe(self) -> str:
+        unit, scale = ("GiB", GiB) if self.total >= GiB / 10 else ("MiB", 2**20)
+        return ", ".join(f"{k} {v / scale:.2f}" for k, v in self.as_dict().items()) + f" {unit}"
+
+
+def block_parameters(args: ModelArgs) -> int:
+    kv = args.n_kv_heads * args.head_dim
+    return 2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.ffn_dim + 2 * args.dim
+
+
+def activation_bytes_per_token(args: ModelArgs, residual_bytes: int, compute_bytes: int) -> int:
+    """Bytes one block saves for backward per token (see the module docstring)."""
+    d, f, r, a = args.dim, args.ffn_dim, residual_bytes, compute_bytes
+    norms = 4 * r * d + (5 * a * d if r != a else 2 * a * d)  # autocast: per-matmul casts of fp32 inputs
+    return norms + 5 * a * d + 4 * a * f
+
+
+def estimate_memory(
+    args: ModelArgs,
+    seq_len: int,
+    micro_batch: int,
+    *,
+    dp_shard: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    pp_schedule: str = "1f1b",
+    n_microbatches: int = 1,
+    bf16: bool = True,
+    fsdp: bool | None = None,
+    activation_checkpointing: bool = False,
+    checkpointed_layers: int | None = None,
+    fused_cross_entropy: bool = True,
+) -> MemoryEstimate:
+    """Peak bytes per rank for one training step of the given layout (the largest over ranks)."""
+    if fsdp is None:
+        fsdp = dp_shard * cp > 1
+    shard = dp_shard * cp if fsdp else 1
+    layers = args.n_layers // pp
+    block = block_parameters(args)
+    norms = 2 * args.dim
+    block_tp = (block - norms) / tp + norms
+    embed = args.vocab_size * args.dim / tp
+    # The rank with most parameters: the first stage (embedding) or the last (output + final norm).
+    params = layers * block_tp + (2 * embed + args.dim if pp == 1 else embed + args.dim)
+    weights = 4 * params / shard
+    gradients = 4 * params / shard
+    optimizer = 8 * params / shard
+
+    compute = 2 if bf16 else 4
+    residual = 2 if (bf16 and fsdp) else 4  # FSDP casts parameters to bf16; autocast keeps fp32 ones
+    if fsdp:
+        gathered = (layers if pp > 1 else 2) * block_tp * (2 if bf16 else 4)
+        if pp > 1:
+            gathered += layers * block_tp * 4  # unsharded gradients kept until the last micro-batch
+    else:
+        gathered = 2 * params if bf16 else 0
+    working = gathered
+
+    tokens = micro_batch * seq_len / cp
+    per_block = activation_bytes_per_token(args, residual, compute) * tokens / tp
+    if activation_checkpointing:
+        n_ckpt = layers if checkpointed_layers is None else min(checkpointed_layers, layers)
+        saved = n_ckpt * residual * args.dim * tokens / tp + (layers - n_ckpt) * per_block + per_block
+    else:
+        saved = layers * per_block
+    in_flight = 1 if pp == 1 else (n_microbatches if pp_schedule == "gpipe" else min(pp, n_microbatches))
+    activations = saved * in_flight
+
+    vocab = args.vocab_size / tp
+    if fused_cross_entropy and tp == 1 and pp == 1:
+        logits = min(tokens, 8192) * vocab * 2 * compute
+    else:
+        logits = tokens * vocab * (compute + 4 + 4)
+    return MemoryEstimate(weights, gradients, optimizer, working, activations, logits)

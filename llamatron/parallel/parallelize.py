@@ -1,0 +1,96 @@
+"""`parallelize`: turn the plain model (built on the meta device) into this rank's part(s) of the
+layout, then materialise and initialise them with the same values the whole model would have.
+
+Order, as torchtitan: pipeline split -> tensor parallel -> activation checkpointing -> compile ->
+FSDP. TP first because it changes the parameters into DTensors that the rest must see; checkpointing
+and compile wrap the blocks TP has sharded; FSDP last, since it shards whatever parameters it finds
+(TP shards included: a 2-D mesh) and its hooks must surround the compiled blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from llamatron.config import TrainConfig
+from llamatron.model import Transformer
+from llamatron.parallel.apply import apply_activation_checkpointing, apply_compile
+from llamatron.parallel.dims import ParallelDims
+from llamatron.parallel.fsdp import apply_fsdp
+from llamatron.parallel.tensor_parallel import apply_tensor_parallel
+
+# Wrappers that insert a level into parameter names; checkpoints and seeds use the clean names.
+_WRAPPER_PREFIXES = re.compile(r"(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")
+
+
+def clean_name(name: str) -> str:
+    return _WRAPPER_PREFIXES.sub("", name)
+
+
+def parallelize(model: Transformer, train: TrainConfig, dims: ParallelDims,
+                param_dtype: torch.dtype | None = None) -> tuple[list[Transformer], list[int]]:
+    """This rank's parts of `model` (its pipeline stages, else the model itself) with the layout
+    applied, still on the meta device, and their stage indices ([0] without pipelining).
+
+    param_dtype: the dtype FSDP gathers parameters in for compute (bf16 for mixed precision).
+    """
+    if dims.pp > 1:
+        from llamatron.parallel.pipeline import split_stage, stage_ids  # imports torch._dynamo: only when used
+
+        n_stages = dims.pp * dims.pp_virtual_stages
+        ids = stage_ids(dims.pp_rank, dims.pp, dims.pp_virtual_stages)
+        parts = [split_stage(model, i, n_stages) for i in ids]
+    else:
+        ids, parts = [0], [model]
+    for part in parts:
+        if dims.tp > 1:
+            apply_tensor_parallel(part, dims.submesh("tp"))
+        if train.activation_checkpointing:
+            apply_activation_checkpointing(part, train.activation_checkpointing_layers)
+        if train.compile:
+            apply_compile(part)
+        if dims.fsdp_enabled:
+            # Pipelining runs several micro-batches' forwards before their backwards: keep the
+            # gathered parameters rather than gather them again for every micro-batch.
+            apply_fsdp(part, dims.submesh("fsdp"), param_dtype, reshard_after_forward=dims.pp == 1)
+    return parts, ids
+
+
+def _init_threads() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+@torch.no_grad()
+def materialize(model: Transformer, device: torch.device, seed: int) -> None:
+    """Allocate `model` (a meta-device part, possibly sharded) on `device` and give every parameter
+    the value `Transformer.initial_value` gives it in the whole model, whatever the layout.
+
+    Each value is sampled whole on the CPU from its own seeded generator (several parameters at a
+    time on threads: torch releases the GIL) and this rank keeps its shard of it, so a run's weights
+    do not depend on the number of processes, the layout or the device.
+    """
+    model.to_empty(device=device)
+    params = list(model.named_parameters())
+    window = _init_threads()
+    with ThreadPoolExecutor(max_workers=window) as pool:
+        for start in range(0, len(params), window):
+            batch = params[start : start + window]
+            values = pool.map(lambda np_: model.initial_value(clean_name(np_[0]), np_[1].shape, seed), batch)
+            for (_, p), full in zip(batch, values):
+                _copy_into(p, full)
+    model.init_rope()
+
+
+def _copy_into(p: nn.Parameter, full: torch.Tensor) -> None:
+    if isinstance(p, DTensor):
+        # Every rank holds the same full value, so no communication: each keeps its own shard.
+        shard = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        p.to_local().copy_(shard.to_local())
+    else:
+        p.copy_(full)

@@ -1,0 +1,100 @@
+"""Pipeline parallelism with `torch.distributed.pipelining`: split the model into stages by deleting
+layers from copies of it, and run micro-batches through a GPipe, 1F1B or interleaved 1F1B schedule.
+
+Stages are assigned round-robin ("loop" style): with pp ranks and v virtual stages per rank there are
+pp*v stages, and rank r holds stages r, r+pp, r+2pp, ...; stage 0 keeps the embedding, the last
+stage the final norm and output layer. Layers keep their names (the model's layers are a dict keyed
+by index), so checkpoints are the same whatever the split.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from llamatron.model import Transformer
+
+IGNORE_INDEX = -100  # labels of padding samples (evaluation fills the last batch up to the schedule's size)
+
+
+def stage_ids(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
+    return [pp_rank + v * pp for v in range(virtual_stages)]
+
+
+def split_stage(model: Transformer, stage: int, n_stages: int) -> Transformer:
+    """A copy of `model` (best on the meta device, where copying costs nothing) keeping only the layers
+    of `stage`, plus the embedding on the first stage and norm + output on the last."""
+    n = len(model.layers)
+    per = n // n_stages
+    keep = {str(i) for i in range(stage * per, (stage + 1) * per)}
+    part = copy.deepcopy(model)
+    for name in list(part.layers.keys()):
+        if name not in keep:
+            del part.layers[name]
+    if stage != 0:
+        part.tok_embeddings = None
+    if stage != n_stages - 1:
+        part.norm = None
+        part.output = None
+    return part
+
+
+def pipeline_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of one micro-batch from the last stage's logits (fp32).
+
+    The last stage returns logits rather than computing the fused loss inside the model because a
+    schedule hands the labels to its loss function, not to the stage's module. Padding labels
+    (IGNORE_INDEX) are left out of the mean.
+    """
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class Pipeline:
+    """This rank's stages and the schedule that runs them."""
+
+    def __init__(self, parts: list[torch.nn.Module], ids: list[int], n_stages: int, schedule: str,
+                 n_microbatches: int, device: torch.device, group):
+        self.stages = [PipelineStage(m, i, n_stages, device, group=group) for m, i in zip(parts, ids)]
+        self.has_first = 0 in ids
+        self.has_last = (n_stages - 1) in ids
+        self.n_microbatches = n_microbatches
+        if schedule == "interleaved1f1b":
+            self.schedule = ScheduleInterleaved1F1B(self.stages, n_microbatches, loss_fn=pipeline_loss)
+        else:
+            cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+            self.schedule = cls(self.stages[0], n_microbatches, loss_fn=pipeline_loss)
+        # Newer torch can skip concatenating the last stage's logits of all micro-batches.
+        self._no_outputs = (
+            {"return_outputs": False} if "return_outputs" in inspect.signature(self.schedule.step).parameters else {}
+        )
+
+    def _run(self, tokens, labels, train: bool) -> list[torch.Tensor]:
+        """One pass of the whole local batch; the last stage gets one mean loss per micro-batch."""
+        losses: list[torch.Tensor] = []
+        args = (tokens,) if self.has_first else ()
+        target = labels if self.has_last else None
+        if train:
+            self.schedule.step(*args, target=target, losses=losses, **self._no_outputs)
+        else:
+            self.schedule.eval(*args, target=target, losses=losses, **self._no_outputs)
+        return losses
+
+    def train_step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Forward and backward of `n_microbatches` micro-batches; gradients are the mean over them
+        (the schedule scales them by 1/n). Returns the mean loss on the last stage, else None."""
+        losses = self._run(tokens, labels, train=True)
+        return torch.stack([plain(loss).detach().float() for loss in losses]).mean() if self.has_last else None
+
+    @torch.no_grad()
+    def eval_losses(self, tokens: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        return [plain(loss) for loss in self._run(tokens, labels, train=False)]
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A loss as a plain tensor (under tensor parallelism it is a replicated DTensor)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -1,0 +1,63 @@
+"""Tensor parallelism with sequence parallelism (Megatron-style), as DTensor plans on the plain model.
+
+Per block: q/k/v and the FFN's gate/up projections are split by output columns (heads, FFN width),
+the attention output and FFN down projections by input rows, so each half of a block needs one
+collective. Between them (norms, residual adds) activations are sharded along the sequence, which
+turns each all-reduce into a reduce-scatter + all-gather pair of the same cost and divides norm and
+residual activation memory by tp.
+
+The embedding is split by vocabulary rows and returns sequence shards; the output layer is split by
+vocabulary columns and returns vocabulary-sharded logits as a DTensor, for torch's `loss_parallel`
+(the cross-entropy is computed without gathering the logits). The fused linear cross-entropy of
+`llamatron.loss` needs the whole output weight, so under TP the trainer takes the logits path.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from llamatron.model import Transformer
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
+    """Shard `model` (or a pipeline stage of it) over `tp_mesh`, in place."""
+    top = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.norm is not None:
+        top["norm"] = SequenceParallel()
+    if model.output is not None:
+        top["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    if model.tok_embeddings is not None:
+        # The embedding returns its DTensor's local shard (`to_local()`). Fed straight into a
+        # torch.compile'd block, that alias makes the backward hand the embedding's redistribute a
+        # plain tensor (torch 2.13: "'Tensor' object has no attribute '_local_tensor'" in
+        # NestedRedistribute); a copy of the shard (batch x seq/tp x dim) cuts the alias.
+        model.tok_embeddings.register_forward_hook(lambda module, args, out: out.clone())
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            # The block's residual stream is sequence-sharded; attention needs the whole sequence.
+            # cos/sin (the other two inputs) are plain tensors, left alone.
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
