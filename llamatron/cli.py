@@ -61,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
     p.add_argument("--device-name", default="H100", help="selects the peak FLOP/s (H100, H200, A100, B200)")
     p.add_argument("--tokens", type=float, default=None, help="total training tokens, for days to train")
+
+    p = sub.add_parser("convert", help="import Hugging Face or Meta checkpoints, export to Hugging Face",
+                       description="hf -> llamatron, meta -> llamatron (weights-only checkpoints for "
+                       "checkpoint.init_from and eval), llamatron -> hf (for transformers). See docs/convert.md.")
+    p.add_argument("--from", dest="from_format", required=True, choices=["hf", "meta", "llamatron"],
+                   help="hf: config.json + safetensors; meta: params.json + consolidated.NN.pth; "
+                   "llamatron: a checkpoint or run directory")
+    p.add_argument("--to", dest="to_format", required=True, choices=["llamatron", "hf"])
+    p.add_argument("src", metavar="SRC", help="source directory")
+    p.add_argument("dst", metavar="DST", help="output directory (must not exist; written under a temporary name)")
+    p.add_argument("--dtype", default="keep", choices=["keep", "fp32", "bf16", "fp16"],
+                   help="dtype of the written tensors (default: keep the source's)")
+    p.add_argument("--max-shard-size", default="5GB", help="hf export: size of each safetensors file (default 5GB)")
     return parser
 
 
@@ -214,7 +227,22 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from llamatron import convert
+
+    dst = convert.convert(args.src, args.dst, args.from_format, args.to_format, dtype=args.dtype,
+                          max_shard_size=args.max_shard_size)
+    print(f"wrote {dst}")
+    if args.to_format == "llamatron":
+        sets = " ".join(f"--set {o}" for o in convert.model_overrides(convert.checkpoint_model_args(dst)))
+        print(f"evaluate: llamatron eval --checkpoint {dst} --data PREFIX")
+        print(f"train from it: llamatron train --config FILE {sets} --set checkpoint.init_from={dst}")
+    return 0
+
+
 def print_summary(result) -> None:
+    if result.rank != 0:  # under torchrun every rank trains; rank 0 reports
+        return
     print()
     print("run summary")
     print("-" * 60)
@@ -243,6 +271,7 @@ COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "flops": cmd_flops,
+    "convert": cmd_convert,
 }
 
 
