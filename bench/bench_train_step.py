@@ -32,6 +32,7 @@ from llamatron.config import OptimConfig  # noqa: E402
 from llamatron.data.sampler import micro_batch_indices  # noqa: E402
 from llamatron.model import MODEL_SIZES  # noqa: E402
 from llamatron.parallel.apply import apply_activation_checkpointing, apply_compile  # noqa: E402
+from llamatron.parallel.fp8 import apply_fp8  # noqa: E402
 from llamatron.train.optim import build_optimizer  # noqa: E402
 from llamatron.train.trainer import build_model, load_batch, train_step  # noqa: E402
 
@@ -43,6 +44,11 @@ VARIANTS = {
     "compile": dict(compile=True, fused_ce=True, fused_adam=True, attention="auto", ac=False),
     "compile+cudnn": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False),
     "compile+cudnn+ac": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=True),
+    # FP8 linear layers (torchao Float8Linear, llamatron/parallel/fp8.py) on top of the best BF16 variant.
+    "compile+fp8-tensorwise": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
+                                   fp8="tensorwise"),
+    "compile+fp8-rowwise": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
+                                fp8="rowwise"),
 }
 
 
@@ -60,6 +66,8 @@ def build_dataset(args, vocab: int, n: int):
 def run_variant(name, opts, margs, args, device, dataset):
     torch.manual_seed(0)
     model = build_model(margs, device, seed=0)
+    if opts.get("fp8"):
+        apply_fp8(model, opts["fp8"])
     if opts["ac"]:
         apply_activation_checkpointing(model)
     if opts["compile"]:
@@ -189,10 +197,13 @@ def main() -> int:
             tps = flops.tokens_per_second(cli.seq_len, gbs, med)
             row = {
                 "variant": vname, **opts, "layers": cli.layers, "seq_len": cli.seq_len,
-                "micro_batch": cli.micro_batch, "global_batch": gbs, "precision": precision,
+                "micro_batch": cli.micro_batch, "global_batch": gbs,
+                "precision": f"fp8 {opts['fp8']} + {precision}" if opts.get("fp8") else precision,
                 "layout": "1 device", "step_time_s": med, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps,
                 "tflops_per_gpu": gbs * per_seq / med / 1e12,
                 "mfu": flops.mfu(margs, cli.seq_len, gbs, med, 1, peak),
+                "mfu_fp8_peak": flops.mfu(margs, cli.seq_len, gbs, med, 1, flops.peak_flops(name, "fp8"))
+                if opts.get("fp8") else None,
                 "peak_mem_gib": mem, "losses": losses, "step_times_s": times,
             }
             if prof:

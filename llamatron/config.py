@@ -67,6 +67,9 @@ class OptimConfig:
     fused: bool | None = None  # fused AdamW kernel; None = on for CUDA
 
 
+FP8_RECIPES = ("none", "tensorwise", "rowwise")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps to run in total (a resumed run continues to this count)
@@ -81,6 +84,12 @@ class TrainConfig:
     # spread evenly; None = all. Fewer blocks: less recomputation, more activation memory.
     activation_checkpointing_layers: int | None = None
     fused_cross_entropy: bool = True  # output layer + loss in chunks, never the full fp32 logits
+    # FP8 linear layers through torchao (llamatron/parallel/fp8.py): none, tensorwise or rowwise
+    # dynamic scaling. Needs an FP8 GPU (H100 and newer) and torchao; the rest of the model stays bf16.
+    fp8: str = "none"
+    fp8_min_features: int = 1024  # linears with a dimension below this stay bf16 (too small to gain)
+    fp8_include_output: bool = False  # also the output layer (off: the 128K-way softmax is sensitive)
+    fp8_all_gather: bool = False  # FSDP gathers weights in FP8 (tensorwise only): half the traffic
     attention_backend: str = "auto"  # SDPA kernel: auto (torch's choice), cudnn, flash, efficient, math
     deterministic: bool = False  # torch deterministic algorithms (slower)
     out_dir: str = "runs/default"
@@ -309,6 +318,13 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     need(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
     need(t.micro_batch_size > 0, "train.micro_batch_size", f"must be positive, got {t.micro_batch_size}")
     need(t.global_batch_size > 0, "train.global_batch_size", f"must be positive, got {t.global_batch_size}")
+    need(t.fp8 in FP8_RECIPES, "train.fp8", f"must be one of {', '.join(FP8_RECIPES)}, got {t.fp8!r}")
+    need(t.fp8_min_features >= 0, "train.fp8_min_features", f"must be >= 0, got {t.fp8_min_features}")
+    need(not t.fp8_all_gather or t.fp8 == "tensorwise", "train.fp8_all_gather",
+         f"FP8 all-gather needs train.fp8 = tensorwise, got {t.fp8!r}")
+    need(t.fp8 == "none" or p.tp == 1, "train.fp8", "FP8 with tensor parallelism (parallel.tp > 1) is not supported yet")
+    need(not (t.fp8_include_output and t.fused_cross_entropy), "train.fp8_include_output",
+         "the fused cross-entropy computes the output layer inside the loss in bf16; set train.fused_cross_entropy = false")
 
     # Parallel layout: each degree alone, then against the model shape, then against the world size.
     for key in ("dp_replicate", "tp", "pp", "pp_virtual_stages", "cp"):

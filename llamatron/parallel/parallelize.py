@@ -1,7 +1,7 @@
 """`parallelize`: turn the plain model (built on the meta device) into this rank's part(s) of the
 layout, then materialise and initialise them with the same values the whole model would have.
 
-Order, as torchtitan: pipeline split -> tensor parallel -> activation checkpointing -> compile ->
+Order, as torchtitan: pipeline split -> FP8 layers -> tensor parallel -> activation checkpointing -> compile ->
 FSDP. TP first because it changes the parameters into DTensors that the rest must see; checkpointing
 and compile wrap the blocks TP has sharded; FSDP last, since it shards whatever parameters it finds
 (TP shards included: a 2-D mesh) and its hooks must surround the compiled blocks.
@@ -21,6 +21,7 @@ from llamatron.config import TrainConfig
 from llamatron.model import Transformer
 from llamatron.parallel.apply import apply_activation_checkpointing, apply_compile
 from llamatron.parallel.dims import ParallelDims
+from llamatron.parallel.fp8 import apply_fp8
 from llamatron.parallel.fsdp import apply_fsdp
 from llamatron.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -48,6 +49,10 @@ def parallelize(model: Transformer, train: TrainConfig, dims: ParallelDims,
     else:
         ids, parts = [0], [model]
     for part in parts:
+        if train.fp8 != "none":
+            # Before everything else: TP, compile and FSDP must see the Float8Linear modules.
+            apply_fp8(part, train.fp8, min_features=train.fp8_min_features,
+                      include_output=train.fp8_include_output, fsdp_all_gather=train.fp8_all_gather)
         if dims.tp > 1:
             apply_tensor_parallel(part, dims.submesh("tp"))
         if train.activation_checkpointing:

@@ -30,6 +30,7 @@ from llamatron.errors import LlamatronError
 from llamatron.model import ModelArgs, Transformer, count_parameters
 from llamatron.parallel.apply import attention_backend
 from llamatron.parallel.dims import ParallelDims
+from llamatron.parallel.fp8 import check_fp8, precompute_fp8_scales
 from llamatron.parallel.memory import estimate_memory
 from llamatron.parallel.reduce import (
     clip_grad_norm_,
@@ -373,6 +374,7 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     amp_dtype = autocast_dtype(t.precision, device)
+    check_fp8(t.fp8, device)
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     dims.build_mesh(device.type)
     # Under FSDP the parameters are gathered in bf16 (MixedPrecisionPolicy) and no autocast is needed.
@@ -504,6 +506,9 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
             fused_cross_entropy=t.fused_cross_entropy, grad_clip=cfg.optim.grad_clip,
             attention=t.attention_backend,
         )
+        if t.fp8_all_gather:
+            for part in parts:
+                precompute_fp8_scales(part)
         step += 1
         consumed += t.global_batch_size
         last_loss = loss_sum
@@ -528,6 +533,9 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
                 # CUDA: torch's peak allocated memory; CPU: the process's peak resident set.
                 "peak_mem_gib": max(mem), "peak_mem_gib_per_rank": mem,
             }
+            if t.fp8 != "none":  # FP8 runs are also compared against the FP8 peak (PERFORMANCE.md)
+                record["mfu_fp8_peak"] = flops.mfu(args, cfg.data.seq_len, t.global_batch_size, step_time, n_gpus,
+                                                   flops.peak_flops(device_name, "fp8"))
             if metrics is not None:
                 metrics.write("train", step, record)
             mfu_txt = f"{100 * mfu_value:.1f}%" if mfu_value is not None else "n/a"

@@ -1,0 +1,98 @@
+"""FP8 training: swap the model's large `nn.Linear` layers for torchao's `Float8Linear`.
+
+The three GEMMs of each swapped layer (output, input gradient, weight gradient) run on FP8 tensor
+cores with E4M3 operands, with scales computed from the current tensors ("dynamic" scaling): one scale
+per tensor (`tensorwise`, the fastest) or one per row (`rowwise`, more robust to outliers, a little
+slower). Master weights, gradients and optimizer state keep their dtypes; only the GEMM operands are
+cast. Applied to the meta-device model before tensor parallel, compile and FSDP, like every other
+transformation in `llamatron.parallel`.
+
+What stays in BF16, and why:
+- the output layer (`output`): its logits feed a softmax over 128K classes, where FP8's 3-bit mantissa
+  costs accuracy; and it is one layer of many, so little speed is lost (`fp8_include_output` overrides);
+- layers with a dimension below `fp8_min_features`: the cast and scale kernels cost more than the
+  smaller GEMM saves (users report FP8 slower than BF16 on small models for this reason);
+- layers whose dimensions are not multiples of 16, which FP8 GEMMs cannot take.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llamatron.config import FP8_RECIPES
+from llamatron.errors import LlamatronError
+
+
+def fp8_unavailable_reason(device: torch.device) -> str | None:
+    """Why FP8 training cannot run on `device` here, or None if it can."""
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return "the torchao package is not installed (pip install torchao; its release must match torch's)"
+    if device.type == "cpu":
+        return None  # torch emulates the FP8 GEMMs on the CPU: same numerics, for tests only
+    if device.type != "cuda":
+        return f"FP8 GEMMs need an NVIDIA GPU of compute capability 8.9 or newer (H100, H200, B200, L40S), or the CPU; this run's device is {device.type}"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        return f"FP8 GEMMs need compute capability 8.9 or newer; {name} has {cap[0]}.{cap[1]}"
+    return None
+
+
+def check_fp8(recipe: str, device: torch.device) -> None:
+    if recipe == "none":
+        return
+    reason = fp8_unavailable_reason(device)
+    if reason:
+        raise LlamatronError(f"config key 'train.fp8': {recipe} FP8 training asked for, but {reason}")
+
+
+def fp8_module_filter(min_features: int, include_output: bool):
+    """The filter torchao calls with (module, fully qualified name): True converts the layer."""
+
+    def keep(module: nn.Module, fqn: str) -> bool:
+        if not isinstance(module, nn.Linear):
+            return False
+        if fqn == "output" and not include_output:
+            return False
+        dims = (module.in_features, module.out_features)
+        return all(d % 16 == 0 and d >= min_features for d in dims)
+
+    return keep
+
+
+def apply_fp8(model: nn.Module, recipe: str, *, min_features: int = 1024, include_output: bool = False,
+              fsdp_all_gather: bool = False) -> list[str]:
+    """Convert `model`'s eligible linear layers in place; returns the names of those converted.
+
+    fsdp_all_gather (tensorwise only): FSDP2 gathers the weights already cast to FP8, halving the
+    all-gather traffic against BF16; needs `precompute_fp8_scales` after each optimizer step.
+    """
+    if recipe == "none":
+        return []
+    if recipe not in FP8_RECIPES:
+        raise LlamatronError(f"config key 'train.fp8': must be one of {', '.join(FP8_RECIPES)}, got {recipe!r}")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise LlamatronError(f"config key 'train.fp8': {recipe} asked for, but torchao is not importable ({e})") from e
+    if recipe == "tensorwise":
+        config = Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp_all_gather)
+    else:
+        if fsdp_all_gather:
+            raise LlamatronError("config key 'train.fp8_all_gather': FP8 all-gather works with the tensorwise recipe only")
+        config = Float8LinearConfig.from_recipe_name(recipe)
+    keep = fp8_module_filter(min_features, include_output)
+    converted = [name for name, m in model.named_modules() if keep(m, name)]
+    convert_to_float8_training(model, config=config, module_filter_fn=keep)
+    return converted
+
+
+def precompute_fp8_scales(model: nn.Module) -> None:
+    """With FP8 all-gather: compute every sharded weight's scale in one fused pass after the optimizer
+    step, instead of one small all-reduce per layer inside the next forward."""
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    precompute_float8_dynamic_scale_for_fsdp(model)

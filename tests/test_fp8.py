@@ -1,0 +1,115 @@
+"""FP8 training: configuration, the layers it converts, the error when it cannot run, and the FP8
+path itself (torch emulates FP8 GEMMs on the CPU, so the numerics are the GPU's)."""
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+from llamatron.config import Config, validate_config
+from llamatron.errors import LlamatronError
+from llamatron.model import MODEL_SIZES, ModelArgs, Transformer
+from llamatron.parallel.fp8 import apply_fp8, check_fp8
+
+torchao = pytest.importorskip("torchao.float8")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("fp8", "e4m3", "train.fp8"),
+    ("fp8_min_features", -1, "train.fp8_min_features"),
+])
+def test_bad_fp8_keys_name_the_key(key, value, message):
+    cfg = Config()
+    setattr(cfg.train, key, value)
+    with pytest.raises(LlamatronError, match=message):
+        validate_config(cfg)
+
+
+def test_fp8_all_gather_needs_tensorwise():
+    cfg = Config()
+    cfg.train.fp8, cfg.train.fp8_all_gather = "rowwise", True
+    with pytest.raises(LlamatronError, match="train.fp8_all_gather.*tensorwise"):
+        validate_config(cfg)
+    cfg.train.fp8 = "tensorwise"
+    cfg.data.mock = True
+    validate_config(cfg)
+
+
+def test_fp8_with_tensor_parallel_is_refused():
+    cfg = Config()
+    cfg.train.fp8 = "tensorwise"
+    cfg.parallel.tp = 2
+    with pytest.raises(LlamatronError, match="train.fp8.*tensor parallel"):
+        validate_config(cfg)
+
+
+def test_fp8_output_layer_needs_the_plain_loss():
+    cfg = Config()
+    cfg.train.fp8, cfg.train.fp8_include_output = "tensorwise", True
+    with pytest.raises(LlamatronError, match="fused_cross_entropy"):
+        validate_config(cfg)
+
+
+def test_8b_converts_every_block_linear_but_not_the_output_layer():
+    args = dataclasses.replace(MODEL_SIZES["llama3.1-8b"], n_layers=2)
+    with torch.device("meta"):
+        model = Transformer(args)
+    converted = apply_fp8(model, "tensorwise")
+    per_block = ["attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+    assert sorted(converted) == sorted(f"layers.{i}.{n}" for i in range(2) for n in per_block)
+    assert type(model.output) is torch.nn.Linear
+    assert all(type(m).__name__ == "Float8Linear" for n, m in model.named_modules() if n in converted)
+
+
+def test_small_layers_stay_bf16():
+    args = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=1, ffn_dim=1024, vocab_size=512, max_seq_len=64)
+    with torch.device("meta"):
+        model = Transformer(args)
+    # wk/wv are 256 -> 64 wide: below the threshold; the others are >= 256 on both sides.
+    converted = apply_fp8(model, "rowwise", min_features=256)
+    assert sorted(converted) == sorted(f"layers.0.{n}" for n in
+                                       ["attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+                                        "feed_forward.w3"])
+    assert apply_fp8(Transformer(args), "rowwise", min_features=4096) == []
+
+
+def test_missing_torchao_gives_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # makes `import torchao.float8` fail
+    with pytest.raises(LlamatronError, match="train.fp8.*torchao") as e:
+        check_fp8("tensorwise", torch.device("cpu"))
+    assert "\n" not in str(e.value)
+    check_fp8("none", torch.device("cpu"))  # nothing asked, nothing checked
+
+
+def test_old_gpu_gives_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(LlamatronError, match="A100.*8.0"):
+        check_fp8("rowwise", torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_forward_and_backward_track_bf16(recipe):
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab_size=512, max_seq_len=64)
+    tokens = torch.randint(0, args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(fp8: bool):
+        model = Transformer(args)
+        model.init_weights(seed=0)
+        if fp8:
+            assert apply_fp8(model, recipe, min_features=16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_bf16, grads_bf16 = loss_and_grads(False)
+    loss_fp8, grads_fp8 = loss_and_grads(True)
+    assert loss_fp8 != loss_bf16  # FP8 GEMMs really ran
+    assert abs(loss_fp8 - loss_bf16) / loss_bf16 < 0.01
+    for name, g in grads_bf16.items():
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), grads_fp8[name].flatten(), dim=0)
+        assert cos > 0.98, (name, float(cos))
