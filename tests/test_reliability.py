@@ -38,7 +38,8 @@ def _overrides(out_dir, steps=STEPS, extra=()):
     return ["model.size=debug", "data.mock=true", "data.seq_len=32", f"train.steps={steps}",
             "train.global_batch_size=4", "train.micro_batch_size=2", "train.device=cpu", "train.threads=1",
             "optim.lr=1e-2", "optim.min_lr=1e-3", "optim.warmup_steps=2", "optim.schedule_steps=8",
-            "eval.samples=0", "eval.every=0", "train.log_every=1", "checkpoint.every=2", "checkpoint.keep=2", f"train.out_dir={out_dir}", *extra]
+            "eval.samples=0", "eval.every=0", "train.log_every=1", "checkpoint.every=2", "checkpoint.keep=2",
+            f"train.out_dir={out_dir}", *extra]
 
 
 def _train(out_dir, steps=STEPS, extra=()):

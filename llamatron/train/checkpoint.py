@@ -181,9 +181,9 @@ def _save_failed(root: Path, tmp: Path, final: Path, error: BaseException | None
     except OSError:
         free = "free space unknown"
     reason = _describe_error(error) if error is not None else "failed on another rank"
+    previous = f"the newest complete checkpoint {newest[-1]} is untouched" if newest else "no earlier checkpoint exists"
     return LlamatronError(
-        f"checkpoint {final}: save failed ({reason}; {free}); the partial save under {tmp.name} was removed "
-        f"and {'the newest complete checkpoint ' + str(newest[-1]) + ' is untouched' if newest else 'no earlier checkpoint exists'}"
+        f"checkpoint {final}: save failed ({reason}; {free}); the partial save under {tmp.name} was removed and {previous}"
     )
 
 

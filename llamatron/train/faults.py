@@ -31,8 +31,8 @@ from llamatron.errors import LlamatronError
 
 ENV = "LLAMATRON_FAULT"
 SAVE_PHASES = ("before_data", "during_data", "after_data", "before_marker", "before_rename", "after_rename")
-_KEYS = {"nan_loss": {"step", "rank"}, "spike": {"step", "rank"}, "kill": {"save", "step", "rank"}, "sigterm": {"step", "rank"},
-         "sigusr1": {"step", "rank"}}
+_KEYS = {"nan_loss": {"step", "rank"}, "spike": {"step", "rank"}, "kill": {"save", "step", "rank"},
+         "sigterm": {"step", "rank"}, "sigusr1": {"step", "rank"}}
 
 
 def parse(spec: str | None = None) -> list[tuple[str, dict[str, str]]]:

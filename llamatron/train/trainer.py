@@ -195,7 +195,8 @@ def check_data(prefixes: list[str], vocab_size: int, tokenizer_vocab: int, log=p
         if np.iinfo(ds.dtype).max < tokenizer_vocab - 1:
             raise LlamatronError(
                 f"{ds.idx_path}: tokens stored as {ds.dtype.name} (at most {np.iinfo(ds.dtype).max}) cannot hold the "
-                f"{tokenizer_vocab:,} ids of the tokenizer; the data was tokenized with another tokenizer (check data.tokenizer)"
+                f"{tokenizer_vocab:,} ids of the tokenizer; the data was tokenized with another tokenizer "
+                "(check data.tokenizer)"
             )
         lo, hi, complete = ds.token_range(max_bytes=TOKEN_SCAN_BYTES)
         if lo < 0 or hi >= vocab_size:
