@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from llamatron.errors import LlamatronError
+from llamatron.errors import REQUEUE_EXIT_CODE, LlamatronError
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -82,11 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except LlamatronError as e:
-        print(f"llamatron {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        error = str(e)
     except KeyboardInterrupt:
         print(f"llamatron {args.command}: interrupted", file=sys.stderr)
         return 130
+    # Printed outside the handler: by now the failed frames are freed, so what they held (a progress
+    # bar, which draws itself once more as it closes) is gone and the message is the last line.
+    print(f"llamatron {args.command}: error: {error}", file=sys.stderr)
+    return 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,7 +104,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
     print_summary(result)
-    return 0
+    return REQUEUE_EXIT_CODE if result.preempted else 0
 
 
 def cmd_demo(args) -> int:
@@ -127,7 +130,7 @@ def cmd_demo(args) -> int:
     cfg = load_config(args.config, overrides)
     result = train(cfg)
     print_summary(result)
-    return 0
+    return REQUEUE_EXIT_CODE if result.preempted else 0
 
 
 def cmd_preprocess(args) -> int:
@@ -257,6 +260,9 @@ def print_summary(result) -> None:
         ("tokens/s (last interval)", f"{result.tokens_per_s:,.0f}" if result.tokens_per_s else "n/a"),
         ("MFU", f"{100 * result.mfu:.1f}%" if result.mfu is not None else "n/a (no known peak for this device)"),
         ("checkpoint", str(result.checkpoint) if result.checkpoint else "none"),
+        *([("skipped steps (non-finite)", f"{result.skipped_steps}")] if result.skipped_steps else []),
+        *([("stopped early by", f"{result.preempted} (exit code {REQUEUE_EXIT_CODE}: requeue to resume)")]
+          if result.preempted else []),
         ("wall time", f"{result.wall_s:.1f} s"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -95,6 +95,12 @@ class TrainConfig:
     out_dir: str = "runs/default"
     log_every: int = 1
     threads: int | None = None  # CPU threads for torch; None = torch's default
+    # A step whose loss or gradient norm is NaN/inf on any rank: "stop" (the run ends with an error
+    # naming the step and its samples; no update is applied) or "skip" (no update, the batch is
+    # dropped, the step counts in metrics as skipped_steps). See docs/reliability.md.
+    nonfinite: str = "stop"
+    nonfinite_max_skips: int = 10  # with skip: this many skipped steps in a row stop the run anyway
+    grad_spike_factor: float = 5.0  # log a spike when the grad norm > factor x median of recent steps; 0 = off
 
 
 @dataclass
@@ -379,6 +385,11 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     need(t.attention_backend in ("auto", "cudnn", "flash", "efficient", "math"), "train.attention_backend",
          f"must be auto, cudnn, flash, efficient or math, got {t.attention_backend!r}")
     need(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
+    need(t.threads is None or t.threads > 0, "train.threads", f"must be positive, got {t.threads}")
+    need(t.nonfinite in ("stop", "skip"), "train.nonfinite", f"must be stop or skip, got {t.nonfinite!r}")
+    need(t.nonfinite_max_skips >= 1, "train.nonfinite_max_skips", f"must be >= 1, got {t.nonfinite_max_skips}")
+    need(t.grad_spike_factor == 0 or t.grad_spike_factor > 1, "train.grad_spike_factor",
+         f"must be 0 (off) or > 1, got {t.grad_spike_factor}")
     need(d.seq_len > 0, "data.seq_len", f"must be positive, got {d.seq_len}")
     need(d.seq_len <= args.max_seq_len, "data.seq_len",
          f"{d.seq_len} exceeds the model's max_seq_len {args.max_seq_len} (set model.max_seq_len)")
@@ -390,10 +401,17 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     need(o.lr >= 0 and o.min_lr >= 0, "optim.lr", "learning rates must be >= 0")
     need(o.min_lr <= o.lr, "optim.min_lr", f"{o.min_lr} must not exceed optim.lr {o.lr}")
     need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    need(0 <= o.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {o.beta1}")
+    need(0 <= o.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {o.beta2}")
+    need(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
+    need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    need(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {o.grad_clip}")
     if o.schedule_steps is not None:
         need(o.schedule_steps >= o.warmup_steps, "optim.schedule_steps",
              f"{o.schedule_steps} must be >= warmup_steps {o.warmup_steps}")
     need(e.every >= 0, "eval.every", f"must be >= 0, got {e.every}")
     need(e.samples >= 0, "eval.samples", f"must be >= 0, got {e.samples}")
+    need(e.micro_batch_size is None or e.micro_batch_size > 0, "eval.micro_batch_size",
+         f"must be positive, got {e.micro_batch_size}")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")

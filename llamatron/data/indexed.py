@@ -72,6 +72,7 @@ class IndexedDataset:
                 f"{self.bin_path}: size {bin_bytes} bytes, but {self.idx_path.name} describes {expected} bytes "
                 f"({len(self)} sequences of {self.dtype.name}); the pair does not belong together or one is truncated"
             )
+        self._check_sequences(bin_bytes)
         tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r") if bin_bytes else np.zeros(0, self.dtype)
         # A plain ndarray view of the map: slicing an np.memmap runs Python-level __array_finalize__,
         # which made a window of ~17 documents cost ~90 us instead of ~10.
@@ -114,6 +115,23 @@ class IndexedDataset:
                 f"{path}: document indices at byte {off} must start at 0 and end at most at the sequence count {s}"
             )
 
+    def _check_sequences(self, bin_bytes: int, chunk: int = 1 << 22) -> None:
+        """Every sequence must lie inside the `.bin`: a corrupted pointer or length would otherwise read
+        past the memory map (a crash) or return short windows much later. Vectorised in chunks: about
+        0.1 s for 10 million sequences."""
+        size = self.dtype.itemsize
+        for start in range(0, len(self), chunk):
+            lengths = self.sequence_lengths[start : start + chunk].astype(np.int64)
+            pointers = self.sequence_pointers[start : start + chunk]
+            bad = (lengths < 0) | (pointers < 0) | (pointers % size != 0) | (pointers + lengths * size > bin_bytes)
+            if bad.any():
+                i = start + int(np.argmax(bad))
+                raise LlamatronError(
+                    f"{self.idx_path}: sequence {i} (length {int(self.sequence_lengths[i])}, byte offset "
+                    f"{int(self.sequence_pointers[i])}) does not lie inside the {bin_bytes}-byte {self.bin_path.name}; "
+                    "the index is corrupted"
+                )
+
     def __len__(self) -> int:
         return len(self.sequence_lengths)
 
@@ -145,6 +163,25 @@ class IndexedDataset:
         for start in range(0, len(self.tokens), chunk):
             best = max(best, int(self.tokens[start : start + chunk].max()))
         return best
+
+    def token_range(self, max_bytes: int | None = None, blocks: int = 256) -> tuple[int, int, bool]:
+        """(smallest, largest token id, whether every token was read). A `.bin` larger than `max_bytes`
+        is sampled: `blocks` evenly spaced blocks of max_bytes / blocks bytes, enough to see that a
+        file was tokenized for another vocabulary without reading terabytes at every start."""
+        n = len(self.tokens)
+        if n == 0:
+            return 0, -1, True
+        if max_bytes is None or n * self.dtype.itemsize <= max_bytes:
+            lo, hi = None, None
+            for start in range(0, n, 1 << 24):
+                part = self.tokens[start : start + (1 << 24)]
+                lo = int(part.min()) if lo is None else min(lo, int(part.min()))
+                hi = int(part.max()) if hi is None else max(hi, int(part.max()))
+            return lo, hi, True
+        per = max(max_bytes // blocks // self.dtype.itemsize, 1)
+        starts = np.linspace(0, n - per, blocks).astype(np.int64)
+        parts = [self.tokens[s : s + per] for s in starts]
+        return min(int(p.min()) for p in parts), max(int(p.max()) for p in parts), False
 
 
 class IndexedDatasetWriter:

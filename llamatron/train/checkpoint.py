@@ -9,8 +9,10 @@ Layout of one checkpoint, `OUT/checkpoints/step_00000100/`:
     config.yaml               the resolved run config (what `eval` needs to rebuild the model)
     COMPLETE                  written last; a directory without it is never resumed from
 
-A checkpoint is written under a temporary name and renamed once complete, so a crash at any moment
-leaves the previous checkpoint usable.
+A checkpoint is written under a temporary name (`.step_00000100.tmp`), fsynced, marked COMPLETE and
+renamed, so a crash at any moment leaves the previous checkpoint usable; directories without the
+marker and hidden leftovers of crashed saves are never resumed from and are removed by the next run
+or save. Old checkpoints are renamed to a hidden name before they are deleted, for the same reason.
 
 Every tensor is stored by its name in the whole model, whatever the layout that saved it: DCP records
 which slice of it each rank wrote (FSDP or TP shards, or a pipeline stage's layers), and a load
@@ -39,9 +41,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from llamatron.errors import LlamatronError
+from llamatron.train import faults
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -108,38 +112,143 @@ def _state_dicts(model, optimizer) -> list[tuple[dict, dict]]:
     return [get_state_dict(m, o, options=_OPTIONS) for m, o in zip(_as_list(model), _as_list(optimizer))]
 
 
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any (a collective: every rank must call it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once the directory holding it is synced.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory so that no crash leaves it half-deleted under a name that
+    counts: rename it to a hidden name first (atomic), then remove the files."""
+    trash = path.with_name(f".trash-{path.name}")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_incomplete(out_dir: str | Path) -> list[Path]:
+    """Remove what crashed saves left behind: temporary and half-deleted directories (hidden names),
+    and step_* directories without the completion marker. Only one save runs at a time per run
+    directory, so at the start of a run or a save nothing of this is in use. Returns what it removed."""
+    root = checkpoints_root(out_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in sorted(root.iterdir()):
+        hidden = p.name.startswith(".step_") or p.name.startswith(".trash-")
+        if p.is_dir() and (hidden or (_NAME.match(p.name) and not (p / MARKER).is_file())):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _describe_error(e: BaseException) -> str:
+    """One line for an exception from a save; DCP wraps each rank's in a CheckpointException."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _save_failed(root: Path, tmp: Path, final: Path, error: BaseException | None) -> LlamatronError:
+    newest = list_checkpoints(root.parent)
+    try:
+        free = f"{shutil.disk_usage(root).free / 1e9:.1f} GB free there"
+    except OSError:
+        free = "free space unknown"
+    reason = _describe_error(error) if error is not None else "failed on another rank"
+    previous = f"the newest complete checkpoint {newest[-1]} is untouched" if newest else "no earlier checkpoint exists"
+    return LlamatronError(
+        f"checkpoint {final}: save failed ({reason}; {free}); the partial save under {tmp.name} was removed and {previous}"
+    )
+
+
 def save_checkpoint(
     out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str, keep: int
 ) -> Path:
-    """model, optimizer: a module and its optimizer, or lists of them (pipeline stages of a rank)."""
+    """Save under a temporary name, mark complete, rename: a crash at any moment leaves either no
+    step_NNNNNNNN directory or a complete one. Every rank writes its DCP shards; rank 0 writes the
+    rest and renames once all ranks are done. A failed write (disk full, I/O error) on any rank
+    raises a LlamatronError naming the path on every rank, and leaves earlier checkpoints as they
+    were. Keeps the newest `keep` complete checkpoints.
+
+    model, optimizer: a module and its optimizer, or lists of them (pipeline stages of a rank)."""
     root = checkpoints_root(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
-    if _rank() == 0:
+    rank = _rank()
+    if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        remove_incomplete(out_dir)
         tmp.mkdir()
     _barrier()
-    parts = _state_dicts(model, optimizer)
-    model_sd = {k: v for m, _ in parts for k, v in m.items()}
-    optim_sd = {k: v for _, o in parts for k, v in o.items()}
-    with _quiet():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        (tmp / "config.yaml").write_text(config_yaml)
-        with open(tmp / MARKER, "w") as f:
-            f.write(f"step {step}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # the same step saved again (e.g. a resumed run's final save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    faults.at_save("before_data", step, rank)
+    error: BaseException | None = None
+    try:
+        parts = _state_dicts(model, optimizer)
+        model_sd = {k: v for m, _ in parts for k, v in m.items()}
+        optim_sd = {k: v for _, o in parts for k, v in o.items()}
+        faults.at_save("during_data", step, rank)
+        with _quiet():
+            # sync_files (the default): each shard is fsynced before DCP writes .metadata.
+            dcp.save({"model": model_sd, "optim": optim_sd},
+                     storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+        faults.at_save("after_data", step, rank)
+        rng = _rng_state()
+        _write_synced(tmp / f"rng_rank{rank}.pt", lambda f: torch.save(rng, f))
+    except (Exception, CheckpointException) as e:  # DCP raises CheckpointException, a BaseException
+        error = e
+    if _any_rank(error is not None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_failed(root, tmp, final, error) from error
+    if rank == 0:
+        try:
+            _write_synced(tmp / "trainer_state.json", lambda f: f.write(json.dumps(trainer_state, indent=2).encode()))
+            _write_synced(tmp / "config.yaml", lambda f: f.write(config_yaml.encode()))
+            faults.at_save("before_marker", step, rank)
+            _write_synced(tmp / MARKER, lambda f: f.write(f"step {step}\n".encode()))
+            _fsync_dir(tmp)
+            faults.at_save("before_rename", step, rank)
+            if final.exists():  # the same step saved again (a run restarted with checkpoint.resume=false)
+                _discard(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+        except Exception as e:
+            error = e
+    if _any_rank(error is not None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_failed(root, tmp, final, error) from error
+    if rank == 0:
+        faults.at_save("after_rename", step, rank)
         for old in list_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:
+                _discard(old)
     _barrier()
     return final
 
@@ -149,7 +258,29 @@ def read_trainer_state(path: str | Path) -> dict:
     f = path / "trainer_state.json"
     if not f.is_file():
         raise LlamatronError(f"{path}: not a llamatron checkpoint (no trainer_state.json)")
-    return json.loads(f.read_text())
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise LlamatronError(f"{f}: unreadable ({e}); move {path.name} aside to resume from the checkpoint before") from e
+
+
+def check_writable(out_dir: str | Path, checkpoint_bytes: int) -> str | None:
+    """Fail now, not at the first save hours later, if checkpoints cannot be written; a warning if
+    the filesystem has less free space than one more checkpoint needs."""
+    root = checkpoints_root(out_dir)
+    probe = root / f".step_probe.tmp{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _write_synced(probe, lambda f: f.write(b"ok"))
+        probe.unlink()
+        free = shutil.disk_usage(root).free
+    except OSError as e:
+        raise LlamatronError(f"{root}: checkpoints cannot be written there ({e.strerror or e}); "
+                             "set train.out_dir to a writable directory or checkpoint.enabled=false") from e
+    if free < checkpoint_bytes:
+        return (f"{root}: {free / 1e9:.1f} GB free, less than the ~{checkpoint_bytes / 1e9:.1f} GB a checkpoint "
+                "takes; saves will fail (the previous checkpoint stays usable)")
+    return None
 
 
 def read_checkpoint_config(path: str | Path) -> str:
@@ -167,16 +298,22 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict:
     parts = _state_dicts(model, optimizer)
     sd = {"model": {k: v for m, _ in parts for k, v in m.items()},
           "optim": {k: v for _, o in parts for k, v in o.items()}}
-    with _quiet():
-        dcp.load(sd, checkpoint_id=str(path))
-    # dcp.load filled the tensors in place; non-tensor entries (step counts, hyperparameters) it
-    # replaced in the merged dicts, so each part takes its keys back from there.
-    for (m, o), mod, opt in zip(parts, _as_list(model), _as_list(optimizer)):
-        set_state_dict(mod, opt, model_state_dict={k: sd["model"][k] for k in m},
-                       optim_state_dict={k: sd["optim"][k] for k in o}, options=_OPTIONS)
-    rng_file = path / f"rng_rank{_rank()}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)
+    try:
+        with _quiet():
+            dcp.load(sd, checkpoint_id=str(path))
+        # dcp.load filled the tensors in place; non-tensor entries (step counts, hyperparameters) it
+        # replaced in the merged dicts, so each part takes its keys back from there.
+        for (m, o), mod, opt in zip(parts, _as_list(model), _as_list(optimizer)):
+            set_state_dict(mod, opt, model_state_dict={k: sd["model"][k] for k in m},
+                           optim_state_dict={k: sd["optim"][k] for k in o}, options=_OPTIONS)
+        rng_file = path / f"rng_rank{_rank()}.pt"
+        rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+    except (Exception, CheckpointException) as e:
+        raise LlamatronError(
+            f"{path}: cannot load this checkpoint ({_describe_error(e)}); its files were damaged after the save, "
+            "or the model differs from the one that saved it. Move it aside to resume from the one before"
+        ) from e
+    if rng is not None:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

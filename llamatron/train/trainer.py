@@ -40,6 +40,7 @@ from llamatron.parallel.reduce import (
     sum_over,
 )
 from llamatron.train import checkpoint as ckpt
+from llamatron.train import faults, reliability
 from llamatron.train.metrics import MetricsWriter
 from llamatron.train.optim import build_optimizer, lr_at
 
@@ -181,21 +182,69 @@ def build_datasets(cfg: Config, vocab_size: int, num_train_samples: int):
     return train, valid
 
 
-def check_vocab(dataset_prefixes: list[str], vocab_size: int) -> None:
-    """Token ids must index the embedding: catch a wrong tokenizer/model pairing before training."""
+def check_data(prefixes: list[str], vocab_size: int, tokenizer_vocab: int, log=print) -> None:
+    """Start-up checks of the data files, before any memory is spent on the model: every `.bin/.idx`
+    pair opens and is consistent (`IndexedDataset` checks magic, version, dtype, sizes and that every
+    sequence lies inside the `.bin`), its dtype can hold the tokenizer's ids, and its token ids index
+    the embedding (a wrong tokenizer/model pairing). Each failure is a LlamatronError naming the file."""
     from llamatron.data.indexed import IndexedDataset
 
-    for prefix in dataset_prefixes:
-        top = IndexedDataset(prefix).max_token_id()
-        if top >= vocab_size:
+    for prefix in prefixes:
+        ds = IndexedDataset(prefix)
+        if ds.dtype.kind not in "iu":
+            raise LlamatronError(f"{ds.idx_path}: tokens stored as {ds.dtype.name}; token ids must be integers")
+        if np.iinfo(ds.dtype).max < tokenizer_vocab - 1:
             raise LlamatronError(
-                f"{prefix}.bin: token id {top} is outside the model vocabulary of {vocab_size} "
+                f"{ds.idx_path}: tokens stored as {ds.dtype.name} (at most {np.iinfo(ds.dtype).max}) cannot hold the "
+                f"{tokenizer_vocab:,} ids of the tokenizer; the data was tokenized with another tokenizer "
+                "(check data.tokenizer)"
+            )
+        lo, hi, complete = ds.token_range(max_bytes=TOKEN_SCAN_BYTES)
+        if lo < 0 or hi >= vocab_size:
+            raise LlamatronError(
+                f"{ds.bin_path}: token id {lo if lo < 0 else hi} is outside the model vocabulary [0, {vocab_size}) "
                 "(data tokenized for a different model? check model.vocab_size / data.tokenizer)"
             )
+        if not complete:
+            log(f"{ds.bin_path}: token ids checked in {TOKEN_SCAN_BYTES >> 20} MiB spread over the file "
+                "(every batch is checked again as it is read)")
 
 
-def load_batch(dataset, indices, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    window = torch.from_numpy(np.stack([np.asarray(dataset[i], dtype=np.int64) for i in indices]))
+# Token files up to this size are scanned whole at start-up (~0.1 s per GiB from the page cache);
+# larger ones are sampled, and `load_batch` checks every window it reads anyway.
+TOKEN_SCAN_BYTES = 1 << 30
+
+
+def check_inputs(cfg: Config, log=print) -> None:
+    """Everything about the input files that can fail, checked before a GPU is touched."""
+    args = model_args(cfg.model)
+    ck = cfg.checkpoint
+    if ck.init_from and not (Path(ck.init_from) / ".metadata").is_file():
+        raise LlamatronError(f"config key 'checkpoint.init_from': {ck.init_from} is not a checkpoint directory "
+                             "(no DCP .metadata file)")
+    if cfg.data.mock:
+        return
+    from llamatron.tokenizer import load_tokenizer
+
+    tok_vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+    if tok_vocab > args.vocab_size:
+        raise LlamatronError(
+            f"config key 'model.vocab_size': {args.vocab_size} is smaller than the tokenizer's "
+            f"{tok_vocab} ({cfg.data.tokenizer})"
+        )
+    check_data(cfg.data.train + ([cfg.data.valid] if cfg.data.valid else []), args.vocab_size, tok_vocab, log)
+
+
+def load_batch(dataset, indices, device: torch.device, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, labels) of the windows `indices`; with `vocab_size`, every token id is checked to index
+    the embedding (a bad id would fail inside the embedding kernel, on CUDA as a device-side assert)."""
+    array = np.stack([np.asarray(dataset[i], dtype=np.int64) for i in indices])
+    if vocab_size is not None and array.size and (array.min() < 0 or array.max() >= vocab_size):
+        bad = [i for i, w in zip(indices, array) if w.min() < 0 or w.max() >= vocab_size]
+        raise LlamatronError(f"training sample {bad[0]} (dataset index in Megatron sample order) holds token id "
+                             f"{int(array.min()) if array.min() < 0 else int(array.max())}, outside the model vocabulary "
+                             f"[0, {vocab_size}): the token file is damaged there")
+    window = torch.from_numpy(array)
     if device.type == "cuda":
         window = window.pin_memory().to(device, non_blocking=True)
     # Two tensors of their own, not views of one window: context parallelism resizes them in place.
@@ -280,9 +329,12 @@ def _autocast(device, amp_dtype):
 
 
 def train_step(model, optimizer, micro_batches, accum: int, *, lr: float, device, amp_dtype,
-               fused_cross_entropy: bool, grad_clip: float, attention: str = "auto"):
+               fused_cross_entropy: bool, grad_clip: float, attention: str = "auto", before_update=None):
     """One optimizer step over `accum` micro-batches. Returns (loss, grad norm) as device tensors,
     unread, so the step never waits for the GPU.
+
+    before_update(loss, grad_norm), if given, runs once the gradients are reduced and clipped; when
+    it returns False the optimizer step is not taken and the gradients are dropped.
 
     model: a module or a `Layout`; optimizer: one optimizer or a list, one per part. The loss is
     this rank's (None on a pipeline stage without the loss); `global_mean_loss` reduces it.
@@ -313,8 +365,10 @@ def train_step(model, optimizer, micro_batches, accum: int, *, lr: float, device
                     loss.backward()
                 loss_sum += _plain(loss.detach())
     grad_norm = clip_grad_norm_(layout.parameters(), grad_clip, layout.dims)
+    update = before_update is None or before_update(loss_sum, grad_norm)
     for opt in optimizers:
-        opt.step()
+        if update:
+            opt.step()
         opt.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
 
@@ -330,6 +384,8 @@ class TrainResult:
     checkpoint: Path | None
     wall_s: float
     rank: int = 0  # under torchrun every rank returns; only rank 0 reports
+    preempted: str | None = None  # the stop signal that ended the run early (checkpoint written)
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
 
 
 def _init_distributed(device: torch.device, world_size: int) -> bool:
@@ -345,15 +401,22 @@ def _init_distributed(device: torch.device, world_size: int) -> bool:
 
 def train(cfg: Config, *, progress: bool = True, log=print) -> TrainResult:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # Everything that can be wrong with the config and the input files fails here, before any GPU
+    # memory is touched (only the first process of a host scans the token files).
     validate_config(cfg, world_size)
+    faults.parse()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        check_inputs(cfg, log if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None))
     # Whole-segment growth instead of fixed blocks: far less fragmentation with large, varying
     # activations (must be set before the first CUDA allocation; a user's setting wins).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = select_device(cfg.train.device)
     created = _init_distributed(device, world_size)
+    restore_signals = reliability.install_stop_handlers()
     try:
         return _train(cfg, device, world_size, progress=progress, log=log)
     finally:
+        restore_signals()
         if created:
             dist.destroy_process_group()
 
@@ -390,17 +453,6 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
         (out_dir / "config.yaml").write_text(config_yaml)
     log(f"config (saved to {out_dir / 'config.yaml'}):\n{config_yaml}")
 
-    # Data first: bad data paths should fail before any memory is spent on the model.
-    if not cfg.data.mock:
-        from llamatron.tokenizer import load_tokenizer
-
-        tok_vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
-        if tok_vocab > args.vocab_size:
-            raise LlamatronError(
-                f"config key 'model.vocab_size': {args.vocab_size} is smaller than the tokenizer's "
-                f"{tok_vocab} ({cfg.data.tokenizer})"
-            )
-        check_vocab(cfg.data.train + ([cfg.data.valid] if cfg.data.valid else []), args.vocab_size)
     # One rank per host builds the sample-index caches; the others then read them.
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if first:
@@ -416,6 +468,13 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
     with torch.device("meta"):
         whole = Transformer(args)
     n_params = count_parameters(whole)
+    if main and cfg.checkpoint.enabled:
+        for p in ckpt.remove_incomplete(out_dir):
+            log(f"removed {p}: left behind by a checkpoint save that did not complete")
+        # fp32 weights and AdamW's two fp32 moments: 12 bytes per parameter.
+        warning = ckpt.check_writable(out_dir, 12 * n_params)
+        if warning:
+            log(f"warning: {warning}")
     accum = accumulation_steps(t.global_batch_size, t.micro_batch_size, dims.dp)
     parts, stage_ids = parallelize(whole, t, dims, param_dtype)
     for part in parts:
@@ -430,6 +489,7 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
     optimizers = [build_optimizer(part, cfg.optim, device.type) for part in parts]
 
     step, consumed = 0, 0
+    state: dict = {}
     resume_from = ckpt.latest_checkpoint(out_dir) if cfg.checkpoint.resume else None
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, parts, optimizers)
@@ -463,6 +523,9 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
     log(f"memory estimate per rank (eager count; llamatron/parallel/memory.py): {est.describe()}")
 
     metrics = MetricsWriter(out_dir) if main else None
+    if metrics is not None and resume_from is not None:
+        # Rows of the earlier job for later steps than this (work lost in a crash) are superseded.
+        metrics.write("resume", step, {"checkpoint": str(resume_from), "consumed_samples": consumed})
     eval_history: list[tuple[int, float]] = []
 
     def run_eval() -> None:
@@ -479,10 +542,53 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
     last_ckpt = resume_from
     def save() -> Path:
         state = {"step": step, "consumed_samples": consumed, "seed": t.seed, "data_seed": cfg.data.seed,
-                 "world_size": world_size, "layout": dims.describe()}
+                 "world_size": world_size, "layout": dims.describe(), "skipped_steps": skipped,
+                 "grad_norm_history": grad_history}
         path = ckpt.save_checkpoint(out_dir, step, parts, optimizers, state, config_yaml, cfg.checkpoint.keep)
         log(f"step {step:6d} | checkpoint saved to {path}")
         return path
+
+    # Non-finite steps, gradient-norm spikes and stop signals, decided after each backward pass by
+    # all ranks together (llamatron/train/reliability.py).
+    skipped, skips_in_a_row = state.get("skipped_steps", 0), 0
+    grad_history: list[float] = list(state.get("grad_norm_history", []))
+    stop_signal = halt = None
+
+    def before_update(loss, norm) -> bool:
+        nonlocal skipped, skips_in_a_row, stop_signal, halt
+        nonfinite, stop, norm_value = reliability.agree(loss, norm, reliability.stop_requested(), device)
+        stop_signal = stop_signal or stop
+        n = step + 1  # the step being taken, numbered as logs and metrics number it
+        if not nonfinite:
+            skips_in_a_row = 0
+            median = reliability.grad_spike(grad_history, norm_value, t.grad_spike_factor)
+            if median is not None:
+                log(f"step {n:6d} | gradient norm spike: {norm_value:.4g} is {norm_value / median:.1f} x the median "
+                    f"{median:.4g} of recent steps")
+                if metrics is not None:
+                    metrics.write("grad_spike", n, {"grad_norm": norm_value, "median": median})
+            return True
+        first = step * t.global_batch_size
+        mine = [i for m in range(accum) for i in micro_batch_indices(step, m, t.global_batch_size,
+                                                                     t.micro_batch_size, dims.dp_rank, dims.dp)]
+        local = "n/a on this pipeline stage" if loss is None else f"{float(loss):.4g}"
+        what = (f"step {n}: non-finite loss or gradient norm (gradient norm {norm_value:.4g}, this rank's loss {local}); "
+                f"its global batch is training samples {first}-{first + t.global_batch_size - 1} (dataset indices in "
+                f"Megatron sample order, data.seed {cfg.data.seed}), this rank read {reliability.describe_indices(mine)}")
+        if metrics is not None:
+            metrics.write("nonfinite", n, {"grad_norm": norm_value, "samples": [first, first + t.global_batch_size],
+                                           "policy": t.nonfinite})
+        # A halted step is not counted as skipped: resuming from the checkpoint written on halting redoes it.
+        if t.nonfinite == "stop":
+            halt = f"{what}; no update was applied (train.nonfinite=stop; set it to skip to drop such batches)"
+        elif skips_in_a_row + 1 >= t.nonfinite_max_skips:
+            halt = (f"{what}; {skips_in_a_row + 1} steps in a row were non-finite (train.nonfinite_max_skips): "
+                    "the run is diverging or the data is damaged here; no update was applied")
+        else:
+            skipped += 1
+            skips_in_a_row += 1
+            log(f"{what}; optimizer step skipped ({skipped} so far)")
+        return False
 
     if cfg.eval.at_start and step == 0:
         run_eval()
@@ -498,14 +604,22 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
         # data-parallel group (TP, CP, PP) read the same samples.
         micro_batches = (
             load_batch(train_ds, micro_batch_indices(step, m, t.global_batch_size, t.micro_batch_size,
-                                                     dims.dp_rank, dims.dp), device)
+                                                     dims.dp_rank, dims.dp), device, args.vocab_size)
             for m in range(accum)
         )
-        loss_sum, grad_norm = train_step(
-            layout, optimizers, micro_batches, accum, lr=lr, device=device, amp_dtype=amp_dtype,
-            fused_cross_entropy=t.fused_cross_entropy, grad_clip=cfg.optim.grad_clip,
-            attention=t.attention_backend,
-        )
+        with faults.at_step(step + 1, rank, layout.parts[-1]):  # test-only, LLAMATRON_FAULT
+            loss_sum, grad_norm = train_step(
+                layout, optimizers, micro_batches, accum, lr=lr, device=device, amp_dtype=amp_dtype,
+                fused_cross_entropy=t.fused_cross_entropy, grad_clip=cfg.optim.grad_clip,
+                attention=t.attention_backend, before_update=before_update,
+            )
+        if halt is not None:
+            # Keep the work since the last checkpoint: the weights are those before this step.
+            if cfg.checkpoint.enabled and step > 0 and (last_ckpt is None or last_ckpt.name != f"step_{step:08d}"):
+                last_ckpt = save()
+            if metrics is not None:
+                metrics.close()
+            raise LlamatronError(f"{halt}; newest checkpoint: {last_ckpt or 'none'}")
         if t.fp8_all_gather:
             for part in parts:
                 precompute_fp8_scales(part)
@@ -515,8 +629,8 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
         bar.update(1)
 
         if step % t.log_every == 0 or step == t.steps:
-            # Reading the loss is the only host-device synchronisation, once per log interval; the
-            # reductions over ranks happen here too, so every rank must reach this point.
+            # The loss is read once per log interval (the per-step read is of the reliability flags
+            # only); the reductions over ranks happen here too, so every rank must reach this point.
             loss_value = global_mean_loss(last_loss, dims, device)
             now = time.perf_counter()
             step_time = (now - last_log_time) / (step - last_log_step)
@@ -531,7 +645,7 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
                 "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / n_gpus,
                 "tflops_per_gpu": tflops, "mfu": mfu_value, "consumed_samples": consumed,
                 # CUDA: torch's peak allocated memory; CPU: the process's peak resident set.
-                "peak_mem_gib": max(mem), "peak_mem_gib_per_rank": mem,
+                "peak_mem_gib": max(mem), "peak_mem_gib_per_rank": mem, "skipped_steps": skipped,
             }
             if t.fp8 != "none":  # FP8 runs are also compared against the FP8 peak (PERFORMANCE.md)
                 record["mfu_fp8_peak"] = flops.mfu(args, cfg.data.seq_len, t.global_batch_size, step_time, n_gpus,
@@ -549,17 +663,25 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
             else:
                 log(line)
 
+        if stop_signal is not None and step < t.steps:
+            log(f"step {step:6d} | {stop_signal}: stopping after this step; checkpointing, then exiting for a requeue")
+            break
         if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
             run_eval()
         if cfg.checkpoint.enabled and cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
             last_ckpt = save()
     bar.close()
+    preempted = stop_signal if step < t.steps else None
+    if preempted and not cfg.checkpoint.enabled:
+        raise LlamatronError(f"stopped by {preempted} at step {step} with checkpoint.enabled=false: nothing to resume from")
 
-    if not eval_history or eval_history[-1][0] != step:
+    if not preempted and (not eval_history or eval_history[-1][0] != step):
         run_eval()
     if cfg.checkpoint.enabled and step > 0 and (last_ckpt is None or last_ckpt.name != f"step_{step:08d}"):
         last_ckpt = save()
     if metrics is not None:
         metrics.close()
+    if preempted:
+        log(f"step {step:6d} | stopped early by {preempted}; resume by running the same command again")
     return TrainResult(out_dir, step, final_loss, eval_history, tokens_per_s, mfu_value, last_ckpt,
-                       time.perf_counter() - t_start, rank)
+                       time.perf_counter() - t_start, rank, preempted, skipped)
