@@ -117,7 +117,8 @@ def cmd_train(args) -> int:
         return _train_torchrun(args, cfg)
     if args.nnodes != 1 or args.rdzv_endpoint or args.rdzv_id:
         raise LlamatronError("--nnodes, --rdzv-endpoint and --rdzv-id go with --nproc-per-node")
-    result = train(cfg)
+    # A progress bar only on a terminal: in a batch job's log it is a wall of carriage returns.
+    result = train(cfg, progress=sys.stderr.isatty())
     print_summary(result)
     return 0
 
@@ -142,6 +143,8 @@ def _train_torchrun(args, cfg) -> int:
 
 
 def cmd_launch(args) -> int:
+    import shlex
+
     from llamatron.config import load_config
     from llamatron.launch import LaunchPlan, render_sbatch, submit
 
@@ -149,8 +152,8 @@ def cmd_launch(args) -> int:
         raise LlamatronError("--config is required (a file with a [launch] section, or a preset name)")
     cfg = load_config(args.config, args.overrides)
     plan = LaunchPlan.for_config(cfg)
-    sets = "".join(f" --set {o}" for o in args.overrides)
-    script = render_sbatch(cfg, plan, source=f"{args.config}{sets}")
+    source = shlex.join([args.config] + [w for o in args.overrides for w in ("--set", o)])
+    script = render_sbatch(cfg, plan, source=source)
     if args.dry_run:
         print(script, end="")
         return 0

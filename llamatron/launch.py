@@ -114,10 +114,10 @@ def render_sbatch(cfg: Config, plan: LaunchPlan, source: str = "") -> str:
     gpus = f" x {lc.gpus_per_node} GPUs" if lc.gpus_per_node else ""
     lines = [
         "#!/bin/bash",
-        f"# llamatron launch: {lc.nodes} node(s){gpus}, {nproc} training process(es) per node "
-        f"(world size {world}); run directory {plan.out_dir}",
-        f"# Rendered from {source or 'the config'}; submitted {lc.jobs} time(s), each job after the last "
-        "(--dependency=afterany), each resuming from the newest complete checkpoint.",
+        _comment(f"llamatron launch: {lc.nodes} node(s){gpus}, {nproc} training process(es) per node "
+                 f"(world size {world}); run directory {plan.out_dir}"),
+        _comment(f"Rendered from {source or 'the config'}; submitted {lc.jobs} time(s), each job after the "
+                 "last (--dependency=afterany), each resuming from the newest complete checkpoint."),
         *sbatch_lines,
         "",
         *env_lines,
@@ -139,6 +139,11 @@ def render_sbatch(cfg: Config, plan: LaunchPlan, source: str = "") -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _comment(text: str) -> str:
+    """A one-line shell comment, whatever the text holds."""
+    return "# " + text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def submit(cfg: Config, script: str, plan: LaunchPlan, log=print) -> list[str]:
