@@ -237,6 +237,11 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
     setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
 
 
+def _field_type(section: str, key: str) -> Any:
+    cls = _section_types(Config).get(section)
+    return _section_types(cls).get(key) if cls is not None else None
+
+
 def resolve_config_path(name_or_path: str) -> Path:
     """A file path, or the name of a preset shipped with llamatron (llamatron/presets/NAME.toml)."""
     p = Path(name_or_path)
@@ -272,10 +277,13 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise LlamatronError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
         dotted, raw = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+        if _field_type(section, key) is str and not raw.strip()[:1] in ("'", '"'):
+            value = raw.strip()  # as typed: YAML would read launch.time=4:00:00 as the number 14400
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                value = raw
         _apply(cfg, section, key, value, "--set")
     validate_config(cfg)
     return cfg
@@ -422,7 +430,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
 
 # What sbatch reads from an `#SBATCH --key=value` line: a value with none of these can be written
 # there (double-quoted when it holds spaces); anything else would change the line's meaning.
-_SBATCH_UNSAFE = re.compile(r"[\n\r\"'\\`$]")
+SBATCH_UNSAFE = re.compile(r"[\n\r\"'\\`$]")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -435,11 +443,13 @@ def _validate_launch(lc: LaunchConfig, ck: CheckpointConfig, need) -> None:
     need(lc.jobs >= 1, "launch.jobs", f"must be >= 1, got {lc.jobs}")
     need(lc.jobs == 1 or ck.enabled, "launch.jobs",
          f"{lc.jobs} consecutive jobs continue from checkpoints, but checkpoint.enabled is false")
+    need(lc.jobs == 1 or ck.resume, "launch.jobs",
+         f"{lc.jobs} consecutive jobs continue from checkpoints, but checkpoint.resume is false")
     need(1 <= lc.rdzv_port <= 65535, "launch.rdzv_port", f"must be a TCP port (1-65535), got {lc.rdzv_port}")
     need(lc.signal_seconds >= 0, "launch.signal_seconds", f"must be >= 0, got {lc.signal_seconds}")
     for key in ("account", "partition", "time", "job_name"):
         value = getattr(lc, key)
-        need(not _SBATCH_UNSAFE.search(value), f"launch.{key}",
+        need(not SBATCH_UNSAFE.search(value), f"launch.{key}",
              f"{value!r}: quotes, backslashes, $, ` and line breaks cannot go into an #SBATCH line")
     need(bool(lc.job_name.strip()), "launch.job_name", "must not be empty")
     for arg in lc.sbatch_args:

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamatron.config import Config, LaunchConfig, dump_config, validate_config
+from llamatron.config import SBATCH_UNSAFE, Config, LaunchConfig, dump_config, validate_config
 from llamatron.errors import REQUEUE_EXIT_CODE, LlamatronError
 
 _PLAIN = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
@@ -61,7 +61,7 @@ def _sbatch_value(value: str | Path) -> str:
     value = str(value)
     if _PLAIN.fullmatch(value):
         return value
-    if re.search(r"[\n\r\"'\\`$]", value):
+    if SBATCH_UNSAFE.search(value):
         raise LlamatronError(f"{value!r}: cannot be written into an #SBATCH line")
     return f'"{value}"'
 

@@ -234,6 +234,14 @@ def test_launch_key_rules():
         load_config(None, ["data.mock=true", "launch.jobs=2", "checkpoint.enabled=false"])
     cfg = load_config(None, ["data.mock=true", "launch.env=[A=1,B=x=y]"])  # --set form of a table
     assert cfg.launch.env == {"A": "1", "B": "x=y"}
+    with pytest.raises(LlamatronError, match="checkpoint.resume"):
+        load_config(None, ["data.mock=true", "launch.jobs=2", "checkpoint.resume=false"])
+
+
+def test_set_takes_string_keys_as_typed():
+    # YAML alone would read 4:00:00 as the base-60 number 14400 (sbatch: 14400 minutes).
+    cfg = load_config(None, ["data.mock=true", "launch.time=4:00:00", "launch.account=", "launch.partition='a b'"])
+    assert (cfg.launch.time, cfg.launch.account, cfg.launch.partition) == ("4:00:00", "", "a b")
 
 
 # --------------------------------------------------------------------------------------------------
