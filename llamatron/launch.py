@@ -56,13 +56,13 @@ class LaunchPlan:
         return Path(str(self.log_pattern).replace("%j", job_id))
 
 
-def _sbatch_value(value: str | Path) -> str:
+def _sbatch_value(value: str | Path, what: str) -> str:
     """A value for an #SBATCH line (config validation has rejected quotes, $, ` and line breaks)."""
     value = str(value)
     if _PLAIN.fullmatch(value):
         return value
     if SBATCH_UNSAFE.search(value):
-        raise LlamatronError(f"{value!r}: cannot be written into an #SBATCH line")
+        raise LlamatronError(f"{what} {value!r}: quotes, backslashes, $, ` and line breaks cannot go into an #SBATCH line")
     return f'"{value}"'
 
 
@@ -84,7 +84,10 @@ def render_sbatch(cfg: Config, plan: LaunchPlan, source: str = "") -> str:
     if lc.gpus_per_node:
         opts.append(("gpus-per-node", str(lc.gpus_per_node)))
     opts += [("time", lc.time), ("chdir", plan.workdir), ("output", plan.log_pattern), ("open-mode", "append")]
-    sbatch_lines = [f"#SBATCH --{k}={_sbatch_value(v)}" for k, v in opts]
+    if "%" in str(plan.out_dir):
+        raise LlamatronError(f"config key 'train.out_dir': {plan.out_dir}: '%' starts a Slurm file name pattern")
+    sbatch_lines = [f"#SBATCH --{k}={_sbatch_value(v, 'the working directory' if k == 'chdir' else f'sbatch --{k}')}"
+                    for k, v in opts]
     sbatch_lines.append("#SBATCH --requeue")
     if lc.signal_seconds:
         # No "B:": the signal goes to the training step (every node's launcher), not the batch shell.
