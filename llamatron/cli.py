@@ -38,8 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", required=True, help="output directory")
     p.add_argument("--valid-documents", type=int, default=91205)
 
-    p = sub.add_parser("train", help="train from a config")
+    p = sub.add_parser("train", help="train from a config",
+                       description="Train in this process, or (--nproc-per-node) in N processes under torchrun.")
     _add_config_args(p, None)
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="start N training processes on this node under torchrun (e.g. one per GPU)")
+    p.add_argument("--nnodes", type=int, default=1, metavar="N",
+                   help="with --nproc-per-node: nodes taking part; each runs the same command")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="with --nnodes > 1: the first node's address and a free port (c10d rendezvous)")
+    p.add_argument("--rdzv-id", default=None, help="with --rdzv-endpoint: a run id shared by the nodes (e.g. the job id)")
+
+    p = sub.add_parser("launch", help="submit a training run to Slurm from the config's [launch] section",
+                       description="Render an sbatch script (one torchrun per node, c10d rendezvous on the first "
+                       "node) and submit it launch.jobs times as a chain of jobs that resume from checkpoints.")
+    _add_config_args(p, None)
+    p.add_argument("--dry-run", action="store_true", help="print the batch script; submit and write nothing")
 
     p = sub.add_parser("eval", help="validation log perplexity of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (newest checkpoint)")
@@ -102,9 +116,52 @@ def cmd_train(args) -> int:
     if args.config is None:
         raise LlamatronError("--config is required (a file, or a preset name such as demo)")
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
+    if args.nproc_per_node is not None:
+        return _train_torchrun(args, cfg)
+    if args.nnodes != 1 or args.rdzv_endpoint or args.rdzv_id:
+        raise LlamatronError("--nnodes, --rdzv-endpoint and --rdzv-id go with --nproc-per-node")
+    # A progress bar only on a terminal: in a batch job's log it is a wall of carriage returns.
+    result = train(cfg, progress=sys.stderr.isatty())
     print_summary(result)
     return REQUEUE_EXIT_CODE if result.preempted else 0
+
+
+def _train_torchrun(args, cfg) -> int:
+    """This node's share of a torchrun job: N processes running `llamatron train` without these flags."""
+    from llamatron.config import validate_config
+    from llamatron.launch import run_finished, torchrun
+
+    if args.nproc_per_node < 1 or args.nnodes < 1:
+        raise LlamatronError("--nproc-per-node and --nnodes must be >= 1")
+    validate_config(cfg, args.nproc_per_node * args.nnodes)  # the layout, before any process starts
+    done = run_finished(cfg)
+    if done is not None:  # a later job of a chain, after the run has finished
+        print(f"run {cfg.train.out_dir} already finished: checkpoint at step {done} (train.steps = "
+              f"{cfg.train.steps}); nothing to train")
+        return 0
+    command = ["-m", "llamatron", "train", "--config", args.config]
+    for item in args.overrides:
+        command += ["--set", item]
+    return torchrun(command, args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.rdzv_id)
+
+
+def cmd_launch(args) -> int:
+    import shlex
+
+    from llamatron.config import load_config
+    from llamatron.launch import LaunchPlan, render_sbatch, submit
+
+    if args.config is None:
+        raise LlamatronError("--config is required (a file with a [launch] section, or a preset name)")
+    cfg = load_config(args.config, args.overrides)
+    plan = LaunchPlan.for_config(cfg)
+    source = shlex.join([args.config] + [w for o in args.overrides for w in ("--set", o)])
+    script = render_sbatch(cfg, plan, source=source)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    submit(cfg, script, plan)
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -275,6 +332,7 @@ COMMANDS = {
     "preprocess": cmd_preprocess,
     "c4": cmd_c4,
     "train": cmd_train,
+    "launch": cmd_launch,
     "eval": cmd_eval,
     "flops": cmd_flops,
     "convert": cmd_convert,

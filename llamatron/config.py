@@ -7,6 +7,7 @@ and impossible combinations are rejected with a one-line error that names the ke
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -133,6 +134,30 @@ class ParallelConfig:
 
 
 @dataclass
+class LaunchConfig:
+    # `llamatron launch`: the Slurm job(s) that run this config. Each job starts one torchrun per node
+    # (srun --ntasks-per-node=1) with a c10d rendezvous on the job's first node; see llamatron/launch.py.
+    account: str = ""  # sbatch --account; "" = your default account
+    partition: str = ""  # sbatch --partition; "" = the cluster's default partition
+    nodes: int = 1  # nodes per job
+    gpus_per_node: int = 8  # sbatch --gpus-per-node; 0 = request no GPUs (CPU runs)
+    nproc_per_node: int = 0  # training processes per node; 0 = gpus_per_node
+    time: str = "04:00:00"  # wall-clock limit of each job (sbatch --time)
+    jobs: int = 1  # consecutive jobs (the reference's NPAR), chained with afterany; each resumes the run
+    job_name: str = "llamatron"
+    container_image: str = ""  # pyxis/enroot image (srun --container-image); "" = run on the host
+    container_mounts: list[str] = field(default_factory=list)  # "SRC:DST[:FLAGS]" (srun --container-mounts)
+    env: dict[str, str] = field(default_factory=dict)  # environment of the job; values are literal (no $ expansion)
+    sbatch_args: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. ["--exclusive", "--mem=0"]
+    srun_args: list[str] = field(default_factory=list)  # more srun options for the training step
+    rdzv_port: int = 29500  # c10d rendezvous port on the first node
+    # Slurm sends USR1 this many seconds before the time limit: training checkpoints, exits 75, and the
+    # job requeues itself; also how long torchrun lets workers finish after a stop signal. 0 = off.
+    signal_seconds: int = 120
+    python: str = ""  # the Python that runs llamatron on the nodes; "" = this one, or `python` in a container
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -141,6 +166,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,6 +195,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise LlamatronError(f"config key '{key}': {value!r} is not a list")
         return [_coerce(v, item, key) for v in value]
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):  # `--set launch.env=[A=1,B=2]`
+            pairs = [str(v).split("=", 1) for v in value]
+            if any(len(kv) != 2 for kv in pairs):
+                raise LlamatronError(f"config key '{key}': {value!r} is not a table, or a list of KEY=VALUE")
+            value = dict(pairs)
+        if not isinstance(value, dict):
+            raise LlamatronError(f"config key '{key}': {value!r} is not a table of KEY = VALUE")
+        return {str(k): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -216,6 +252,11 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
     setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
 
 
+def _field_type(section: str, key: str) -> Any:
+    cls = _section_types(Config).get(section)
+    return _section_types(cls).get(key) if cls is not None else None
+
+
 def resolve_config_path(name_or_path: str) -> Path:
     """A file path, or the name of a preset shipped with llamatron (llamatron/presets/NAME.toml)."""
     p = Path(name_or_path)
@@ -251,10 +292,13 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise LlamatronError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
         dotted, raw = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+        if _field_type(section, key) is str and not raw.strip()[:1] in ("'", '"'):
+            value = raw.strip()  # as typed: YAML would read launch.time=4:00:00 as the number 14400
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                value = raw
         _apply(cfg, section, key, value, "--set")
     validate_config(cfg)
     return cfg
@@ -415,3 +459,38 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
          f"must be positive, got {e.micro_batch_size}")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+    _validate_launch(cfg.launch, cfg.checkpoint, need)
+
+
+# What sbatch reads from an `#SBATCH --key=value` line: a value with none of these can be written
+# there (double-quoted when it holds spaces); anything else would change the line's meaning.
+SBATCH_UNSAFE = re.compile(r"[\n\r\"'\\`$]")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _validate_launch(lc: LaunchConfig, ck: CheckpointConfig, need) -> None:
+    need(lc.nodes >= 1, "launch.nodes", f"must be >= 1, got {lc.nodes}")
+    need(lc.gpus_per_node >= 0, "launch.gpus_per_node", f"must be >= 0, got {lc.gpus_per_node}")
+    need(lc.nproc_per_node >= 0, "launch.nproc_per_node", f"must be >= 0 (0 = gpus_per_node), got {lc.nproc_per_node}")
+    need(lc.nproc_per_node > 0 or lc.gpus_per_node > 0, "launch.nproc_per_node",
+         "with gpus_per_node = 0 (a CPU job), give the number of training processes per node")
+    need(lc.jobs >= 1, "launch.jobs", f"must be >= 1, got {lc.jobs}")
+    need(lc.jobs == 1 or ck.enabled, "launch.jobs",
+         f"{lc.jobs} consecutive jobs continue from checkpoints, but checkpoint.enabled is false")
+    need(lc.jobs == 1 or ck.resume, "launch.jobs",
+         f"{lc.jobs} consecutive jobs continue from checkpoints, but checkpoint.resume is false")
+    need(1 <= lc.rdzv_port <= 65535, "launch.rdzv_port", f"must be a TCP port (1-65535), got {lc.rdzv_port}")
+    need(lc.signal_seconds >= 0, "launch.signal_seconds", f"must be >= 0, got {lc.signal_seconds}")
+    for key in ("account", "partition", "time", "job_name"):
+        value = getattr(lc, key)
+        need(not SBATCH_UNSAFE.search(value), f"launch.{key}",
+             f"{value!r}: quotes, backslashes, $, ` and line breaks cannot go into an #SBATCH line")
+    need(bool(lc.job_name.strip()), "launch.job_name", "must not be empty")
+    for arg in lc.sbatch_args:
+        need(arg.startswith("-") and "\n" not in arg and "\r" not in arg,
+             "launch.sbatch_args", f"{arg!r}: each entry is one sbatch option (starting with -) on one line")
+    for mount in lc.container_mounts:
+        need(bool(mount) and "," not in mount and ":" in mount, "launch.container_mounts",
+             f"{mount!r}: each entry is SRC:DST[:FLAGS], without commas")
+    for name in lc.env:
+        need(bool(_ENV_NAME.fullmatch(name)), "launch.env", f"{name!r} is not an environment variable name")
