@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from llamatron.cli import print_summary
 from llamatron.config import eval_due, load_config
 from llamatron.errors import LlamatronError
 from llamatron.train import trainer
+from llamatron.train.mlperf_log import MLPerfLog
 from llamatron.train.trainer import train
 
 # ------------------------------------------------------------------------------------------------
@@ -162,15 +164,15 @@ def _lines(path):
     return [json.loads(l.split(":::MLLOG ", 1)[1]) for l in path.read_text().splitlines()]
 
 
-def _check(log, tmp_path):
-    for ruleset in RULESETS:
+def _check(log, tmp_path, benchmark="llama31_8b", rulesets=RULESETS):
+    for ruleset in rulesets:
         r = subprocess.run(
             [sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "training", "--ruleset", ruleset,
              "--log_output", str(tmp_path / f"checker-{ruleset}.log"), str(log)],
             capture_output=True, text=True, cwd=tmp_path,
         )
         out = r.stdout + r.stderr
-        assert r.returncode == 0 and "SUCCESS" in out and f"training_{ruleset}/closed_llama31_8b.yaml" in out, out
+        assert r.returncode == 0 and "SUCCESS" in out and f"training_{ruleset}/closed_{benchmark}.yaml" in out, out
 
 
 def _quiet(*_):
@@ -242,3 +244,20 @@ def test_resuming_a_run_that_was_not_in_mlperf_mode_is_refused(tmp_path):
                              "optim.lr=1e-3", "optim.warmup_steps=0", "mlperf.clear_caches=false"])
     with pytest.raises(LlamatronError, match="'mlperf.benchmark'.*without MLPerf mode"):
         train(cfg, progress=False, log=_quiet)
+
+
+@pytest.mark.parametrize("gbs", [1152, 2304, 4608])
+def test_405b_log_passes_the_405b_checker(tmp_path, gbs):
+    """The logger driven by hand with the 405B preset's values (no 405B to train here): its header and
+    a run that reaches 5.6 at the third validation pass the llama31_405b rule sets."""
+    cfg = _405b(gbs, "mlperf.clear_caches=false", f"train.out_dir={tmp_path}")
+    run = MLPerfLog(cfg, tmp_path, write=True, log=_quiet)
+    run.begin(0, None, accum=gbs // 8, dims=types.SimpleNamespace(tp=8, pp=9, cp=4), device_name="NVIDIA H100",
+              bf16=True)
+    first = cfg.eval.first_interval * math.ceil(18432 / gbs) * gbs
+    for k, loss in enumerate([5.9, 5.7, 5.59]):
+        samples = first + k * math.ceil(18432 / gbs) * gbs
+        run.eval_start(samples)
+        run.eval_stop(samples, loss)
+    assert run.done and run.status == "success"
+    _check(tmp_path / "mlperf.log", tmp_path, "llama31_405b", ("5.0.0", "5.1.0", "6.0.0"))
