@@ -322,6 +322,13 @@ def print_summary(result) -> None:
           if result.preempted else []),
         ("wall time", f"{result.wall_s:.1f} s"),
     ]
+    if result.mlperf_status is not None:  # an MLPerf run that ended (in this job or an earlier one)
+        rows += [
+            ("MLPerf status", result.mlperf_status),
+            ("time to train (run_start to run_stop)",
+             f"{result.time_to_train_s:.1f} s" if result.time_to_train_s is not None else "n/a"),
+            ("MLPerf log", str(result.out_dir / "mlperf.log")),
+        ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

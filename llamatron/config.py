@@ -7,6 +7,7 @@ and impossible combinations are rejected with a one-line error that names the ke
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 import types
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from llamatron.errors import LlamatronError
+from llamatron.mlperf import apply_rules, check_rules
 from llamatron.model import MODEL_SIZES, ModelArgs
 
 if sys.version_info >= (3, 11):
@@ -107,6 +109,12 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # validate every N steps; 0 = only at the end
+    # Validate every N training sequences instead, i.e. every ceil(N / global_batch_size) steps: MLPerf
+    # states its cadences in sequences, so they follow a change of batch size. 0 = use `every`.
+    every_samples: int = 0
+    # The first in-training validation is at the end of this interval (MLPerf 405B skips the early
+    # ones: floor(0.0026 x GBS + 12)); later ones at every interval.
+    first_interval: int = 1
     samples: int = 64  # validation windows, the first N unshuffled ones
     micro_batch_size: int | None = None  # None = train.micro_batch_size
     at_start: bool = True  # also validate before the first step
@@ -158,6 +166,28 @@ class LaunchConfig:
 
 
 @dataclass
+class MLPerfConfig:
+    # MLPerf Training benchmark mode (llamatron/mlperf.py): "" = off, llama31_8b or llama31_405b. On, the
+    # [optim], [train] and [eval] values the rules derive from train.global_batch_size are filled in
+    # unless set explicitly, the run stops with status success at the first validation that reaches
+    # `target`, and rank 0 writes the MLPerf log to OUT/mlperf.log (continued by resumed jobs).
+    benchmark: str = ""
+    target: float | None = None  # validation log perplexity to stop at; None = the rules' (8B 3.3, 405B 5.6)
+    # rules: the current rules' evaluation cadence (8B every 12,288 sequences over 1,024; 405B every
+    # 18,432, the first after floor(0.0026 x GBS + 12) intervals, over 5,760); readme: the seed
+    # README's (every 46,080 over 5,760). Explicit eval.* keys win over either.
+    eval_cadence: str = "rules"
+    # closed: values the compliance checker tests are enforced at config time; open: anything goes.
+    division: str = "closed"
+    clear_caches: bool = True  # drop the OS page cache at start (Linux, as root); logged as cache_clear
+    org: str = "unknown"  # submission_org: your organisation, for a submission
+    platform: str | None = None  # submission_platform; None = "<world size>x<device name>"
+    status: str = "onprem"  # submission_status: onprem, cloud or research
+    poc_name: str = ""  # submission_poc_name
+    poc_email: str = ""  # submission_poc_email
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -167,6 +197,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    mlperf: MLPerfConfig = field(default_factory=MLPerfConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,8 +301,10 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the file (TOML or YAML), then `section.key=value` overrides; then validated."""
+    """Defaults, then the file (TOML or YAML), then `section.key=value` overrides, then (MLPerf mode)
+    the values the rules derive for the keys neither of them set; then validated."""
     cfg = Config()
+    explicit: set[str] = set()
     if path is not None:
         p = resolve_config_path(path)
         text = p.read_text()
@@ -287,6 +320,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
                 raise LlamatronError(f"{p}: config section '{section}' must be a table of keys")
             for key, value in values.items():
                 _apply(cfg, section, key, value, str(p))
+                explicit.add(f"{section}.{key}")
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise LlamatronError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
@@ -300,6 +334,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             except yaml.YAMLError:
                 value = raw
         _apply(cfg, section, key, value, "--set")
+        explicit.add(f"{section.strip()}.{key.strip()}")
+    apply_rules(cfg, explicit)
     validate_config(cfg)
     return cfg
 
@@ -346,6 +382,20 @@ def pp_schedule_name(p: ParallelConfig) -> str:
     if p.pp_schedule != "auto":
         return p.pp_schedule
     return "interleaved1f1b" if p.pp_virtual_stages > 1 else "1f1b"
+
+
+def eval_interval_steps(cfg: Config) -> int:
+    """Steps between in-training validations (0: none): eval.every_samples rounded up to whole steps,
+    as the MLPerf reference does, else eval.every."""
+    if cfg.eval.every_samples:
+        return math.ceil(cfg.eval.every_samples / cfg.train.global_batch_size)
+    return cfg.eval.every
+
+
+def eval_due(cfg: Config, step: int) -> bool:
+    """Whether a validation follows optimizer step `step` (counted from 1)."""
+    n = eval_interval_steps(cfg)
+    return n > 0 and step % n == 0 and step // n >= cfg.eval.first_interval
 
 
 def validate_config(cfg: Config, world_size: int | None = None) -> None:
@@ -459,7 +509,10 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
          f"must be positive, got {e.micro_batch_size}")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+    need(e.every_samples >= 0, "eval.every_samples", f"must be >= 0, got {e.every_samples}")
+    need(e.first_interval >= 1, "eval.first_interval", f"must be >= 1, got {e.first_interval}")
     _validate_launch(cfg.launch, cfg.checkpoint, need)
+    check_rules(cfg)
 
 
 # What sbatch reads from an `#SBATCH --key=value` line: a value with none of these can be written

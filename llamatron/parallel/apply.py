@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from llamatron.model import Transformer

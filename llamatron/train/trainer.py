@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from llamatron import flops
-from llamatron.config import Config, dump_config, model_args, validate_config
+from llamatron.config import Config, dump_config, eval_due, model_args, validate_config
 from llamatron.data.sampler import accumulation_steps, micro_batch_indices
 from llamatron.errors import LlamatronError
 from llamatron.model import ModelArgs, Transformer, count_parameters
@@ -42,6 +42,7 @@ from llamatron.parallel.reduce import (
 from llamatron.train import checkpoint as ckpt
 from llamatron.train import faults, reliability
 from llamatron.train.metrics import MetricsWriter
+from llamatron.train.mlperf_log import MLPerfLog
 from llamatron.train.optim import build_optimizer, lr_at
 
 
@@ -386,6 +387,8 @@ class TrainResult:
     rank: int = 0  # under torchrun every rank returns; only rank 0 reports
     preempted: str | None = None  # the stop signal that ended the run early (checkpoint written)
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+    mlperf_status: str | None = None  # MLPerf mode: success / aborted once the run ended, else None
+    time_to_train_s: float | None = None  # MLPerf mode: run_start to run_stop (across jobs)
 
 
 def _init_distributed(device: torch.device, world_size: int) -> bool:
@@ -431,6 +434,8 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
     out_dir = Path(t.out_dir)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    # MLPerf mode: init_start is now (before data and model); a no-op object otherwise.
+    mlp = MLPerfLog(cfg, out_dir, write=main, log=log)
     if t.threads:
         torch.set_num_threads(t.threads)
     if t.deterministic:
@@ -531,8 +536,10 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
     def run_eval() -> None:
         if valid_ds is None or cfg.eval.samples == 0:
             return
+        mlp.eval_start(consumed)
         t0 = time.perf_counter()
         val = evaluate(layout, valid_ds, cfg.eval.samples, eval_mbs, device, amp_dtype, t.fused_cross_entropy)
+        mlp.eval_stop(consumed, val)
         eval_history.append((step, val))
         if metrics is not None:
             metrics.write("eval", step, {"val_loss": val, "val_ppl": math.exp(min(val, 50)),
@@ -543,7 +550,7 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
     def save() -> Path:
         state = {"step": step, "consumed_samples": consumed, "seed": t.seed, "data_seed": cfg.data.seed,
                  "world_size": world_size, "layout": dims.describe(), "skipped_steps": skipped,
-                 "grad_norm_history": grad_history}
+                 "grad_norm_history": grad_history, **mlp.state()}
         path = ckpt.save_checkpoint(out_dir, step, parts, optimizers, state, config_yaml, cfg.checkpoint.keep)
         log(f"step {step:6d} | checkpoint saved to {path}")
         return path
@@ -590,6 +597,7 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
             log(f"{what}; optimizer step skipped ({skipped} so far)")
         return False
 
+    mlp.begin(step, state if resume_from is not None else None, accum=accum, dims=dims, device_name=device_name, bf16=precision == torch.bfloat16)
     if cfg.eval.at_start and step == 0:
         run_eval()
 
@@ -598,7 +606,7 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
     last_loss: torch.Tensor | None = None
     last_log_time, last_log_step = time.perf_counter(), step
     final_loss = tokens_per_s = mfu_value = None
-    while step < t.steps:
+    while step < t.steps and not mlp.done:
         lr = lr_at(step, cfg.optim, t.steps)
         # Megatron's sampler: this data-parallel rank's micro-batches of the step; ranks of the same
         # data-parallel group (TP, CP, PP) read the same samples.
@@ -666,7 +674,8 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
         if stop_signal is not None and step < t.steps:
             log(f"step {step:6d} | {stop_signal}: stopping after this step; checkpointing, then exiting for a requeue")
             break
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
+        # The last step's validation comes after the loop, except in MLPerf mode (on its cadence only).
+        if eval_due(cfg, step) and (step < t.steps or mlp.enabled):
             run_eval()
         if cfg.checkpoint.enabled and cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
             last_ckpt = save()
@@ -675,7 +684,9 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
     if preempted and not cfg.checkpoint.enabled:
         raise LlamatronError(f"stopped by {preempted} at step {step} with checkpoint.enabled=false: nothing to resume from")
 
-    if not preempted and (not eval_history or eval_history[-1][0] != step):
+    mlp.end(step)
+
+    if not preempted and not mlp.enabled and (not eval_history or eval_history[-1][0] != step):
         run_eval()
     if cfg.checkpoint.enabled and step > 0 and (last_ckpt is None or last_ckpt.name != f"step_{step:08d}"):
         last_ckpt = save()
@@ -684,4 +695,5 @@ def _train(cfg: Config, device: torch.device, world_size: int, *, progress: bool
     if preempted:
         log(f"step {step:6d} | stopped early by {preempted}; resume by running the same command again")
     return TrainResult(out_dir, step, final_loss, eval_history, tokens_per_s, mfu_value, last_ckpt,
-                       time.perf_counter() - t_start, rank, preempted, skipped)
+                       time.perf_counter() - t_start, rank, preempted=preempted, skipped_steps=skipped,
+                       mlperf_status=mlp.status, time_to_train_s=mlp.time_to_train_s)
