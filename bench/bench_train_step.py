@@ -47,6 +47,9 @@ VARIANTS = {
     # FP8 linear layers (torchao Float8Linear, llamatron/parallel/fp8.py) on top of the best BF16 variant.
     "compile+fp8-tensorwise": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
                                    fp8="tensorwise"),
+    # The output layer in FP8 too: needs the plain (unfused) loss, whose full logits cost memory and time.
+    "compile+fp8-tensorwise+output": dict(compile=True, fused_ce=False, fused_adam=True, attention="cudnn", ac=False,
+                                          fp8="tensorwise", fp8_output=True),
     "compile+fp8-rowwise": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
                                 fp8="rowwise"),
 }
@@ -67,7 +70,7 @@ def run_variant(name, opts, margs, args, device, dataset):
     torch.manual_seed(0)
     model = build_model(margs, device, seed=0)
     if opts.get("fp8"):
-        apply_fp8(model, opts["fp8"])
+        apply_fp8(model, opts["fp8"], include_output=opts.get("fp8_output", False))
     if opts["ac"]:
         apply_activation_checkpointing(model)
     if opts["compile"]:
