@@ -40,7 +40,6 @@ import math
 import os
 import re
 import shutil
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from pathlib import Path
 import torch
 
 from llamatron.errors import LlamatronError
+from llamatron.train.checkpoint import quiet_dcp
 from llamatron.model import MODEL_SIZES, ModelArgs
 
 # --------------------------------------------------------------------------------------------------
@@ -438,15 +438,6 @@ def _bar(total: int, desc: str, enabled: bool):
                 dynamic_ncols=True)
 
 
-@contextlib.contextmanager
-def _quiet_dcp():
-    # DCP warns when used without a process group; a converter is single-process by design.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*process group.*")
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
 # --------------------------------------------------------------------------------------------------
 # Writing a llamatron checkpoint, one tensor in memory at a time
 
@@ -489,7 +480,7 @@ def write_llamatron_checkpoint(dst: str | Path, tensors: list[TensorSpec], args:
 
     placeholders = {t.name: torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors}
     sources = {f"model.{t.name}": t for t in tensors}
-    with _staging(Path(dst)) as tmp, _bar(sum(t.nbytes for t in tensors), "convert", progress) as bar, _quiet_dcp():
+    with _staging(Path(dst)) as tmp, _bar(sum(t.nbytes for t in tensors), "convert", progress) as bar, quiet_dcp():
         writer = FileSystemWriter(str(tmp), single_file_per_rank=False)
         planner = StreamingPlanner(sources, bar)
         try:
@@ -775,7 +766,7 @@ def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_sh
     total = sum(math.prod(s[1]) * s[3].itemsize for s in specs)
     out_dtype = specs[0][3]
 
-    with _staging(Path(dst)) as tmp, _bar(total, "export", progress) as bar, _quiet_dcp():
+    with _staging(Path(dst)) as tmp, _bar(total, "export", progress) as bar, quiet_dcp():
         for i, group in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{n:05d}.safetensors"
             out = {}

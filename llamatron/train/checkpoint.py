@@ -90,7 +90,7 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_dcp():
     # DCP warns that it runs without a process group in single-process use; that is intended here.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*process group.*")
@@ -213,7 +213,7 @@ def save_checkpoint(
         model_sd = {k: v for m, _ in parts for k, v in m.items()}
         optim_sd = {k: v for _, o in parts for k, v in o.items()}
         faults.at_save("during_data", step, rank)
-        with _quiet():
+        with quiet_dcp():
             # sync_files (the default): each shard is fsynced before DCP writes .metadata.
             dcp.save({"model": model_sd, "optim": optim_sd},
                      storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
@@ -299,7 +299,7 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict:
     sd = {"model": {k: v for m, _ in parts for k, v in m.items()},
           "optim": {k: v for _, o in parts for k, v in o.items()}}
     try:
-        with _quiet():
+        with quiet_dcp():
             dcp.load(sd, checkpoint_id=str(path))
         # dcp.load filled the tensors in place; non-tensor entries (step counts, hyperparameters) it
         # replaced in the merged dicts, so each part takes its keys back from there.
@@ -328,7 +328,7 @@ def load_model_weights(path: str | Path, model) -> None:
         raise LlamatronError(f"{path}: not a checkpoint directory (no DCP .metadata file)")
     parts = [get_model_state_dict(m) for m in _as_list(model)]
     sd = {"model": {k: v for p in parts for k, v in p.items()}}
-    with _quiet():
+    with quiet_dcp():
         dcp.load(sd, checkpoint_id=str(path))
     for p, mod in zip(parts, _as_list(model)):
         set_model_state_dict(mod, {k: sd["model"][k] for k in p}, options=StateDictOptions(strict=True))
@@ -344,7 +344,7 @@ def consolidated_state_dict(path: str | Path, dtype: torch.dtype | None = None) 
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
     flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-    with _quiet():
+    with quiet_dcp():
         dcp.load(flat, checkpoint_id=str(path))
     return {k[len("model."):]: (v.to(dtype) if dtype is not None else v) for k, v in flat.items()}
 
