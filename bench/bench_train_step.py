@@ -50,6 +50,9 @@ VARIANTS = {
     # The output layer in FP8 too: needs the plain (unfused) loss, whose full logits cost memory and time.
     "compile+fp8-tensorwise+output": dict(compile=True, fused_ce=False, fused_adam=True, attention="cudnn", ac=False,
                                           fp8="tensorwise", fp8_output=True),
+    # Everything in FP8: the output layer's GEMMs too, inside the fused cross-entropy (llamatron/loss.py).
+    "compile+fp8-all": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
+                            fp8="tensorwise", fp8_output=True),
     "compile+fp8-rowwise": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
                                 fp8="rowwise"),
 }

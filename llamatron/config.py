@@ -91,7 +91,7 @@ class TrainConfig:
     # dynamic scaling. Needs an FP8 GPU (H100 and newer) and torchao; the rest of the model stays bf16.
     fp8: str = "none"
     fp8_min_features: int = 1024  # linears with a dimension below this stay bf16 (too small to gain)
-    fp8_include_output: bool = False  # also the output layer (off: the 128K-way softmax is sensitive)
+    fp8_include_output: bool = False  # also the output layer's GEMMs (off: the 128K-way softmax is sensitive)
     fp8_all_gather: bool = False  # FSDP gathers weights in FP8 (tensorwise only): half the traffic
     attention_backend: str = "auto"  # SDPA kernel: auto (torch's choice), cudnn, flash, efficient, math
     deterministic: bool = False  # torch deterministic algorithms (slower)
@@ -423,8 +423,6 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     need(not t.fp8_all_gather or t.fp8 == "tensorwise", "train.fp8_all_gather",
          f"FP8 all-gather needs train.fp8 = tensorwise, got {t.fp8!r}")
     need(t.fp8 == "none" or p.tp == 1, "train.fp8", "FP8 with tensor parallelism (parallel.tp > 1) is not supported yet")
-    need(not (t.fp8_include_output and t.fused_cross_entropy), "train.fp8_include_output",
-         "the fused cross-entropy computes the output layer inside the loss in bf16; set train.fused_cross_entropy = false")
 
     # Parallel layout: each degree alone, then against the model shape, then against the world size.
     for key in ("dp_replicate", "tp", "pp", "pp_virtual_stages", "cp"):

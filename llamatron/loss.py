@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import torch
 
+# FP8 output GEMMs (opt-in, train.fp8_include_output): E4M3 hidden states and weight, E5M2 logit
+# gradients, one scale per tensor. The gradient softmax - one_hot lies in [-1, 1], so it needs no amax:
+# a fixed power-of-two scale puts 1 at 2^15 (E5M2 holds up to 57344) and keeps values down to ~1e-9.
+_E4M3_MAX = 448.0
+_DLOGITS_SCALE = 2.0**15
+
 
 def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of a chunk and d(sum)/d(logits) = softmax - one_hot, in logits' dtype.
@@ -38,30 +44,79 @@ def _loss_and_grad_inplace(logits: torch.Tensor, labels: torch.Tensor) -> tuple[
     return loss, x.to(logits.dtype)
 
 
-_compiled_loss_and_grad = None
+def _loss_and_grad_e5m2(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same, the gradient scaled by _DLOGITS_SCALE and cast to E5M2 in the same kernel."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = (lse - x.gather(1, labels[:, None]).squeeze(1)).sum()
+    one_hot = torch.arange(x.shape[1], device=x.device)[None, :] == labels[:, None]
+    grad = (torch.exp(x - lse[:, None]) - one_hot.to(x.dtype)) * _DLOGITS_SCALE
+    return loss, grad.to(torch.float8_e5m2)
 
 
-def _loss_and_grad_fn(device: torch.device):
-    global _compiled_loss_and_grad
+def _loss_and_grad_e5m2_eager(logits, labels):
+    loss, grad = _loss_and_grad_inplace(logits.float(), labels)
+    return loss, grad.mul_(_DLOGITS_SCALE).to(torch.float8_e5m2)
+
+
+_compiled: dict = {}
+
+
+def _compiled_on_cuda(fn, eager, device: torch.device):
+    """fn compiled once (one fused kernel or two over the chunk) on CUDA; `eager` elsewhere."""
     if device.type != "cuda":
-        return _loss_and_grad_inplace
-    if _compiled_loss_and_grad is None:
-        _compiled_loss_and_grad = torch.compile(_loss_and_grad, dynamic=False)
-    return _compiled_loss_and_grad
+        return eager
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
+
+
+def _loss_and_grad_fn(device: torch.device, fp8: bool = False):
+    if fp8:
+        return _compiled_on_cuda(_loss_and_grad_e5m2, _loss_and_grad_e5m2_eager, device)
+    return _compiled_on_cuda(_loss_and_grad, _loss_and_grad_inplace, device)
+
+
+def _to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x scaled so its largest magnitude is E4M3's largest, cast; and the inverse scale."""
+    amax = x.abs().amax().float().clamp(min=1e-12)
+    scale = _E4M3_MAX / amax
+    return (x.float() * scale).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn), scale.reciprocal()
+
+
+def _fp8_mm(a, a_inv, b, b_inv, out_dtype):
+    """a @ b for FP8 a (row-major) and b (column-major), as torch._scaled_mm takes them."""
+    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, chunk_size):
+    def forward(ctx, h, weight, labels, chunk_size, fp8):
         n = h.shape[0]
-        loss_and_grad = _loss_and_grad_fn(h.device)
+        loss_and_grad = _loss_and_grad_fn(h.device, fp8)
+        to_e4m3 = _compiled_on_cuda(_to_e4m3, _to_e4m3, h.device)
         grad_h = torch.empty_like(h)
         grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        if fp8:
+            w8, w_inv = to_e4m3(weight)  # [V, d] row-major: its .t() is the column-major B of h @ W^T
+            w8_t = w8.t().contiguous()  # [d, V] row-major: its .t() is the column-major B of dlogits @ W
+            g_inv = torch.tensor(1.0 / _DLOGITS_SCALE, device=h.device)
         for start in range(0, n, chunk_size):
             hc = h[start : start + chunk_size]
-            loss, dlogits = loss_and_grad(hc @ weight.t(), labels[start : start + chunk_size])
+            if fp8:
+                h8, h_inv = to_e4m3(hc)
+                logits = _fp8_mm(h8, h_inv, w8.t(), w_inv, h.dtype)
+            else:
+                logits = hc @ weight.t()
+            loss, dlogits = loss_and_grad(logits, labels[start : start + chunk_size])
             total += loss
+            if fp8:
+                g8 = dlogits  # already E5M2, scaled
+                grad_h[start : start + chunk_size] = _fp8_mm(g8, g_inv, w8_t.t(), w_inv, h.dtype)
+                gw = _fp8_mm(g8.t().contiguous(), g_inv, h8.t().contiguous().t(), h_inv, torch.float32)
+                grad_w = gw if grad_w is None else grad_w.add_(gw)
+                continue
             grad_h[start : start + chunk_size] = dlogits @ weight
             if grad_w is None:  # one chunk (the usual case on GPU): no fp32 accumulator needed
                 grad_w = dlogits.t() @ hc
@@ -78,16 +133,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_out / ctx.n
-        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None
+        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None,
+    fp8: bool = False,
 ) -> torch.Tensor:
     """mean_i CE(h_i @ weight.T, labels_i) for h [..., dim], weight [vocab, dim], labels [...].
 
     chunk_size rows at a time; by default 8192 on GPU (one chunk per 8K-token sequence) and, on CPU,
     chunks of fp32 logits of about 16 MB, which the allocator recycles instead of mapping fresh pages.
+    fp8: the three GEMMs in FP8 (training only; the softmax and the loss stay fp32).
     """
     if chunk_size is None:
         chunk_size = 8192 if h.is_cuda else max(1, (16 << 20) // (4 * weight.shape[0]))
@@ -100,7 +157,7 @@ def linear_cross_entropy(
         w = weight
     if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
         with torch.autocast(h.device.type, enabled=False):
-            return _FusedLinearCrossEntropy.apply(h2, w, lab, chunk_size)
+            return _FusedLinearCrossEntropy.apply(h2, w, lab, chunk_size, fp8)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, h2.shape[0], chunk_size):
         logits = (h2[start : start + chunk_size] @ w.t()).float()

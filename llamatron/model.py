@@ -244,7 +244,9 @@ class Transformer(nn.Module):
         if self.output is None:
             return h
         if labels is not None:
-            return linear_cross_entropy(h, self.output.weight, labels)
+            # fp8_in_fused_loss: set by llamatron.parallel.fp8 when the output layer is asked for in FP8.
+            return linear_cross_entropy(h, self.output.weight, labels,
+                                        fp8=getattr(self.output, "fp8_in_fused_loss", False))
         return self.output(h)
 
 

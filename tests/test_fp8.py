@@ -44,13 +44,6 @@ def test_fp8_with_tensor_parallel_is_refused():
         validate_config(cfg)
 
 
-def test_fp8_output_layer_needs_the_plain_loss():
-    cfg = Config()
-    cfg.train.fp8, cfg.train.fp8_include_output = "tensorwise", True
-    with pytest.raises(LlamatronError, match="fused_cross_entropy"):
-        validate_config(cfg)
-
-
 def test_8b_converts_every_block_linear_but_not_the_output_layer():
     args = dataclasses.replace(MODEL_SIZES["llama3.1-8b"], n_layers=2)
     with torch.device("meta"):
@@ -141,3 +134,38 @@ def test_fp8_composes_with_fsdp_all_gather_and_checkpointing(tmp_path):
     for (l1, g1), (l2, g2) in zip(single, fsdp):
         assert l2 == pytest.approx(l1, rel=1e-4)
         assert g2 == pytest.approx(g1, rel=1e-3)
+
+
+def test_fp8_fused_cross_entropy_tracks_the_exact_one():
+    from llamatron.loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(96, 128, generator=g).requires_grad_()
+    w = (0.05 * torch.randn(512, 128, generator=g)).requires_grad_()
+    labels = torch.randint(0, 512, (96,), generator=g)
+    exact = linear_cross_entropy(h, w, labels)
+    exact.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    fp8 = linear_cross_entropy(h, w, labels, chunk_size=32, fp8=True)  # three chunks: accumulation too
+    fp8.backward()
+    assert fp8.item() != exact.item()
+    assert fp8.item() == pytest.approx(exact.item(), rel=1e-3)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(gh.flatten(), h.grad.flatten(), dim=0) > 0.999
+    assert cos(gw.flatten(), w.grad.flatten(), dim=0) > 0.999
+
+
+def test_fp8_output_layer_goes_through_the_fused_loss():
+    args = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab_size=512, max_seq_len=64)
+    tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for include_output in (False, True):
+        model = Transformer(args)
+        model.init_weights(seed=0)
+        converted = apply_fp8(model, "tensorwise", min_features=16, include_output=include_output)
+        assert ("output" in converted) == include_output
+        assert getattr(model.output, "fp8_in_fused_loss", False) == include_output
+        losses.append(model(tokens[:, :-1], tokens[:, 1:]).item())
+    assert losses[0] != losses[1]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)

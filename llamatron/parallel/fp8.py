@@ -9,7 +9,8 @@ transformation in `llamatron.parallel`.
 
 What stays in BF16, and why:
 - the output layer (`output`): its logits feed a softmax over 128K classes, where FP8's 3-bit mantissa
-  costs accuracy; and it is one layer of many, so little speed is lost (`fp8_include_output` overrides);
+  costs accuracy (`fp8_include_output` overrides: with the fused cross-entropy its three GEMMs then run
+  in FP8 inside `llamatron.loss`, tensorwise whatever the recipe; else it is a Float8Linear too);
 - layers with a dimension below `fp8_min_features`: the cast and scale kernels cost more than the
   smaller GEMM saves (users report FP8 slower than BF16 on small models for this reason);
 - layers whose dimensions are not multiples of 16, which FP8 GEMMs cannot take.
@@ -87,6 +88,8 @@ def apply_fp8(model: nn.Module, recipe: str, *, min_features: int = 1024, includ
     keep = fp8_module_filter(min_features, include_output)
     converted = [name for name, m in model.named_modules() if keep(m, name)]
     convert_to_float8_training(model, config=config, module_filter_fn=keep)
+    if "output" in converted:
+        model.output.fp8_in_fused_loss = True  # read by Transformer.forward for the fused loss
     return converted
 
 
