@@ -187,6 +187,15 @@ def _save_failed(root: Path, tmp: Path, final: Path, error: BaseException | None
     )
 
 
+def _fail_together(error: BaseException | None, rank: int, root: Path, tmp: Path, final: Path) -> None:
+    """Every rank raises the same save error if any rank had one (an all-reduce, so none waits on a
+    rank that gave up); rank 0 removes the partial save first."""
+    if _any_rank(error is not None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_failed(root, tmp, final, error) from error
+
+
 def save_checkpoint(
     out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str, keep: int
 ) -> Path:
@@ -222,10 +231,7 @@ def save_checkpoint(
         _write_synced(tmp / f"rng_rank{rank}.pt", lambda f: torch.save(rng, f))
     except (Exception, CheckpointException) as e:  # DCP raises CheckpointException, a BaseException
         error = e
-    if _any_rank(error is not None):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise _save_failed(root, tmp, final, error) from error
+    _fail_together(error, rank, root, tmp, final)
     if rank == 0:
         try:
             _write_synced(tmp / "trainer_state.json", lambda f: f.write(json.dumps(trainer_state, indent=2).encode()))
@@ -240,10 +246,7 @@ def save_checkpoint(
             _fsync_dir(root)
         except Exception as e:
             error = e
-    if _any_rank(error is not None):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise _save_failed(root, tmp, final, error) from error
+    _fail_together(error, rank, root, tmp, final)
     if rank == 0:
         faults.at_save("after_rename", step, rank)
         for old in list_checkpoints(out_dir)[:-keep]:
