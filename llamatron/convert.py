@@ -1,8 +1,8 @@
 """Checkpoint import and export: Hugging Face (safetensors + config.json) and Meta (`consolidated.*.pth`).
 
-One state-dict adapter does the work both ways: a key map between Meta's parameter names (which
-llamatron's model uses unchanged) and Hugging Face's, and the q/k row permutation between Meta's
-interleaved rotary pairs and Hugging Face's half-split ones (REFERENCE C.2). Everything else is I/O:
+Each family's state-dict adapter (`llamatron/models/<family>/hf.py`: the key map, the Llama q/k row
+permutation, config.json <-> args) does the mapping; this module does the I/O for all of them, picking
+the family by config.json's `model_type` on import and by the checkpoint's model on export:
 
     import_hf(SRC, DST)     HF directory  -> llamatron checkpoint (weights only, for init_from and eval)
     import_meta(SRC, DST)   Meta directory (params.json + consolidated.NN.pth, any model-parallel degree)
@@ -40,319 +40,52 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llamatron.errors import LlamatronError
+from llamatron.models import registry
+from llamatron.models.llama import hf as llama_hf
 from llamatron.train.checkpoint import quiet_dcp
-from llamatron.model import MODEL_SIZES, ModelArgs
 
 # --------------------------------------------------------------------------------------------------
-# The state-dict adapter: names and the q/k permutation
-
-_TOP_TO_HF = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_TO_HF = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-_TOP_FROM_HF = {v: k for k, v in _TOP_TO_HF.items()}
-_LAYER_FROM_HF = {v: k for k, v in _LAYER_TO_HF.items()}
-_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-# Buffers some older HF checkpoints carry; they are recomputed from the config, not weights.
-_HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-_META_IGNORED = {"rope.freqs"}
-
-# Meta model-parallel shards: the dimension each parameter is split along (REFERENCE C.2); the norms,
-# absent here, are replicated. Llama 3 splits the embedding by vocabulary rows (dim 0).
-_META_CAT_DIM = {
-    "tok_embeddings.weight": 0,
-    "output.weight": 0,
-    "attention.wq.weight": 0,
-    "attention.wk.weight": 0,
-    "attention.wv.weight": 0,
-    "feed_forward.w1.weight": 0,
-    "feed_forward.w3.weight": 0,
-    "attention.wo.weight": 1,
-    "feed_forward.w2.weight": 1,
-}
+# What every family shares: the parameters of a shape, and the run config that rebuilds it
 
 
-def hf_name(name: str) -> str:
-    """llamatron/Meta parameter name -> Hugging Face name."""
-    if name in _TOP_TO_HF:
-        return _TOP_TO_HF[name]
-    m = _LAYER.match(name)
-    if m and m.group(2) in _LAYER_TO_HF:
-        return f"model.layers.{m.group(1)}.{_LAYER_TO_HF[m.group(2)]}"
-    raise LlamatronError(f"parameter {name!r} has no Hugging Face name")
+def expected_shapes(args) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the model of `args` (built on the meta device), in its order: for Llama
+    the HF checkpoint order (embedding, layers, norm, output). Tied parameters appear once."""
+    with torch.device("meta"):
+        model = registry.family_of(args).build(args)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def llamatron_name(hf: str) -> str | None:
-    """Hugging Face name -> llamatron/Meta name; None for a name that is not a Llama parameter."""
-    if hf in _TOP_FROM_HF:
-        return _TOP_FROM_HF[hf]
-    m = _HF_LAYER.match(hf)
-    if m and m.group(2) in _LAYER_FROM_HF:
-        return f"layers.{m.group(1)}.{_LAYER_FROM_HF[m.group(2)]}"
-    return None
-
-
-def _rope_heads(name: str, args: ModelArgs) -> int | None:
-    """Heads of a q/k projection (whose rows are permuted between the two layouts), else None."""
-    if name.endswith("attention.wq.weight"):
-        return args.n_heads
-    if name.endswith("attention.wk.weight"):
-        return args.n_kv_heads
-    return None
-
-
-def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's interleaved rotary pairs (x[2i], x[2i+1]) -> HF's half-split ones (x[i], x[i+hd/2]), per head."""
-    rows, dim = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
-
-
-def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of `permute_to_hf`."""
-    rows, dim = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2).reshape(rows, dim)
-
-
-def to_hf(name: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
-    """One llamatron parameter -> (HF name, HF tensor)."""
-    heads = _rope_heads(name, args)
-    return hf_name(name), (permute_to_hf(w, heads) if heads else w)
-
-
-def from_hf(hf: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
-    """One HF parameter -> (llamatron name, llamatron tensor)."""
-    name = llamatron_name(hf)
-    if name is None:
-        raise LlamatronError(f"{hf!r} is not a Llama parameter")
-    heads = _rope_heads(name, args)
-    return name, (permute_from_hf(w, heads) if heads else w)
-
-
-def to_hf_state_dict(sd: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """In memory, for small models and tests; the converters below stream the same per-tensor maps."""
-    return dict(to_hf(k, v, args) for k, v in sd.items())
-
-
-def from_hf_state_dict(sd: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    return dict(from_hf(k, v, args) for k, v in sd.items() if not _HF_IGNORED.search(k))
-
-
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every parameter of `Transformer(args)`, in HF checkpoint order (embedding, layers, norm, output)."""
-    d, hd, f = args.dim, args.head_dim, args.ffn_dim
-    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (args.n_heads * hd, d),
-            p + "attention.wk.weight": (args.n_kv_heads * hd, d),
-            p + "attention.wv.weight": (args.n_kv_heads * hd, d),
-            p + "attention.wo.weight": (d, args.n_heads * hd),
-            p + "feed_forward.w1.weight": (f, d),
-            p + "feed_forward.w3.weight": (f, d),
-            p + "feed_forward.w2.weight": (d, f),
-            p + "attention_norm.weight": (d,),
-            p + "ffn_norm.weight": (d,),
-        })
-    shapes["norm.weight"] = (d,)
-    shapes["output.weight"] = (args.vocab_size, d)
-    return shapes
-
-
-# --------------------------------------------------------------------------------------------------
-# Configs: HF config.json and Meta params.json <-> ModelArgs <-> llamatron's model config
-
-LLAMA3_ROPE = "llama3"
-
-
-def _need(cfg: Mapping, key: str, where: str):
-    if key not in cfg or cfg[key] is None:
-        raise LlamatronError(f"{where}: missing key '{key}'")
-    return cfg[key]
-
-
-def args_from_hf_config(cfg: Mapping, where: str = "config.json") -> ModelArgs:
-    """A Hugging Face LlamaConfig (as a dict) -> ModelArgs. Reads transformers v4's `rope_theta` +
-    `rope_scaling` and v5's `rope_parameters`."""
-    if cfg.get("model_type", "llama") != "llama":
-        raise LlamatronError(f"{where}: model_type {cfg['model_type']!r} is not 'llama'")
-    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-                      ("tie_word_embeddings", False)):
-        if key in cfg and cfg[key] != want:
-            raise LlamatronError(
-                f"{where}: {key}={json.dumps(cfg[key])} is not supported (Llama 3.1 has {json.dumps(want)})")
-    n_heads = int(_need(cfg, "num_attention_heads", where))
-    dim = int(_need(cfg, "hidden_size", where))
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    if not isinstance(rope, Mapping):
-        raise LlamatronError(f"{where}: rope_scaling {rope!r} is not a mapping")
-    theta = cfg.get("rope_theta", rope.get("rope_theta"))
-    if theta is None:
-        raise LlamatronError(f"{where}: missing key 'rope_theta'")
-    args = dataclasses.replace(
-        ModelArgs(),
-        dim=dim,
-        n_layers=int(_need(cfg, "num_hidden_layers", where)),
-        n_heads=n_heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-        vocab_size=int(_need(cfg, "vocab_size", where)),
-        ffn_dim=int(_need(cfg, "intermediate_size", where)),
-        norm_eps=float(_need(cfg, "rms_norm_eps", where)),
-        rope_theta=float(theta),
-        max_seq_len=int(_need(cfg, "max_position_embeddings", where)),
-        init_std=float(cfg.get("initializer_range", ModelArgs.init_std)),
-    )
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind == LLAMA3_ROPE:
-        sub = f"{where} rope_scaling"
-        args = dataclasses.replace(
-            args,
-            rope_scaling_factor=float(_need(rope, "factor", sub)),
-            rope_low_freq_factor=float(_need(rope, "low_freq_factor", sub)),
-            rope_high_freq_factor=float(_need(rope, "high_freq_factor", sub)),
-            rope_original_context=int(_need(rope, "original_max_position_embeddings", sub)),
-        )
-    elif kind == "default":
-        args = dataclasses.replace(args, rope_scaling_factor=0.0)
-    else:
-        raise LlamatronError(f"{where}: rope_scaling type {kind!r} is not supported; llamatron implements "
-                             f"{LLAMA3_ROPE!r} (Llama 3.1) or none")
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None and int(head_dim) != args.head_dim:
-        raise LlamatronError(f"{where}: head_dim {head_dim} != hidden_size/num_attention_heads = {args.head_dim}; "
-                             f"llamatron derives head_dim from them")
-    _check_args(args, where)
-    return args
-
-
-def _check_args(args: ModelArgs, where: str) -> None:
-    if args.dim % args.n_heads or args.head_dim % 2 or args.n_heads % args.n_kv_heads:
-        raise LlamatronError(f"{where}: inconsistent heads: dim {args.dim}, {args.n_heads} heads, "
-                             f"{args.n_kv_heads} KV heads (dim/heads must be even, heads a multiple of KV heads)")
-
-
-def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
-    """The config.json of a Llama 3.1 checkpoint with these shapes (REFERENCE C.2 fields)."""
-    cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": args.dim,
-        "intermediate_size": args.ffn_dim,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "num_hidden_layers": args.n_layers,
-        "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size,
-        "max_position_embeddings": args.max_seq_len,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "rope_scaling": None,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "initializer_range": args.init_std,
-        "pretraining_tp": 1,
-        "use_cache": True,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if args.rope_scaling_factor:
-        cfg["rope_scaling"] = {
-            "rope_type": LLAMA3_ROPE,
-            "factor": args.rope_scaling_factor,
-            "low_freq_factor": args.rope_low_freq_factor,
-            "high_freq_factor": args.rope_high_freq_factor,
-            "original_max_position_embeddings": args.rope_original_context,
-        }
-    # Llama 3.1's special tokens, where the vocabulary holds them (the test models' does not).
-    if args.vocab_size > 128001:
-        cfg["bos_token_id"], cfg["eos_token_id"] = 128000, 128001
-    return cfg
-
-
-# Meta does not store a context length; Llama 3.1 (scaled RoPE) is trained to 128K, Llama 3 to 8K.
-META_CONTEXT_SCALED, META_CONTEXT = 131072, 8192
-
-
-def args_from_meta_params(params: Mapping, where: str = "params.json") -> ModelArgs:
-    """Meta's params.json (llama-models ModelArgs) -> ModelArgs."""
-    from llamatron.model import llama_ffn_dim
-
-    dim = int(_need(params, "dim", where))
-    n_heads = int(_need(params, "n_heads", where))
-    scaled = bool(params.get("use_scaled_rope", False))
-    args = dataclasses.replace(
-        ModelArgs(),
-        dim=dim,
-        n_layers=int(_need(params, "n_layers", where)),
-        n_heads=n_heads,
-        n_kv_heads=int(params.get("n_kv_heads") or n_heads),
-        vocab_size=int(_need(params, "vocab_size", where)),
-        ffn_dim=llama_ffn_dim(dim, int(_need(params, "multiple_of", where)), params.get("ffn_dim_multiplier")),
-        norm_eps=float(_need(params, "norm_eps", where)),
-        rope_theta=float(_need(params, "rope_theta", where)),
-        # Meta's apply_scaling hard-codes low 1, high 4, original context 8192; newer params carry the factor.
-        rope_scaling_factor=float(params.get("rope_scaling_factor", 8.0)) if scaled else 0.0,
-        max_seq_len=META_CONTEXT_SCALED if scaled else META_CONTEXT,
-    )
-    if args.vocab_size <= 0:
-        raise LlamatronError(f"{where}: vocab_size {args.vocab_size} (a Llama 2 params.json?); Llama 3 gives it")
-    _check_args(args, where)
-    return args
-
-
-# ModelArgs fields that the run config does not carry and that are irrelevant to the weights.
-_NOT_MODEL_SHAPE = {"init_std"}
-
-
-def model_config_for(args: ModelArgs, where: str | None = None):
-    """The `[model]` config section whose `llamatron.config.model_args` is `args`: the closest named
-    size, with every field the section has set explicitly (so the checkpoint does not depend on a
-    preset staying the same). A ModelArgs field the section lacks must equal that size's value."""
+def model_config_for(args, where: str | None = None):
+    """The `[model]` config section whose model is exactly `args`: the closest named size of its
+    family, with every field set explicitly (so the checkpoint does not depend on a preset staying the
+    same)."""
     from llamatron.config import ModelConfig
 
-    keys = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "size"]
-    size = min(MODEL_SIZES, key=lambda s: sum(getattr(MODEL_SIZES[s], k) != getattr(args, k) for k in keys))
-    base = MODEL_SIZES[size]
-    for f in dataclasses.fields(ModelArgs):
-        if f.name in keys or f.name in _NOT_MODEL_SHAPE:
-            continue
-        if getattr(args, f.name) != getattr(base, f.name):
-            prefix = f"{where}: " if where else ""
-            raise LlamatronError(
-                f"{prefix}{f.name} = {getattr(args, f.name)} cannot be expressed in a llamatron model config: "
-                f"[model] has no such key and every model.size uses {getattr(base, f.name)}")
-    return ModelConfig(size=size, **{k: getattr(args, k) for k in keys})
+    entry = registry.closest(args)
+    return ModelConfig(size=entry.name, overrides=dataclasses.asdict(args))
 
 
-def model_overrides(args: ModelArgs) -> list[str]:
+def model_overrides(args) -> list[str]:
     """`--set` overrides that give a training run this model shape."""
-    mc = model_config_for(args)
-    base = MODEL_SIZES[mc.size]
-    keys = [k for k in dataclasses.asdict(mc) if k != "size"]
-    return [f"model.size={mc.size}"] + [f"model.{k}={getattr(args, k)}" for k in keys
-                                        if getattr(args, k) != getattr(base, k)]
+    entry = registry.closest(args)
+    return [f"model.size={entry.name}"] + [f"model.{k}={v}" for k, v in registry.differing_fields(entry, args).items()]
+
+
+def _adapter(model_type: str, where: str):
+    """The HF adapter (models/<family>/hf.py) of the family whose config.json model_type this is."""
+    for family in registry.families().values():
+        if family.hf is not None and family.hf.MODEL_TYPE == model_type:
+            return family.hf
+    known = sorted(f.hf.MODEL_TYPE for f in registry.families().values() if f.hf is not None)
+    raise LlamatronError(f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(known)})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,7 +175,7 @@ def _bar(total: int, desc: str, enabled: bool):
 # Writing a llamatron checkpoint, one tensor in memory at a time
 
 
-def write_llamatron_checkpoint(dst: str | Path, tensors: list[TensorSpec], args: ModelArgs, source: str,
+def write_llamatron_checkpoint(dst: str | Path, tensors: list[TensorSpec], args, source: str,
                                progress: bool = True) -> Path:
     """A weights-only llamatron checkpoint (`{"model": ...}` in DCP, config.yaml, trainer_state.json,
     COMPLETE) whose tensors are produced by their `load` one at a time, as DCP writes them."""
@@ -452,7 +185,7 @@ def write_llamatron_checkpoint(dst: str | Path, tensors: list[TensorSpec], args:
 
     from llamatron.config import Config, dump_config
 
-    model_cfg = model_config_for(args)  # fails before anything is written if the shape is not expressible
+    model_cfg = model_config_for(args)
     if {t.name: t.shape for t in tensors} != expected_shapes(args):
         raise ValueError("write_llamatron_checkpoint: the tensors are not exactly the parameters of the model")
 
@@ -556,8 +289,9 @@ def import_hf(src: str | Path, dst: str | Path, dtype: str | None = None, progre
     if not src.is_dir():
         raise LlamatronError(f"{src}: not a directory")
     _check_dst(dst)
-    args = args_from_hf_config(_read_json(src / "config.json"), str(src / "config.json"))
-    model_config_for(args, str(src / "config.json"))
+    config = _read_json(src / "config.json")
+    hf_module = _adapter(config.get("model_type", llama_hf.MODEL_TYPE), str(src / "config.json"))
+    args = hf_module.args_from_hf_config(config, str(src / "config.json"))
     files = _hf_files(src)
     shapes = expected_shapes(args)
     why = f"{src / 'config.json'}"
@@ -570,24 +304,24 @@ def import_hf(src: str | Path, dst: str | Path, dtype: str | None = None, progre
         found: dict[str, tuple[str, str]] = {}  # llamatron name -> (HF name, file)
         for fname in handles:
             for hf in sorted(keys[fname]):
-                if _HF_IGNORED.search(hf):
+                if hf_module.hf_ignored(hf):
                     continue
                 if files.get(hf) != fname:
                     if hf in files:  # also listed elsewhere: the index decides which copy is read
                         continue
                     raise LlamatronError(f"{src / fname}: tensor {hf!r} is not in the index")
-                name = llamatron_name(hf)
+                name = hf_module.llamatron_name(hf)
                 if name is None or name not in shapes:
                     raise LlamatronError(f"{src / fname}: unexpected tensor {hf!r} for the model in {why}")
                 found[name] = (hf, fname)
         for hf, fname in files.items():
-            if not _HF_IGNORED.search(hf) and hf not in keys[fname]:
+            if not hf_module.hf_ignored(hf) and hf not in keys[fname]:
                 raise LlamatronError(f"{src / fname}: tensor {hf!r} listed in the index is missing")
 
         tensors = []
         for name, want in shapes.items():
             if name not in found:
-                raise LlamatronError(f"{hf_name(name)}: missing from {src}")
+                raise LlamatronError(f"{hf_module.hf_name(name)}: missing from {src}")
             hf, fname = found[name]
             sl = handles[fname].get_slice(hf)
             where = f"{src / fname}"
@@ -598,7 +332,7 @@ def import_hf(src: str | Path, dst: str | Path, dtype: str | None = None, progre
             out = _out_dtype(dtype, _SAFETENSORS_DTYPES[st], where)
 
             def load(h=handles[fname], hf=hf):
-                return from_hf(hf, h.get_tensor(hf), args)[1]
+                return hf_module.from_hf(hf, h.get_tensor(hf), args)[1]
 
             tensors.append(TensorSpec(name, tuple(want), out, load))
         # Read in file order so each shard is mapped and paged in once.
@@ -631,8 +365,8 @@ def import_meta(src: str | Path, dst: str | Path, dtype: str | None = None, prog
     if not src.is_dir():
         raise LlamatronError(f"{src}: not a directory")
     _check_dst(dst)
-    args = args_from_meta_params(_read_json(src / "params.json"), str(src / "params.json"))
-    model_config_for(args, str(src / "params.json"))
+    # Only the Llama family has a Meta format.
+    args = llama_hf.args_from_meta_params(_read_json(src / "params.json"), str(src / "params.json"))
     numbered = sorted((int(m.group(1)), p) for p in src.iterdir() if (m := _META_SHARD.match(p.name)))
     if not numbered:
         raise LlamatronError(f"{src}: no consolidated.NN.pth files")
@@ -657,7 +391,7 @@ def import_meta(src: str | Path, dst: str | Path, dtype: str | None = None, prog
     why = f"{src / 'params.json'} ({len(paths)} consolidated.*.pth shard(s) found)"
     for p, sd in zip(paths, shards):
         for k, v in sd.items():
-            if k in _META_IGNORED:
+            if k in llama_hf.META_IGNORED:
                 continue
             if k not in shapes or not isinstance(v, torch.Tensor):
                 raise LlamatronError(f"{p}: unexpected entry {k!r} for the model in {src / 'params.json'}")
@@ -669,8 +403,7 @@ def import_meta(src: str | Path, dst: str | Path, dtype: str | None = None, prog
             if name not in sd:
                 raise LlamatronError(f"{name}: missing from {p}")
             parts.append(sd[name])
-        suffix = _LAYER.match(name).group(2) if name.startswith("layers.") else name
-        cat = _META_CAT_DIM.get(suffix)
+        cat = llama_hf.meta_cat_dim(name)
         if cat is None:  # replicated (norms): every shard holds the whole tensor
             for p, t in zip(paths, parts):
                 _check_shape(name, t.shape, want, str(p), why)
@@ -711,13 +444,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return newest
 
 
-def checkpoint_model_args(path: str | Path) -> ModelArgs:
+def checkpoint_model_args(path: str | Path):
     import yaml
 
-    from llamatron.config import config_from_dict, model_args
+    from llamatron.config import config_from_dict, resolve_model
     from llamatron.train import checkpoint as ckpt
 
-    return model_args(config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path))).model)
+    return resolve_model(config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path))).model)[1]
 
 
 def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_shard_size: str | int = "5GB",
@@ -733,6 +466,9 @@ def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_sh
     path = resolve_checkpoint(src)
     _check_dst(dst)
     args = checkpoint_model_args(path)
+    hf_module = registry.family_of(args).hf
+    if hf_module is None:
+        raise LlamatronError(f"{path}: the {registry.family_of(args).name} family has no Hugging Face format")
     limit = parse_size(max_shard_size)
     if limit <= 0:
         raise LlamatronError(f"max shard size {max_shard_size!r}: must be positive")
@@ -781,7 +517,7 @@ def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_sh
                     inner = inner[0] if isinstance(inner, tuple) else inner  # (exception, stack)
                     first = (str(inner).strip().splitlines() or [""])[0]
                     raise LlamatronError(f"{path}: cannot read {name}: {inner.__class__.__name__}: {first}") from None
-                hf, t = to_hf(name, sd["model"].pop(name), args)
+                hf, t = hf_module.to_hf(name, sd["model"].pop(name), args)
                 out[hf] = t.to(od).contiguous()
                 weight_map[hf] = fname
                 bar.update(out[hf].nbytes)
@@ -789,7 +525,7 @@ def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_sh
             del out
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(hf_config(args, out_dtype), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_module.hf_config(args, out_dtype), indent=2) + "\n")
     return Path(dst)
 
 

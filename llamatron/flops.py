@@ -1,21 +1,14 @@
-"""Model FLOPs and utilisation, by the formula of NVIDIA's Llama 3.1 recipe (the one users compare with).
+"""Model FLOPs, throughput and utilisation, by the formula users compare with.
 
-Per token, dense Llama with L layers, hidden h, FFN f, vocab V, sequence S, A heads, G KV heads:
+Each family states its per-token formula next to its model (`llamatron/models/<family>/cost.py`; Llama:
+NVIDIA's Llama 3.1 recipe, forward + backward, full attention, no recomputation counted). Then:
 
-    attention = 12 * L * h^2 * (1 + G/A + S/h)
-    mlp       = 18 * L * f * h
-    embedding =  6 * V * h
-    model_flops_per_sequence = S * (attention + mlp + embedding)
-
-Forward + backward, full (not causal-halved) attention, no recomputation counted.
-
+    model_flops_per_sequence = S * flops_per_token
     tokens/s = S * global_batch / step_time
     MFU      = global_batch * model_flops_per_sequence / step_time / n_gpus / peak
 """
 
 from __future__ import annotations
-
-from llamatron.model import ModelArgs
 
 # Dense peak FLOP/s by device, matched by substring of torch.cuda.get_device_name(). An unknown device
 # has no peak and its MFU is reported as unknown, never against a guessed number.
@@ -25,16 +18,14 @@ PEAK_FLOPS = {
 }
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    L, h, f, V, S = args.n_layers, args.dim, args.ffn_dim, args.vocab_size, seq_len
-    A, G = args.n_heads, args.n_kv_heads
-    attention = 12 * L * h * h * (1 + G / A + S / h)
-    mlp = 18 * L * f * h
-    embedding = 6 * V * h
-    return attention + mlp + embedding
+def flops_per_token(args, seq_len: int) -> float:
+    """Model FLOPs per token of the model of `args` (any family) at sequence length `seq_len`."""
+    from llamatron.models import registry
+
+    return registry.family_of(args).flops_per_token(args, seq_len)
 
 
-def flops_per_sequence(args: ModelArgs, seq_len: int) -> float:
+def flops_per_sequence(args, seq_len: int) -> float:
     return seq_len * flops_per_token(args, seq_len)
 
 
@@ -53,7 +44,7 @@ def tokens_per_second(seq_len: int, global_batch: int, step_time: float) -> floa
     return seq_len * global_batch / step_time
 
 
-def mfu(args: ModelArgs, seq_len: int, global_batch: int, step_time: float, n_gpus: int, peak: float | None):
+def mfu(args, seq_len: int, global_batch: int, step_time: float, n_gpus: int, peak: float | None):
     """Model FLOPs utilisation (0..1), or None when the device's peak is unknown."""
     if not peak:
         return None

@@ -23,10 +23,11 @@ from safetensors.torch import load_file, save_file  # noqa: E402  (a dependency 
 
 from llamatron import convert  # noqa: E402
 from llamatron.cli import main  # noqa: E402
-from llamatron.config import config_from_dict, load_config, model_args  # noqa: E402
+from llamatron.config import config_from_dict, load_config, resolve_model  # noqa: E402
 from llamatron.data.indexed import IndexedDatasetWriter  # noqa: E402
 from llamatron.errors import LlamatronError  # noqa: E402
-from llamatron.model import Transformer, rope_frequencies  # noqa: E402
+from llamatron.models.llama import hf as llama_hf  # noqa: E402
+from llamatron.models.llama.model import Transformer, rope_frequencies  # noqa: E402
 from llamatron.train import checkpoint as ckpt  # noqa: E402
 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -68,7 +69,7 @@ def imported(hf_dir, tmp_path_factory):
 def _load_llamatron(path) -> Transformer:
     """What `eval` and `checkpoint.init_from` do: the model from config.yaml, weights via DCP."""
     cfg = config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path)))
-    model = Transformer(model_args(cfg.model))
+    model = Transformer(resolve_model(cfg.model)[1])
     ckpt.load_model_weights(path, model)
     return model.eval()
 
@@ -84,27 +85,27 @@ def _rel_err(a, b) -> float:
 def test_permutation_matches_the_index_rule_and_inverts():
     n, hd, dim = 3, 8, 5
     w = torch.randn(n * hd, dim)
-    hf = convert.permute_to_hf(w, n)
+    hf = llama_hf.permute_to_hf(w, n)
     for h in range(n):
         for j in range(hd // 2):  # Meta pairs (2j, 2j+1) become HF rows (j, j + hd/2)
             assert torch.equal(hf[h * hd + j], w[h * hd + 2 * j])
             assert torch.equal(hf[h * hd + hd // 2 + j], w[h * hd + 2 * j + 1])
-    assert torch.equal(convert.permute_from_hf(hf, n), w)
+    assert torch.equal(llama_hf.permute_from_hf(hf, n), w)
 
 
 def test_key_map_covers_the_model_both_ways(hf_model):
-    args = convert.args_from_hf_config(_hf_config().to_dict())
+    args = llama_hf.args_from_hf_config(_hf_config().to_dict())
     with torch.device("meta"):
         ours = Transformer(args).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == convert.expected_shapes(args)
     hf_names = set(hf_model.state_dict())
-    assert {convert.hf_name(k) for k in ours} == hf_names
-    assert {convert.llamatron_name(k) for k in hf_names} == set(ours)
+    assert {llama_hf.hf_name(k) for k in ours} == hf_names
+    assert {llama_hf.llamatron_name(k) for k in hf_names} == set(ours)
 
 
 def test_rope_frequencies_match_transformers(hf_model):
     """All three Llama 3.1 regimes occur at head_dim 16 (wavelengths 6 to 1e6 positions)."""
-    args = convert.args_from_hf_config(_hf_config().to_dict())
+    args = llama_hf.args_from_hf_config(_hf_config().to_dict())
     torch.testing.assert_close(rope_frequencies(args), hf_model.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
 
 
@@ -127,7 +128,7 @@ def test_imported_checkpoint_is_a_weights_only_llamatron_checkpoint(imported):
     assert (imported / ".metadata").is_file() and (imported / ckpt.MARKER).is_file()
     assert json.loads((imported / "trainer_state.json").read_text())["weights_only"] is True
     args = convert.checkpoint_model_args(imported)
-    assert args == convert.args_from_hf_config(_hf_config().to_dict())
+    assert args == llama_hf.args_from_hf_config(_hf_config().to_dict())
     assert (args.vocab_size, args.max_seq_len, args.ffn_dim) == (512, 131072, 160)
     assert not list(imported.parent.glob(".*.tmp"))  # the staging directory was renamed
 
@@ -231,7 +232,7 @@ def _meta_dir(path, mp=2):
     params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
               "ffn_dim_multiplier": 0.9, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
     (path / "params.json").write_text(json.dumps(params))
-    args = convert.args_from_meta_params(params)
+    args = llama_hf.args_from_meta_params(params)
     torch.manual_seed(4)
     model = Transformer(args)
     model.init_weights(seed=4)
@@ -259,7 +260,7 @@ def test_writing_a_checkpoint_holds_about_one_tensor(tmp_path):
     script = textwrap.dedent(f"""
         import dataclasses, resource, torch
         from llamatron.convert import TensorSpec, expected_shapes, write_llamatron_checkpoint
-        from llamatron.model import ModelArgs
+        from llamatron.models.llama.model import ModelArgs
         def specs(a):
             return [TensorSpec(n, s, torch.float32, lambda s=s: torch.ones(s)) for n, s in expected_shapes(a).items()]
         big = dataclasses.replace(ModelArgs(), dim=1024, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=8192,
@@ -369,10 +370,17 @@ def test_missing_config_key(hf_dir, tmp_path):
             "params.json", "'n_heads'")
 
 
-def test_shape_llamatron_config_cannot_express(hf_dir, tmp_path):
+def test_plain_rope_theta_imports_as_an_override(hf_dir, tmp_path):
+    """A Llama checkpoint without llama3 rope scaling (LLaMA-2 style: theta 10000) is expressible:
+    the saved config carries the theta and no scaling, and the weights load."""
     src = _copy(hf_dir, tmp_path)
-    _edit_config(src, rope_parameters=dict(LLAMA31_ROPE, rope_theta=10000.0))
-    _raises(lambda: convert.import_hf(src, tmp_path / "out", progress=False), "rope_theta", "10000.0", "500000.0")
+    _edit_config(src, rope_scaling=None, rope_parameters=None)
+    _edit_config(src, rope_theta=10000.0)
+    dst = convert.import_hf(src, tmp_path / "out", progress=False)
+    args = resolve_model(config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(dst))).model)[1]
+    assert args.rope_theta == 10000.0
+    assert args.rope_scaling_factor == 0
+    _load_llamatron(dst)
 
 
 def test_pickles_are_never_loaded(tmp_path):
@@ -451,9 +459,9 @@ PUBLISHED_8B_CONFIG = {  # meta-llama/Llama-3.1-8B config.json
 
 
 def test_published_8b_config_both_ways():
-    args = convert.args_from_hf_config(PUBLISHED_8B_CONFIG)
+    args = llama_hf.args_from_hf_config(PUBLISHED_8B_CONFIG)
     assert convert.model_overrides(args) == ["model.size=llama3.1-8b", "model.max_seq_len=131072"]
-    written = convert.hf_config(args, torch.bfloat16)
+    written = llama_hf.hf_config(args, torch.bfloat16)
     for k, v in PUBLISHED_8B_CONFIG.items():
         if k != "transformers_version":
             assert written[k] == v, k
@@ -466,15 +474,15 @@ def test_published_8b_config_both_ways():
 ])
 def test_meta_params_of_the_released_sizes(size, params):
     params = dict(params, n_kv_heads=8, vocab_size=128256, norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True)
-    args = convert.args_from_meta_params(params)
-    from llamatron.model import MODEL_SIZES
+    args = llama_hf.args_from_meta_params(params)
+    from llamatron.models.llama import SIZES
 
-    assert args == dataclasses.replace(MODEL_SIZES[size], max_seq_len=131072)
-    assert convert.args_from_hf_config(convert.hf_config(args, torch.bfloat16)) == args
+    assert args == dataclasses.replace(SIZES[size], max_seq_len=131072)
+    assert llama_hf.args_from_hf_config(llama_hf.hf_config(args, torch.bfloat16)) == args
 
 
 def test_a_failing_source_read_is_one_error_and_leaves_nothing(tmp_path):
-    args = convert.args_from_hf_config(_hf_config().to_dict())
+    args = llama_hf.args_from_hf_config(_hf_config().to_dict())
 
     def load(shape):
         def f():

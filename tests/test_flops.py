@@ -4,11 +4,11 @@ import pytest
 
 from llamatron import flops
 from llamatron.cli import main
-from llamatron.model import MODEL_SIZES
+from llamatron.models.llama import SIZES
 
 
 def test_8b_flops_per_token_and_sequence():
-    a = MODEL_SIZES["llama3.1-8b"]
+    a = SIZES["llama3.1-8b"]
     assert flops.flops_per_token(a, 8192) / 1e9 == pytest.approx(57.91, abs=0.005)
     assert flops.flops_per_sequence(a, 8192) == pytest.approx(4.744e14, rel=1e-4)
 
@@ -22,18 +22,18 @@ def test_worked_examples():
     # the released 405B the formula gives 2.1507e16.
     peak = flops.peak_flops("NVIDIA H100 80GB HBM3", "fp8")
     assert peak == 1979e12
-    mp16 = dataclasses.replace(MODEL_SIZES["llama3.1-405b"], n_kv_heads=16)
+    mp16 = dataclasses.replace(SIZES["llama3.1-405b"], n_kv_heads=16)
     per_seq = flops.flops_per_sequence(mp16, 8192)
     assert round(per_seq / 1e16, 2) == 2.17
     assert round(100 * flops.mfu(mp16, 8192, 252, 11.24, 576, peak), 2) == 42.71
-    assert round(flops.flops_per_sequence(MODEL_SIZES["llama3.1-405b"], 8192) / 1e16, 4) == 2.1507
+    assert round(flops.flops_per_sequence(SIZES["llama3.1-405b"], 8192) / 1e16, 4) == 2.1507
 
 
 def test_peak_lookup_is_not_fooled_and_unknown_is_unknown():
     assert flops.peak_flops("NVIDIA H200", "bf16") == 989e12
     assert flops.peak_flops("NVIDIA H20", "bf16") == 148e12
     assert flops.peak_flops("cpu", "bf16") is None
-    assert flops.mfu(MODEL_SIZES["tiny"], 256, 8, 1.0, 1, None) is None
+    assert flops.mfu(SIZES["tiny"], 256, 8, 1.0, 1, None) is None
 
 
 def test_flops_cli_reproduces_worked_examples(capsys):

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamatron.model import MODEL_SIZES, Transformer, apply_rope, count_parameters, rope_frequencies
+from llamatron.models.llama import SIZES
+from llamatron.models import count_parameters
+from llamatron.models.llama.model import Transformer, apply_rope, rope_frequencies
 
 
 @pytest.mark.parametrize(
@@ -13,16 +15,16 @@ from llamatron.model import MODEL_SIZES, Transformer, apply_rope, count_paramete
 )
 def test_exact_parameter_counts_on_meta(size, expected):
     with torch.device("meta"):
-        model = Transformer(MODEL_SIZES[size])
+        model = Transformer(SIZES[size])
     assert count_parameters(model) == expected
 
 
 def test_published_shapes():
-    a = MODEL_SIZES["llama3.1-8b"]
+    a = SIZES["llama3.1-8b"]
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.ffn_dim, a.vocab_size) == (4096, 32, 32, 8, 14336, 128256)
-    assert MODEL_SIZES["llama3.1-70b"].ffn_dim == 28672
-    assert MODEL_SIZES["llama3.1-405b"].ffn_dim == 53248
-    assert all(MODEL_SIZES[s].rope_theta == 500000.0 and MODEL_SIZES[s].norm_eps == 1e-5 for s in MODEL_SIZES)
+    assert SIZES["llama3.1-70b"].ffn_dim == 28672
+    assert SIZES["llama3.1-405b"].ffn_dim == 53248
+    assert all(SIZES[s].rope_theta == 500000.0 and SIZES[s].norm_eps == 1e-5 for s in SIZES)
 
 
 def _scaled_freq_reference(theta=500000.0, head_dim=128):
@@ -42,7 +44,7 @@ def _scaled_freq_reference(theta=500000.0, head_dim=128):
 
 
 def test_rope_scaling_matches_independent_formula():
-    got = rope_frequencies(MODEL_SIZES["llama3.1-8b"]).double()
+    got = rope_frequencies(SIZES["llama3.1-8b"]).double()
     want = torch.tensor(_scaled_freq_reference(), dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     # All three regimes occur: unchanged, divided by 8, and blended.
@@ -101,7 +103,7 @@ def _naive_forward(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
 
 def test_forward_matches_naive_reference():
     torch.manual_seed(0)
-    model = Transformer(MODEL_SIZES["debug"])
+    model = Transformer(SIZES["debug"])
     model.init_weights(seed=0)
     # Non-trivial norm weights so a mistake in their use shows.
     for name, p in model.named_parameters():
@@ -112,7 +114,7 @@ def test_forward_matches_naive_reference():
 
 
 def test_causality():
-    model = Transformer(MODEL_SIZES["debug"])
+    model = Transformer(SIZES["debug"])
     model.init_weights(seed=1)
     tokens = torch.randint(0, 512, (1, 12))
     changed = tokens.clone()
@@ -123,14 +125,14 @@ def test_causality():
 
 
 def test_init_is_deterministic_and_scaled():
-    a = MODEL_SIZES["debug"]
+    a = SIZES["debug"]
     m1, m2 = Transformer(a), Transformer(a)
     m1.init_weights(seed=7)
     m2.init_weights(seed=7)
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p, q)
     with torch.device("meta"):
-        big = Transformer(MODEL_SIZES["tiny"])
+        big = Transformer(SIZES["tiny"])
     big.to_empty(device="cpu")
     big.init_weights(seed=0)
     std_in = big.layers["0"].attention.wq.weight.std().item()

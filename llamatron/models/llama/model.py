@@ -6,8 +6,9 @@ attention, SwiGLU, untied output layer, no biases. Weights use Meta's layout (q/
 Meta checkpoints load as they are and Hugging Face ones through a permutation (see `convert`).
 
 Nothing here knows about distribution, precision policies or compilation: those are applied to an
-unmodified instance by functions elsewhere. Build large models on the meta device, then
-`to_empty(device=...)` and `init_weights()`.
+unmodified instance by functions elsewhere (its tensor-parallel plan is `sharding.py`, its Hugging Face
+and Meta formats `hf.py`). Build large models on the meta device, then `to_empty(device=...)` and
+`init_weights()`.
 """
 
 from __future__ import annotations
@@ -52,21 +53,6 @@ def llama_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) 
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
-# Named sizes. The three Llama 3.1 sizes match Meta's sku_list / HF config.json exactly; the small ones
-# keep the real vocabulary (the real tokenizer's ids must fit) and shrink everything else.
-MODEL_SIZES: dict[str, ModelArgs] = {
-    "llama3.1-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=llama_ffn_dim(4096, 1024, 1.3)),
-    "llama3.1-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=llama_ffn_dim(8192, 4096, 1.3)),
-    "llama3.1-405b": ModelArgs(
-        dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=llama_ffn_dim(16384, 4096, 1.2)
-    ),
-    # ~33M parameters, 32M of them in the 128K-token embedding and output layers: trains on a CPU.
-    "tiny": ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=1024),
-    # For unit tests: small vocabulary, a few thousand parameters.
-    "debug": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=160, max_seq_len=256),
-}
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -119,9 +105,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return y.type_as(x) * self.weight
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 class Attention(nn.Module):
@@ -179,6 +162,10 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    # The top-level modules only the first / last pipeline stage keeps (llamatron.models.family).
+    first_stage = ("tok_embeddings",)
+    last_stage = ("norm", "output")
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -190,7 +177,7 @@ class Transformer(nn.Module):
         # Rotary cos/sin for positions 0..max_seq_len-1, fp32, as buffers rather than computed from the
         # input's length in forward: under sequence parallelism a block sees only a slice of the
         # sequence, under context parallelism these rows are sharded with the tokens, and a pipeline
-        # stage's input is a hidden state. Not persistent (never in checkpoints); `init_weights`
+        # stage's input is a hidden state. Not persistent (never in checkpoints); `init_buffers`
         # recomputes them after `to_empty`.
         cos, sin = rope_cos_sin(args, args.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -214,10 +201,15 @@ class Transformer(nn.Module):
         return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
 
     @torch.no_grad()
-    def init_rope(self) -> None:
+    def init_buffers(self) -> None:
+        """The rotary tables, after `to_empty` (they are not in checkpoints)."""
         cos, sin = rope_cos_sin(self.args, self.rope_cos.shape[0], device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+    def sequence_buffers(self) -> list[torch.Tensor]:
+        """Buffers indexed by position: context parallelism shards them along dim 0 with the tokens."""
+        return [self.rope_cos, self.rope_sin]
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -227,14 +219,14 @@ class Transformer(nn.Module):
             seed = int(torch.randint(0, 2**62, ()).item())
         for name, p in self.named_parameters():
             p.copy_(self.initial_value(name, p.shape, seed))
-        self.init_rope()
+        self.init_buffers()
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]; with labels, the mean cross-entropy.
 
         With labels the output projection and the loss are fused (llamatron.loss) so the full logits
         are never materialised; computing it here, inside the module, keeps it under whatever wrapping
-        (FSDP, compile) is applied to the model.
+        (FSDP, compile) is applied to the model. fp8_loss: that fused loss's GEMMs in FP8.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
@@ -244,11 +236,5 @@ class Transformer(nn.Module):
         if self.output is None:
             return h
         if labels is not None:
-            # fp8_in_fused_loss: set by llamatron.parallel.fp8 when the output layer is asked for in FP8.
-            return linear_cross_entropy(h, self.output.weight, labels,
-                                        fp8=getattr(self.output, "fp8_in_fused_loss", False))
+            return linear_cross_entropy(h, self.output.weight, labels, fp8=fp8_loss)
         return self.output(h)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

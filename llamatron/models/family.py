@@ -1,0 +1,51 @@
+"""What a model family gives the rest of llamatron.
+
+A family is a folder `llamatron/models/<name>/` holding one plain `nn.Module` (its model), its args
+dataclass and named sizes, and this `Family` record saying how to build, check, shard, count and
+convert it. Nothing outside `models/` knows a family's internals: the trainer, the parallel layouts,
+the memory estimate, `flops` and `convert` only go through this record and the module protocol below.
+
+The model protocol (what the generic code calls on every family's module):
+  - `Model(args)`; args has at least n_layers, dim, n_heads, vocab_size, max_seq_len, init_std;
+  - `model.layers`: an `nn.ModuleDict` of blocks keyed "0".."L-1" (pipeline stages delete entries,
+    FSDP, activation checkpointing and compile wrap each entry);
+  - `Model.first_stage` / `Model.last_stage`: names of the top-level modules only the first / last
+    pipeline stage keeps (the others are set to None, and forward skips a None module);
+  - `model.initial_value(name, shape, seed)`: the fp32 CPU value of a parameter, seeded by its name, so
+    that every layout materialises the same weights; `model.init_buffers()` after `to_empty`;
+  - `model.sequence_buffers()`: position-indexed buffers (dim 0) that context parallelism shards
+    together with the tokens;
+  - `model(tokens)` -> logits, `model(tokens, labels, fp8_loss=False)` -> mean token cross-entropy
+    (fused with the output projection; fp8_loss runs its GEMMs in FP8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    args_type: type  # the dataclass of shapes and constants
+    model_type: type[nn.Module]
+    # Model FLOPs per token (forward + backward) at a sequence length: the formula MFU is quoted with.
+    flops_per_token: Callable[[Any, int], float]
+    # Raises LlamatronError("config key 'model.KEY': ...") for an impossible shape.
+    validate: Callable[[Any], None]
+    # Sizes that tensor parallelism must divide, by config key ({"model.n_heads": 32, ...}).
+    tp_divisible: Callable[[Any], dict[str, int]]
+    # Shards a model (or a pipeline stage of it) over a 1-D tensor-parallel DeviceMesh, in place.
+    tensor_parallel: Callable[[nn.Module, Any], None]
+    # Bytes one block saves for backward per token (residual bytes r, compute bytes a): memory estimate.
+    activation_bytes_per_token: Callable[[Any, int, int], int]
+    # The Hugging Face adapter (a module: see models/llama/hf.py), or None if the family has no HF twin.
+    hf: Any = None
+
+    def build(self, args) -> nn.Module:
+        """The model on the current default device (build under `torch.device("meta")` and materialise)."""
+        return self.model_type(args)
