@@ -1,6 +1,6 @@
 """Single-device training-step benchmark: every variant in one process, one table.
 
-Each variant is the normal trainer's model and step (`llamatron.train.trainer.train_step`) with some of
+Each variant is the normal trainer's model and step (`llamatron.train.step.train_step`) with some of
 its speed options switched on; "baseline" is the plainest correct eager version (fp32 master weights
 with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-entropy, for-each AdamW).
 
@@ -30,11 +30,15 @@ import torch  # noqa: E402
 from llamatron import flops  # noqa: E402
 from llamatron.config import OptimConfig  # noqa: E402
 from llamatron.data.sampler import micro_batch_indices  # noqa: E402
-from llamatron.model import MODEL_SIZES  # noqa: E402
-from llamatron.parallel.apply import apply_activation_checkpointing, apply_compile  # noqa: E402
-from llamatron.parallel.fp8 import apply_fp8  # noqa: E402
+from llamatron.models import registry  # noqa: E402
+from llamatron.parallel.layout import Layout  # noqa: E402
+from llamatron.parallel.parallelize import materialize  # noqa: E402
+from llamatron.runtime import Precision, load_batch  # noqa: E402
 from llamatron.train.optim import build_optimizer  # noqa: E402
-from llamatron.train.trainer import build_model, load_batch, train_step  # noqa: E402
+from llamatron.train.step import train_step  # noqa: E402
+from llamatron.transforms.checkpointing import apply_activation_checkpointing  # noqa: E402
+from llamatron.transforms.compile import apply_compile  # noqa: E402
+from llamatron.transforms.fp8 import apply_fp8  # noqa: E402
 
 VARIANTS = {
     "baseline": dict(compile=False, fused_ce=False, fused_adam=False, attention="auto", ac=False),
@@ -44,7 +48,7 @@ VARIANTS = {
     "compile": dict(compile=True, fused_ce=True, fused_adam=True, attention="auto", ac=False),
     "compile+cudnn": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False),
     "compile+cudnn+ac": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=True),
-    # FP8 linear layers (torchao Float8Linear, llamatron/parallel/fp8.py) on top of the best BF16 variant.
+    # FP8 linear layers (torchao Float8Linear, llamatron/transforms/fp8.py) on top of the best BF16 variant.
     "compile+fp8-tensorwise": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
                                    fp8="tensorwise"),
     # The output layer in FP8 too: needs the plain (unfused) loss, whose full logits cost memory and time.
@@ -69,17 +73,28 @@ def build_dataset(args, vocab: int, n: int):
     return MockDataset(vocab, args.seq_len, n, seed=1234)
 
 
-def run_variant(name, opts, margs, args, device, dataset):
+def build_layout(margs, opts, device) -> Layout:
+    """The model of any registered family with the variant's transforms, as the trainer builds it."""
     torch.manual_seed(0)
-    model = build_model(margs, device, seed=0)
+    with torch.device("meta"):
+        model = registry.family_of(margs).build(margs)
+    converted = []
     if opts.get("fp8"):
-        apply_fp8(model, opts["fp8"], include_output=opts.get("fp8_output", False))
+        converted = apply_fp8(model, opts["fp8"], include_output=opts.get("fp8_output", False))
     if opts["ac"]:
         apply_activation_checkpointing(model)
     if opts["compile"]:
         apply_compile(model)
-    opt = build_optimizer(model, OptimConfig(fused=opts["fused_adam"]), device.type)
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    materialize(model, device, seed=0)
+    layout = Layout.single(model)
+    layout.fp8_output = "output" in converted
+    return layout
+
+
+def run_variant(name, opts, margs, args, device, dataset):
+    model = build_layout(margs, opts, device)
+    opt = build_optimizer(model.model, OptimConfig(fused=opts["fused_adam"]), device.type)
+    amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)
     accum = args.global_batch // args.micro_batch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -92,7 +107,7 @@ def run_variant(name, opts, margs, args, device, dataset):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        loss, _ = train_step(model, opt, batches, accum, lr=args.lr, device=device, amp_dtype=amp,
+        loss, _ = train_step(model, opt, batches, accum, lr=args.lr, device=device, precision=amp,
                              fused_cross_entropy=opts["fused_ce"], grad_clip=1.0, attention=opts["attention"])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -137,7 +152,7 @@ def profile_step(model, opt, dataset, args, device, amp, opts) -> dict:
     torch.cuda.synchronize(device)
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        train_step(model, opt, iter(batches), accum, lr=args.lr, device=device, amp_dtype=amp,
+        train_step(model, opt, iter(batches), accum, lr=args.lr, device=device, precision=amp,
                    fused_cross_entropy=opts["fused_ce"], grad_clip=1.0, attention=opts["attention"])
         torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
@@ -159,7 +174,7 @@ def profile_step(model, opt, dataset, args, device, amp, opts) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="llama3.1-8b")
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=4, help="proxy: this many layers (0: the size's own)")
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--global-batch", default="1,8", help="comma-separated; every variant runs with each")
@@ -174,7 +189,8 @@ def main() -> int:
     cli = p.parse_args()
 
     device = torch.device(cli.device)
-    margs = dataclasses.replace(MODEL_SIZES[cli.size], n_layers=cli.layers, max_seq_len=max(cli.seq_len, 8192))
+    base = registry.get(cli.size).args
+    margs = dataclasses.replace(base, n_layers=cli.layers or base.n_layers, max_seq_len=max(cli.seq_len, base.max_seq_len))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = flops.peak_flops(name, "bf16")
     per_seq = flops.flops_per_sequence(margs, cli.seq_len)

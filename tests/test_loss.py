@@ -2,7 +2,8 @@ import torch
 import torch.nn.functional as F
 
 from llamatron.loss import linear_cross_entropy
-from llamatron.model import MODEL_SIZES, Transformer
+from llamatron.models.llama import SIZES
+from llamatron.models.llama.model import Transformer
 
 
 def test_fused_loss_and_gradients_match_plain_path():
@@ -25,7 +26,7 @@ def test_fused_loss_and_gradients_match_plain_path():
 
 def test_model_with_labels_equals_logits_path():
     torch.manual_seed(0)
-    model = Transformer(MODEL_SIZES["debug"])
+    model = Transformer(SIZES["debug"])
     model.init_weights(seed=3)
     tokens = torch.randint(0, 512, (2, 33))
     loss = model(tokens[:, :-1], tokens[:, 1:])

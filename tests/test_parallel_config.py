@@ -9,7 +9,9 @@ import torch
 from llamatron.config import load_config, validate_config
 from llamatron.data.sampler import accumulation_steps, micro_batch_indices
 from llamatron.errors import LlamatronError
-from llamatron.model import MODEL_SIZES, Transformer, count_parameters
+from llamatron.models.llama import SIZES
+from llamatron.models import count_parameters
+from llamatron.models.llama.model import Transformer
 from llamatron.parallel.context_parallel import chunk_positions
 from llamatron.parallel.dims import ParallelDims
 from llamatron.parallel.memory import GiB, block_parameters, estimate_memory
@@ -69,7 +71,7 @@ def test_pipeline_split_keeps_names_and_halves():
     from llamatron.parallel.pipeline import split_stage, stage_ids
 
     with torch.device("meta"):
-        model = Transformer(dataclasses.replace(MODEL_SIZES["debug"], n_layers=4))
+        model = Transformer(dataclasses.replace(SIZES["debug"], n_layers=4))
     assert stage_ids(1, 2, 2) == [1, 3]  # loop-style: rank 1 of 2 holds stages 1 and 3 of 4
     parts = [split_stage(model, i, 4) for i in range(4)]
     assert [list(p.layers) for p in parts] == [["0"], ["1"], ["2"], ["3"]]
@@ -86,7 +88,7 @@ def test_stage_and_shard_initialisation_match_the_whole_model():
     from llamatron.parallel.parallelize import materialize
     from llamatron.parallel.pipeline import split_stage
 
-    args = dataclasses.replace(MODEL_SIZES["debug"], n_layers=4)
+    args = dataclasses.replace(SIZES["debug"], n_layers=4)
     whole = Transformer(args)
     whole.init_weights(seed=5)
     with torch.device("meta"):
@@ -119,7 +121,7 @@ def test_sampler_ranks_read_disjoint_consecutive_samples():
 
 
 def test_memory_estimate_8b_fsdp():
-    a = MODEL_SIZES["llama3.1-8b"]
+    a = SIZES["llama3.1-8b"]
     est = estimate_memory(a, 8192, 1, dp_shard=2)
     n = 8_030_261_248
     assert est.weights == pytest.approx(4 * n / 2) and est.gradients == pytest.approx(4 * n / 2)

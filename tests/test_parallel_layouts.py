@@ -135,10 +135,11 @@ def test_checkpoint_resharding_fsdp_to_tp_to_one_process(reference, tmp_path):
     assert sorted(mine) == sorted(ref)
     for k in ref:
         torch.testing.assert_close(mine[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
-    from llamatron.model import MODEL_SIZES, Transformer
+    from llamatron.models.llama import SIZES
+    from llamatron.models.llama.model import Transformer
     import dataclasses
 
-    model = Transformer(dataclasses.replace(MODEL_SIZES["debug"], n_layers=4))
+    model = Transformer(dataclasses.replace(SIZES["debug"], n_layers=4))
     model.load_state_dict(ckpt.consolidated_state_dict(ckpt.latest_checkpoint(out), dtype=torch.float32), strict=True)
     exported = ckpt.save_consolidated(ckpt.latest_checkpoint(out), tmp_path / "model.pt", dtype=torch.bfloat16)
     sd = torch.load(exported, weights_only=True)

@@ -7,12 +7,13 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from llamatron.model import Transformer
+from torch import nn
 
 
-def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: torch.dtype | None,
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | None,
                reshard_after_forward: bool = True) -> None:
-    """Wrap each block, then the embedding, then norm + output together, then the root.
+    """Wrap each block, then the first stage's modules (the embedding), then the last stage's (norm +
+    output) together, then the root.
 
     One unit per block, so only one or two blocks' parameters are gathered at a time and the
     all-gather of the next overlaps the compute of the current. With `param_dtype` bf16 the gathered
@@ -27,8 +28,18 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: torch.dtype | 
     for i, block in enumerate(blocks):
         # The last block's parameters would be gathered again at once by backward: keep them.
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kw)
-    if model.tok_embeddings is not None:
-        fully_shard(model.tok_embeddings, reshard_after_forward=reshard_after_forward, **kw)
-    if model.output is not None:
-        fully_shard([model.norm, model.output], reshard_after_forward=False, **kw)
+    first = _present(model, model.first_stage)
+    if first:
+        fully_shard(first, reshard_after_forward=reshard_after_forward, **kw)
+    last = _present(model, model.last_stage)
+    if last:
+        # Used at once again by backward: keep it gathered.
+        fully_shard(last, reshard_after_forward=False, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+
+
+def _present(model: nn.Module, names: tuple[str, ...]):
+    """The named top-level modules this part holds (pipeline stages hold some): one module, a list
+    of several (one FSDP unit), or None."""
+    modules = [m for m in (getattr(model, n) for n in names) if m is not None]
+    return None if not modules else modules[0] if len(modules) == 1 else modules

@@ -15,13 +15,7 @@ embedding; the last for the output layer):
   backward;
 - activations: what autograd saves in each block for backward, per token of the local sequence
   (micro_batch x seq_len / cp, and / tp for the sequence-parallel parts), counted tensor by tensor
-  for this model in eager mode (r = bytes of the residual stream: 4 with fp32 parameters, 2 with
-  bf16 ones; a = bytes of the compute dtype):
-      norms        2 x (input + normalised + output) = 6 r d  (the output in the compute dtype)
-      casts        under autocast, each matmul's own bf16 copy of its fp32 input (wq, wk, wv, w1,
-                   w3; autocast caches casts of weights only) = 5 a d, in place of the 2 r d above
-      attention    q, k and v after GQA expansion, output, and the output's copy into wo = 5 a d
-      FFN          gate and up outputs, silu(gate), their product = 4 a f
+  by the model's family (`Family.activation_bytes_per_token`; Llama's in models/llama/cost.py),
   times the blocks whose activations are alive at once: all of them, or with activation
   checkpointing only their inputs (r d) plus one block recomputed; under pipeline parallelism
   (1F1B) the first stage holds pp micro-batches in flight (interleaved: pp + (pp-1)/v-ish; counted
@@ -40,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llamatron.model import ModelArgs
+import torch
 
 GiB = 2**30
 
@@ -67,20 +61,50 @@ class MemoryEstimate:
         return ", ".join(f"{k} {v / scale:.2f}" for k, v in self.as_dict().items()) + f" {unit}"
 
 
-def block_parameters(args: ModelArgs) -> int:
-    kv = args.n_kv_heads * args.head_dim
-    return 2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.ffn_dim + 2 * args.dim
+@dataclass(frozen=True)
+class ParameterCounts:
+    """The model's parameters by where they live: per block (averaged over blocks; matrices, which
+    tensor parallelism shards, and vectors, which it does not), and in the modules of the first and
+    last pipeline stage (embedding; final norm and output). Tied parameters are counted once."""
+
+    block_matrices: float
+    block_vectors: float
+    first: int
+    last: int
+    total: int
 
 
-def activation_bytes_per_token(args: ModelArgs, residual_bytes: int, compute_bytes: int) -> int:
-    """Bytes one block saves for backward per token (see the module docstring)."""
-    d, f, r, a = args.dim, args.ffn_dim, residual_bytes, compute_bytes
-    norms = 4 * r * d + (5 * a * d if r != a else 2 * a * d)  # autocast: per-matmul casts of fp32 inputs
-    return norms + 5 * a * d + 4 * a * f
+def parameter_counts(args) -> ParameterCounts:
+    from llamatron.models import registry
+
+    with torch.device("meta"):
+        model = registry.family_of(args).build(args)
+    seen: set[int] = set()
+
+    def count(module, ndim=None) -> int:
+        n = 0
+        for p in module.parameters():
+            if id(p) not in seen and (ndim is None or (p.ndim >= 2) == ndim):
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    layers = len(model.layers)
+    matrices = count(model.layers, ndim=True) / layers
+    vectors = count(model.layers, ndim=False) / layers
+    first = sum(count(getattr(model, name)) for name in model.first_stage)
+    last = sum(count(getattr(model, name)) for name in model.last_stage)
+    return ParameterCounts(matrices, vectors, first, last, sum(p.numel() for p in model.parameters()))
+
+
+def block_parameters(args) -> float:
+    """Parameters of one block (the mean over blocks)."""
+    counts = parameter_counts(args)
+    return counts.block_matrices + counts.block_vectors
 
 
 def estimate_memory(
-    args: ModelArgs,
+    args,
     seq_len: int,
     micro_batch: int,
     *,
@@ -97,16 +121,18 @@ def estimate_memory(
     fused_cross_entropy: bool = True,
 ) -> MemoryEstimate:
     """Peak bytes per rank for one training step of the given layout (the largest over ranks)."""
+    from llamatron.models import registry
+
     if fsdp is None:
         fsdp = dp_shard * cp > 1
     shard = dp_shard * cp if fsdp else 1
     layers = args.n_layers // pp
-    block = block_parameters(args)
-    norms = 2 * args.dim
-    block_tp = (block - norms) / tp + norms
-    embed = args.vocab_size * args.dim / tp
-    # The rank with most parameters: the first stage (embedding) or the last (output + final norm).
-    params = layers * block_tp + (2 * embed + args.dim if pp == 1 else embed + args.dim)
+    counts = parameter_counts(args)
+    block_tp = counts.block_matrices / tp + counts.block_vectors
+    # The rank with most parameters: the first stage (embedding) or the last (output + final norm);
+    # tensor parallelism splits the embedding and output by vocabulary.
+    ends = counts.first + counts.last if pp == 1 else max(counts.first, counts.last)
+    params = layers * block_tp + ends / tp
     weights = 4 * params / shard
     gradients = 4 * params / shard
     optimizer = 8 * params / shard
@@ -122,7 +148,7 @@ def estimate_memory(
     working = gathered
 
     tokens = micro_batch * seq_len / cp
-    per_block = activation_bytes_per_token(args, residual, compute) * tokens / tp
+    per_block = registry.family_of(args).activation_bytes_per_token(args, residual, compute) * tokens / tp
     if activation_checkpointing:
         n_ckpt = layers if checkpointed_layers is None else min(checkpointed_layers, layers)
         saved = n_ckpt * residual * args.dim * tokens / tp + (layers - n_ckpt) * per_block + per_block

@@ -1,8 +1,8 @@
-"""`parallelize`: turn the plain model (built on the meta device) into this rank's part(s) of the
-layout, then materialise and initialise them with the same values the whole model would have.
+"""`parallelize`: turn the plain model of any family (built on the meta device) into this rank's part(s)
+of the layout, then materialise and initialise them with the same values the whole model would have.
 
-Order, as torchtitan: pipeline split -> FP8 layers -> tensor parallel -> activation checkpointing -> compile ->
-FSDP. TP first because it changes the parameters into DTensors that the rest must see; checkpointing
+Order, as torchtitan: pipeline split -> FP8 layers -> tensor parallel (the family's plan) -> activation
+checkpointing -> compile -> FSDP. TP first because it changes the parameters into DTensors that the rest must see; checkpointing
 and compile wrap the blocks TP has sharded; FSDP last, since it shards whatever parameters it finds
 (TP shards included: a 2-D mesh) and its hooks must surround the compiled blocks.
 """
@@ -17,13 +17,12 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from llamatron.config import TrainConfig
-from llamatron.model import Transformer
-from llamatron.parallel.apply import apply_activation_checkpointing, apply_compile
+from llamatron.models.family import Family
 from llamatron.parallel.dims import ParallelDims
-from llamatron.parallel.fp8 import apply_fp8
 from llamatron.parallel.fsdp import apply_fsdp
-from llamatron.parallel.tensor_parallel import apply_tensor_parallel
+from llamatron.transforms.checkpointing import apply_activation_checkpointing
+from llamatron.transforms.compile import apply_compile
+from llamatron.transforms.fp8 import apply_fp8
 
 # Wrappers that insert a level into parameter names; checkpoints and seeds use the clean names.
 _WRAPPER_PREFIXES = re.compile(r"(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")
@@ -33,10 +32,12 @@ def clean_name(name: str) -> str:
     return _WRAPPER_PREFIXES.sub("", name)
 
 
-def parallelize(model: Transformer, train: TrainConfig, dims: ParallelDims,
-                param_dtype: torch.dtype | None = None) -> tuple[list[Transformer], list[int]]:
+def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
+                param_dtype: torch.dtype | None = None) -> tuple[list[nn.Module], list[int], bool]:
     """This rank's parts of `model` (its pipeline stages, else the model itself) with the layout
-    applied, still on the meta device, and their stage indices ([0] without pipelining).
+    applied, still on the meta device, their stage indices ([0] without pipelining), and whether the
+    output layer runs in FP8 (the fused loss then runs its GEMMs in FP8). `train` is the `[train]`
+    config section.
 
     param_dtype: the dtype FSDP gathers parameters in for compute (bf16 for mixed precision).
     """
@@ -48,13 +49,15 @@ def parallelize(model: Transformer, train: TrainConfig, dims: ParallelDims,
         parts = [split_stage(model, i, n_stages) for i in ids]
     else:
         ids, parts = [0], [model]
+    fp8_output = False
     for part in parts:
         if train.fp8 != "none":
             # Before everything else: TP, compile and FSDP must see the Float8Linear modules.
-            apply_fp8(part, train.fp8, min_features=train.fp8_min_features,
-                      include_output=train.fp8_include_output, fsdp_all_gather=train.fp8_all_gather)
+            converted = apply_fp8(part, train.fp8, min_features=train.fp8_min_features,
+                                  include_output=train.fp8_include_output, fsdp_all_gather=train.fp8_all_gather)
+            fp8_output = fp8_output or "output" in converted
         if dims.tp > 1:
-            apply_tensor_parallel(part, dims.submesh("tp"))
+            family.tensor_parallel(part, dims.submesh("tp"))
         if train.activation_checkpointing:
             apply_activation_checkpointing(part, train.activation_checkpointing_layers)
         if train.compile:
@@ -63,7 +66,7 @@ def parallelize(model: Transformer, train: TrainConfig, dims: ParallelDims,
             # Pipelining runs several micro-batches' forwards before their backwards: keep the
             # gathered parameters rather than gather them again for every micro-batch.
             apply_fsdp(part, dims.submesh("fsdp"), param_dtype, reshard_after_forward=dims.pp == 1)
-    return parts, ids
+    return parts, ids, fp8_output
 
 
 def _init_threads() -> int:
@@ -72,9 +75,9 @@ def _init_threads() -> int:
 
 
 @torch.no_grad()
-def materialize(model: Transformer, device: torch.device, seed: int) -> None:
+def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
     """Allocate `model` (a meta-device part, possibly sharded) on `device` and give every parameter
-    the value `Transformer.initial_value` gives it in the whole model, whatever the layout.
+    the value its `initial_value` gives it in the whole model, whatever the layout.
 
     Each value is sampled whole on the CPU from its own seeded generator (several parameters at a
     time on threads: torch releases the GIL) and this rank keeps its shard of it, so a run's weights
@@ -89,7 +92,7 @@ def materialize(model: Transformer, device: torch.device, seed: int) -> None:
             values = pool.map(lambda np_: model.initial_value(clean_name(np_[0]), np_[1].shape, seed), batch)
             for (_, p), full in zip(batch, values):
                 _copy_into(p, full)
-    model.init_rope()
+    model.init_buffers()
 
 
 def _copy_into(p: nn.Parameter, full: torch.Tensor) -> None:

@@ -14,10 +14,10 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from llamatron.model import Transformer
+from llamatron.parallel.layout import plain
 
 IGNORE_INDEX = -100  # labels of padding samples (evaluation fills the last batch up to the schedule's size)
 
@@ -26,9 +26,10 @@ def stage_ids(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
     return [pp_rank + v * pp for v in range(virtual_stages)]
 
 
-def split_stage(model: Transformer, stage: int, n_stages: int) -> Transformer:
+def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
     """A copy of `model` (best on the meta device, where copying costs nothing) keeping only the layers
-    of `stage`, plus the embedding on the first stage and norm + output on the last."""
+    of `stage`, plus the model's `first_stage` modules (the embedding) on the first stage and its
+    `last_stage` ones (norm + output) on the last."""
     n = len(model.layers)
     per = n // n_stages
     keep = {str(i) for i in range(stage * per, (stage + 1) * per)}
@@ -37,10 +38,11 @@ def split_stage(model: Transformer, stage: int, n_stages: int) -> Transformer:
         if name not in keep:
             del part.layers[name]
     if stage != 0:
-        part.tok_embeddings = None
+        for name in model.first_stage:
+            setattr(part, name, None)
     if stage != n_stages - 1:
-        part.norm = None
-        part.output = None
+        for name in model.last_stage:
+            setattr(part, name, None)
     return part
 
 
@@ -93,8 +95,3 @@ class Pipeline:
     @torch.no_grad()
     def eval_losses(self, tokens: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
         return [plain(loss) for loss in self._run(tokens, labels, train=False)]
-
-
-def plain(t: torch.Tensor) -> torch.Tensor:
-    """A loss as a plain tensor (under tensor parallelism it is a replicated DTensor)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t

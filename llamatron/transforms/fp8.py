@@ -4,13 +4,13 @@ The three GEMMs of each swapped layer (output, input gradient, weight gradient) 
 cores with E4M3 operands, with scales computed from the current tensors ("dynamic" scaling): one scale
 per tensor (`tensorwise`, the fastest) or one per row (`rowwise`, more robust to outliers, a little
 slower). Master weights, gradients and optimizer state keep their dtypes; only the GEMM operands are
-cast. Applied to the meta-device model before tensor parallel, compile and FSDP, like every other
-transformation in `llamatron.parallel`.
+cast. Applied to the meta-device model before tensor parallel, compile and FSDP (llamatron.parallel.parallelize).
 
 What stays in BF16, and why:
 - the output layer (`output`): its logits feed a softmax over 128K classes, where FP8's 3-bit mantissa
   costs accuracy (`fp8_include_output` overrides: with the fused cross-entropy its three GEMMs then run
-  in FP8 inside `llamatron.loss`, tensorwise whatever the recipe; else it is a Float8Linear too);
+  in FP8 inside `llamatron.loss`, tensorwise whatever the recipe, which `apply_fp8` reports by naming
+  "output" among the converted layers; else it is a Float8Linear too);
 - layers with a dimension below `fp8_min_features`: the cast and scale kernels cost more than the
   smaller GEMM saves (users report FP8 slower than BF16 on small models for this reason);
 - layers whose dimensions are not multiples of 16, which FP8 GEMMs cannot take.
@@ -88,8 +88,6 @@ def apply_fp8(model: nn.Module, recipe: str, *, min_features: int = 1024, includ
     keep = fp8_module_filter(min_features, include_output)
     converted = [name for name, m in model.named_modules() if keep(m, name)]
     convert_to_float8_training(model, config=config, module_filter_fn=keep)
-    if "output" in converted:
-        model.output.fp8_in_fused_loss = True  # read by Transformer.forward for the fused loss
     return converted
 
 
