@@ -93,13 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from llamatron.testing import faults
+
+    remove_faults = lambda: None  # noqa: E731
     try:
+        remove_faults = faults.install_from_env()  # test-only: LLAMATRON_FAULT, unset in real runs
         return COMMANDS[args.command](args) or 0
     except LlamatronError as e:
         error = str(e)
     except KeyboardInterrupt:
         print(f"llamatron {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        remove_faults()
     # Printed outside the handler: by now the failed frames are freed, so what they held (a progress
     # bar, which draws itself once more as it closes) is gone and the message is the last line.
     print(f"llamatron {args.command}: error: {error}", file=sys.stderr)
@@ -212,13 +218,15 @@ def cmd_c4(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import torch
     import yaml
 
-    from llamatron.config import config_from_dict, model_args
+    from llamatron.config import config_from_dict, resolve_model
     from llamatron.data.gpt_dataset import GPTDataset
     from llamatron.data.indexed import IndexedDataset
+    from llamatron.eval.perplexity import evaluate
+    from llamatron.runtime import Precision, select_device
     from llamatron.train import checkpoint as ckpt
-    from llamatron.train.trainer import autocast_dtype, build_model, evaluate, select_device
 
     path = Path(args.checkpoint)
     if not path.exists():
@@ -229,7 +237,7 @@ def cmd_eval(args) -> int:
             raise LlamatronError(f"{path}: neither a checkpoint nor a run directory with a complete checkpoint")
         path = newest
     cfg = config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path)))
-    margs = model_args(cfg.model)
+    family, margs = resolve_model(cfg.model)
     seq_len = args.seq_len or cfg.data.seq_len
     data = IndexedDataset(args.data)
     available = (data.num_tokens - 1) // seq_len
@@ -242,11 +250,15 @@ def cmd_eval(args) -> int:
     if top >= margs.vocab_size:
         raise LlamatronError(f"{args.data}.bin: token id {top} is outside the model vocabulary of {margs.vocab_size}")
     device = select_device(args.device)
-    model = build_model(margs, device, seed=0)
+    with torch.device("meta"):
+        model = family.build(margs)
+    model.to_empty(device=device)
+    model.init_buffers()
     ckpt.load_model_weights(path, model)
     dataset = GPTDataset(data, seq_len, num, seed=cfg.data.seed, split="valid", shuffle=False)
     mbs = args.micro_batch_size or cfg.train.micro_batch_size
-    val = evaluate(model, dataset, num, mbs, device, autocast_dtype(cfg.train.precision, device))
+    precision = Precision.choose(cfg.train.precision, device, fsdp=False)
+    val = evaluate(model, dataset, num, mbs, device, precision)
     print(f"checkpoint {path}, data {args.data}: {num} windows of {seq_len} tokens")
     print(f"validation log perplexity: {val:.4f}")
     return 0
@@ -256,11 +268,12 @@ def cmd_flops(args) -> int:
     import dataclasses
 
     from llamatron import flops
-    from llamatron.model import MODEL_SIZES
+    from llamatron.models import registry
 
-    if args.model not in MODEL_SIZES:
-        raise LlamatronError(f"--model {args.model!r}: unknown; known sizes: {', '.join(MODEL_SIZES)}")
-    margs = MODEL_SIZES[args.model]
+    known = registry.entries()
+    if args.model not in known:
+        raise LlamatronError(f"--model {args.model!r}: unknown; known sizes: {', '.join(known)}")
+    margs = known[args.model].args
     if args.layers:
         margs = dataclasses.replace(margs, n_layers=args.layers)
     if args.kv_heads:

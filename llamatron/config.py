@@ -1,13 +1,17 @@
 """Run configuration: typed dataclasses, one loader (TOML or YAML), `--set section.key=value` overrides.
 
 Every key of every section can be given in the file or on the command line. Unknown keys, wrong types
-and impossible combinations are rejected with a one-line error that names the key and the rule.
+and impossible combinations are rejected with a one-line error that names the key and the rule; each
+section's checks sit next to its dataclass, and `validate_config` runs them all (plus the layout
+against the world size, and MLPerf's rules in MLPerf mode).
+
+Loading is three explicit steps: parse (defaults, file, overrides), derive (MLPerf mode fills in what
+the rules derive from the global batch size, unless set explicitly), validate.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import sys
 import types
@@ -19,8 +23,6 @@ from typing import Any
 import yaml
 
 from llamatron.errors import LlamatronError
-from llamatron.mlperf import apply_rules, check_rules
-from llamatron.model import MODEL_SIZES, ModelArgs
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,17 +32,38 @@ else:  # pragma: no cover
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
+def _need(ok: bool, key: str, rule: str) -> None:
+    if not ok:
+        raise LlamatronError(f"config key '{key}': {rule}")
+
+
 @dataclass
 class ModelConfig:
-    size: str = "tiny"  # a named size: llama3.1-8b, llama3.1-70b, llama3.1-405b, tiny, debug
-    # Each of these, when set, replaces the named size's value (n_layers < the size's makes a proxy).
-    n_layers: int | None = None
-    dim: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    ffn_dim: int | None = None
-    vocab_size: int | None = None
-    max_seq_len: int | None = None
+    # A named model of the registry (llamatron/models/registry.py): llama3.1-8b, llama3.1-70b,
+    # llama3.1-405b, tiny, debug, ... Its family decides which other keys exist.
+    size: str = "tiny"
+    # Any field of the size's args dataclass (llamatron/models/<family>/model.py), given as
+    # `model.KEY = VALUE`, replaces the size's value: `model.n_layers = 4` on a real size makes a
+    # layer-reduced proxy. Kept here, typed against the family when the model is resolved.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_model(model: ModelConfig):
+    """(family, args) of the `[model]` section: the named size with its overrides, each checked
+    against the family's args type, then the family's own checks."""
+    from llamatron.models import registry
+
+    entry = registry.get(model.size)
+    hints = typing.get_type_hints(entry.family.args_type)
+    values = {}
+    for key, value in model.overrides.items():
+        if key not in hints:
+            raise LlamatronError(f"config key 'model.{key}': the {entry.family.name} family has no such setting; "
+                                 f"its keys: size, {', '.join(hints)}")
+        values[key] = _coerce(value, hints[key], f"model.{key}")
+    args = dataclasses.replace(entry.args, **values)
+    entry.family.validate(args)
+    return entry.family, args
 
 
 @dataclass
@@ -53,7 +76,20 @@ class DataConfig:
     tokenizer: str = "llama3"  # name or path; its vocabulary must fit the model's
     seq_len: int = 256
     seed: int = 1234  # sample-order seed (Megatron's GPTDataset random_seed)
-    cache_dir: str | None = None  # index cache; None = next to the data, as Megatron does
+    # Sample-index cache files (Megatron's .npy files); None = no cache files: each rank builds the
+    # index in memory (seconds per million samples).
+    cache_dir: str | None = None
+
+
+def _validate_data(data: DataConfig, max_seq_len: int) -> None:
+    _need(data.seq_len > 0, "data.seq_len", f"must be positive, got {data.seq_len}")
+    _need(data.seq_len <= max_seq_len, "data.seq_len",
+          f"{data.seq_len} exceeds the model's max_seq_len {max_seq_len} (set model.max_seq_len)")
+    _need(data.mock or bool(data.train), "data.train", "give at least one data prefix, or set data.mock=true")
+    if data.train_weights is not None:
+        _need(len(data.train_weights) == len(data.train), "data.train_weights",
+              f"{len(data.train_weights)} weights for {len(data.train)} train prefixes")
+        _need(all(w > 0 for w in data.train_weights), "data.train_weights", "weights must be positive")
 
 
 @dataclass
@@ -68,6 +104,20 @@ class OptimConfig:
     eps: float = 1e-5
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     fused: bool | None = None  # fused AdamW kernel; None = on for CUDA
+
+
+def _validate_optim(optim: OptimConfig) -> None:
+    _need(optim.lr >= 0 and optim.min_lr >= 0, "optim.lr", "learning rates must be >= 0")
+    _need(optim.min_lr <= optim.lr, "optim.min_lr", f"{optim.min_lr} must not exceed optim.lr {optim.lr}")
+    _need(optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {optim.warmup_steps}")
+    _need(0 <= optim.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {optim.beta1}")
+    _need(0 <= optim.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {optim.beta2}")
+    _need(optim.eps > 0, "optim.eps", f"must be positive, got {optim.eps}")
+    _need(optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {optim.weight_decay}")
+    _need(optim.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {optim.grad_clip}")
+    if optim.schedule_steps is not None:
+        _need(optim.schedule_steps >= optim.warmup_steps, "optim.schedule_steps",
+              f"{optim.schedule_steps} must be >= warmup_steps {optim.warmup_steps}")
 
 
 FP8_RECIPES = ("none", "tensorwise", "rowwise")
@@ -106,6 +156,29 @@ class TrainConfig:
     grad_spike_factor: float = 5.0  # log a spike when the grad norm > factor x median of recent steps; 0 = off
 
 
+def _validate_train(train: TrainConfig) -> None:
+    _need(train.steps >= 0, "train.steps", f"must be >= 0, got {train.steps}")
+    _need(train.micro_batch_size > 0, "train.micro_batch_size", f"must be positive, got {train.micro_batch_size}")
+    _need(train.global_batch_size > 0, "train.global_batch_size", f"must be positive, got {train.global_batch_size}")
+    _need(train.fp8 in FP8_RECIPES, "train.fp8", f"must be one of {', '.join(FP8_RECIPES)}, got {train.fp8!r}")
+    _need(train.fp8_min_features >= 0, "train.fp8_min_features", f"must be >= 0, got {train.fp8_min_features}")
+    _need(not train.fp8_all_gather or train.fp8 == "tensorwise", "train.fp8_all_gather",
+          f"FP8 all-gather needs train.fp8 = tensorwise, got {train.fp8!r}")
+    _need(train.activation_checkpointing_layers is None or train.activation_checkpointing_layers >= 0,
+          "train.activation_checkpointing_layers", f"must be >= 0, got {train.activation_checkpointing_layers}")
+    _need(train.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {train.device!r}")
+    _need(train.precision in ("auto", "bf16", "fp32"), "train.precision",
+          f"must be auto, bf16 or fp32, got {train.precision!r}")
+    _need(train.attention_backend in ("auto", "cudnn", "flash", "efficient", "math"), "train.attention_backend",
+          f"must be auto, cudnn, flash, efficient or math, got {train.attention_backend!r}")
+    _need(train.log_every > 0, "train.log_every", f"must be positive, got {train.log_every}")
+    _need(train.threads is None or train.threads > 0, "train.threads", f"must be positive, got {train.threads}")
+    _need(train.nonfinite in ("stop", "skip"), "train.nonfinite", f"must be stop or skip, got {train.nonfinite!r}")
+    _need(train.nonfinite_max_skips >= 1, "train.nonfinite_max_skips", f"must be >= 1, got {train.nonfinite_max_skips}")
+    _need(train.grad_spike_factor == 0 or train.grad_spike_factor > 1, "train.grad_spike_factor",
+          f"must be 0 (off) or > 1, got {train.grad_spike_factor}")
+
+
 @dataclass
 class EvalConfig:
     every: int = 0  # validate every N steps; 0 = only at the end
@@ -120,6 +193,15 @@ class EvalConfig:
     at_start: bool = True  # also validate before the first step
 
 
+def _validate_eval(ev: EvalConfig) -> None:
+    _need(ev.every >= 0, "eval.every", f"must be >= 0, got {ev.every}")
+    _need(ev.samples >= 0, "eval.samples", f"must be >= 0, got {ev.samples}")
+    _need(ev.micro_batch_size is None or ev.micro_batch_size > 0, "eval.micro_batch_size",
+          f"must be positive, got {ev.micro_batch_size}")
+    _need(ev.every_samples >= 0, "eval.every_samples", f"must be >= 0, got {ev.every_samples}")
+    _need(ev.first_interval >= 1, "eval.first_interval", f"must be >= 1, got {ev.first_interval}")
+
+
 @dataclass
 class CheckpointConfig:
     enabled: bool = True  # false: write no checkpoint at all (benchmarks: an 8B one is ~96 GB)
@@ -127,6 +209,11 @@ class CheckpointConfig:
     keep: int = 2  # complete checkpoints to keep (older ones are deleted)
     resume: bool = True  # continue from the newest complete checkpoint in out_dir, if any
     init_from: str | None = None  # start from this checkpoint's model weights (fresh optimizer)
+
+
+def _validate_checkpoint(ck: CheckpointConfig) -> None:
+    _need(ck.every >= 0, "checkpoint.every", f"must be >= 0, got {ck.every}")
+    _need(ck.keep >= 1, "checkpoint.keep", f"must be >= 1, got {ck.keep}")
 
 
 @dataclass
@@ -139,6 +226,79 @@ class ParallelConfig:
     pp_virtual_stages: int = 1  # stages per pipeline rank (> 1: interleaved schedule)
     pp_schedule: str = "auto"  # gpipe, 1f1b, interleaved1f1b; auto = 1f1b, or interleaved1f1b when virtual > 1
     cp: int = 1  # context parallel: each rank holds 2 of 2*cp chunks of every sequence (load-balanced)
+
+
+PP_SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved1f1b")
+
+
+def resolve_dp_shard(p: ParallelConfig, world_size: int) -> int:
+    """dp_shard with -1 filled in from the world size (the caller has checked divisibility)."""
+    if p.dp_shard != -1:
+        return p.dp_shard
+    return max(world_size // (p.dp_replicate * p.cp * p.tp * p.pp), 1)
+
+
+def pp_schedule_name(p: ParallelConfig) -> str:
+    if p.pp_schedule != "auto":
+        return p.pp_schedule
+    return "interleaved1f1b" if p.pp_virtual_stages > 1 else "1f1b"
+
+
+
+def _validate_parallel(cfg: "Config", family, args, world_size: int | None) -> None:
+    """Each degree alone, then against the model shape and the batch, then against the world size
+    (when known: the trainer, under torchrun)."""
+    p, train, seq_len = cfg.parallel, cfg.train, cfg.data.seq_len
+    for key in ("dp_replicate", "tp", "pp", "pp_virtual_stages", "cp"):
+        _need(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
+    _need(p.dp_shard >= 1 or p.dp_shard == -1, "parallel.dp_shard", f"must be >= 1, or -1 (fill), got {p.dp_shard}")
+    _need(p.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
+          f"must be one of {', '.join(PP_SCHEDULES)}, got {p.pp_schedule!r}")
+    schedule = pp_schedule_name(p)
+    if p.pp_virtual_stages > 1:
+        _need(schedule == "interleaved1f1b", "parallel.pp_schedule",
+              f"{schedule} runs one stage per rank; pp_virtual_stages {p.pp_virtual_stages} needs interleaved1f1b")
+    _need(train.fp8 == "none" or p.tp == 1, "train.fp8", "FP8 with tensor parallelism (parallel.tp > 1) is not supported yet")
+    for key, size in family.tp_divisible(args).items():
+        _need(size % p.tp == 0, "parallel.tp", f"{key} {size} must be divisible by tp {p.tp}")
+    _need(seq_len % p.tp == 0, "parallel.tp",
+          f"data.seq_len {seq_len} must be divisible by tp {p.tp} (sequence parallel shards the sequence)")
+    stages = p.pp * p.pp_virtual_stages
+    _need(args.n_layers % stages == 0, "parallel.pp",
+          f"n_layers {args.n_layers} must be divisible by pp x pp_virtual_stages = {p.pp} x {p.pp_virtual_stages}")
+    _need(seq_len % (2 * p.cp) == 0, "parallel.cp",
+          f"data.seq_len {seq_len} must be divisible by 2 x cp = {2 * p.cp} (each rank holds 2 load-balanced chunks)")
+    fixed = p.dp_replicate * p.cp * p.tp * p.pp
+    if world_size is not None:
+        if p.dp_shard == -1:
+            _need(world_size % fixed == 0, "parallel.dp_shard",
+                  f"-1 fills the world size {world_size}, which is not divisible by dp_replicate x cp x tp x pp = {fixed}")
+        else:
+            _need(fixed * p.dp_shard == world_size, "parallel.dp_shard",
+                  f"dp_replicate x dp_shard x cp x tp x pp = {p.dp_replicate} x {p.dp_shard} x {p.cp} x {p.tp} x {p.pp} "
+                  f"= {fixed * p.dp_shard}, but the world size is {world_size} (set dp_shard=-1 to fill)")
+    _validate_batch(train, p, world_size)
+
+
+def _validate_batch(train: "TrainConfig", p: ParallelConfig, world_size: int | None) -> None:
+    # Without a world size, dp_shard=-1 counts as 1: every check below is then a necessary condition
+    # (a larger data-parallel size only adds to it), and the trainer repeats them with the real size.
+    fixed = p.dp_replicate * p.cp * p.tp * p.pp
+    known = world_size is not None or p.dp_shard != -1
+    dp = p.dp_replicate * resolve_dp_shard(p, world_size if world_size is not None else fixed * max(p.dp_shard, 1))
+    _need(train.global_batch_size % (train.micro_batch_size * dp) == 0, "train.global_batch_size",
+          f"{train.global_batch_size} must be divisible by micro_batch_size x data-parallel size "
+          f"= {train.micro_batch_size} x {dp}")
+    micro_batches = train.global_batch_size // (train.micro_batch_size * dp)
+    if p.pp > 1:
+        _need(micro_batches >= p.pp, "train.global_batch_size",
+              f"the pipeline needs at least pp = {p.pp} micro-batches per step and rank, got global_batch_size / "
+              f"(micro_batch_size x data-parallel size) = {micro_batches}")
+        rounds = max(1, micro_batches // p.pp)
+        if pp_schedule_name(p) == "interleaved1f1b" and known:
+            _need(micro_batches % rounds == 0, "train.global_batch_size",
+                  f"interleaved1f1b needs the {micro_batches} micro-batches per step to be a multiple of "
+                  f"{rounds} (micro-batches // pp)")
 
 
 @dataclass
@@ -163,6 +323,41 @@ class LaunchConfig:
     # job requeues itself; also how long torchrun lets workers finish after a stop signal. 0 = off.
     signal_seconds: int = 120
     python: str = ""  # the Python that runs llamatron on the nodes; "" = this one, or `python` in a container
+
+
+# What sbatch reads from an `#SBATCH --key=value` line: a value with none of these can be written
+# there (double-quoted when it holds spaces); anything else would change the line's meaning.
+SBATCH_UNSAFE = re.compile(r"[\n\r\"'\\`$]")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _validate_launch(lc: LaunchConfig, ck: CheckpointConfig) -> None:
+    need = _need
+    need(lc.nodes >= 1, "launch.nodes", f"must be >= 1, got {lc.nodes}")
+    need(lc.gpus_per_node >= 0, "launch.gpus_per_node", f"must be >= 0, got {lc.gpus_per_node}")
+    need(lc.nproc_per_node >= 0, "launch.nproc_per_node", f"must be >= 0 (0 = gpus_per_node), got {lc.nproc_per_node}")
+    need(lc.nproc_per_node > 0 or lc.gpus_per_node > 0, "launch.nproc_per_node",
+         "with gpus_per_node = 0 (a CPU job), give the number of training processes per node")
+    need(lc.jobs >= 1, "launch.jobs", f"must be >= 1, got {lc.jobs}")
+    need(lc.jobs == 1 or ck.enabled, "launch.jobs",
+         f"{lc.jobs} consecutive jobs continue from checkpoints, but checkpoint.enabled is false")
+    need(lc.jobs == 1 or ck.resume, "launch.jobs",
+         f"{lc.jobs} consecutive jobs continue from checkpoints, but checkpoint.resume is false")
+    need(1 <= lc.rdzv_port <= 65535, "launch.rdzv_port", f"must be a TCP port (1-65535), got {lc.rdzv_port}")
+    need(lc.signal_seconds >= 0, "launch.signal_seconds", f"must be >= 0, got {lc.signal_seconds}")
+    for key in ("account", "partition", "time", "job_name"):
+        value = getattr(lc, key)
+        need(not SBATCH_UNSAFE.search(value), f"launch.{key}",
+             f"{value!r}: quotes, backslashes, $, ` and line breaks cannot go into an #SBATCH line")
+    need(bool(lc.job_name.strip()), "launch.job_name", "must not be empty")
+    for arg in lc.sbatch_args:
+        need(arg.startswith("-") and "\n" not in arg and "\r" not in arg,
+             "launch.sbatch_args", f"{arg!r}: each entry is one sbatch option (starting with -) on one line")
+    for mount in lc.container_mounts:
+        need(bool(mount) and "," not in mount and ":" in mount, "launch.container_mounts",
+             f"{mount!r}: each entry is SRC:DST[:FLAGS], without commas")
+    for name in lc.env:
+        need(bool(_ENV_NAME.fullmatch(name)), "launch.env", f"{name!r} is not an environment variable name")
 
 
 @dataclass
@@ -275,6 +470,16 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
     if section not in sections:
         raise LlamatronError(f"{source}: unknown config section '{section}'; expected one of {sorted(sections)}")
     obj = getattr(cfg, section)
+    if section == "model" and key != "size":
+        # Typed when the model is resolved: which keys exist depends on the size's family. None (as
+        # older saved configs write unset keys) means unset.
+        if key == "overrides":
+            raise LlamatronError(f"{source}: 'model.overrides' is not a key; write model.KEY = VALUE")
+        if value is None:
+            obj.overrides.pop(key, None)
+        else:
+            obj.overrides[key] = value
+        return
     hints = _section_types(type(obj))
     if key not in hints:
         raise LlamatronError(
@@ -301,47 +506,68 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the file (TOML or YAML), then `section.key=value` overrides, then (MLPerf mode)
-    the values the rules derive for the keys neither of them set; then validated."""
-    cfg = Config()
-    explicit: set[str] = set()
-    if path is not None:
-        p = resolve_config_path(path)
-        text = p.read_text()
-        try:
-            data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
-        except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-            raise LlamatronError(f"{p}: cannot parse config: {str(e).splitlines()[0]}") from None
-        data = data or {}
-        if not isinstance(data, dict):
-            raise LlamatronError(f"{p}: a config file is a mapping of sections, got {type(data).__name__}")
-        for section, values in data.items():
-            if not isinstance(values, dict):
-                raise LlamatronError(f"{p}: config section '{section}' must be a table of keys")
-            for key, value in values.items():
-                _apply(cfg, section, key, value, str(p))
-                explicit.add(f"{section}.{key}")
-    for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise LlamatronError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
-        dotted, raw = item.split("=", 1)
-        section, key = dotted.strip().split(".", 1)
-        if _field_type(section, key) is str and not raw.strip()[:1] in ("'", '"'):
-            value = raw.strip()  # as typed: YAML would read launch.time=4:00:00 as the number 14400
-        else:
-            try:
-                value = yaml.safe_load(raw) if raw.strip() else None
-            except yaml.YAMLError:
-                value = raw
-        _apply(cfg, section, key, value, "--set")
-        explicit.add(f"{section.strip()}.{key.strip()}")
-    apply_rules(cfg, explicit)
+    """Parse (defaults, then the file (TOML or YAML), then `section.key=value` overrides), derive
+    (MLPerf mode: the values the rules derive for the keys neither of them set), validate."""
+    cfg, explicit = parse_config(path, overrides)
+    if cfg.mlperf.benchmark:
+        from llamatron.mlperf import apply_rules
+
+        apply_rules(cfg, explicit)
     validate_config(cfg)
     return cfg
 
 
+def parse_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, set[str]]:
+    """The config as written, and the "section.key" names set explicitly (in the file or by --set)."""
+    cfg = Config()
+    explicit: set[str] = set()
+    if path is not None:
+        p = resolve_config_path(path)
+        for section, key, value in _read_config_file(p):
+            _apply(cfg, section, key, value, str(p))
+            explicit.add(f"{section}.{key}")
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        _apply(cfg, section, key, value, "--set")
+        explicit.add(f"{section}.{key}")
+    return cfg, explicit
+
+
+def _read_config_file(p: Path) -> list[tuple[str, str, Any]]:
+    text = p.read_text()
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise LlamatronError(f"{p}: cannot parse config: {str(e).splitlines()[0]}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise LlamatronError(f"{p}: a config file is a mapping of sections, got {type(data).__name__}")
+    items = []
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise LlamatronError(f"{p}: config section '{section}' must be a table of keys")
+        items += [(section, key, value) for key, value in values.items()]
+    return items
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise LlamatronError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
+    dotted, raw = item.split("=", 1)
+    section, key = (part.strip() for part in dotted.strip().split(".", 1))
+    if _field_type(section, key) is str and not raw.strip()[:1] in ("'", '"'):
+        return section, key, raw.strip()  # as typed: YAML would read launch.time=4:00:00 as the number 14400
+    try:
+        return section, key, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        return section, key, raw
+
+
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Sections of keys, as a config file has them (the model's overrides as `model.KEY`)."""
+    data = dataclasses.asdict(cfg)
+    model = data.pop("model")
+    return {"model": {"size": model["size"], **model["overrides"]}, **data}
 
 
 def config_from_dict(data: dict) -> Config:
@@ -358,190 +584,20 @@ def dump_config(cfg: Config) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Derived values and validation
-
-
-def model_args(cfg: ModelConfig) -> ModelArgs:
-    if cfg.size not in MODEL_SIZES:
-        raise LlamatronError(f"config key 'model.size': unknown size {cfg.size!r}; known: {', '.join(MODEL_SIZES)}")
-    overrides = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "size"}
-    return dataclasses.replace(MODEL_SIZES[cfg.size], **{k: v for k, v in overrides.items() if v is not None})
-
-
-PP_SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved1f1b")
-
-
-def resolve_dp_shard(p: ParallelConfig, world_size: int) -> int:
-    """dp_shard with -1 filled in from the world size (the caller has checked divisibility)."""
-    if p.dp_shard != -1:
-        return p.dp_shard
-    return max(world_size // (p.dp_replicate * p.cp * p.tp * p.pp), 1)
-
-
-def pp_schedule_name(p: ParallelConfig) -> str:
-    if p.pp_schedule != "auto":
-        return p.pp_schedule
-    return "interleaved1f1b" if p.pp_virtual_stages > 1 else "1f1b"
-
-
-def eval_interval_steps(cfg: Config) -> int:
-    """Steps between in-training validations (0: none): eval.every_samples rounded up to whole steps,
-    as the MLPerf reference does, else eval.every."""
-    if cfg.eval.every_samples:
-        return math.ceil(cfg.eval.every_samples / cfg.train.global_batch_size)
-    return cfg.eval.every
-
-
-def eval_due(cfg: Config, step: int) -> bool:
-    """Whether a validation follows optimizer step `step` (counted from 1)."""
-    n = eval_interval_steps(cfg)
-    return n > 0 and step % n == 0 and step // n >= cfg.eval.first_interval
+# Validation
 
 
 def validate_config(cfg: Config, world_size: int | None = None) -> None:
     """Check every key alone and against the others. With `world_size` (the trainer, under torchrun),
     also the parallel layout against it; without, only what does not depend on it."""
-    args = model_args(cfg.model)
-    t, d, o, e, p = cfg.train, cfg.data, cfg.optim, cfg.eval, cfg.parallel
+    family, args = resolve_model(cfg.model)
+    _validate_train(cfg.train)
+    _validate_parallel(cfg, family, args, world_size)
+    _validate_data(cfg.data, args.max_seq_len)
+    _validate_optim(cfg.optim)
+    _validate_eval(cfg.eval)
+    _validate_checkpoint(cfg.checkpoint)
+    _validate_launch(cfg.launch, cfg.checkpoint)
+    from llamatron.mlperf import check_rules  # the [mlperf] keys, and in MLPerf mode the rules
 
-    def need(ok: bool, key: str, rule: str) -> None:
-        if not ok:
-            raise LlamatronError(f"config key '{key}': {rule}")
-
-    for key, val in (("n_layers", args.n_layers), ("dim", args.dim), ("n_heads", args.n_heads),
-                     ("n_kv_heads", args.n_kv_heads), ("ffn_dim", args.ffn_dim), ("vocab_size", args.vocab_size)):
-        need(val > 0, f"model.{key}", f"must be positive, got {val}")
-    need(args.dim % args.n_heads == 0, "model.n_heads", f"dim {args.dim} must be divisible by n_heads {args.n_heads}")
-    need(args.n_heads % args.n_kv_heads == 0, "model.n_kv_heads",
-         f"n_heads {args.n_heads} must be divisible by n_kv_heads {args.n_kv_heads}")
-    need(args.head_dim % 2 == 0, "model.n_heads", f"head_dim {args.head_dim} must be even for rotary embeddings")
-    need(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
-    need(t.micro_batch_size > 0, "train.micro_batch_size", f"must be positive, got {t.micro_batch_size}")
-    need(t.global_batch_size > 0, "train.global_batch_size", f"must be positive, got {t.global_batch_size}")
-    need(t.fp8 in FP8_RECIPES, "train.fp8", f"must be one of {', '.join(FP8_RECIPES)}, got {t.fp8!r}")
-    need(t.fp8_min_features >= 0, "train.fp8_min_features", f"must be >= 0, got {t.fp8_min_features}")
-    need(not t.fp8_all_gather or t.fp8 == "tensorwise", "train.fp8_all_gather",
-         f"FP8 all-gather needs train.fp8 = tensorwise, got {t.fp8!r}")
-    need(t.fp8 == "none" or p.tp == 1, "train.fp8", "FP8 with tensor parallelism (parallel.tp > 1) is not supported yet")
-
-    # Parallel layout: each degree alone, then against the model shape, then against the world size.
-    for key in ("dp_replicate", "tp", "pp", "pp_virtual_stages", "cp"):
-        need(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
-    need(p.dp_shard >= 1 or p.dp_shard == -1, "parallel.dp_shard", f"must be >= 1, or -1 (fill), got {p.dp_shard}")
-    need(p.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}, got {p.pp_schedule!r}")
-    schedule = pp_schedule_name(p)
-    if p.pp_virtual_stages > 1:
-        need(schedule == "interleaved1f1b", "parallel.pp_schedule",
-             f"{schedule} runs one stage per rank; pp_virtual_stages {p.pp_virtual_stages} needs interleaved1f1b")
-    need(args.n_heads % p.tp == 0, "parallel.tp", f"n_heads {args.n_heads} must be divisible by tp {p.tp}")
-    need(args.n_kv_heads % p.tp == 0, "parallel.tp", f"n_kv_heads {args.n_kv_heads} must be divisible by tp {p.tp}")
-    need(args.ffn_dim % p.tp == 0, "parallel.tp", f"ffn_dim {args.ffn_dim} must be divisible by tp {p.tp}")
-    need(args.vocab_size % p.tp == 0, "parallel.tp", f"vocab_size {args.vocab_size} must be divisible by tp {p.tp}")
-    need(d.seq_len % p.tp == 0, "parallel.tp",
-         f"data.seq_len {d.seq_len} must be divisible by tp {p.tp} (sequence parallel shards the sequence)")
-    stages = p.pp * p.pp_virtual_stages
-    need(args.n_layers % stages == 0, "parallel.pp",
-         f"n_layers {args.n_layers} must be divisible by pp x pp_virtual_stages = {p.pp} x {p.pp_virtual_stages}")
-    need(d.seq_len % (2 * p.cp) == 0, "parallel.cp",
-         f"data.seq_len {d.seq_len} must be divisible by 2 x cp = {2 * p.cp} (each rank holds 2 load-balanced chunks)")
-    fixed = p.dp_replicate * p.cp * p.tp * p.pp
-    if world_size is not None:
-        if p.dp_shard == -1:
-            need(world_size % fixed == 0, "parallel.dp_shard",
-                 f"-1 fills the world size {world_size}, which is not divisible by dp_replicate x cp x tp x pp = {fixed}")
-        else:
-            need(fixed * p.dp_shard == world_size, "parallel.dp_shard",
-                 f"dp_replicate x dp_shard x cp x tp x pp = {p.dp_replicate} x {p.dp_shard} x {p.cp} x {p.tp} x {p.pp} "
-                 f"= {fixed * p.dp_shard}, but the world size is {world_size} (set dp_shard=-1 to fill)")
-    # Without a world size, dp_shard=-1 counts as 1: every check below is then a necessary condition
-    # (a larger data-parallel size only adds to it), and the trainer repeats them with the real size.
-    known = world_size is not None or p.dp_shard != -1
-    dp = p.dp_replicate * resolve_dp_shard(p, world_size if world_size is not None else fixed * max(p.dp_shard, 1))
-    need(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
-         f"{t.global_batch_size} must be divisible by micro_batch_size x data-parallel size "
-         f"= {t.micro_batch_size} x {dp}")
-    micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
-    if p.pp > 1:
-        need(micro_batches >= p.pp, "train.global_batch_size",
-             f"the pipeline needs at least pp = {p.pp} micro-batches per step and rank, got global_batch_size / "
-             f"(micro_batch_size x data-parallel size) = {micro_batches}")
-        rounds = max(1, micro_batches // p.pp)
-        if schedule == "interleaved1f1b" and known:
-            need(micro_batches % rounds == 0, "train.global_batch_size",
-                 f"interleaved1f1b needs the {micro_batches} micro-batches per step to be a multiple of "
-                 f"{rounds} (micro-batches // pp)")
-    need(t.activation_checkpointing_layers is None or t.activation_checkpointing_layers >= 0,
-         "train.activation_checkpointing_layers", f"must be >= 0, got {t.activation_checkpointing_layers}")
-    need(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
-    need(t.precision in ("auto", "bf16", "fp32"), "train.precision", f"must be auto, bf16 or fp32, got {t.precision!r}")
-    need(t.attention_backend in ("auto", "cudnn", "flash", "efficient", "math"), "train.attention_backend",
-         f"must be auto, cudnn, flash, efficient or math, got {t.attention_backend!r}")
-    need(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
-    need(t.threads is None or t.threads > 0, "train.threads", f"must be positive, got {t.threads}")
-    need(t.nonfinite in ("stop", "skip"), "train.nonfinite", f"must be stop or skip, got {t.nonfinite!r}")
-    need(t.nonfinite_max_skips >= 1, "train.nonfinite_max_skips", f"must be >= 1, got {t.nonfinite_max_skips}")
-    need(t.grad_spike_factor == 0 or t.grad_spike_factor > 1, "train.grad_spike_factor",
-         f"must be 0 (off) or > 1, got {t.grad_spike_factor}")
-    need(d.seq_len > 0, "data.seq_len", f"must be positive, got {d.seq_len}")
-    need(d.seq_len <= args.max_seq_len, "data.seq_len",
-         f"{d.seq_len} exceeds the model's max_seq_len {args.max_seq_len} (set model.max_seq_len)")
-    need(d.mock or bool(d.train), "data.train", "give at least one data prefix, or set data.mock=true")
-    if d.train_weights is not None:
-        need(len(d.train_weights) == len(d.train), "data.train_weights",
-             f"{len(d.train_weights)} weights for {len(d.train)} train prefixes")
-        need(all(w > 0 for w in d.train_weights), "data.train_weights", "weights must be positive")
-    need(o.lr >= 0 and o.min_lr >= 0, "optim.lr", "learning rates must be >= 0")
-    need(o.min_lr <= o.lr, "optim.min_lr", f"{o.min_lr} must not exceed optim.lr {o.lr}")
-    need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    need(0 <= o.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {o.beta1}")
-    need(0 <= o.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {o.beta2}")
-    need(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
-    need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    need(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {o.grad_clip}")
-    if o.schedule_steps is not None:
-        need(o.schedule_steps >= o.warmup_steps, "optim.schedule_steps",
-             f"{o.schedule_steps} must be >= warmup_steps {o.warmup_steps}")
-    need(e.every >= 0, "eval.every", f"must be >= 0, got {e.every}")
-    need(e.samples >= 0, "eval.samples", f"must be >= 0, got {e.samples}")
-    need(e.micro_batch_size is None or e.micro_batch_size > 0, "eval.micro_batch_size",
-         f"must be positive, got {e.micro_batch_size}")
-    need(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
-    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
-    need(e.every_samples >= 0, "eval.every_samples", f"must be >= 0, got {e.every_samples}")
-    need(e.first_interval >= 1, "eval.first_interval", f"must be >= 1, got {e.first_interval}")
-    _validate_launch(cfg.launch, cfg.checkpoint, need)
     check_rules(cfg)
-
-
-# What sbatch reads from an `#SBATCH --key=value` line: a value with none of these can be written
-# there (double-quoted when it holds spaces); anything else would change the line's meaning.
-SBATCH_UNSAFE = re.compile(r"[\n\r\"'\\`$]")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _validate_launch(lc: LaunchConfig, ck: CheckpointConfig, need) -> None:
-    need(lc.nodes >= 1, "launch.nodes", f"must be >= 1, got {lc.nodes}")
-    need(lc.gpus_per_node >= 0, "launch.gpus_per_node", f"must be >= 0, got {lc.gpus_per_node}")
-    need(lc.nproc_per_node >= 0, "launch.nproc_per_node", f"must be >= 0 (0 = gpus_per_node), got {lc.nproc_per_node}")
-    need(lc.nproc_per_node > 0 or lc.gpus_per_node > 0, "launch.nproc_per_node",
-         "with gpus_per_node = 0 (a CPU job), give the number of training processes per node")
-    need(lc.jobs >= 1, "launch.jobs", f"must be >= 1, got {lc.jobs}")
-    need(lc.jobs == 1 or ck.enabled, "launch.jobs",
-         f"{lc.jobs} consecutive jobs continue from checkpoints, but checkpoint.enabled is false")
-    need(lc.jobs == 1 or ck.resume, "launch.jobs",
-         f"{lc.jobs} consecutive jobs continue from checkpoints, but checkpoint.resume is false")
-    need(1 <= lc.rdzv_port <= 65535, "launch.rdzv_port", f"must be a TCP port (1-65535), got {lc.rdzv_port}")
-    need(lc.signal_seconds >= 0, "launch.signal_seconds", f"must be >= 0, got {lc.signal_seconds}")
-    for key in ("account", "partition", "time", "job_name"):
-        value = getattr(lc, key)
-        need(not SBATCH_UNSAFE.search(value), f"launch.{key}",
-             f"{value!r}: quotes, backslashes, $, ` and line breaks cannot go into an #SBATCH line")
-    need(bool(lc.job_name.strip()), "launch.job_name", "must not be empty")
-    for arg in lc.sbatch_args:
-        need(arg.startswith("-") and "\n" not in arg and "\r" not in arg,
-             "launch.sbatch_args", f"{arg!r}: each entry is one sbatch option (starting with -) on one line")
-    for mount in lc.container_mounts:
-        need(bool(mount) and "," not in mount and ":" in mount, "launch.container_mounts",
-             f"{mount!r}: each entry is SRC:DST[:FLAGS], without commas")
-    for name in lc.env:
-        need(bool(_ENV_NAME.fullmatch(name)), "launch.env", f"{name!r} is not an environment variable name")

@@ -107,22 +107,22 @@ def schedule_for(cfg: "Config", explicit: set[str] = frozenset()) -> Schedule:
     gbs = cfg.train.global_batch_size
     if cfg.mlperf.benchmark == "llama31_405b":
         return schedule_405b(gbs)
-    o = cfg.optim
-    return schedule_8b(gbs, o.lr if "optim.lr" in explicit else None,
-                       o.warmup_steps if "optim.warmup_steps" in explicit else None)
+    optim = cfg.optim
+    return schedule_8b(gbs, optim.lr if "optim.lr" in explicit else None,
+                       optim.warmup_steps if "optim.warmup_steps" in explicit else None)
 
 
 def apply_rules(cfg: "Config", explicit: set[str]) -> None:
     """Fill in what the rules derive from the global batch size (and the target), leaving alone every
     key in `explicit` ("section.key" names the user set). A no-op outside MLPerf mode."""
-    m = cfg.mlperf
-    if not m.benchmark:
+    mlperf_cfg = cfg.mlperf
+    if not mlperf_cfg.benchmark:
         return
     check_keys(cfg)
     if cfg.train.global_batch_size <= 0:
         return  # validate_config names the key
     s = schedule_for(cfg, explicit)
-    cad = eval_cadence(m.benchmark, m.eval_cadence, cfg.train.global_batch_size)
+    cad = eval_cadence(mlperf_cfg.benchmark, mlperf_cfg.eval_cadence, cfg.train.global_batch_size)
     derived = {
         "optim.lr": s.lr, "optim.min_lr": s.min_lr, "optim.warmup_steps": s.warmup_steps,
         "optim.schedule_steps": s.max_steps,
@@ -131,32 +131,32 @@ def apply_rules(cfg: "Config", explicit: set[str]) -> None:
         "train.steps": s.max_steps,
         "eval.every_samples": cad.every_samples, "eval.first_interval": cad.first_interval,
         "eval.samples": cad.samples,
-        "mlperf.target": TARGET[m.benchmark],
+        "mlperf.target": TARGET[mlperf_cfg.benchmark],
     }
-    if "optim.lr" in explicit and m.benchmark == "llama31_8b":
+    if "optim.lr" in explicit and mlperf_cfg.benchmark == "llama31_8b":
         derived["optim.min_lr"] = 0.1 * cfg.optim.lr  # 0.1 x the chosen peak
     for dotted, value in derived.items():
         if dotted in explicit:
             continue
         section, key = dotted.split(".")
-        if key == "target" and m.target is not None:
+        if key == "target" and mlperf_cfg.target is not None:
             continue
         setattr(getattr(cfg, section), key, value)
 
 
 def check_keys(cfg: "Config") -> None:
     """The [mlperf] keys themselves."""
-    m = cfg.mlperf
-    if m.benchmark not in ("",) + BENCHMARKS:
-        raise LlamatronError(f"config key 'mlperf.benchmark': {m.benchmark!r} is not one of "
+    mlperf_cfg = cfg.mlperf
+    if mlperf_cfg.benchmark not in ("",) + BENCHMARKS:
+        raise LlamatronError(f"config key 'mlperf.benchmark': {mlperf_cfg.benchmark!r} is not one of "
                              f"{', '.join(BENCHMARKS)} (or empty for no MLPerf mode)")
-    for key, value, allowed in (("eval_cadence", m.eval_cadence, CADENCES), ("division", m.division, DIVISIONS),
-                                ("status", m.status, STATUSES)):
+    for key, value, allowed in (("eval_cadence", mlperf_cfg.eval_cadence, CADENCES), ("division", mlperf_cfg.division, DIVISIONS),
+                                ("status", mlperf_cfg.status, STATUSES)):
         if value not in allowed:
             raise LlamatronError(f"config key 'mlperf.{key}': {value!r} is not one of {', '.join(allowed)}")
-    if m.target is not None and not m.target > 0:
-        raise LlamatronError(f"config key 'mlperf.target': must be a positive log perplexity, got {m.target}")
-    if m.benchmark and not m.org.strip():
+    if mlperf_cfg.target is not None and not mlperf_cfg.target > 0:
+        raise LlamatronError(f"config key 'mlperf.target': must be a positive log perplexity, got {mlperf_cfg.target}")
+    if mlperf_cfg.benchmark and not mlperf_cfg.org.strip():
         raise LlamatronError("config key 'mlperf.org': the submitting organisation must not be empty")
 
 
@@ -164,8 +164,8 @@ def check_rules(cfg: "Config") -> None:
     """MLPerf mode: what the run needs, and in the closed division every value the compliance checker
     tests, so a long run cannot end with a log that fails it. Raises on the first problem."""
     check_keys(cfg)
-    m = cfg.mlperf
-    if not m.benchmark:
+    mlperf_cfg = cfg.mlperf
+    if not mlperf_cfg.benchmark:
         return
 
     def need(ok: bool, key: str, rule: str) -> None:
@@ -176,35 +176,35 @@ def check_rules(cfg: "Config") -> None:
          "MLPerf mode stops at a validation target: give a validation prefix and eval.samples > 0")
     need(cfg.eval.every_samples > 0 or cfg.eval.every > 0, "eval.every_samples",
          "MLPerf mode needs validations during training (eval.every_samples > 0)")
-    if m.division != "closed":
+    if mlperf_cfg.division != "closed":
         return
-    why = f"the closed-division rules of {m.benchmark} (set mlperf.division=open to run it anyway)"
-    target = TARGET[m.benchmark]
-    need(m.target is None or m.target <= target, "mlperf.target",
-         f"{m.target} is above the target {target} of {why}")
+    why = f"the closed-division rules of {mlperf_cfg.benchmark} (set mlperf.division=open to run it anyway)"
+    target = TARGET[mlperf_cfg.benchmark]
+    need(mlperf_cfg.target is None or mlperf_cfg.target <= target, "mlperf.target",
+         f"{mlperf_cfg.target} is above the target {target} of {why}")
     need(cfg.data.seq_len == SEQ_LEN, "data.seq_len", f"{cfg.data.seq_len} is not the {SEQ_LEN} of {why}")
     for key, value in OPTIMIZER.items():
         have = getattr(cfg.optim, key)
         need(have == value, f"optim.{key}", f"{have} is not the {value} of {why}")
-    rules_samples = eval_cadence(m.benchmark, "rules", cfg.train.global_batch_size).samples
+    rules_samples = eval_cadence(mlperf_cfg.benchmark, "rules", cfg.train.global_batch_size).samples
     need(cfg.eval.samples == rules_samples, "eval.samples",
          f"{cfg.eval.samples} validation sequences is not the {rules_samples} of {why}")
-    gbs, o = cfg.train.global_batch_size, cfg.optim
-    if m.benchmark == "llama31_8b":
-        need(o.schedule_steps == MAX_STEPS_8B, "optim.schedule_steps",
-             f"{o.schedule_steps} is not the {MAX_STEPS_8B:,} steps of {why}")
+    gbs, optim = cfg.train.global_batch_size, cfg.optim
+    if mlperf_cfg.benchmark == "llama31_8b":
+        need(optim.schedule_steps == MAX_STEPS_8B, "optim.schedule_steps",
+             f"{optim.schedule_steps} is not the {MAX_STEPS_8B:,} steps of {why}")
     else:
         s = schedule_405b(gbs)
         # The checker's own test, in floating point.
-        if o.lr * BASE_GBS_405B != gbs * 8e-5:
-            need(o.lr != s.lr, "train.global_batch_size",
+        if optim.lr * BASE_GBS_405B != gbs * 8e-5:
+            need(optim.lr != s.lr, "train.global_batch_size",
                  f"at {gbs} no float learning rate passes the compliance checker's exact test "
                  f"lr x 1152 == GBS x 8e-5; choose another global batch size for the closed division")
-            need(False, "optim.lr", f"{o.lr} is not 8e-5 x {gbs}/{BASE_GBS_405B} = {s.lr} of {why}")
-        need(o.warmup_steps == s.warmup_steps, "optim.warmup_steps",
-             f"{o.warmup_steps} is not ceil(8000 x 1152/{gbs}) = {s.warmup_steps} of {why}")
-        need(o.schedule_steps == s.max_steps, "optim.schedule_steps",
-             f"{o.schedule_steps} is not ceil(1,200,000 x 1152/{gbs}) = {s.max_steps} of {why}")
+            need(False, "optim.lr", f"{optim.lr} is not 8e-5 x {gbs}/{BASE_GBS_405B} = {s.lr} of {why}")
+        need(optim.warmup_steps == s.warmup_steps, "optim.warmup_steps",
+             f"{optim.warmup_steps} is not ceil(8000 x 1152/{gbs}) = {s.warmup_steps} of {why}")
+        need(optim.schedule_steps == s.max_steps, "optim.schedule_steps",
+             f"{optim.schedule_steps} is not ceil(1,200,000 x 1152/{gbs}) = {s.max_steps} of {why}")
         need(bool(cfg.checkpoint.init_from), "checkpoint.init_from",
              "the closed-division llama31_405b starts from Meta's Llama 3.1 405B weights: import them with "
              "`llamatron convert --from hf --to llamatron SRC DST` and set checkpoint.init_from=DST "
@@ -213,24 +213,24 @@ def check_rules(cfg: "Config") -> None:
 
 def rule_notes(cfg: "Config") -> list[str]:
     """Deviations from the rules that the compliance checker cannot see in the log (one line each)."""
-    m = cfg.mlperf
-    if not m.benchmark:
+    mlperf_cfg = cfg.mlperf
+    if not mlperf_cfg.benchmark:
         return []
-    gbs, o, e = cfg.train.global_batch_size, cfg.optim, cfg.eval
+    gbs, optim, ev = cfg.train.global_batch_size, cfg.optim, cfg.eval
     notes = []
-    cad = eval_cadence(m.benchmark, m.eval_cadence, gbs)
-    if (e.every_samples, e.first_interval) != (cad.every_samples, cad.first_interval):
-        notes.append(f"validation every {e.every_samples} sequences from interval {e.first_interval}, not the "
-                     f"{m.eval_cadence} cadence (every {cad.every_samples} from interval {cad.first_interval})")
-    if m.benchmark == "llama31_8b":
-        if not math.isclose(o.min_lr, 0.1 * o.lr, rel_tol=1e-9):
-            notes.append(f"optim.min_lr {o.min_lr} is not 0.1 x optim.lr = {0.1 * o.lr}")
+    cad = eval_cadence(mlperf_cfg.benchmark, mlperf_cfg.eval_cadence, gbs)
+    if (ev.every_samples, ev.first_interval) != (cad.every_samples, cad.first_interval):
+        notes.append(f"validation every {ev.every_samples} sequences from interval {ev.first_interval}, not the "
+                     f"{mlperf_cfg.eval_cadence} cadence (every {cad.every_samples} from interval {cad.first_interval})")
+    if mlperf_cfg.benchmark == "llama31_8b":
+        if not math.isclose(optim.min_lr, 0.1 * optim.lr, rel_tol=1e-9):
+            notes.append(f"optim.min_lr {optim.min_lr} is not 0.1 x optim.lr = {0.1 * optim.lr}")
     else:
         lo, hi = GBS_RANGE_405B
         if not lo <= gbs <= hi:
             notes.append(f"train.global_batch_size {gbs} is outside the rules' {lo}-{hi}")
-        if o.min_lr != END_LR_405B:
-            notes.append(f"optim.min_lr {o.min_lr} is not the rules' {END_LR_405B}")
-    if m.target is not None and m.target != TARGET[m.benchmark]:
-        notes.append(f"mlperf.target {m.target} is not the rules' {TARGET[m.benchmark]}")
+        if optim.min_lr != END_LR_405B:
+            notes.append(f"optim.min_lr {optim.min_lr} is not the rules' {END_LR_405B}")
+    if mlperf_cfg.target is not None and mlperf_cfg.target != TARGET[mlperf_cfg.benchmark]:
+        notes.append(f"mlperf.target {mlperf_cfg.target} is not the rules' {TARGET[mlperf_cfg.benchmark]}")
     return notes

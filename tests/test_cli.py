@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from llamatron.cli import main
 from llamatron.data.indexed import IndexedDatasetWriter

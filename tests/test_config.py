@@ -1,6 +1,6 @@
 import pytest
 
-from llamatron.config import dump_config, load_config, config_from_dict, config_to_dict, model_args
+from llamatron.config import dump_config, load_config, config_from_dict, config_to_dict, resolve_model
 from llamatron.errors import LlamatronError
 
 
@@ -13,9 +13,10 @@ def write(tmp_path, name, text):
 def test_toml_yaml_and_overrides(tmp_path):
     t = write(tmp_path, "a.toml", '[model]\nsize = "debug"\nn_layers = 3\n[train]\nsteps = 7\n[data]\nmock = true\n')
     cfg = load_config(t, ["train.steps=9", "optim.lr=1e-2", "data.train=[a, b]", "train.compile=true"])
-    assert cfg.model.n_layers == 3 and cfg.train.steps == 9 and cfg.optim.lr == 0.01
+    assert cfg.model.overrides == {"n_layers": 3} and cfg.train.steps == 9 and cfg.optim.lr == 0.01
     assert cfg.data.train == ["a", "b"] and cfg.train.compile is True
-    assert model_args(cfg.model).n_layers == 3 and model_args(cfg.model).dim == 64
+    family, args = resolve_model(cfg.model)
+    assert family.name == "llama" and args.n_layers == 3 and args.dim == 64
     y = write(tmp_path, "a.yaml", "model:\n  size: debug\ndata:\n  mock: true\ntrain:\n  global_batch_size: 4\n  micro_batch_size: 2\n")
     cfg = load_config(y)
     assert cfg.train.global_batch_size == 4
@@ -38,6 +39,8 @@ def test_presets_load():
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "'train.global_batch_size': 10 must be divisible"),
         (["model.n_kv_heads=3"], "'model.n_kv_heads': n_heads 4 must be divisible by n_kv_heads 3"),
         (["model.size=llama9"], "unknown size 'llama9'"),
+        (["model.n_expertz=3"], "'model.n_expertz': the llama family has no such setting"),
+        (["model.n_layers=two"], "'model.n_layers': 'two' is not an integer"),
         (["data.seq_len=4096"], "exceeds the model's max_seq_len"),
         (["optim.min_lr=1", "optim.lr=0.1"], "'optim.min_lr'"),
         (["steps=3"], "expected section.key=value"),

@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from llamatron.config import OptimConfig, load_config
-from llamatron.model import MODEL_SIZES, Transformer
+from llamatron.models.llama import SIZES
+from llamatron.models.llama.model import Transformer
 from llamatron.train.optim import build_optimizer
 from llamatron.train.trainer import train
 
 
 def test_fused_adamw_matches_the_for_each_one():
     torch.manual_seed(0)
-    models = [Transformer(MODEL_SIZES["debug"]) for _ in range(2)]
+    models = [Transformer(SIZES["debug"]) for _ in range(2)]
     for m in models:
         m.init_weights(seed=4)
     opts = [build_optimizer(m, OptimConfig(lr=1e-2, fused=fused), "cpu") for m, fused in zip(models, (False, True))]
@@ -25,7 +26,7 @@ def test_fused_adamw_matches_the_for_each_one():
             m(tokens[:, :-1], tokens[:, 1:]).backward()
             opt.step()
             opt.zero_grad()
-    before = Transformer(MODEL_SIZES["debug"])
+    before = Transformer(SIZES["debug"])
     before.init_weights(seed=4)
     for (name, a), b, b0 in zip(models[0].named_parameters(), models[1].parameters(), before.parameters()):
         assert not torch.equal(a, b0), name  # the steps moved every parameter

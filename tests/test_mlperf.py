@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from llamatron.cli import print_summary
-from llamatron.config import eval_due, load_config
+from llamatron.config import load_config
+from llamatron.eval import perplexity
+from llamatron.eval.perplexity import Cadence
 from llamatron.errors import LlamatronError
-from llamatron.train import trainer
 from llamatron.train.mlperf_log import MLPerfLog
 from llamatron.train.trainer import train
 
@@ -50,7 +51,8 @@ def test_405b_published_values(gbs, lr, warmup, first_evals):
     """The rules' table (TP 405B hyperparameter constraints, RCP files) and the reference's cadence."""
     c = _405b(gbs)
     assert c.optim.lr == pytest.approx(lr, rel=1e-12) and c.optim.warmup_steps == warmup
-    evals = [s for s in range(1, first_evals[-1] + 1) if eval_due(c, s)]
+    cadence = Cadence.from_config(c.eval, c.train.global_batch_size)
+    evals = [s for s in range(1, first_evals[-1] + 1) if cadence.due(s)]
     assert evals == first_evals
 
 
@@ -63,7 +65,8 @@ def test_8b_preset_takes_the_rcp_of_the_batch(gbs, lr, warmup):
     assert c.optim.schedule_steps == c.train.steps == 1_200_000
     assert (c.eval.every_samples, c.eval.first_interval, c.eval.samples) == (12288, 1, 1024)
     every = math.ceil(12288 / gbs)
-    assert [s for s in range(1, 3 * every + 1) if eval_due(c, s)] == [every, 2 * every, 3 * every]
+    cadence = Cadence.from_config(c.eval, c.train.global_batch_size)
+    assert [s for s in range(1, 3 * every + 1) if cadence.due(s)] == [every, 2 * every, 3 * every]
     assert c.mlperf.target == 3.3 and c.data.train[0].endswith("en_6_text_document")
 
 
@@ -210,15 +213,15 @@ def test_interrupted_and_resumed_run_logs_one_run_that_passes_the_checker(proxy_
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash")
 
-    real_evaluate = trainer.evaluate
-    monkeypatch.setattr(trainer, "evaluate", crash)
+    real_evaluate = perplexity.evaluate
+    monkeypatch.setattr(perplexity, "evaluate", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(_proxy(proxy_data, out), progress=False, log=_quiet)
     keys = [l["key"] for l in _lines(log)]
     assert "run_stop" not in keys and keys[-2:] == ["block_stop", "eval_start"]
 
     # Job 3 resumes from step 2 again and reaches the target at step 4.
-    monkeypatch.setattr(trainer, "evaluate", real_evaluate)
+    monkeypatch.setattr(perplexity, "evaluate", real_evaluate)
     res = train(_proxy(proxy_data, out), progress=False, log=_quiet)
     assert res.mlperf_status == "success" and res.steps == 4
     lines = _lines(log)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from llamatron.config import OptimConfig
-from llamatron.model import MODEL_SIZES, Transformer
+from llamatron.models.llama import SIZES
+from llamatron.models.llama.model import Transformer
 from llamatron.train.optim import build_optimizer, lr_at
 
 
@@ -28,7 +29,7 @@ def test_schedule_defaults_to_run_length_and_no_warmup():
 
 
 def test_no_weight_decay_on_1d_tensors():
-    model = Transformer(MODEL_SIZES["debug"])
+    model = Transformer(SIZES["debug"])
     opt = build_optimizer(model, OptimConfig(weight_decay=0.1), "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0

@@ -27,8 +27,10 @@ from llamatron.config import load_config
 from llamatron.data.indexed import IndexedDatasetWriter
 from llamatron.errors import REQUEUE_EXIT_CODE, LlamatronError
 from llamatron.train import checkpoint as ckpt
-from llamatron.train import faults, reliability
-from llamatron.train.trainer import load_batch, train
+from llamatron.runtime import load_batch
+from llamatron.testing import faults
+from llamatron.train import reliability
+from llamatron.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -175,9 +177,24 @@ def test_unwritable_checkpoint_directory_fails_at_start(tmp_path):
 # Non-finite losses
 
 
-def test_nan_stop_names_step_and_samples_and_loses_nothing(reference, tmp_path, monkeypatch):
+@pytest.fixture
+def inject():
+    """Faults in this process for the test (the hook points of llamatron/hooks.py): inject(spec)
+    installs them and returns their remover; whatever is left is removed at the end."""
+    removers = []
+
+    def install(spec):
+        removers.append(faults.install(spec))
+        return removers[-1]
+
+    yield install
+    for remove in removers:
+        remove()
+
+
+def test_nan_stop_names_step_and_samples_and_loses_nothing(reference, tmp_path, inject):
     out = tmp_path / "run"
-    monkeypatch.setenv(faults.ENV, "nan_loss@step=3")
+    remove = inject("nan_loss@step=3")
     with pytest.raises(LlamatronError) as e:
         _train(out, extra=["checkpoint.every=0"])
     msg = str(e.value)
@@ -188,14 +205,14 @@ def test_nan_stop_names_step_and_samples_and_loses_nothing(reference, tmp_path, 
     # NaN) continues exactly as if nothing had happened.
     assert ckpt.latest_checkpoint(out).name == "step_00000002"
     assert [r["step"] for r in _rows(out, "nonfinite")] == [3]
-    monkeypatch.delenv(faults.ENV)
+    remove()
     _train(out)
     _assert_continues_exactly(out, reference)
 
 
-def test_nan_skip_drops_the_batch_and_counts_it(reference, tmp_path, monkeypatch):
+def test_nan_skip_drops_the_batch_and_counts_it(reference, tmp_path, inject):
     out = tmp_path / "run"
-    monkeypatch.setenv(faults.ENV, "nan_loss@step=3")
+    inject("nan_loss@step=3")
     result = _train(out, extra=["train.nonfinite=skip"])
     assert result.steps == STEPS and result.skipped_steps == 1
     rows = {r["step"]: r for r in _rows(out, "train")}
@@ -207,15 +224,15 @@ def test_nan_skip_drops_the_batch_and_counts_it(reference, tmp_path, monkeypatch
     assert json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())["skipped_steps"] == 1
 
 
-def test_nan_skip_stops_after_too_many_in_a_row(tmp_path, monkeypatch):
-    monkeypatch.setenv(faults.ENV, "nan_loss@step=3,nan_loss@step=4")
+def test_nan_skip_stops_after_too_many_in_a_row(tmp_path, inject):
+    inject("nan_loss@step=3,nan_loss@step=4")
     with pytest.raises(LlamatronError, match=r"step 4: .*2 steps in a row were non-finite"):
         _train(tmp_path / "run", extra=["train.nonfinite=skip", "train.nonfinite_max_skips=2"])
 
 
-def test_gradient_norm_spike_is_logged(tmp_path, monkeypatch):
+def test_gradient_norm_spike_is_logged(tmp_path, inject):
     out = tmp_path / "run"
-    monkeypatch.setenv(faults.ENV, "spike@step=13")
+    inject("spike@step=13")
     _train(out, steps=14, extra=["optim.schedule_steps=14"])
     spikes = _rows(out, "grad_spike")
     assert [r["step"] for r in spikes] == [13]
@@ -380,10 +397,10 @@ def test_dtype_too_narrow_for_tokenizer(tmp_path, capsys):
 
 def test_bad_token_missed_by_sampled_scan_caught_at_batch_load(tmp_path, capsys, monkeypatch):
     """Large files are only sampled at start-up; every batch is checked as it is read."""
-    from llamatron.train import trainer
+    from llamatron.data import build
 
     prefix = _data(tmp_path)
-    monkeypatch.setattr(trainer, "TOKEN_SCAN_BYTES", 4)  # 4 bytes: sample 2 tokens at the file's ends
+    monkeypatch.setattr(build, "TOKEN_SCAN_BYTES", 4)  # 4 bytes: sample 2 tokens at the file's ends
     _set_bytes(prefix + ".bin", 1000, struct.pack("<H", 9999))
     code = main(_data_cli(tmp_path, prefix, ["train.global_batch_size=40", "train.micro_batch_size=20"]))
     err = capsys.readouterr().err

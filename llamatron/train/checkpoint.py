@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from llamatron.errors import LlamatronError
-from llamatron.train import faults
+from llamatron import hooks
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -215,18 +215,18 @@ def save_checkpoint(
         remove_incomplete(out_dir)
         tmp.mkdir()
     _barrier()
-    faults.at_save("before_data", step, rank)
+    hooks.fire("save", phase="before_data", step=step, rank=rank)
     error: BaseException | None = None
     try:
         parts = _state_dicts(model, optimizer)
         model_sd = {k: v for m, _ in parts for k, v in m.items()}
         optim_sd = {k: v for _, o in parts for k, v in o.items()}
-        faults.at_save("during_data", step, rank)
+        hooks.fire("save", phase="during_data", step=step, rank=rank)
         with quiet_dcp():
             # sync_files (the default): each shard is fsynced before DCP writes .metadata.
             dcp.save({"model": model_sd, "optim": optim_sd},
                      storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
-        faults.at_save("after_data", step, rank)
+        hooks.fire("save", phase="after_data", step=step, rank=rank)
         rng = _rng_state()
         _write_synced(tmp / f"rng_rank{rank}.pt", lambda f: torch.save(rng, f))
     except (Exception, CheckpointException) as e:  # DCP raises CheckpointException, a BaseException
@@ -236,10 +236,10 @@ def save_checkpoint(
         try:
             _write_synced(tmp / "trainer_state.json", lambda f: f.write(json.dumps(trainer_state, indent=2).encode()))
             _write_synced(tmp / "config.yaml", lambda f: f.write(config_yaml.encode()))
-            faults.at_save("before_marker", step, rank)
+            hooks.fire("save", phase="before_marker", step=step, rank=rank)
             _write_synced(tmp / MARKER, lambda f: f.write(f"step {step}\n".encode()))
             _fsync_dir(tmp)
-            faults.at_save("before_rename", step, rank)
+            hooks.fire("save", phase="before_rename", step=step, rank=rank)
             if final.exists():  # the same step saved again (a run restarted with checkpoint.resume=false)
                 _discard(final)
             os.replace(tmp, final)
@@ -248,7 +248,7 @@ def save_checkpoint(
             error = e
     _fail_together(error, rank, root, tmp, final)
     if rank == 0:
-        faults.at_save("after_rename", step, rank)
+        hooks.fire("save", phase="after_rename", step=step, rank=rank)
         for old in list_checkpoints(out_dir)[:-keep]:
             if old != final:
                 _discard(old)
@@ -358,3 +358,70 @@ def save_consolidated(path: str | Path, out_file: str | Path, dtype: torch.dtype
     out_file.parent.mkdir(parents=True, exist_ok=True)
     torch.save(consolidated_state_dict(path, dtype), out_file)
     return out_file
+
+
+class Checkpointer:
+    """A run's checkpoints: the start (leftovers of crashed saves removed, the directory checked
+    writable, resume from the newest complete checkpoint or start from `init_from`), the cadence
+    (every `checkpoint.every` steps), and the saves at the end and on halting.
+
+    The `parts`/`optimizers` it saves are this rank's (pipeline stages: several); `config_yaml` is
+    stored with each checkpoint (what `eval` rebuilds the model from)."""
+
+    def __init__(self, cfg, out_dir: str | Path, log=print):
+        self.cfg, self.out_dir, self.log = cfg, Path(out_dir), log
+        self.parts, self.optimizers, self.config_yaml = [], [], ""
+        self.last: Path | None = None  # the newest complete checkpoint of this run
+
+    def attach(self, parts, optimizers, config_yaml: str) -> None:
+        """What every checkpoint holds, once the model is built."""
+        self.parts, self.optimizers, self.config_yaml = parts, optimizers, config_yaml
+
+    def prepare(self, n_params: int) -> None:
+        """Rank 0, before anything is allocated: what crashed saves left is removed, and a directory
+        that cannot take a checkpoint fails now rather than at the first save hours later."""
+        if not self.cfg.enabled:
+            return
+        for p in remove_incomplete(self.out_dir):
+            self.log(f"removed {p}: left behind by a checkpoint save that did not complete")
+        # fp32 weights and AdamW's two fp32 moments: 12 bytes per parameter.
+        warning = check_writable(self.out_dir, 12 * n_params)
+        if warning:
+            self.log(f"warning: {warning}")
+
+    def restore(self) -> dict:
+        """The trainer state to continue from ({} for a fresh start), the weights (and optimizer) loaded."""
+        resume_from = latest_checkpoint(self.out_dir) if self.cfg.resume else None
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, self.parts, self.optimizers)
+            self.last = resume_from
+            self.log(f"resumed from {resume_from} at step {state['step']} ({state['consumed_samples']} samples consumed)")
+            return {**state, "resumed_from": str(resume_from)}
+        if self.cfg.init_from:
+            load_model_weights(self.cfg.init_from, self.parts)
+            self.log(f"initialised model weights from {self.cfg.init_from}")
+        return {}
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """A save on the cadence after step `step` (the last step's save is the end of the run's)."""
+        every = self.cfg.every
+        return self.cfg.enabled and every > 0 and step % every == 0 and step < total_steps
+
+    def save(self, step: int, state: dict) -> Path:
+        self.last = save_checkpoint(self.out_dir, step, self.parts, self.optimizers, state, self.config_yaml,
+                                    self.cfg.keep)
+        self.log(f"step {step:6d} | checkpoint saved to {self.last}")
+        return self.last
+
+    def save_unless_saved(self, step: int, state: dict) -> Path | None:
+        """At the end or on halting: keep the work since the last checkpoint, unless it is this step's."""
+        if self.cfg.enabled and step > 0 and (self.last is None or self.last.name != f"step_{step:08d}"):
+            self.save(step, state)
+        return self.last
+
+
+def check_init_from(path: str | None) -> None:
+    """`checkpoint.init_from`, checked at start-up: a checkpoint directory."""
+    if path and not (Path(path) / ".metadata").is_file():
+        raise LlamatronError(f"config key 'checkpoint.init_from': {path} is not a checkpoint directory "
+                             "(no DCP .metadata file)")

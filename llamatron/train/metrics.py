@@ -1,9 +1,11 @@
-"""Run metrics: one JSON object per line in metrics.jsonl, and the same scalars to TensorBoard."""
+"""Run metrics: one JSON object per line in metrics.jsonl and the same scalars to TensorBoard
+(`MetricsWriter`), and the throughput rows of training steps (`ThroughputMeter`)."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 
@@ -37,3 +39,50 @@ def _json_default(v):
     if hasattr(v, "item"):
         return v.item()
     return str(v)
+
+
+class ThroughputMeter:
+    """The `train` rows of metrics.jsonl: per log interval, the mean step time, tokens/s, TFLOP/s per
+    GPU and MFU (llamatron/flops.py; FP8 runs also against the FP8 peak, as PERFORMANCE.md asks), and
+    every rank's peak memory (CUDA: torch's peak allocated; CPU: the process's peak resident set)."""
+
+    def __init__(self, args, seq_len: int, global_batch: int, n_gpus: int, device, device_name: str,
+                 fp8: bool, step: int):
+        from llamatron import flops
+
+        self.args, self.seq_len, self.global_batch, self.n_gpus = args, seq_len, global_batch, n_gpus
+        self.device, self.device_name, self.fp8 = device, device_name, fp8
+        self.flops_per_seq = flops.flops_per_sequence(args, seq_len)
+        self.peak = flops.peak_flops(device_name, "bf16")
+        self.last_time, self.last_step = time.perf_counter(), step
+        self.tokens_per_s = self.mfu = None
+
+    def row(self, step: int, loss: float, lr: float, grad_norm: float, consumed: int, skipped: int) -> dict:
+        """Every rank must call this (peak memory is gathered from all of them)."""
+        from llamatron import flops
+        from llamatron.parallel.reduce import gather_per_rank, peak_memory_gib
+
+        now = time.perf_counter()
+        step_time = (now - self.last_time) / (step - self.last_step)
+        self.last_time, self.last_step = now, step
+        self.tokens_per_s = flops.tokens_per_second(self.seq_len, self.global_batch, step_time)
+        self.mfu = flops.mfu(self.args, self.seq_len, self.global_batch, step_time, self.n_gpus, self.peak)
+        mem = gather_per_rank(peak_memory_gib(self.device), self.device)
+        record = {
+            "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
+            "tokens_per_s": self.tokens_per_s, "tokens_per_s_per_gpu": self.tokens_per_s / self.n_gpus,
+            "tflops_per_gpu": self.global_batch * self.flops_per_seq / step_time / 1e12 / self.n_gpus,
+            "mfu": self.mfu, "consumed_samples": consumed,
+            "peak_mem_gib": max(mem), "peak_mem_gib_per_rank": mem, "skipped_steps": skipped,
+        }
+        if self.fp8:
+            record["mfu_fp8_peak"] = flops.mfu(self.args, self.seq_len, self.global_batch, step_time, self.n_gpus,
+                                               flops.peak_flops(self.device_name, "fp8"))
+        return record
+
+    @staticmethod
+    def line(step: int, record: dict) -> str:
+        mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
+        return (f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | grad norm {record['grad_norm']:.3f} | "
+                f"{record['step_time_s'] * 1000:.0f} ms/step | {record['tokens_per_s_per_gpu']:,.0f} tok/s/GPU | "
+                f"{record['tflops_per_gpu']:.2f} TFLOP/s/GPU | MFU {mfu} | peak mem {record['peak_mem_gib']:.2f} GiB")

@@ -148,7 +148,7 @@ class MLPerfLog:
         log from the checkpoint (`resumed`: its trainer state)."""
         if not self.enabled:
             return
-        t = self.cfg.train
+        train = self.cfg.train
         if resumed is not None:
             st = resumed.get("mlperf")
             if st is None:
@@ -156,13 +156,13 @@ class MLPerfLog:
                                      "MLPerf mode, so there is no MLPerf log to continue (start over with "
                                      "checkpoint.resume=false)")
             self.run_start_ms, self.status, self.run_stop_ms = st["run_start_ms"], st["status"], st["run_stop_ms"]
-            if self.status == "success" or (self.status is not None and step >= t.steps):
+            if self.status == "success" or (self.status is not None and step >= train.steps):
                 self.done = True  # the run is over; its log stays as it is
                 self.log(f"MLPerf run already ended ({self.status}); nothing to do")
                 return
             self.status = self.run_stop_ms = None  # an aborted run given more steps goes on
             self._supersede(st["log_bytes"])
-            self.log(f"MLPerf log continues at {step * t.global_batch_size} samples: {self.path}")
+            self.log(f"MLPerf log continues at {step * train.global_batch_size} samples: {self.path}")
             return
 
         if self._mllog is not None and self._size():
@@ -173,20 +173,20 @@ class MLPerfLog:
         self._header(accum, dims, device_name, bf16)
         self.run_start_ms = _now_ms()
         self._event("start", "run_start", time_ms=self.run_start_ms)
-        samples = step * t.global_batch_size
+        samples = step * train.global_batch_size
         self._event("start", "epoch_start", metadata={"samples_count": samples})
         self._event("start", "block_start", metadata={"samples_count": samples})
         self.log(f"MLPerf log: {self.path} (target validation log perplexity {self.target})")
 
     def _header(self, accum: int, dims, device_name: str, bf16: bool) -> None:
-        cfg, m, o = self.cfg, self.cfg.mlperf, self.cfg.optim
+        cfg, mlperf_cfg, optim = self.cfg, self.cfg.mlperf, self.cfg.optim
         self._event("event", "cache_clear", bool(self._cache_cleared), time_ms=self._init_ms)
         self._event("start", "init_start", time_ms=self._init_ms)
-        platform = m.platform or f"{int(os.environ.get('WORLD_SIZE', '1'))}x{device_name}"
-        for key, value in (("submission_benchmark", m.benchmark), ("submission_org", m.org),
-                           ("submission_division", m.division), ("submission_status", m.status),
-                           ("submission_platform", platform), ("submission_poc_name", m.poc_name),
-                           ("submission_poc_email", m.poc_email)):
+        platform = mlperf_cfg.platform or f"{int(os.environ.get('WORLD_SIZE', '1'))}x{device_name}"
+        for key, value in (("submission_benchmark", mlperf_cfg.benchmark), ("submission_org", mlperf_cfg.org),
+                           ("submission_division", mlperf_cfg.division), ("submission_status", mlperf_cfg.status),
+                           ("submission_platform", platform), ("submission_poc_name", mlperf_cfg.poc_name),
+                           ("submission_poc_email", mlperf_cfg.poc_email)):
             self._event("event", key, value)
         precision = "bfloat16" if bf16 else "fp32"
         config = (
@@ -195,15 +195,15 @@ class MLPerfLog:
             ("max_sequence_length", cfg.data.seq_len),
             ("eval_samples", cfg.eval.samples),
             ("opt_name", "adamw"),
-            ("opt_base_learning_rate", o.lr),
-            ("opt_adamw_beta_1", o.beta1),
-            ("opt_adamw_beta_2", o.beta2),
-            ("opt_adamw_epsilon", o.eps),
-            ("opt_adamw_weight_decay", o.weight_decay),
-            ("opt_gradient_clip_norm", o.grad_clip),
-            ("opt_end_learning_rate", o.min_lr),
-            ("opt_learning_rate_warmup_steps", o.warmup_steps),
-            ("opt_learning_rate_decay_steps", self._max_steps() - o.warmup_steps),
+            ("opt_base_learning_rate", optim.lr),
+            ("opt_adamw_beta_1", optim.beta1),
+            ("opt_adamw_beta_2", optim.beta2),
+            ("opt_adamw_epsilon", optim.eps),
+            ("opt_adamw_weight_decay", optim.weight_decay),
+            ("opt_gradient_clip_norm", optim.grad_clip),
+            ("opt_end_learning_rate", optim.min_lr),
+            ("opt_learning_rate_warmup_steps", optim.warmup_steps),
+            ("opt_learning_rate_decay_steps", self._max_steps() - optim.warmup_steps),
             ("opt_learning_rate_decay_schedule", "cosine with linear warmup"),
             ("seed", cfg.data.seed),  # the sample-order seed, as the reference logs it
             ("init_checkpoint_step", 0),  # checkpoint.init_from loads weights only: training starts at 0
@@ -226,8 +226,8 @@ class MLPerfLog:
         self._event("end", "init_stop")
 
     def _max_steps(self) -> int:
-        o = self.cfg.optim
-        return o.schedule_steps if o.schedule_steps is not None else self.cfg.train.steps
+        optim = self.cfg.optim
+        return optim.schedule_steps if optim.schedule_steps is not None else self.cfg.train.steps
 
     def eval_start(self, samples: int) -> None:
         if not self.enabled:

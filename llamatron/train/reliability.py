@@ -100,3 +100,74 @@ def describe_indices(indices) -> str:
     if run:
         out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ", ".join(out)
+
+
+class StepGuard:
+    """The per-step policy on non-finite steps, gradient-norm spikes and stop signals; `train_step`
+    calls it (as `before_update`) once the gradients are reduced and clipped, and takes the optimizer
+    step only if it returns True.
+
+    It decides on numbers all ranks agreed on (`agree`: one all-reduce and one host read per step),
+    so every rank decides the same. Non-finite loss or gradient norm on any rank: with
+    `nonfinite="stop"` the run must halt (`self.halt` says why: the weights are still those before
+    the step); with "skip" the update is dropped and counted, until `max_skips` in a row halt it too.
+    A finite norm above `spike_factor` x the median of recent ones is reported as a spike. A stop
+    signal received by any rank is kept in `stop_signal` (the trainer checkpoints and exits 75).
+
+    batch_of(step) -> (first sample, end, this rank's sample indices) of a 0-based step names the
+    data of a non-finite step; report(kind, step, values) writes a metrics row; log prints a line.
+    """
+
+    def __init__(self, nonfinite: str = "stop", max_skips: int = 10, spike_factor: float = 5.0, *,
+                 batch_of=lambda step: (0, 0, []), data_seed: int = 0, report=lambda kind, step, values: None,
+                 log=print, agree_fn=None, device=None):
+        self.nonfinite, self.max_skips, self.spike_factor = nonfinite, max_skips, spike_factor
+        self.batch_of, self.data_seed, self.report, self.log = batch_of, data_seed, report, log
+        self.agree_fn = agree_fn or (lambda loss, norm, stop: agree(loss, norm, stop, device))
+        self.skipped = 0
+        self.skips_in_a_row = 0
+        self.grad_history: list[float] = []
+        self.stop_signal: str | None = None
+        self.halt: str | None = None
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps, so a resumed run counts and flags as the uninterrupted one would."""
+        return {"skipped_steps": self.skipped, "grad_norm_history": list(self.grad_history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = state.get("skipped_steps", 0)
+        self.grad_history = list(state.get("grad_norm_history", []))
+
+    def __call__(self, step: int, loss: torch.Tensor | None, grad_norm: torch.Tensor) -> bool:
+        """Before the update of 0-based step `step`: True to take it."""
+        nonfinite, stop, norm = self.agree_fn(loss, grad_norm, stop_requested())
+        local = "n/a on this pipeline stage" if loss is None else f"{float(loss):.4g}"
+        return self.decide(step, nonfinite, stop, norm, local)
+
+    def decide(self, step: int, nonfinite: bool, stop: str | None, norm: float, local_loss: str = "n/a") -> bool:
+        self.stop_signal = self.stop_signal or stop
+        n = step + 1  # the step being taken, numbered as logs and metrics number it
+        if not nonfinite:
+            self.skips_in_a_row = 0
+            median = grad_spike(self.grad_history, norm, self.spike_factor)
+            if median is not None:
+                self.log(f"step {n:6d} | gradient norm spike: {norm:.4g} is {norm / median:.1f} x the median "
+                         f"{median:.4g} of recent steps")
+                self.report("grad_spike", n, {"grad_norm": norm, "median": median})
+            return True
+        first, end, mine = self.batch_of(step)
+        what = (f"step {n}: non-finite loss or gradient norm (gradient norm {norm:.4g}, this rank's loss {local_loss}); "
+                f"its global batch is training samples {first}-{end - 1} (dataset indices in Megatron sample order, "
+                f"data.seed {self.data_seed}), this rank read {describe_indices(mine)}")
+        self.report("nonfinite", n, {"grad_norm": norm, "samples": [first, end], "policy": self.nonfinite})
+        # A halted step is not counted as skipped: resuming from the checkpoint written on halting redoes it.
+        if self.nonfinite == "stop":
+            self.halt = f"{what}; no update was applied (train.nonfinite=stop; set it to skip to drop such batches)"
+        elif self.skips_in_a_row + 1 >= self.max_skips:
+            self.halt = (f"{what}; {self.skips_in_a_row + 1} steps in a row were non-finite (train.nonfinite_max_skips): "
+                         "the run is diverging or the data is damaged here; no update was applied")
+        else:
+            self.skipped += 1
+            self.skips_in_a_row += 1
+            self.log(f"{what}; optimizer step skipped ({self.skipped} so far)")
+        return False

@@ -1,7 +1,9 @@
 """Test-only fault injection: the environment variable LLAMATRON_FAULT makes a run fail on purpose,
 so the tests (and docs/reliability.md) can show what each failure costs.
 
-Unset, nothing here does anything. The value is a comma-separated list of faults, each a kind
+The faults fill the hook points of `llamatron/hooks.py`; the command line installs them from the
+variable at start (`install_from_env`), in-process tests with `installed(spec)`. Unset, nothing here
+runs. The value is a comma-separated list of faults, each a kind
 followed by `@key=value` conditions (step = the 1-based optimizer step the logs and metrics show;
 rank = the global rank, every rank when absent):
 
@@ -27,6 +29,7 @@ import os
 import resource
 import signal
 
+from llamatron import hooks
 from llamatron.errors import LlamatronError
 
 ENV = "LLAMATRON_FAULT"
@@ -58,43 +61,59 @@ def parse(spec: str | None = None) -> list[tuple[str, dict[str, str]]]:
     return faults
 
 
-def _active(kind: str, rank: int, step: int | None = None, **match: str) -> bool:
-    for k, where in parse():
-        if k != kind:
-            continue
-        if "rank" in where and int(where["rank"]) != rank:
-            continue
-        if "step" in where and (step is None or int(where["step"]) != step):
-            continue
-        if all(where.get(key) == value for key, value in match.items()):
-            return True
-    return False
+def _matches(where: dict[str, str], rank: int, step: int, **match: str) -> bool:
+    if "rank" in where and int(where["rank"]) != rank:
+        return False
+    if "step" in where and int(where["step"]) != step:
+        return False
+    return all(where.get(key) == value for key, value in match.items())
+
+
+def install(spec: str | None = None):
+    """Fill the hook points (llamatron/hooks.py) with the faults of `spec` (default $LLAMATRON_FAULT).
+    Returns a function that removes them."""
+    faults = parse(spec)
+    poisoned: list = []  # forward-hook handles of the step in flight
+
+    def step_start(step, rank, model):
+        for kind, where in faults:
+            if kind in ("sigterm", "sigusr1") and _matches(where, rank, step):
+                os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGUSR1)
+            if kind in ("nan_loss", "spike") and _matches(where, rank, step):
+                factor = float("nan") if kind == "nan_loss" else 1000.0
+                poisoned.append(model.register_forward_hook(lambda module, args, out, f=factor: out * f))
+
+    def step_end(step, rank, model):
+        while poisoned:
+            poisoned.pop().remove()
+
+    def save(phase, step, rank):
+        if any(kind == "kill" and _matches(where, rank, step, save=phase) for kind, where in faults):
+            _die(phase)
+
+    removers = [hooks.add("step_start", step_start), hooks.add("step_end", step_end), hooks.add("save", save)]
+    return lambda: [remove() for remove in removers]
+
+
+def install_from_env():
+    """What the command line does at start: faults from $LLAMATRON_FAULT, if it is set. Returns their
+    remover (a no-op when unset)."""
+    if os.environ.get(ENV):
+        return install()
+    return lambda: None
 
 
 @contextlib.contextmanager
-def at_step(step: int, rank: int, last_part):
-    """Around optimizer step `step` (1-based): a signal to self, NaN or spiking model output."""
-    if ENV not in os.environ:
-        yield
-        return
-    for kind, sig in (("sigterm", signal.SIGTERM), ("sigusr1", signal.SIGUSR1)):
-        if _active(kind, rank, step):
-            os.kill(os.getpid(), sig)
-    handle = None
-    for kind, factor in (("nan_loss", float("nan")), ("spike", 1000.0)):
-        if _active(kind, rank, step):
-            handle = last_part.register_forward_hook(lambda module, args, out, f=factor: out * f)
+def installed(spec: str):
+    """The faults of `spec` for the duration of a block (in-process tests)."""
+    remove = install(spec)
     try:
         yield
     finally:
-        if handle is not None:
-            handle.remove()
+        remove()
 
 
-def at_save(phase: str, step: int, rank: int) -> None:
-    """Called by `save_checkpoint` at each phase; dies there if LLAMATRON_FAULT asks."""
-    if ENV not in os.environ or not _active("kill", rank, step, save=phase):
-        return
+def _die(phase: str) -> None:
     if phase == "during_data":
         # A death in the middle of the shard write, at a byte count we choose: a write that crosses
         # RLIMIT_FSIZE raises SIGXFSZ, whose default action ends the process on the spot (Python

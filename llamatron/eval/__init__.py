@@ -1,0 +1,1 @@
+"""Evaluation: validation log perplexity (`perplexity.py`); zero-shot tasks go in `tasks/`."""

@@ -1,0 +1,142 @@
+"""Validation log perplexity (MLPerf's `eval_accuracy`): mean token negative log-likelihood in nats over
+the first windows of a validation file, in file order; and the `Validator` that runs it at a run's
+cadence and records the results.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from llamatron.parallel.layout import Layout, plain
+from llamatron.parallel.reduce import sum_over
+from llamatron.runtime import Precision, load_batch
+
+
+@torch.no_grad()
+def evaluate(model, dataset, num_samples: int, micro_batch: int, device, precision: Precision | None = None,
+             fused: bool = True) -> float:
+    """Validation log perplexity: mean token NLL (nats) over the first `num_samples` windows.
+
+    `model` is a module or a `Layout`. Data-parallel ranks score interleaved micro-batches of the
+    windows (as the training sampler hands them out) and the sums are reduced; every rank runs the
+    same number of forwards (FSDP and TP need all of them), a rank with nothing left scoring a
+    dummy window with weight 0.
+    """
+    layout = model if isinstance(model, Layout) else Layout.single(model)
+    precision = precision or Precision(None, None)
+    dims = layout.dims
+    was_training = layout.training
+    layout.train(False)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    fused = layout.fused_loss(fused)
+    if layout.pipeline is not None:
+        total, count = _evaluate_pipeline(layout, dataset, num_samples, micro_batch, device, precision)
+    else:
+        chunk = micro_batch * dims.dp
+        for start in range(0, num_samples, chunk):
+            first = start + dims.dp_rank * micro_batch
+            idx = range(first, min(first + micro_batch, num_samples))
+            weight = 1.0 if len(idx) else 0.0
+            tokens, labels = load_batch(dataset, idx if len(idx) else range(0, 1), device)
+            with layout.sequence_context(tokens, labels), layout.loss_context(), precision.autocast(device):
+                loss = plain(layout.loss(tokens, labels, fused))
+            # labels is this rank's shard of the sequence under CP (sharded in place).
+            total += loss.double() * labels.numel() * weight
+            count += labels.numel() * weight
+    sum_over(total, dims, "dp_cp", "pp")
+    sum_over(count, dims, "dp_cp", "pp")
+    layout.train(was_training)
+    return float(total.item() / max(count.item(), 1))
+
+
+def _evaluate_pipeline(layout: Layout, dataset, num_samples, micro_batch, device, precision: Precision):
+    """Pipeline evaluation: the schedule takes a fixed number of equal micro-batches, so the last
+    batch is filled with copies of window 0 whose labels are ignored."""
+    from llamatron.parallel.pipeline import IGNORE_INDEX
+
+    pipe, dims = layout.pipeline, layout.dims
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    per_rank = pipe.n_microbatches * micro_batch
+    for start in range(0, num_samples, per_rank * dims.dp):
+        first = start + dims.dp_rank * per_rank
+        idx = list(range(first, min(first + per_rank, num_samples)))
+        valid = len(idx)
+        tokens, labels = load_batch(dataset, idx + [0] * (per_rank - valid), device)
+        labels = labels.clone()
+        labels[valid:] = IGNORE_INDEX
+        with layout.sequence_context(tokens, labels), layout.loss_context(), precision.autocast(device):
+            losses = pipe.eval_losses(tokens, labels)
+        if pipe.has_last:
+            for m, loss in enumerate(losses):
+                n = (labels[m * micro_batch : (m + 1) * micro_batch] != IGNORE_INDEX).sum()
+                if n > 0:
+                    total += loss.double() * n
+                    count += n
+    return total, count
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When validation runs: after every `every` optimizer steps (0: never during training), the first
+    time at the end of interval `first_interval` (MLPerf 405B skips the early ones), and before the
+    first step if `at_start`."""
+
+    every: int
+    first_interval: int = 1
+    at_start: bool = True
+
+    @classmethod
+    def from_config(cls, eval_cfg, global_batch_size: int) -> "Cadence":
+        # eval.every_samples is in sequences (MLPerf states cadences so: they follow a change of batch
+        # size), rounded up to whole steps as the MLPerf reference does.
+        every = eval_cfg.every
+        if eval_cfg.every_samples:
+            every = math.ceil(eval_cfg.every_samples / global_batch_size)
+        return cls(every, eval_cfg.first_interval, eval_cfg.at_start)
+
+    def due(self, step: int) -> bool:
+        """Whether a validation follows optimizer step `step` (counted from 1)."""
+        return self.every > 0 and step % self.every == 0 and step // self.every >= self.first_interval
+
+
+@dataclass
+class Validator:
+    """Scores the validation windows when asked and keeps the history; `on_start`/`on_result` are
+    told of each validation (the MLPerf log, metrics and the console)."""
+
+    layout: Layout
+    dataset: object | None
+    samples: int
+    micro_batch: int
+    cadence: Cadence
+    device: torch.device
+    precision: Precision
+    fused: bool
+    on_start: Callable[[int], None] = lambda consumed: None
+    on_result: Callable[[int, int, float, float], None] = lambda step, consumed, value, seconds: None
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return self.dataset is not None and self.samples > 0
+
+    def validated_at(self, step: int) -> bool:
+        return bool(self.history) and self.history[-1][0] == step
+
+    def run(self, step: int, consumed: int) -> float | None:
+        if not self.enabled:
+            return None
+        self.on_start(consumed)
+        t0 = time.perf_counter()
+        value = evaluate(self.layout, self.dataset, self.samples, self.micro_batch, self.device, self.precision,
+                         self.fused)
+        self.history.append((step, value))
+        self.on_result(step, consumed, value, time.perf_counter() - t0)
+        return value

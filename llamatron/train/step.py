@@ -1,0 +1,69 @@
+"""One optimizer step: forward and backward of each micro-batch (accumulating gradients), the global
+gradient norm and clipping, then the update unless the guard says no."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from llamatron.parallel.layout import Layout, plain
+from llamatron.parallel.reduce import clip_grad_norm_
+from llamatron.runtime import Precision, attention_backend
+
+
+def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accum: int, *,
+               lr: float, device, precision: Precision | None = None, fused_cross_entropy: bool = True,
+               grad_clip: float = 0.0, attention: str = "auto",
+               before_update: Callable[[torch.Tensor | None, torch.Tensor], bool] | None = None):
+    """One optimizer step over `accum` micro-batches. Returns (loss, grad norm) as device tensors,
+    unread, so the step never waits for the GPU.
+
+    before_update(loss, grad_norm), if given, runs once the gradients are reduced and clipped; when
+    it returns False the optimizer step is not taken and the gradients are dropped.
+
+    model: a module or a `Layout`; optimizer: one optimizer or a list, one per part. The loss is
+    this rank's (None on a pipeline stage without the loss); `global_mean_loss` reduces it.
+    """
+    layout = model if isinstance(model, Layout) else Layout.single(model)
+    precision = precision or Precision(None, None)
+    optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    with attention_backend(attention):
+        if layout.pipeline is not None:
+            loss_sum = _pipeline_forward_backward(layout, micro_batches, device, precision)
+        else:
+            loss_sum = _forward_backward(layout, micro_batches, accum, device, precision,
+                                         layout.fused_loss(fused_cross_entropy))
+    grad_norm = clip_grad_norm_(layout.parameters(), grad_clip, layout.dims)
+    update = before_update is None or before_update(loss_sum, grad_norm)
+    for opt in optimizers:
+        if update:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+def _forward_backward(layout: Layout, micro_batches, accum: int, device, precision: Precision, fused: bool):
+    loss_sum = torch.zeros((), device=device)
+    for tokens, labels in micro_batches:
+        with layout.sequence_context(tokens, labels), layout.loss_context():
+            with precision.autocast(device):
+                loss = layout.loss(tokens, labels, fused)
+            # Every micro-batch has the same token count, so the mean of micro-batch means is the
+            # global-batch token mean.
+            loss = loss / accum
+            loss.backward()
+        loss_sum += plain(loss.detach())
+    return loss_sum
+
+
+def _pipeline_forward_backward(layout: Layout, micro_batches, device, precision: Precision):
+    # The schedule splits the concatenated micro-batches back into `accum` of them, in order.
+    batches = list(micro_batches)
+    tokens = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    with layout.sequence_context(tokens, labels), layout.loss_context(), precision.autocast(device):
+        return layout.pipeline.train_step(tokens, labels)
