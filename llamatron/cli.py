@@ -63,6 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=None)
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("evaluate", help="zero-shot tasks (lambada, boolq, any lm-eval task) on a checkpoint",
+                       description="Score zero-shot tasks: built-in ones on local JSONL files, any "
+                       "lm-evaluation-harness task through its adapter. See docs/evaluate.md.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (newest checkpoint)")
+    p.add_argument("--tasks", required=True, help="comma-separated: lambada, boolq, harness:NAME (any lm-eval task)")
+    p.add_argument("--tokenizer", default=None, help="default: the checkpoint's data.tokenizer")
+    p.add_argument("--data-dir", default=None, help="holds NAME.jsonl for each built-in task")
+    p.add_argument("--task-file", action="append", default=[], metavar="NAME=PATH", help="a built-in task's JSONL file")
+    p.add_argument("--prompt", default="harness", choices=["harness", "pax"], help="built-in prompt style")
+    p.add_argument("--include-path", default=None, help="a directory of extra lm-eval task YAMLs")
+    p.add_argument("--only-include-path", action="store_true",
+                   help="look for harness tasks only in --include-path (skips indexing lm-eval's own: seconds)")
+    p.add_argument("--bootstrap-iters", type=int, default=1000,
+                   help="harness tasks: resamples for stderrs without a formula (0: no stderrs)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--add-bos", action="store_true", help="prepend BOS to every context")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", default=None, help="results JSON (default: RUN/zero_shot_step_N.json)")
+
     p = sub.add_parser("flops", help="FLOPs per sequence, tokens/s, MFU and days to train (NVIDIA recipe formula)")
     p.add_argument("--model", default="llama3.1-8b", help="named model size")
     p.add_argument("--layers", type=int, default=None, help="proxy: number of layers")
@@ -264,6 +284,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from llamatron import evaluate
+
+    results = evaluate.evaluate(args.checkpoint, args.tasks, args.tokenizer, args.data_dir, args.task_file,
+                                args.prompt, args.limit, args.batch_size, args.device, args.include_path, args.add_bos,
+                                not args.only_include_path, args.bootstrap_iters)
+    out = evaluate.write_results(results, args.output or evaluate.default_output(args.checkpoint))
+    print(evaluate.format_table(results))
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_flops(args) -> int:
     import dataclasses
 
@@ -354,6 +386,7 @@ COMMANDS = {
     "train": cmd_train,
     "launch": cmd_launch,
     "eval": cmd_eval,
+    "evaluate": cmd_evaluate,
     "flops": cmd_flops,
     "convert": cmd_convert,
 }
