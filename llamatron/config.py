@@ -191,6 +191,12 @@ class EvalConfig:
     samples: int = 64  # validation windows, the first N unshuffled ones
     micro_batch_size: int | None = None  # None = train.micro_batch_size
     at_start: bool = True  # also validate before the first step
+    # Zero-shot tasks scored with each validation (llamatron/eval/tasks), as NAME=PATH.jsonl entries:
+    # ["lambada=data/lambada.jsonl", "boolq=data/boolq.jsonl"]; data.tokenizer makes the tokens.
+    tasks: list[str] = field(default_factory=list)
+    tasks_limit: int | None = None  # only the first N items of each task file
+    tasks_batch_size: int = 8  # requests per forward
+    tasks_prompt: str = "harness"  # harness or pax (the prompt variants of docs/evaluate.md)
 
 
 def _validate_eval(ev: EvalConfig) -> None:
@@ -200,6 +206,12 @@ def _validate_eval(ev: EvalConfig) -> None:
           f"must be positive, got {ev.micro_batch_size}")
     _need(ev.every_samples >= 0, "eval.every_samples", f"must be >= 0, got {ev.every_samples}")
     _need(ev.first_interval >= 1, "eval.first_interval", f"must be >= 1, got {ev.first_interval}")
+    for item in ev.tasks:
+        _need(item.partition("=")[1] == "=" and all(item.partition("=")[::2]), "eval.tasks",
+              f"entry {item!r} must be NAME=PATH.jsonl (e.g. lambada=data/lambada.jsonl)")
+    _need(ev.tasks_limit is None or ev.tasks_limit >= 1, "eval.tasks_limit", f"must be >= 1, got {ev.tasks_limit}")
+    _need(ev.tasks_batch_size >= 1, "eval.tasks_batch_size", f"must be >= 1, got {ev.tasks_batch_size}")
+    _need(ev.tasks_prompt in ("harness", "pax"), "eval.tasks_prompt", f"must be harness or pax, got {ev.tasks_prompt!r}")
 
 
 @dataclass

@@ -6,8 +6,12 @@ by construction; transformers and lm-eval's own HF backend on a tiny random Llam
 imported into llamatron (same weights, fp32).
 """
 
+import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 import types
 from dataclasses import dataclass
 
@@ -205,13 +209,19 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path):
 
 # -- transformers and lm-eval ---------------------------------------------------------------------
 
-transformers = pytest.importorskip("transformers")
-lm_eval = pytest.importorskip("lm_eval")
+def _missing(module):
+    return importlib.util.find_spec(module) is None
+
+
+needs_hf = pytest.mark.skipif(_missing("transformers") or _missing("lm_eval"),
+                              reason="needs transformers and lm-eval (the test extra: pip install -e '.[test]')")
 
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory, tok_path):
     """A tiny random LlamaForCausalLM, its tokenizer, and its import as a llamatron checkpoint."""
+    import transformers
+
     from llamatron import convert
     from llamatron.evaluate import load_model
 
@@ -237,6 +247,7 @@ def _instances(pairs):
     return [types.SimpleNamespace(args=p) for p in pairs]
 
 
+@needs_hf
 def test_imported_hf_model_matches_lm_eval_hf_backend(hf, tok):
     """lm-eval's own HF backend on the transformers model vs llamatron's scorer on the import."""
     from lm_eval.models.huggingface import HFLM
@@ -250,6 +261,7 @@ def test_imported_hf_model_matches_lm_eval_hf_backend(hf, tok):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5) and ga == gb
 
 
+@needs_hf
 def test_adapter_rolling_and_generation_match_hf(hf, tok):
     from lm_eval.models.huggingface import HFLM
 
@@ -315,6 +327,7 @@ def data(tmp_path_factory):
     return root
 
 
+@needs_hf
 def test_cli_evaluate_builtin_and_harness_agree(hf, tok_path, data, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
@@ -343,6 +356,7 @@ def _one_line_error(capsys, argv, *needles):
         assert n in err[0], err[0]
 
 
+@needs_hf
 def test_cli_errors(hf, tok_path, data, tmp_path, capsys):
     base = ["evaluate", "--checkpoint", str(hf.ckpt), "--tokenizer", str(tok_path), "--device", "cpu"]
     _one_line_error(capsys, base + ["--tasks", "lambada", "--data-dir", str(tmp_path)], "lambada.jsonl", "no such")
@@ -356,3 +370,89 @@ def test_cli_errors(hf, tok_path, data, tmp_path, capsys):
                     "harness:nope")
     _one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "none"), "--tasks", "lambada",
                              "--data-dir", str(data)], "none")
+
+
+# -- during training (eval.tasks) ----------------------------------------------------------------
+
+def _train_config(tmp_path, tok_path, data, out_dir):
+    cfg = tmp_path / "zs.toml"
+    cfg.write_text(f"""
+[model]
+size = "debug"
+[data]
+mock = true
+seq_len = 32
+tokenizer = "{tok_path}"
+[train]
+steps = 1
+global_batch_size = 4
+micro_batch_size = 2
+device = "cpu"
+out_dir = "{out_dir}"
+[checkpoint]
+enabled = false
+[eval]
+samples = 0
+tasks = ["lambada={data / 'lambada.jsonl'}", "boolq={data / 'boolq.jsonl'}"]
+tasks_batch_size = 3
+""")
+    return cfg
+
+
+def _zero_shot_rows(out_dir):
+    rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    return {r["step"]: {k: v for k, v in r.items() if "/" in k} for r in rows if r["kind"] == "zero_shot"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tok_path, data):
+    from llamatron.config import load_config
+    from llamatron.train.trainer import train
+
+    tmp = tmp_path_factory.mktemp("zs")
+    train(load_config(str(_train_config(tmp, tok_path, data, tmp / "run"))))
+    return tmp / "run"
+
+
+def test_training_scores_zero_shot_tasks_at_the_validation_cadence(trained, tok, data):
+    rows = _zero_shot_rows(trained)
+    assert sorted(rows) == [0, 1]  # before the first step and at the end
+    assert set(rows[0]) == {"lambada/acc", "lambada/perplexity", "boolq/acc"}
+    # Step 0 is the run's initial model: the same numbers as scoring it directly.
+    from llamatron.config import load_config
+
+    cfg = load_config(str(_train_config(trained.parent, tok.path, data, trained)))
+    entry = registry.get("debug")
+    m = entry.family.build(entry.args)
+    m.init_weights(seed=cfg.train.seed)
+    r = run_task(get_task("lambada"), LAMBADA, Scorer(m.eval(), tok, 2, CPU))
+    assert rows[0]["lambada/perplexity"] == pytest.approx(r["metrics"]["perplexity"]["value"], rel=1e-5)
+
+
+def test_eval_tasks_config_errors(tmp_path, tok_path, data, capsys):
+    from llamatron.config import load_config
+    from llamatron.errors import LlamatronError
+
+    cfg = str(_train_config(tmp_path, tok_path, data, tmp_path / "run"))
+    with pytest.raises(LlamatronError, match="eval.tasks"):
+        load_config(cfg, ["eval.tasks=[lambada]"])
+    _one_line_error(capsys, ["train", "--config", cfg, "--set", f"eval.tasks=[lambada={tmp_path / 'no.jsonl'}]"],
+                    "no.jsonl")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.dp_shard=2"], ["parallel.tp=2", "parallel.dp_shard=1"]],
+                         ids=["fsdp2", "tp2"])
+def test_distributed_zero_shot_equals_single_process(layout, trained, tok_path, data, tmp_path):
+    out_dir = tmp_path / "run"
+    cfg = _train_config(tmp_path, tok_path, data, out_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "llamatron",
+           "train", "--config", str(cfg)] + [w for o in layout for w in ("--set", o)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, start_new_session=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    got, want = _zero_shot_rows(out_dir), _zero_shot_rows(trained)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        for k, v in want[step].items():
+            assert got[step][k] == pytest.approx(v, rel=1e-4), (step, k)

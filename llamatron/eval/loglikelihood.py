@@ -73,9 +73,11 @@ def _model_inputs(req: Request, max_len: int) -> tuple[list[int], int]:
 @torch.no_grad()
 def forward_logits(layout: Layout, rows: list[list[int]], device, precision: Precision | None,
                    pad_id: int = 0) -> tuple[torch.Tensor, list[int]]:
-    """One forward over right-padded rows: fp32-ready logits [batch, longest, vocab] and the lengths."""
+    """One forward over right-padded rows: logits [batch, longest, vocab] and the row lengths. Under
+    tensor (sequence) parallelism the padded length is a multiple of tp, which shards it evenly."""
     lengths = [len(r) for r in rows]
-    tokens = torch.full((len(rows), max(lengths)), pad_id, dtype=torch.long)
+    tp = layout.dims.tp
+    tokens = torch.full((len(rows), -(-max(lengths) // tp) * tp), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     precision = precision or Precision(None, None)

@@ -121,6 +121,9 @@ class Validator:
     fused: bool
     on_start: Callable[[int], None] = lambda consumed: None
     on_result: Callable[[int, int, float, float], None] = lambda step, consumed, value, seconds: None
+    # Zero-shot tasks scored after each validation (`eval.tasks`: eval/zero_shot.py), or None.
+    zero_shot: Callable[[Layout], dict[str, float]] | None = None
+    on_zero_shot: Callable[[int, dict[str, float], float], None] = lambda step, results, seconds: None
     history: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -131,12 +134,16 @@ class Validator:
         return bool(self.history) and self.history[-1][0] == step
 
     def run(self, step: int, consumed: int) -> float | None:
-        if not self.enabled:
-            return None
-        self.on_start(consumed)
-        t0 = time.perf_counter()
-        value = evaluate(self.layout, self.dataset, self.samples, self.micro_batch, self.device, self.precision,
-                         self.fused)
-        self.history.append((step, value))
-        self.on_result(step, consumed, value, time.perf_counter() - t0)
+        value = None
+        if self.enabled:
+            self.on_start(consumed)
+            t0 = time.perf_counter()
+            value = evaluate(self.layout, self.dataset, self.samples, self.micro_batch, self.device, self.precision,
+                             self.fused)
+            self.history.append((step, value))
+            self.on_result(step, consumed, value, time.perf_counter() - t0)
+        if self.zero_shot is not None:
+            t0 = time.perf_counter()
+            results = self.zero_shot(self.layout)
+            self.on_zero_shot(step, results, time.perf_counter() - t0)
         return value

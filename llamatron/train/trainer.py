@@ -27,6 +27,7 @@ from llamatron.data.build import build_datasets, check_inputs
 from llamatron.data.sampler import accumulation_steps, micro_batch_indices
 from llamatron.errors import LlamatronError
 from llamatron.eval.perplexity import Cadence, Validator
+from llamatron.eval.zero_shot import ZeroShot
 from llamatron.hooks import fire
 from llamatron.models import parameter_count
 from llamatron.parallel.dims import ParallelDims
@@ -272,10 +273,12 @@ class Trainer:
         micro = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
         if self.layout.pipeline is not None:
             micro = cfg.train.micro_batch_size  # the schedule's micro-batch shape is fixed
+        zero_shot = ZeroShot.from_config(cfg.eval, cfg.data.tokenizer, self.args.vocab_size, self.layout, self.device,
+                                         self.precision)
         return Validator(self.layout, dataset, cfg.eval.samples, micro,
                          Cadence.from_config(cfg.eval, cfg.train.global_batch_size), self.device, self.precision,
                          cfg.train.fused_cross_entropy, on_start=self.mlperf_log.eval_start,
-                         on_result=self._on_validation)
+                         on_result=self._on_validation, zero_shot=zero_shot, on_zero_shot=self._on_zero_shot)
 
     def _on_validation(self, step: int, consumed: int, value: float, seconds: float) -> None:
         self.mlperf_log.eval_stop(consumed, value)
@@ -283,6 +286,10 @@ class Trainer:
         self._write_metrics("eval", step, {"val_loss": value, "val_ppl": ppl, "consumed_samples": consumed,
                                            "eval_s": seconds})
         self.log(f"step {step:6d} | validation log perplexity {value:.4f} (perplexity {ppl:.1f})")
+
+    def _on_zero_shot(self, step: int, results: dict, seconds: float) -> None:
+        self._write_metrics("zero_shot", step, {**results, "zero_shot_s": seconds})
+        self.log(f"step {step:6d} | zero-shot " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
     def _batch_of(self, step: int) -> tuple[int, int, list[int]]:
         """The global batch of 0-based `step` (first sample, end) and the samples this rank read."""
