@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-bos", action="store_true", help="prepend BOS to every context")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", default=None, help="results JSON (default: RUN/zero_shot_step_N.json)")
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="evaluate in N processes under torchrun (FSDP over N / tp ranks)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (with --nproc-per-node)")
 
     p = sub.add_parser("flops", help="FLOPs per sequence, tokens/s, MFU and days to train (NVIDIA recipe formula)")
     p.add_argument("--model", default="llama3.1-8b", help="named model size")
@@ -286,14 +289,34 @@ def cmd_eval(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from llamatron import evaluate
+    from llamatron.runtime import rank
 
+    if args.nproc_per_node is not None:
+        return _evaluate_torchrun(args)
     results = evaluate.evaluate(args.checkpoint, args.tasks, args.tokenizer, args.data_dir, args.task_file,
                                 args.prompt, args.limit, args.batch_size, args.device, args.include_path, args.add_bos,
-                                not args.only_include_path, args.bootstrap_iters)
-    out = evaluate.write_results(results, args.output or evaluate.default_output(args.checkpoint))
-    print(evaluate.format_table(results))
-    print(f"wrote {out}")
+                                not args.only_include_path, args.bootstrap_iters, args.tp)
+    if rank() == 0:  # under torchrun every rank scores; rank 0 reports
+        out = evaluate.write_results(results, args.output or evaluate.default_output(args.checkpoint))
+        print(evaluate.format_table(results))
+        print(f"wrote {out}")
     return 0
+
+
+def _evaluate_torchrun(args) -> int:
+    """N processes running `llamatron evaluate` with the same arguments, without --nproc-per-node."""
+    from llamatron.launch import torchrun
+
+    if args.nproc_per_node < 1:
+        raise LlamatronError("--nproc-per-node must be >= 1")
+    command = ["-m", "llamatron", "evaluate"]
+    for key in ("checkpoint", "tasks", "tokenizer", "data_dir", "prompt", "include_path", "bootstrap_iters", "limit",
+                "batch_size", "device", "output", "tp"):
+        if getattr(args, key) is not None:
+            command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    command += [w for item in args.task_file for w in ("--task-file", item)]
+    command += [f for f, on in (("--only-include-path", args.only_include_path), ("--add-bos", args.add_bos)) if on]
+    return torchrun(command, args.nproc_per_node)
 
 
 def cmd_flops(args) -> int:

@@ -17,20 +17,24 @@ from llamatron.errors import LlamatronError
 HARNESS_PREFIX = "harness:"
 
 
-def load_model(checkpoint, device, precision=None):
+def load_model(checkpoint, device, precision=None, tp: int = 1):
     """(model, precision) of a checkpoint or run directory (its newest checkpoint), built from the
-    config stored with it, as `llamatron eval` does."""
+    config stored with it, as `llamatron eval` does. Under torchrun (WORLD_SIZE > 1) or with tp > 1
+    the model is a `Layout`: FSDP over WORLD_SIZE / tp ranks, tensor parallel over tp."""
     import torch
     import yaml
 
     from llamatron.config import config_from_dict, resolve_model
     from llamatron.convert import resolve_checkpoint
-    from llamatron.runtime import Precision
+    from llamatron.runtime import Precision, env_world_size
     from llamatron.train import checkpoint as ckpt
 
     path = resolve_checkpoint(checkpoint)
     cfg = config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path)))
     family, margs = resolve_model(cfg.model)
+    name = precision if isinstance(precision, str) else cfg.train.precision
+    if env_world_size() > 1 or tp > 1:
+        return _load_layout(path, cfg, family, margs, device, name, tp)
     with torch.device("meta"):
         model = family.build(margs)
     model.to_empty(device=device)
@@ -38,8 +42,36 @@ def load_model(checkpoint, device, precision=None):
     ckpt.load_model_weights(path, model)
     model.eval()
     if precision is None or isinstance(precision, str):
-        precision = Precision.choose(precision or cfg.train.precision, device, fsdp=False)
+        precision = Precision.choose(name, device, fsdp=False)
     return model, precision
+
+
+def _load_layout(path, cfg, family, margs, device, precision: str, tp: int):
+    """The checkpoint's model sharded over this torchrun job (plain: no compile, FP8 or checkpointing)."""
+    import dataclasses
+
+    from llamatron.config import ParallelConfig
+    from llamatron.parallel.dims import ParallelDims
+    from llamatron.parallel.layout import Layout
+    from llamatron.runtime import Precision, env_world_size, init_distributed
+    from llamatron.train import checkpoint as ckpt
+
+    world = env_world_size()
+    if tp < 1 or world % tp:
+        raise LlamatronError(f"--tp {tp}: must divide the number of processes, {world}")
+    for key, n in family.tp_divisible(margs).items():
+        if n % tp:
+            raise LlamatronError(f"--tp {tp}: must divide the model's {key} ({n})")
+    init_distributed(device, world)
+    dims = ParallelDims.from_config(ParallelConfig(tp=tp), world)
+    dims.build_mesh(device.type)
+    prec = Precision.choose(precision, device, fsdp=dims.fsdp_enabled)
+    train = dataclasses.replace(cfg.train, compile=False, activation_checkpointing=False, fp8="none",
+                                fp8_all_gather=False)
+    layout = Layout.build(family, margs, train, dims, device, prec.params, 1)
+    ckpt.load_model_weights(path, layout.parts)
+    layout.train(False)
+    return layout, prec
 
 
 def checkpoint_tokenizer(checkpoint) -> str:
@@ -125,13 +157,15 @@ def run_harness(lm, names: list[str], manager, limit: int | None, bootstrap_iter
 
     out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False,
                                   bootstrap_iters=bootstrap_iters, verbosity="ERROR")
+    if out is None:  # lm-eval reports on LOCAL_RANK 0 only (this rank scored its share all the same)
+        return {}
     results = {}
     for name in names:
         raw = out["results"].get(name, {})
         metrics = {}
         for key, value in raw.items():
-            metric, _, filt = key.partition(",")
-            if metric.endswith("_stderr") or metric == "alias" or not isinstance(value, (int, float)):
+            metric, comma, filt = key.partition(",")  # "acc,none": metric, filter
+            if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             stderr = raw.get(f"{metric}_stderr,{filt}")
             metrics[metric] = {"value": value, "stderr": stderr if isinstance(stderr, (int, float)) else None}
@@ -173,9 +207,10 @@ def format_table(results: dict) -> str:
 def evaluate(checkpoint, tasks: str, tokenizer: str | None = None, data_dir: str | None = None,
              files: list[str] = (), prompt: str = "harness", limit: int | None = None, batch_size: int = 8,
              device: str = "auto", include_path: str | None = None, add_bos: bool = False,
-             harness_defaults: bool = True, bootstrap_iters: int = 1000) -> dict:
+             harness_defaults: bool = True, bootstrap_iters: int = 1000, tp: int = 1) -> dict:
     """What `llamatron evaluate` runs: inputs are checked first, then the model is loaded once."""
     from llamatron.eval.tasks import PROMPTS, Scorer, get_task, read_jsonl, run_task
+    from llamatron.parallel.layout import Layout
     from llamatron.runtime import select_device
     from llamatron.tokenizer import load_tokenizer
 
@@ -189,10 +224,11 @@ def evaluate(checkpoint, tasks: str, tokenizer: str | None = None, data_dir: str
     manager = harness_task_manager(harness, include_path, harness_defaults)
     tok = load_tokenizer(tokenizer or checkpoint_tokenizer(checkpoint))
     dev = select_device(device)
-    model, precision = load_model(checkpoint, dev)
-    if tok.vocab_size > model.args.vocab_size:
+    model, precision = load_model(checkpoint, dev, tp=tp)
+    vocab = (model.model if isinstance(model, Layout) else model).args.vocab_size
+    if tok.vocab_size > vocab:
         raise LlamatronError(f"tokenizer {tok.name}: {tok.vocab_size} tokens, more than the model's vocabulary "
-                             f"of {model.args.vocab_size}")
+                             f"of {vocab}")
     results = {}
     scorer = Scorer(model, tok, batch_size, dev, precision, add_bos)
     for name in builtin:
