@@ -282,6 +282,21 @@ def test_adapter_rolling_and_generation_match_hf(hf, tok):
     assert greedy_generate(hf.lt, [prompt], 8, CPU) == [want]
 
 
+@needs_hf
+def test_adapter_registered_and_built_from_a_checkpoint(hf, tok_path, tok):
+    """lm-eval's own model registry and arg-string construction: `llamatron` loads the checkpoint."""
+    from lm_eval.api.registry import get_model
+
+    from llamatron.eval.harness import LlamatronLM
+
+    cls = get_model("llamatron")
+    assert cls is LlamatronLM
+    lm = cls.create_from_arg_string(f"checkpoint={hf.ckpt},tokenizer={tok_path},batch_size=2,device=cpu")
+    pairs = [("the cat", " sat"), ("", " yes"), ("Question: is the sky blue?\nAnswer:", " no")]
+    want = Scorer(hf.lt, tok, batch_size=1, device=CPU)(pairs)
+    assert lm.loglikelihood(_instances(pairs)) == pytest.approx(want, abs=1e-6)
+
+
 def _write_harness_tasks(root, lam_file, boolq_file):
     (root / "lambada_local.yaml").write_text(f"""task: lambada_local
 dataset_path: json

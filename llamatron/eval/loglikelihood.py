@@ -88,13 +88,14 @@ def forward_logits(layout: Layout, rows: list[list[int]], device, precision: Pre
 
 def _score_batch(layout, batch: list[tuple[list[int], int, list[int]]], device, precision):
     logits, lengths = forward_logits(layout, [inp for inp, _, _ in batch], device, precision)
-    out = []
+    totals, greedy = [], []
     for row, (length, (_, n, cont)) in enumerate(zip(lengths, batch)):
         logp = torch.log_softmax(logits[row, length - n : length].float(), dim=-1)
         target = torch.tensor(cont, device=logp.device)
-        total = logp.gather(-1, target[:, None]).sum()
-        out.append((float(total.double().item()), bool((logp.argmax(-1) == target).all().item())))
-    return out
+        totals.append(logp.gather(-1, target[:, None]).sum())
+        greedy.append((logp.argmax(-1) == target).all())
+    # One device-to-host copy per batch, not two per request.
+    return list(zip(torch.stack(totals).double().tolist(), torch.stack(greedy).tolist()))
 
 
 @torch.no_grad()
