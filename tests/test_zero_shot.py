@@ -205,6 +205,9 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path):
     with pytest.raises(LlamatronError, match=r"bad.jsonl:3: no field 'label' or 'answer'"):
         read_jsonl(bad, ("passage", "question", ("label", "answer")))
     assert len(read_jsonl(bad, ("text",), limit=1)) == 1
+    bad.write_bytes(b'{"text": "a"}\n{"text": "\xff"}\n')
+    with pytest.raises(LlamatronError, match=r"bad.jsonl:2: not UTF-8"):
+        read_jsonl(bad, ("text",))
 
 
 # -- transformers and lm-eval ---------------------------------------------------------------------

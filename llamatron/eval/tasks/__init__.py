@@ -61,14 +61,16 @@ def read_jsonl(path: str | Path, fields: Sequence[str | tuple[str, ...]], limit:
     if not path.is_file():
         raise LlamatronError(f"{path}: no such data file")
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if limit is not None and len(docs) >= limit:
                 break
-            if not line.strip():
+            if not raw.strip():
                 continue
             try:
-                doc = json.loads(line)
+                doc = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise LlamatronError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             except ValueError as e:
                 raise LlamatronError(f"{path}:{lineno}: not valid JSON ({e})") from None
             for name in fields:
