@@ -126,6 +126,8 @@ def cmd_train(args) -> int:
         return _train_torchrun(args, cfg)
     if args.nnodes != 1 or args.rdzv_endpoint or args.rdzv_id:
         raise LlamatronError("--nnodes, --rdzv-endpoint and --rdzv-id go with --nproc-per-node")
+    if _report_finished(cfg):
+        return 0
     # A progress bar only on a terminal: in a batch job's log it is a wall of carriage returns.
     result = train(cfg, progress=sys.stderr.isatty())
     print_summary(result)
@@ -135,20 +137,31 @@ def cmd_train(args) -> int:
 def _train_torchrun(args, cfg) -> int:
     """This node's share of a torchrun job: N processes running `llamatron train` without these flags."""
     from llamatron.config import validate_config
-    from llamatron.launch import run_finished, torchrun
+    from llamatron.launch import torchrun
+    from llamatron.train import run_lock
 
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise LlamatronError("--nproc-per-node and --nnodes must be >= 1")
     validate_config(cfg, args.nproc_per_node * args.nnodes)  # the layout, before any process starts
-    done = run_finished(cfg)
-    if done is not None:  # a later job of a chain, after the run has finished
-        print(f"run {cfg.train.out_dir} already finished: checkpoint at step {done} (train.steps = "
-              f"{cfg.train.steps}); nothing to train")
+    if _report_finished(cfg):
         return 0
+    run_lock.check_free(cfg.train.out_dir)  # before starting workers that would only fail on it
     command = ["-m", "llamatron", "train", "--config", args.config]
     for item in args.overrides:
         command += ["--set", item]
     return torchrun(command, args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.rdzv_id)
+
+
+def _report_finished(cfg) -> bool:
+    """A run already at train.steps (a later job of a chain, or the same command run again) ends at
+    once: retraining nothing would still reload, re-validate and append a duplicate eval row."""
+    from llamatron.launch import run_finished
+
+    done = run_finished(cfg)
+    if done is not None:
+        print(f"run {cfg.train.out_dir} already finished: checkpoint at step {done} (train.steps = "
+              f"{cfg.train.steps}); nothing to train")
+    return done is not None
 
 
 def cmd_launch(args) -> int:

@@ -12,6 +12,7 @@ the rules derive from the global batch size, unless set explicitly), validate.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 import types
@@ -448,6 +449,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise LlamatronError(f"config key '{key}': {value!r} is not an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # No float key means anything at inf or nan (optim.lr=inf trains to NaN weights at step 2).
+            if not math.isfinite(value):
+                raise LlamatronError(f"config key '{key}': {value!r} is not finite; expected a finite number")
             return float(value)
         raise LlamatronError(f"config key '{key}': {value!r} is not a number")
     if tp is str:

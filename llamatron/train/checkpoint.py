@@ -360,6 +360,17 @@ def save_consolidated(path: str | Path, out_file: str | Path, dtype: torch.dtype
     return out_file
 
 
+def _nonfinite_tensors(parts) -> list[str]:
+    """Names of this rank's parameters holding NaN/inf: such weights must never become the newest
+    checkpoint, which the next run would resume from. One host read for all of them."""
+    named = [(n, p.detach()) for part in parts for n, p in part.named_parameters()]
+    if not named:
+        return []
+    local = [t.to_local() if hasattr(t, "to_local") else t for _, t in named]  # DTensor shards
+    finite = torch.stack([torch.isfinite(t).all() for t in local]).tolist()
+    return [n for (n, _), ok in zip(named, finite) if not ok]
+
+
 class Checkpointer:
     """A run's checkpoints: the start (leftovers of crashed saves removed, the directory checked
     writable, resume from the newest complete checkpoint or start from `init_from`), the cadence
@@ -408,6 +419,11 @@ class Checkpointer:
         return self.cfg.enabled and every > 0 and step % every == 0 and step < total_steps
 
     def save(self, step: int, state: dict) -> Path:
+        bad = _nonfinite_tensors(self.parts)
+        if _any_rank(bool(bad)):  # every rank refuses together (a collective)
+            where = f" ({len(bad)} on this rank, the first {bad[0]})" if bad else " (on another rank)"
+            raise LlamatronError(f"step {step}: not saving a checkpoint, the model weights hold NaN/inf values{where}; "
+                                 f"the newest complete checkpoint stays {self.last or 'none (no checkpoint yet)'}")
         self.last = save_checkpoint(self.out_dir, step, self.parts, self.optimizers, state, self.config_yaml,
                                     self.cfg.keep)
         self.log(f"step {step:6d} | checkpoint saved to {self.last}")

@@ -10,6 +10,7 @@ validation (`llamatron/eval/perplexity.py`), throughput rows (`metrics.py`), che
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -34,7 +35,7 @@ from llamatron.parallel.layout import Layout
 from llamatron.parallel.memory import estimate_memory
 from llamatron.parallel.reduce import global_mean_loss
 from llamatron.runtime import Precision, load_batch
-from llamatron.train import reliability
+from llamatron.train import reliability, run_lock
 from llamatron.train.checkpoint import Checkpointer, check_init_from
 from llamatron.train.metrics import MetricsWriter, ThroughputMeter
 from llamatron.train.mlperf_log import MLPerfLog
@@ -65,24 +66,25 @@ def train(cfg: Config, *, progress: bool = True, log=print) -> TrainResult:
     world_size = runtime.env_world_size()
     # A stop signal during the slow start-up still means "checkpoint if you can, then exit 75".
     restore_signals = reliability.install_stop_handlers()
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(restore_signals)
         # Everything that can be wrong with the config and the input files fails here, before any GPU
         # memory is touched (only the first process of a host scans the token files).
         validate_config(cfg, world_size)
         check_init_from(cfg.checkpoint.init_from)
+        # One run per out_dir, held by rank 0 from before anything in it is written or removed (a second
+        # run would delete this one's in-flight save as a crash's leftover) until the run ends.
+        if int(os.environ.get("RANK", "0")) == 0:
+            stack.callback(run_lock.acquire(cfg.train.out_dir).release)
         if runtime.env_local_rank() == 0:
             quiet = int(os.environ.get("RANK", "0")) != 0
             check_inputs(cfg.data, resolve_model(cfg.model)[1].vocab_size, _silent if quiet else log)
         runtime.configure(cfg.train.threads, cfg.train.deterministic)
         device = runtime.select_device(cfg.train.device)
         created = runtime.init_distributed(device, world_size)
-        try:
-            return Trainer(cfg, device, world_size, progress=progress, log=log).train()
-        finally:
-            if created:
-                dist.destroy_process_group()
-    finally:
-        restore_signals()
+        if created:
+            stack.callback(dist.destroy_process_group)
+        return Trainer(cfg, device, world_size, progress=progress, log=log).train()
 
 
 def _silent(*args, **kwargs) -> None:
@@ -223,9 +225,12 @@ class Trainer:
     def _halt(self):
         """A non-finite step under the stop policy: keep the work since the last checkpoint (the
         weights are those before the step), then fail with the guard's reason."""
-        newest = self.checkpointer.save_unless_saved(self.step, self.state_dict())
         if self.metrics is not None:
             self.metrics.close()
+        try:
+            newest = self.checkpointer.save_unless_saved(self.step, self.state_dict())
+        except LlamatronError as e:  # e.g. weights already non-finite: the diagnosis still comes first
+            raise LlamatronError(f"{self.guard.halt}; {e}") from None
         raise LlamatronError(f"{self.guard.halt}; newest checkpoint: {newest or 'none'}")
 
     def _finish(self) -> TrainResult:
