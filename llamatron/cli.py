@@ -213,7 +213,7 @@ def cmd_preprocess(args) -> int:
     from llamatron.data.preprocess import preprocess
 
     stats = preprocess(args.input, args.output_prefix, args.tokenizer, json_keys=tuple(args.json_keys),
-                       append_eod=args.append_eod, workers=args.workers)
+                       append_eod=args.append_eod, workers=args.workers, progress=sys.stderr.isatty())
     print(f"{stats['documents']:,} documents ({stats.get('dropped_empty', 0):,} empty dropped), "
           f"{stats['tokens']:,} tokens in {stats['seconds']:.1f} s ({stats['tokens_per_s']:,.0f} tokens/s)")
     for p in stats.get("paths", []):
@@ -224,8 +224,10 @@ def cmd_preprocess(args) -> int:
 def cmd_c4(args) -> int:
     from llamatron.data.c4 import consolidate_c4
 
-    result = consolidate_c4(args.src, args.dst, valid_documents=args.valid_documents)
+    result = consolidate_c4(args.src, args.dst, valid_documents=args.valid_documents, progress=sys.stderr.isatty())
     for k, v in result.items():
+        if k == "missing" and len(v) > 3:  # up to 1,017 names: a count and the first and last
+            v = f"{len(v)} shards ({v[0]} ... {v[-1]})"
         print(f"{k}: {v}")
     return 0
 
@@ -251,7 +253,10 @@ def cmd_eval(args) -> int:
         path = newest
     cfg = config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path)))
     family, margs = resolve_model(cfg.model)
+    _positive(args, "seq_len", "num_samples", "micro_batch_size")
     seq_len = args.seq_len or cfg.data.seq_len
+    if seq_len > margs.max_seq_len:
+        raise LlamatronError(f"--seq-len {seq_len}: exceeds the checkpoint model's max_seq_len {margs.max_seq_len}")
     data = IndexedDataset(args.data)
     available = (data.num_tokens - 1) // seq_len
     if available < 1:
@@ -277,12 +282,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _positive(args, *names: str) -> None:
+    """Numeric options that must be > 0 when given (0 must not silently mean the default)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:  # also catches nan
+            raise LlamatronError(f"--{name.replace('_', '-')} {value}: expected a positive number")
+
+
 def cmd_flops(args) -> int:
     import dataclasses
 
     from llamatron import flops
     from llamatron.models import registry
 
+    _positive(args, "seq_len", "gpus", "step_time", "global_batch", "layers", "kv_heads", "flops_per_sequence", "tokens")
     known = registry.entries()
     if args.model not in known:
         raise LlamatronError(f"--model {args.model!r}: unknown; known sizes: {', '.join(known)}")

@@ -210,6 +210,9 @@ class CheckpointConfig:
     keep: int = 2  # complete checkpoints to keep (older ones are deleted)
     resume: bool = True  # continue from the newest complete checkpoint in out_dir, if any
     init_from: str | None = None  # start from this checkpoint's model weights (fresh optimizer)
+    # Resume even though the config changed the model, the data order or the global batch since the
+    # checkpoint (llamatron/train/resume_check.py); the run then no longer continues exactly.
+    allow_config_change: bool = False
 
 
 def _validate_checkpoint(ck: CheckpointConfig) -> None:
@@ -541,8 +544,13 @@ def _read_config_file(p: Path) -> list[tuple[str, str, Any]]:
     text = p.read_text()
     try:
         data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+    except tomllib.TOMLDecodeError as e:
         raise LlamatronError(f"{p}: cannot parse config: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)  # where the parser gave up, 0-based
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LlamatronError(f"{p}: cannot parse config{where}: {what}") from None
     data = data or {}
     if not isinstance(data, dict):
         raise LlamatronError(f"{p}: a config file is a mapping of sections, got {type(data).__name__}")

@@ -22,20 +22,34 @@ def build_datasets(cfg, vocab_size: int, num_train_samples: int):
         train = gd.MockDataset(vocab_size, data.seq_len, num_train_samples, data.seed)
         valid = gd.MockDataset(vocab_size, data.seq_len, max(n_valid, 1), data.seed + 1)
         return train, valid
+    for prefix in data.train:
+        _check_one_window(IndexedDataset(prefix), prefix, data.seq_len)
     weights = data.train_weights or [1.0] * len(data.train)
     train = gd.build_blended_gpt_dataset(list(zip(weights, data.train)), data.seq_len, num_train_samples, data.seed,
                                          split="train", cache_dir=data.cache_dir)
     valid = None
     if data.valid and n_valid > 0:
         # Validation reads the first windows of the file in order: no shuffle (MLPerf's 405B rule).
-        valid = gd.GPTDataset(IndexedDataset(data.valid), data.seq_len, n_valid, data.seed, split="valid",
-                              shuffle=False, cache_dir=data.cache_dir)
-        if len(valid) < n_valid:
+        indexed = IndexedDataset(data.valid)
+        # Validation windows never repeat (GPTDataset would wrap around into further epochs): the file
+        # must hold eval.samples of them, as `llamatron eval` requires.
+        available = (indexed.num_tokens - 1) // data.seq_len
+        if available < n_valid:
             raise LlamatronError(
-                f"config key 'eval.samples': {data.valid} holds only {len(valid)} windows of {data.seq_len + 1} "
+                f"config key 'eval.samples': {data.valid} holds only {available} windows of {data.seq_len + 1} "
                 f"tokens, fewer than the {n_valid} asked for"
             )
+        valid = gd.GPTDataset(indexed, data.seq_len, n_valid, data.seed, split="valid",
+                              shuffle=False, cache_dir=data.cache_dir)
     return train, valid
+
+
+def _check_one_window(indexed, prefix: str, seq_len: int) -> None:
+    """Several epochs of training data are fine (Megatron's), but a window longer than the whole file
+    would hold the same documents over and over within one sample."""
+    if (indexed.num_tokens - 1) // seq_len < 1:
+        raise LlamatronError(f"config key 'data.seq_len': {seq_len} + 1 tokens per window, but {prefix} holds only "
+                             f"{indexed.num_tokens} tokens, less than one window")
 
 
 def check_data(prefixes: list[str], vocab_size: int, tokenizer_vocab: int, log=print) -> None:

@@ -78,6 +78,7 @@ def preprocess(
         raise LlamatronError(f"tokenizer {tok.name!r} has no end-of-text token; append_eod needs one")
     dtype = token_dtype(tok.vocab_size)
     prefixes = {k: f"{output_prefix}_{k}_document" for k in keys}
+    _check_writable(Path(output_prefix).parent, output_prefix)
 
     counts = {k: {"documents": 0, "dropped_empty": 0, "tokens": 0} for k in keys}
     n_lines = 0
@@ -288,9 +289,10 @@ def _file_batches(path: Path, batch_bytes: int) -> Iterator[tuple]:
             try:
                 block = stream.read(batch_bytes)
             except EOFError:
+                member, decompressed, lineno = _gzip_end(path)
                 raise LlamatronError(
-                    f"{path}: gzip data truncated near compressed byte {raw.tell()} (after {decompressed} "
-                    f"decompressed bytes, line {lineno}); expected complete gzip members"
+                    f"{path}: gzip data truncated in member {member}, after {decompressed} decompressed bytes "
+                    f"(in line {lineno}); expected complete gzip members"
                 ) from None
             except (OSError, zlib.error) as e:  # BadGzipFile is an OSError: CRC/length errors, trailing garbage
                 raise LlamatronError(
@@ -312,6 +314,36 @@ def _file_batches(path: Path, batch_bytes: int) -> Iterator[tuple]:
         tail = b"".join(parts)
         if tail:  # a last line without a newline
             yield path, lineno, tail, raw.tell()
+
+
+def _check_writable(directory: Path, output_prefix: str) -> None:
+    """Before hours of tokenizing: the outputs can be written (created, then renamed) there."""
+    probe = directory / f".llamatron-probe.tmp{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise LlamatronError(f"--output-prefix {output_prefix}: {directory} cannot be written ({e.strerror or e}); "
+                             "expected a writable directory") from None
+
+
+def _gzip_end(path: Path) -> tuple[int, int, int]:
+    """(member, decompressed bytes, line) where the data of a truncated gzip file ends: decompressed
+    again member by member, on the error path only (the reading loop knows only its last block)."""
+    member, total, lines = 1, 0, 1
+    d = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as f, contextlib.suppress(zlib.error):  # garbage after the cut: count to there
+        while chunk := f.read(1 << 20):
+            while chunk:
+                if d.eof:  # the next member starts
+                    member += 1
+                    d = zlib.decompressobj(wbits=31)
+                out = d.decompress(chunk)
+                total += len(out)
+                lines += out.count(b"\n")
+                chunk = d.unused_data if d.eof else b""
+    return member, total, lines
 
 
 def _progress_bar(total: int, enabled: bool):
