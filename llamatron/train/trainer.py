@@ -164,11 +164,11 @@ class Trainer:
         steps, mlperf = self.cfg.train.steps, self.mlperf_log
         self.final_loss = None
         if self.validator.cadence.at_start and self.step == 0:
-            self.validator.run(0, 0)
+            self._validate()
         self.layout.train(True)
         bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
-        while self.step < steps and not mlperf.done:
+        while self.step < steps and not mlperf.done and self.validator.stopped_by is None:
             loss, grad_norm = self._train_step()
             if self.guard.halt is not None:
                 self._halt()
@@ -183,11 +183,22 @@ class Trainer:
                 break
             # The last step's validation comes after the loop, except in MLPerf mode (on its cadence only).
             if self.validator.cadence.due(self.step) and (self.step < steps or mlperf.enabled):
-                self.validator.run(self.step, self.consumed)
+                self._validate()
             if self.checkpointer.due(self.step, steps):
                 self.checkpointer.save(self.step, self.state_dict())
         bar.close()
         return self._finish()
+
+    def _validate(self) -> None:
+        """A validation on the cadence. A stop signal ends it between batches (the loop then stops,
+        checkpoints and exits 75) unless this is the last step's, or an MLPerf run's, whose result
+        the run cannot do without."""
+        self.validator.run(self.step, self.consumed,
+                           may_stop=self.step < self.cfg.train.steps and not self.mlperf_log.enabled)
+        if self.validator.stopped_by is not None:
+            self.guard.stop_signal = self.validator.stopped_by
+            self.log(f"step {self.step:6d} | {self.guard.stop_signal} during validation: stopped it; "
+                     "checkpointing, then exiting for a requeue")
 
     def _train_step(self):
         """This rank's share of one optimizer step: its micro-batches in Megatron's sampler order (ranks
@@ -280,7 +291,7 @@ class Trainer:
         return Validator(self.layout, dataset, cfg.eval.samples, micro,
                          Cadence.from_config(cfg.eval, cfg.train.global_batch_size), self.device, self.precision,
                          cfg.train.fused_cross_entropy, on_start=self.mlperf_log.eval_start,
-                         on_result=self._on_validation)
+                         on_result=self._on_validation, stop=reliability.stop_requested)
 
     def _on_validation(self, step: int, consumed: int, value: float, seconds: float) -> None:
         self.mlperf_log.eval_stop(consumed, value)
