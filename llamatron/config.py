@@ -270,7 +270,7 @@ def _validate_parallel(cfg: "Config", family, args, world_size: int | None) -> N
     stages = p.pp * p.pp_virtual_stages
     _need(args.n_layers % stages == 0, "parallel.pp",
           f"n_layers {args.n_layers} must be divisible by pp x pp_virtual_stages = {p.pp} x {p.pp_virtual_stages}")
-    _need(seq_len % (2 * p.cp) == 0, "parallel.cp",
+    _need(p.cp == 1 or seq_len % (2 * p.cp) == 0, "parallel.cp",
           f"data.seq_len {seq_len} must be divisible by 2 x cp = {2 * p.cp} (each rank holds 2 load-balanced chunks)")
     fixed = p.dp_replicate * p.cp * p.tp * p.pp
     if world_size is not None:

@@ -242,3 +242,40 @@ def test_c4_missing_shards_are_counted_not_listed(tmp_path, capsys):
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("missing:"))
     assert line == ("missing: 1030 shards (c4-train.00001-of-01024.json.gz ... "
                     "c4-validation.00007-of-00008.json.gz)")
+
+
+def test_preprocess_removes_the_temporaries_of_a_killed_run(tmp_path):
+    """`preprocess` killed with -9 left `*.bin.tmpPID.*` forever (defect 9): the next run of the same
+    prefix removes those of dead writers of this host, and keeps a live writer's."""
+    import subprocess
+    import sys
+
+    from llamatron.data.indexed import IndexedDatasetWriter
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with IndexedDatasetWriter(tmp_path / "probe", np.int32) as w:  # the temp-name format of this host
+        live_name = w._tmp_bin.name
+    pid = live_name.split(".tmp")[1].split(".")[0]
+    (tmp_path / "out").mkdir()
+    stale = tmp_path / "out" / live_name.replace("probe", "x_text_document").replace(f".tmp{pid}.",
+                                                                                   f".tmp{dead.stdout.strip()}.")
+    live = tmp_path / "out" / live_name.replace("probe", "x_text_document")  # this process: alive
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"in progress")
+    assert main(_preprocess(tmp_path, _write(tmp_path, "a.jsonl", GOOD), extra=["--tokenizer", str(_tokenizer_json(tmp_path))])) == 0
+    assert not stale.exists() and live.exists()
+
+
+def test_odd_seq_len_without_context_parallel_is_fine():
+    from llamatron.config import load_config
+
+    assert load_config("demo", ["model.size=debug", "data.mock=true", "data.seq_len=17"]).data.seq_len == 17
+
+
+def test_memory_estimate_above_the_device_warns(tmp_path, monkeypatch, capsys):
+    from llamatron import runtime
+
+    monkeypatch.setattr(runtime, "device_memory", lambda device: 2**20)  # a 1 MiB device
+    assert main(_train(tmp_path, "eval.samples=0")) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"warning: the memory estimate per rank, [\d.]+ GiB, exceeds the 0\.0 GiB of ", out), out

@@ -331,3 +331,8 @@ class Trainer:
             fused_cross_entropy=self.layout.fused_loss(train.fused_cross_entropy),
         )
         self.log(f"memory estimate per rank (eager count; llamatron/parallel/memory.py): {est.describe()}")
+        capacity = runtime.device_memory(self.device)
+        if capacity and est.total > capacity:  # the run will most likely die of OOM: say so before it does
+            self.log(f"warning: the memory estimate per rank, {est.total / 2**30:.1f} GiB, exceeds the "
+                     f"{capacity / 2**30:.1f} GiB of {self.device_name}; lower train.micro_batch_size or data.seq_len, "
+                     "or shard more (parallel.*, train.activation_checkpointing)")
