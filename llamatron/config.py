@@ -77,9 +77,11 @@ class DataConfig:
     tokenizer: str = "llama3"  # name or path; its vocabulary must fit the model's
     seq_len: int = 256
     seed: int = 1234  # sample-order seed (Megatron's GPTDataset random_seed)
-    # Sample-index cache files (Megatron's .npy files); None = no cache files: each rank builds the
-    # index in memory (seconds per million samples).
+    # Sample-index cache files (Megatron's .npy files), written once and then memory-mapped by every
+    # rank and later run. None = Megatron's default place, next to the data (PREFIX/cache/
+    # GPTDataset_indices for the first train prefix), or OUT/cache when that cannot be written.
     cache_dir: str | None = None
+    cache_index: bool = True  # false: no cache files; each rank builds the index in memory every run
 
 
 def _validate_data(data: DataConfig, max_seq_len: int) -> None:

@@ -279,3 +279,38 @@ def test_memory_estimate_above_the_device_warns(tmp_path, monkeypatch, capsys):
     assert main(_train(tmp_path, "eval.samples=0")) == 0
     out = capsys.readouterr().out
     assert re.search(r"warning: the memory estimate per rank, [\d.]+ GiB, exceeds the 0\.0 GiB of ", out), out
+
+
+def _index_cache_run(t, prefix, *sets):
+    return _train_on(t, prefix, "train.steps=2", "train.log_every=1", "eval.samples=0", *sets)
+
+
+def _losses(out_dir):
+    return [r["loss"] for r in map(json.loads, open(out_dir / "metrics.jsonl")) if r["kind"] == "train"]
+
+
+def test_sample_index_cached_next_to_the_data_by_default(tmp_path):
+    """data.cache_dir unset (defect 11c): the index is cached where Megatron puts it, PREFIX/cache/
+    GPTDataset_indices, and a second run reads it; the order (the losses) is the same with and without."""
+    from llamatron.data.gpt_dataset import default_cache_dir
+
+    prefix = _tokens(tmp_path)
+    assert main(_index_cache_run(tmp_path, prefix)) == 0
+    cache = tmp_path / default_cache_dir(prefix)
+    files = sorted(p.name.split("-", 1)[1] for p in cache.iterdir())
+    assert "GPTDataset-train-sample_index.npy" in files and "BlendedDataset-train-dataset_index.npy" not in files
+    stamp = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
+    first = _losses(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run")
+    assert main(_index_cache_run(tmp_path, prefix)) == 0
+    assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == stamp  # read, not rebuilt
+    shutil.rmtree(tmp_path / "run")
+    assert main(_index_cache_run(tmp_path, prefix, "data.cache_index=false")) == 0
+    assert _losses(tmp_path / "run") == first and len(first) == 2
+
+
+def test_sample_index_cache_falls_back_to_out_dir(tmp_path):
+    prefix = _tokens(tmp_path)
+    prefix.write_bytes(b"")  # a file where Megatron's cache directory would go: not writable there
+    assert main(_index_cache_run(tmp_path, prefix)) == 0
+    assert any(p.name.endswith("GPTDataset-train-sample_index.npy") for p in (tmp_path / "run" / "cache").iterdir())
