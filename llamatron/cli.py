@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize (default: text)")
     p.add_argument("--append-eod", action="store_true", help="append the end-of-text token to every document")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--empty-documents", choices=["drop", "keep"], default="drop",
+                   help="documents that tokenize to nothing: drop (NeMo's preprocess_data_for_megatron.py, how the "
+                   "MLPerf files were made; default) or keep as a document with no sequence (Megatron-LM's "
+                   "preprocess_data.py)")
 
     p = sub.add_parser("c4", help="consolidate raw C4 shards as the MLPerf reference does")
     p.add_argument("--src", required=True, help="directory with c4-train.*-of-01024.json.gz and c4-validation.*")
@@ -213,7 +217,8 @@ def cmd_preprocess(args) -> int:
     from llamatron.data.preprocess import preprocess
 
     stats = preprocess(args.input, args.output_prefix, args.tokenizer, json_keys=tuple(args.json_keys),
-                       append_eod=args.append_eod, workers=args.workers, progress=sys.stderr.isatty())
+                       append_eod=args.append_eod, workers=args.workers, progress=sys.stderr.isatty(),
+                       empty_documents=args.empty_documents)
     print(f"{stats['documents']:,} documents ({stats.get('dropped_empty', 0):,} empty dropped), "
           f"{stats['tokens']:,} tokens in {stats['seconds']:.1f} s ({stats['tokens_per_s']:,.0f} tokens/s)")
     for p in stats.get("paths", []):

@@ -219,3 +219,20 @@ def test_lone_surrogate_and_progress_bar(tmp_path, tok, capsys, monkeypatch):
     assert stats["documents"] == 12
     err = capsys.readouterr().err
     assert "tokenizing" in err and "100%" in err
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_empty_documents_keep_is_megatron_lms_layout(tmp_path, tok, workers):
+    """--empty-documents keep (issue 17, 11a): an empty document is a document with no sequence, as
+    Megatron-LM's builder records it (document_indices repeats); drop (NeMo, the MLPerf files) drops it.
+    The EOD goes only after non-empty documents in both tools."""
+    src = _write(tmp_path, "e.jsonl", b'{"text": "one"}\n{"text": ""}\n{"text": "two"}\n{"text": ""}\n')
+    stats = pp.preprocess([str(src)], str(tmp_path / "k"), workers=workers, progress=False, append_eod=True,
+                          empty_documents="keep")
+    ds = IndexedDataset(tmp_path / "k_text_document")
+    assert ds.document_indices.tolist() == [0, 1, 1, 2, 2] and stats["dropped_empty"] == 0
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode("one") + [tok.eos_id], tok.encode("two") + [tok.eos_id]]
+    pp.preprocess([str(src)], str(tmp_path / "d"), workers=workers, progress=False, append_eod=True)
+    dropped = IndexedDataset(tmp_path / "d_text_document")
+    assert dropped.document_indices.tolist() == [0, 1, 2]
+    assert (tmp_path / "d_text_document.bin").read_bytes() == (tmp_path / "k_text_document.bin").read_bytes()
