@@ -164,7 +164,33 @@ CASES = [
      ["--gpus", "positive"]),
     ("flops-step-time-negative", lambda t, _: ["flops", "--step-time", "-1", "--global-batch", "8"],
      ["--step-time", "positive"]),
+    # convert, c4, launch
+    ("convert-missing-source", lambda t, _: ["convert", "--from", "hf", "--to", "llamatron", str(t / "no"), str(t / "d")],
+     ["no", "not a directory"]),
+    ("convert-hf-config-incomplete", lambda t, _: ["convert", "--from", "hf", "--to", "llamatron",
+                                                   str(_dir_with(t, "config.json", b"{}")), str(t / "d")],
+     ["config.json", "num_attention_heads"]),
+    ("convert-meta-without-params", lambda t, _: ["convert", "--from", "meta", "--to", "llamatron",
+                                                  str(_dir_with(t, "x.txt", b"")), str(t / "d")], ["params.json"]),
+    ("convert-destination-exists", lambda t, tr: ["convert", "--from", "llamatron", "--to", "hf", str(tr / "run"),
+                                                  str(_dir_with(t, "x.txt", b""))], ["already exists"]),
+    ("c4-missing-source", lambda t, _: ["c4", "--src", str(t / "no"), "--dst", str(t / "d")], ["no", "C4 shards"]),
+    ("launch-bad-key", lambda t, _: ["launch", "--config", "demo", "--set", "data.mock=true", "--set", "launch.nodes=0",
+                                     "--dry-run"], ["launch.nodes", ">= 1"]),
 ]
+
+
+def _dir_with(t, name, data: bytes):
+    d = t / "src"
+    d.mkdir(exist_ok=True)
+    _write(d, name, data)
+    return d
+
+
+def _snapshot(*roots):
+    """Every existing file's bytes: a failed command may add files (a temporary) but must change none
+    of those that were there (the run lock's holder line aside)."""
+    return {p: p.read_bytes() for root in roots for p in root.rglob("*") if p.is_file() and p.name != ".lock"}
 
 
 def _eval(trained, *extra):
@@ -194,9 +220,12 @@ def _without(t, name):
 @pytest.mark.parametrize("setup,needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2(tmp_path, trained, capsys, setup, needles):
     argv = setup(tmp_path, trained)
+    before = _snapshot(tmp_path, trained)
     capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err
+    after = _snapshot(tmp_path, trained)
+    assert {p: after.get(p) for p in before} == before, "a failed command changed a file"
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err

@@ -113,8 +113,6 @@ class Trainer:
         self.family, self.args = resolve_model(cfg.model)
         self.accum = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dims.dp)
         self.config_yaml = dump_config(cfg)
-        if self.main:
-            (self.out_dir / "config.yaml").write_text(self.config_yaml)
         self.log(f"config (saved to {self.out_dir / 'config.yaml'}):\n{self.config_yaml}")
 
         # Data (one rank per host builds the sample-index caches, the others then read them)
@@ -138,6 +136,8 @@ class Trainer:
         self.checkpointer.attach(self.layout.parts, self.optimizers, self.config_yaml)
         state = self.checkpointer.restore()
         self.step, self.consumed = state.get("step", 0), state.get("consumed_samples", 0)
+        if self.main:  # only now: a refused resume (changed config) leaves the run's config.yaml as it was
+            (self.out_dir / "config.yaml").write_text(self.config_yaml)
 
         # Guards: non-finite steps, gradient-norm spikes and stop signals, decided by all ranks together
         self.guard = reliability.StepGuard(
