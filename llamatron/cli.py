@@ -120,20 +120,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
-    from llamatron.config import load_config
-    from llamatron.train.trainer import train
-
     if args.config is None:
         raise LlamatronError("--config is required (a file, or a preset name such as demo)")
-    cfg = load_config(args.config, args.overrides)
-    if args.nproc_per_node is not None:
-        return _train_torchrun(args, cfg)
+    if args.nproc_per_node is not None:  # torchrun handles the signals of this process itself
+        from llamatron.config import load_config
+
+        return _train_torchrun(args, load_config(args.config, args.overrides))
     if args.nnodes != 1 or args.rdzv_endpoint or args.rdzv_id:
         raise LlamatronError("--nnodes, --rdzv-endpoint and --rdzv-id go with --nproc-per-node")
-    if _report_finished(cfg):
-        return 0
-    # A progress bar only on a terminal: in a batch job's log it is a wall of carriage returns.
-    result = train(cfg, progress=sys.stderr.isatty())
+    from llamatron.stop_signals import install_stop_handlers
+
+    # Before the slow imports: a SIGTERM during start-up is kept, and the run stops after its first step
+    # with a checkpoint and exit 75 rather than dying with -15.
+    restore = install_stop_handlers()
+    try:
+        from llamatron.config import load_config
+        from llamatron.train.trainer import train
+
+        cfg = load_config(args.config, args.overrides)
+        if _report_finished(cfg):
+            return 0
+        # A progress bar only on a terminal: in a batch job's log it is a wall of carriage returns.
+        result = train(cfg, progress=sys.stderr.isatty())
+    finally:
+        restore()
     print_summary(result)
     return REQUEUE_EXIT_CODE if result.preempted else 0
 

@@ -78,3 +78,28 @@ def test_in_process_torchrun_restores_signal_handlers(tmp_path):
                                                signal.SIGUSR1)}
     assert torchrun([str(script)], 1, log=lambda *_: None) == 0
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_sigterm_during_start_up_checkpoints_after_the_first_step_and_exits_75(tmp_path):
+    """A SIGTERM while the config loads (before the trainer exists) used to end the process with -15;
+    the handler is now installed before the slow imports. A subprocess in its own session: before the
+    fix the signal would have killed the test process itself."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    code = ("import os, signal, sys\n"
+            "import llamatron.config as c\n"
+            "real = c.load_config\n"
+            "def load(*a, **k):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real(*a, **k)\n"
+            "c.load_config = load\n"
+            "from llamatron.cli import main\n"
+            f"sys.exit(main({_argv(out, 4)!r}))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    assert proc.returncode == REQUEUE_EXIT_CODE, proc.stderr[-2000:]
+    assert ckpt.latest_checkpoint(out).name == "step_00000001"
