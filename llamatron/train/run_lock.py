@@ -49,7 +49,7 @@ def _holder(fd: int) -> str:
     return text or "a process that has not written its pid yet"
 
 
-def acquire(out_dir: str | Path) -> RunLock:
+def acquire(out_dir: str | Path, log=print) -> RunLock:
     """Lock `out_dir` (created if missing) for this run, or fail with one line naming the holder."""
     out_dir = Path(out_dir)
     path = out_dir / LOCK_NAME
@@ -66,10 +66,13 @@ def acquire(out_dir: str | Path) -> RunLock:
         os.close(fd)
         raise LlamatronError(f"train.out_dir {out_dir} is in use by another training run ({holder}; lock {path}); "
                              "wait for it to end, or set train.out_dir to another directory") from None
-    except OSError as e:  # a filesystem without flock support: say so rather than run unprotected silently
+    except OSError as e:
+        # A filesystem without flock (Lustre mounted without -o flock says ENOSYS): refusing to train
+        # there would be worse than running unprotected, so warn and go on.
         os.close(fd)
-        raise LlamatronError(f"train.out_dir {out_dir}: cannot lock {path} ({e.strerror or e}); "
-                             "two runs on this directory would not be prevented") from e
+        log(f"warning: train.out_dir {out_dir}: cannot lock {path} ({e.strerror or e}); a second run on this "
+            "directory would not be prevented")
+        return RunLock(path, None)
     info = f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
     os.ftruncate(fd, 0)
     os.pwrite(fd, info.encode(), 0)
@@ -79,4 +82,4 @@ def acquire(out_dir: str | Path) -> RunLock:
 def check_free(out_dir: str | Path) -> None:
     """Fail now if another run holds `out_dir` (a launcher's check before it starts workers); holds nothing."""
     if (Path(out_dir) / LOCK_NAME).is_file():
-        acquire(out_dir).release()
+        acquire(out_dir, log=lambda *_: None).release()

@@ -75,7 +75,7 @@ def train(cfg: Config, *, progress: bool = True, log=print) -> TrainResult:
         # One run per out_dir, held by rank 0 from before anything in it is written or removed (a second
         # run would delete this one's in-flight save as a crash's leftover) until the run ends.
         if int(os.environ.get("RANK", "0")) == 0:
-            stack.callback(run_lock.acquire(cfg.train.out_dir).release)
+            stack.callback(run_lock.acquire(cfg.train.out_dir, log).release)
         if runtime.env_local_rank() == 0:
             quiet = int(os.environ.get("RANK", "0")) != 0
             check_inputs(cfg.data, resolve_model(cfg.model)[1].vocab_size, _silent if quiet else log)
