@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize (default: text)")
     p.add_argument("--append-eod", action="store_true", help="append the end-of-text token to every document")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--empty-documents", choices=["drop", "keep"], default="drop",
+                   help="documents that tokenize to nothing: drop (NeMo's preprocess_data_for_megatron.py, how the "
+                   "MLPerf files were made; default) or keep as a document with no sequence (Megatron-LM's "
+                   "preprocess_data.py)")
 
     p = sub.add_parser("c4", help="consolidate raw C4 shards as the MLPerf reference does")
     p.add_argument("--src", required=True, help="directory with c4-train.*-of-01024.json.gz and c4-validation.*")
@@ -139,18 +143,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
-    from llamatron.config import load_config
-    from llamatron.train.trainer import train
-
     if args.config is None:
         raise LlamatronError("--config is required (a file, or a preset name such as demo)")
-    cfg = load_config(args.config, args.overrides)
-    if args.nproc_per_node is not None:
-        return _train_torchrun(args, cfg)
+    if args.nproc_per_node is not None:  # torchrun handles the signals of this process itself
+        from llamatron.config import load_config
+
+        return _train_torchrun(args, load_config(args.config, args.overrides))
     if args.nnodes != 1 or args.rdzv_endpoint or args.rdzv_id:
         raise LlamatronError("--nnodes, --rdzv-endpoint and --rdzv-id go with --nproc-per-node")
-    # A progress bar only on a terminal: in a batch job's log it is a wall of carriage returns.
-    result = train(cfg, progress=sys.stderr.isatty())
+    from llamatron.stop_signals import install_stop_handlers
+
+    # Before the slow imports: a SIGTERM during start-up is kept, and the run stops after its first step
+    # with a checkpoint and exit 75 rather than dying with -15.
+    restore = install_stop_handlers()
+    try:
+        from llamatron.config import load_config
+        from llamatron.train.trainer import train
+
+        cfg = load_config(args.config, args.overrides)
+        if _report_finished(cfg):
+            return 0
+        # A progress bar only on a terminal: in a batch job's log it is a wall of carriage returns.
+        result = train(cfg, progress=sys.stderr.isatty())
+    finally:
+        restore()
     print_summary(result)
     return REQUEUE_EXIT_CODE if result.preempted else 0
 
@@ -158,20 +174,31 @@ def cmd_train(args) -> int:
 def _train_torchrun(args, cfg) -> int:
     """This node's share of a torchrun job: N processes running `llamatron train` without these flags."""
     from llamatron.config import validate_config
-    from llamatron.launch import run_finished, torchrun
+    from llamatron.launch import torchrun
+    from llamatron.train import run_lock
 
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise LlamatronError("--nproc-per-node and --nnodes must be >= 1")
     validate_config(cfg, args.nproc_per_node * args.nnodes)  # the layout, before any process starts
-    done = run_finished(cfg)
-    if done is not None:  # a later job of a chain, after the run has finished
-        print(f"run {cfg.train.out_dir} already finished: checkpoint at step {done} (train.steps = "
-              f"{cfg.train.steps}); nothing to train")
+    if _report_finished(cfg):
         return 0
+    run_lock.check_free(cfg.train.out_dir)  # before starting workers that would only fail on it
     command = ["-m", "llamatron", "train", "--config", args.config]
     for item in args.overrides:
         command += ["--set", item]
     return torchrun(command, args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.rdzv_id)
+
+
+def _report_finished(cfg) -> bool:
+    """A run already at train.steps (a later job of a chain, or the same command run again) ends at
+    once: retraining nothing would still reload, re-validate and append a duplicate eval row."""
+    from llamatron.launch import run_finished
+
+    done = run_finished(cfg)
+    if done is not None:
+        print(f"run {cfg.train.out_dir} already finished: checkpoint at step {done} (train.steps = "
+              f"{cfg.train.steps}); nothing to train")
+    return done is not None
 
 
 def cmd_launch(args) -> int:
@@ -223,7 +250,8 @@ def cmd_preprocess(args) -> int:
     from llamatron.data.preprocess import preprocess
 
     stats = preprocess(args.input, args.output_prefix, args.tokenizer, json_keys=tuple(args.json_keys),
-                       append_eod=args.append_eod, workers=args.workers)
+                       append_eod=args.append_eod, workers=args.workers, progress=sys.stderr.isatty(),
+                       empty_documents=args.empty_documents)
     print(f"{stats['documents']:,} documents ({stats.get('dropped_empty', 0):,} empty dropped), "
           f"{stats['tokens']:,} tokens in {stats['seconds']:.1f} s ({stats['tokens_per_s']:,.0f} tokens/s)")
     for p in stats.get("paths", []):
@@ -234,8 +262,10 @@ def cmd_preprocess(args) -> int:
 def cmd_c4(args) -> int:
     from llamatron.data.c4 import consolidate_c4
 
-    result = consolidate_c4(args.src, args.dst, valid_documents=args.valid_documents)
+    result = consolidate_c4(args.src, args.dst, valid_documents=args.valid_documents, progress=sys.stderr.isatty())
     for k, v in result.items():
+        if k == "missing" and len(v) > 3:  # up to 1,017 names: a count and the first and last
+            v = f"{len(v)} shards ({v[0]} ... {v[-1]})"
         print(f"{k}: {v}")
     return 0
 
@@ -261,7 +291,10 @@ def cmd_eval(args) -> int:
         path = newest
     cfg = config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path)))
     family, margs = resolve_model(cfg.model)
+    _positive(args, "seq_len", "num_samples", "micro_batch_size")
     seq_len = args.seq_len or cfg.data.seq_len
+    if seq_len > margs.max_seq_len:
+        raise LlamatronError(f"--seq-len {seq_len}: exceeds the checkpoint model's max_seq_len {margs.max_seq_len}")
     data = IndexedDataset(args.data)
     available = (data.num_tokens - 1) // seq_len
     if available < 1:
@@ -319,12 +352,21 @@ def _evaluate_torchrun(args) -> int:
     return torchrun(command, args.nproc_per_node)
 
 
+def _positive(args, *names: str) -> None:
+    """Numeric options that must be > 0 when given (0 must not silently mean the default)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:  # also catches nan
+            raise LlamatronError(f"--{name.replace('_', '-')} {value}: expected a positive number")
+
+
 def cmd_flops(args) -> int:
     import dataclasses
 
     from llamatron import flops
     from llamatron.models import registry
 
+    _positive(args, "seq_len", "gpus", "step_time", "global_batch", "layers", "kv_heads", "flops_per_sequence", "tokens")
     known = registry.entries()
     if args.model not in known:
         raise LlamatronError(f"--model {args.model!r}: unknown; known sizes: {', '.join(known)}")

@@ -12,6 +12,7 @@ the rules derive from the global batch size, unless set explicitly), validate.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 import types
@@ -76,9 +77,11 @@ class DataConfig:
     tokenizer: str = "llama3"  # name or path; its vocabulary must fit the model's
     seq_len: int = 256
     seed: int = 1234  # sample-order seed (Megatron's GPTDataset random_seed)
-    # Sample-index cache files (Megatron's .npy files); None = no cache files: each rank builds the
-    # index in memory (seconds per million samples).
+    # Sample-index cache files (Megatron's .npy files), written once and then memory-mapped by every
+    # rank and later run. None = Megatron's default place, next to the data (PREFIX/cache/
+    # GPTDataset_indices for the first train prefix), or OUT/cache when that cannot be written.
     cache_dir: str | None = None
+    cache_index: bool = True  # false: no cache files; each rank builds the index in memory every run
 
 
 def _validate_data(data: DataConfig, max_seq_len: int) -> None:
@@ -221,6 +224,9 @@ class CheckpointConfig:
     keep: int = 2  # complete checkpoints to keep (older ones are deleted)
     resume: bool = True  # continue from the newest complete checkpoint in out_dir, if any
     init_from: str | None = None  # start from this checkpoint's model weights (fresh optimizer)
+    # Resume even though the config changed the model, the data order or the global batch since the
+    # checkpoint (llamatron/train/resume_check.py); the run then no longer continues exactly.
+    allow_config_change: bool = False
 
 
 def _validate_checkpoint(ck: CheckpointConfig) -> None:
@@ -278,7 +284,7 @@ def _validate_parallel(cfg: "Config", family, args, world_size: int | None) -> N
     stages = p.pp * p.pp_virtual_stages
     _need(args.n_layers % stages == 0, "parallel.pp",
           f"n_layers {args.n_layers} must be divisible by pp x pp_virtual_stages = {p.pp} x {p.pp_virtual_stages}")
-    _need(seq_len % (2 * p.cp) == 0, "parallel.cp",
+    _need(p.cp == 1 or seq_len % (2 * p.cp) == 0, "parallel.cp",
           f"data.seq_len {seq_len} must be divisible by 2 x cp = {2 * p.cp} (each rank holds 2 load-balanced chunks)")
     fixed = p.dp_replicate * p.cp * p.tp * p.pp
     if world_size is not None:
@@ -460,6 +466,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise LlamatronError(f"config key '{key}': {value!r} is not an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # No float key means anything at inf or nan (optim.lr=inf trains to NaN weights at step 2).
+            if not math.isfinite(value):
+                raise LlamatronError(f"config key '{key}': {value!r} is not finite; expected a finite number")
             return float(value)
         raise LlamatronError(f"config key '{key}': {value!r} is not a number")
     if tp is str:
@@ -549,8 +558,13 @@ def _read_config_file(p: Path) -> list[tuple[str, str, Any]]:
     text = p.read_text()
     try:
         data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+    except tomllib.TOMLDecodeError as e:
         raise LlamatronError(f"{p}: cannot parse config: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)  # where the parser gave up, 0-based
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LlamatronError(f"{p}: cannot parse config{where}: {what}") from None
     data = data or {}
     if not isinstance(data, dict):
         raise LlamatronError(f"{p}: a config file is a mapping of sections, got {type(data).__name__}")

@@ -8,13 +8,14 @@ or poison a run at an exact moment. The points and what they are given:
     step_end      step, rank, model
     save          phase (before_data, during_data, after_data, before_marker, before_rename,
                   after_rename), step, rank
+    eval_batch    start (the first window of the validation batch about to be scored)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-POINTS = ("step_start", "step_end", "save")
+POINTS = ("step_start", "step_end", "save", "eval_batch")
 _registered: dict[str, list[Callable[..., None]]] = {}
 
 

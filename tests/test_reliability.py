@@ -58,10 +58,12 @@ def _run(out_dir, steps=STEPS, extra=(), fault=None, preexec_fn=None, wait=True)
     env.pop(faults.ENV, None)
     if fault:
         env[faults.ENV] = fault
+    # Its own session: a signal meant for the run (or sent by it) can never reach the test process.
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=preexec_fn)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+                                preexec_fn=preexec_fn, start_new_session=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn,
+                          start_new_session=True)
 
 
 def _rows(out_dir, kind=None):
@@ -298,7 +300,7 @@ def test_ranks_agree_on_skip_and_stop(tmp_path):
         cmd += ["--set", o]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            faults.ENV: "nan_loss@step=2@rank=1,sigterm@step=3@rank=1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
     log = proc.stdout + proc.stderr
     # torchrun turns a worker's non-zero exit into its own failure (exit 1) and stops the other worker
     # (by then past the checkpoint); its report names the worker's exit code.

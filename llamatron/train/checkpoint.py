@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from llamatron.errors import LlamatronError
 from llamatron import hooks
+from llamatron.train.resume_check import check_resume_config
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -331,10 +332,30 @@ def load_model_weights(path: str | Path, model) -> None:
         raise LlamatronError(f"{path}: not a checkpoint directory (no DCP .metadata file)")
     parts = [get_model_state_dict(m) for m in _as_list(model)]
     sd = {"model": {k: v for p in parts for k, v in p.items()}}
-    with quiet_dcp():
-        dcp.load(sd, checkpoint_id=str(path))
+    _check_shapes(path, sd["model"])
+    try:
+        with quiet_dcp():
+            dcp.load(sd, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:
+        raise LlamatronError(f"{path}: cannot load this checkpoint's weights ({_describe_error(e)}); its files are "
+                             "damaged or incomplete") from e
     for p, mod in zip(parts, _as_list(model)):
         set_model_state_dict(mod, {k: sd["model"][k] for k in p}, options=StateDictOptions(strict=True))
+
+
+def _check_shapes(path: Path, model_sd: dict) -> None:
+    """A checkpoint of another model (size) fails naming a tensor and both shapes, not inside DCP."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    differ = []
+    for name, t in model_sd.items():
+        m = saved.get(f"model.{name}")
+        if m is None:
+            differ.append(f"{name} is missing there")
+        elif isinstance(m, TensorStorageMetadata) and tuple(m.size) != tuple(t.shape):
+            differ.append(f"{name} is {list(m.size)} there but {list(t.shape)} in this model")
+    if differ:
+        raise LlamatronError(f"{path}: holds another model ({len(differ)} of {len(model_sd)} tensors differ: "
+                             f"{differ[0]}); check model.size and the model.* keys")
 
 
 def consolidated_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -358,6 +379,17 @@ def save_consolidated(path: str | Path, out_file: str | Path, dtype: torch.dtype
     out_file.parent.mkdir(parents=True, exist_ok=True)
     torch.save(consolidated_state_dict(path, dtype), out_file)
     return out_file
+
+
+def _nonfinite_tensors(parts) -> list[str]:
+    """Names of this rank's parameters holding NaN/inf: such weights must never become the newest
+    checkpoint, which the next run would resume from. One host read for all of them."""
+    named = [(n, p.detach()) for part in parts for n, p in part.named_parameters()]
+    if not named:
+        return []
+    local = [t.to_local() if hasattr(t, "to_local") else t for _, t in named]  # DTensor shards
+    finite = torch.stack([torch.isfinite(t).all() for t in local]).tolist()
+    return [n for (n, _), ok in zip(named, finite) if not ok]
 
 
 class Checkpointer:
@@ -393,12 +425,17 @@ class Checkpointer:
         """The trainer state to continue from ({} for a fresh start), the weights (and optimizer) loaded."""
         resume_from = latest_checkpoint(self.out_dir) if self.cfg.resume else None
         if resume_from is not None:
+            check_resume_config(resume_from, read_checkpoint_config(resume_from), self.config_yaml,
+                                self.cfg.allow_config_change, self.log)
             state = load_checkpoint(resume_from, self.parts, self.optimizers)
             self.last = resume_from
             self.log(f"resumed from {resume_from} at step {state['step']} ({state['consumed_samples']} samples consumed)")
             return {**state, "resumed_from": str(resume_from)}
         if self.cfg.init_from:
-            load_model_weights(self.cfg.init_from, self.parts)
+            try:
+                load_model_weights(self.cfg.init_from, self.parts)
+            except LlamatronError as e:
+                raise LlamatronError(f"config key 'checkpoint.init_from': {e}") from None
             self.log(f"initialised model weights from {self.cfg.init_from}")
         return {}
 
@@ -408,6 +445,11 @@ class Checkpointer:
         return self.cfg.enabled and every > 0 and step % every == 0 and step < total_steps
 
     def save(self, step: int, state: dict) -> Path:
+        bad = _nonfinite_tensors(self.parts)
+        if _any_rank(bool(bad)):  # every rank refuses together (a collective)
+            where = f" ({len(bad)} on this rank, the first {bad[0]})" if bad else " (on another rank)"
+            raise LlamatronError(f"step {step}: not saving a checkpoint, the model weights hold NaN/inf values{where}; "
+                                 f"the newest complete checkpoint stays {self.last or 'none (no checkpoint yet)'}")
         self.last = save_checkpoint(self.out_dir, step, self.parts, self.optimizers, state, self.config_yaml,
                                     self.cfg.keep)
         self.log(f"step {step:6d} | checkpoint saved to {self.last}")
