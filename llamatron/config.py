@@ -209,6 +209,9 @@ class CheckpointConfig:
     keep: int = 2  # complete checkpoints to keep (older ones are deleted)
     resume: bool = True  # continue from the newest complete checkpoint in out_dir, if any
     init_from: str | None = None  # start from this checkpoint's model weights (fresh optimizer)
+    # Write in a background thread (torch DCP async_save) after a copy to host memory; training waits
+    # only for the copy. None = on for CUDA runs (docs/performance.md, "Asynchronous checkpoints").
+    async_save: bool | None = None
 
 
 def _validate_checkpoint(ck: CheckpointConfig) -> None:
