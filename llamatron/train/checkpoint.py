@@ -300,6 +300,9 @@ def make_stager(pinned: bool):
     stager serves one save at a time: the next save waits for the write of the previous."""
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+    # The writer thread's dcp.save runs outside quiet_dcp (a main-thread context): the same filter,
+    # process-wide, for the one message a single-process save prints.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     return DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False,
                                         use_non_blocking_copy=pinned))
 
