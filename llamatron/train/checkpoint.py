@@ -553,9 +553,14 @@ class Checkpointer:
     def poll(self) -> None:
         """Between steps: report a background save that has completed (local: no collective)."""
         p = self.pending
-        if p is not None and p.done() and p.error is None and p.stall_s is not None:
+        if p is None or not p.done() or p.stall_s is None:
+            return
+        if p.error is None:
             self._saved(p.step, p.final, p.finished - p.started, p.stall_s)
-            p.stall_s = None  # reported
+        else:  # raised on every rank at the next wait (an agreement needs all ranks: not here)
+            self.log(f"warning: the background save of {p.final.name} failed ({_describe_error(p.error)}); "
+                     "the run stops with this error at the next checkpoint or at its end")
+        p.stall_s = None  # reported
 
     def wait(self) -> float:
         """Block until the save in flight, if any, is complete (every rank; raises the save's error on
