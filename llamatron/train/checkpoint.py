@@ -303,8 +303,9 @@ def make_stager(pinned: bool):
     # The writer thread's dcp.save runs outside quiet_dcp (a main-thread context): the same filter,
     # process-wide, for the one message a single-process save prints.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    return DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False,
-                                        use_non_blocking_copy=pinned))
+    # Positional: (pinned memory, shared memory, asynchronous staging, non-blocking copy); the last is
+    # named use_cuda_non_blocking_copy in earlier releases.
+    return DefaultStager(StagingOptions(pinned, False, False, pinned))
 
 
 class AsyncSave:
