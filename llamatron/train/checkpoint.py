@@ -14,6 +14,11 @@ renamed, so a crash at any moment leaves the previous checkpoint usable; directo
 marker and hidden leftovers of crashed saves are never resumed from and are removed by the next run
 or save. Old checkpoints are renamed to a hidden name before they are deleted, for the same reason.
 
+An asynchronous save (`checkpoint.async_save`, `save_checkpoint_async`) writes the same files in the
+same order: the state is copied to host memory while training waits, a DCP writer thread writes the
+shards, and the marker and rename follow in that thread (rank 0) once every rank's shards are written.
+One save is in flight at a time; `Checkpointer` waits for it before the next save and at the end.
+
 Every tensor is stored by its name in the whole model, whatever the layout that saved it: DCP records
 which slice of it each rank wrote (FSDP or TP shards, or a pipeline stage's layers), and a load
 reads whatever slices the loading layout needs. So a run saved with one layout (FSDP over 2 ranks,
