@@ -584,8 +584,9 @@ class Checkpointer:
 
     def _saved(self, step: int, path: Path, save_s: float, stall_s: float) -> None:
         self.last = path
-        mode = "background write" if self.asynchronous else "synchronous"
-        self.log(f"step {step:6d} | checkpoint saved to {path} in {save_s:.2f} s ({mode}; training stalled "
+        # A background save completes some steps later: the line names the step it holds, not the current one.
+        mode = "written in the background" if self.asynchronous else "synchronous"
+        self.log(f"checkpoint of step {step} saved to {path} in {save_s:.2f} s ({mode}; training stalled "
                  f"{stall_s:.2f} s)")
         self.report("checkpoint", step, {"path": str(path), "async": self.asynchronous, "save_s": round(save_s, 4),
                                          "stall_s": round(stall_s, 4)})
