@@ -10,7 +10,7 @@ while the background write was going on (against the median step before the save
 thread competes for CPU, memory bandwidth and the GIL). stall_s = the save call + that extra time.
 The first asynchronous save also allocates the pinned host buffers the later ones reuse.
 Each result is one line `SUMMARY {json}`. The checkpoints go to --out-dir (a fast local disk:
-the write speed is the disk's) and are deleted afterwards.
+the write speed is the disk's); each is deleted once measured, so the disk needs room for one.
 """
 
 from __future__ import annotations
@@ -100,6 +100,8 @@ def measure(run: Run, asynchronous: bool, cli, out_dir: Path) -> list[dict]:
             "write_gb_per_s": run.state_bytes() / 1e9 / row["save_s"],
         })
         print("SUMMARY " + json.dumps(results[-1]), flush=True)
+        # Untimed: the checkpoint is deleted, so the disk holds at most one (2 layers of 8B: ~23 GB).
+        shutil.rmtree(row["path"], ignore_errors=True)
     ck.close()
     shutil.rmtree(out_dir, ignore_errors=True)
     return results
