@@ -227,6 +227,9 @@ class CheckpointConfig:
     # Resume even though the config changed the model, the data order or the global batch since the
     # checkpoint (llamatron/train/resume_check.py); the run then no longer continues exactly.
     allow_config_change: bool = False
+    # Write in a background thread (torch DCP async_save) after a copy to host memory; training waits
+    # only for the copy. None = on for CUDA runs (docs/performance.md, "Asynchronous checkpoints").
+    async_save: bool | None = None
 
 
 def _validate_checkpoint(ck: CheckpointConfig) -> None:

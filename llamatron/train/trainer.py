@@ -121,7 +121,7 @@ class Trainer:
 
         # Checkpoints, first: leftovers of crashed saves removed, the directory checked before the model
         # is allocated
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.out_dir, self.log)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.out_dir, self.log, self._write_metrics, device.type)
         if self.main:
             self.checkpointer.prepare(parameter_count(self.family, self.args))
 
@@ -185,6 +185,7 @@ class Trainer:
             # The last step's validation comes after the loop, except in MLPerf mode (on its cadence only).
             if self.validator.cadence.due(self.step) and (self.step < steps or mlperf.enabled):
                 self._validate()
+            self.checkpointer.poll()  # a background save that has completed is reported
             if self.checkpointer.due(self.step, steps):
                 self.checkpointer.save(self.step, self.state_dict())
         bar.close()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamatron.loss import linear_cross_entropy
+from llamatron.models.attention_ops import gqa_attention
 
 
 @dataclass
@@ -128,13 +129,9 @@ class Attention(nn.Module):
         # come first (under context parallelism they are this rank's positions, sharded like the tokens).
         cos, sin = cos[:seqlen], sin[:seqlen]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # GQA: each KV head serves n_heads/n_kv_heads consecutive query heads.
-        n_rep = q.shape[2] // k.shape[2]
-        if n_rep > 1:
-            k = k.repeat_interleave(n_rep, dim=2)
-            v = v.repeat_interleave(n_rep, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        # GQA: each KV head serves n_heads/n_kv_heads consecutive query heads (K/V expanded or not: attention_ops).
+        out = gqa_attention(q, k, v, is_causal=True)
+        return self.wo(out.reshape(bsz, seqlen, -1))
 
 
 class FeedForward(nn.Module):
