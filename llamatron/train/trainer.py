@@ -238,12 +238,13 @@ class Trainer:
     def _halt(self):
         """A non-finite step under the stop policy: keep the work since the last checkpoint (the
         weights are those before the step), then fail with the guard's reason."""
-        if self.metrics is not None:
-            self.metrics.close()
         try:
             newest = self.checkpointer.save_unless_saved(self.step, self.state_dict())
         except LlamatronError as e:  # e.g. weights already non-finite: the diagnosis still comes first
             raise LlamatronError(f"{self.guard.halt}; {e}") from None
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
         raise LlamatronError(f"{self.guard.halt}; newest checkpoint: {newest or 'none'}")
 
     def _finish(self) -> TrainResult:
