@@ -44,6 +44,15 @@ def sum_over(t: torch.Tensor, dims: ParallelDims | None, *names: str) -> torch.T
     return t
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over every rank (a copy; `t` itself in one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
 def global_mean_loss(local: torch.Tensor | None, dims: ParallelDims | None, device) -> float:
     """The loss of the step as one number, the same on every rank.
 
