@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from llamatron.loss import linear_cross_entropy
 from llamatron.models.glam.experts import GroupedExperts
@@ -156,12 +157,16 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, dim = x.shape
         # fp32 router logits (Pax upcasts them), whatever the autocast or parameter dtype.
-        logits = F.linear(x.float(), self.router.weight.float())
-        r = route(logits.view(bsz, seqlen, -1), self.top_k, self.capacity_factor)
-        flat = x.reshape(bsz * seqlen, dim)
-        xs = flat[r.token]
-        ys = self.experts(xs, r.counts) if self.dispatch is None else self.dispatch(self.experts, xs, r.counts)
-        out = torch.zeros_like(flat).index_add(0, r.token, ys.to(flat.dtype) * r.gate.unsqueeze(1).to(flat.dtype))
+        # Named ranges: bench/bench_train_step.py --profile reports the time of each.
+        with record_function("moe.route"):
+            logits = F.linear(x.float(), self.router.weight.float())
+            r = route(logits.view(bsz, seqlen, -1), self.top_k, self.capacity_factor)
+            flat = x.reshape(bsz * seqlen, dim)
+            xs = flat[r.token]
+        with record_function("moe.experts"):
+            ys = self.experts(xs, r.counts) if self.dispatch is None else self.dispatch(self.experts, xs, r.counts)
+        with record_function("moe.combine"):
+            out = torch.zeros_like(flat).index_add(0, r.token, ys.to(flat.dtype) * r.gate.unsqueeze(1).to(flat.dtype))
         loss = self.aux_coef * r.aux_loss + self.z_coef * r.z_loss
         out = _AttachLoss.apply(out, loss, self.loss_scale)
         self._record(r)
