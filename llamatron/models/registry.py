@@ -27,11 +27,14 @@ class ModelEntry:
 
 _entries: dict[str, ModelEntry] = {}
 _families: dict[str, Family] = {}
+_loaded = False
 
 
 def _load_builtin() -> None:
-    if _families:
+    global _loaded
+    if _loaded:
         return
+    _loaded = True
     for module_name in FAMILY_MODULES:
         module = importlib.import_module(module_name)
         for name, args in module.SIZES.items():
@@ -40,6 +43,8 @@ def _load_builtin() -> None:
 
 def register(name: str, family: Family, args: Any) -> ModelEntry:
     """Add (or replace) a named model of `family`."""
+    # The built-in families first, so a family registered before any lookup does not hide them.
+    _load_builtin()
     if not isinstance(args, family.args_type):
         raise TypeError(f"{name}: args of family {family.name} must be {family.args_type.__name__}")
     _families[family.name] = family

@@ -30,6 +30,7 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+@torch.compiler.disable  # a host-side probe: never traced into a compiled block
 @functools.lru_cache(maxsize=None)
 def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether this torch runs `_grouped_mm` on this device and dtype (a tiny probe, once)."""

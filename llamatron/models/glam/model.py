@@ -172,6 +172,7 @@ class MoE(nn.Module):
         self._record(r)
         return out.view(bsz, seqlen, dim)
 
+    @torch.compiler.disable  # bookkeeping on buffers, outside any compiled graph
     @torch.no_grad()
     def _record(self, r) -> None:
         # Training forwards only, and not a recomputation (activation checkpointing reruns the forward
