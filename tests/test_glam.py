@@ -250,3 +250,9 @@ def test_glam_debug_trains_logs_router_stats_and_resumes_exactly(tmp_path):
         assert resumed[step]["loss"] == whole[step]["loss"], step
         assert resumed[step]["grad_norm"] == whole[step]["grad_norm"], step
         assert resumed[step]["moe_aux_loss"] == whole[step]["moe_aux_loss"], step
+    # Activation checkpointing reruns each block's forward in backward: the same numbers, and the
+    # router statistics are not counted twice.
+    ac, _ = _run(tmp_path / "ac", data, 2, ["train.activation_checkpointing=true"])
+    for step in (1, 2):
+        for key in ("loss", "grad_norm", "moe_aux_loss", "moe_dropped_fraction", "moe_max_load"):
+            assert ac[step][key] == pytest.approx(whole[step][key], rel=1e-6), (step, key)

@@ -51,6 +51,8 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, group
     """Rows of x [T, k] sorted by expert (counts [E], summing to T) times w [E, k, n] -> [T, n]."""
     if grouped is None:
         grouped = _grouped_mm_works(x.device.type, x.dtype) and x.shape[1] % 16 == 0 and w.shape[2] % 16 == 0
+        # Under torch.compile the op's shape rules are CUDA's (bf16 only), whatever the device.
+        grouped = grouped and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
     if grouped:
         offs = counts.cumsum(0).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs))

@@ -194,6 +194,9 @@ class Block(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = MoE(args) if moe else GatedGELU(args.dim, args.ffn_dim)
+        # Routing makes data-dependent shapes (tokens kept per expert): torch.compile breaks the graph
+        # there (llamatron/transforms/compile.py reads this).
+        self.compile_fullgraph = not moe
 
     def forward(self, x: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), buckets)
