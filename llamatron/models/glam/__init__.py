@@ -9,9 +9,9 @@ from llamatron.models.glam import cost, sharding
 from llamatron.models.glam.model import GLaM, GLaMArgs
 
 SIZES: dict[str, GLaMArgs] = {
-    # 12 blocks (6 MoE), d 768, 12 x 64 heads, 64 experts of 3072: 1,905,341,952 parameters (~1.9B).
+    # 12 blocks (6 MoE), d 768, 12 x 64 heads, 64 experts of 3072: 1,907,612,928 parameters (~1.9B).
     "glam-126m-64e": GLaMArgs(),
-    # 64 blocks (32 MoE), d 8192, 64 x 128 heads, 64 experts of 32768: 1,142,951,706,624 (~1.14T).
+    # 64 blocks (32 MoE), d 8192, 64 x 128 heads, 64 experts of 32768: 1,142,741,409,792 (~1.14T).
     "glam-64b-64e": GLaMArgs(dim=8192, n_layers=64, n_heads=64, ffn_dim=32768, expert_ffn_dim=32768),
     # For tests: 4 blocks (MoE at 0 and 2), 8 experts, small vocabulary.
     "glam-debug": GLaMArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, ffn_dim=128, expert_ffn_dim=64,
