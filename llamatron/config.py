@@ -247,6 +247,9 @@ class ParallelConfig:
     pp_virtual_stages: int = 1  # stages per pipeline rank (> 1: interleaved schedule)
     pp_schedule: str = "auto"  # gpipe, 1f1b, interleaved1f1b; auto = 1f1b, or interleaved1f1b when virtual > 1
     cp: int = 1  # context parallel: each rank holds 2 of 2*cp chunks of every sequence (load-balanced)
+    # expert parallel (MoE families): each MoE block's experts split over ep of the data-parallel ranks,
+    # tokens exchanged by all-to-all; for now ep must equal dp_shard (no replicas, cp, tp or pp)
+    ep: int = 1
 
 
 PP_SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved1f1b")
@@ -289,6 +292,9 @@ def _validate_parallel(cfg: "Config", family, args, world_size: int | None) -> N
           f"n_layers {args.n_layers} must be divisible by pp x pp_virtual_stages = {p.pp} x {p.pp_virtual_stages}")
     _need(p.cp == 1 or seq_len % (2 * p.cp) == 0, "parallel.cp",
           f"data.seq_len {seq_len} must be divisible by 2 x cp = {2 * p.cp} (each rank holds 2 load-balanced chunks)")
+    for key in family.unsupported_parallel:
+        _need(getattr(p, key) == 1, f"parallel.{key}", f"the {family.name} family does not support it: must be 1")
+    _validate_expert_parallel(p, args, world_size)
     fixed = p.dp_replicate * p.cp * p.tp * p.pp
     if world_size is not None:
         if p.dp_shard == -1:
@@ -299,6 +305,20 @@ def _validate_parallel(cfg: "Config", family, args, world_size: int | None) -> N
                   f"dp_replicate x dp_shard x cp x tp x pp = {p.dp_replicate} x {p.dp_shard} x {p.cp} x {p.tp} x {p.pp} "
                   f"= {fixed * p.dp_shard}, but the world size is {world_size} (set dp_shard=-1 to fill)")
     _validate_batch(train, p, world_size)
+
+
+def _validate_expert_parallel(p: ParallelConfig, args, world_size: int | None) -> None:
+    _need(p.ep >= 1, "parallel.ep", f"must be >= 1, got {p.ep}")
+    if p.ep == 1:
+        return
+    n_experts = getattr(args, "n_experts", 0)
+    _need(n_experts > 0, "parallel.ep", "the model has no experts (expert parallelism is for MoE families)")
+    _need(n_experts % p.ep == 0, "parallel.ep", f"n_experts {n_experts} must be divisible by ep {p.ep}")
+    _need(p.dp_replicate == p.cp == p.tp == p.pp == 1, "parallel.ep",
+          "expert parallelism runs over the FSDP ranks alone for now: dp_replicate, cp, tp and pp must be 1")
+    if world_size is not None or p.dp_shard != -1:
+        dp_shard = resolve_dp_shard(p, world_size) if world_size is not None else p.dp_shard
+        _need(dp_shard == p.ep, "parallel.ep", f"must equal the FSDP degree dp_shard {dp_shard} for now, got {p.ep}")
 
 
 def _validate_batch(train: "TrainConfig", p: ParallelConfig, world_size: int | None) -> None:

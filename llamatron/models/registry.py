@@ -15,7 +15,7 @@ from typing import Any
 from llamatron.errors import LlamatronError
 from llamatron.models.family import Family
 
-FAMILY_MODULES = ("llamatron.models.llama",)
+FAMILY_MODULES = ("llamatron.models.llama", "llamatron.models.glam")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ def _load_builtin() -> None:
 
 def register(name: str, family: Family, args: Any) -> ModelEntry:
     """Add (or replace) a named model of `family`."""
+    # The built-in families first, so a family registered before any lookup does not hide them.
+    _load_builtin()
     if not isinstance(args, family.args_type):
         raise TypeError(f"{name}: args of family {family.name} must be {family.args_type.__name__}")
     _families[family.name] = family

@@ -34,7 +34,7 @@ from llamatron.models import parameter_count
 from llamatron.parallel.dims import ParallelDims
 from llamatron.parallel.layout import Layout
 from llamatron.parallel.memory import estimate_memory
-from llamatron.parallel.reduce import global_mean_loss
+from llamatron.parallel.reduce import global_mean_loss, sum_over_ranks
 from llamatron.runtime import Precision, load_batch
 from llamatron.train import reliability, run_lock
 from llamatron.train.checkpoint import Checkpointer, check_init_from
@@ -231,6 +231,9 @@ class Trainer:
         # reductions over ranks happen here too, so every rank must reach this point.
         self.final_loss = global_mean_loss(loss, self.dims, self.device)
         record = self.meter.row(self.step, self.final_loss, self.lr, float(grad_norm), self.consumed, self.guard.skipped)
+        for part in self.layout.parts:  # a family's own statistics of the interval (MoE: router load, aux loss)
+            if hasattr(part, "step_metrics"):
+                record.update(part.step_metrics(sum_over_ranks))
         self._write_metrics("train", self.step, record)
         line = ThroughputMeter.line(self.step, record)
         bar.write(line) if self.progress else self.log(line)
