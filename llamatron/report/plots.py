@@ -1,0 +1,136 @@
+"""The report's figures, drawn with matplotlib's Agg canvas (no display, no pyplot global state), as
+PNG bytes. Each figure overlays every run given, one colour per run."""
+
+from __future__ import annotations
+
+import io
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from llamatron.report.load import Run
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+DPI = 100
+
+
+def _figure(panels: int) -> tuple[Figure, list]:
+    fig = Figure(figsize=(5.2 * panels, 3.4), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    return fig, axes
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _series(rows: list[dict], key: str, x: str = "step") -> tuple[list, list]:
+    pts = [(r[x], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and isinstance(r.get(x), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _tokens(run: Run, rows: list[dict]) -> list[dict]:
+    """Rows with a "tokens" key: consumed samples x the run's sequence length."""
+    seq = (run.config.get("data") or {}).get("seq_len")
+    if not seq:
+        return []
+    return [{**r, "tokens": r["consumed_samples"] * seq} for r in rows if isinstance(r.get("consumed_samples"), int)]
+
+
+def _label(run: Run, runs: list[Run], what: str) -> str:
+    return what if len(runs) == 1 else f"{run.name}: {what}"
+
+
+def loss_figure(runs: list[Run]) -> bytes:
+    fig, (by_step, by_tokens) = _figure(2)
+    for run, color in zip(runs, COLORS):
+        train, evals = run.of("train"), run.of("eval")
+        by_step.plot(*_series(train, "loss"), color=color, lw=1.2, label=_label(run, runs, "training loss"))
+        by_step.plot(*_series(evals, "val_loss"), "o--", color=color, ms=4, label=_label(run, runs, "validation"))
+        by_tokens.plot(*_series(_tokens(run, train), "loss", "tokens"), color=color, lw=1.2)
+        by_tokens.plot(*_series(_tokens(run, evals), "val_loss", "tokens"), "o--", color=color, ms=4)
+    by_step.set(xlabel="step", ylabel="loss (nats/token)", title="Loss against steps")
+    by_tokens.set(xlabel="tokens trained", ylabel="loss (nats/token)", title="Loss against tokens")
+    by_step.legend(fontsize=8)
+    return _png(fig)
+
+
+def optimizer_figure(runs: list[Run]) -> bytes:
+    fig, (lr, norm) = _figure(2)
+    for run, color in zip(runs, COLORS):
+        train = run.of("train")
+        lr.plot(*_series(train, "lr"), color=color, label=run.name)
+        norm.plot(*_series(train, "grad_norm"), color=color, lw=1.0, label=_label(run, runs, "gradient norm"))
+        spikes = run.of("grad_spike")
+        if spikes:
+            norm.plot(*_series(spikes, "grad_norm"), "x", color="black", ms=8, label=_label(run, runs, "spike"))
+        for i, row in enumerate(run.of("nonfinite")):
+            norm.axvline(row["step"], color=color, ls=":", label=_label(run, runs, "non-finite step") if i == 0 else None)
+    lr.set(xlabel="step", ylabel="learning rate", title="Learning rate")
+    norm.set(xlabel="step", ylabel="gradient norm (before clipping)", title="Gradient norm")
+    if any(v > 0 for run in runs for v in _series(run.of("train"), "grad_norm")[1]):
+        norm.set_yscale("log")
+    norm.legend(fontsize=8)
+    return _png(fig)
+
+
+def throughput_figure(runs: list[Run]) -> bytes:
+    fig, (tps, mfu) = _figure(2)
+    for run, color in zip(runs, COLORS):
+        train = run.of("train")
+        tps.plot(*_series(train, "tokens_per_s_per_gpu"), ".-", color=color, label=run.name)
+        steps, values = _series(train, "mfu")
+        mfu.plot(steps, [100 * v for v in values], ".-", color=color, label=run.name)
+    tps.set(xlabel="step", ylabel="tokens/s per GPU", title="Throughput (mean over each log interval)")
+    mfu.set(xlabel="step", ylabel="MFU (%)", title="Model FLOPs utilisation")
+    tps.set_ylim(bottom=0)
+    mfu.set_ylim(bottom=0)
+    if not any(line.get_xdata().size for line in mfu.get_lines()):
+        mfu.text(0.5, 0.5, "no known peak FLOP/s for this device", ha="center", va="center", transform=mfu.transAxes)
+    if len(runs) > 1:
+        tps.legend(fontsize=8)
+    return _png(fig)
+
+
+def memory_figure(runs: list[Run]) -> bytes:
+    fig, (mem, ckpt) = _figure(2)
+    for run, color in zip(runs, COLORS):
+        train = run.of("train")
+        mem.plot(*_series(train, "peak_mem_gib"), ".-", color=color, label=_label(run, runs, "largest rank"))
+        per_rank = [(r["step"], min(r["peak_mem_gib_per_rank"])) for r in train
+                    if isinstance(r.get("peak_mem_gib_per_rank"), list) and len(r["peak_mem_gib_per_rank"]) > 1]
+        if per_rank:
+            mem.plot(*zip(*per_rank), ":", color=color, label=_label(run, runs, "smallest rank"))
+        saves = [c for c in run.of("checkpoint") if isinstance(c.get("save_s"), (int, float))]
+        if saves:
+            ckpt.plot(*_series(saves, "save_s"), "s-", color=color, label=_label(run, runs, "save"))
+            if any(c.get("stall_s") is not None and c["stall_s"] != c["save_s"] for c in saves):
+                ckpt.plot(*_series(saves, "stall_s"), "^--", color=color, label=_label(run, runs, "training stalled"))
+    mem.set(xlabel="step", ylabel="GiB", title="Peak memory per rank")
+    mem.set_ylim(bottom=0)  # memory against the device's size, not a zoom on small changes
+    ckpt.set_ylim(bottom=0)
+    ckpt.set(xlabel="step", ylabel="seconds", title="Checkpoint saves")
+    mem.legend(fontsize=8)
+    if ckpt.get_lines():
+        ckpt.legend(fontsize=8)
+    else:
+        ckpt.text(0.5, 0.5, "no checkpoint rows", ha="center", va="center", transform=ckpt.transAxes)
+    return _png(fig)
+
+
+FIGURES = {
+    "loss": ("Loss", loss_figure),
+    "optimizer": ("Learning rate and gradient norm", optimizer_figure),
+    "throughput": ("Throughput and MFU", throughput_figure),
+    "memory": ("Memory and checkpoints", memory_figure),
+}
+
+
+def all_figures(runs: list[Run]) -> dict[str, tuple[str, bytes]]:
+    """name -> (title, PNG bytes)."""
+    return {name: (title, draw(runs)) for name, (title, draw) in FIGURES.items()}
