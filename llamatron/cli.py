@@ -450,8 +450,9 @@ def cmd_report(args) -> int:
 def cmd_plan(args) -> int:
     from llamatron import plan
 
-    print(plan.main(args))
-    return 0
+    text, fits = plan.main(args)
+    print(text)
+    return 0 if fits else 1  # nothing fits: an answer, not an input error
 
 
 def print_summary(result) -> None:
