@@ -8,9 +8,11 @@ peaks), and its step time with the cost model below. The feasible ones are ranke
 The cost model (per optimizer step, per GPU; docs/planner.md has it with its sources):
 
     compute   = (model FLOPs + recomputed block forwards under activation checkpointing) / N
-                / (peak x eff(x)),  eff(x) = 0.655 x / (x + 1190),  x = micro_batch x seq / (cp x tp)
-                (fitted to the single-GPU MFU measured on H100/H200 for the 8B layer shape at micro batch
-                1, 2, 4, 8: 57.2%, 60.8%, 63.2%, 63.1%; tensor and context parallelism shrink every GEMM)
+                / (peak x eff(x)),  eff(x) = 0.6475 x / (x + 800),  x = micro_batch x seq / cp
+                (least-squares fit to the 15 compiled BF16 single-GPU runs in docs/bench/: H100 and H200, the
+                8B layer shape with 4 or 8 layers, micro batch 1 to 8). What it captures is the fixed cost of
+                a micro-batch (weight casts, gradient accumulation, launches) against its tokens: context
+                parallelism cuts the tokens per rank, tensor parallelism cuts both alike, so only cp enters x
     TP        8 collectives per block and micro-batch (all-gather + reduce-scatter before/after attention and
                 MLP, forward and backward; 12 with recomputation) of the micro-batch's activations, each
                 (tp-1)/tp of them over NVLink, or over the network when tp spans nodes; not overlapped
@@ -18,6 +20,7 @@ The cost model (per optimizer step, per GPU; docs/planner.md has it with its sou
     FSDP      all-gather of the bf16 parameters forward and backward and reduce-scatter of the fp32 gradients
                 (8 bytes per parameter of the stage) per micro-batch (per step under pipelining, which keeps
                 them gathered); overlapped with compute, only what exceeds it counts
+    optimizer 11.6 ps per parameter of the rank's shard (fused AdamW, measured on the H200)
     PP        the schedule's bubble: the per-micro-batch time x (m + (pp-1)/v) for m micro-batches and v
                 virtual stages (GPipe, 1F1B: v = 1), plus the stage-to-stage activation sends
 
@@ -38,9 +41,12 @@ from llamatron.parallel.memory import GiB, MemoryEstimate, estimate_memory, para
 
 MICRO_BATCHES = (1, 2, 4, 8)
 VIRTUAL_STAGES = (1, 2, 4)
-EFF_MAX, EFF_HALF = 0.655, 1190.0  # eff(x) = EFF_MAX x / (x + EFF_HALF): see the module docstring
+EFF_MAX, EFF_HALF = 0.6475, 800.0  # eff(x) = EFF_MAX x / (x + EFF_HALF): see the module docstring
 CP_EXPOSED = 0.5
 FSDP_OVERLAP = 1.0  # the share of compute that FSDP's collectives can hide behind
+# Fused AdamW + clipping over this rank's fp32 shard: 22.4 ms for 1.92B parameters in the H200 profile
+# (docs/performance.md), i.e. 11.6 ps per parameter; memory-bound, so the same on an H100 within ~10%.
+OPTIMIZER_S_PER_PARAM = 11.6e-12
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ def step_time(args, lay: Layout, hw: Hardware, seq_len: int, global_batch: int) 
     block_per_token = per_token - 6 * args.vocab_size * args.dim  # all but the embedding/output layer
     model_flops = global_batch * seq_len * per_token
     recompute = global_batch * seq_len * block_per_token / 3 if lay.activation_checkpointing else 0.0
-    x = lay.micro_batch * seq_len / (lay.cp * lay.tp)
+    x = lay.micro_batch * seq_len / lay.cp
     eff = EFF_MAX * x / (x + EFF_HALF)
     compute = (model_flops + recompute) / hw.gpus / (hw.peak_flops * eff)
 
@@ -211,7 +217,8 @@ def step_time(args, lay: Layout, hw: Hardware, seq_len: int, global_batch: int) 
     if lay.pp > 1:
         pp = per_stage / m * (lay.pp - 1) / lay.virtual
         p2p = m * 2 * lay.virtual * activation / lay.tp / hw.bandwidth(hw.gpus)
-    return {"compute": compute, "tp": tp, "cp": cp, "fsdp": fsdp, "pp_bubble": pp, "pp_p2p": p2p}
+    optimizer = OPTIMIZER_S_PER_PARAM * stage_params / shard
+    return {"compute": compute, "tp": tp, "cp": cp, "fsdp": fsdp, "pp_bubble": pp, "pp_p2p": p2p, "optimizer": optimizer}
 
 
 def evaluate(args, lay: Layout, hw: Hardware, seq_len: int, global_batch: int) -> Estimate:
