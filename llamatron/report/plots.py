@@ -73,25 +73,30 @@ def optimizer_figure(runs: list[Run]) -> bytes:
             norm.axvline(row["step"], color=color, ls=":", label=_label(run, runs, "non-finite step") if i == 0 else None)
     lr.set(xlabel="step", ylabel="learning rate", title="Learning rate")
     norm.set(xlabel="step", ylabel="gradient norm (before clipping)", title="Gradient norm")
-    if any(v > 0 for run in runs for v in _series(run.of("train"), "grad_norm")[1]):
+    norms = [v for run in runs for v in _series(run.of("train"), "grad_norm")[1] if v > 0]
+    if norms and max(norms) > 10 * min(norms):  # early steps' large norms would flatten the rest
         norm.set_yscale("log")
+    lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     norm.legend(fontsize=8)
     return _png(fig)
 
 
 def throughput_figure(runs: list[Run]) -> bytes:
-    fig, (tps, mfu) = _figure(2)
+    fig, (tps, util) = _figure(2)
+    # MFU needs the device's peak; without one (a CPU run), the achieved TFLOP/s still compare runs.
+    has_mfu = any(_series(run.of("train"), "mfu")[0] for run in runs)
     for run, color in zip(runs, COLORS):
         train = run.of("train")
         tps.plot(*_series(train, "tokens_per_s_per_gpu"), ".-", color=color, label=run.name)
-        steps, values = _series(train, "mfu")
-        mfu.plot(steps, [100 * v for v in values], ".-", color=color, label=run.name)
+        steps, values = _series(train, "mfu" if has_mfu else "tflops_per_gpu")
+        util.plot(steps, [100 * v for v in values] if has_mfu else values, ".-", color=color, label=run.name)
     tps.set(xlabel="step", ylabel="tokens/s per GPU", title="Throughput (mean over each log interval)")
-    mfu.set(xlabel="step", ylabel="MFU (%)", title="Model FLOPs utilisation")
+    if has_mfu:
+        util.set(xlabel="step", ylabel="MFU (%)", title="Model FLOPs utilisation")
+    else:
+        util.set(xlabel="step", ylabel="TFLOP/s per GPU", title="Model TFLOP/s per GPU (no known peak: MFU n/a)")
     tps.set_ylim(bottom=0)
-    mfu.set_ylim(bottom=0)
-    if not any(line.get_xdata().size for line in mfu.get_lines()):
-        mfu.text(0.5, 0.5, "no known peak FLOP/s for this device", ha="center", va="center", transform=mfu.transAxes)
+    util.set_ylim(bottom=0)
     if len(runs) > 1:
         tps.legend(fontsize=8)
     return _png(fig)
