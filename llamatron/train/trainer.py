@@ -149,8 +149,8 @@ class Trainer:
         # Metrics, throughput and validation
         self.metrics = MetricsWriter(self.out_dir) if self.main else None
         self.device_name = runtime.device_name(device)
-        # What this job ran on, first in its rows: the run report's environment table.
-        self._write_metrics("env", self.step, run_environment(self.device_name, world_size, self.config_yaml))
+        if self.main:  # what this job ran on, first in its rows: the run report's environment table
+            self.metrics.write("env", self.step, run_environment(self.device_name, world_size, self.config_yaml))
         if state:
             # Rows of the earlier job for later steps than this (work lost in a crash) are superseded.
             self._write_metrics("resume", self.step, {"checkpoint": state["resumed_from"], "consumed_samples": self.consumed})
