@@ -23,6 +23,12 @@ def _figure(panels: int) -> tuple[Figure, list]:
     return fig, axes
 
 
+def _from_zero(ax) -> None:
+    """y from 0 (memory and speed against their scale, not a zoom on small changes) with headroom."""
+    top = max((float(max(line.get_ydata())) for line in ax.get_lines() if len(line.get_ydata())), default=0.0)
+    ax.set_ylim(0, 1.12 * top if top > 0 else 1)
+
+
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -95,8 +101,8 @@ def throughput_figure(runs: list[Run]) -> bytes:
         util.set(xlabel="step", ylabel="MFU (%)", title="Model FLOPs utilisation")
     else:
         util.set(xlabel="step", ylabel="TFLOP/s per GPU", title="Model TFLOP/s per GPU (no known peak: MFU n/a)")
-    tps.set_ylim(bottom=0)
-    util.set_ylim(bottom=0)
+    _from_zero(tps)
+    _from_zero(util)
     if len(runs) > 1:
         tps.legend(fontsize=8)
     return _png(fig)
@@ -117,8 +123,8 @@ def memory_figure(runs: list[Run]) -> bytes:
             if any(c.get("stall_s") is not None and c["stall_s"] != c["save_s"] for c in saves):
                 ckpt.plot(*_series(saves, "stall_s"), "^--", color=color, label=_label(run, runs, "training stalled"))
     mem.set(xlabel="step", ylabel="GiB", title="Peak memory per rank")
-    mem.set_ylim(bottom=0)  # memory against the device's size, not a zoom on small changes
-    ckpt.set_ylim(bottom=0)
+    _from_zero(mem)
+    _from_zero(ckpt)
     ckpt.set(xlabel="step", ylabel="seconds", title="Checkpoint saves")
     mem.legend(fontsize=8)
     if ckpt.get_lines():
