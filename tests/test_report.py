@@ -134,3 +134,19 @@ def test_time_to_target_and_mlperf_log(runs, tmp_path):
     assert s.target_step == hit and s.time_to_target_s == pytest.approx(sum(r["step_time_s"] for r in before))
     assert summarize(load_run(run), target=min(r["val_loss"] for r in evals) - 1).target_step is None
     assert s.mlperf_status == "success" and s.mlperf_time_to_train_s == 60.0
+
+
+def test_spikes_nonfinite_steps_and_unknown_kinds_are_reported(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    with open(run / "metrics.jsonl", "a") as f:  # rows as the step guard writes them (train/reliability.py)
+        f.write(json.dumps({"kind": "grad_spike", "step": 3, "grad_norm": 50.0, "median": 1.0}) + "\n")
+        f.write(json.dumps({"kind": "nonfinite", "step": 4, "grad_norm": None, "samples": [12, 16], "policy": "skip"}) + "\n")
+        f.write(json.dumps({"kind": "some_future_kind", "step": 4, "x": 1}) + "\n")
+    s = summarize(load_run(run))
+    assert [r["step"] for r in s.spikes] == [3] and [r["step"] for r in s.nonfinite] == [4]
+    assert "gradient-norm spikes               1 (steps 3)" in text_report([str(run)])
+    out = tmp_path / "r.html"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "gradient-norm spike" in page and "norm 50, median 1" in page and "policy skip, samples [12, 16]" in page
