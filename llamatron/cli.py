@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, required=True, help="GPUs in all (world size)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (NVLink domain); default 8")
     p.add_argument("--nodes", type=int, default=None, help="nodes (instead of --gpus-per-node: GPUs / nodes per node)")
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU, GiB (default 80)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="memory per GPU, GiB (default: 80, or the --gpu kind's: H200 139)")
     p.add_argument("--gpu", default="H100", help="device kind, for its peak FLOP/s (H100, H200, A100, B200)")
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: 1024)")

@@ -272,13 +272,17 @@ def nothing_fits(p: Plan) -> str:
     total = parameter_counts(p.args).total
     states = 16 * total / hw.gpus / GiB  # fp32 weights + gradients + AdamW's two moments, fully sharded
     need = math.ceil(16 * total / (hw.margin * hw.memory_gib * GiB))
-    return (f"nothing fits: {p.model} on {hw.gpus} GPU(s) of {hw.memory_gib:g} GiB ({hw.margin:.0%} usable, "
+    head = (f"nothing fits: {p.model} on {hw.gpus} GPU(s) of {hw.memory_gib:g} GiB ({hw.margin:.0%} usable, "
             f"{hw.margin * hw.memory_gib:.1f} GiB), {p.tried} layouts tried. The smallest estimate is "
             f"{e.memory_gib:.1f} GiB per rank ({e.layout.describe()}, micro batch {e.layout.micro_batch}, "
             f"activation checkpointing {'on' if e.layout.activation_checkpointing else 'off'}: "
-            f"{e.memory.describe()}). The fp32 weights, gradients and AdamW state of {total / 1e9:.1f}B parameters "
-            f"alone need 16 bytes each, {states:.1f} GiB per GPU over {hw.gpus}; at least {need} GPUs of this size "
-            f"are needed for those, more for activations.")
+            f"{e.memory.describe()}). ")
+    state = (f"The fp32 weights, gradients and AdamW state of {total / 1e9:.1f}B parameters alone need 16 bytes "
+             f"each, {states:.1f} GiB per GPU over {hw.gpus}")
+    if need > hw.gpus:
+        return head + state + f"; at least {need} GPUs of this size are needed for those, more for activations."
+    return head + state + (": they fit, but not with the working copies, activations and logits; more GPUs (to "
+                           "shard the state further) or a shorter sequence would.")
 
 
 def render(p: Plan, top: int = 5) -> str:
@@ -304,8 +308,16 @@ def render(p: Plan, top: int = 5) -> str:
     return "\n".join(lines)
 
 
+# Memory torch reports per device (GiB), for --gpu without --gpu-memory-gib: 80 GB parts, and the
+# H200's 141 GB (139.8 GiB as torch.cuda.mem_get_info counts it).
+GPU_MEMORY_GIB = {"H100": 80.0, "H800": 80.0, "A100": 80.0, "H200": 139.0, "B200": 178.0}
+
+
 def hardware_from_args(args) -> Hardware:
     peak = flops.peak_flops(args.gpu, "bf16")
+    if args.gpu_memory_gib is None:
+        args.gpu_memory_gib = next((v for k, v in sorted(GPU_MEMORY_GIB.items(), key=lambda kv: -len(kv[0]))
+                                    if k in args.gpu.upper()), 80.0)
     if peak is None:
         raise LlamatronError(f"--gpu {args.gpu!r}: no known BF16 peak; known: {', '.join(flops.PEAK_FLOPS['bf16'])}")
     per_node = args.gpus_per_node
