@@ -143,10 +143,14 @@ def test_spikes_nonfinite_steps_and_unknown_kinds_are_reported(runs, tmp_path):
         f.write(json.dumps({"kind": "grad_spike", "step": 3, "grad_norm": 50.0, "median": 1.0}) + "\n")
         f.write(json.dumps({"kind": "nonfinite", "step": 4, "grad_norm": None, "samples": [12, 16], "policy": "skip"}) + "\n")
         f.write(json.dumps({"kind": "some_future_kind", "step": 4, "x": 1}) + "\n")
+        f.write(json.dumps({"kind": "zero_shot", "step": 4, "lambada/acc": 0.25, "zero_shot_s": 3.0}) + "\n")
     s = summarize(load_run(run))
     assert [r["step"] for r in s.spikes] == [3] and [r["step"] for r in s.nonfinite] == [4]
-    assert "gradient-norm spikes               1 (steps 3)" in text_report([str(run)])
+    text = text_report([str(run)])
+    assert "gradient-norm spikes               1 (steps 3)" in text and "zero-shot lambada/acc (last)" in text
+    assert s.zero_shot == {"lambada/acc": (4, 0.25)}
     out = tmp_path / "r.html"
     assert main(["report", str(run), "--out", str(out)]) == 0
     page = out.read_text()
+    assert page.count("<img ") == 5 and "id='fig-zero_shot'" in page  # the task figure, only where tasks ran
     assert "gradient-norm spike" in page and "norm 50, median 1" in page and "policy skip, samples [12, 16]" in page

@@ -9,6 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from llamatron.report.load import Run
+from llamatron.report.summary import zero_shot_metrics
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 DPI = 100
@@ -134,14 +135,32 @@ def memory_figure(runs: list[Run]) -> bytes:
     return _png(fig)
 
 
+def zero_shot_figure(runs: list[Run]) -> bytes | None:
+    """Task metrics against steps (eval.tasks), or None when no run scored any."""
+    if not any(run.of("zero_shot") for run in runs):
+        return None
+    fig, (ax,) = _figure(1)
+    markers = "osd^v<>p"
+    for run, color in zip(runs, COLORS):
+        rows = run.of("zero_shot")
+        keys = list(dict.fromkeys(k for r in rows for k in zero_shot_metrics(r)))
+        for key, marker in zip(keys, markers * 4):
+            ax.plot(*_series(rows, key), marker + "-", color=color, label=_label(run, runs, key))
+    ax.set(xlabel="step", ylabel="score", title="Zero-shot tasks")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 FIGURES = {
     "loss": ("Loss", loss_figure),
     "optimizer": ("Learning rate and gradient norm", optimizer_figure),
     "throughput": ("Throughput and MFU", throughput_figure),
     "memory": ("Memory and checkpoints", memory_figure),
+    "zero_shot": ("Zero-shot tasks", zero_shot_figure),
 }
 
 
 def all_figures(runs: list[Run]) -> dict[str, tuple[str, bytes]]:
     """name -> (title, PNG bytes)."""
-    return {name: (title, draw(runs)) for name, (title, draw) in FIGURES.items()}
+    figures = {name: (title, draw(runs)) for name, (title, draw) in FIGURES.items()}
+    return {name: (title, png) for name, (title, png) in figures.items() if png is not None}

@@ -55,6 +55,7 @@ class Summary:
     checkpoints: list[dict] = field(default_factory=list)
     eval_time_s: float = 0.0
     env: dict = field(default_factory=dict)  # the newest job's env row
+    zero_shot: dict[str, tuple[int, float]] = field(default_factory=dict)  # task metric -> (step, last value)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -86,7 +87,14 @@ def summarize(run: Run, target: float | None = None) -> Summary:
     _validation(run, s, target if target is not None else _target(cfg))
     _mlperf(run, s)
     s.nonfinite, s.spikes, s.checkpoints = run.of("nonfinite"), run.of("grad_spike"), run.of("checkpoint")
+    for row in run.of("zero_shot"):  # eval.tasks: one row per validation, a key per task metric
+        s.zero_shot.update({k: (row["step"], v) for k, v in zero_shot_metrics(row).items()})
     return s
+
+
+def zero_shot_metrics(row: dict) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k not in ("kind", "step", "zero_shot_s")
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _get(cfg: dict, section: str, key: str):

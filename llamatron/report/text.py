@@ -41,6 +41,7 @@ def summary_rows(s: Summary) -> list[tuple[str, str]]:
         step, value = s.validation[-1]
         rows.append(("validation log perplexity (last)", f"{value:.4f} @ step {step}"))
         rows.append(("validation log perplexity (best)", f"{s.best_val[1]:.4f} @ step {s.best_val[0]}"))
+    rows += [(f"zero-shot {k} (last)", f"{v:.4f} @ step {step}") for k, (step, v) in s.zero_shot.items()]
     if s.target is not None:
         reached = (f"step {s.target_step}, {_duration(s.time_to_target_s)} of training"
                    if s.target_step is not None else "not reached")
