@@ -115,6 +115,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="keep", choices=["keep", "fp32", "bf16", "fp16"],
                    help="dtype of the written tensors (default: keep the source's)")
     p.add_argument("--max-shard-size", default="5GB", help="hf export: size of each safetensors file (default 5GB)")
+
+    p = sub.add_parser("report", help="a run's metrics as one HTML page with plots, or a terminal summary",
+                       description="Reads RUN_DIR/metrics.jsonl, config.yaml and mlperf.log; several runs are "
+                       "overlaid. See docs/report.md.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="HTML file to write (default: FIRST_RUN_DIR/report.html)")
+    p.add_argument("--text", action="store_true", help="print the terminal summary only; write no files")
+    p.add_argument("--png-dir", default=None, help="also write each figure as a PNG file in this directory")
+    p.add_argument("--target", type=float, default=None,
+                   help="validation log perplexity to report the time to (default: mlperf.target of the config)")
+
+    p = sub.add_parser("plan", help="rank the parallel layouts that fit a model on N GPUs (memory and speed estimates)",
+                       description="Enumerates dp_shard x tp x pp x cp, activation checkpointing and micro batch; "
+                       "estimates memory (llamatron/parallel/memory.py) and step time (llamatron/plan.py's cost "
+                       "model); prints the best with the --set overrides that select them.")
+    p.add_argument("--model", required=True, help="named model size (llama3.1-8b, llama3.1-70b, llama3.1-405b, ...)")
+    p.add_argument("--layers", type=int, default=None, help="proxy: number of layers")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in all (world size)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (NVLink domain); default 8")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (instead of --gpus-per-node: GPUs / nodes per node)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="memory per GPU, GiB (default: 80, or the --gpu kind's: H200 139)")
+    p.add_argument("--gpu", default="H100", help="device kind, for its peak FLOP/s (H100, H200, A100, B200)")
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: 1024)")
+    p.add_argument("--top", type=int, default=5, help="layouts to print")
     return parser
 
 
@@ -410,6 +436,26 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from llamatron import report
+
+    if args.text:
+        print(report.text_report(args.run_dirs, args.target), end="")
+        return 0
+    out, text = report.write_report(args.run_dirs, args.out, args.png_dir, args.target)
+    print(text, end="")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from llamatron import plan
+
+    text, fits = plan.main(args)
+    print(text)
+    return 0 if fits else 1  # nothing fits: an answer, not an input error
+
+
 def print_summary(result) -> None:
     if result.rank != 0:  # under torchrun every rank trains; rank 0 reports
         return
@@ -454,6 +500,8 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "flops": cmd_flops,
     "convert": cmd_convert,
+    "report": cmd_report,
+    "plan": cmd_plan,
 }
 
 

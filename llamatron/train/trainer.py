@@ -38,7 +38,7 @@ from llamatron.parallel.reduce import global_mean_loss, sum_over_ranks
 from llamatron.runtime import Precision, load_batch
 from llamatron.train import reliability, run_lock
 from llamatron.train.checkpoint import Checkpointer, check_init_from
-from llamatron.train.metrics import MetricsWriter, ThroughputMeter
+from llamatron.train.metrics import MetricsWriter, ThroughputMeter, run_environment
 from llamatron.train.mlperf_log import MLPerfLog
 from llamatron.train.optim import build_optimizer, lr_at
 from llamatron.train.step import train_step
@@ -148,10 +148,12 @@ class Trainer:
 
         # Metrics, throughput and validation
         self.metrics = MetricsWriter(self.out_dir) if self.main else None
+        self.device_name = runtime.device_name(device)
+        if self.main:  # what this job ran on, first in its rows: the run report's environment table
+            self.metrics.write("env", self.step, run_environment(self.device_name, world_size, self.config_yaml))
         if state:
             # Rows of the earlier job for later steps than this (work lost in a crash) are superseded.
             self._write_metrics("resume", self.step, {"checkpoint": state["resumed_from"], "consumed_samples": self.consumed})
-        self.device_name = runtime.device_name(device)
         self.meter = ThroughputMeter(self.args, cfg.data.seq_len, cfg.train.global_batch_size, world_size, device,
                                      self.device_name, cfg.train.fp8 != "none", self.step)
         self.validator = self._build_validator(valid_data)
