@@ -125,6 +125,7 @@ def main() -> int:
     cli = p.parse_args()
     device = torch.device(cli.device)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)  # set_device needs an index
         torch.cuda.set_device(device)
     run = Run(cli, device)
     run.train_step()  # AdamW state exists from here
