@@ -116,7 +116,7 @@ def from_hf(hf: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tenso
     return name, (permute_from_hf(w, heads) if heads else w)
 
 
-def hf_ignored(hf: str) -> bool:
+def hf_ignored(hf: str, args: ModelArgs | None = None) -> bool:
     """Tensors some HF checkpoints carry that are not weights (recomputed from the config)."""
     return bool(_HF_IGNORED.search(hf))
 
