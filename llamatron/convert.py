@@ -400,7 +400,7 @@ def import_meta(src: str | Path, dst: str | Path, dtype: str | None = None, prog
         raise LlamatronError(f"{src}: not a directory")
     _check_dst(dst)
     # Only the Llama family has a Meta format.
-    args = llama_hf.args_from_meta_params(_read_json(src / "params.json"), str(src / "params.json"))
+    params = _read_json(src / "params.json")
     numbered = sorted((int(m.group(1)), p) for p in src.iterdir() if (m := _META_SHARD.match(p.name)))
     if not numbered:
         raise LlamatronError(f"{src}: no consolidated.NN.pth files")
@@ -421,6 +421,11 @@ def import_meta(src: str | Path, dst: str | Path, dtype: str | None = None, prog
         if not isinstance(shards[-1], dict):
             raise LlamatronError(f"{p}: expected a dict of tensors, got {type(shards[-1]).__name__}")
 
+    # Llama 2's params.json leaves the vocabulary to the checkpoint (vocab_size -1).
+    embedding = shards[0].get("tok_embeddings.weight")
+    vocab = embedding.shape[0] if isinstance(embedding, torch.Tensor) and embedding.dim() == 2 else None
+    args = llama_hf.args_from_meta_params(params, str(src / "params.json"), vocab_size=vocab)
+    llama2 = llama_hf.is_llama2_params(params)
     shapes = expected_shapes(args)
     why = f"{src / 'params.json'} ({len(paths)} consolidated.*.pth shard(s) found)"
     for p, sd in zip(paths, shards):
@@ -437,7 +442,7 @@ def import_meta(src: str | Path, dst: str | Path, dtype: str | None = None, prog
             if name not in sd:
                 raise LlamatronError(f"{name}: missing from {p}")
             parts.append(sd[name])
-        cat = llama_hf.meta_cat_dim(name)
+        cat = llama_hf.meta_cat_dim(name, llama2)
         if cat is None:  # replicated (norms): every shard holds the whole tensor
             for p, t in zip(paths, parts):
                 _check_shape(name, t.shape, want, str(p), why)
