@@ -184,4 +184,4 @@ class GPT(nn.Module):
         if self.head.proj is None and self.embeddings is None:
             raise RuntimeError("tied output embedding on a stage without the input embedding")
         weight = self.embeddings.tok.weight if self.head.proj is None else None
-        return self.head(h, weight, labels, fp8_loss)
+        return self.head(h, weight, labels=labels, fp8_loss=fp8_loss)
