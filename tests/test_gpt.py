@@ -18,7 +18,6 @@ from llamatron.models import parameter_count, registry
 from llamatron.models.gpt import SIZES as GPT_SIZES
 from llamatron.models.gpt import cost as gpt_cost
 from llamatron.models.gpt.model import GPT
-from llamatron.models.llama import hf as llama_hf
 from llamatron.models.llama.model import Transformer, llama_ffn_dim
 from llamatron.train import checkpoint as ckpt
 
