@@ -401,6 +401,8 @@ def import_meta(src: str | Path, dst: str | Path, dtype: str | None = None, prog
     _check_dst(dst)
     # Only the Llama family has a Meta format.
     params = _read_json(src / "params.json")
+    # Every key checked before any shard is read (a Llama 2 vocabulary, -1, is read from the shards below).
+    llama_hf.args_from_meta_params(params, str(src / "params.json"), vocab_size=1)
     numbered = sorted((int(m.group(1)), p) for p in src.iterdir() if (m := _META_SHARD.match(p.name)))
     if not numbered:
         raise LlamatronError(f"{src}: no consolidated.NN.pth files")
