@@ -8,7 +8,7 @@ the family by config.json's `model_type` on import and by the checkpoint's model
     import_meta(SRC, DST)   Meta directory (params.json + consolidated.NN.pth, any model-parallel degree)
                             -> llamatron checkpoint
     export_hf(SRC, DST)     llamatron checkpoint (or run directory) -> HF directory that transformers'
-                            LlamaForCausalLM.from_pretrained loads
+                            LlamaForCausalLM (or, for the GPT family, GPT2LMHeadModel).from_pretrained loads
 
 Checkpoints from elsewhere are untrusted: safetensors files are read with the safetensors library and
 Meta's `.pth` files with `torch.load(weights_only=True)`; nothing else from a user-supplied path is
