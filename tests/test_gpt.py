@@ -256,3 +256,24 @@ def test_tiny_gpt_trains_on_the_corpus_with_sentencepiece(tmp_path):
     val = {r["step"]: r["val_loss"] for r in rows if r["kind"] == "eval"}
     assert val[0] == pytest.approx(6.24, abs=0.2)  # ln 512: an untrained model
     assert val[40] < val[0] - 0.5, val  # observed 6.19 -> 5.13
+
+
+def test_gpt2_names_both_ways():
+    from llamatron.models.gpt import hf as gpt_hf
+
+    args = GPT_SIZES["gpt-debug"]
+    model = GPT(args)
+    names = [n for n, _ in model.named_parameters()]
+    groups = gpt_hf.hf_groups(names, args)
+    # q, k, v weights and biases make two c_attn tensors per block; every other parameter one tensor.
+    assert len(groups) == len(names) - 4 * args.n_layers
+    back = {n for g in groups for n in gpt_hf.llamatron_names(gpt_hf.hf_name(g[0]), args)}
+    assert back == set(names)
+    # The original gpt2 upload: no "transformer." prefix, causal-mask buffers beside the weights.
+    assert gpt_hf.llamatron_names("h.1.attn.c_attn.bias", args) == [
+        "layers.1.attention.wq.bias", "layers.1.attention.wk.bias", "layers.1.attention.wv.bias"]
+    assert gpt_hf.llamatron_names("wte.weight", args) == ["embeddings.tok.weight"]
+    assert gpt_hf.hf_ignored("h.0.attn.bias") and gpt_hf.hf_ignored("transformer.h.3.attn.masked_bias")
+    assert not gpt_hf.hf_ignored("transformer.h.0.attn.c_attn.bias")
+    assert gpt_hf.hf_ignored("lm_head.weight", args)
+    assert not gpt_hf.hf_ignored("lm_head.weight", dataclasses.replace(args, tie_embeddings=False))
