@@ -8,6 +8,9 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     python bench/bench_train_step.py --size debug --seq-len 128 --steps 3 --device cpu   # smoke test
     python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --variants fused-ce+adam,compile
     python bench/bench_train_step.py --size glam-64b-64e --layers 2 --seq-len 2048   # a 2-block proxy (1 MoE)
+    python bench/bench_train_step.py --model gpt-126m --layers 0 --seq-len 2048     # GPT 126M, whole model
+    python bench/bench_train_step.py --model gpt-5b --layers 4 --seq-len 2048       # GPT 5B proxy
+    python bench/bench_train_step.py --model llama2-7b --layers 4 --seq-len 4096    # LLaMA-2 7B proxy
     # several variants in one process; NAME@micro=N sets a variant's micro batch, NAME@gqa=expand its
     # grouped-query attention (native: SDPA enable_gqa, expand: K/V repeated; llamatron/models/attention_ops.py)
     python bench/bench_train_step.py --global-batch 16 --variants \
@@ -205,7 +208,8 @@ def profile_step(model, opt, dataset, args, device, amp, opts) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="llama3.1-8b")
+    p.add_argument("--size", "--model", dest="size", default="llama3.1-8b",
+                   help="any registered size: llama3.1-8b, llama2-7b, gpt-126m, gpt-5b, ...")
     p.add_argument("--layers", type=int, default=4, help="proxy: this many layers (0: the size's own)")
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--micro-batch", type=int, default=1)
@@ -223,6 +227,7 @@ def main() -> int:
     device = torch.device(cli.device)
     base = registry.get(cli.size).args
     margs = dataclasses.replace(base, n_layers=cli.layers or base.n_layers, max_seq_len=max(cli.seq_len, base.max_seq_len))
+    registry.family_of(margs).validate(margs)  # e.g. a GPT sequence longer than its position table
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = flops.peak_flops(name, "bf16")
     per_seq = flops.flops_per_sequence(margs, cli.seq_len)

@@ -400,6 +400,8 @@ def cmd_flops(args) -> int:
     if args.layers:
         margs = dataclasses.replace(margs, n_layers=args.layers)
     if args.kv_heads:
+        if not hasattr(margs, "n_kv_heads"):
+            raise LlamatronError(f"--kv-heads: the {registry.family_of(margs).name} family has no KV heads")
         margs = dataclasses.replace(margs, n_kv_heads=args.kv_heads)
     per_seq = args.flops_per_sequence or flops.flops_per_sequence(margs, args.seq_len)
     print(f"model {args.model}{f' ({args.layers} layers)' if args.layers else ''}, seq {args.seq_len}")

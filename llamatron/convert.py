@@ -8,7 +8,7 @@ the family by config.json's `model_type` on import and by the checkpoint's model
     import_meta(SRC, DST)   Meta directory (params.json + consolidated.NN.pth, any model-parallel degree)
                             -> llamatron checkpoint
     export_hf(SRC, DST)     llamatron checkpoint (or run directory) -> HF directory that transformers'
-                            LlamaForCausalLM.from_pretrained loads
+                            LlamaForCausalLM (or, for the GPT family, GPT2LMHeadModel).from_pretrained loads
 
 Checkpoints from elsewhere are untrusted: safetensors files are read with the safetensors library and
 Meta's `.pth` files with `torch.load(weights_only=True)`; nothing else from a user-supplied path is
@@ -86,6 +86,39 @@ def _adapter(model_type: str, where: str):
             return family.hf
     known = sorted(f.hf.MODEL_TYPE for f in registry.families().values() if f.hf is not None)
     raise LlamatronError(f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(known)})")
+
+
+# Optional adapter hooks, for formats that are not one HF tensor per parameter (GPT-2's fused c_attn,
+# its transposed Conv1D weights); an adapter without them (Llama) maps tensors one to one.
+
+
+def _hf_targets(hf_module, hf: str, args) -> list[str]:
+    """The llamatron parameters HF tensor `hf` supplies (several for a fused one)."""
+    if hasattr(hf_module, "llamatron_names"):
+        return hf_module.llamatron_names(hf, args)
+    name = hf_module.llamatron_name(hf)
+    return [] if name is None else [name]
+
+
+def _from_hf(hf_module, name: str, hf: str, w: torch.Tensor, args) -> torch.Tensor:
+    if hasattr(hf_module, "from_hf_part"):
+        return hf_module.from_hf_part(name, hf, w, args)
+    return hf_module.from_hf(hf, w, args)[1]
+
+
+def _hf_shape(hf_module, name: str, shape: tuple[int, ...], args) -> tuple[int, ...]:
+    return hf_module.hf_shape(name, shape, args) if hasattr(hf_module, "hf_shape") else shape
+
+
+def _hf_groups(hf_module, names: list[str], args) -> list[list[str]]:
+    """The llamatron parameters that make each HF tensor, in order."""
+    return hf_module.hf_groups(names, args) if hasattr(hf_module, "hf_groups") else [[n] for n in names]
+
+
+def _to_hf(hf_module, names: list[str], tensors: list[torch.Tensor], args) -> tuple[str, torch.Tensor]:
+    if hasattr(hf_module, "to_hf_group"):
+        return hf_module.to_hf_group(names, tensors, args)
+    return hf_module.to_hf(names[0], tensors[0], args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,18 +337,19 @@ def import_hf(src: str | Path, dst: str | Path, dtype: str | None = None, progre
         found: dict[str, tuple[str, str]] = {}  # llamatron name -> (HF name, file)
         for fname in handles:
             for hf in sorted(keys[fname]):
-                if hf_module.hf_ignored(hf):
+                if hf_module.hf_ignored(hf, args):
                     continue
                 if files.get(hf) != fname:
                     if hf in files:  # also listed elsewhere: the index decides which copy is read
                         continue
                     raise LlamatronError(f"{src / fname}: tensor {hf!r} is not in the index")
-                name = hf_module.llamatron_name(hf)
-                if name is None or name not in shapes:
+                names = _hf_targets(hf_module, hf, args)
+                if not names or any(name not in shapes for name in names):
                     raise LlamatronError(f"{src / fname}: unexpected tensor {hf!r} for the model in {why}")
-                found[name] = (hf, fname)
+                for name in names:
+                    found[name] = (hf, fname)
         for hf, fname in files.items():
-            if not hf_module.hf_ignored(hf) and hf not in keys[fname]:
+            if not hf_module.hf_ignored(hf, args) and hf not in keys[fname]:
                 raise LlamatronError(f"{src / fname}: tensor {hf!r} listed in the index is missing")
 
         tensors = []
@@ -325,14 +359,14 @@ def import_hf(src: str | Path, dst: str | Path, dtype: str | None = None, progre
             hf, fname = found[name]
             sl = handles[fname].get_slice(hf)
             where = f"{src / fname}"
-            _check_shape(hf, sl.get_shape(), want, where, why)
+            _check_shape(hf, sl.get_shape(), _hf_shape(hf_module, name, tuple(want), args), where, why)
             st = sl.get_dtype()
             if st not in _SAFETENSORS_DTYPES:
                 raise LlamatronError(f"{hf}: dtype {st} in {where} is not a floating-point weight type")
             out = _out_dtype(dtype, _SAFETENSORS_DTYPES[st], where)
 
-            def load(h=handles[fname], hf=hf):
-                return hf_module.from_hf(hf, h.get_tensor(hf), args)[1]
+            def load(h=handles[fname], hf=hf, name=name):
+                return _from_hf(hf_module, name, hf, h.get_tensor(hf), args)
 
             tensors.append(TensorSpec(name, tuple(want), out, load))
         # Read in file order so each shard is mapped and paged in once.
@@ -366,7 +400,9 @@ def import_meta(src: str | Path, dst: str | Path, dtype: str | None = None, prog
         raise LlamatronError(f"{src}: not a directory")
     _check_dst(dst)
     # Only the Llama family has a Meta format.
-    args = llama_hf.args_from_meta_params(_read_json(src / "params.json"), str(src / "params.json"))
+    params = _read_json(src / "params.json")
+    # Every key checked before any shard is read (a Llama 2 vocabulary, -1, is read from the shards below).
+    llama_hf.args_from_meta_params(params, str(src / "params.json"), vocab_size=1)
     numbered = sorted((int(m.group(1)), p) for p in src.iterdir() if (m := _META_SHARD.match(p.name)))
     if not numbered:
         raise LlamatronError(f"{src}: no consolidated.NN.pth files")
@@ -387,6 +423,11 @@ def import_meta(src: str | Path, dst: str | Path, dtype: str | None = None, prog
         if not isinstance(shards[-1], dict):
             raise LlamatronError(f"{p}: expected a dict of tensors, got {type(shards[-1]).__name__}")
 
+    # Llama 2's params.json leaves the vocabulary to the checkpoint (vocab_size -1).
+    embedding = shards[0].get("tok_embeddings.weight")
+    vocab = embedding.shape[0] if isinstance(embedding, torch.Tensor) and embedding.dim() == 2 else None
+    args = llama_hf.args_from_meta_params(params, str(src / "params.json"), vocab_size=vocab)
+    llama2 = llama_hf.is_llama2_params(params)
     shapes = expected_shapes(args)
     why = f"{src / 'params.json'} ({len(paths)} consolidated.*.pth shard(s) found)"
     for p, sd in zip(paths, shards):
@@ -403,7 +444,7 @@ def import_meta(src: str | Path, dst: str | Path, dtype: str | None = None, prog
             if name not in sd:
                 raise LlamatronError(f"{name}: missing from {p}")
             parts.append(sd[name])
-        cat = llama_hf.meta_cat_dim(name)
+        cat = llama_hf.meta_cat_dim(name, llama2)
         if cat is None:  # replicated (norms): every shard holds the whole tensor
             for p, t in zip(paths, parts):
                 _check_shape(name, t.shape, want, str(p), why)
@@ -453,6 +494,20 @@ def checkpoint_model_args(path: str | Path):
     return resolve_model(config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path))).model)[1]
 
 
+def _read_stored(path: Path, name: str, shape, dtype, dcp_load, exc_type, reader_type) -> torch.Tensor:
+    """One tensor of a llamatron checkpoint. One tensor per DCP read (DCP reads only the requested
+    keys): the shard being assembled plus one tensor in its stored dtype, never a whole shard in fp32."""
+    sd = {"model": {name: torch.empty(shape, dtype=dtype)}}
+    try:
+        dcp_load(sd, storage_reader=reader_type(str(path)), no_dist=True)
+    except exc_type as e:  # a BaseException, with each rank's error inside
+        inner = next(iter(e.failures.values()), e)
+        inner = inner[0] if isinstance(inner, tuple) else inner  # (exception, stack)
+        first = (str(inner).strip().splitlines() or [""])[0]
+        raise LlamatronError(f"{path}: cannot read {name}: {inner.__class__.__name__}: {first}") from None
+    return sd["model"].pop(name)
+
+
 def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_shard_size: str | int = "5GB",
               progress: bool = True) -> Path:
     """A llamatron checkpoint (or run directory) -> Hugging Face directory: config.json,
@@ -487,15 +542,18 @@ def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_sh
         _check_shape(name, md.size, want, str(path), why)
         specs.append((name, tuple(want), md.properties.dtype, _out_dtype(dtype, md.properties.dtype, str(path))))
 
-    # Shards planned up front (file names carry the count), in HF's order, filled to the limit.
-    shards: list[list[tuple]] = [[]]
+    # Shards planned up front (file names carry the count), in HF's order, filled to the limit. Each
+    # entry is the group of parameters one HF tensor is made of (one, or GPT-2's q, k, v).
+    by_name = {spec[0]: spec for spec in specs}
+    shards: list[list[list[tuple]]] = [[]]
     used = 0
-    for spec in specs:
-        size = math.prod(spec[1]) * spec[3].itemsize
+    for names in _hf_groups(hf_module, [spec[0] for spec in specs], args):
+        group = [by_name[name] for name in names]
+        size = sum(math.prod(spec[1]) * spec[3].itemsize for spec in group)
         if shards[-1] and used + size > limit:
             shards.append([])
             used = 0
-        shards[-1].append(spec)
+        shards[-1].append(group)
         used += size
     n = len(shards)
     weight_map: dict[str, str] = {}
@@ -503,22 +561,15 @@ def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_sh
     out_dtype = specs[0][3]
 
     with _staging(Path(dst)) as tmp, _bar(total, "export", progress) as bar, quiet_dcp():
-        for i, group in enumerate(shards, 1):
+        for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{n:05d}.safetensors"
             out = {}
-            for name, shape, st, od in group:
-                # One tensor per DCP read (DCP reads only the requested keys): the shard being
-                # assembled plus one tensor in its stored dtype, never a whole shard in fp32.
-                sd = {"model": {name: torch.empty(shape, dtype=st)}}
-                try:
-                    dcp_load(sd, storage_reader=FileSystemReader(str(path)), no_dist=True)
-                except CheckpointException as e:  # a BaseException, with each rank's error inside
-                    inner = next(iter(e.failures.values()), e)
-                    inner = inner[0] if isinstance(inner, tuple) else inner  # (exception, stack)
-                    first = (str(inner).strip().splitlines() or [""])[0]
-                    raise LlamatronError(f"{path}: cannot read {name}: {inner.__class__.__name__}: {first}") from None
-                hf, t = hf_module.to_hf(name, sd["model"].pop(name), args)
-                out[hf] = t.to(od).contiguous()
+            for group in shard:
+                tensors = [_read_stored(path, name, shape, st, dcp_load, CheckpointException, FileSystemReader)
+                           for name, shape, st, _ in group]
+                hf, t = _to_hf(hf_module, [spec[0] for spec in group], tensors, args)
+                out[hf] = t.to(group[0][3]).contiguous()
+                del tensors
                 weight_map[hf] = fname
                 bar.update(out[hf].nbytes)
             save_file(out, str(tmp / fname), metadata={"format": "pt"})

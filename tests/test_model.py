@@ -24,7 +24,9 @@ def test_published_shapes():
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.ffn_dim, a.vocab_size) == (4096, 32, 32, 8, 14336, 128256)
     assert SIZES["llama3.1-70b"].ffn_dim == 28672
     assert SIZES["llama3.1-405b"].ffn_dim == 53248
-    assert all(SIZES[s].rope_theta == 500000.0 and SIZES[s].norm_eps == 1e-5 for s in SIZES)
+    assert all(SIZES[s].rope_theta == 500000.0 and SIZES[s].norm_eps == 1e-5 for s in SIZES if not s.startswith("llama2"))
+    # LLaMA-2: theta 10,000 without the Llama 3.1 frequency scaling (tests/test_gpt.py counts them).
+    assert all(SIZES[s].rope_theta == 10000.0 and SIZES[s].rope_scaling_factor == 0 for s in SIZES if s.startswith("llama2"))
 
 
 def _scaled_freq_reference(theta=500000.0, head_dim=128):

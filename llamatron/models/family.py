@@ -15,6 +15,8 @@ The model protocol (what the generic code calls on every family's module):
     that every layout materialises the same weights; `model.init_buffers()` after `to_empty`;
   - `model.sequence_buffers()`: position-indexed buffers (dim 0) that context parallelism shards
     together with the tokens;
+  - optional `model.ties_first_last` (True when the last stage's output layer uses a first-stage
+    parameter, i.e. tied embeddings): FSDP then keeps them in the root unit, pipelining refuses;
   - `model(tokens)` -> logits, `model(tokens, labels, fp8_loss=False)` -> mean token cross-entropy
     (fused with the output projection; fp8_loss runs its GEMMs in FP8).
 """

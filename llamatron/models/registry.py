@@ -15,7 +15,7 @@ from typing import Any
 from llamatron.errors import LlamatronError
 from llamatron.models.family import Family
 
-FAMILY_MODULES = ("llamatron.models.llama", "llamatron.models.glam")
+FAMILY_MODULES = ("llamatron.models.llama", "llamatron.models.glam", "llamatron.models.gpt")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,11 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | No
     for i, block in enumerate(blocks):
         # The last block's parameters would be gathered again at once by backward: keep them.
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kw)
+    if getattr(model, "ties_first_last", False):
+        # The last stage's output projection uses the first stage's embedding weight (tied
+        # embeddings): both uses must see it gathered, so it stays in the root unit.
+        fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+        return
     first = _present(model, model.first_stage)
     if first:
         fully_shard(first, reshard_after_forward=reshard_after_forward, **kw)

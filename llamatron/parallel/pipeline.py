@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from llamatron.errors import LlamatronError
 from llamatron.parallel.layout import plain
 
 IGNORE_INDEX = -100  # labels of padding samples (evaluation fills the last batch up to the schedule's size)
@@ -30,6 +31,10 @@ def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
     """A copy of `model` (best on the meta device, where copying costs nothing) keeping only the layers
     of `stage`, plus the model's `first_stage` modules (the embedding) on the first stage and its
     `last_stage` ones (norm + output) on the last."""
+    if n_stages > 1 and getattr(model, "ties_first_last", False):
+        raise LlamatronError("parallel.pp: this model's output layer uses its input embedding's weight (tied "
+                             "embeddings), which pipeline stages cannot split between ranks; untie them "
+                             "(GPT: model.tie_embeddings=false) or use pp=1")
     n = len(model.layers)
     per = n // n_stages
     keep = {str(i) for i in range(stage * per, (stage + 1) * per)}

@@ -7,6 +7,8 @@ from llamatron.models.family import Family
 from llamatron.models.llama import cost, hf, sharding
 from llamatron.models.llama.model import ModelArgs, Transformer, llama_ffn_dim
 
+LLAMA2 = dict(vocab_size=32000, rope_theta=10000.0, rope_scaling_factor=0.0, max_seq_len=4096)
+
 # The three Llama 3.1 sizes match Meta's sku_list / HF config.json exactly; the small ones keep the real
 # vocabulary (the real tokenizer's ids must fit) and shrink everything else.
 SIZES: dict[str, ModelArgs] = {
@@ -15,6 +17,15 @@ SIZES: dict[str, ModelArgs] = {
     "llama3.1-405b": ModelArgs(
         dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=llama_ffn_dim(16384, 4096, 1.2)
     ),
+    # LLaMA-2 (Meta's meta-llama/llama params.json and HF config.json; ../shared/spec/PAX.md): RoPE theta
+    # 10,000 without frequency scaling, vocabulary 32,000, context 4,096; FFN widths 11008 / 13824 /
+    # 28672 by Meta's rule (multiple_of 256, 256, 4096; 70B ffn_dim_multiplier 1.3).
+    "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=llama_ffn_dim(4096, 256, None),
+                           **LLAMA2),
+    "llama2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40,
+                            ffn_dim=llama_ffn_dim(5120, 256, None), **LLAMA2),
+    "llama2-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=llama_ffn_dim(8192, 4096, 1.3),
+                            **LLAMA2),
     # ~33M parameters, 32M of them in the 128K-token embedding and output layers: trains on a CPU.
     "tiny": ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=1024),
     # For unit tests: small vocabulary, a few thousand parameters.

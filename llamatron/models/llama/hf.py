@@ -116,13 +116,16 @@ def from_hf(hf: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tenso
     return name, (permute_from_hf(w, heads) if heads else w)
 
 
-def hf_ignored(hf: str) -> bool:
+def hf_ignored(hf: str, args: ModelArgs | None = None) -> bool:
     """Tensors some HF checkpoints carry that are not weights (recomputed from the config)."""
     return bool(_HF_IGNORED.search(hf))
 
 
-def meta_cat_dim(name: str) -> int | None:
-    """The dimension Meta's model-parallel shards split parameter `name` along; None: replicated."""
+def meta_cat_dim(name: str, llama2: bool = False) -> int | None:
+    """The dimension Meta's model-parallel shards split parameter `name` along; None: replicated.
+    Llama 2 (fairscale `ParallelEmbedding`) splits the embedding by columns (dim 1), Llama 3 by rows."""
+    if llama2 and name == "tok_embeddings.weight":
+        return 1
     m = _LAYER.match(name)
     return _META_CAT_DIM.get(m.group(2) if m else name)
 
@@ -239,30 +242,42 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     return cfg
 
 
-# Meta does not store a context length; Llama 3.1 (scaled RoPE) is trained to 128K, Llama 3 to 8K.
-META_CONTEXT_SCALED, META_CONTEXT = 131072, 8192
+# Meta does not store a context length; Llama 3.1 (scaled RoPE) is trained to 128K, Llama 3 to 8K,
+# Llama 2 to 4K.
+META_CONTEXT_SCALED, META_CONTEXT, LLAMA2_CONTEXT = 131072, 8192, 4096
+LLAMA2_ROPE_THETA = 10000.0  # Llama 2's params.json has no rope_theta (its reference hard-codes 10,000)
 
 
-def args_from_meta_params(params: Mapping, where: str = "params.json") -> ModelArgs:
-    """Meta's params.json (llama-models ModelArgs) -> ModelArgs."""
+def is_llama2_params(params: Mapping) -> bool:
+    """Llama 2's params.json (meta-llama/llama `ModelArgs`): no rope_theta, vocab_size -1."""
+    return "rope_theta" not in params
+
+
+def args_from_meta_params(params: Mapping, where: str = "params.json", vocab_size: int | None = None) -> ModelArgs:
+    """Meta's params.json (llama-models ModelArgs, or Llama 2's) -> ModelArgs. vocab_size: the
+    checkpoint's, for a Llama 2 params.json (which says -1: the tokenizer decided it)."""
     dim = int(_need(params, "dim", where))
     n_heads = int(_need(params, "n_heads", where))
     scaled = bool(params.get("use_scaled_rope", False))
+    llama2 = is_llama2_params(params)
+    vocab = int(_need(params, "vocab_size", where))
+    if vocab <= 0 and vocab_size:
+        vocab = vocab_size
     args = dataclasses.replace(
         ModelArgs(),
         dim=dim,
         n_layers=int(_need(params, "n_layers", where)),
         n_heads=n_heads,
         n_kv_heads=int(params.get("n_kv_heads") or n_heads),
-        vocab_size=int(_need(params, "vocab_size", where)),
+        vocab_size=vocab,
         ffn_dim=llama_ffn_dim(dim, int(_need(params, "multiple_of", where)), params.get("ffn_dim_multiplier")),
         norm_eps=float(_need(params, "norm_eps", where)),
-        rope_theta=float(_need(params, "rope_theta", where)),
+        rope_theta=float(params["rope_theta"]) if not llama2 else LLAMA2_ROPE_THETA,
         # Meta's apply_scaling hard-codes low 1, high 4, original context 8192; newer params carry the factor.
         rope_scaling_factor=float(params.get("rope_scaling_factor", 8.0)) if scaled else 0.0,
-        max_seq_len=META_CONTEXT_SCALED if scaled else META_CONTEXT,
+        max_seq_len=META_CONTEXT_SCALED if scaled else LLAMA2_CONTEXT if llama2 else META_CONTEXT,
     )
     if args.vocab_size <= 0:
-        raise LlamatronError(f"{where}: vocab_size {args.vocab_size} (a Llama 2 params.json?); Llama 3 gives it")
+        raise LlamatronError(f"{where}: vocab_size {args.vocab_size}, and no tok_embeddings.weight to read it from")
     _check_args(args, where)
     return args

@@ -1,0 +1,39 @@
+"""What a GPT step costs: model FLOPs (the formula MFU is quoted with) and activation memory.
+
+FLOPs per token, forward + backward, the same convention as llama's cost.py (6 x the matmul
+parameters N, plus attention scores over the full, not causal-halved, sequence; no recomputation):
+for L layers, hidden h, FFN f, vocab V, sequence S,
+
+    attention = 24 * L * h^2 + 12 * L * h * S     (q, k, v, o projections; QK^T and AV)
+    mlp       = 12 * L * f * h                     (up and down projections)
+    embedding =  6 * V * h                         (the tied output projection)
+
+i.e. 6N + 12 L h S with N = L (4h^2 + 2hf) + V h. With f = 4h this is Megatron's (Narayanan et al.
+2021) 72 L h^2 (1 + S/(6h) + V/(12 h L)). Position-embedding lookups, biases and norms are not counted.
+"""
+
+from __future__ import annotations
+
+from llamatron.models.gpt.model import GPTArgs
+
+
+def flops_per_token(args: GPTArgs, seq_len: int) -> float:
+    L, h, f, V, S = args.n_layers, args.dim, args.ffn_dim, args.vocab_size, seq_len
+    attention = 24 * L * h * h + 12 * L * h * S
+    mlp = 12 * L * f * h
+    embedding = 6 * V * h
+    return attention + mlp + embedding
+
+
+def activation_bytes_per_token(args: GPTArgs, residual_bytes: int, compute_bytes: int) -> int:
+    """Bytes one block saves for backward per token (r: residual-stream bytes, a: compute bytes), as
+    llama's count:
+        norms        2 x (input + normalised + output) = 6 r d
+        casts        under autocast each matmul's own copy of its fp32 input (wq, wk, wv, w1) = 4 a d,
+                     in place of the 2 r d above
+        attention    q, k, v, output and the output's copy into wo = 5 a d
+        MLP          up output (GELU input) and GELU output = 2 a f
+    """
+    d, f, r, a = args.dim, args.ffn_dim, residual_bytes, compute_bytes
+    norms = 4 * r * d + (4 * a * d if r != a else 2 * a * d)
+    return norms + 5 * a * d + 2 * a * f
