@@ -77,6 +77,8 @@ def render_record(rec: dict, template: str, tokenizer, where: str) -> Segments:
                                       input=f"### Input:\n{extra}\n\n" if extra else "")
         return render_pair(prompt, _text(rec, "output", where), template, tokenizer)
     if "prompt" in rec:
+        if "completion" not in rec and "response" not in rec:
+            raise LlamatronError(f"{where}: missing field 'completion' (or 'response') beside 'prompt'")
         answer = "completion" if "completion" in rec else "response"
         return render_pair(_text(rec, "prompt", where), _text(rec, answer, where), template, tokenizer)
     raise LlamatronError(f"{where}: expected the fields prompt/completion, instruction/input/output, messages, "
@@ -148,8 +150,8 @@ def build_sft_cache(source: str | Path, tokenizer, template: str = "auto", train
 
 def _write_cache(source, tokenizer, template: str, train_on_input: bool, prefix: str) -> int:
     n = 0
-    # The mask first, then the tokens: a cache is complete only once both exist (the tokens' files
-    # are renamed into place last), and a crash in between leaves a mask that is rebuilt.
+    # Leaving the block finalizes the mask first, then the tokens: a cache is complete only once both
+    # exist, and a crash in between leaves a mask alone, which is rebuilt.
     with IndexedDatasetWriter(f"{prefix}_tokens", token_dtype(tokenizer.vocab_size)) as tok, \
             IndexedDatasetWriter(f"{prefix}_mask", np.uint8) as msk:
         for where, rec in read_jsonl(source):
@@ -161,8 +163,6 @@ def _write_cache(source, tokenizer, template: str, train_on_input: bool, prefix:
             n += 1
         if n == 0:
             raise LlamatronError(f"config key 'finetune.data': {source} holds no examples")
-        msk.finalize()
-        tok.finalize()
     return n
 
 
@@ -205,6 +205,16 @@ class SFTDataset:
         bins = pack_greedy(self.lengths, seq_len) if packing else [[i] for i in range(len(self.ids))]
         self.bins = bins
         self._perm_epoch, self._perm = -1, None
+
+    def describe(self) -> str:
+        """One line for the run's log: examples, sequences, and what did not fit."""
+        cut = f"; {self.n_too_long} longer than data.seq_len + 1 tokens were " if self.n_too_long else ""
+        if cut:
+            cut += "dropped" if len(self.ids) < len(self.cache) else "truncated"
+        used = int(self.lengths.sum())
+        return (f"fine-tuning data {self.cache.prefix}: {len(self.ids)} examples in {len(self.bins)} sequences of "
+                f"{self.seq_len} ({'packed' if self.packing else 'padded'}, {used / (len(self.bins) * self.seq_len):.0%} "
+                f"of positions used){cut}")
 
     def __len__(self) -> int:
         return len(self.bins)
@@ -251,3 +261,14 @@ def load_sft_batch(dataset: SFTDataset, indices, device, vocab_size: int | None 
     extras = {"positions": t[:, 2].contiguous(), "document_ids": t[:, 3].contiguous()} if dataset.packing else {}
     return (tokens, labels, extras), int((arr[:, 1] != IGNORE_INDEX).sum())
 
+
+
+def build_sft_dataset(cfg, log=print) -> SFTDataset:
+    """The training dataset of a fine-tuning run's config (`[finetune]`, data.seq_len, data.seed)."""
+    from llamatron.tokenizer import load_tokenizer
+
+    ft = cfg.finetune
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    cache = build_sft_cache(ft.data, tokenizer, ft.template, ft.train_on_input, ft.cache_dir, log)
+    pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    return SFTDataset(cache, cfg.data.seq_len, ft.packing, cfg.data.seed, ft.too_long, pad)

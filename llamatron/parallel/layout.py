@@ -38,7 +38,7 @@ class Layout:
 
     @classmethod
     def build(cls, family, args, train, dims: ParallelDims, device: torch.device,
-              param_dtype: torch.dtype | None, n_microbatches: int) -> "Layout":
+              param_dtype: torch.dtype | None, n_microbatches: int, lora=None) -> "Layout":
         """The model of `args` (a `family`), cut and wrapped for this rank by `parallelize`, then
         materialised with the values the whole model would have (`train` is the `[train]` section)."""
         from llamatron.models import count_parameters
@@ -48,7 +48,7 @@ class Layout:
         with torch.device("meta"):
             whole = family.build(args)
         n_params = count_parameters(whole)
-        parts, stage_ids, fp8_output = parallelize(whole, family, train, dims, param_dtype)
+        parts, stage_ids, fp8_output = parallelize(whole, family, train, dims, param_dtype, lora)
         for part in parts:
             materialize(part, device, train.seed)
         pipeline = None

@@ -330,11 +330,17 @@ def load_model_weights(path: str | Path, model) -> None:
     if not (path / ".metadata").is_file():
         raise LlamatronError(f"{path}: not a checkpoint directory (no DCP .metadata file)")
     parts = [get_model_state_dict(m) for m in _as_list(model)]
+    # A model with LoRA adapters starts from a base checkpoint without them: they keep their initial values.
+    from llamatron.transforms.lora import is_adapter_key
+
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    strict = all(f"model.{k}" in saved for p in parts for k in p)
+    parts = [{k: v for k, v in p.items() if f"model.{k}" in saved or not is_adapter_key(k)} for p in parts]
     sd = {"model": {k: v for p in parts for k, v in p.items()}}
     with quiet_dcp():
         dcp.load(sd, checkpoint_id=str(path))
     for p, mod in zip(parts, _as_list(model)):
-        set_model_state_dict(mod, {k: sd["model"][k] for k in p}, options=StateDictOptions(strict=True))
+        set_model_state_dict(mod, {k: sd["model"][k] for k in p}, options=StateDictOptions(strict=strict))
 
 
 def consolidated_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

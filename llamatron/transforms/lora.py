@@ -73,6 +73,24 @@ def resolve_targets(targets: list[str], aliases: dict[str, str] | None = None) -
     return names
 
 
+def hf_aliases(model: nn.Module, hf) -> dict[str, str]:
+    """HF leaf names of the linears in `model.layers` (q_proj -> wq), from the family's HF adapter."""
+    aliases = {}
+    for name, mod in model.layers.named_modules(prefix="layers"):
+        if isinstance(mod, nn.Linear):
+            try:
+                aliases[hf.hf_name(f"{name}.weight").rsplit(".", 2)[-2]] = name.rsplit(".", 1)[-1]
+            except Exception:  # a linear with no HF twin: only its own name targets it
+                pass
+    return aliases
+
+
+def apply_lora_config(model: nn.Module, lora, family, seed: int) -> list[str]:
+    """`apply_lora` with the `[lora]` config section; targets may use the family's HF names."""
+    aliases = hf_aliases(model, family.hf) if family.hf is not None else {}
+    return apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, aliases, seed)
+
+
 def is_adapter_key(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
