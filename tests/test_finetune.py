@@ -238,3 +238,19 @@ def test_sft_then_lora_through_the_trainer(tmp_path):
 def test_config_rejects_lora_with_tensor_parallelism(tmp_path):
     with pytest.raises(LlamatronError, match="lora.rank"):
         load_config("llamatron-finetune-test", ["finetune.data=x.jsonl", "lora.rank=4", "parallel.tp=2"])
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b-boolq-sft", "llama2-7b-boolq-lora", "llama31-8b-boolq-sft",
+                                    "llama31-8b-boolq-lora"])
+def test_boolq_presets_hold_the_pax_recipes(preset):
+    from llamatron.config import resolve_model
+
+    cfg = load_config(preset)
+    args = resolve_model(cfg.model)[1]
+    assert cfg.finetune.data and cfg.data.seq_len == 4096
+    if preset.startswith("llama2"):
+        assert (args.vocab_size, args.n_kv_heads, args.ffn_dim, args.rope_theta) == (32000, 32, 11008, 10000.0)
+    if preset.endswith("lora"):
+        assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.lr, cfg.optim.min_lr, cfg.train.steps) == (32, 32.0, 1e-4, 1e-4, 600)
+    else:
+        assert (cfg.lora.rank, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.steps) == (0, 1e-6, 500, 1000)
