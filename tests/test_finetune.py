@@ -254,3 +254,23 @@ def test_boolq_presets_hold_the_pax_recipes(preset):
         assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.lr, cfg.optim.min_lr, cfg.train.steps) == (32, 32.0, 1e-4, 1e-4, 600)
     else:
         assert (cfg.lora.rank, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.steps) == (0, 1e-6, 500, 1000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [True])
+def test_fsdp_over_two_ranks_gives_the_single_process_losses(tmp_path, lora):
+    """Micro-batches with different numbers of trained tokens on two FSDP ranks (gloo): the step's
+    global token normalisation gives the one-process losses and gradient norms."""
+    from test_parallel_layouts import REL, _trajectory, torchrun
+
+    from llamatron.train.trainer import train
+
+    extra = ["train.steps=3", "optim.schedule_steps=6"] + (["lora.rank=4", "lora.alpha=8"] if lora else [])
+    ref = train(_cfg(tmp_path, tmp_path / "one", 3, extra), progress=False, log=lambda *a: None)
+    overrides = [f"data.tokenizer={_tokenizer(tmp_path)}", f"finetune.data={tmp_path / 'boolq.jsonl'}",
+                 "parallel.dp_shard=2", *extra]
+    torchrun(2, "llamatron-finetune-test", tmp_path / "two", *overrides)
+    got, want = _trajectory(tmp_path / "two"), _trajectory(ref.out_dir)
+    for step in (1, 2, 3):
+        (gl, gn), (wl, wn) = got[("train", step)], want[("train", step)]
+        assert gl == pytest.approx(wl, rel=REL) and gn == pytest.approx(wn, rel=REL), step
