@@ -274,3 +274,23 @@ def test_fsdp_over_two_ranks_gives_the_single_process_losses(tmp_path, lora):
     for step in (1, 2, 3):
         (gl, gn), (wl, wn) = got[("train", step)], want[("train", step)]
         assert gl == pytest.approx(wl, rel=REL) and gn == pytest.approx(wn, rel=REL), step
+
+
+def test_flex_attention_block_mask_equals_the_dense_mask():
+    """CUDA runs packed sequences through flex_attention's BlockMask; it computes the dense mask's result."""
+    import warnings
+
+    from llamatron.models.llama.model import document_mask
+
+    torch.manual_seed(0)
+    model = _model()
+    x = torch.randn(2, 24, 64)
+    doc = torch.tensor([[0] * 7 + [1] * 12 + [2] * 5, [0] * 20 + [-1] * 4])
+    pos = torch.cat([torch.arange(7), torch.arange(12), torch.arange(5)]).expand(2, -1)
+    cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+    block = model.layers["0"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex_attention warns that it is unfused
+        dense = block(x, cos, sin, document_mask(doc))
+        flex = block(x, cos, sin, document_mask(doc, flex=True))
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)

@@ -95,12 +95,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
-def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """[batch, 1, seq, seq] boolean SDPA mask: token i sees token j <= i of the same document only."""
+def document_mask(document_ids: torch.Tensor, flex: bool = False):
+    """Token i sees token j <= i of the same document only: a [batch, 1, seq, seq] boolean SDPA mask,
+    or with `flex` a flex_attention BlockMask (blocks wholly outside every document are skipped, and
+    no seq x seq tensor exists: what CUDA uses)."""
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document_causal(b, h, q, kv):
+            return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
+
+        batch, seq = document_ids.shape
+        return create_block_mask(same_document_causal, batch, None, seq, seq, device=document_ids.device)
     seq = document_ids.shape[-1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
     same = document_ids[:, :, None] == document_ids[:, None, :]
     return (same & causal)[:, None]
+
+
+_flex_compiled = None
+
+
+def _flex_attention(device: torch.device):
+    """flex_attention, compiled on CUDA (eager it is a slow reference implementation)."""
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled
 
 
 class RMSNorm(nn.Module):
@@ -147,8 +172,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # packed sequences: block-diagonal causal, one block per document
+        elif isinstance(mask, torch.Tensor):  # packed sequences: block-diagonal causal, one block per document
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # the same as a flex_attention BlockMask
+            out = _flex_attention(q.device)(q, k, v, block_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -257,7 +284,7 @@ class Transformer(nn.Module):
             for layer in self.layers.values():
                 h = layer(h, cos, sin)
         else:
-            mask = document_mask(document_ids)
+            mask = document_mask(document_ids, flex=document_ids.is_cuda)
             for layer in self.layers.values():
                 h = layer(h, cos, sin, mask)
         if self.norm is not None:
