@@ -210,6 +210,9 @@ class CheckpointConfig:
     keep: int = 2  # complete checkpoints to keep (older ones are deleted)
     resume: bool = True  # continue from the newest complete checkpoint in out_dir, if any
     init_from: str | None = None  # start from this checkpoint's model weights (fresh optimizer)
+    # false: checkpoints leave out frozen parameters (LoRA: adapter-only, small); on resume the frozen
+    # weights come from init_from again (or, without it, from the seed, as at the start).
+    save_frozen: bool = True
 
 
 def _validate_checkpoint(ck: CheckpointConfig) -> None:

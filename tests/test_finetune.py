@@ -229,10 +229,22 @@ def test_sft_then_lora_through_the_trainer(tmp_path):
     full = _losses(lora.out_dir)
     assert full[6] < full[1]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    # Resume: 3 steps, then the same command to 6, gives the same losses bit for bit.
+    # Resume: 3 steps, then the same command to 6, gives the same losses bit for bit; also from
+    # adapter-only checkpoints (the base weights come from init_from again).
     train(_cfg(tmp_path, tmp_path / "resumed", 3, lora_args), progress=False, log=lambda *a: None)
     train(_cfg(tmp_path, tmp_path / "resumed", 6, lora_args), progress=False, log=lambda *a: None)
     assert _losses(tmp_path / "resumed") == full
+    small = [*lora_args, "checkpoint.save_frozen=false"]
+    first = train(_cfg(tmp_path, tmp_path / "small", 3, small), progress=False, log=lambda *a: None)
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(first.checkpoint)).read_metadata().state_dict_metadata
+    model_keys = [k for k in saved if k.startswith("model.")]
+    assert model_keys and all(".lora_" in k for k in model_keys)  # adapters (and their AdamW moments) only
+    size = sum(f.stat().st_size for f in first.checkpoint.glob("*.distcp"))
+    assert size < 0.6 * sum(f.stat().st_size for f in lora.checkpoint.glob("*.distcp"))
+    train(_cfg(tmp_path, tmp_path / "small", 6, small), progress=False, log=lambda *a: None)
+    assert _losses(tmp_path / "small") == full
 
 
 def test_config_rejects_lora_with_tensor_parallelism(tmp_path):

@@ -107,9 +107,16 @@ def _as_list(x) -> list:
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def _state_dicts(model, optimizer) -> list[tuple[dict, dict]]:
-    """(model, optimizer) state dicts of each part; the parts hold disjoint names."""
-    return [get_state_dict(m, o, options=_OPTIONS) for m, o in zip(_as_list(model), _as_list(optimizer))]
+# Frozen parameters (LoRA's base weights) left out: adapter-only checkpoints (checkpoint.save_frozen=false).
+# Not strict: the frozen keys are absent by design (every trainable one is read, or dcp.load fails).
+_OPTIONS_TRAINABLE = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True, strict=False)
+
+
+def _state_dicts(model, optimizer, frozen: bool = True) -> list[tuple[dict, dict]]:
+    """(model, optimizer) state dicts of each part; the parts hold disjoint names. frozen=False: only
+    the parameters that require gradients."""
+    options = _OPTIONS if frozen else _OPTIONS_TRAINABLE
+    return [get_state_dict(m, o, options=options) for m, o in zip(_as_list(model), _as_list(optimizer))]
 
 
 def _any_rank(flag: bool) -> bool:
@@ -197,7 +204,8 @@ def _fail_together(error: BaseException | None, rank: int, root: Path, tmp: Path
 
 
 def save_checkpoint(
-    out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str, keep: int
+    out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str, keep: int,
+    frozen: bool = True,
 ) -> Path:
     """Save under a temporary name, mark complete, rename: a crash at any moment leaves either no
     step_NNNNNNNN directory or a complete one. Every rank writes its DCP shards; rank 0 writes the
@@ -205,7 +213,8 @@ def save_checkpoint(
     raises a LlamatronError naming the path on every rank, and leaves earlier checkpoints as they
     were. Keeps the newest `keep` complete checkpoints.
 
-    model, optimizer: a module and its optimizer, or lists of them (pipeline stages of a rank)."""
+    model, optimizer: a module and its optimizer, or lists of them (pipeline stages of a rank).
+    frozen=False: frozen parameters are left out (LoRA: the adapters and their optimizer state only)."""
     root = checkpoints_root(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
@@ -218,7 +227,7 @@ def save_checkpoint(
     hooks.fire("save", phase="before_data", step=step, rank=rank)
     error: BaseException | None = None
     try:
-        parts = _state_dicts(model, optimizer)
+        parts = _state_dicts(model, optimizer, frozen)
         model_sd = {k: v for m, _ in parts for k, v in m.items()}
         optim_sd = {k: v for _, o in parts for k, v in o.items()}
         hooks.fire("save", phase="during_data", step=step, rank=rank)
@@ -293,12 +302,14 @@ def read_checkpoint_config(path: str | Path) -> str:
     return f.read_text()
 
 
-def load_checkpoint(path: str | Path, model, optimizer) -> dict:
+def load_checkpoint(path: str | Path, model, optimizer, frozen: bool = True) -> dict:
     """Restore model, optimizer and this rank's RNG in place; return the trainer state. The checkpoint
-    may come from any layout; model and optimizer as for `save_checkpoint`."""
+    may come from any layout; model and optimizer as for `save_checkpoint` (frozen=False: it holds
+    the trainable parameters only, the frozen ones are left as they are)."""
     path = Path(path)
     state = read_trainer_state(path)
-    parts = _state_dicts(model, optimizer)
+    options = _OPTIONS if frozen else _OPTIONS_TRAINABLE
+    parts = _state_dicts(model, optimizer, frozen)
     sd = {"model": {k: v for m, _ in parts for k, v in m.items()},
           "optim": {k: v for _, o in parts for k, v in o.items()}}
     try:
@@ -308,7 +319,7 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict:
         # replaced in the merged dicts, so each part takes its keys back from there.
         for (m, o), mod, opt in zip(parts, _as_list(model), _as_list(optimizer)):
             set_state_dict(mod, opt, model_state_dict={k: sd["model"][k] for k in m},
-                           optim_state_dict={k: sd["optim"][k] for k in o}, options=_OPTIONS)
+                           optim_state_dict={k: sd["optim"][k] for k in o}, options=options)
         rng_file = path / f"rng_rank{_rank()}.pt"
         rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
     except (Exception, CheckpointException) as e:
@@ -398,8 +409,12 @@ class Checkpointer:
     def restore(self) -> dict:
         """The trainer state to continue from ({} for a fresh start), the weights (and optimizer) loaded."""
         resume_from = latest_checkpoint(self.out_dir) if self.cfg.resume else None
+        frozen = self.cfg.save_frozen
+        if self.cfg.init_from and resume_from is not None and not frozen:
+            # Adapter-only checkpoints: the frozen base weights come from init_from again.
+            load_model_weights(self.cfg.init_from, self.parts)
         if resume_from is not None:
-            state = load_checkpoint(resume_from, self.parts, self.optimizers)
+            state = load_checkpoint(resume_from, self.parts, self.optimizers, frozen)
             self.last = resume_from
             self.log(f"resumed from {resume_from} at step {state['step']} ({state['consumed_samples']} samples consumed)")
             return {**state, "resumed_from": str(resume_from)}
@@ -415,7 +430,7 @@ class Checkpointer:
 
     def save(self, step: int, state: dict) -> Path:
         self.last = save_checkpoint(self.out_dir, step, self.parts, self.optimizers, state, self.config_yaml,
-                                    self.cfg.keep)
+                                    self.cfg.keep, frozen=self.cfg.save_frozen)
         self.log(f"step {step:6d} | checkpoint saved to {self.last}")
         return self.last
 
