@@ -277,11 +277,18 @@ def test_fsdp_over_two_ranks_gives_the_single_process_losses(tmp_path, lora):
 
     from llamatron.train.trainer import train
 
+    from safetensors.torch import load_file
+
     extra = ["train.steps=3", "optim.schedule_steps=6"] + (["lora.rank=4", "lora.alpha=8"] if lora else [])
-    ref = train(_cfg(tmp_path, tmp_path / "one", 3, extra), progress=False, log=lambda *a: None)
+    ref = train(_cfg(tmp_path, tmp_path / "one", 3, [*extra, f"lora.peft_out={tmp_path / 'a1'}"]), progress=False,
+                log=lambda *a: None)
     overrides = [f"data.tokenizer={_tokenizer(tmp_path)}", f"finetune.data={tmp_path / 'boolq.jsonl'}",
-                 "parallel.dp_shard=2", *extra]
+                 "parallel.dp_shard=2", f"lora.peft_out={tmp_path / 'a2'}", *extra]
     torchrun(2, "llamatron-finetune-test", tmp_path / "two", *overrides)
+    one, two = (load_file(str(tmp_path / a / "adapter_model.safetensors")) for a in ("a1", "a2"))
+    assert one.keys() == two.keys()  # the FSDP shards were gathered into whole adapters
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
     got, want = _trajectory(tmp_path / "two"), _trajectory(ref.out_dir)
     for step in (1, 2, 3):
         (gl, gn), (wl, wn) = got[("train", step)], want[("train", step)]
