@@ -7,10 +7,12 @@ PYTHON ?= python3
 # project is tested with, and a machine that already has its own (CUDA) torch keeps it.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
-	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q -e .
 
 demo: install
 	$(PYTHON) -m llamatron demo
 
+# The test extras only for the tests: the demo needs none of them.
 test: install
+	$(PYTHON) -m pip install -q -e ".[test]"
 	$(PYTHON) -m pytest -q

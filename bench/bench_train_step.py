@@ -6,6 +6,15 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
 
     python bench/bench_train_step.py --layers 4 --seq-len 8192 --steps 12 --json out.json
     python bench/bench_train_step.py --size debug --seq-len 128 --steps 3 --device cpu   # smoke test
+    python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --variants fused-ce+adam,compile
+    python bench/bench_train_step.py --size glam-64b-64e --layers 2 --seq-len 2048   # a 2-block proxy (1 MoE)
+    # several variants in one process; NAME@micro=N sets a variant's micro batch, NAME@gqa=expand its
+    # grouped-query attention (native: SDPA enable_gqa, expand: K/V repeated; llamatron/models/attention_ops.py)
+    python bench/bench_train_step.py --global-batch 16 --variants \
+        compile+cudnn@micro=8@gqa=expand,compile+cudnn@micro=8,compile+fp8-tensorwise@micro=4
+
+Each variant prints one line `SUMMARY {json}` (variant, micro and global batch, median step time,
+tokens/s, MFU, peak memory) for scripts to collect.
 
 Step time is the median of the timed steps after warm-up (compilation happens in warm-up). MFU uses the
 formula of llamatron/flops.py against the device's dense BF16 peak. Tokens are random ids from the
@@ -30,6 +39,7 @@ import torch  # noqa: E402
 from llamatron import flops  # noqa: E402
 from llamatron.config import OptimConfig  # noqa: E402
 from llamatron.data.sampler import micro_batch_indices  # noqa: E402
+from llamatron.models.attention_ops import set_gqa_mode  # noqa: E402
 from llamatron.models import registry  # noqa: E402
 from llamatron.parallel.layout import Layout  # noqa: E402
 from llamatron.parallel.parallelize import materialize  # noqa: E402
@@ -62,6 +72,23 @@ VARIANTS = {
 }
 
 
+def parse_variant(spec: str) -> tuple[str, dict, dict]:
+    """"NAME@micro=8@gqa=expand" -> (label, the variant's options, overrides of the command line)."""
+    name, *conds = spec.split("@")
+    if name not in VARIANTS:
+        raise SystemExit(f"--variants: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    opts, over = dict(VARIANTS[name]), {}
+    for c in conds:
+        key, _, value = c.partition("=")
+        if key == "micro" and value.isdigit():
+            over["micro_batch"] = int(value)
+        elif key == "gqa" and value in ("auto", "native", "expand"):
+            opts["gqa"] = value
+        else:
+            raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N or gqa=auto|native|expand")
+    return spec, opts, over
+
+
 def build_dataset(args, vocab: int, n: int):
     if args.data:
         from llamatron.data.gpt_dataset import GPTDataset
@@ -92,6 +119,7 @@ def build_layout(margs, opts, device) -> Layout:
 
 
 def run_variant(name, opts, margs, args, device, dataset):
+    set_gqa_mode(opts.get("gqa", "auto"))  # read when the model is traced and run
     model = build_layout(margs, opts, device)
     opt = build_optimizer(model.model, OptimConfig(fused=opts["fused_adam"]), device.type)
     amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)
@@ -165,9 +193,13 @@ def profile_step(model, opt, dataset, args, device, amp, opts) -> dict:
         cat = categorize(evt.key)
         buckets[cat] = buckets.get(cat, 0.0) + dev_us / 1e3
         top[evt.key[:90]] = top.get(evt.key[:90], 0.0) + dev_us / 1e3
+    # Named ranges of the model (GLaM's moe.route / moe.experts / moe.combine): their forward time on
+    # the device (the backward runs outside the ranges and lands in the kernel buckets only).
+    ranges = {evt.key: getattr(evt, "device_time_total", 0) / 1e3 for evt in prof.key_averages()
+              if evt.key.startswith("moe.")}
     busy = sum(buckets.values())
     buckets["idle (wall - kernels)"] = max(wall * 1e3 - busy, 0.0)
-    return {"wall_ms": wall * 1e3, "buckets_ms": buckets,
+    return {"wall_ms": wall * 1e3, "buckets_ms": buckets, "ranges_ms": ranges,
             "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
 
 
@@ -202,11 +234,10 @@ def main() -> int:
           f"(NVIDIA recipe formula)", flush=True)
     results = []
     for gbs in batch_sizes:
-        for vname in cli.variants.split(","):
-            opts = VARIANTS[vname]
+        for vname, opts, over in map(parse_variant, cli.variants.split(",")):
             if device.type != "cuda" and opts["attention"] == "cudnn":
                 continue
-            args = argparse.Namespace(**{**vars(cli), "global_batch": gbs})
+            args = argparse.Namespace(**{**vars(cli), "global_batch": gbs, **over})
             try:
                 times, losses, mem, prof = run_variant(vname, opts, margs, args, device, dataset)
             except torch.OutOfMemoryError:
@@ -219,7 +250,7 @@ def main() -> int:
             tps = flops.tokens_per_second(cli.seq_len, gbs, med)
             row = {
                 "variant": vname, **opts, "layers": cli.layers, "seq_len": cli.seq_len,
-                "micro_batch": cli.micro_batch, "global_batch": gbs,
+                "micro_batch": args.micro_batch, "global_batch": gbs, "gqa": opts.get("gqa", "auto"),
                 "precision": f"fp8 {opts['fp8']} + {precision}" if opts.get("fp8") else precision,
                 "layout": "1 device", "step_time_s": med, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps,
                 "tflops_per_gpu": gbs * per_seq / med / 1e12,
@@ -231,6 +262,9 @@ def main() -> int:
             if prof:
                 row["profile"] = prof
             results.append(row)
+            summary = {k: row[k] for k in ("variant", "micro_batch", "global_batch", "gqa", "step_time_s",
+                                            "tokens_per_s", "mfu", "peak_mem_gib")}
+            print("SUMMARY " + json.dumps({**summary, "device": name, "torch": torch.__version__}), flush=True)
             mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
             print(f"{vname:18s} gbs {gbs:3d} {med * 1e3:9.1f} ms {tps:10,.0f} tok/s {row['tflops_per_gpu']:7.1f} "
                   f"TFLOP/s MFU {mfu:>6s} mem {mem or 0:5.1f} GiB  loss {losses[0]:.4f} -> {losses[-1]:.4f}",
@@ -263,6 +297,8 @@ def main() -> int:
                   f"({r['profile']['wall_ms']:.1f} ms wall):")
             for k, v in sorted(r["profile"]["buckets_ms"].items(), key=lambda kv: -kv[1]):
                 print(f"  {k:24s} {v:8.1f} ms")
+            for k, v in r["profile"].get("ranges_ms", {}).items():
+                print(f"  range {k:18s} {v:8.1f} ms (forward, device)")
             print("  top kernels:")
             for k, v in r["profile"]["top_kernels_ms"].items():
                 print(f"    {v:8.1f} ms  {k}")

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize (default: text)")
     p.add_argument("--append-eod", action="store_true", help="append the end-of-text token to every document")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--empty-documents", choices=["drop", "keep"], default="drop",
+                   help="documents that tokenize to nothing: drop (NeMo's preprocess_data_for_megatron.py, how the "
+                   "MLPerf files were made; default) or keep as a document with no sequence (Megatron-LM's "
+                   "preprocess_data.py)")
 
     p = sub.add_parser("c4", help="consolidate raw C4 shards as the MLPerf reference does")
     p.add_argument("--src", required=True, help="directory with c4-train.*-of-01024.json.gz and c4-validation.*")
@@ -63,6 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=None)
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("evaluate", help="zero-shot tasks (lambada, boolq, any lm-eval task) on a checkpoint",
+                       description="Score zero-shot tasks: built-in ones on local JSONL files, any "
+                       "lm-evaluation-harness task through its adapter. See docs/evaluate.md.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (newest checkpoint)")
+    p.add_argument("--tasks", required=True, help="comma-separated: lambada, boolq, harness:NAME (any lm-eval task)")
+    p.add_argument("--tokenizer", default=None, help="default: the checkpoint's data.tokenizer")
+    p.add_argument("--data-dir", default=None, help="holds NAME.jsonl for each built-in task")
+    p.add_argument("--task-file", action="append", default=[], metavar="NAME=PATH", help="a built-in task's JSONL file")
+    p.add_argument("--prompt", default="harness", choices=["harness", "pax"], help="built-in prompt style")
+    p.add_argument("--include-path", default=None, help="a directory of extra lm-eval task YAMLs")
+    p.add_argument("--only-include-path", action="store_true",
+                   help="look for harness tasks only in --include-path (skips indexing lm-eval's own: seconds)")
+    p.add_argument("--bootstrap-iters", type=int, default=1000,
+                   help="harness tasks: resamples for stderrs without a formula (0: no stderrs)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--add-bos", action="store_true", help="prepend BOS to every context")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", default=None, help="results JSON (default: RUN/zero_shot_step_N.json)")
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="evaluate in N processes under torchrun (FSDP over N / tp ranks)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (with --nproc-per-node)")
+
     p = sub.add_parser("flops", help="FLOPs per sequence, tokens/s, MFU and days to train (NVIDIA recipe formula)")
     p.add_argument("--model", default="llama3.1-8b", help="named model size")
     p.add_argument("--layers", type=int, default=None, help="proxy: number of layers")
@@ -88,6 +115,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="keep", choices=["keep", "fp32", "bf16", "fp16"],
                    help="dtype of the written tensors (default: keep the source's)")
     p.add_argument("--max-shard-size", default="5GB", help="hf export: size of each safetensors file (default 5GB)")
+
+    p = sub.add_parser("report", help="a run's metrics as one HTML page with plots, or a terminal summary",
+                       description="Reads RUN_DIR/metrics.jsonl, config.yaml and mlperf.log; several runs are "
+                       "overlaid. See docs/report.md.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="HTML file to write (default: FIRST_RUN_DIR/report.html)")
+    p.add_argument("--text", action="store_true", help="print the terminal summary only; write no files")
+    p.add_argument("--png-dir", default=None, help="also write each figure as a PNG file in this directory")
+    p.add_argument("--target", type=float, default=None,
+                   help="validation log perplexity to report the time to (default: mlperf.target of the config)")
+
+    p = sub.add_parser("plan", help="rank the parallel layouts that fit a model on N GPUs (memory and speed estimates)",
+                       description="Enumerates dp_shard x tp x pp x cp, activation checkpointing and micro batch; "
+                       "estimates memory (llamatron/parallel/memory.py) and step time (llamatron/plan.py's cost "
+                       "model); prints the best with the --set overrides that select them.")
+    p.add_argument("--model", required=True, help="named model size (llama3.1-8b, llama3.1-70b, llama3.1-405b, ...)")
+    p.add_argument("--layers", type=int, default=None, help="proxy: number of layers")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in all (world size)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (NVLink domain); default 8")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (instead of --gpus-per-node: GPUs / nodes per node)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="memory per GPU, GiB (default: 80, or the --gpu kind's: H200 139)")
+    p.add_argument("--gpu", default="H100", help="device kind, for its peak FLOP/s (H100, H200, A100, B200)")
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: 1024)")
+    p.add_argument("--top", type=int, default=5, help="layouts to print")
     return parser
 
 
@@ -116,18 +169,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
-    from llamatron.config import load_config
-    from llamatron.train.trainer import train
-
     if args.config is None:
         raise LlamatronError("--config is required (a file, or a preset name such as demo)")
-    cfg = load_config(args.config, args.overrides)
-    if args.nproc_per_node is not None:
-        return _train_torchrun(args, cfg)
+    if args.nproc_per_node is not None:  # torchrun handles the signals of this process itself
+        from llamatron.config import load_config
+
+        return _train_torchrun(args, load_config(args.config, args.overrides))
     if args.nnodes != 1 or args.rdzv_endpoint or args.rdzv_id:
         raise LlamatronError("--nnodes, --rdzv-endpoint and --rdzv-id go with --nproc-per-node")
-    # A progress bar only on a terminal: in a batch job's log it is a wall of carriage returns.
-    result = train(cfg, progress=sys.stderr.isatty())
+    from llamatron.stop_signals import install_stop_handlers
+
+    # Before the slow imports: a SIGTERM during start-up is kept, and the run stops after its first step
+    # with a checkpoint and exit 75 rather than dying with -15.
+    restore = install_stop_handlers()
+    try:
+        from llamatron.config import load_config
+        from llamatron.train.trainer import train
+
+        cfg = load_config(args.config, args.overrides)
+        if _report_finished(cfg):
+            return 0
+        # A progress bar only on a terminal: in a batch job's log it is a wall of carriage returns.
+        result = train(cfg, progress=sys.stderr.isatty())
+    finally:
+        restore()
     print_summary(result)
     return REQUEUE_EXIT_CODE if result.preempted else 0
 
@@ -135,20 +200,31 @@ def cmd_train(args) -> int:
 def _train_torchrun(args, cfg) -> int:
     """This node's share of a torchrun job: N processes running `llamatron train` without these flags."""
     from llamatron.config import validate_config
-    from llamatron.launch import run_finished, torchrun
+    from llamatron.launch import torchrun
+    from llamatron.train import run_lock
 
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise LlamatronError("--nproc-per-node and --nnodes must be >= 1")
     validate_config(cfg, args.nproc_per_node * args.nnodes)  # the layout, before any process starts
-    done = run_finished(cfg)
-    if done is not None:  # a later job of a chain, after the run has finished
-        print(f"run {cfg.train.out_dir} already finished: checkpoint at step {done} (train.steps = "
-              f"{cfg.train.steps}); nothing to train")
+    if _report_finished(cfg):
         return 0
+    run_lock.check_free(cfg.train.out_dir)  # before starting workers that would only fail on it
     command = ["-m", "llamatron", "train", "--config", args.config]
     for item in args.overrides:
         command += ["--set", item]
     return torchrun(command, args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.rdzv_id)
+
+
+def _report_finished(cfg) -> bool:
+    """A run already at train.steps (a later job of a chain, or the same command run again) ends at
+    once: retraining nothing would still reload, re-validate and append a duplicate eval row."""
+    from llamatron.launch import run_finished
+
+    done = run_finished(cfg)
+    if done is not None:
+        print(f"run {cfg.train.out_dir} already finished: checkpoint at step {done} (train.steps = "
+              f"{cfg.train.steps}); nothing to train")
+    return done is not None
 
 
 def cmd_launch(args) -> int:
@@ -200,7 +276,8 @@ def cmd_preprocess(args) -> int:
     from llamatron.data.preprocess import preprocess
 
     stats = preprocess(args.input, args.output_prefix, args.tokenizer, json_keys=tuple(args.json_keys),
-                       append_eod=args.append_eod, workers=args.workers)
+                       append_eod=args.append_eod, workers=args.workers, progress=sys.stderr.isatty(),
+                       empty_documents=args.empty_documents)
     print(f"{stats['documents']:,} documents ({stats.get('dropped_empty', 0):,} empty dropped), "
           f"{stats['tokens']:,} tokens in {stats['seconds']:.1f} s ({stats['tokens_per_s']:,.0f} tokens/s)")
     for p in stats.get("paths", []):
@@ -211,8 +288,10 @@ def cmd_preprocess(args) -> int:
 def cmd_c4(args) -> int:
     from llamatron.data.c4 import consolidate_c4
 
-    result = consolidate_c4(args.src, args.dst, valid_documents=args.valid_documents)
+    result = consolidate_c4(args.src, args.dst, valid_documents=args.valid_documents, progress=sys.stderr.isatty())
     for k, v in result.items():
+        if k == "missing" and len(v) > 3:  # up to 1,017 names: a count and the first and last
+            v = f"{len(v)} shards ({v[0]} ... {v[-1]})"
         print(f"{k}: {v}")
     return 0
 
@@ -238,7 +317,10 @@ def cmd_eval(args) -> int:
         path = newest
     cfg = config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path)))
     family, margs = resolve_model(cfg.model)
+    _positive(args, "seq_len", "num_samples", "micro_batch_size")
     seq_len = args.seq_len or cfg.data.seq_len
+    if seq_len > margs.max_seq_len:
+        raise LlamatronError(f"--seq-len {seq_len}: exceeds the checkpoint model's max_seq_len {margs.max_seq_len}")
     data = IndexedDataset(args.data)
     available = (data.num_tokens - 1) // seq_len
     if available < 1:
@@ -264,12 +346,53 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from llamatron import evaluate
+    from llamatron.runtime import rank
+
+    if args.nproc_per_node is not None:
+        return _evaluate_torchrun(args)
+    results = evaluate.evaluate(args.checkpoint, args.tasks, args.tokenizer, args.data_dir, args.task_file,
+                                args.prompt, args.limit, args.batch_size, args.device, args.include_path, args.add_bos,
+                                not args.only_include_path, args.bootstrap_iters, args.tp)
+    if rank() == 0:  # under torchrun every rank scores; rank 0 reports
+        out = evaluate.write_results(results, args.output or evaluate.default_output(args.checkpoint))
+        print(evaluate.format_table(results))
+        print(f"wrote {out}")
+    return 0
+
+
+def _evaluate_torchrun(args) -> int:
+    """N processes running `llamatron evaluate` with the same arguments, without --nproc-per-node."""
+    from llamatron.launch import torchrun
+
+    if args.nproc_per_node < 1:
+        raise LlamatronError("--nproc-per-node must be >= 1")
+    command = ["-m", "llamatron", "evaluate"]
+    for key in ("checkpoint", "tasks", "tokenizer", "data_dir", "prompt", "include_path", "bootstrap_iters", "limit",
+                "batch_size", "device", "output", "tp"):
+        if getattr(args, key) is not None:
+            command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    command += [w for item in args.task_file for w in ("--task-file", item)]
+    command += [f for f, on in (("--only-include-path", args.only_include_path), ("--add-bos", args.add_bos)) if on]
+    return torchrun(command, args.nproc_per_node)
+
+
+def _positive(args, *names: str) -> None:
+    """Numeric options that must be > 0 when given (0 must not silently mean the default)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:  # also catches nan
+            raise LlamatronError(f"--{name.replace('_', '-')} {value}: expected a positive number")
+
+
 def cmd_flops(args) -> int:
     import dataclasses
 
     from llamatron import flops
     from llamatron.models import registry
 
+    _positive(args, "seq_len", "gpus", "step_time", "global_batch", "layers", "kv_heads", "flops_per_sequence", "tokens")
     known = registry.entries()
     if args.model not in known:
         raise LlamatronError(f"--model {args.model!r}: unknown; known sizes: {', '.join(known)}")
@@ -313,6 +436,26 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from llamatron import report
+
+    if args.text:
+        print(report.text_report(args.run_dirs, args.target), end="")
+        return 0
+    out, text = report.write_report(args.run_dirs, args.out, args.png_dir, args.target)
+    print(text, end="")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from llamatron import plan
+
+    text, fits = plan.main(args)
+    print(text)
+    return 0 if fits else 1  # nothing fits: an answer, not an input error
+
+
 def print_summary(result) -> None:
     if result.rank != 0:  # under torchrun every rank trains; rank 0 reports
         return
@@ -354,8 +497,11 @@ COMMANDS = {
     "train": cmd_train,
     "launch": cmd_launch,
     "eval": cmd_eval,
+    "evaluate": cmd_evaluate,
     "flops": cmd_flops,
     "convert": cmd_convert,
+    "report": cmd_report,
+    "plan": cmd_plan,
 }
 
 

@@ -12,6 +12,7 @@ the rules derive from the global batch size, unless set explicitly), validate.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 import types
@@ -76,9 +77,11 @@ class DataConfig:
     tokenizer: str = "llama3"  # name or path; its vocabulary must fit the model's
     seq_len: int = 256
     seed: int = 1234  # sample-order seed (Megatron's GPTDataset random_seed)
-    # Sample-index cache files (Megatron's .npy files); None = no cache files: each rank builds the
-    # index in memory (seconds per million samples).
+    # Sample-index cache files (Megatron's .npy files), written once and then memory-mapped by every
+    # rank and later run. None = Megatron's default place, next to the data (PREFIX/cache/
+    # GPTDataset_indices for the first train prefix), or OUT/cache when that cannot be written.
     cache_dir: str | None = None
+    cache_index: bool = True  # false: no cache files; each rank builds the index in memory every run
 
 
 def _validate_data(data: DataConfig, max_seq_len: int, sft: bool = False) -> None:
@@ -192,6 +195,12 @@ class EvalConfig:
     samples: int = 64  # validation windows, the first N unshuffled ones
     micro_batch_size: int | None = None  # None = train.micro_batch_size
     at_start: bool = True  # also validate before the first step
+    # Zero-shot tasks scored with each validation (llamatron/eval/tasks), as NAME=PATH.jsonl entries:
+    # ["lambada=data/lambada.jsonl", "boolq=data/boolq.jsonl"]; data.tokenizer makes the tokens.
+    tasks: list[str] = field(default_factory=list)
+    tasks_limit: int | None = None  # only the first N items of each task file
+    tasks_batch_size: int = 8  # requests per forward
+    tasks_prompt: str = "harness"  # harness or pax (the prompt variants of docs/evaluate.md)
 
 
 def _validate_eval(ev: EvalConfig) -> None:
@@ -201,6 +210,12 @@ def _validate_eval(ev: EvalConfig) -> None:
           f"must be positive, got {ev.micro_batch_size}")
     _need(ev.every_samples >= 0, "eval.every_samples", f"must be >= 0, got {ev.every_samples}")
     _need(ev.first_interval >= 1, "eval.first_interval", f"must be >= 1, got {ev.first_interval}")
+    for item in ev.tasks:
+        _need(item.partition("=")[1] == "=" and all(item.partition("=")[::2]), "eval.tasks",
+              f"entry {item!r} must be NAME=PATH.jsonl (e.g. lambada=data/lambada.jsonl)")
+    _need(ev.tasks_limit is None or ev.tasks_limit >= 1, "eval.tasks_limit", f"must be >= 1, got {ev.tasks_limit}")
+    _need(ev.tasks_batch_size >= 1, "eval.tasks_batch_size", f"must be >= 1, got {ev.tasks_batch_size}")
+    _need(ev.tasks_prompt in ("harness", "pax"), "eval.tasks_prompt", f"must be harness or pax, got {ev.tasks_prompt!r}")
 
 
 @dataclass
@@ -213,6 +228,12 @@ class CheckpointConfig:
     # false: checkpoints leave out frozen parameters (LoRA: adapter-only, small); on resume the frozen
     # weights come from init_from again (or, without it, from the seed, as at the start).
     save_frozen: bool = True
+    # Resume even though the config changed the model, the data order or the global batch since the
+    # checkpoint (llamatron/train/resume_check.py); the run then no longer continues exactly.
+    allow_config_change: bool = False
+    # Write in a background thread (torch DCP async_save) after a copy to host memory; training waits
+    # only for the copy. None = on for CUDA runs (docs/performance.md, "Asynchronous checkpoints").
+    async_save: bool | None = None
 
 
 def _validate_checkpoint(ck: CheckpointConfig) -> None:
@@ -278,6 +299,9 @@ class ParallelConfig:
     pp_virtual_stages: int = 1  # stages per pipeline rank (> 1: interleaved schedule)
     pp_schedule: str = "auto"  # gpipe, 1f1b, interleaved1f1b; auto = 1f1b, or interleaved1f1b when virtual > 1
     cp: int = 1  # context parallel: each rank holds 2 of 2*cp chunks of every sequence (load-balanced)
+    # expert parallel (MoE families): each MoE block's experts split over ep of the data-parallel ranks,
+    # tokens exchanged by all-to-all; for now ep must equal dp_shard (no replicas, cp, tp or pp)
+    ep: int = 1
 
 
 PP_SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved1f1b")
@@ -318,8 +342,11 @@ def _validate_parallel(cfg: "Config", family, args, world_size: int | None) -> N
     stages = p.pp * p.pp_virtual_stages
     _need(args.n_layers % stages == 0, "parallel.pp",
           f"n_layers {args.n_layers} must be divisible by pp x pp_virtual_stages = {p.pp} x {p.pp_virtual_stages}")
-    _need(seq_len % (2 * p.cp) == 0, "parallel.cp",
+    _need(p.cp == 1 or seq_len % (2 * p.cp) == 0, "parallel.cp",
           f"data.seq_len {seq_len} must be divisible by 2 x cp = {2 * p.cp} (each rank holds 2 load-balanced chunks)")
+    for key in family.unsupported_parallel:
+        _need(getattr(p, key) == 1, f"parallel.{key}", f"the {family.name} family does not support it: must be 1")
+    _validate_expert_parallel(p, args, world_size)
     fixed = p.dp_replicate * p.cp * p.tp * p.pp
     if world_size is not None:
         if p.dp_shard == -1:
@@ -330,6 +357,20 @@ def _validate_parallel(cfg: "Config", family, args, world_size: int | None) -> N
                   f"dp_replicate x dp_shard x cp x tp x pp = {p.dp_replicate} x {p.dp_shard} x {p.cp} x {p.tp} x {p.pp} "
                   f"= {fixed * p.dp_shard}, but the world size is {world_size} (set dp_shard=-1 to fill)")
     _validate_batch(train, p, world_size)
+
+
+def _validate_expert_parallel(p: ParallelConfig, args, world_size: int | None) -> None:
+    _need(p.ep >= 1, "parallel.ep", f"must be >= 1, got {p.ep}")
+    if p.ep == 1:
+        return
+    n_experts = getattr(args, "n_experts", 0)
+    _need(n_experts > 0, "parallel.ep", "the model has no experts (expert parallelism is for MoE families)")
+    _need(n_experts % p.ep == 0, "parallel.ep", f"n_experts {n_experts} must be divisible by ep {p.ep}")
+    _need(p.dp_replicate == p.cp == p.tp == p.pp == 1, "parallel.ep",
+          "expert parallelism runs over the FSDP ranks alone for now: dp_replicate, cp, tp and pp must be 1")
+    if world_size is not None or p.dp_shard != -1:
+        dp_shard = resolve_dp_shard(p, world_size) if world_size is not None else p.dp_shard
+        _need(dp_shard == p.ep, "parallel.ep", f"must equal the FSDP degree dp_shard {dp_shard} for now, got {p.ep}")
 
 
 def _validate_batch(train: "TrainConfig", p: ParallelConfig, world_size: int | None) -> None:
@@ -502,6 +543,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise LlamatronError(f"config key '{key}': {value!r} is not an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # No float key means anything at inf or nan (optim.lr=inf trains to NaN weights at step 2).
+            if not math.isfinite(value):
+                raise LlamatronError(f"config key '{key}': {value!r} is not finite; expected a finite number")
             return float(value)
         raise LlamatronError(f"config key '{key}': {value!r} is not a number")
     if tp is str:
@@ -591,8 +635,13 @@ def _read_config_file(p: Path) -> list[tuple[str, str, Any]]:
     text = p.read_text()
     try:
         data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+    except tomllib.TOMLDecodeError as e:
         raise LlamatronError(f"{p}: cannot parse config: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)  # where the parser gave up, 0-based
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LlamatronError(f"{p}: cannot parse config{where}: {what}") from None
     data = data or {}
     if not isinstance(data, dict):
         raise LlamatronError(f"{p}: a config file is a mapping of sections, got {type(data).__name__}")

@@ -7,14 +7,17 @@ or poison a run at an exact moment. The points and what they are given:
     step_start    step (1-based, as logs number it), rank, model (the last part of this rank)
     step_end      step, rank, model
     save          phase (before_data, during_data, after_data, before_marker, before_rename,
-                  after_rename), step, rank
+                  after_rename; async_write: in the writer thread of an asynchronous save as its
+                  shard write starts, while training goes on), step, rank. In an asynchronous save
+                  after_data and the phases after it run in the writer thread too.
+    eval_batch    start (the first window of the validation batch about to be scored)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-POINTS = ("step_start", "step_end", "save")
+POINTS = ("step_start", "step_end", "save", "eval_batch")
 _registered: dict[str, list[Callable[..., None]]] = {}
 
 

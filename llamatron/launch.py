@@ -195,6 +195,9 @@ def run_finished(cfg: Config) -> int | None:
     return step if step >= cfg.train.steps else None
 
 
+_AGENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
+
+
 def torchrun(command: list[str], nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
              rdzv_id: str | None = None, log=print) -> int:
     """Run `command` (`-m MODULE ARGS` or `SCRIPT ARGS`) in nproc_per_node processes with torchrun,
@@ -220,7 +223,10 @@ def torchrun(command: list[str], nproc_per_node: int, nnodes: int = 1, rdzv_endp
     def stop(signum, frame):  # torchrun handles TERM/INT/HUP/QUIT itself; USR1 (Slurm's --signal) alike
         raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
 
-    previous = signal.signal(signal.SIGUSR1, stop)
+    # torch's agent installs handlers for TERM/INT/HUP/QUIT in this process and leaves them: put them all
+    # back, or a later SIGTERM (to a test run in this process, say) raises its SignalException here.
+    previous = {s: signal.getsignal(s) for s in _AGENT_SIGNALS}
+    signal.signal(signal.SIGUSR1, stop)
     try:
         run(parse_args(argv))
         return 0
@@ -233,4 +239,5 @@ def torchrun(command: list[str], nproc_per_node: int, nnodes: int = 1, rdzv_endp
     except SignalException as e:
         return 130 if e.sigval == signal.SIGINT else REQUEUE_EXIT_CODE
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

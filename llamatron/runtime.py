@@ -42,6 +42,16 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory the device has (a GPU's own; the host's for the CPU), None if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """None means plain fp32. bf16 is autocast over fp32 master weights."""
     if precision == "auto":

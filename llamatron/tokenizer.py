@@ -166,6 +166,16 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode(_int_list(ids))
 
 
+def _valid_unicode(text: str) -> str:
+    """Lone surrogates (JSON allows "\\ud800") replaced by U+FFFD, as tiktoken does: the Rust
+    tokenizers only take valid Unicode."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 class HFTokenizer(Tokenizer):
     """An HF `tokenizer.json` through the `tokenizers` library, special tokens not added (NeMo's
     `tokenize()` + `convert_tokens_to_ids()`, which is what MLPerf's preprocessing calls)."""
@@ -194,10 +204,14 @@ class HFTokenizer(Tokenizer):
         return None
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        try:
+            encoded = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:  # how the Rust side refuses a str with a lone surrogate; the rare slow path
+            encoded = self._tok.encode_batch([_valid_unicode(t) for t in texts], add_special_tokens=False)
+        return [e.ids for e in encoded]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(_int_list(ids), skip_special_tokens=False)

@@ -175,7 +175,7 @@ def test_truncated_gzip_names_file(tmp_path):
     lines = b"".join(json.dumps({"text": f"document {i} " * 20}).encode() + b"\n" for i in range(3000))
     data = gzip.compress(lines)
     src = _write(tmp_path, "cut.json.gz", data[: len(data) // 2])
-    msg = _assert_fails_cleanly(tmp_path, [src], r"cut\.json\.gz: gzip data truncated near compressed byte")
+    msg = _assert_fails_cleanly(tmp_path, [src], r"cut\.json\.gz: gzip data truncated in member 1, after \d+ decompressed bytes \(in line \d+\)")
     assert "line" in msg
     src = _write(tmp_path, "notgz.json.gz", GOOD)
     _assert_fails_cleanly(tmp_path, [src], r"notgz\.json\.gz: starts with .* not gzip data")
@@ -219,3 +219,20 @@ def test_lone_surrogate_and_progress_bar(tmp_path, tok, capsys, monkeypatch):
     assert stats["documents"] == 12
     err = capsys.readouterr().err
     assert "tokenizing" in err and "100%" in err
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_empty_documents_keep_is_megatron_lms_layout(tmp_path, tok, workers):
+    """--empty-documents keep (issue 17, 11a): an empty document is a document with no sequence, as
+    Megatron-LM's builder records it (document_indices repeats); drop (NeMo, the MLPerf files) drops it.
+    The EOD goes only after non-empty documents in both tools."""
+    src = _write(tmp_path, "e.jsonl", b'{"text": "one"}\n{"text": ""}\n{"text": "two"}\n{"text": ""}\n')
+    stats = pp.preprocess([str(src)], str(tmp_path / "k"), workers=workers, progress=False, append_eod=True,
+                          empty_documents="keep")
+    ds = IndexedDataset(tmp_path / "k_text_document")
+    assert ds.document_indices.tolist() == [0, 1, 1, 2, 2] and stats["dropped_empty"] == 0
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode("one") + [tok.eos_id], tok.encode("two") + [tok.eos_id]]
+    pp.preprocess([str(src)], str(tmp_path / "d"), workers=workers, progress=False, append_eod=True)
+    dropped = IndexedDataset(tmp_path / "d_text_document")
+    assert dropped.document_indices.tolist() == [0, 1, 2]
+    assert (tmp_path / "d_text_document.bin").read_bytes() == (tmp_path / "k_text_document.bin").read_bytes()

@@ -15,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,10 +59,12 @@ def _run(out_dir, steps=STEPS, extra=(), fault=None, preexec_fn=None, wait=True)
     env.pop(faults.ENV, None)
     if fault:
         env[faults.ENV] = fault
+    # Its own session: a signal meant for the run (or sent by it) can never reach the test process.
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=preexec_fn)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+                                preexec_fn=preexec_fn, start_new_session=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn,
+                          start_new_session=True)
 
 
 def _rows(out_dir, kind=None):
@@ -131,6 +134,105 @@ def test_killed_during_save_resumes_from_newest_complete(phase, reference, tmp_p
     _assert_continues_exactly(out, reference)
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000004", "step_00000006"]
     assert _hidden(out) == []  # the leftover was removed
+
+
+ASYNC = ["checkpoint.async_save=true"]
+# An asynchronous save dies where each phase runs: the training thread up to the staging copy, the
+# writer thread from the shard write on (training has gone on meanwhile: steps 5 and 6 may be done).
+ASYNC_KILL_PHASES = {**{p: KILL_PHASES[p] for p in ("during_data", "after_data", "before_marker", "before_rename",
+                                                    "after_rename")},
+                     "async_write": (-signal.SIGKILL, 2)}
+
+
+@pytest.mark.parametrize("phase", list(ASYNC_KILL_PHASES))
+def test_killed_during_async_save_resumes_from_newest_complete(phase, reference, tmp_path):
+    out = tmp_path / "run"
+    died = _run(out, extra=ASYNC, fault=f"kill@save={phase}@step=4")
+    status, resume_step = ASYNC_KILL_PHASES[phase]
+    assert died.returncode == status, died.stderr[-3000:]
+    assert ckpt.latest_checkpoint(out).name == f"step_{resume_step:08d}"
+    if resume_step == 2:
+        assert _hidden(out) == [".step_00000004.tmp"]
+    assert max(_losses(out)) in (4, 5, 6)
+
+    _train(out, extra=ASYNC)
+    assert [r["step"] for r in _rows(out, "resume")] == [resume_step]
+    _assert_continues_exactly(out, reference)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000004", "step_00000006"]
+    assert _hidden(out) == []
+
+
+def test_async_save_is_a_snapshot_and_resumes_like_sync(reference, tmp_path):
+    """The writer of step 2's save is held until training has finished step 3 (weights, moments, step
+    counts and RNG all moved on): the checkpoint still holds step 2, and resuming from it continues
+    exactly as the synchronous run did."""
+    from llamatron import hooks
+
+    out, gate = tmp_path / "run", threading.Event()
+
+    def hold_writer(phase, step, rank):
+        if phase == "async_write" and step == 2:
+            assert gate.wait(120)
+
+    def release(step, rank, model):
+        if step == 3:
+            gate.set()
+
+    removers = [hooks.add("save", hold_writer), hooks.add("step_end", release)]
+    try:
+        _train(out, extra=[*ASYNC, "checkpoint.keep=3"])
+    finally:
+        [remove() for remove in removers]
+    assert gate.is_set()
+    assert {s: v[0] for s, v in _losses(out).items()} == reference  # async saves change no loss
+    rows = _rows(out, "checkpoint")
+    assert [r["step"] for r in rows] == [2, 4, 6] and all(r["async"] and r["save_s"] > 0 for r in rows)
+    assert json.loads((ckpt.checkpoints_root(out) / "step_00000002" / "trainer_state.json").read_text())["step"] == 2
+    for later in ("step_00000004", "step_00000006"):  # resume from the held save of step 2
+        ckpt._discard(ckpt.checkpoints_root(out) / later)
+    _train(out)  # synchronous this time
+    assert [r["step"] for r in _rows(out, "resume")] == [2]
+    _assert_continues_exactly(out, reference)
+
+
+@pytest.mark.slow
+def test_async_save_two_ranks(tmp_path):
+    """2 ranks (FSDP over gloo), asynchronous saves; resuming from step 2's checkpoint repeats the
+    losses of steps 3 and 4 bit for bit."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "llamatron", "train", "--config", "demo"]
+    for o in _overrides(out, steps=4, extra=[*ASYNC, "checkpoint.keep=3", "parallel.dp_shard=2",
+                                             "train.micro_batch_size=1"]):
+        cmd += ["--set", o]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop(faults.ENV, None)
+    for _ in range(2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        if _ == 0:
+            assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000002", "step_00000004"]
+            assert [r["step"] for r in _rows(out, "checkpoint") if r["async"]] == [2, 4]
+            first = {s: v[0] for s, v in _losses(out).items()}
+            ckpt._discard(ckpt.checkpoints_root(out) / "step_00000004")
+    assert [r["step"] for r in _rows(out, "resume")] == [2]
+    assert {s: v[-1] for s, v in _losses(out).items()} == first and len(_losses(out)[3]) == 2
+
+
+def test_async_save_failure_is_reported_and_keeps_previous(reference, tmp_path):
+    """A write error in the background (RLIMIT_FSIZE, as for a full disk) fails the run at the next
+    wait with the same one-line error; the previous checkpoint is untouched."""
+    out = tmp_path / "run"
+    assert _run(out, steps=2, extra=ASYNC).returncode == 0
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+
+    failed = _run(out, steps=4, extra=ASYNC, preexec_fn=small_files)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    err = failed.stderr.strip().splitlines()
+    assert "Traceback" not in failed.stderr and f"{out}/checkpoints/step_00000004: save failed" in err[-1]
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000002"] and _hidden(out) == []
 
 
 def test_save_fails_on_full_disk_and_keeps_previous_checkpoint(reference, tmp_path, capsys):
@@ -298,7 +400,7 @@ def test_ranks_agree_on_skip_and_stop(tmp_path):
         cmd += ["--set", o]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            faults.ENV: "nan_loss@step=2@rank=1,sigterm@step=3@rank=1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
     log = proc.stdout + proc.stderr
     # torchrun turns a worker's non-zero exit into its own failure (exit 1) and stops the other worker
     # (by then past the checkpoint); its report names the worker's exit code.

@@ -108,6 +108,7 @@ TOY = Family(
 def toy_registered():
     registry.register("toy-test", TOY, ToyArgs())
     yield
+    registry.unregister("toy-test")
 
 
 def _run(out_dir, steps, extra=()):
@@ -142,3 +143,9 @@ def test_toy_family_trains_checkpoints_and_resumes(tmp_path):
 def test_toy_family_checks_its_shapes_through_the_registry(tmp_path):
     with pytest.raises(LlamatronError, match="model.n_heads"):
         load_config(None, ["model.size=toy-test", "model.n_heads=5", "data.mock=true", f"train.out_dir={tmp_path}"])
+
+
+def test_registering_a_family_keeps_the_built_in_ones():
+    # A family registered before the first lookup once hid every built-in size.
+    assert registry.get("llama3.1-8b").family.name == "llama"
+    assert registry.get("toy-test").family is TOY

@@ -6,6 +6,8 @@ Imports nothing of the model: vocabulary sizes come in as numbers.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from llamatron.errors import LlamatronError
@@ -26,20 +28,64 @@ def build_datasets(cfg, vocab_size: int, num_train_samples: int):
         train = gd.MockDataset(vocab_size, data.seq_len, num_train_samples, data.seed)
         valid = gd.MockDataset(vocab_size, data.seq_len, max(n_valid, 1), data.seed + 1)
         return train, valid
+    for prefix in data.train:
+        _check_one_window(IndexedDataset(prefix), prefix, data.seq_len)
     weights = data.train_weights or [1.0] * len(data.train)
+    cache_dir = index_cache_dir(cfg)
     train = gd.build_blended_gpt_dataset(list(zip(weights, data.train)), data.seq_len, num_train_samples, data.seed,
-                                         split="train", cache_dir=data.cache_dir)
+                                         split="train", cache_dir=cache_dir)
     valid = None
     if data.valid and n_valid > 0:
         # Validation reads the first windows of the file in order: no shuffle (MLPerf's 405B rule).
-        valid = gd.GPTDataset(IndexedDataset(data.valid), data.seq_len, n_valid, data.seed, split="valid",
-                              shuffle=False, cache_dir=data.cache_dir)
-        if len(valid) < n_valid:
+        indexed = IndexedDataset(data.valid)
+        # Validation windows never repeat (GPTDataset would wrap around into further epochs): the file
+        # must hold eval.samples of them, as `llamatron eval` requires.
+        available = (indexed.num_tokens - 1) // data.seq_len
+        if available < n_valid:
             raise LlamatronError(
-                f"config key 'eval.samples': {data.valid} holds only {len(valid)} windows of {data.seq_len + 1} "
+                f"config key 'eval.samples': {data.valid} holds only {available} windows of {data.seq_len + 1} "
                 f"tokens, fewer than the {n_valid} asked for"
             )
+        valid = gd.GPTDataset(indexed, data.seq_len, n_valid, data.seed, split="valid",
+                              shuffle=False, cache_dir=cache_dir)
     return train, valid
+
+
+def index_cache_dir(cfg) -> str | None:
+    """Where the sample-index caches go: data.cache_dir; unset, Megatron's default next to the first
+    train prefix, or OUT/cache when the data's directory is read-only. The files are named by the md5
+    of everything that decides the order, so their place never changes a sample."""
+    from llamatron.data.gpt_dataset import default_cache_dir
+
+    data = cfg.data
+    if not data.cache_index:
+        return None
+    if data.cache_dir is not None:
+        return data.cache_dir
+    for candidate in (default_cache_dir(data.train[0]), os.path.join(cfg.train.out_dir, "cache")):
+        if _writable(candidate):
+            return candidate
+    return None  # nowhere to write: build in memory, as with cache_index=false
+
+
+def _writable(directory: str) -> bool:
+    probe = os.path.join(directory, f".probe.tmp{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+        return True
+    except OSError:
+        return False
+
+
+def _check_one_window(indexed, prefix: str, seq_len: int) -> None:
+    """Several epochs of training data are fine (Megatron's), but a window longer than the whole file
+    would hold the same documents over and over within one sample."""
+    if (indexed.num_tokens - 1) // seq_len < 1:
+        raise LlamatronError(f"config key 'data.seq_len': {seq_len} + 1 tokens per window, but {prefix} holds only "
+                             f"{indexed.num_tokens} tokens, less than one window")
 
 
 def check_data(prefixes: list[str], vocab_size: int, tokenizer_vocab: int, log=print) -> None:

@@ -18,8 +18,11 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import secrets
+import socket
 import struct
 from pathlib import Path
 
@@ -184,6 +187,34 @@ class IndexedDataset:
         return min(int(p.min()) for p in parts), max(int(p.max()) for p in parts), False
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
+_TEMP = re.compile(r"\.tmp(\d+)\.([A-Za-z0-9-]+)\.[0-9a-f]{8}$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(*paths: Path) -> list[Path]:
+    """Delete the temporary outputs (`NAME.tmpPID.HOST.RANDOM`) that a writer of this host killed
+    with -9 left next to `paths`; a live writer's (or another host's, whose pids mean nothing here)
+    are left alone. Returns what it removed."""
+    removed = []
+    for path in paths:
+        for p in path.parent.glob(glob.escape(path.name) + ".tmp*"):
+            m = _TEMP.search(p.name[len(path.name):])
+            if m and m.group(2) == _HOST and not _alive(int(m.group(1))):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 class IndexedDatasetWriter:
     """Streams sequences into `PREFIX.bin/.idx`.
 
@@ -199,8 +230,10 @@ class IndexedDatasetWriter:
             raise LlamatronError(f"cannot write tokens as {self.dtype}; supported: {sorted(map(str, CODE_OF_DTYPE))}")
         self.bin_path, self.idx_path = data_file_paths(prefix)
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
-        # pid + random: two writers to one prefix (threads, or a retry after a crash) never share a temp.
-        suffix = f".tmp{os.getpid()}.{secrets.token_hex(4)}"
+        # pid + host + random: two writers to one prefix (threads, or a retry after a crash) never share
+        # a temp, and the temps of a killed writer of this host can be told from a live one's.
+        remove_stale_temporaries(self.bin_path, self.idx_path)
+        suffix = f".tmp{os.getpid()}.{_HOST}.{secrets.token_hex(4)}"
         self._tmp_bin = self.bin_path.with_name(self.bin_path.name + suffix)
         self._tmp_idx = self.idx_path.with_name(self.idx_path.name + suffix)
         self._bin = open(self._tmp_bin, "wb")

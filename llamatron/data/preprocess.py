@@ -3,7 +3,9 @@
 
 For each JSON key K, `{output_prefix}_{K}_document.{bin,idx}` gets one sequence per document: the
 tokens of `doc[K]` with no BOS and no EOS (EOS only with `append_eod`). Documents that tokenize to
-zero tokens are dropped, as NeMo's builder loop does.
+zero tokens are dropped, as NeMo's builder loop does (how the MLPerf files were made, REFERENCE B.2);
+`empty_documents="keep"` records each as a document with no sequence instead, as Megatron-LM's
+`preprocess_data.py` does (its `add_document` with no lengths), so the .idx matches that tool's.
 
 Pipeline: the main process streams each input (plain or gzip, multi-member included) in blocks of
 about BATCH_BYTES cut at the last newline, and hands each block to one of `workers` processes, which
@@ -51,6 +53,7 @@ def preprocess(
     append_eod: bool = False,
     workers: int = 1,
     progress: bool = True,
+    empty_documents: str = "drop",
 ) -> dict:
     """Tokenize JSON-lines files into `{output_prefix}_{key}_document.bin/.idx` for each key.
 
@@ -73,11 +76,14 @@ def preprocess(
         raise LlamatronError(f"json_keys={keys!r}: expected one or more distinct JSON keys")
     if workers < 1:
         raise LlamatronError(f"workers={workers}: expected an integer >= 1")
+    if empty_documents not in ("drop", "keep"):
+        raise LlamatronError(f"--empty-documents {empty_documents!r}: expected drop (NeMo) or keep (Megatron-LM)")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     if append_eod and tok.eos_id is None:
         raise LlamatronError(f"tokenizer {tok.name!r} has no end-of-text token; append_eod needs one")
     dtype = token_dtype(tok.vocab_size)
     prefixes = {k: f"{output_prefix}_{k}_document" for k in keys}
+    _check_writable(Path(output_prefix).parent, output_prefix)
 
     counts = {k: {"documents": 0, "dropped_empty": 0, "tokens": 0} for k in keys}
     n_lines = 0
@@ -88,7 +94,7 @@ def preprocess(
         writers = {k: stack.enter_context(IndexedDatasetWriter(prefixes[k], dtype)) for k in keys}
         done_bytes = 0  # sizes of the input files already finished, for the progress bar
         batches = _batches(paths, BATCH_BYTES)
-        for docs, pos, per_key in _results(batches, workers, tok, keys, append_eod, dtype, stack):
+        for docs, pos, per_key in _results(batches, workers, tok, keys, append_eod, dtype, stack, empty_documents):
             if per_key is None:  # end of a file
                 done_bytes += pos
                 continue
@@ -97,6 +103,9 @@ def preprocess(
                 w = writers[k]
                 offset = 0
                 for n in lengths.tolist():
+                    if n == 0:  # empty_documents=keep: a document with no sequence
+                        w.end_document()
+                        continue
                     w.add_document(tokens[offset : offset + n])
                     offset += n
                 c = counts[k]
@@ -106,7 +115,7 @@ def preprocess(
             bar.update(done_bytes + pos - bar.n)
 
         for k in keys:
-            if counts[k]["documents"] == 0:
+            if counts[k]["tokens"] == 0:
                 what = (
                     "no JSON lines at all"
                     if n_lines == 0
@@ -130,12 +139,13 @@ def preprocess(
     }
 
 
-def _results(batches, workers: int, tok: Tokenizer, keys, append_eod: bool, dtype, stack) -> Iterator[tuple]:
+def _results(batches, workers: int, tok: Tokenizer, keys, append_eod: bool, dtype, stack,
+             empty_documents: str = "drop") -> Iterator[tuple]:
     """Each batch's (documents, pos, per-key arrays) in input order, and (None, file size, None) where
     a file ends. With several workers at most 2*workers batches are in flight: enough to keep every
     worker busy while the main process writes, and memory stays bounded."""
     if workers == 1:
-        encoder = _Encoder(tok, keys, append_eod, dtype)
+        encoder = _Encoder(tok, keys, append_eod, dtype, empty_documents == "keep")
         for path, first_line, data, pos in batches:
             yield (None, pos, None) if path is None else encoder(path, first_line, data, pos)
         return
@@ -144,7 +154,7 @@ def _results(batches, workers: int, tok: Tokenizer, keys, append_eod: bool, dtyp
         # spawn, not fork: the parent may hold threads (tqdm's monitor, torch, tokenizer pools).
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(tok.name, keys, append_eod, dtype.str),
+        initargs=(tok.name, keys, append_eod, dtype.str, empty_documents == "keep"),
     )
     stack.callback(pool.shutdown, wait=True, cancel_futures=True)
     pending: collections.deque = collections.deque()  # futures, and file sizes where files end
@@ -176,8 +186,9 @@ class _Encoder:
     """Turns a block of whole lines into (documents read, pos, {key: (lengths of kept documents, their
     tokens, documents dropped)})."""
 
-    def __init__(self, tok: Tokenizer, keys: list[str], append_eod: bool, dtype):
+    def __init__(self, tok: Tokenizer, keys: list[str], append_eod: bool, dtype, keep_empty: bool = False):
         self.tok = tok
+        self.keep_empty = keep_empty  # lengths of 0 stay in, and nothing counts as dropped
         self.keys = keys
         self.eod = tok.eos_id if append_eod else None
         self.dtype = np.dtype(dtype)
@@ -210,7 +221,7 @@ class _Encoder:
         ids = self.tok.encode_batch(texts)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         keep = lengths > 0
-        dropped = int(len(ids) - keep.sum())
+        dropped = 0 if self.keep_empty else int(len(ids) - keep.sum())
         total = int(lengths.sum())
         tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total)
         if total and (tokens.max() >= self.tok.vocab_size or tokens.min() < 0):
@@ -219,14 +230,16 @@ class _Encoder:
                 f"tokenizer {self.tok.name!r} produced id {bad}, outside [0, vocab_size={self.tok.vocab_size}); "
                 f"expected ids that fit the {self.dtype} token file"
             )
-        lengths = lengths[keep]
+        if not self.keep_empty:
+            lengths = lengths[keep]
         tokens = tokens.astype(self.dtype)
         if self.eod is not None and len(lengths):
-            # The EOD goes after each kept document: insert it at each document end (Megatron adds it
-            # only to non-empty documents, so dropped ones stay dropped).
-            ends = np.cumsum(lengths)
+            # The EOD goes after each non-empty document: insert it at each document end (Megatron adds
+            # it only to non-empty documents, so empty ones stay empty, or dropped).
+            nonempty = lengths > 0
+            ends = np.cumsum(lengths)[nonempty]
             tokens = np.insert(tokens, ends, self.eod).astype(self.dtype)
-            lengths = lengths + 1
+            lengths = lengths + nonempty
         return lengths, tokens, dropped
 
 
@@ -252,11 +265,11 @@ def _parse_line(path, lineno: int, raw: bytes) -> dict:
 _WORKER: _Encoder | None = None
 
 
-def _init_worker(tokenizer_name: str, keys: list[str], append_eod: bool, dtype: str) -> None:
+def _init_worker(tokenizer_name: str, keys: list[str], append_eod: bool, dtype: str, keep_empty: bool = False) -> None:
     global _WORKER
     # HF `tokenizers` would start a thread per core in every worker process: one each is enough.
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
-    _WORKER = _Encoder(load_tokenizer(tokenizer_name), keys, append_eod, np.dtype(dtype))
+    _WORKER = _Encoder(load_tokenizer(tokenizer_name), keys, append_eod, np.dtype(dtype), keep_empty)
 
 
 def _run_worker(path: str, first_line: int, data: bytes, pos: int):
@@ -288,9 +301,10 @@ def _file_batches(path: Path, batch_bytes: int) -> Iterator[tuple]:
             try:
                 block = stream.read(batch_bytes)
             except EOFError:
+                member, decompressed, lineno = _gzip_end(path)
                 raise LlamatronError(
-                    f"{path}: gzip data truncated near compressed byte {raw.tell()} (after {decompressed} "
-                    f"decompressed bytes, line {lineno}); expected complete gzip members"
+                    f"{path}: gzip data truncated in member {member}, after {decompressed} decompressed bytes "
+                    f"(in line {lineno}); expected complete gzip members"
                 ) from None
             except (OSError, zlib.error) as e:  # BadGzipFile is an OSError: CRC/length errors, trailing garbage
                 raise LlamatronError(
@@ -312,6 +326,36 @@ def _file_batches(path: Path, batch_bytes: int) -> Iterator[tuple]:
         tail = b"".join(parts)
         if tail:  # a last line without a newline
             yield path, lineno, tail, raw.tell()
+
+
+def _check_writable(directory: Path, output_prefix: str) -> None:
+    """Before hours of tokenizing: the outputs can be written (created, then renamed) there."""
+    probe = directory / f".llamatron-probe.tmp{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise LlamatronError(f"--output-prefix {output_prefix}: {directory} cannot be written ({e.strerror or e}); "
+                             "expected a writable directory") from None
+
+
+def _gzip_end(path: Path) -> tuple[int, int, int]:
+    """(member, decompressed bytes, line) where the data of a truncated gzip file ends: decompressed
+    again member by member, on the error path only (the reading loop knows only its last block)."""
+    member, total, lines = 1, 0, 1
+    d = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as f, contextlib.suppress(zlib.error):  # garbage after the cut: count to there
+        while chunk := f.read(1 << 20):
+            while chunk:
+                if d.eof:  # the next member starts
+                    member += 1
+                    d = zlib.decompressobj(wbits=31)
+                out = d.decompress(chunk)
+                total += len(out)
+                lines += out.count(b"\n")
+                chunk = d.unused_data if d.eof else b""
+    return member, total, lines
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -6,40 +6,73 @@ cadence and records the results.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
+from llamatron import hooks
 from llamatron.parallel.layout import Layout, plain
 from llamatron.parallel.reduce import sum_over
 from llamatron.runtime import Precision, load_batch
 
 
+class Stopped(Exception):
+    """A validation ended early by a stop signal (`evaluate`'s `stop`), the same batch on every rank."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def _check_stop(stop: Callable[[], int] | None, device) -> None:
+    """Raise Stopped if any rank's `stop()` (a signal number, 0 for none) is set: an all-reduce, so
+    every rank leaves at the same batch (FSDP and TP need each forward on all of them)."""
+    if stop is None:
+        return
+    flag = torch.tensor(float(stop()), device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise Stopped(signal.Signals(int(flag.item())).name)
+
+
 @torch.no_grad()
 def evaluate(model, dataset, num_samples: int, micro_batch: int, device, precision: Precision | None = None,
-             fused: bool = True) -> float:
+             fused: bool = True, stop: Callable[[], int] | None = None) -> float:
     """Validation log perplexity: mean token NLL (nats) over the first `num_samples` windows.
 
     `model` is a module or a `Layout`. Data-parallel ranks score interleaved micro-batches of the
     windows (as the training sampler hands them out) and the sums are reduced; every rank runs the
     same number of forwards (FSDP and TP need all of them), a rank with nothing left scoring a
-    dummy window with weight 0.
+    dummy window with weight 0. `stop` is checked before each batch (raising `Stopped`), so a
+    pre-emption signal does not wait for a long validation.
     """
     layout = model if isinstance(model, Layout) else Layout.single(model)
-    precision = precision or Precision(None, None)
-    dims = layout.dims
     was_training = layout.training
     layout.train(False)
+    try:
+        return _evaluate(layout, dataset, num_samples, micro_batch, device, precision or Precision(None, None),
+                         fused, stop)
+    finally:
+        layout.train(was_training)
+
+
+def _evaluate(layout: Layout, dataset, num_samples, micro_batch, device, precision: Precision, fused, stop) -> float:
+    dims = layout.dims
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     fused = layout.fused_loss(fused)
     if layout.pipeline is not None:
-        total, count = _evaluate_pipeline(layout, dataset, num_samples, micro_batch, device, precision)
+        total, count = _evaluate_pipeline(layout, dataset, num_samples, micro_batch, device, precision, stop)
     else:
         chunk = micro_batch * dims.dp
         for start in range(0, num_samples, chunk):
+            _check_stop(stop, device)
+            hooks.fire("eval_batch", start=start)
             first = start + dims.dp_rank * micro_batch
             idx = range(first, min(first + micro_batch, num_samples))
             weight = 1.0 if len(idx) else 0.0
@@ -51,11 +84,10 @@ def evaluate(model, dataset, num_samples: int, micro_batch: int, device, precisi
             count += labels.numel() * weight
     sum_over(total, dims, "dp_cp", "pp")
     sum_over(count, dims, "dp_cp", "pp")
-    layout.train(was_training)
     return float(total.item() / max(count.item(), 1))
 
 
-def _evaluate_pipeline(layout: Layout, dataset, num_samples, micro_batch, device, precision: Precision):
+def _evaluate_pipeline(layout: Layout, dataset, num_samples, micro_batch, device, precision: Precision, stop=None):
     """Pipeline evaluation: the schedule takes a fixed number of equal micro-batches, so the last
     batch is filled with copies of window 0 whose labels are ignored."""
     from llamatron.parallel.pipeline import IGNORE_INDEX
@@ -65,6 +97,8 @@ def _evaluate_pipeline(layout: Layout, dataset, num_samples, micro_batch, device
     count = torch.zeros((), dtype=torch.float64, device=device)
     per_rank = pipe.n_microbatches * micro_batch
     for start in range(0, num_samples, per_rank * dims.dp):
+        _check_stop(stop, device)
+        hooks.fire("eval_batch", start=start)
         first = start + dims.dp_rank * per_rank
         idx = list(range(first, min(first + per_rank, num_samples)))
         valid = len(idx)
@@ -121,7 +155,13 @@ class Validator:
     fused: bool
     on_start: Callable[[int], None] = lambda consumed: None
     on_result: Callable[[int, int, float, float], None] = lambda step, consumed, value, seconds: None
+    # Zero-shot tasks scored after each validation (`eval.tasks`: eval/zero_shot.py), or None.
+    zero_shot: Callable[[Layout], dict[str, float]] | None = None
+    on_zero_shot: Callable[[int, dict[str, float], float], None] = lambda step, results, seconds: None
+    # Checked between batches of a validation that may be cut short (the stop-signal flag); None: never.
+    stop: Callable[[], int] | None = None
     history: list[tuple[int, float]] = field(default_factory=list)
+    stopped_by: str | None = None  # the signal that ended the last validation early (no result recorded)
 
     @property
     def enabled(self) -> bool:
@@ -130,13 +170,23 @@ class Validator:
     def validated_at(self, step: int) -> bool:
         return bool(self.history) and self.history[-1][0] == step
 
-    def run(self, step: int, consumed: int) -> float | None:
-        if not self.enabled:
-            return None
-        self.on_start(consumed)
-        t0 = time.perf_counter()
-        value = evaluate(self.layout, self.dataset, self.samples, self.micro_batch, self.device, self.precision,
-                         self.fused)
-        self.history.append((step, value))
-        self.on_result(step, consumed, value, time.perf_counter() - t0)
+    def run(self, step: int, consumed: int, may_stop: bool = False) -> float | None:
+        """The validation after `step` (and the zero-shot tasks, if any); with `may_stop`, a stop
+        signal ends it between batches (None, `stopped_by` set, nothing recorded)."""
+        value = None
+        if self.enabled:
+            self.on_start(consumed)
+            t0 = time.perf_counter()
+            try:
+                value = evaluate(self.layout, self.dataset, self.samples, self.micro_batch, self.device, self.precision,
+                                 self.fused, self.stop if may_stop else None)
+            except Stopped as e:
+                self.stopped_by = e.signal_name
+                return None
+            self.history.append((step, value))
+            self.on_result(step, consumed, value, time.perf_counter() - t0)
+        if self.zero_shot is not None:
+            t0 = time.perf_counter()
+            results = self.zero_shot(self.layout)
+            self.on_zero_shot(step, results, time.perf_counter() - t0)
         return value

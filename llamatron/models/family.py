@@ -45,6 +45,8 @@ class Family:
     activation_bytes_per_token: Callable[[Any, int, int], int]
     # The Hugging Face adapter (a module: see models/llama/hf.py), or None if the family has no HF twin.
     hf: Any = None
+    # Parallel degrees (`parallel.KEY`) this family's model cannot take: they must stay 1.
+    unsupported_parallel: tuple[str, ...] = ()
 
     def build(self, args) -> nn.Module:
         """The model on the current default device (build under `torch.device("meta")` and materialise)."""

@@ -15,7 +15,7 @@ from typing import Any
 from llamatron.errors import LlamatronError
 from llamatron.models.family import Family
 
-FAMILY_MODULES = ("llamatron.models.llama",)
+FAMILY_MODULES = ("llamatron.models.llama", "llamatron.models.glam")
 
 
 @dataclass(frozen=True)
@@ -27,24 +27,39 @@ class ModelEntry:
 
 _entries: dict[str, ModelEntry] = {}
 _families: dict[str, Family] = {}
+_builtin_loaded = False
 
 
 def _load_builtin() -> None:
-    if _families:
+    # A flag, not "is anything registered": a family registered at run time before the first lookup
+    # must not hide the built-in ones.
+    global _builtin_loaded
+    if _builtin_loaded:
         return
+    _builtin_loaded = True
     for module_name in FAMILY_MODULES:
         module = importlib.import_module(module_name)
         for name, args in module.SIZES.items():
-            register(name, module.FAMILY, args)
+            _entries.setdefault(name, ModelEntry(name, module.FAMILY, args))
+            _families.setdefault(module.FAMILY.name, module.FAMILY)
 
 
 def register(name: str, family: Family, args: Any) -> ModelEntry:
     """Add (or replace) a named model of `family`."""
+    # The built-in families first, so a family registered before any lookup does not hide them.
+    _load_builtin()
     if not isinstance(args, family.args_type):
         raise TypeError(f"{name}: args of family {family.name} must be {family.args_type.__name__}")
     _families[family.name] = family
     _entries[name] = ModelEntry(name, family, args)
     return _entries[name]
+
+
+def unregister(name: str) -> None:
+    """Remove a named model added with `register` (its family goes when no entry uses it)."""
+    entry = _entries.pop(name, None)
+    if entry is not None and not any(e.family is entry.family for e in _entries.values()):
+        _families.pop(entry.family.name, None)
 
 
 def entries() -> dict[str, ModelEntry]:

@@ -30,6 +30,7 @@ class ParallelDims:
     cp: int = 1
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel over the dp_shard ranks themselves (no mesh dimension of its own)
     pp_virtual_stages: int = 1
     pp_schedule: str = "1f1b"
     world_size: int = 1
@@ -39,7 +40,7 @@ class ParallelDims:
     @classmethod
     def from_config(cls, p: ParallelConfig, world_size: int) -> "ParallelDims":
         return cls(dp_replicate=p.dp_replicate, dp_shard=resolve_dp_shard(p, world_size), cp=p.cp, tp=p.tp,
-                   pp=p.pp, pp_virtual_stages=p.pp_virtual_stages, pp_schedule=pp_schedule_name(p),
+                   pp=p.pp, ep=p.ep, pp_virtual_stages=p.pp_virtual_stages, pp_schedule=pp_schedule_name(p),
                    world_size=world_size)
 
     # Degrees of the groups that are used together.
@@ -53,7 +54,7 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard * self.cp > 1
 
     def describe(self) -> str:
-        parts = [f"{k} {getattr(self, k)}" for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp") if getattr(self, k) > 1]
+        parts = [f"{k} {getattr(self, k)}" for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp", "ep") if getattr(self, k) > 1]
         if self.pp > 1:
             parts.append(f"{self.pp_schedule} with {self.pp_virtual_stages} stage(s) per rank")
         return f"{self.world_size} process(es)" + (": " + ", ".join(parts) if parts else "")

@@ -11,7 +11,7 @@ from torch import nn
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | None,
-               reshard_after_forward: bool = True) -> None:
+               reshard_after_forward: bool = True, ignored_params: set | None = None) -> None:
     """Wrap each block, then the first stage's modules (the embedding), then the last stage's (norm +
     output) together, then the root.
 
@@ -23,7 +23,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | No
     parallelism runs several micro-batches' forwards before their backwards).
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    kw = {"mesh": mesh, "mp_policy": mp}
+    # ignored_params: sharded otherwise (expert parallelism's experts); FSDP neither gathers nor reduces them.
+    kw = {"mesh": mesh, "mp_policy": mp, **({"ignored_params": ignored_params} if ignored_params else {})}
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters would be gathered again at once by backward: keep them.

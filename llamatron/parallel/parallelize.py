@@ -63,6 +63,11 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
             fp8_output = fp8_output or "output" in converted
         if dims.tp > 1:
             family.tensor_parallel(part, dims.submesh("tp"))
+        experts = None
+        if dims.ep > 1:
+            from llamatron.parallel.expert_parallel import apply_expert_parallel
+
+            experts = apply_expert_parallel(part, dims.submesh("dp_shard"))
         if train.activation_checkpointing:
             apply_activation_checkpointing(part, train.activation_checkpointing_layers)
         if train.compile:
@@ -70,7 +75,8 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
         if dims.fsdp_enabled:
             # Pipelining runs several micro-batches' forwards before their backwards: keep the
             # gathered parameters rather than gather them again for every micro-batch.
-            apply_fsdp(part, dims.submesh("fsdp"), param_dtype, reshard_after_forward=dims.pp == 1)
+            apply_fsdp(part, dims.submesh("fsdp"), param_dtype, reshard_after_forward=dims.pp == 1,
+                       ignored_params=experts)
     return parts, ids, fp8_output
 
 

@@ -20,16 +20,25 @@ def clip_grad_norm_(parameters, max_norm: float, dims: ParallelDims | None = Non
     over the pipeline group. In a single process this is exactly `torch.nn.utils.clip_grad_norm_`.
     """
     parameters = list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=foreach)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
+    # DTensor and plain gradients apart: foreach kernels take one kind at a time (a family may keep some
+    # parameters replicated under TP, e.g. GLaM's experts); plain ones are then the same on every rank.
+    kinds = [[p for p in parameters if p.grad is not None and isinstance(p.grad, DTensor) == dt] for dt in (True, False)]
+    kinds = [k for k in kinds if k]
+    norms = []
+    for params in kinds:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, error_if_nonfinite=False, foreach=foreach)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
+        total = torch.zeros(())
+    else:
+        total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
     if dims is not None and dims.pp > 1:
         total = total.float() ** 2
         dist.all_reduce(total, group=dims.group("pp"))
         total = total.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=foreach)
+        for params in kinds:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=foreach)
     return total
 
 
@@ -41,6 +50,15 @@ def sum_over(t: torch.Tensor, dims: ParallelDims | None, *names: str) -> torch.T
         group = dims.group(name)
         if group is not None:
             dist.all_reduce(t, group=group)
+    return t
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over every rank (a copy; `t` itself in one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
     return t
 
 

@@ -19,6 +19,9 @@ rank = the global rank, every rank when absent):
         before_marker   every file written except the COMPLETE marker (SIGKILL)
         before_rename   marker written, directory still under its temporary name (SIGKILL)
         after_rename    renamed to step_NNNNNNNN, older checkpoints not yet pruned (SIGKILL)
+        async_write     checkpoint.async_save only: the background writer thread starts writing the
+                        shards while training goes on (SIGKILL); in an async save after_data and
+                        the phases after it happen in that thread too
     sigterm@step=3[@rank=R]           the process sends itself SIGTERM as step 3 begins (sigusr1 too)
 """
 
@@ -33,7 +36,8 @@ from llamatron import hooks
 from llamatron.errors import LlamatronError
 
 ENV = "LLAMATRON_FAULT"
-SAVE_PHASES = ("before_data", "during_data", "after_data", "before_marker", "before_rename", "after_rename")
+SAVE_PHASES = ("before_data", "during_data", "after_data", "before_marker", "before_rename", "after_rename",
+               "async_write")
 _KEYS = {"nan_loss": {"step", "rank"}, "spike": {"step", "rank"}, "kill": {"save", "step", "rank"},
          "sigterm": {"step", "rank"}, "sigusr1": {"step", "rank"}}
 

@@ -14,6 +14,11 @@ renamed, so a crash at any moment leaves the previous checkpoint usable; directo
 marker and hidden leftovers of crashed saves are never resumed from and are removed by the next run
 or save. Old checkpoints are renamed to a hidden name before they are deleted, for the same reason.
 
+An asynchronous save (`checkpoint.async_save`, `save_checkpoint_async`) writes the same files in the
+same order: the state is copied to host memory while training waits, a DCP writer thread writes the
+shards, and the marker and rename follow in that thread (rank 0) once every rank's shards are written.
+One save is in flight at a time; `Checkpointer` waits for it before the next save and at the end.
+
 Every tensor is stored by its name in the whole model, whatever the layout that saved it: DCP records
 which slice of it each rank wrote (FSDP or TP shards, or a pipeline stage's layers), and a load
 reads whatever slices the loading layout needs. So a run saved with one layout (FSDP over 2 ranks,
@@ -28,6 +33,8 @@ import json
 import os
 import re
 import shutil
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -46,6 +53,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from llamatron.errors import LlamatronError
 from llamatron import hooks
+from llamatron.train.resume_check import check_resume_config
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -108,7 +116,7 @@ _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 # Frozen parameters (LoRA's base weights) left out: adapter-only checkpoints (checkpoint.save_frozen=false).
-# Not strict: the frozen keys are absent by design (every trainable one is read, or dcp.load fails).
+# Not strict on load: the frozen keys are absent by design (every trainable one is read, or dcp.load fails).
 _OPTIONS_TRAINABLE = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True, strict=False)
 
 
@@ -203,6 +211,53 @@ def _fail_together(error: BaseException | None, rank: int, root: Path, tmp: Path
         raise _save_failed(root, tmp, final, error) from error
 
 
+def _begin(out_dir: str | Path, step: int) -> tuple[Path, Path, Path, int]:
+    """(root, final, tmp, rank) of the save of `step`; rank 0 has made the empty temporary directory."""
+    root = checkpoints_root(out_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".step_{step:08d}.tmp"
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_incomplete(out_dir)
+        tmp.mkdir()
+    _barrier()
+    return root, final, tmp, rank
+
+
+def _gather(model, optimizer, frozen: bool = True) -> dict:
+    parts = _state_dicts(model, optimizer, frozen)
+    return {"model": {k: v for m, _ in parts for k, v in m.items()},
+            "optim": {k: v for _, o in parts for k, v in o.items()}}
+
+
+def _write_rng(tmp: Path, rank: int) -> None:
+    rng = _rng_state()
+    _write_synced(tmp / f"rng_rank{rank}.pt", lambda f: torch.save(rng, f))
+
+
+def _finalize(root: Path, tmp: Path, final: Path, step: int, state_json: str, config_yaml: str) -> None:
+    """Rank 0, once every rank's shards are written: trainer state, config, marker, rename."""
+    _write_synced(tmp / "trainer_state.json", lambda f: f.write(state_json.encode()))
+    _write_synced(tmp / "config.yaml", lambda f: f.write(config_yaml.encode()))
+    hooks.fire("save", phase="before_marker", step=step, rank=0)
+    _write_synced(tmp / MARKER, lambda f: f.write(f"step {step}\n".encode()))
+    _fsync_dir(tmp)
+    hooks.fire("save", phase="before_rename", step=step, rank=0)
+    if final.exists():  # the same step saved again (a run restarted with checkpoint.resume=false)
+        _discard(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+
+
+def _prune(out_dir: str | Path, final: Path, keep: int) -> None:
+    """Rank 0, after the rename: only complete checkpoints are counted and removed."""
+    hooks.fire("save", phase="after_rename", step=int(_NAME.match(final.name).group(1)), rank=0)
+    for old in list_checkpoints(out_dir)[:-keep]:
+        if old != final:
+            _discard(old)
+
+
 def save_checkpoint(
     out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str, keep: int,
     frozen: bool = True,
@@ -215,54 +270,124 @@ def save_checkpoint(
 
     model, optimizer: a module and its optimizer, or lists of them (pipeline stages of a rank).
     frozen=False: frozen parameters are left out (LoRA: the adapters and their optimizer state only)."""
-    root = checkpoints_root(out_dir)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".step_{step:08d}.tmp"
-    rank = _rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        remove_incomplete(out_dir)
-        tmp.mkdir()
-    _barrier()
+    root, final, tmp, rank = _begin(out_dir, step)
     hooks.fire("save", phase="before_data", step=step, rank=rank)
     error: BaseException | None = None
     try:
-        parts = _state_dicts(model, optimizer, frozen)
-        model_sd = {k: v for m, _ in parts for k, v in m.items()}
-        optim_sd = {k: v for _, o in parts for k, v in o.items()}
+        sd = _gather(model, optimizer, frozen)
         hooks.fire("save", phase="during_data", step=step, rank=rank)
         with quiet_dcp():
             # sync_files (the default): each shard is fsynced before DCP writes .metadata.
-            dcp.save({"model": model_sd, "optim": optim_sd},
-                     storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+            dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
         hooks.fire("save", phase="after_data", step=step, rank=rank)
-        rng = _rng_state()
-        _write_synced(tmp / f"rng_rank{rank}.pt", lambda f: torch.save(rng, f))
+        _write_rng(tmp, rank)
     except (Exception, CheckpointException) as e:  # DCP raises CheckpointException, a BaseException
         error = e
     _fail_together(error, rank, root, tmp, final)
     if rank == 0:
         try:
-            _write_synced(tmp / "trainer_state.json", lambda f: f.write(json.dumps(trainer_state, indent=2).encode()))
-            _write_synced(tmp / "config.yaml", lambda f: f.write(config_yaml.encode()))
-            hooks.fire("save", phase="before_marker", step=step, rank=rank)
-            _write_synced(tmp / MARKER, lambda f: f.write(f"step {step}\n".encode()))
-            _fsync_dir(tmp)
-            hooks.fire("save", phase="before_rename", step=step, rank=rank)
-            if final.exists():  # the same step saved again (a run restarted with checkpoint.resume=false)
-                _discard(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
+            _finalize(root, tmp, final, step, json.dumps(trainer_state, indent=2), config_yaml)
         except Exception as e:
             error = e
     _fail_together(error, rank, root, tmp, final)
     if rank == 0:
-        hooks.fire("save", phase="after_rename", step=step, rank=rank)
-        for old in list_checkpoints(out_dir)[:-keep]:
-            if old != final:
-                _discard(old)
+        _prune(out_dir, final, keep)
     _barrier()
     return final
+
+
+class _BackgroundWriter(dcp.FileSystemWriter):
+    """DCP's file writer, with the hook point of the background write (fault tests kill it there)."""
+
+    def __init__(self, path: Path, step: int, rank: int):
+        super().__init__(str(path), sync_files=True)  # each shard fsynced before .metadata is written
+        self.step, self.rank = step, rank
+
+    def write_data(self, plan, planner):
+        hooks.fire("save", phase="async_write", step=self.step, rank=self.rank)
+        return super().write_data(plan, planner)
+
+
+def make_stager(pinned: bool):
+    """The staging copy of an asynchronous save: every tensor (weights, optimizer moments, step
+    counts) copied to host memory before training goes on and changes them. The host buffers are
+    kept and reused by the next save (pinned on CUDA: a 17 GB copy runs at PCIe speed, ~1 s), so a
+    stager serves one save at a time: the next save waits for the write of the previous."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    # The writer thread's dcp.save runs outside quiet_dcp (a main-thread context): the same filter,
+    # process-wide, for the one message a single-process save prints.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    # Positional: (pinned memory, shared memory, asynchronous staging, non-blocking copy); the last is
+    # named use_cuda_non_blocking_copy in earlier releases.
+    return DefaultStager(StagingOptions(pinned, False, False, pinned))
+
+
+class AsyncSave:
+    """A checkpoint being written by a background thread: the snapshot is taken, the files are not
+    complete until `wait` returns. The marker and the rename happen in that thread on rank 0 once
+    DCP's write has finished on every rank (DCP ends its save with a collective: rank 0 writes
+    .metadata only after every rank reported its shards written)."""
+
+    def __init__(self, out_dir, step, root, final, tmp, rank, state_json, config_yaml, keep, started):
+        self.out_dir, self.step, self.root, self.final, self.tmp, self.rank = out_dir, step, root, final, tmp, rank
+        self.state_json, self.config_yaml, self.keep = state_json, config_yaml, keep
+        self.started, self.finished, self.stall_s = started, None, 0.0
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+
+    def _written(self, future) -> None:
+        """Runs in DCP's writer thread when its save ends (exceptions there would be swallowed)."""
+        try:
+            future.result()
+            hooks.fire("save", phase="after_data", step=self.step, rank=self.rank)
+            if self.rank == 0:
+                _finalize(self.root, self.tmp, self.final, self.step, self.state_json, self.config_yaml)
+                _prune(self.out_dir, self.final, self.keep)
+        except BaseException as e:  # CheckpointException is a BaseException
+            self.error = e
+            if self.rank == 0 and self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            self.finished = time.perf_counter()
+            self._done.set()
+
+    def done(self) -> bool:
+        """This rank's part is over (local: no collective)."""
+        return self._done.is_set()
+
+    def wait(self) -> Path:
+        """Every rank: block until written, then raise on every rank if any rank failed (a collective)."""
+        self._done.wait()
+        _fail_together(self.error, self.rank, self.root, self.tmp, self.final)
+        return self.final
+
+
+def save_checkpoint_async(out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str,
+                          keep: int, stager, process_group, frozen: bool = True) -> AsyncSave:
+    """`save_checkpoint` with the write in a background thread: this call returns once the state is
+    staged (copied to host memory) and this rank's RNG file written; `AsyncSave.wait` returns once the
+    checkpoint is complete. The layout on disk and the guarantees are those of `save_checkpoint`.
+    `process_group`: a gloo group of all ranks for DCP's collectives in the writer thread (None
+    in a single process), apart from the training's own."""
+    started = time.perf_counter()
+    root, final, tmp, rank = _begin(out_dir, step)
+    hooks.fire("save", phase="before_data", step=step, rank=rank)
+    pending = AsyncSave(out_dir, step, root, final, tmp, rank, json.dumps(trainer_state, indent=2), config_yaml,
+                        keep, started)
+    error: BaseException | None = None
+    try:
+        sd = _gather(model, optimizer, frozen)
+        hooks.fire("save", phase="during_data", step=step, rank=rank)
+        _write_rng(tmp, rank)  # the RNG of now, before training draws from it again
+        with quiet_dcp():
+            future = dcp.async_save(sd, storage_writer=_BackgroundWriter(tmp, step, rank), async_stager=stager,
+                                    process_group=process_group, no_dist=process_group is None)
+    except (Exception, CheckpointException) as e:
+        error = e
+    _fail_together(error, rank, root, tmp, final)
+    future.add_done_callback(pending._written)
+    return pending
 
 
 def read_trainer_state(path: str | Path) -> dict:
@@ -304,11 +429,10 @@ def read_checkpoint_config(path: str | Path) -> str:
 
 def load_checkpoint(path: str | Path, model, optimizer, frozen: bool = True) -> dict:
     """Restore model, optimizer and this rank's RNG in place; return the trainer state. The checkpoint
-    may come from any layout; model and optimizer as for `save_checkpoint` (frozen=False: it holds
-    the trainable parameters only, the frozen ones are left as they are)."""
+    may come from any layout; model and optimizer as for `save_checkpoint`."""
     path = Path(path)
     state = read_trainer_state(path)
-    options = _OPTIONS if frozen else _OPTIONS_TRAINABLE
+    options = _OPTIONS if frozen else _OPTIONS_TRAINABLE  # frozen=False: the frozen parameters are left as they are
     parts = _state_dicts(model, optimizer, frozen)
     sd = {"model": {k: v for m, _ in parts for k, v in m.items()},
           "optim": {k: v for _, o in parts for k, v in o.items()}}
@@ -348,10 +472,30 @@ def load_model_weights(path: str | Path, model) -> None:
     strict = all(f"model.{k}" in saved for p in parts for k in p)
     parts = [{k: v for k, v in p.items() if f"model.{k}" in saved or not is_adapter_key(k)} for p in parts]
     sd = {"model": {k: v for p in parts for k, v in p.items()}}
-    with quiet_dcp():
-        dcp.load(sd, checkpoint_id=str(path))
+    _check_shapes(path, sd["model"])
+    try:
+        with quiet_dcp():
+            dcp.load(sd, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:
+        raise LlamatronError(f"{path}: cannot load this checkpoint's weights ({_describe_error(e)}); its files are "
+                             "damaged or incomplete") from e
     for p, mod in zip(parts, _as_list(model)):
         set_model_state_dict(mod, {k: sd["model"][k] for k in p}, options=StateDictOptions(strict=strict))
+
+
+def _check_shapes(path: Path, model_sd: dict) -> None:
+    """A checkpoint of another model (size) fails naming a tensor and both shapes, not inside DCP."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    differ = []
+    for name, t in model_sd.items():
+        m = saved.get(f"model.{name}")
+        if m is None:
+            differ.append(f"{name} is missing there")
+        elif isinstance(m, TensorStorageMetadata) and tuple(m.size) != tuple(t.shape):
+            differ.append(f"{name} is {list(m.size)} there but {list(t.shape)} in this model")
+    if differ:
+        raise LlamatronError(f"{path}: holds another model ({len(differ)} of {len(model_sd)} tensors differ: "
+                             f"{differ[0]}); check model.size and the model.* keys")
 
 
 def consolidated_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -377,6 +521,17 @@ def save_consolidated(path: str | Path, out_file: str | Path, dtype: torch.dtype
     return out_file
 
 
+def _nonfinite_tensors(parts) -> list[str]:
+    """Names of this rank's parameters holding NaN/inf: such weights must never become the newest
+    checkpoint, which the next run would resume from. One host read for all of them."""
+    named = [(n, p.detach()) for part in parts for n, p in part.named_parameters()]
+    if not named:
+        return []
+    local = [t.to_local() if hasattr(t, "to_local") else t for _, t in named]  # DTensor shards
+    finite = torch.stack([torch.isfinite(t).all() for t in local]).tolist()
+    return [n for (n, _), ok in zip(named, finite) if not ok]
+
+
 class Checkpointer:
     """A run's checkpoints: the start (leftovers of crashed saves removed, the directory checked
     writable, resume from the newest complete checkpoint or start from `init_from`), the cadence
@@ -385,10 +540,18 @@ class Checkpointer:
     The `parts`/`optimizers` it saves are this rank's (pipeline stages: several); `config_yaml` is
     stored with each checkpoint (what `eval` rebuilds the model from)."""
 
-    def __init__(self, cfg, out_dir: str | Path, log=print):
+    def __init__(self, cfg, out_dir: str | Path, log=print, report=None, device_type: str = "cpu"):
         self.cfg, self.out_dir, self.log = cfg, Path(out_dir), log
+        self.report = report or (lambda kind, step, values: None)  # metrics rows ("checkpoint")
         self.parts, self.optimizers, self.config_yaml = [], [], ""
         self.last: Path | None = None  # the newest complete checkpoint of this run
+        # Asynchronous by default on CUDA only: there the staging copy goes to host memory the GPU run
+        # does not use; on the CPU it would double the memory of model and optimizer and the writer
+        # thread would compete with training for the same cores.
+        self.asynchronous = cfg.async_save if cfg.async_save is not None else device_type == "cuda"
+        self.pinned = device_type == "cuda"
+        self.pending: AsyncSave | None = None  # the save in flight
+        self._stager = self._group = None
 
     def attach(self, parts, optimizers, config_yaml: str) -> None:
         """What every checkpoint holds, once the model is built."""
@@ -410,16 +573,21 @@ class Checkpointer:
         """The trainer state to continue from ({} for a fresh start), the weights (and optimizer) loaded."""
         resume_from = latest_checkpoint(self.out_dir) if self.cfg.resume else None
         frozen = self.cfg.save_frozen
-        if self.cfg.init_from and resume_from is not None and not frozen:
-            # Adapter-only checkpoints: the frozen base weights come from init_from again.
-            load_model_weights(self.cfg.init_from, self.parts)
         if resume_from is not None:
+            check_resume_config(resume_from, read_checkpoint_config(resume_from), self.config_yaml,
+                                self.cfg.allow_config_change, self.log)
+            if self.cfg.init_from and not frozen:
+                # Adapter-only checkpoints: the frozen base weights come from init_from again.
+                load_model_weights(self.cfg.init_from, self.parts)
             state = load_checkpoint(resume_from, self.parts, self.optimizers, frozen)
             self.last = resume_from
             self.log(f"resumed from {resume_from} at step {state['step']} ({state['consumed_samples']} samples consumed)")
             return {**state, "resumed_from": str(resume_from)}
         if self.cfg.init_from:
-            load_model_weights(self.cfg.init_from, self.parts)
+            try:
+                load_model_weights(self.cfg.init_from, self.parts)
+            except LlamatronError as e:
+                raise LlamatronError(f"config key 'checkpoint.init_from': {e}") from None
             self.log(f"initialised model weights from {self.cfg.init_from}")
         return {}
 
@@ -429,15 +597,90 @@ class Checkpointer:
         return self.cfg.enabled and every > 0 and step % every == 0 and step < total_steps
 
     def save(self, step: int, state: dict) -> Path:
-        self.last = save_checkpoint(self.out_dir, step, self.parts, self.optimizers, state, self.config_yaml,
-                                    self.cfg.keep, frozen=self.cfg.save_frozen)
-        self.log(f"step {step:6d} | checkpoint saved to {self.last}")
-        return self.last
+        """Save after `step`; asynchronous: the path the checkpoint will have once complete."""
+        waited = self.wait()  # one save in flight: the next waits for the previous
+        bad = _nonfinite_tensors(self.parts)
+        if _any_rank(bool(bad)):  # every rank refuses together (a collective)
+            where = f" ({len(bad)} on this rank, the first {bad[0]})" if bad else " (on another rank)"
+            raise LlamatronError(f"step {step}: not saving a checkpoint, the model weights hold NaN/inf values{where}; "
+                                 f"the newest complete checkpoint stays {self.last or 'none (no checkpoint yet)'}")
+        t0 = time.perf_counter()
+        if self.asynchronous:
+            self.pending = save_checkpoint_async(self.out_dir, step, self.parts, self.optimizers, state,
+                                                 self.config_yaml, self.cfg.keep, self._staging(), self._writer_group(),
+                                                 frozen=self.cfg.save_frozen)
+            self.pending.stall_s = waited + time.perf_counter() - t0
+            self.log(f"step {step:6d} | checkpoint staged in {time.perf_counter() - t0:.2f} s; "
+                     f"writing {self.pending.final.name} in the background")
+            return self.pending.final
+        path = save_checkpoint(self.out_dir, step, self.parts, self.optimizers, state, self.config_yaml,
+                               self.cfg.keep, frozen=self.cfg.save_frozen)
+        seconds = time.perf_counter() - t0
+        self._saved(step, path, seconds, waited + seconds)
+        return path
+
+    def poll(self) -> None:
+        """Between steps: report a background save that has completed (local: no collective)."""
+        p = self.pending
+        if p is None or not p.done() or p.stall_s is None:
+            return
+        if p.error is None:
+            self._saved(p.step, p.final, p.finished - p.started, p.stall_s)
+        else:  # raised on every rank at the next wait (an agreement needs all ranks: not here)
+            self.log(f"warning: the background save of {p.final.name} failed ({_describe_error(p.error)}); "
+                     "the run stops with this error at the next checkpoint or at its end")
+        p.stall_s = None  # reported
+
+    def wait(self) -> float:
+        """Block until the save in flight, if any, is complete (every rank; raises the save's error on
+        every rank if it failed on any). Returns the seconds this waited: training stalled that long."""
+        p, t0 = self.pending, time.perf_counter()
+        if p is None:
+            return 0.0
+        self.pending = None
+        p.wait()
+        waited = time.perf_counter() - t0
+        if p.stall_s is not None:
+            self._saved(p.step, p.final, p.finished - p.started, p.stall_s + waited)
+        self.last = p.final
+        return waited
+
+    def _saved(self, step: int, path: Path, save_s: float, stall_s: float) -> None:
+        self.last = path
+        # A background save completes some steps later: the line names the step it holds, not the current one.
+        mode = "written in the background" if self.asynchronous else "synchronous"
+        self.log(f"checkpoint of step {step} saved to {path} in {save_s:.2f} s ({mode}; training stalled "
+                 f"{stall_s:.2f} s)")
+        self.report("checkpoint", step, {"path": str(path), "async": self.asynchronous, "save_s": round(save_s, 4),
+                                         "stall_s": round(stall_s, 4)})
+
+    def _staging(self):
+        if self._stager is None:
+            self._stager = make_stager(self.pinned)
+        return self._stager
+
+    def _writer_group(self):
+        """A gloo group for DCP's collectives in the writer thread: collectives of two threads on one
+        group could interleave differently on different ranks; async_save also needs a CPU backend
+        when training runs on NCCL. Made at the first save (all ranks save together)."""
+        if self._group is None and dist.is_initialized() and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def close(self) -> None:
+        """Wait for the save in flight and free the staging buffers."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def save_unless_saved(self, step: int, state: dict) -> Path | None:
-        """At the end or on halting: keep the work since the last checkpoint, unless it is this step's."""
+        """At the end or on halting: keep the work since the last checkpoint, unless it is this step's;
+        returns once every checkpoint is complete."""
+        self.wait()
         if self.cfg.enabled and step > 0 and (self.last is None or self.last.name != f"step_{step:08d}"):
             self.save(step, state)
+        self.close()
         return self.last
 
 

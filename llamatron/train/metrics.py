@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -86,3 +89,22 @@ class ThroughputMeter:
         return (f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | grad norm {record['grad_norm']:.3f} | "
                 f"{record['step_time_s'] * 1000:.0f} ms/step | {record['tokens_per_s_per_gpu']:,.0f} tok/s/GPU | "
                 f"{record['tflops_per_gpu']:.2f} TFLOP/s/GPU | MFU {mfu} | peak mem {record['peak_mem_gib']:.2f} GiB")
+
+
+def run_environment(device_name: str, world_size: int, config_yaml: str) -> dict:
+    """The `env` row written when a job starts: what produced the rows after it."""
+    import torch
+
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "device": device_name, "world_size": world_size,
+            "python": platform.python_version(), "host": platform.node(), "git_commit": _git_commit(),
+            "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest()[:16], "time": time.time()}
+
+
+def _git_commit() -> str | None:
+    """The commit of the llamatron source tree, when it is a git checkout (an installed wheel is not)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

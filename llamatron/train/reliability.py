@@ -7,43 +7,13 @@ from __future__ import annotations
 
 import signal
 import statistics
-import threading
 
 import torch
 import torch.distributed as dist
 
-# Signals that ask the run to stop early and be requeued: SIGTERM is what Slurm, Kubernetes and most
-# schedulers send before killing a job; SIGUSR1 is what `sbatch --signal=USR1@SECONDS` sends ahead of
-# the time limit.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_received: list[int] = []
-
-
-def install_stop_handlers():
-    """Make SIGTERM/SIGUSR1 only set a flag (read by `stop_requested`), so the step in flight and the
-    checkpoint after it complete. Returns a function that puts the previous handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None  # signal handlers can only be set from the main thread
-    _received.clear()
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-
-    def handler(signum, frame):
-        _received.append(signum)
-
-    for s in STOP_SIGNALS:
-        signal.signal(s, handler)
-
-    def restore():
-        for s, h in previous.items():
-            signal.signal(s, h)
-        _received.clear()
-
-    return restore
-
-
-def stop_requested() -> int:
-    """The first stop signal received by this process, or 0."""
-    return _received[0] if _received else 0
+# The stop-signal flag lives in a module without torch, so the command line can install it before the
+# slow imports (llamatron/stop_signals.py); re-exported here for the step guard.
+from llamatron.stop_signals import STOP_SIGNALS, install_stop_handlers, stop_requested  # noqa: E402,F401
 
 
 def agree(loss: torch.Tensor | None, grad_norm: torch.Tensor, stop: int, device) -> tuple[bool, str | None, float]:

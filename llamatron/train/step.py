@@ -38,6 +38,9 @@ def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, tor
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = lr
+    for part in layout.parts:
+        if hasattr(part, "set_loss_scale"):  # auxiliary losses (MoE routers): a mean over micro-batches too
+            part.set_loss_scale(1.0 / accum)
     with attention_backend(attention):
         if layout.pipeline is not None:
             loss_sum = _pipeline_forward_backward(layout, micro_batches, device, precision)

@@ -10,6 +10,7 @@ validation (`llamatron/eval/perplexity.py`), throughput rows (`metrics.py`), che
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -27,16 +28,17 @@ from llamatron.data.build import build_datasets, check_inputs
 from llamatron.data.sampler import accumulation_steps, micro_batch_indices
 from llamatron.errors import LlamatronError
 from llamatron.eval.perplexity import Cadence, Validator
+from llamatron.eval.zero_shot import ZeroShot
 from llamatron.hooks import fire
 from llamatron.models import parameter_count
 from llamatron.parallel.dims import ParallelDims
 from llamatron.parallel.layout import Layout
 from llamatron.parallel.memory import estimate_memory
-from llamatron.parallel.reduce import global_mean_loss
+from llamatron.parallel.reduce import global_mean_loss, sum_over_ranks
 from llamatron.runtime import Precision, load_batch
-from llamatron.train import reliability
+from llamatron.train import reliability, run_lock
 from llamatron.train.checkpoint import Checkpointer, check_init_from
-from llamatron.train.metrics import MetricsWriter, ThroughputMeter
+from llamatron.train.metrics import MetricsWriter, ThroughputMeter, run_environment
 from llamatron.train.mlperf_log import MLPerfLog
 from llamatron.train.optim import build_optimizer, lr_at
 from llamatron.train.step import train_step
@@ -65,24 +67,25 @@ def train(cfg: Config, *, progress: bool = True, log=print) -> TrainResult:
     world_size = runtime.env_world_size()
     # A stop signal during the slow start-up still means "checkpoint if you can, then exit 75".
     restore_signals = reliability.install_stop_handlers()
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(restore_signals)
         # Everything that can be wrong with the config and the input files fails here, before any GPU
         # memory is touched (only the first process of a host scans the token files).
         validate_config(cfg, world_size)
         check_init_from(cfg.checkpoint.init_from)
+        # One run per out_dir, held by rank 0 from before anything in it is written or removed (a second
+        # run would delete this one's in-flight save as a crash's leftover) until the run ends.
+        if int(os.environ.get("RANK", "0")) == 0:
+            stack.callback(run_lock.acquire(cfg.train.out_dir, log).release)
         if runtime.env_local_rank() == 0:
             quiet = int(os.environ.get("RANK", "0")) != 0
             check_inputs(cfg.data, resolve_model(cfg.model)[1].vocab_size, _silent if quiet else log)
         runtime.configure(cfg.train.threads, cfg.train.deterministic)
         device = runtime.select_device(cfg.train.device)
         created = runtime.init_distributed(device, world_size)
-        try:
-            return Trainer(cfg, device, world_size, progress=progress, log=log).train()
-        finally:
-            if created:
-                dist.destroy_process_group()
-    finally:
-        restore_signals()
+        if created:
+            stack.callback(dist.destroy_process_group)
+        return Trainer(cfg, device, world_size, progress=progress, log=log).train()
 
 
 def _silent(*args, **kwargs) -> None:
@@ -111,8 +114,6 @@ class Trainer:
         self.family, self.args = resolve_model(cfg.model)
         self.accum = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dims.dp)
         self.config_yaml = dump_config(cfg)
-        if self.main:
-            (self.out_dir / "config.yaml").write_text(self.config_yaml)
         self.log(f"config (saved to {self.out_dir / 'config.yaml'}):\n{self.config_yaml}")
 
         # Data (one rank per host builds the sample-index caches, the others then read them)
@@ -120,7 +121,7 @@ class Trainer:
 
         # Checkpoints, first: leftovers of crashed saves removed, the directory checked before the model
         # is allocated
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.out_dir, self.log)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.out_dir, self.log, self._write_metrics, device.type)
         if self.main:
             self.checkpointer.prepare(parameter_count(self.family, self.args))
 
@@ -137,6 +138,8 @@ class Trainer:
         self.checkpointer.attach(self.layout.parts, self.optimizers, self.config_yaml)
         state = self.checkpointer.restore()
         self.step, self.consumed = state.get("step", 0), state.get("consumed_samples", 0)
+        if self.main:  # only now: a refused resume (changed config) leaves the run's config.yaml as it was
+            (self.out_dir / "config.yaml").write_text(self.config_yaml)
 
         # Guards: non-finite steps, gradient-norm spikes and stop signals, decided by all ranks together
         self.guard = reliability.StepGuard(
@@ -146,10 +149,12 @@ class Trainer:
 
         # Metrics, throughput and validation
         self.metrics = MetricsWriter(self.out_dir) if self.main else None
+        self.device_name = runtime.device_name(device)
+        if self.main:  # what this job ran on, first in its rows: the run report's environment table
+            self.metrics.write("env", self.step, run_environment(self.device_name, world_size, self.config_yaml))
         if state:
             # Rows of the earlier job for later steps than this (work lost in a crash) are superseded.
             self._write_metrics("resume", self.step, {"checkpoint": state["resumed_from"], "consumed_samples": self.consumed})
-        self.device_name = runtime.device_name(device)
         self.meter = ThroughputMeter(self.args, cfg.data.seq_len, cfg.train.global_batch_size, world_size, device,
                                      self.device_name, cfg.train.fp8 != "none", self.step)
         self.validator = self._build_validator(valid_data)
@@ -163,11 +168,11 @@ class Trainer:
         steps, mlperf = self.cfg.train.steps, self.mlperf_log
         self.final_loss = None
         if self.validator.cadence.at_start and self.step == 0:
-            self.validator.run(0, 0)
+            self._validate()
         self.layout.train(True)
         bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
-        while self.step < steps and not mlperf.done:
+        while self.step < steps and not mlperf.done and self.validator.stopped_by is None:
             loss, grad_norm = self._train_step()
             if self.guard.halt is not None:
                 self._halt()
@@ -182,11 +187,23 @@ class Trainer:
                 break
             # The last step's validation comes after the loop, except in MLPerf mode (on its cadence only).
             if self.validator.cadence.due(self.step) and (self.step < steps or mlperf.enabled):
-                self.validator.run(self.step, self.consumed)
+                self._validate()
+            self.checkpointer.poll()  # a background save that has completed is reported
             if self.checkpointer.due(self.step, steps):
                 self.checkpointer.save(self.step, self.state_dict())
         bar.close()
         return self._finish()
+
+    def _validate(self) -> None:
+        """A validation on the cadence. A stop signal ends it between batches (the loop then stops,
+        checkpoints and exits 75) unless this is the last step's, or an MLPerf run's, whose result
+        the run cannot do without."""
+        self.validator.run(self.step, self.consumed,
+                           may_stop=self.step < self.cfg.train.steps and not self.mlperf_log.enabled)
+        if self.validator.stopped_by is not None:
+            self.guard.stop_signal = self.validator.stopped_by
+            self.log(f"step {self.step:6d} | {self.guard.stop_signal} during validation: stopped it; "
+                     "checkpointing, then exiting for a requeue")
 
     def _train_step(self):
         """This rank's share of one optimizer step: its micro-batches in Megatron's sampler order (ranks
@@ -225,6 +242,9 @@ class Trainer:
         # reductions over ranks happen here too, so every rank must reach this point.
         self.final_loss = global_mean_loss(loss, self.dims, self.device)
         record = self.meter.row(self.step, self.final_loss, self.lr, float(grad_norm), self.consumed, self.guard.skipped)
+        for part in self.layout.parts:  # a family's own statistics of the interval (MoE: router load, aux loss)
+            if hasattr(part, "step_metrics"):
+                record.update(part.step_metrics(sum_over_ranks))
         self._write_metrics("train", self.step, record)
         line = ThroughputMeter.line(self.step, record)
         bar.write(line) if self.progress else self.log(line)
@@ -232,9 +252,13 @@ class Trainer:
     def _halt(self):
         """A non-finite step under the stop policy: keep the work since the last checkpoint (the
         weights are those before the step), then fail with the guard's reason."""
-        newest = self.checkpointer.save_unless_saved(self.step, self.state_dict())
-        if self.metrics is not None:
-            self.metrics.close()
+        try:
+            newest = self.checkpointer.save_unless_saved(self.step, self.state_dict())
+        except LlamatronError as e:  # e.g. weights already non-finite: the diagnosis still comes first
+            raise LlamatronError(f"{self.guard.halt}; {e}") from None
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
         raise LlamatronError(f"{self.guard.halt}; newest checkpoint: {newest or 'none'}")
 
     def _finish(self) -> TrainResult:
@@ -287,10 +311,13 @@ class Trainer:
         micro = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
         if self.layout.pipeline is not None:
             micro = cfg.train.micro_batch_size  # the schedule's micro-batch shape is fixed
+        zero_shot = ZeroShot.from_config(cfg.eval, cfg.data.tokenizer, self.args.vocab_size, self.layout, self.device,
+                                         self.precision)
         return Validator(self.layout, dataset, cfg.eval.samples, micro,
                          Cadence.from_config(cfg.eval, cfg.train.global_batch_size), self.device, self.precision,
                          cfg.train.fused_cross_entropy, on_start=self.mlperf_log.eval_start,
-                         on_result=self._on_validation)
+                         on_result=self._on_validation, zero_shot=zero_shot, on_zero_shot=self._on_zero_shot,
+                         stop=reliability.stop_requested)
 
     def _on_validation(self, step: int, consumed: int, value: float, seconds: float) -> None:
         self.mlperf_log.eval_stop(consumed, value)
@@ -298,6 +325,10 @@ class Trainer:
         self._write_metrics("eval", step, {"val_loss": value, "val_ppl": ppl, "consumed_samples": consumed,
                                            "eval_s": seconds})
         self.log(f"step {step:6d} | validation log perplexity {value:.4f} (perplexity {ppl:.1f})")
+
+    def _on_zero_shot(self, step: int, results: dict, seconds: float) -> None:
+        self._write_metrics("zero_shot", step, {**results, "zero_shot_s": seconds})
+        self.log(f"step {step:6d} | zero-shot " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
     def _batch_of(self, step: int) -> tuple[int, int, list[int]]:
         """The global batch of 0-based `step` (first sample, end) and the samples this rank read."""
@@ -332,3 +363,8 @@ class Trainer:
             fused_cross_entropy=self.layout.fused_loss(train.fused_cross_entropy),
         )
         self.log(f"memory estimate per rank (eager count; llamatron/parallel/memory.py): {est.describe()}")
+        capacity = runtime.device_memory(self.device)
+        if capacity and est.total > capacity:  # the run will most likely die of OOM: say so before it does
+            self.log(f"warning: the memory estimate per rank, {est.total / 2**30:.1f} GiB, exceeds the "
+                     f"{capacity / 2**30:.1f} GiB of {self.device_name}; lower train.micro_batch_size or data.seq_len, "
+                     "or shard more (parallel.*, train.activation_checkpointing)")

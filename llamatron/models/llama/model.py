@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamatron.loss import linear_cross_entropy
+from llamatron.models.attention_ops import gqa_attention
 
 
 @dataclass
@@ -164,19 +165,15 @@ class Attention(nn.Module):
         if cos.dim() == 2:
             cos, sin = cos[:seqlen], sin[:seqlen]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # GQA: each KV head serves n_heads/n_kv_heads consecutive query heads.
-        n_rep = q.shape[2] // k.shape[2]
-        if n_rep > 1:
-            k = k.repeat_interleave(n_rep, dim=2)
-            v = v.repeat_interleave(n_rep, dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # GQA: each KV head serves n_heads/n_kv_heads consecutive query heads (K/V expanded or not: attention_ops).
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = gqa_attention(q, k, v, is_causal=True)
         elif isinstance(mask, torch.Tensor):  # packed sequences: block-diagonal causal, one block per document
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = gqa_attention(q, k, v, attn_mask=mask)
         else:  # the same as a flex_attention BlockMask
-            out = _flex_attention(q.device)(q, k, v, block_mask=mask)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+            out = _flex_attention(q.device)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                                            enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+        return self.wo(out.reshape(bsz, seqlen, -1))
 
 
 class FeedForward(nn.Module):

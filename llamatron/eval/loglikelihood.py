@@ -1,0 +1,160 @@
+"""Log-likelihood of continuations: the one scoring path of every zero-shot task.
+
+A request is (context tokens, continuation tokens); its score is (sum of the continuation's token
+log-probabilities, whether every continuation token is the greedy argmax). The definitions are
+lm-evaluation-harness's (`HFLM._loglikelihood_tokens`): the input is context + continuation without
+its last token, left-truncated to the model's context; log-softmax in fp32; right padding (causal
+attention: a padded row's scored positions never see the padding). Requests are sorted by length,
+longest first, so a batch pads to its first row and out-of-memory shows at once.
+
+Strings become requests as the harness's `TemplateLM` makes them (`encode_pair`), so the built-in
+tasks and the lm-eval adapter (`eval/harness.py`) score the same tokens.
+
+Any family that keeps the module protocol (`model(tokens)` -> logits) works, as a module or a
+`Layout`: data-parallel ranks score interleaved batches and gather the results; tensor-parallel
+logits (vocabulary-sharded DTensors) are gathered before the softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from llamatron.errors import LlamatronError
+from llamatron.parallel.layout import Layout, plain
+from llamatron.runtime import Precision
+
+Request = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
+
+
+def encode_pair(tokenizer, context: str, continuation: str, prefix_id: int | None,
+                add_bos: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation), as lm-eval's TemplateLM makes them.
+
+    Trailing spaces of the context move to the continuation, and the continuation is what encoding
+    the whole string adds after the context's tokens (so a merge across the boundary is scored as
+    the model would see it). An empty context becomes `prefix_id` (BOS, or EOS without one)."""
+    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+    if context == "":
+        cont = tokenizer.encode(continuation)
+        if prefix_id is None:
+            raise LlamatronError("an empty context needs a BOS or EOS token; the tokenizer has neither")
+        if cont and cont[0] == prefix_id:
+            return cont[:1], cont[1:]
+        return [prefix_id], cont
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = bos + tokenizer.encode(context + continuation)
+    ctx = bos + tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def _as_layout(model) -> Layout:
+    layout = model if isinstance(model, Layout) else Layout.single(model)
+    if layout.pipeline is not None or layout.dims.cp > 1:
+        raise LlamatronError("zero-shot scoring needs whole sequences on a rank: not under pipeline or "
+                             "context parallelism (set parallel.pp=1 and parallel.cp=1)")
+    return layout
+
+
+def _model_inputs(req: Request, max_len: int) -> tuple[list[int], int]:
+    """(input tokens, continuation length): context + continuation minus its last token, left-truncated."""
+    ctx, cont = list(req[0]), list(req[1])
+    if not ctx or not cont:
+        raise LlamatronError("a log-likelihood request needs a non-empty context and continuation")
+    if len(cont) > max_len:
+        raise LlamatronError(f"a continuation of {len(cont)} tokens exceeds the model context of {max_len}")
+    return (ctx + cont)[-(max_len + 1):][:-1], len(cont)
+
+
+@torch.no_grad()
+def forward_logits(layout: Layout, rows: list[list[int]], device, precision: Precision | None,
+                   pad_id: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """One forward over right-padded rows: logits [batch, longest, vocab] and the row lengths. Under
+    tensor (sequence) parallelism the padded length is a multiple of tp, which shards it evenly."""
+    lengths = [len(r) for r in rows]
+    tp = layout.dims.tp
+    tokens = torch.full((len(rows), -(-max(lengths) // tp) * tp), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    precision = precision or Precision(None, None)
+    with precision.autocast(device):
+        logits = plain(layout.model(tokens.to(device)))
+    return logits, lengths
+
+
+def _score_batch(layout, batch: list[tuple[list[int], int, list[int]]], device, precision):
+    logits, lengths = forward_logits(layout, [inp for inp, _, _ in batch], device, precision)
+    totals, greedy = [], []
+    for row, (length, (_, n, cont)) in enumerate(zip(lengths, batch)):
+        logp = torch.log_softmax(logits[row, length - n : length].float(), dim=-1)
+        target = torch.tensor(cont, device=logp.device)
+        totals.append(logp.gather(-1, target[:, None]).sum())
+        greedy.append((logp.argmax(-1) == target).all())
+    # One device-to-host copy per batch, not two per request.
+    return list(zip(torch.stack(totals).double().tolist(), torch.stack(greedy).tolist()))
+
+
+@torch.no_grad()
+def loglikelihoods(model, requests: Sequence[Request], batch_size: int, device, precision: Precision | None = None,
+                   max_len: int | None = None) -> list[tuple[float, bool]]:
+    """(sum log-probability, is_greedy) of each request's continuation, in the requests' order.
+
+    `model` is a module or a `Layout`; every rank of a layout calls this with the same requests and
+    gets all the results. `max_len`: the context to truncate to (default: the model's max_seq_len)."""
+    layout = _as_layout(model)
+    max_len = max_len or layout.model.args.max_seq_len
+    prepared = [(*_model_inputs(r, max_len), list(r[1])) for r in requests]
+    order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i][0]), i))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    dp, rank = layout.dims.dp, layout.dims.dp_rank
+    was_training = layout.training
+    layout.train(False)
+    mine: dict[int, tuple[float, bool]] = {}
+    # Every data-parallel rank runs the same number of forwards (FSDP gathers need all of them); one
+    # with no batch left scores a copy of the first and drops it.
+    for b in range(rank, len(batches) + (-len(batches)) % dp, dp):
+        idx = batches[b] if b < len(batches) else batches[0][:1]
+        scores = _score_batch(layout, [prepared[i] for i in idx], device, precision)
+        if b < len(batches):
+            mine.update(zip(idx, scores))
+    layout.train(was_training)
+    if dp > 1:
+        mine = _gather(mine, layout.dims)
+    return [mine[i] for i in range(len(prepared))]
+
+
+def _gather(mine: dict, dims) -> dict:
+    parts: list[dict | None] = [None] * dims.dp
+    dist.all_gather_object(parts, mine, group=dims.group("dp"))
+    return {k: v for part in parts for k, v in part.items()}
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new: int, device, precision: Precision | None = None,
+                    stop=None, eos_id: int | None = None, max_len: int | None = None) -> list[list[int]]:
+    """Greedy continuation tokens of each prompt: at most `max_new`, ending after `eos_id` or once
+    `stop(tokens so far)` is true. Each step recomputes the whole (left-truncated) sequence: no KV
+    cache, so it is slow but exact. Rows that stop leave the batch; every rank of a layout generates
+    every prompt (the same forwards, so FSDP/TP ranks stay in step)."""
+    layout = _as_layout(model)
+    max_len = max_len or layout.model.args.max_seq_len
+    out: list[list[int]] = [[] for _ in prompts]
+    active = [i for i, p in enumerate(prompts) if len(p)]
+    was_training = layout.training
+    layout.train(False)
+    for _ in range(max_new):
+        if not active:
+            break
+        logits, lengths = forward_logits(layout, [(list(prompts[i]) + out[i])[-max_len:] for i in active], device,
+                                         precision)
+        last = logits[torch.arange(len(active)), torch.tensor(lengths, device=logits.device) - 1]
+        for i, t in zip(list(active), last.float().argmax(-1).tolist()):
+            out[i].append(t)
+            if t == eos_id or (stop is not None and stop(out[i])):
+                active.remove(i)
+    layout.train(was_training)
+    return out

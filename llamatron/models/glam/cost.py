@@ -1,0 +1,47 @@
+"""What a GLaM step costs: model FLOPs by ACTIVE parameters (the formula MFU is quoted with) and
+activation memory.
+
+Per token, forward + backward (6 FLOPs per active weight, full attention as the Llama formula), for
+L blocks of which M are MoE (L - M dense), hidden d, dense FFN f, expert FFN f_e, top-k of E experts,
+vocab V, sequence S:
+
+    attention = L x (24 d^2 + 12 S d)        q, k, v, o projections; scores and context
+    dense FFN = (L - M) x 18 d f             gated GELU: three d x f matrices
+    experts   = M x k x 12 d f_e             each token runs k ungated experts (two d x f_e matrices)
+    router    = M x 6 d E
+    embedding = 6 V d                        the (tied) output layer
+
+Tokens dropped for capacity are still counted (the nominal top-k compute, as Megatron and torchtitan
+quote MoE MFU); the relative position bias and routing arithmetic are not counted.
+"""
+
+from __future__ import annotations
+
+from llamatron.models.glam.model import GLaMArgs
+
+
+def flops_per_token(args: GLaMArgs, seq_len: int) -> float:
+    L, M, d, S = args.n_layers, args.n_moe_layers, args.dim, seq_len
+    attention = L * (24 * d * d + 12 * S * d)
+    dense = (L - M) * 18 * d * args.ffn_dim
+    experts = M * args.top_k * 12 * d * args.expert_ffn_dim
+    router = M * 6 * d * args.n_experts
+    return attention + dense + experts + router + 6 * args.vocab_size * d
+
+
+def activation_bytes_per_token(args: GLaMArgs, residual_bytes: int, compute_bytes: int) -> int:
+    """Bytes one block saves for backward per token, the mean over dense and MoE blocks (r = residual
+    bytes, a = compute bytes; as the Llama count for norms and attention, plus the bias-masked scores'
+    softmax is inside SDPA):
+        norms, attention   as Llama: 4 r d + 5 a d (+ autocast copies), 5 a d
+        dense FFN          gate, up, gelu(gate), product = 4 a f
+        MoE                fp32 logits and probabilities 8 E; per kept assignment (k per token) the
+                           gathered input a d, expert hidden and its ReLU 2 a f_e, output a d; the
+                           combined output a d
+    """
+    d, r, a, k = args.dim, residual_bytes, compute_bytes, args.top_k
+    common = 4 * r * d + (5 * a * d if r != a else 2 * a * d) + 5 * a * d
+    dense = 4 * a * args.ffn_dim
+    moe = 8 * args.n_experts + k * (2 * a * d + 2 * a * args.expert_ffn_dim) + a * d
+    M, L = args.n_moe_layers, args.n_layers
+    return common + (M * moe + (L - M) * dense) // L

@@ -1,0 +1,35 @@
+"""Tensor parallelism for GLaM (Megatron-style, without sequence parallelism), as DTensor plans.
+
+Per block: q/k/v split by heads (columns), the attention output projection by rows (one all-reduce);
+the relative-position bias table [buckets, heads] split by heads with them; dense FFNs gate/up by
+columns and down by rows (one all-reduce). Experts and router stay replicated: every TP rank routes
+the same (replicated) tokens through all experts, so the MoE block needs no collective and its
+gradients are the same on every rank (expert parallelism, `parallel.ep`, is the way to split experts).
+The tied embedding / output layer (32K rows) is replicated too: the logits are whole on each rank.
+Norms and the residual stream are replicated (no sequence parallelism: the MoE block and the
+relative bias see whole sequences).
+"""
+
+from __future__ import annotations
+
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from llamatron.models.glam.model import GatedGELU, GLaM
+
+
+def apply_tensor_parallel(model: GLaM, tp_mesh: DeviceMesh) -> None:
+    """Shard `model`'s blocks over `tp_mesh`, in place."""
+    for block in model.layers.values():
+        plan = {
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(),
+            # An embedding split by its output dimension: each rank looks up its own heads' biases.
+            "attention.rel_bias": ColwiseParallel(),
+        }
+        if isinstance(block.feed_forward, GatedGELU):
+            plan.update({"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+                         "feed_forward.w2": RowwiseParallel()})
+        parallelize_module(block, tp_mesh, plan)

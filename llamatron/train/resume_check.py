@@ -1,0 +1,52 @@
+"""Resume against a changed config (issue 17, defect 6): a resumed run continues exactly only with the
+model, the data order and the batch it was saved with. Changing one of those is refused unless
+`checkpoint.allow_config_change` says it is deliberate; every changed key is logged either way.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from llamatron.errors import LlamatronError
+
+# Keys whose change makes the continuation another run: the model's shape (every model.* key), which
+# samples come in which order (data files, weights, window length, seed, tokenizer), and the batch
+# (the position in the data is counted in global batches). Layout, micro-batch, steps, schedule,
+# cadences and the rest may change on resume.
+EXACT_KEYS = ("model.", "data.train", "data.train_weights", "data.mock", "data.seq_len", "data.seed",
+              "data.tokenizer", "train.global_batch_size")
+
+
+def _flat(config: dict) -> dict[str, object]:
+    return {f"{section}.{key}": value for section, values in (config or {}).items() if isinstance(values, dict)
+            for key, value in values.items()}
+
+
+def changed_keys(saved_yaml: str, current_yaml: str) -> dict[str, tuple[object, object]]:
+    """{key: (saved, current)} for the keys both configs have and that differ (a key one of them lacks,
+    written by another llamatron version, cannot be compared)."""
+    saved, current = _flat(yaml.safe_load(saved_yaml)), _flat(yaml.safe_load(current_yaml))
+    diff = {k: (saved[k], current[k]) for k in saved.keys() & current.keys() if saved[k] != current[k]}
+    # The model section names its size plus the overrides; an override only one side has is a change too.
+    for k in (saved.keys() ^ current.keys()):
+        if k.startswith("model."):
+            diff[k] = (saved.get(k), current.get(k))
+    return dict(sorted(diff.items()))
+
+
+def breaks_exact_resume(key: str) -> bool:
+    return any(key.startswith(e) if e.endswith(".") else key == e for e in EXACT_KEYS)
+
+
+def check_resume_config(checkpoint, saved_yaml: str, current_yaml: str, allow: bool, log=print) -> None:
+    diff = changed_keys(saved_yaml, current_yaml)
+    if not diff:
+        return
+    text = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
+    breaking = [k for k in diff if breaks_exact_resume(k)]
+    if breaking and not allow:
+        raise LlamatronError(
+            f"{checkpoint}: the config differs from the one this checkpoint was saved with in keys that change the "
+            f"model, the data order or the batch ({'; '.join(f'{k}: {diff[k][0]} -> {diff[k][1]}' for k in breaking)}); "
+            "set checkpoint.allow_config_change=true if that is deliberate, or use another train.out_dir")
+    log(f"resuming from {checkpoint} with a changed config: {text}")
