@@ -84,11 +84,12 @@ class DataConfig:
     cache_index: bool = True  # false: no cache files; each rank builds the index in memory every run
 
 
-def _validate_data(data: DataConfig, max_seq_len: int) -> None:
+def _validate_data(data: DataConfig, max_seq_len: int, sft: bool = False) -> None:
     _need(data.seq_len > 0, "data.seq_len", f"must be positive, got {data.seq_len}")
     _need(data.seq_len <= max_seq_len, "data.seq_len",
           f"{data.seq_len} exceeds the model's max_seq_len {max_seq_len} (set model.max_seq_len)")
-    _need(data.mock or bool(data.train), "data.train", "give at least one data prefix, or set data.mock=true")
+    _need(data.mock or bool(data.train) or sft, "data.train",
+          "give at least one data prefix, set data.mock=true, or fine-tune on finetune.data")
     if data.train_weights is not None:
         _need(len(data.train_weights) == len(data.train), "data.train_weights",
               f"{len(data.train_weights)} weights for {len(data.train)} train prefixes")
@@ -224,6 +225,9 @@ class CheckpointConfig:
     keep: int = 2  # complete checkpoints to keep (older ones are deleted)
     resume: bool = True  # continue from the newest complete checkpoint in out_dir, if any
     init_from: str | None = None  # start from this checkpoint's model weights (fresh optimizer)
+    # false: checkpoints leave out frozen parameters (LoRA: adapter-only, small); on resume the frozen
+    # weights come from init_from again (or, without it, from the seed, as at the start).
+    save_frozen: bool = True
     # Resume even though the config changed the model, the data order or the global batch since the
     # checkpoint (llamatron/train/resume_check.py); the run then no longer continues exactly.
     allow_config_change: bool = False
@@ -235,6 +239,54 @@ class CheckpointConfig:
 def _validate_checkpoint(ck: CheckpointConfig) -> None:
     _need(ck.every >= 0, "checkpoint.every", f"must be >= 0, got {ck.every}")
     _need(ck.keep >= 1, "checkpoint.keep", f"must be >= 1, got {ck.keep}")
+
+
+@dataclass
+class FinetuneConfig:
+    # Supervised fine-tuning (docs/finetune.md): a JSONL file of examples (prompt/completion, alpaca
+    # instruction/input/output, chat messages, or BoolQ passage/question/label). Set, it replaces
+    # data.train / data.valid; data.seq_len is the length of the padded or packed sequences, and
+    # data.tokenizer tokenizes the examples. Start from pretrained weights with checkpoint.init_from.
+    data: str | None = None
+    template: str = "auto"  # chat template: auto (llama3 for Llama 3's tokenizer, else plain), llama3, llama2, plain
+    train_on_input: bool = False  # false: loss on the response tokens only (prompt labels masked -100)
+    packing: bool = True  # several examples per sequence (document-masked attention); false: one, padded
+    too_long: str = "truncate"  # an example longer than data.seq_len + 1 tokens: truncate, drop or error
+    cache_dir: str | None = None  # where the tokenized cache goes; None = beside the JSONL file
+
+
+FINETUNE_TOO_LONG = ("truncate", "drop", "error")
+
+
+@dataclass
+class LoraConfig:
+    # LoRA adapters (llamatron/transforms/lora.py): rank 0 = off (full fine-tuning). Only the adapters
+    # train and sit in the optimizer; the base weights are frozen.
+    rank: int = 0
+    alpha: float = 16.0  # scaling alpha / rank (Pax's LoRA, which has no factor: alpha = rank)
+    dropout: float = 0.0  # on the adapter's input
+    targets: list[str] = field(default_factory=lambda: ["all"])  # all, attention, mlp, or layer names (wq, q_proj, ...)
+    peft_out: str | None = None  # at the end, write the adapter here in Hugging Face PEFT format
+
+
+def _validate_finetune(cfg: "Config") -> None:
+    ft, lora, p = cfg.finetune, cfg.lora, cfg.parallel
+    from llamatron.data.chat_templates import TEMPLATES
+
+    _need(ft.template in TEMPLATES, "finetune.template", f"must be one of {', '.join(TEMPLATES)}, got {ft.template!r}")
+    _need(ft.too_long in FINETUNE_TOO_LONG, "finetune.too_long",
+          f"must be one of {', '.join(FINETUNE_TOO_LONG)}, got {ft.too_long!r}")
+    if ft.data:
+        _need(p.pp == 1 and p.cp == 1, "finetune.data",
+              "fine-tuning data runs without pipeline or context parallelism (parallel.pp = parallel.cp = 1)")
+    _need(lora.rank >= 0, "lora.rank", f"must be >= 0 (0 = off), got {lora.rank}")
+    if lora.rank:
+        _need(lora.alpha > 0, "lora.alpha", f"must be positive, got {lora.alpha}")
+        _need(0 <= lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+        _need(bool(lora.targets), "lora.targets", "name at least one target (all, attention, mlp or layer names)")
+        _need(p.tp == 1 and p.pp == 1, "lora.rank", "LoRA with tensor or pipeline parallelism is not supported yet")
+        _need(cfg.train.fp8 == "none", "lora.rank", "LoRA with train.fp8 is not supported yet")
+    _need(lora.peft_out is None or lora.rank > 0, "lora.peft_out", "exporting an adapter needs lora.rank > 0")
 
 
 @dataclass
@@ -432,6 +484,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     mlperf: MLPerfConfig = field(default_factory=MLPerfConfig)
 
@@ -642,7 +696,8 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     family, args = resolve_model(cfg.model)
     _validate_train(cfg.train)
     _validate_parallel(cfg, family, args, world_size)
-    _validate_data(cfg.data, args.max_seq_len)
+    _validate_data(cfg.data, args.max_seq_len, sft=bool(cfg.finetune.data))
+    _validate_finetune(cfg)
     _validate_optim(cfg.optim)
     _validate_eval(cfg.eval)
     _validate_checkpoint(cfg.checkpoint)

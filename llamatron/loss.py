@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import torch
 
+# Labels equal to this contribute no loss and no gradient (prompt tokens in fine-tuning, padding): the
+# value torch's cross_entropy ignores by default.
+IGNORE_INDEX = -100
+
 # FP8 output GEMMs (opt-in, train.fp8_include_output): E4M3 hidden states and weight, E5M2 logit
 # gradients, one scale per tensor. The gradient softmax - one_hot lies in [-1, 1], so it needs no amax:
 # a fixed power-of-two scale puts 1 at 2^15 (E5M2 holds up to 57344) and keeps values down to ~1e-9.
@@ -27,9 +31,11 @@ def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """
     x = logits.float()
     lse = torch.logsumexp(x, dim=-1)
-    loss = (lse - x.gather(1, labels[:, None]).squeeze(1)).sum()
+    valid = labels != IGNORE_INDEX
+    safe = torch.where(valid, labels, 0)
+    loss = torch.where(valid, lse - x.gather(1, safe[:, None]).squeeze(1), 0.0).sum()
     one_hot = torch.arange(x.shape[1], device=x.device)[None, :] == labels[:, None]
-    grad = (torch.exp(x - lse[:, None]) - one_hot.to(x.dtype)).to(logits.dtype)
+    grad = torch.where(valid[:, None], torch.exp(x - lse[:, None]) - one_hot.to(x.dtype), 0.0).to(logits.dtype)
     return loss, grad
 
 
@@ -38,9 +44,17 @@ def _loss_and_grad_inplace(logits: torch.Tensor, labels: torch.Tensor) -> tuple[
     of the chunk, which on a CPU cost more in page faults than the arithmetic."""
     x = logits.float()
     lse = torch.logsumexp(x, dim=-1)
-    loss = (lse - x.gather(1, labels[:, None]).squeeze(1)).sum()
+    valid = labels != IGNORE_INDEX
+    if bool(valid.all()):  # the pretraining path: no extra pass over the chunk
+        loss = (lse - x.gather(1, labels[:, None]).squeeze(1)).sum()
+        x.sub_(lse[:, None]).exp_()
+        x[torch.arange(x.shape[0], device=x.device), labels] -= 1.0
+        return loss, x.to(logits.dtype)
+    safe = torch.where(valid, labels, 0)
+    loss = torch.where(valid, lse - x.gather(1, safe[:, None]).squeeze(1), 0.0).sum()
     x.sub_(lse[:, None]).exp_()
-    x[torch.arange(x.shape[0], device=x.device), labels] -= 1.0
+    x[torch.arange(x.shape[0], device=x.device), safe] -= 1.0
+    x[~valid] = 0.0
     return loss, x.to(logits.dtype)
 
 
@@ -48,9 +62,11 @@ def _loss_and_grad_e5m2(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     """The same, the gradient scaled by _DLOGITS_SCALE and cast to E5M2 in the same kernel."""
     x = logits.float()
     lse = torch.logsumexp(x, dim=-1)
-    loss = (lse - x.gather(1, labels[:, None]).squeeze(1)).sum()
+    valid = labels != IGNORE_INDEX
+    safe = torch.where(valid, labels, 0)
+    loss = torch.where(valid, lse - x.gather(1, safe[:, None]).squeeze(1), 0.0).sum()
     one_hot = torch.arange(x.shape[1], device=x.device)[None, :] == labels[:, None]
-    grad = (torch.exp(x - lse[:, None]) - one_hot.to(x.dtype)) * _DLOGITS_SCALE
+    grad = torch.where(valid[:, None], torch.exp(x - lse[:, None]) - one_hot.to(x.dtype), 0.0) * _DLOGITS_SCALE
     return loss, grad.to(torch.float8_e5m2)
 
 
@@ -125,6 +141,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             else:
                 grad_w = grad_w.float().add_(dlogits.t() @ hc)
         ctx.save_for_backward(grad_h, grad_w)
+        # The mean over valid tokens; all valid (pretraining) it is the division by n as before.
+        n = _valid_count(labels, n)
         ctx.n = n
         ctx.weight_dtype = weight.dtype
         return total / n
@@ -136,11 +154,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None
 
 
+def _valid_count(labels: torch.Tensor, n: int):
+    """Tokens whose label is not IGNORE_INDEX, at least 1 (a chunk of prompt tokens only has loss 0,
+    not NaN). On CUDA a tensor (no host sync); on the CPU `n` itself when all are valid, so the
+    pretraining arithmetic is exactly what it was."""
+    if labels.is_cuda:
+        return (labels != IGNORE_INDEX).sum().clamp(min=1)
+    count = int((labels != IGNORE_INDEX).sum())
+    return n if count == n else max(count, 1)
+
+
 def linear_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None,
     fp8: bool = False,
 ) -> torch.Tensor:
-    """mean_i CE(h_i @ weight.T, labels_i) for h [..., dim], weight [vocab, dim], labels [...].
+    """mean_i CE(h_i @ weight.T, labels_i) for h [..., dim], weight [vocab, dim], labels [...], over
+    the tokens whose label is not IGNORE_INDEX (-100), as torch's cross_entropy.
 
     chunk_size rows at a time; by default 8192 on GPU (one chunk per 8K-token sequence) and, on CPU,
     chunks of fp32 logits of about 16 MB, which the allocator recycles instead of mapping fresh pages.
@@ -162,4 +191,4 @@ def linear_cross_entropy(
     for start in range(0, h2.shape[0], chunk_size):
         logits = (h2[start : start + chunk_size] @ w.t()).float()
         total += torch.nn.functional.cross_entropy(logits, lab[start : start + chunk_size], reduction="sum")
-    return total / h2.shape[0]
+    return total / _valid_count(lab, h2.shape[0])

@@ -20,6 +20,10 @@ def build_datasets(cfg, vocab_size: int, num_train_samples: int):
     from llamatron.data.indexed import IndexedDataset
 
     data, n_valid = cfg.data, cfg.eval.samples
+    if getattr(cfg, "finetune", None) is not None and cfg.finetune.data:
+        from llamatron.data.sft import build_sft_dataset
+
+        return build_sft_dataset(cfg), None
     if data.mock:
         train = gd.MockDataset(vocab_size, data.seq_len, num_train_samples, data.seed)
         valid = gd.MockDataset(vocab_size, data.seq_len, max(n_valid, 1), data.seed + 1)

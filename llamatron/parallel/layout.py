@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llamatron.loss import IGNORE_INDEX
 from llamatron.parallel.dims import ParallelDims
 
 
@@ -37,7 +38,7 @@ class Layout:
 
     @classmethod
     def build(cls, family, args, train, dims: ParallelDims, device: torch.device,
-              param_dtype: torch.dtype | None, n_microbatches: int) -> "Layout":
+              param_dtype: torch.dtype | None, n_microbatches: int, lora=None) -> "Layout":
         """The model of `args` (a `family`), cut and wrapped for this rank by `parallelize`, then
         materialised with the values the whole model would have (`train` is the `[train]` section)."""
         from llamatron.models import count_parameters
@@ -47,7 +48,7 @@ class Layout:
         with torch.device("meta"):
             whole = family.build(args)
         n_params = count_parameters(whole)
-        parts, stage_ids, fp8_output = parallelize(whole, family, train, dims, param_dtype)
+        parts, stage_ids, fp8_output = parallelize(whole, family, train, dims, param_dtype, lora)
         for part in parts:
             materialize(part, device, train.seed)
         pipeline = None
@@ -79,15 +80,18 @@ class Layout:
         function, outside the stage's module, computes it)."""
         return requested and self.dims.tp == 1 and self.dims.pp == 1
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, fused: bool) -> torch.Tensor:
-        """Mean token negative log-likelihood in nats, computed in fp32 (unpipelined layouts).
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, fused: bool, **extra) -> torch.Tensor:
+        """Mean token negative log-likelihood in nats, computed in fp32 (unpipelined layouts), over the
+        tokens whose label is not -100 (llamatron.loss.IGNORE_INDEX: masked prompt tokens, padding).
+        extra: keyword inputs of the model (positions, document_ids of packed sequences).
 
         fused: output projection + loss in chunks inside the model (no full logits); otherwise the
         plain logits -> fp32 cross-entropy path (under tensor parallelism, inside `loss_context`, over
         vocabulary-sharded logits)."""
         if fused:
-            return self.model(tokens, labels, fp8_loss=self.fp8_output)
-        return nn.functional.cross_entropy(self.model(tokens).flatten(0, 1).float(), labels.flatten())
+            return self.model(tokens, labels, fp8_loss=self.fp8_output, **extra)
+        logits = self.model(tokens, **extra).flatten(0, 1).float()
+        return nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX)
 
     def loss_context(self):
         """Under TP the logits are vocabulary-sharded DTensors: torch's `loss_parallel` computes the

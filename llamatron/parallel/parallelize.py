@@ -33,14 +33,19 @@ def clean_name(name: str) -> str:
 
 
 def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
-                param_dtype: torch.dtype | None = None) -> tuple[list[nn.Module], list[int], bool]:
+                param_dtype: torch.dtype | None = None, lora=None) -> tuple[list[nn.Module], list[int], bool]:
     """This rank's parts of `model` (its pipeline stages, else the model itself) with the layout
     applied, still on the meta device, their stage indices ([0] without pipelining), and whether the
     output layer runs in FP8 (the fused loss then runs its GEMMs in FP8). `train` is the `[train]`
     config section.
 
     param_dtype: the dtype FSDP gathers parameters in for compute (bf16 for mixed precision).
+    lora: the `[lora]` config section; with rank > 0, adapters first, on the unchanged model.
     """
+    if lora is not None and lora.rank > 0:
+        from llamatron.transforms.lora import apply_lora_config
+
+        apply_lora_config(model, lora, family, train.seed)
     if dims.pp > 1:
         from llamatron.parallel.pipeline import split_stage, stage_ids  # imports torch._dynamo: only when used
 

@@ -115,9 +115,16 @@ def _as_list(x) -> list:
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def _state_dicts(model, optimizer) -> list[tuple[dict, dict]]:
-    """(model, optimizer) state dicts of each part; the parts hold disjoint names."""
-    return [get_state_dict(m, o, options=_OPTIONS) for m, o in zip(_as_list(model), _as_list(optimizer))]
+# Frozen parameters (LoRA's base weights) left out: adapter-only checkpoints (checkpoint.save_frozen=false).
+# Not strict on load: the frozen keys are absent by design (every trainable one is read, or dcp.load fails).
+_OPTIONS_TRAINABLE = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True, strict=False)
+
+
+def _state_dicts(model, optimizer, frozen: bool = True) -> list[tuple[dict, dict]]:
+    """(model, optimizer) state dicts of each part; the parts hold disjoint names. frozen=False: only
+    the parameters that require gradients."""
+    options = _OPTIONS if frozen else _OPTIONS_TRAINABLE
+    return [get_state_dict(m, o, options=options) for m, o in zip(_as_list(model), _as_list(optimizer))]
 
 
 def _any_rank(flag: bool) -> bool:
@@ -218,8 +225,8 @@ def _begin(out_dir: str | Path, step: int) -> tuple[Path, Path, Path, int]:
     return root, final, tmp, rank
 
 
-def _gather(model, optimizer) -> dict:
-    parts = _state_dicts(model, optimizer)
+def _gather(model, optimizer, frozen: bool = True) -> dict:
+    parts = _state_dicts(model, optimizer, frozen)
     return {"model": {k: v for m, _ in parts for k, v in m.items()},
             "optim": {k: v for _, o in parts for k, v in o.items()}}
 
@@ -252,7 +259,8 @@ def _prune(out_dir: str | Path, final: Path, keep: int) -> None:
 
 
 def save_checkpoint(
-    out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str, keep: int
+    out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str, keep: int,
+    frozen: bool = True,
 ) -> Path:
     """Save under a temporary name, mark complete, rename: a crash at any moment leaves either no
     step_NNNNNNNN directory or a complete one. Every rank writes its DCP shards; rank 0 writes the
@@ -260,12 +268,13 @@ def save_checkpoint(
     raises a LlamatronError naming the path on every rank, and leaves earlier checkpoints as they
     were. Keeps the newest `keep` complete checkpoints.
 
-    model, optimizer: a module and its optimizer, or lists of them (pipeline stages of a rank)."""
+    model, optimizer: a module and its optimizer, or lists of them (pipeline stages of a rank).
+    frozen=False: frozen parameters are left out (LoRA: the adapters and their optimizer state only)."""
     root, final, tmp, rank = _begin(out_dir, step)
     hooks.fire("save", phase="before_data", step=step, rank=rank)
     error: BaseException | None = None
     try:
-        sd = _gather(model, optimizer)
+        sd = _gather(model, optimizer, frozen)
         hooks.fire("save", phase="during_data", step=step, rank=rank)
         with quiet_dcp():
             # sync_files (the default): each shard is fsynced before DCP writes .metadata.
@@ -355,7 +364,7 @@ class AsyncSave:
 
 
 def save_checkpoint_async(out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str,
-                          keep: int, stager, process_group) -> AsyncSave:
+                          keep: int, stager, process_group, frozen: bool = True) -> AsyncSave:
     """`save_checkpoint` with the write in a background thread: this call returns once the state is
     staged (copied to host memory) and this rank's RNG file written; `AsyncSave.wait` returns once the
     checkpoint is complete. The layout on disk and the guarantees are those of `save_checkpoint`.
@@ -368,7 +377,7 @@ def save_checkpoint_async(out_dir: str | Path, step: int, model, optimizer, trai
                         keep, started)
     error: BaseException | None = None
     try:
-        sd = _gather(model, optimizer)
+        sd = _gather(model, optimizer, frozen)
         hooks.fire("save", phase="during_data", step=step, rank=rank)
         _write_rng(tmp, rank)  # the RNG of now, before training draws from it again
         with quiet_dcp():
@@ -418,12 +427,13 @@ def read_checkpoint_config(path: str | Path) -> str:
     return f.read_text()
 
 
-def load_checkpoint(path: str | Path, model, optimizer) -> dict:
+def load_checkpoint(path: str | Path, model, optimizer, frozen: bool = True) -> dict:
     """Restore model, optimizer and this rank's RNG in place; return the trainer state. The checkpoint
     may come from any layout; model and optimizer as for `save_checkpoint`."""
     path = Path(path)
     state = read_trainer_state(path)
-    parts = _state_dicts(model, optimizer)
+    options = _OPTIONS if frozen else _OPTIONS_TRAINABLE  # frozen=False: the frozen parameters are left as they are
+    parts = _state_dicts(model, optimizer, frozen)
     sd = {"model": {k: v for m, _ in parts for k, v in m.items()},
           "optim": {k: v for _, o in parts for k, v in o.items()}}
     try:
@@ -433,7 +443,7 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict:
         # replaced in the merged dicts, so each part takes its keys back from there.
         for (m, o), mod, opt in zip(parts, _as_list(model), _as_list(optimizer)):
             set_state_dict(mod, opt, model_state_dict={k: sd["model"][k] for k in m},
-                           optim_state_dict={k: sd["optim"][k] for k in o}, options=_OPTIONS)
+                           optim_state_dict={k: sd["optim"][k] for k in o}, options=options)
         rng_file = path / f"rng_rank{_rank()}.pt"
         rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
     except (Exception, CheckpointException) as e:
@@ -455,6 +465,12 @@ def load_model_weights(path: str | Path, model) -> None:
     if not (path / ".metadata").is_file():
         raise LlamatronError(f"{path}: not a checkpoint directory (no DCP .metadata file)")
     parts = [get_model_state_dict(m) for m in _as_list(model)]
+    # A model with LoRA adapters starts from a base checkpoint without them: they keep their initial values.
+    from llamatron.transforms.lora import is_adapter_key
+
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    strict = all(f"model.{k}" in saved for p in parts for k in p)
+    parts = [{k: v for k, v in p.items() if f"model.{k}" in saved or not is_adapter_key(k)} for p in parts]
     sd = {"model": {k: v for p in parts for k, v in p.items()}}
     _check_shapes(path, sd["model"])
     try:
@@ -464,7 +480,7 @@ def load_model_weights(path: str | Path, model) -> None:
         raise LlamatronError(f"{path}: cannot load this checkpoint's weights ({_describe_error(e)}); its files are "
                              "damaged or incomplete") from e
     for p, mod in zip(parts, _as_list(model)):
-        set_model_state_dict(mod, {k: sd["model"][k] for k in p}, options=StateDictOptions(strict=True))
+        set_model_state_dict(mod, {k: sd["model"][k] for k in p}, options=StateDictOptions(strict=strict))
 
 
 def _check_shapes(path: Path, model_sd: dict) -> None:
@@ -556,10 +572,14 @@ class Checkpointer:
     def restore(self) -> dict:
         """The trainer state to continue from ({} for a fresh start), the weights (and optimizer) loaded."""
         resume_from = latest_checkpoint(self.out_dir) if self.cfg.resume else None
+        frozen = self.cfg.save_frozen
         if resume_from is not None:
             check_resume_config(resume_from, read_checkpoint_config(resume_from), self.config_yaml,
                                 self.cfg.allow_config_change, self.log)
-            state = load_checkpoint(resume_from, self.parts, self.optimizers)
+            if self.cfg.init_from and not frozen:
+                # Adapter-only checkpoints: the frozen base weights come from init_from again.
+                load_model_weights(self.cfg.init_from, self.parts)
+            state = load_checkpoint(resume_from, self.parts, self.optimizers, frozen)
             self.last = resume_from
             self.log(f"resumed from {resume_from} at step {state['step']} ({state['consumed_samples']} samples consumed)")
             return {**state, "resumed_from": str(resume_from)}
@@ -587,13 +607,14 @@ class Checkpointer:
         t0 = time.perf_counter()
         if self.asynchronous:
             self.pending = save_checkpoint_async(self.out_dir, step, self.parts, self.optimizers, state,
-                                                 self.config_yaml, self.cfg.keep, self._staging(), self._writer_group())
+                                                 self.config_yaml, self.cfg.keep, self._staging(), self._writer_group(),
+                                                 frozen=self.cfg.save_frozen)
             self.pending.stall_s = waited + time.perf_counter() - t0
             self.log(f"step {step:6d} | checkpoint staged in {time.perf_counter() - t0:.2f} s; "
                      f"writing {self.pending.final.name} in the background")
             return self.pending.final
         path = save_checkpoint(self.out_dir, step, self.parts, self.optimizers, state, self.config_yaml,
-                               self.cfg.keep)
+                               self.cfg.keep, frozen=self.cfg.save_frozen)
         seconds = time.perf_counter() - t0
         self._saved(step, path, seconds, waited + seconds)
         return path

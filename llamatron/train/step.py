@@ -3,19 +3,20 @@ gradient norm and clipping, then the update unless the guard says no."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from llamatron.parallel.layout import Layout, plain
-from llamatron.parallel.reduce import clip_grad_norm_
+from llamatron.parallel.reduce import clip_grad_norm_, sum_over
 from llamatron.runtime import Precision, attention_backend
 
 
 def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accum: int, *,
                lr: float, device, precision: Precision | None = None, fused_cross_entropy: bool = True,
                grad_clip: float = 0.0, attention: str = "auto",
-               before_update: Callable[[torch.Tensor | None, torch.Tensor], bool] | None = None):
+               before_update: Callable[[torch.Tensor | None, torch.Tensor], bool] | None = None,
+               token_counts: Sequence[int] | None = None):
     """One optimizer step over `accum` micro-batches. Returns (loss, grad norm) as device tensors,
     unread, so the step never waits for the GPU.
 
@@ -24,6 +25,12 @@ def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, tor
 
     model: a module or a `Layout`; optimizer: one optimizer or a list, one per part. The loss is
     this rank's (None on a pipeline stage without the loss); `global_mean_loss` reduces it.
+
+    token_counts: the tokens with a label (not IGNORE_INDEX) in each of this rank's micro-batches
+    (fine-tuning). The loss is then the sum over every valid token of the global batch divided by
+    their number over all micro-batches and data-parallel ranks, not a mean of micro-batch means; a
+    micro-batch may also be (tokens, labels, extras), extras passed to the model (positions,
+    document ids). None: every micro-batch has the same number of valid tokens (pretraining).
     """
     layout = model if isinstance(model, Layout) else Layout.single(model)
     precision = precision or Precision(None, None)
@@ -38,8 +45,9 @@ def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, tor
         if layout.pipeline is not None:
             loss_sum = _pipeline_forward_backward(layout, micro_batches, device, precision)
         else:
+            shares = None if token_counts is None else _token_shares(token_counts, layout, device)
             loss_sum = _forward_backward(layout, micro_batches, accum, device, precision,
-                                         layout.fused_loss(fused_cross_entropy))
+                                         layout.fused_loss(fused_cross_entropy), shares)
     grad_norm = clip_grad_norm_(layout.parameters(), grad_clip, layout.dims)
     update = before_update is None or before_update(loss_sum, grad_norm)
     for opt in optimizers:
@@ -49,15 +57,30 @@ def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, tor
     return loss_sum, grad_norm
 
 
-def _forward_backward(layout: Layout, micro_batches, accum: int, device, precision: Precision, fused: bool):
+def _token_shares(counts: Sequence[int], layout: Layout, device) -> list[float | None]:
+    """Per micro-batch, the divisor that turns its mean loss into its share of the global token mean:
+    global count / (its count x data-parallel ranks), since the gradient reduction averages over
+    those ranks. With every micro-batch full this is exactly `accum`, as in pretraining. None: a
+    micro-batch with no valid token (it contributes nothing)."""
+    total = torch.tensor(float(sum(counts)), device=device)
+    total = float(sum_over(total, layout.dims, "dp_cp").item())
+    dp = layout.dims.dp * layout.dims.cp
+    return [total / (c * dp) if c > 0 else None for c in counts]
+
+
+def _forward_backward(layout: Layout, micro_batches, accum: int, device, precision: Precision, fused: bool,
+                      shares: list[float | None] | None = None):
     loss_sum = torch.zeros((), device=device)
-    for tokens, labels in micro_batches:
+    for m, (tokens, labels, *extra) in enumerate(micro_batches):
         with layout.sequence_context(tokens, labels), layout.loss_context():
             with precision.autocast(device):
-                loss = layout.loss(tokens, labels, fused)
-            # Every micro-batch has the same token count, so the mean of micro-batch means is the
-            # global-batch token mean.
-            loss = loss / accum
+                loss = layout.loss(tokens, labels, fused, **(extra[0] if extra else {}))
+            if shares is None:
+                # Every micro-batch has the same token count, so the mean of micro-batch means is the
+                # global-batch token mean.
+                loss = loss / accum
+            else:
+                loss = loss / shares[m] if shares[m] is not None else loss * 0.0
             loss.backward()
         loss_sum += plain(loss.detach())
     return loss_sum

@@ -130,7 +130,8 @@ class Trainer:
         if self.dims.cp > 1:
             # Position-indexed buffers are sharded along the sequence with the tokens: exactly seq_len rows.
             args = dataclasses.replace(args, max_seq_len=cfg.data.seq_len)
-        self.layout = Layout.build(self.family, args, cfg.train, self.dims, device, self.precision.params, self.accum)
+        self.layout = Layout.build(self.family, args, cfg.train, self.dims, device, self.precision.params, self.accum,
+                                   lora=cfg.lora)
         self.optimizers = [build_optimizer(part, cfg.optim, device.type) for part in self.layout.parts]
 
         # Resume from the newest complete checkpoint (or start from init_from's weights)
@@ -209,24 +210,32 @@ class Trainer:
         of one data-parallel group (TP, CP, PP) read the same samples)."""
         cfg, step = self.cfg, self.step
         self.lr = lr_at(step, cfg.optim, cfg.train.steps)
-        micro_batches = (
-            load_batch(self.train_data, micro_batch_indices(step, m, cfg.train.global_batch_size,
-                                                            cfg.train.micro_batch_size, self.dims.dp_rank, self.dims.dp),
-                       self.device, self.args.vocab_size)
-            for m in range(self.accum)
-        )
+        micro_batches, token_counts = self._micro_batches(step)
         fire("step_start", step=step + 1, rank=self.rank, model=self.layout.parts[-1])
         loss, grad_norm = train_step(
             self.layout, self.optimizers, micro_batches, self.accum, lr=self.lr, device=self.device,
             precision=self.precision, fused_cross_entropy=cfg.train.fused_cross_entropy,
             grad_clip=cfg.optim.grad_clip, attention=cfg.train.attention_backend,
-            before_update=lambda loss, norm: self.guard(step, loss, norm),
+            before_update=lambda loss, norm: self.guard(step, loss, norm), token_counts=token_counts,
         )
         fire("step_end", step=step + 1, rank=self.rank, model=self.layout.parts[-1])
         if cfg.train.fp8_all_gather and self.guard.halt is None:
             for part in self.layout.parts:
                 precompute_fp8_scales(part)
         return loss, grad_norm
+
+    def _micro_batches(self, step: int):
+        """This rank's micro-batches of `step` and, for fine-tuning data (masked labels), their counts
+        of trained tokens (the step normalises by their global sum); None for pretraining windows."""
+        cfg = self.cfg
+        indices = [micro_batch_indices(step, m, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                       self.dims.dp_rank, self.dims.dp) for m in range(self.accum)]
+        if cfg.finetune.data:
+            from llamatron.data.sft import load_sft_batch
+
+            loaded = [load_sft_batch(self.train_data, idx, self.device, self.args.vocab_size) for idx in indices]
+            return [b for b, _ in loaded], [n for _, n in loaded]
+        return (load_batch(self.train_data, idx, self.device, self.args.vocab_size) for idx in indices), None
 
     def _log_step(self, loss, grad_norm, bar) -> None:
         # The loss is read once per log interval (the per-step read is of the guard's flags only); the
@@ -261,6 +270,12 @@ class Trainer:
         if not preempted and not self.mlperf_log.enabled and not self.validator.validated_at(step):
             self.validator.run(step, self.consumed)
         newest = self.checkpointer.save_unless_saved(step, self.state_dict())
+        if cfg.lora.peft_out and not preempted:
+            from llamatron.transforms.peft_format import save_peft_adapter
+
+            out = save_peft_adapter(self.layout.model, self.family, self.args, cfg.lora.peft_out,
+                                    base_model=cfg.checkpoint.init_from or "")
+            self.log(f"LoRA adapter written in Hugging Face PEFT format to {out}")
         if self.metrics is not None:
             self.metrics.close()
         if preempted:
@@ -338,6 +353,8 @@ class Trainer:
             f"{cfg.data.seq_len}; {train.steps} steps"
         )
         self.log(f"layout: {dims.describe()}")
+        if hasattr(self.train_data, "describe"):  # fine-tuning data: examples, packing, truncation
+            self.log(self.train_data.describe())
         est = estimate_memory(
             self.args, cfg.data.seq_len, train.micro_batch_size, dp_shard=dims.dp_shard, tp=dims.tp, pp=dims.pp,
             cp=dims.cp, pp_schedule=dims.pp_schedule, n_microbatches=self.accum,

@@ -89,10 +89,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
+    # cos/sin [seq, pairs] (positions 0..seq-1), or [batch, seq, pairs] (packed: each row's own positions).
+    cos = cos[None, :, None, :] if cos.dim() == 2 else cos[:, :, None, :]
+    sin = sin[None, :, None, :] if sin.dim() == 2 else sin[:, :, None, :]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+def document_mask(document_ids: torch.Tensor, flex: bool = False):
+    """Token i sees token j <= i of the same document only: a [batch, 1, seq, seq] boolean SDPA mask,
+    or with `flex` a flex_attention BlockMask (blocks wholly outside every document are skipped, and
+    no seq x seq tensor exists: what CUDA uses)."""
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document_causal(b, h, q, kv):
+            return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
+
+        batch, seq = document_ids.shape
+        return create_block_mask(same_document_causal, batch, None, seq, seq, device=document_ids.device)
+    seq = document_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
+_flex_compiled = None
+
+
+def _flex_attention(device: torch.device):
+    """flex_attention, compiled on CUDA (eager it is a slow reference implementation)."""
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled
 
 
 class RMSNorm(nn.Module):
@@ -119,7 +153,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         # -1 rather than the configured head count: under tensor parallelism each rank holds a slice.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
@@ -127,10 +162,17 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         # cos/sin hold every position this rank's sequence may start at; the rows for this sequence
         # come first (under context parallelism they are this rank's positions, sharded like the tokens).
-        cos, sin = cos[:seqlen], sin[:seqlen]
+        if cos.dim() == 2:
+            cos, sin = cos[:seqlen], sin[:seqlen]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # GQA: each KV head serves n_heads/n_kv_heads consecutive query heads (K/V expanded or not: attention_ops).
-        out = gqa_attention(q, k, v, is_causal=True)
+        if mask is None:
+            out = gqa_attention(q, k, v, is_causal=True)
+        elif isinstance(mask, torch.Tensor):  # packed sequences: block-diagonal causal, one block per document
+            out = gqa_attention(q, k, v, attn_mask=mask)
+        else:  # the same as a flex_attention BlockMask
+            out = _flex_attention(q.device)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                                            enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
 
@@ -153,8 +195,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -218,16 +261,29 @@ class Transformer(nn.Module):
             p.copy_(self.initial_value(name, p.shape, seed))
         self.init_buffers()
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab]; with labels, the mean cross-entropy.
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False,
+                positions: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab]; with labels, the mean cross-entropy over
+        the labels that are not -100 (llamatron.loss.IGNORE_INDEX).
 
         With labels the output projection and the loss are fused (llamatron.loss) so the full logits
         are never materialised; computing it here, inside the module, keeps it under whatever wrapping
         (FSDP, compile) is applied to the model. fp8_loss: that fused loss's GEMMs in FP8.
+
+        Packed sequences (fine-tuning): positions [batch, seq] restart at 0 in each document, and
+        document_ids [batch, seq] keep attention inside a document (`document_mask`).
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
+        cos, sin = self.rope_cos, self.rope_sin
+        if positions is not None:
+            cos, sin = cos[positions], sin[positions]
+        if document_ids is None:
+            for layer in self.layers.values():
+                h = layer(h, cos, sin)
+        else:
+            mask = document_mask(document_ids, flex=document_ids.is_cuda)
+            for layer in self.layers.values():
+                h = layer(h, cos, sin, mask)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:

@@ -1,0 +1,315 @@
+"""Supervised fine-tuning: the masked loss, packing with document masks, the JSONL cache, the step's
+global token normalisation, and end-to-end SFT and LoRA runs through the trainer (loss falls, resume
+is exact, the PEFT adapter is written)."""
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamatron.config import load_config
+from llamatron.data.packing import pack_greedy
+from llamatron.data.sft import SFTDataset, build_sft_cache, load_sft_batch
+from llamatron.errors import LlamatronError
+from llamatron.loss import IGNORE_INDEX, linear_cross_entropy
+from llamatron.models.llama import SIZES
+from llamatron.models.llama.model import Transformer
+from llamatron.tokenizer import load_tokenizer
+from llamatron.train.step import train_step
+
+torch.set_num_threads(1)
+
+FACTS = [("The sky is blue.", "is the sky blue", True), ("Snow is cold.", "is snow hot", False),
+         ("Fire is hot.", "is fire hot", True), ("Fish swim.", "do fish fly", False),
+         ("Cats purr.", "do cats purr", True), ("Rocks sink.", "do rocks float", False)]
+
+
+def _tokenizer(tmp_path) -> str:
+    """A tiktoken BPE of the 256 bytes plus Llama 3's 256 special tokens: the debug model's 512 ids."""
+    p = tmp_path / "tokenizer.model"
+    p.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    return str(p)
+
+
+def _boolq(path: Path, repeat=1) -> Path:
+    with open(path, "w") as f:
+        for _ in range(repeat):
+            for passage, question, label in FACTS:
+                f.write(json.dumps({"passage": passage, "question": question, "label": label}) + "\n")
+    return path
+
+
+def _model(seed=3):
+    model = Transformer(SIZES["debug"])
+    model.init_weights(seed=seed)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss
+
+
+def test_fused_loss_ignores_masked_labels_like_torch():
+    torch.manual_seed(0)
+    h = torch.randn(2, 50, 16, requires_grad=True)
+    w = torch.randn(300, 16, requires_grad=True)
+    lab = torch.randint(0, 300, (2, 50))
+    lab[:, :20] = IGNORE_INDEX
+    lab[1, 30:] = IGNORE_INDEX
+    fused = linear_cross_entropy(h, w, lab, chunk_size=16)
+    (2.0 * fused).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy((h @ w.T).flatten(0, 1), lab.flatten(), ignore_index=IGNORE_INDEX)
+    (2.0 * ref).backward()
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, lab, chunk_size=7), ref, rtol=1e-5, atol=1e-6)
+    all_masked = torch.full_like(lab, IGNORE_INDEX)
+    assert linear_cross_entropy(h, w, all_masked).item() == 0.0  # not NaN
+
+
+def test_step_normalises_by_the_global_count_of_trained_tokens():
+    """Two micro-batches with different numbers of trained tokens give the gradient of the one batch
+    holding both (the mean over all trained tokens), not the mean of the two means."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 512, (2, 16))
+    labels = torch.randint(0, 512, (2, 16))
+    labels[0, :12] = IGNORE_INDEX  # 4 trained tokens in the first sequence, 16 in the second
+    ref = _model()
+    ref(tokens, labels).backward()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    grads = {}
+    opt.step = lambda: grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
+    batches = [(tokens[:1], labels[:1]), (tokens[1:], labels[1:])]
+    counts = [int((b[1] != IGNORE_INDEX).sum()) for b in batches]
+    loss, _ = train_step(model, opt, batches, 2, lr=0.0, device=torch.device("cpu"), token_counts=counts)
+    torch.testing.assert_close(loss, ref(tokens, labels).detach(), rtol=1e-5, atol=1e-6)
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing and document masks
+
+
+def test_pack_greedy_keeps_order_and_never_splits():
+    assert pack_greedy([3, 4, 2, 5, 1], 7) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError):
+        pack_greedy([8], 7)
+
+
+def test_packed_documents_equal_documents_run_alone():
+    """Loss and gradients of a packed sequence (block-diagonal causal attention, positions restarting)
+    equal those of its documents run one by one, summed over trained tokens."""
+    torch.manual_seed(0)
+    lengths = [5, 9, 6]
+    docs = [torch.randint(0, 512, (n,)) for n in lengths]
+    labs = [torch.randint(0, 512, (n,)) for n in lengths]
+    labs[1][:4] = IGNORE_INDEX
+    tokens, labels = torch.cat(docs)[None], torch.cat(labs)[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    packed = _model()
+    loss = packed(tokens, labels, positions=positions, document_ids=doc_ids)
+    loss.backward()
+    alone = _model()
+    total = sum((labs_i != IGNORE_INDEX).sum() for labs_i in labs)
+    ref = sum(alone(d[None], lb[None]) * (lb != IGNORE_INDEX).sum() for d, lb in zip(docs, labs)) / total
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(packed.named_parameters(), alone.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():  # and the logits of each document match
+        logits = packed(tokens, positions=positions, document_ids=doc_ids)[0]
+        torch.testing.assert_close(logits[5:14], alone(docs[1][None])[0], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# The JSONL cache
+
+
+def test_cache_masks_prompts_and_is_reused_until_the_source_changes(tmp_path):
+    tok = load_tokenizer(_tokenizer(tmp_path))
+    src = _boolq(tmp_path / "boolq.jsonl")
+    logs = []
+    cache = build_sft_cache(src, tok, log=logs.append)
+    assert len(cache) == len(FACTS) and len(logs) == 1
+    tokens, mask = cache.tokens[0], cache.mask[0].astype(bool)
+    assert tok.decode(tokens[mask]) == " yes" and tok.decode(tokens[~mask]).endswith("question: is the sky blue?\nanswer:")
+    assert build_sft_cache(src, tok, log=logs.append).prefix == cache.prefix and len(logs) == 1  # reused
+    with open(src, "a") as f:
+        f.write(json.dumps({"prompt": "Say hi.", "completion": " hi"}) + "\n")
+    again = build_sft_cache(src, tok, log=logs.append)
+    assert again.prefix != cache.prefix and len(again) == len(FACTS) + 1 and len(logs) == 2
+    ds = SFTDataset(again, seq_len=128, packing=True, seed=1)
+    assert len(ds) < len(again)  # several examples per sequence
+    (tokens_b, labels_b, extras), n = load_sft_batch(ds, range(len(ds)), torch.device("cpu"))
+    trained = sum(int(m[1:].sum()) for m in (again.mask[i] for i in range(len(again))))
+    assert n == trained == int((labels_b != IGNORE_INDEX).sum())
+    pos, docs = extras["positions"], extras["document_ids"]
+    starts = (pos == 0) & (docs >= 0)
+    assert int(starts.sum()) == len(again)  # positions restart at each example
+    assert (docs == -1).any() and (labels_b[docs == -1] == IGNORE_INDEX).all()  # padding is never trained
+
+
+def test_chat_messages_train_on_assistant_turns_only(tmp_path):
+    tok = load_tokenizer(_tokenizer(tmp_path))
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Hi?"},
+                                            {"role": "assistant", "content": "Hello."}]}) + "\n")
+    cache = build_sft_cache(src, tok, template="llama3")
+    tokens, mask = cache.tokens[0], cache.mask[0].astype(bool)
+    eot = tok.special_tokens["<|eot_id|>"]
+    assert tok.decode(tokens[mask][:-1]) == "Hello." and tokens[mask][-1] == eot
+    assert tokens[0] == tok.special_tokens["<|begin_of_text|>"]
+    assert int((tokens == tok.special_tokens["<|start_header_id|>"]).sum()) == 3
+
+
+@pytest.mark.parametrize("line, expect", [
+    ("{not json", "chat.jsonl:2: not valid JSON"),
+    ('{"prompt": "x"}', "chat.jsonl:2: missing field 'completion'"),
+    ('{"passage": "p", "question": "q"}', "chat.jsonl:2: field 'label' must be true/false"),
+    ('{"text": "x"}', "chat.jsonl:2: expected the fields"),
+])
+def test_bad_lines_are_named_by_file_and_line(tmp_path, line, expect):
+    tok = load_tokenizer(_tokenizer(tmp_path))
+    src = tmp_path / "chat.jsonl"
+    src.write_text('{"prompt": "a", "completion": " b"}\n' + line + "\n")
+    with pytest.raises(LlamatronError, match=expect.replace("?", r"\?")):
+        build_sft_cache(src, tok)
+
+
+def test_too_long_examples_truncated_dropped_or_rejected(tmp_path):
+    tok = load_tokenizer(_tokenizer(tmp_path))
+    cache = build_sft_cache(_boolq(tmp_path / "b.jsonl"), tok)
+    limit = int(np.sort(cache.tokens.sequence_lengths)[2])  # some examples are longer
+    cut = SFTDataset(cache, limit, packing=False, seed=0, too_long="truncate")
+    dropped = SFTDataset(cache, limit, packing=False, seed=0, too_long="drop")
+    assert cut.n_too_long == dropped.n_too_long > 0 and len(cut) == len(FACTS) > len(dropped)
+    assert "truncated" in cut.describe() and "dropped" in dropped.describe()
+    with pytest.raises(LlamatronError, match="finetune.too_long"):
+        SFTDataset(cache, limit, packing=False, seed=0, too_long="error")
+
+
+# --------------------------------------------------------------------------------------------------
+# Through the trainer
+
+
+def _cfg(tmp_path, out, steps, extra=()):
+    from llamatron.config import load_config as lc
+
+    return lc("llamatron-finetune-test", [
+        f"data.tokenizer={_tokenizer(tmp_path)}", f"finetune.data={_boolq(tmp_path / 'boolq.jsonl', repeat=4)}",
+        f"train.out_dir={out}", f"train.steps={steps}", *extra])
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_sft_then_lora_through_the_trainer(tmp_path):
+    from llamatron.train.trainer import train
+
+    sft = train(_cfg(tmp_path, tmp_path / "sft", 6), progress=False, log=lambda *a: None)
+    losses = _losses(sft.out_dir)
+    assert losses[6] < losses[1]
+    lora_args = [f"checkpoint.init_from={sft.checkpoint}", "lora.rank=4", "lora.alpha=8",
+                 f"lora.peft_out={tmp_path / 'adapter'}", "optim.lr=1e-2", "optim.schedule_steps=6"]
+    lora = train(_cfg(tmp_path, tmp_path / "lora", 6, lora_args), progress=False, log=lambda *a: None)
+    full = _losses(lora.out_dir)
+    assert full[6] < full[1]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    # Resume: 3 steps, then the same command to 6, gives the same losses bit for bit; also from
+    # adapter-only checkpoints (the base weights come from init_from again).
+    train(_cfg(tmp_path, tmp_path / "resumed", 3, lora_args), progress=False, log=lambda *a: None)
+    train(_cfg(tmp_path, tmp_path / "resumed", 6, lora_args), progress=False, log=lambda *a: None)
+    assert _losses(tmp_path / "resumed") == full
+    small = [*lora_args, "checkpoint.save_frozen=false"]
+    first = train(_cfg(tmp_path, tmp_path / "small", 3, small), progress=False, log=lambda *a: None)
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(first.checkpoint)).read_metadata().state_dict_metadata
+    model_keys = [k for k in saved if k.startswith("model.")]
+    assert model_keys and all(".lora_" in k for k in model_keys)  # adapters (and their AdamW moments) only
+    size = sum(f.stat().st_size for f in first.checkpoint.glob("*.distcp"))
+    assert size < 0.6 * sum(f.stat().st_size for f in lora.checkpoint.glob("*.distcp"))
+    train(_cfg(tmp_path, tmp_path / "small", 6, small), progress=False, log=lambda *a: None)
+    assert _losses(tmp_path / "small") == full
+
+
+def test_config_rejects_lora_with_tensor_parallelism(tmp_path):
+    with pytest.raises(LlamatronError, match="lora.rank"):
+        load_config("llamatron-finetune-test", ["finetune.data=x.jsonl", "lora.rank=4", "parallel.tp=2"])
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b-boolq-sft", "llama2-7b-boolq-lora", "llama31-8b-boolq-sft",
+                                    "llama31-8b-boolq-lora"])
+def test_boolq_presets_hold_the_pax_recipes(preset):
+    from llamatron.config import resolve_model
+
+    cfg = load_config(preset)
+    args = resolve_model(cfg.model)[1]
+    assert cfg.finetune.data and cfg.data.seq_len == 4096
+    if preset.startswith("llama2"):
+        assert (args.vocab_size, args.n_kv_heads, args.ffn_dim, args.rope_theta) == (32000, 32, 11008, 10000.0)
+    if preset.endswith("lora"):
+        assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.lr, cfg.optim.min_lr, cfg.train.steps) == (32, 32.0, 1e-4, 1e-4, 600)
+    else:
+        assert (cfg.lora.rank, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.steps) == (0, 1e-6, 500, 1000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [True])
+def test_fsdp_over_two_ranks_gives_the_single_process_losses(tmp_path, lora):
+    """Micro-batches with different numbers of trained tokens on two FSDP ranks (gloo): the step's
+    global token normalisation gives the one-process losses and gradient norms."""
+    from test_parallel_layouts import REL, _trajectory, torchrun
+
+    from llamatron.train.trainer import train
+
+    from safetensors.torch import load_file
+
+    extra = ["train.steps=3", "optim.schedule_steps=6"] + (["lora.rank=4", "lora.alpha=8"] if lora else [])
+    ref = train(_cfg(tmp_path, tmp_path / "one", 3, [*extra, f"lora.peft_out={tmp_path / 'a1'}"]), progress=False,
+                log=lambda *a: None)
+    overrides = [f"data.tokenizer={_tokenizer(tmp_path)}", f"finetune.data={tmp_path / 'boolq.jsonl'}",
+                 "parallel.dp_shard=2", f"lora.peft_out={tmp_path / 'a2'}", *extra]
+    torchrun(2, "llamatron-finetune-test", tmp_path / "two", *overrides)
+    one, two = (load_file(str(tmp_path / a / "adapter_model.safetensors")) for a in ("a1", "a2"))
+    assert one.keys() == two.keys()  # the FSDP shards were gathered into whole adapters
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+    got, want = _trajectory(tmp_path / "two"), _trajectory(ref.out_dir)
+    for step in (1, 2, 3):
+        (gl, gn), (wl, wn) = got[("train", step)], want[("train", step)]
+        assert gl == pytest.approx(wl, rel=REL) and gn == pytest.approx(wn, rel=REL), step
+
+
+def test_flex_attention_block_mask_equals_the_dense_mask():
+    """CUDA runs packed sequences through flex_attention's BlockMask; it computes the dense mask's result."""
+    import warnings
+
+    from llamatron.models.llama.model import document_mask
+
+    torch.manual_seed(0)
+    model = _model()
+    x = torch.randn(2, 24, 64)
+    doc = torch.tensor([[0] * 7 + [1] * 12 + [2] * 5, [0] * 20 + [-1] * 4])
+    pos = torch.cat([torch.arange(7), torch.arange(12), torch.arange(5)]).expand(2, -1)
+    cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+    block = model.layers["0"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex_attention warns that it is unfused
+        dense = block(x, cos, sin, document_mask(doc))
+        flex = block(x, cos, sin, document_mask(doc, flex=True))
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
