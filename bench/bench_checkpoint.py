@@ -75,10 +75,11 @@ class Run:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure(run: Run, asynchronous: bool, cli, out_dir: Path) -> list[dict]:
+def measure(run: Run, asynchronous: bool, cli, out_dir: Path, pinned: bool = True) -> list[dict]:
     rows = []
     ck = Checkpointer(CheckpointConfig(enabled=True, keep=1, async_save=asynchronous), out_dir, log=lambda *_: None,
                       report=lambda kind, step, values: rows.append(values), device_type=run.device.type)
+    ck.pinned = ck.pinned and pinned  # async-unpinned: staging into pageable host memory
     ck.attach([run.layout.model], [run.opt], "")
     results = []
     for i in range(cli.saves):
@@ -93,7 +94,7 @@ def measure(run: Run, asynchronous: bool, cli, out_dir: Path) -> list[dict]:
         extra = sum(max(t - before, 0.0) for t in after)
         row = rows[-1]
         results.append({
-            "mode": "async" if asynchronous else "sync", "save": i + 1, "state_gb": run.state_bytes() / 1e9,
+            "mode": ("async" if pinned else "async-unpinned") if asynchronous else "sync", "save": i + 1, "state_gb": run.state_bytes() / 1e9,
             "step_s": before, "save_call_s": in_call, "save_s": row["save_s"], "steps_during_write": len(after),
             "first_step_after_s": after[0] if after else None, "extra_step_s": extra, "wait_s": waited,
             "stall_s": in_call + extra + waited,
@@ -116,7 +117,7 @@ def main() -> int:
     p.add_argument("--saves", type=int, default=2, help="saves per mode")
     p.add_argument("--steps-between", type=int, default=3, help="steps before each save (their median is the baseline)")
     p.add_argument("--max-steps-during", type=int, default=200, help="most steps to run while a background write runs")
-    p.add_argument("--modes", default="sync,async")
+    p.add_argument("--modes", default="sync,async", help="sync, async (pinned staging on CUDA), async-unpinned")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (as the trainer can)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=None)
@@ -135,7 +136,7 @@ def main() -> int:
           f"state {run.state_bytes() / 1e9:.1f} GB; checkpoints to {cli.out_dir}", flush=True)
     results = []
     for mode in cli.modes.split(","):
-        results += measure(run, mode == "async", cli, Path(cli.out_dir) / mode)
+        results += measure(run, mode.startswith("async"), cli, Path(cli.out_dir) / mode, pinned=mode != "async-unpinned")
     print("\n| mode | save | state GB | step s | save call s | save s (complete) | steps during write | "
           "extra step s | stall s | write GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -532,6 +532,12 @@ def _nonfinite_tensors(parts) -> list[str]:
     return [n for (n, _), ok in zip(named, finite) if not ok]
 
 
+def _stager_closed(stager) -> bool:
+    """Whether a DefaultStager was closed (its deep-copy dispatch table is emptied by close())."""
+    inner = getattr(stager, "_state_dict_stager", None)
+    return inner is not None and not getattr(inner, "_deepcopy_dispatch", True)
+
+
 class Checkpointer:
     """A run's checkpoints: the start (leftovers of crashed saves removed, the directory checked
     writable, resume from the newest complete checkpoint or start from `init_from`), the cadence
@@ -655,7 +661,9 @@ class Checkpointer:
                                          "stall_s": round(stall_s, 4)})
 
     def _staging(self):
-        if self._stager is None:
+        # torch 2.11's async_save closes the stager it is given (2.13 leaves a caller's stager open);
+        # a closed one has lost its copy tables and its buffers, so a new one is made.
+        if self._stager is None or _stager_closed(self._stager):
             self._stager = make_stager(self.pinned)
         return self._stager
 
