@@ -318,9 +318,20 @@ def make_stager(pinned: bool):
     # The writer thread's dcp.save runs outside quiet_dcp (a main-thread context): the same filter,
     # process-wide, for the one message a single-process save prints.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    class KeptStager(DefaultStager):
+        # torch 2.11's async_save closes the stager it is given after every save (2.13 leaves a
+        # caller's stager open), which drops the pinned buffers the next save would reuse: each save
+        # then allocated ~18 GB of pinned memory again (6 s of stall on the H200). Closing is the
+        # Checkpointer's, at the end of the run (`release`).
+        def close(self) -> None:
+            pass
+
+        def release(self) -> None:
+            DefaultStager.close(self)
+
     # Positional: (pinned memory, shared memory, asynchronous staging, non-blocking copy); the last is
     # named use_cuda_non_blocking_copy in earlier releases.
-    return DefaultStager(StagingOptions(pinned, False, False, pinned))
+    return KeptStager(StagingOptions(pinned, False, False, pinned))
 
 
 class AsyncSave:
@@ -679,7 +690,7 @@ class Checkpointer:
         """Wait for the save in flight and free the staging buffers."""
         self.wait()
         if self._stager is not None:
-            self._stager.close()
+            self._stager.release()
             self._stager = None
 
     def save_unless_saved(self, step: int, state: dict) -> Path | None:
