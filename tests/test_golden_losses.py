@@ -3,11 +3,18 @@ model (`tiny`: the real 128K vocabulary, 4 layers of width 128) on the embedded 
 the real Llama 3.1 tokenizer, in a few configurations, compared with values stored in
 tests/golden/losses.json.
 
-The stored values were written by the code before the architecture change (issue 16) and must come
-out bit-identical after it on the machine that wrote them (same torch, same CPU capability). On
-another CPU, torch's kernels may round differently, so there the comparison is within 1e-5 relative
-and the test says so. Regenerate (only after a deliberate numerics change): LLAMATRON_WRITE_GOLDEN=1
-pytest tests/test_golden_losses.py.
+The stored values were written by the code before the architecture change (issue 16, commit 4eeb4aa)
+and must come out bit-identical after it on a CPU of the same fingerprint: torch's release and CPU
+capability, and the processor's vendor, family and model. The fingerprint has to be that narrow: MKL
+and oneDNN pick their fp32 kernels by processor, and CI's machines (another x86-64 model with AVX512
+too) round a few of these values one ulp differently. On a CPU with no stored set the comparison is
+within 1e-5 relative to the first set, and the test warns that it was not bit-for-bit. Wherever it
+runs, a resumed run must equal the uninterrupted one of the same session bit for bit.
+
+Add a machine's set from the pre-change code (`git worktree add ../pre 4eeb4aa`, then in it
+LLAMATRON_WRITE_GOLDEN=1 pytest tests/test_golden_losses.py; copy its values under this file's
+`machines` with this file's fingerprint). Regenerate everything only after a deliberate numerics
+change: LLAMATRON_WRITE_GOLDEN=1 pytest tests/test_golden_losses.py.
 """
 
 import json
@@ -15,6 +22,7 @@ import os
 import platform
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -34,7 +42,15 @@ pytestmark = pytest.mark.slow
 
 
 def _fingerprint() -> str:
-    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {platform.machine()}"
+    cpu = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            cpu.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    processor = " ".join(f"{k} {cpu[k]}" for k in ("vendor_id", "cpu family", "model") if k in cpu) or platform.processor()
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {platform.machine()}, {processor}"
 
 
 @pytest.fixture(scope="module")
@@ -82,25 +98,31 @@ def _fsdp2(corpus, out_dir):
 
 def _check(name: str, got: dict[str, list[float]]) -> None:
     assert len(set(got["loss"])) == len(got["loss"]) == STEPS  # real, changing numbers
+    stored = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {"machines": {}}
+    machines, here = stored["machines"], _fingerprint()
     if WRITE:
-        stored = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
-        stored["fingerprint"] = _fingerprint()
-        stored[name] = got
+        machines.setdefault(here, {})[name] = got
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(stored, indent=1) + "\n")
         return
-    stored = json.loads(GOLDEN.read_text())
-    want = stored[name]
-    if stored["fingerprint"] == _fingerprint():
-        assert got == want, f"{name}: not bit-identical to the stored values ({_fingerprint()})"
-    else:
-        for key in want:
-            assert got[key] == pytest.approx(want[key], rel=1e-5), f"{name}.{key} ({_fingerprint()} vs {stored['fingerprint']})"
+    if here in machines:
+        assert got == machines[here][name], f"{name}: not bit-identical to the stored values ({here})"
+        return
+    first, sets = next(iter(machines.items()))
+    for key, want in sets[name].items():
+        assert got[key] == pytest.approx(want, rel=1e-5), f"{name}.{key} ({here} against {first})"
+    warnings.warn(f"golden {name}: no stored set for this CPU ({here}); compared within 1e-5 relative, not bit for bit")
 
 
-def test_golden_single_process(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    """The demo preset's 3 steps, once per session: the stored values' check and the resumed run's."""
+    return _in_process(corpus, tmp_path_factory.mktemp("golden-single") / "run", extra=["checkpoint.enabled=false"])
+
+
+def test_golden_single_process(uninterrupted):
     """The demo preset: micro batch 4 of a global batch of 8 (two micro-batches accumulated)."""
-    _check("single", _in_process(corpus, tmp_path / "run", extra=["checkpoint.enabled=false"]))
+    _check("single", uninterrupted)
 
 
 def test_golden_unfused_loss_one_micro_batch(corpus, tmp_path):
@@ -109,14 +131,13 @@ def test_golden_unfused_loss_one_micro_batch(corpus, tmp_path):
                                               "checkpoint.enabled=false"]))
 
 
-def test_golden_resumed(corpus, tmp_path):
+def test_golden_resumed(corpus, uninterrupted, tmp_path):
     """Two steps, then the same command with three: resumed from the step-2 checkpoint."""
     out = tmp_path / "run"
     _in_process(corpus, out, steps=2)
     got = _in_process(corpus, out, steps=STEPS)
     _check("resumed", got)
-    if not WRITE:
-        assert got == json.loads(GOLDEN.read_text())["single"]  # resume is exact
+    assert got == uninterrupted  # resume is exact, on any CPU
 
 
 def test_golden_fsdp_two_ranks(corpus, tmp_path):
