@@ -12,6 +12,8 @@ from llamatron.models.llama.model import Transformer
 from llamatron.train.optim import build_optimizer
 from llamatron.train.trainer import train
 
+STEPS = 20  # the loss falls by ~3 in these (11.77 -> 8.7): the comparison is between moving numbers
+
 
 def test_fused_adamw_matches_the_for_each_one():
     torch.manual_seed(0)
@@ -46,7 +48,7 @@ def real_tokens(tmp_path_factory):
 
 def _losses(out_dir, prefix, *options):
     cfg = load_config(None, [
-        "model.size=tiny", f"data.train={prefix}", "data.seq_len=64", "train.steps=50",
+        "model.size=tiny", f"data.train={prefix}", "data.seq_len=64", f"train.steps={STEPS}",
         "train.global_batch_size=4", "train.micro_batch_size=2", "train.device=cpu", "train.log_every=1",
         "optim.lr=3e-3", "optim.warmup_steps=5", "eval.samples=0", "eval.every=0", "eval.at_start=false",
         "checkpoint.enabled=false", f"train.out_dir={out_dir}", *options,
@@ -58,14 +60,14 @@ def _losses(out_dir, prefix, *options):
 
 @pytest.mark.slow
 def test_optimized_path_tracks_the_plain_one_on_real_tokens(tmp_path, real_tokens):
-    """50 steps of the tiny Llama 3.1 on Llama-3.1-tokenized prose: the trainer with every speed
+    """20 steps of the tiny Llama 3.1 on Llama-3.1-tokenized prose: the trainer with every speed
     option on (torch.compile per block: fused RMSNorm, RoPE, SwiGLU and residuals; the chunked fused
     cross-entropy; fused AdamW) against the plainest path (eager, full logits, for-each AdamW)."""
     plain = _losses(tmp_path / "plain", real_tokens, "train.compile=false", "train.fused_cross_entropy=false",
                     "optim.fused=false")
     fast = _losses(tmp_path / "fast", real_tokens, "train.compile=true", "train.fused_cross_entropy=true",
                    "optim.fused=true")
-    assert len(plain) == len(fast) == 50
+    assert len(plain) == len(fast) == STEPS
     assert plain[-1] < plain[0] - 1.5  # it learns: the comparison is not between constants
     for step, (a, b) in enumerate(zip(plain, fast), 1):
         assert b == pytest.approx(a, rel=1e-5), f"step {step}"
