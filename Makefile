@@ -12,7 +12,8 @@ install:
 demo: install
 	$(PYTHON) -m llamatron demo
 
-# The test extras only for the tests: the demo needs none of them.
+# The test extras only for the tests: the demo needs none of them. One worker per core (at most 8), a
+# whole test file per worker at a time (a file's fixtures, e.g. the Slurm cluster, are built once).
 test: install
 	$(PYTHON) -m pip install -q -e ".[test]"
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --maxprocesses 8 --dist loadfile
