@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import pytest
 
-from llamatron.config import dump_config, load_config, config_from_dict, config_to_dict, resolve_model
+from llamatron.config import config_from_dict, config_to_dict, dump_config, load_config, resolve_model, validate_config
 from llamatron.errors import LlamatronError
 
 
@@ -28,6 +30,18 @@ def test_toml_yaml_and_overrides(tmp_path):
 def test_presets_load():
     cfg = load_config("demo", ["data.train=x"])
     assert cfg.model.size == "tiny"
+
+
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "llamatron" / "presets").glob("*.toml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_passes_validation(preset):
+    """Every shipped preset is a valid config as it stands (data left to the user: mock tokens here)."""
+    extra = ["mlperf.division=open"] if preset == "mlperf-llama31-405b" else []  # closed needs Meta's weights
+    cfg = load_config(preset, ["data.mock=true", *extra])
+    validate_config(cfg)
+    assert cfg.model.size
 
 
 @pytest.mark.parametrize(
