@@ -154,3 +154,56 @@ def test_spikes_nonfinite_steps_and_unknown_kinds_are_reported(runs, tmp_path):
     page = out.read_text()
     assert page.count("<img ") == 5 and "id='fig-zero_shot'" in page  # the task figure, only where tasks ran
     assert "gradient-norm spike" in page and "norm 50, median 1" in page and "policy skip, samples [12, 16]" in page
+
+
+CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """A headless Chromium: installed from Debian's packages as root where missing (as the Slurm test
+    does with slurm-wlm); skipped with the reason where it cannot be had."""
+    import os
+    import subprocess
+
+    found = next((shutil.which(c) for c in CHROMIUM if shutil.which(c)), None)
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, timeout=600,
+                       start_new_session=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = shutil.which("chromium")
+    if found is None:
+        pytest.skip("no Chromium, and installing Debian's needs root and apt-get")
+    return found
+
+
+def _screenshot(browser: str, page, png, width=1200, height=2600) -> None:
+    import subprocess
+
+    res = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                          f"--window-size={width},{height}", f"--screenshot={png}", page.as_uri()],
+                         capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert res.returncode == 0 and png.is_file(), res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_page_renders_in_headless_chromium_with_both_runs_plotted(runs, chromium, tmp_path):
+    """The page as a browser draws it: the figures are there (both runs' lines, in the report's first
+    two colours, which nothing else on the page uses) and the page is not blank."""
+    import matplotlib.image
+    import numpy as np
+
+    out = tmp_path / "report.html"
+    assert main(["report", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
+    png = tmp_path / "page.png"
+    _screenshot(chromium, out, png)
+    rgb = (matplotlib.image.imread(png)[..., :3] * 255).astype(int)
+    assert rgb.shape[:2] == (2600, 1200)
+
+    def pixels_near(colour) -> int:
+        return int((np.abs(rgb - np.array(colour)).sum(axis=-1) < 40).sum())
+
+    from llamatron.report.plots import COLORS
+
+    first, second = (tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in COLORS[:2])
+    assert pixels_near(first) > 500 and pixels_near(second) > 500  # each run's lines
+    assert (rgb.sum(axis=-1) < 600).mean() > 0.02  # text, tables and axes: not an empty page
