@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True, help="directory with c4-train.*-of-01024.json.gz and c4-validation.*")
     p.add_argument("--dst", required=True, help="output directory")
     p.add_argument("--valid-documents", type=int, default=91205)
+    p.add_argument("--workers", type=int, default=1,
+                   help="merged files built at once, one process each (each shard is decompressed to check it)")
 
     p = sub.add_parser("train", help="train from a config",
                        description="Train in this process, or (--nproc-per-node) in N processes under torchrun.")
@@ -288,7 +290,8 @@ def cmd_preprocess(args) -> int:
 def cmd_c4(args) -> int:
     from llamatron.data.c4 import consolidate_c4
 
-    result = consolidate_c4(args.src, args.dst, valid_documents=args.valid_documents, progress=sys.stderr.isatty())
+    result = consolidate_c4(args.src, args.dst, valid_documents=args.valid_documents, progress=sys.stderr.isatty(),
+                            workers=args.workers)
     for k, v in result.items():
         if k == "missing" and len(v) > 3:  # up to 1,017 names: a count and the first and last
             v = f"{len(v)} shards ({v[0]} ... {v[-1]})"

@@ -175,9 +175,21 @@ CASES = [
     ("convert-destination-exists", lambda t, tr: ["convert", "--from", "llamatron", "--to", "hf", str(tr / "run"),
                                                   str(_dir_with(t, "x.txt", b""))], ["already exists"]),
     ("c4-missing-source", lambda t, _: ["c4", "--src", str(t / "no"), "--dst", str(t / "d")], ["no", "C4 shards"]),
+    ("c4-truncated-shard", lambda t, _: ["c4", "--src", str(_c4_first_merge_one_cut(t)), "--dst", str(t / "d")],
+     ["c4-train.00005-of-01024.json.gz", "truncated at byte", "member 1", "CRC/length trailer"]),
     ("launch-bad-key", lambda t, _: ["launch", "--config", "demo", "--set", "data.mock=true", "--set", "launch.nodes=0",
                                      "--dry-run"], ["launch.nodes", ">= 1"]),
 ]
+
+
+def _c4_first_merge_one_cut(t):
+    """The 128 shards of c4-train.en_0, shard 5 without the last 8 bytes (its trailer)."""
+    src = t / "c4"
+    src.mkdir()
+    for i in range(128):
+        data = gzip.compress(GOOD * 3)
+        _write(src, f"c4-train.{i:05d}-of-01024.json.gz", data[:-8] if i == 5 else data)
+    return src
 
 
 def _dir_with(t, name, data: bytes):
