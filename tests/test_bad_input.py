@@ -253,6 +253,30 @@ def test_finished_run_again_exits_0_without_retraining(trained, capsys):
     assert (trained / "run" / "metrics.jsonl").read_text() == rows  # nothing reloaded, validated or appended
 
 
+def test_demo_again_on_a_finished_workdir_exits_at_once(tmp_path, capsys):
+    """`llamatron demo` calls train() itself, and run again on its workdir it reloaded, validated again
+    and appended a duplicate eval row. The corpus and token files already in the workdir are used as
+    they are (not written or tokenized again: seconds), so the debug model trains here on ids below its
+    512 with a tokenizer that fits."""
+    corpus, tokens = tmp_path / "demo" / "data" / "json", tmp_path / "demo" / "data" / "tokens"
+    corpus.mkdir(parents=True)
+    tokens.mkdir()
+    for name in ["c4-train.00000-of-00002", "c4-train.00001-of-00002", "c4-validation.00000-of-00001"]:
+        _write(corpus, f"{name}.json.gz", gzip.compress(GOOD))
+    for split in ("train", "valid"):
+        _tokens(tokens, f"corpus-{split}_text_document")
+    argv = ["demo", "--workdir", str(tmp_path / "demo"), *DEBUG, "--set", f"data.tokenizer={_tokenizer_json(tmp_path)}",
+            "--set", "train.steps=2", "--set", "eval.samples=2"]
+    assert main(argv) == 0
+    metrics = tmp_path / "demo" / "run" / "metrics.jsonl"
+    rows = metrics.read_text()
+    assert '"kind": "eval"' in rows and "run summary" in capsys.readouterr().out
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"run {tmp_path / 'demo' / 'run'} already finished: checkpoint at step 2" in out and "run summary" not in out
+    assert metrics.read_text() == rows
+
+
 def test_resume_with_allowed_change_logs_the_keys(tmp_path, trained, capsys):
     argv = _resume_changed(tmp_path, trained, "data.seed=999", "checkpoint.allow_config_change=true")
     assert main(argv) == 0
