@@ -317,7 +317,8 @@ def test_preprocess_removes_the_temporaries_of_a_killed_run(tmp_path):
 
     from llamatron.data.indexed import IndexedDatasetWriter
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          start_new_session=True)
     with IndexedDatasetWriter(tmp_path / "probe", np.int32) as w:  # the temp-name format of this host
         live_name = w._tmp_bin.name
     pid = live_name.split(".tmp")[1].split(".")[0]
