@@ -111,6 +111,11 @@ CASES = [
     ("lr-inf", lambda t, _: _train(t, "optim.lr=inf"), ["optim.lr", "not finite"]),
     ("lr-nan", lambda t, _: _train(t, "optim.lr=nan"), ["optim.lr", "not finite"]),
     ("model-float-inf", lambda t, _: _train(t, "model.norm_eps=.inf"), ["model.norm_eps", "not finite"]),
+    ("optional-float-inf", lambda t, _: _train(t, "mlperf.target=inf"),
+     ["config key 'mlperf.target': inf is not finite; expected a finite number"]),
+    ("float-list-inf", lambda t, _: _train(t, "data.train_weights=[inf,1]"),
+     ["config key 'data.train_weights': inf is not finite; expected a finite number"]),
+    ("optional-float-not-a-number", lambda t, _: _train(t, "mlperf.target=abc"), ["mlperf.target", "'abc' is not a number"]),
     ("seq-len-above-model-max", lambda t, _: _train(t, "data.seq_len=100000"), ["data.seq_len", "max_seq_len 256"]),
     ("unknown-key", lambda t, _: _train(t, "train.bogus=1"), ["train.bogus"]),
     ("yaml-syntax-line", lambda t, _: ["train", "--config", str(_write(t, "c.yaml", b"train:\n  steps: [1, 2\nx: 1\n"))],
@@ -154,6 +159,7 @@ CASES = [
     # eval
     ("eval-seq-len-above-max", lambda t, tr: _eval(tr, "--seq-len", "100000"), ["--seq-len", "max_seq_len 256"]),
     ("eval-seq-len-negative", lambda t, tr: _eval(tr, "--seq-len", "-5"), ["--seq-len", "-5", "positive"]),
+    ("eval-seq-len-zero", lambda t, tr: _eval(tr, "--seq-len", "0"), ["--seq-len 0", "positive"]),
     ("eval-num-samples-zero", lambda t, tr: _eval(tr, "--num-samples", "0"), ["--num-samples", "positive"]),
     ("eval-micro-batch-zero", lambda t, tr: _eval(tr, "--micro-batch-size", "0"), ["--micro-batch-size", "positive"]),
     ("eval-truncated-shard", lambda t, tr: ["eval", "--checkpoint", str(_damaged_checkpoint(t, tr)),
@@ -175,20 +181,22 @@ CASES = [
     ("convert-destination-exists", lambda t, tr: ["convert", "--from", "llamatron", "--to", "hf", str(tr / "run"),
                                                   str(_dir_with(t, "x.txt", b""))], ["already exists"]),
     ("c4-missing-source", lambda t, _: ["c4", "--src", str(t / "no"), "--dst", str(t / "d")], ["no", "C4 shards"]),
-    ("c4-truncated-shard", lambda t, _: ["c4", "--src", str(_c4_first_merge_one_cut(t)), "--dst", str(t / "d")],
+    ("c4-truncated-shard", lambda t, _: ["c4", "--src", str(_c4_one_shard_cut(t)), "--dst", str(t / "d")],
      ["c4-train.00005-of-01024.json.gz", "truncated at byte", "member 1", "CRC/length trailer"]),
     ("launch-bad-key", lambda t, _: ["launch", "--config", "demo", "--set", "data.mock=true", "--set", "launch.nodes=0",
                                      "--dry-run"], ["launch.nodes", ">= 1"]),
 ]
 
 
-def _c4_first_merge_one_cut(t):
-    """The 128 shards of c4-train.en_0, shard 5 without the last 8 bytes (its trailer)."""
+def _c4_one_shard_cut(t):
+    """All 1,032 shards (none missing, so no warning precedes the error), shard 5 without the last 8
+    bytes: its trailer."""
     src = t / "c4"
     src.mkdir()
-    for i in range(128):
-        data = gzip.compress(GOOD * 3)
-        _write(src, f"c4-train.{i:05d}-of-01024.json.gz", data[:-8] if i == 5 else data)
+    data = gzip.compress(GOOD * 3)
+    names = [f"c4-train.{i:05d}-of-01024.json.gz" for i in range(1024)]
+    for name in names + [f"c4-validation.{i:05d}-of-00008.json.gz" for i in range(8)]:
+        _write(src, name, data[:-8] if name == names[5] else data)
     return src
 
 
