@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True, help="directory with c4-train.*-of-01024.json.gz and c4-validation.*")
     p.add_argument("--dst", required=True, help="output directory")
     p.add_argument("--valid-documents", type=int, default=91205)
+    p.add_argument("--workers", type=int, default=1,
+                   help="merged files built at once, one process each (each shard is decompressed to check it)")
 
     p = sub.add_parser("train", help="train from a config",
                        description="Train in this process, or (--nproc-per-node) in N processes under torchrun.")
@@ -187,8 +189,6 @@ def cmd_train(args) -> int:
         from llamatron.train.trainer import train
 
         cfg = load_config(args.config, args.overrides)
-        if _report_finished(cfg):
-            return 0
         # A progress bar only on a terminal: in a batch job's log it is a wall of carriage returns.
         result = train(cfg, progress=sys.stderr.isatty())
     finally:
@@ -202,29 +202,18 @@ def _train_torchrun(args, cfg) -> int:
     from llamatron.config import validate_config
     from llamatron.launch import torchrun
     from llamatron.train import run_lock
+    from llamatron.train.checkpoint import finished_run
 
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise LlamatronError("--nproc-per-node and --nnodes must be >= 1")
     validate_config(cfg, args.nproc_per_node * args.nnodes)  # the layout, before any process starts
-    if _report_finished(cfg):
-        return 0
+    if finished_run(cfg.train.out_dir, cfg.train.steps, cfg.checkpoint.resume) is not None:
+        return 0  # as train() would say in every worker, without starting them
     run_lock.check_free(cfg.train.out_dir)  # before starting workers that would only fail on it
     command = ["-m", "llamatron", "train", "--config", args.config]
     for item in args.overrides:
         command += ["--set", item]
     return torchrun(command, args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.rdzv_id)
-
-
-def _report_finished(cfg) -> bool:
-    """A run already at train.steps (a later job of a chain, or the same command run again) ends at
-    once: retraining nothing would still reload, re-validate and append a duplicate eval row."""
-    from llamatron.launch import run_finished
-
-    done = run_finished(cfg)
-    if done is not None:
-        print(f"run {cfg.train.out_dir} already finished: checkpoint at step {done} (train.steps = "
-              f"{cfg.train.steps}); nothing to train")
-    return done is not None
 
 
 def cmd_launch(args) -> int:
@@ -288,7 +277,8 @@ def cmd_preprocess(args) -> int:
 def cmd_c4(args) -> int:
     from llamatron.data.c4 import consolidate_c4
 
-    result = consolidate_c4(args.src, args.dst, valid_documents=args.valid_documents, progress=sys.stderr.isatty())
+    result = consolidate_c4(args.src, args.dst, valid_documents=args.valid_documents, progress=sys.stderr.isatty(),
+                            workers=args.workers)
     for k, v in result.items():
         if k == "missing" and len(v) > 3:  # up to 1,017 names: a count and the first and last
             v = f"{len(v)} shards ({v[0]} ... {v[-1]})"
@@ -459,7 +449,8 @@ def cmd_plan(args) -> int:
 
 
 def print_summary(result) -> None:
-    if result.rank != 0:  # under torchrun every rank trains; rank 0 reports
+    # Under torchrun every rank trains and rank 0 reports; a run finished before has said so already.
+    if result.rank != 0 or result.already_finished:
         return
     print()
     print("run summary")

@@ -501,9 +501,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # `X | None`: X's own message ("inf is not finite", "'abc' is not a number")
+            return _coerce(value, options[0], key)
+        for a in options:
             try:
                 return _coerce(value, a, key)
             except LlamatronError:

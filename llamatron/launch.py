@@ -182,19 +182,6 @@ def submit(cfg: Config, script: str, plan: LaunchPlan, log=print) -> list[str]:
 # One node: torchrun
 
 
-def run_finished(cfg: Config) -> int | None:
-    """The step of the run's newest complete checkpoint if that is train.steps or beyond, else None."""
-    from llamatron.train import checkpoint as ckpt
-
-    if not cfg.checkpoint.resume:
-        return None
-    newest = ckpt.latest_checkpoint(cfg.train.out_dir)
-    if newest is None:
-        return None
-    step = int(ckpt.read_trainer_state(newest)["step"])
-    return step if step >= cfg.train.steps else None
-
-
 _AGENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
 
 

@@ -111,6 +111,11 @@ CASES = [
     ("lr-inf", lambda t, _: _train(t, "optim.lr=inf"), ["optim.lr", "not finite"]),
     ("lr-nan", lambda t, _: _train(t, "optim.lr=nan"), ["optim.lr", "not finite"]),
     ("model-float-inf", lambda t, _: _train(t, "model.norm_eps=.inf"), ["model.norm_eps", "not finite"]),
+    ("optional-float-inf", lambda t, _: _train(t, "mlperf.target=inf"),
+     ["config key 'mlperf.target': inf is not finite; expected a finite number"]),
+    ("float-list-inf", lambda t, _: _train(t, "data.train_weights=[inf,1]"),
+     ["config key 'data.train_weights': inf is not finite; expected a finite number"]),
+    ("optional-float-not-a-number", lambda t, _: _train(t, "mlperf.target=abc"), ["mlperf.target", "'abc' is not a number"]),
     ("seq-len-above-model-max", lambda t, _: _train(t, "data.seq_len=100000"), ["data.seq_len", "max_seq_len 256"]),
     ("unknown-key", lambda t, _: _train(t, "train.bogus=1"), ["train.bogus"]),
     ("yaml-syntax-line", lambda t, _: ["train", "--config", str(_write(t, "c.yaml", b"train:\n  steps: [1, 2\nx: 1\n"))],
@@ -154,6 +159,7 @@ CASES = [
     # eval
     ("eval-seq-len-above-max", lambda t, tr: _eval(tr, "--seq-len", "100000"), ["--seq-len", "max_seq_len 256"]),
     ("eval-seq-len-negative", lambda t, tr: _eval(tr, "--seq-len", "-5"), ["--seq-len", "-5", "positive"]),
+    ("eval-seq-len-zero", lambda t, tr: _eval(tr, "--seq-len", "0"), ["--seq-len 0", "positive"]),
     ("eval-num-samples-zero", lambda t, tr: _eval(tr, "--num-samples", "0"), ["--num-samples", "positive"]),
     ("eval-micro-batch-zero", lambda t, tr: _eval(tr, "--micro-batch-size", "0"), ["--micro-batch-size", "positive"]),
     ("eval-truncated-shard", lambda t, tr: ["eval", "--checkpoint", str(_damaged_checkpoint(t, tr)),
@@ -175,9 +181,23 @@ CASES = [
     ("convert-destination-exists", lambda t, tr: ["convert", "--from", "llamatron", "--to", "hf", str(tr / "run"),
                                                   str(_dir_with(t, "x.txt", b""))], ["already exists"]),
     ("c4-missing-source", lambda t, _: ["c4", "--src", str(t / "no"), "--dst", str(t / "d")], ["no", "C4 shards"]),
+    ("c4-truncated-shard", lambda t, _: ["c4", "--src", str(_c4_one_shard_cut(t)), "--dst", str(t / "d")],
+     ["c4-train.00005-of-01024.json.gz", "truncated at byte", "member 1", "CRC/length trailer"]),
     ("launch-bad-key", lambda t, _: ["launch", "--config", "demo", "--set", "data.mock=true", "--set", "launch.nodes=0",
                                      "--dry-run"], ["launch.nodes", ">= 1"]),
 ]
+
+
+def _c4_one_shard_cut(t):
+    """All 1,032 shards (none missing, so no warning precedes the error), shard 5 without the last 8
+    bytes: its trailer."""
+    src = t / "c4"
+    src.mkdir()
+    data = gzip.compress(GOOD * 3)
+    names = [f"c4-train.{i:05d}-of-01024.json.gz" for i in range(1024)]
+    for name in names + [f"c4-validation.{i:05d}-of-00008.json.gz" for i in range(8)]:
+        _write(src, name, data[:-8] if name == names[5] else data)
+    return src
 
 
 def _dir_with(t, name, data: bytes):
@@ -241,6 +261,30 @@ def test_finished_run_again_exits_0_without_retraining(trained, capsys):
     assert (trained / "run" / "metrics.jsonl").read_text() == rows  # nothing reloaded, validated or appended
 
 
+def test_demo_again_on_a_finished_workdir_exits_at_once(tmp_path, capsys):
+    """`llamatron demo` calls train() itself, and run again on its workdir it reloaded, validated again
+    and appended a duplicate eval row. The corpus and token files already in the workdir are used as
+    they are (not written or tokenized again: seconds), so the debug model trains here on ids below its
+    512 with a tokenizer that fits."""
+    corpus, tokens = tmp_path / "demo" / "data" / "json", tmp_path / "demo" / "data" / "tokens"
+    corpus.mkdir(parents=True)
+    tokens.mkdir()
+    for name in ["c4-train.00000-of-00002", "c4-train.00001-of-00002", "c4-validation.00000-of-00001"]:
+        _write(corpus, f"{name}.json.gz", gzip.compress(GOOD))
+    for split in ("train", "valid"):
+        _tokens(tokens, f"corpus-{split}_text_document")
+    argv = ["demo", "--workdir", str(tmp_path / "demo"), *DEBUG, "--set", f"data.tokenizer={_tokenizer_json(tmp_path)}",
+            "--set", "train.steps=2", "--set", "eval.samples=2"]
+    assert main(argv) == 0
+    metrics = tmp_path / "demo" / "run" / "metrics.jsonl"
+    rows = metrics.read_text()
+    assert '"kind": "eval"' in rows and "run summary" in capsys.readouterr().out
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"run {tmp_path / 'demo' / 'run'} already finished: checkpoint at step 2" in out and "run summary" not in out
+    assert metrics.read_text() == rows
+
+
 def test_resume_with_allowed_change_logs_the_keys(tmp_path, trained, capsys):
     argv = _resume_changed(tmp_path, trained, "data.seed=999", "checkpoint.allow_config_change=true")
     assert main(argv) == 0
@@ -281,7 +325,8 @@ def test_preprocess_removes_the_temporaries_of_a_killed_run(tmp_path):
 
     from llamatron.data.indexed import IndexedDatasetWriter
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          start_new_session=True)
     with IndexedDatasetWriter(tmp_path / "probe", np.int32) as w:  # the temp-name format of this host
         live_name = w._tmp_bin.name
     pid = live_name.split(".tmp")[1].split(".")[0]

@@ -92,13 +92,89 @@ def test_errors(fake_c4, tmp_path):
         _run(fake_c4, tmp_path / "d")
 
 
-def test_truncated_validation_gzip(fake_c4, tmp_path):
+def test_truncated_validation_shard_and_damaged_merge(fake_c4, tmp_path):
     v = fake_c4 / "c4-validation.00001-of-00008.json.gz"  # inside the first 12 lines
-    v.write_bytes(v.read_bytes()[:-12])  # drop the CRC/size trailer and some data
+    good = v.read_bytes()
+    v.write_bytes(good[:-12])  # drop the CRC/size trailer and some data
     dst = tmp_path / "d"
+    with pytest.raises(LlamatronError, match=rf"{v}: truncated at byte {len(good) - 12}, inside gzip member 1"):
+        _run(fake_c4, dst)
+    assert not (dst / "c4-validation.en.json.gz").exists()
+    assert not (dst / "c4-validation-12-samples.en.json.gz").exists()
+
+    v.write_bytes(good)
+    _run(fake_c4, dst)
+    merged = dst / "c4-validation.en.json.gz"  # damaged after the merge, its size unchanged: not rebuilt
+    data = bytearray(merged.read_bytes())
+    first = (fake_c4 / "c4-validation.00000-of-00008.json.gz").stat().st_size
+    data[first + len(good) - 8] ^= 0xFF  # the CRC of the second shard's member
+    merged.write_bytes(bytes(data))
+    (dst / "c4-validation-12-samples.en.json.gz").unlink()
     with pytest.raises(LlamatronError, match=r"c4-validation\.en\.json\.gz: corrupt or truncated gzip data after line"):
         _run(fake_c4, dst)
     assert not (dst / "c4-validation-12-samples.en.json.gz").exists()
+    assert [p.name for p in dst.iterdir() if ".tmp" in p.name] == []
+
+
+def _two_member_shard(src):
+    """Shard 3 as two gzip members (`cat a.gz b.gz`), the second decompressing to more than one zlib
+    output block: a complete shard of the kind that must merge. Returns (shard, first member's size)."""
+    first = gzip.compress(b"".join(_train_lines(3)), mtime=3)
+    second = gzip.compress(b'{"text": "' + b"x" * (9 << 20) + b'"}\n', mtime=3)
+    shard = src / "c4-train.00003-of-00016.json.gz"
+    shard.write_bytes(first + second)
+    return shard, len(first)
+
+
+@pytest.mark.parametrize("cut", ["trailer", "middle"])
+def test_truncated_shard_fails_naming_it_and_keeps_the_old_output(fake_c4, tmp_path, cut):
+    shard, first = _two_member_shard(fake_c4)
+    dst = tmp_path / "d"
+    _run(fake_c4, dst)
+    merged = dst / "c4-train.en_1.json.gz"
+    before = merged.read_bytes()
+    assert gzip.decompress(before).count(b"\n") == 7
+    data = shard.read_bytes()
+    # Without its 8-byte CRC/length trailer the data decompresses completely: only the member's end is missing.
+    shard.write_bytes(data[:-8] if cut == "trailer" else data[: first + (len(data) - first) // 2])
+    size = shard.stat().st_size
+    with pytest.raises(LlamatronError) as e:
+        _run(fake_c4, dst)
+    assert str(e.value) == (
+        f"{shard}: truncated at byte {size}, inside gzip member 2 (from byte {first}; its end or its 8-byte "
+        f"CRC/length trailer is missing); expected complete gzip members: download the shard again")
+    assert merged.read_bytes() == before  # the complete merge of before is kept, nothing half-written
+    assert [p.name for p in dst.iterdir() if ".tmp" in p.name] == []
+
+
+def test_damaged_or_empty_shard(fake_c4, tmp_path):
+    shard = fake_c4 / "c4-train.00006-of-00016.json.gz"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # the length field of the trailer
+    shard.write_bytes(bytes(data))
+    dst = tmp_path / "d"
+    with pytest.raises(LlamatronError, match=rf"{shard}: corrupt gzip data in member 1 \(from byte 0\), between bytes "
+                                             r"0 and \d+ \(.*incorrect length check\); expected complete gzip members"):
+        _run(fake_c4, dst)
+    assert not (dst / "c4-train.en_3.json.gz").exists()
+    shard.write_bytes(b"")
+    with pytest.raises(LlamatronError, match=rf"{shard}: empty file; expected gzip data"):
+        _run(fake_c4, dst)
+    assert [p.name for p in dst.iterdir() if ".tmp" in p.name or "en_3" in p.name] == []
+
+
+def test_parallel_merges_equal_serial_and_fail_alike(fake_c4, tmp_path):
+    _run(fake_c4, tmp_path / "serial")
+    r = _run(fake_c4, tmp_path / "parallel", workers=3)
+    assert len(r["built"]) == 10
+    assert {p.name: p.read_bytes() for p in (tmp_path / "parallel").iterdir()} == \
+        {p.name: p.read_bytes() for p in (tmp_path / "serial").iterdir()}
+    shard = fake_c4 / "c4-train.00009-of-00016.json.gz"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    dst = tmp_path / "d"
+    with pytest.raises(LlamatronError, match=rf"{shard}: truncated at byte"):
+        _run(fake_c4, dst, workers=3)
+    assert not (dst / "c4-train.en_4.json.gz").exists()
     assert [p.name for p in dst.iterdir() if ".tmp" in p.name] == []
 
 

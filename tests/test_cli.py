@@ -94,5 +94,5 @@ def test_eval_prints_validation_log_perplexity(tmp_path, capsys):
 
 def test_module_entry_point_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llamatron", "eval", "--checkpoint", str(tmp_path / "none"),
-                        "--data", "x"], capture_output=True, text=True)
+                        "--data", "x"], capture_output=True, text=True, start_new_session=True)
     assert r.returncode == 2 and "none" in r.stderr and "Traceback" not in r.stderr

@@ -273,7 +273,8 @@ def test_writing_a_checkpoint_holds_about_one_tensor(tmp_path):
         grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
         print(grown, sum(t.nbytes for t in s), max(t.nbytes for t in s))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         start_new_session=True).stdout
     grown, total, biggest = map(int, out.split())
     assert total > 9 * biggest
     assert grown < 4 * biggest, (grown, total, biggest)

@@ -85,7 +85,7 @@ def test_deterministic_bytes_in_a_fresh_process(corpus, tmp_path):
     out, r = corpus
     code = "import sys; from llamatron.data.corpus import write_default_corpus; write_default_corpus(sys.argv[1], shards=3)"
     env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=env)
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=env, start_new_session=True)
     assert (tmp_path / "c4-validation.00000-of-00001.json.gz").read_bytes() == Path(r["valid"][0]).read_bytes()
     three = _read(sorted(tmp_path.glob("c4-train.*-of-00003.json.gz")))
     assert len(three) == r["documents"]["train"]

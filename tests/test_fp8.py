@@ -119,7 +119,7 @@ def _train_losses(tmp_path, name, *extra):
               "train.steps=3", "train.global_batch_size=4", "train.micro_batch_size=1", "train.log_every=1",
               "eval.samples=0", "eval.at_start=false", "checkpoint.enabled=false", f"train.out_dir={out}"):
         cmd += ["--set", o]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600, start_new_session=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(r["loss"], r["grad_norm"]) for r in rows if r["kind"] == "train"]
 

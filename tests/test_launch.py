@@ -95,7 +95,7 @@ def test_dry_run_multi_node_layout(config_file, tmp_path, capsys, monkeypatch):
     assert f"python -m llamatron train --config '{run}/launch/config.yaml'" in script  # `python` of the image
     assert "export NCCL_DEBUG=WARN" in script
     assert "scontrol requeue \"$SLURM_JOB_ID\"" in script and "-eq 75" in script
-    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert subprocess.run(["bash", "-n"], input=script, text=True, start_new_session=True).returncode == 0
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
@@ -139,7 +139,8 @@ def _run_script(script: str, tmp_path: Path, srun_rc: int) -> tuple[subprocess.C
         f.unlink()
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NODELIST": "gpu-[007-008,011-012]"}
-    res = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    res = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path,
+                         start_new_session=True)
     env_vars = dict(kv.split("=", 1) for kv in (record / "srun.env").read_text().split("\0") if "=" in kv)
     return res, {"args": (record / "srun.args").read_text().splitlines(), "env": env_vars,
                  "requeued": (record / "requeued").read_text().split() if (record / "requeued").exists() else []}
@@ -262,13 +263,13 @@ def test_train_nproc_per_node_runs_under_torchrun_and_a_finished_run_exits_at_on
            "--set", "train.steps=3", "--set", "train.global_batch_size=4", "--set", "train.micro_batch_size=2",
            "--set", "train.device=cpu", "--set", "train.log_every=1", "--set", "eval.samples=2", "--set", f"train.out_dir={out}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "layout: 2 process(es)" in res.stdout
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["kind"] == "train"]
     assert steps == [1, 2, 3]
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
     assert again.returncode == 0
     assert "already finished: checkpoint at step 3" in again.stdout
     assert "torchrun" not in again.stdout  # no worker was started

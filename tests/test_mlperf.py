@@ -172,7 +172,7 @@ def _check(log, tmp_path, benchmark="llama31_8b", rulesets=RULESETS):
         r = subprocess.run(
             [sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "training", "--ruleset", ruleset,
              "--log_output", str(tmp_path / f"checker-{ruleset}.log"), str(log)],
-            capture_output=True, text=True, cwd=tmp_path,
+            capture_output=True, text=True, cwd=tmp_path, start_new_session=True,
         )
         out = r.stdout + r.stderr
         assert r.returncode == 0 and "SUCCESS" in out and f"training_{ruleset}/closed_{benchmark}.yaml" in out, out

@@ -208,7 +208,7 @@ def test_async_save_two_ranks(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop(faults.ENV, None)
     for _ in range(2):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         if _ == 0:
             assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000002", "step_00000004"]

@@ -25,6 +25,11 @@ STEPS = 60
 pytestmark = pytest.mark.slow
 
 
+def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
+    # A session of its own: no signal aimed at the child's process group (torch elastic's) reaches pytest.
+    return subprocess.run(cmd, start_new_session=True, **kwargs)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,24 +45,24 @@ def slurm(tmp_path_factory):
         pytest.skip("Slurm is not installed, and installing it needs root and apt-get")
     if os.geteuid() != 0:
         pytest.skip("a localhost Slurm cluster needs root (slurmd starts jobs as their users)")
-    res = subprocess.run(["bash", str(HELPER), "install"], capture_output=True, text=True, timeout=600)
+    res = _run(["bash", str(HELPER), "install"], capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         pytest.skip(f"cannot install Slurm: {res.stderr.strip()[-500:]}")
     state = tmp_path_factory.mktemp("slurm")
-    res = subprocess.run(["bash", str(HELPER), "start", str(state)], capture_output=True, text=True, timeout=120)
+    res = _run(["bash", str(HELPER), "start", str(state)], capture_output=True, text=True, timeout=120)
     if res.returncode != 0:
-        subprocess.run(["bash", str(HELPER), "stop", str(state)])
+        _run(["bash", str(HELPER), "stop", str(state)])
         pytest.skip(f"cannot start a localhost Slurm cluster: {res.stderr.strip()[-500:]}")
     conf = str(state / "slurm.conf")
     env = {**os.environ, "SLURM_CONF": conf}
     try:
         yield env
     finally:
-        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
+        jobs = _run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
         if jobs:
-            subprocess.run(["scancel", *jobs], env=env)
+            _run(["scancel", *jobs], env=env)
             time.sleep(2)
-        subprocess.run(["bash", str(HELPER), "stop", str(state)])
+        _run(["bash", str(HELPER), "stop", str(state)])
 
 
 def _config(path: Path, port: int) -> Path:
@@ -109,8 +114,8 @@ def _newest_step(run: Path) -> int:
 
 
 def _squeue(env, *jobs) -> dict[str, str]:
-    out = subprocess.run(["squeue", "-h", "-j", ",".join(jobs), "-o", "%i %T"], env=env,
-                         capture_output=True, text=True).stdout
+    out = _run(["squeue", "-h", "-j", ",".join(jobs), "-o", "%i %T"], env=env,
+               capture_output=True, text=True).stdout
     return dict(line.split() for line in out.splitlines() if line.strip())
 
 
@@ -121,13 +126,13 @@ def test_two_chained_jobs_preempted_by_requeue_match_an_uninterrupted_run(slurm,
 
     # The uninterrupted reference: the same two processes under torchrun, no Slurm.
     ref = tmp_path / "reference"
-    res = subprocess.run([*llamatron, "train", "--config", str(cfg), "--nproc-per-node", "2",
-                          "--set", f"train.out_dir={ref}"], env=env, capture_output=True, text=True, timeout=600)
+    res = _run([*llamatron, "train", "--config", str(cfg), "--nproc-per-node", "2",
+                "--set", f"train.out_dir={ref}"], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     run = tmp_path / "slurm-run"
-    res = subprocess.run([*llamatron, "launch", "--config", str(cfg), "--set", f"train.out_dir={run}"],
-                         env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    res = _run([*llamatron, "launch", "--config", str(cfg), "--set", f"train.out_dir={run}"],
+               env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     jobs = re.findall(r"submitted job (\d+)", res.stdout)
     assert len(jobs) == 2, res.stdout
@@ -140,7 +145,7 @@ def test_two_chained_jobs_preempted_by_requeue_match_an_uninterrupted_run(slurm,
         time.sleep(0.1)
     step_at_requeue = _newest_step(run)
     assert step_at_requeue < STEPS, "the run finished before it could be pre-empted"
-    subprocess.run(["scontrol", "requeue", first], env=env, check=True, capture_output=True)
+    _run(["scontrol", "requeue", first], env=env, check=True, capture_output=True)
 
     while _squeue(env, *jobs):
         assert time.monotonic() < deadline + 300, f"jobs still queued after 10 minutes: {_squeue(env, *jobs)}"
@@ -173,9 +178,9 @@ def test_a_job_whose_training_exits_75_requeues_itself(slurm, tmp_path):
                         '[ "${SLURM_RESTART_COUNT:-0}" -ge 1 ] || exit 75\n')
     stand_in.chmod(0o755)
     run = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", "llamatron", "launch", "--config", str(cfg), "--set", f"train.out_dir={run}",
-                          "--set", "launch.jobs=1", "--set", f"launch.python={stand_in}"],
-                         env={**slurm, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    res = _run([sys.executable, "-m", "llamatron", "launch", "--config", str(cfg), "--set", f"train.out_dir={run}",
+                "--set", "launch.jobs=1", "--set", f"launch.python={stand_in}"],
+               env={**slurm, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     (job,) = re.findall(r"submitted job (\d+)", res.stdout)
     deadline = time.monotonic() + 300
@@ -186,5 +191,5 @@ def test_a_job_whose_training_exits_75_requeues_itself(slurm, tmp_path):
     assert f"exit 75); requeueing job {job}" in log
     assert f"job {job} (start 2)" in log and "training exited with status 0" in log
     assert log.count("stand-in trainer: -m llamatron train --config") == 2
-    state = subprocess.run(["scontrol", "show", "job", job], env=slurm, capture_output=True, text=True).stdout
+    state = _run(["scontrol", "show", "job", job], env=slurm, capture_output=True, text=True).stdout
     assert "JobState=COMPLETED" in state and "Restarts=1" in state

@@ -40,6 +40,20 @@ def test_resume_is_exact(tmp_path):
     assert json.loads((split / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())["consumed_samples"] == 32
 
 
+def test_train_called_again_on_a_finished_run_does_nothing(tmp_path):
+    out = tmp_path / "run"
+    first = train(_cfg(out, 2), progress=False, log=lambda *_: None)
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    said = []
+    again = train(_cfg(out, 2), progress=False, log=said.append)
+    assert said == [f"run {out} already finished: checkpoint at step 2 (train.steps = 2); nothing to train"]
+    assert again.already_finished and not first.already_finished
+    assert (again.steps, again.checkpoint, again.eval_history) == (2, first.checkpoint, [])
+    # Nothing reloaded, validated or appended: metrics.jsonl, config.yaml and the checkpoint as they were.
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == files
+    assert train(_cfg(out, 3), progress=False, log=lambda *_: None).steps == 3  # more steps: it goes on
+
+
 def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path):
     a = train(_cfg(tmp_path / "a", 3, ["train.micro_batch_size=1"]), progress=False, log=lambda *_: None)
     b = train(_cfg(tmp_path / "b", 3, ["train.micro_batch_size=4"]), progress=False, log=lambda *_: None)

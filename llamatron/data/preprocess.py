@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from llamatron.data.gzip_members import GzipMembers
 from llamatron.data.indexed import IndexedDatasetWriter, data_file_paths, token_dtype
 from llamatron.errors import LlamatronError
 from llamatron.tokenizer import Tokenizer, load_tokenizer
@@ -343,19 +344,12 @@ def _check_writable(directory: Path, output_prefix: str) -> None:
 def _gzip_end(path: Path) -> tuple[int, int, int]:
     """(member, decompressed bytes, line) where the data of a truncated gzip file ends: decompressed
     again member by member, on the error path only (the reading loop knows only its last block)."""
-    member, total, lines = 1, 0, 1
-    d = zlib.decompressobj(wbits=31)
+    members = GzipMembers()
     with open(path, "rb") as f, contextlib.suppress(zlib.error):  # garbage after the cut: count to there
         while chunk := f.read(1 << 20):
-            while chunk:
-                if d.eof:  # the next member starts
-                    member += 1
-                    d = zlib.decompressobj(wbits=31)
-                out = d.decompress(chunk)
-                total += len(out)
-                lines += out.count(b"\n")
-                chunk = d.unused_data if d.eof else b""
-    return member, total, lines
+            members.feed(chunk)
+        members.finish()  # what zlib still holds of the cut member counts too
+    return max(members.member, 1), members.decompressed, members.lines + 1
 
 
 def _progress_bar(total: int, enabled: bool):

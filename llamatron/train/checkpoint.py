@@ -90,6 +90,20 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def finished_run(out_dir: str | Path, steps: int, resume: bool = True, log=print) -> tuple[int, Path] | None:
+    """(step, newest checkpoint) of a run already at `steps` (a later job of a chain, the same command
+    or `train()` call again), after saying so; None when there is training left. Going on would
+    reload, validate again and append a duplicate eval row."""
+    newest = latest_checkpoint(out_dir) if resume else None
+    if newest is None:
+        return None
+    step = int(read_trainer_state(newest)["step"])
+    if step < steps:
+        return None
+    log(f"run {out_dir} already finished: checkpoint at step {step} (train.steps = {steps}); nothing to train")
+    return step, newest
+
+
 def _rng_state() -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():

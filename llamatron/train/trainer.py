@@ -37,7 +37,7 @@ from llamatron.parallel.memory import estimate_memory
 from llamatron.parallel.reduce import global_mean_loss, sum_over_ranks
 from llamatron.runtime import Precision, load_batch
 from llamatron.train import reliability, run_lock
-from llamatron.train.checkpoint import Checkpointer, check_init_from
+from llamatron.train.checkpoint import Checkpointer, check_init_from, finished_run
 from llamatron.train.metrics import MetricsWriter, ThroughputMeter, run_environment
 from llamatron.train.mlperf_log import MLPerfLog
 from llamatron.train.optim import build_optimizer, lr_at
@@ -56,6 +56,7 @@ class TrainResult:
     checkpoint: Path | None
     wall_s: float
     rank: int = 0  # under torchrun every rank returns; only rank 0 reports
+    already_finished: bool = False  # the run was at train.steps before: nothing loaded, validated or written
     preempted: str | None = None  # the stop signal that ended the run early (checkpoint written)
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
     mlperf_status: str | None = None  # MLPerf mode: success / aborted once the run ended, else None
@@ -72,13 +73,18 @@ def train(cfg: Config, *, progress: bool = True, log=print) -> TrainResult:
         # Everything that can be wrong with the config and the input files fails here, before any GPU
         # memory is touched (only the first process of a host scans the token files).
         validate_config(cfg, world_size)
+        rank = int(os.environ.get("RANK", "0"))
+        done = finished_run(cfg.train.out_dir, cfg.train.steps, cfg.checkpoint.resume, log if rank == 0 else _silent)
+        if done is not None:
+            return TrainResult(Path(cfg.train.out_dir), done[0], None, [], None, None, done[1], 0.0, rank,
+                               already_finished=True)
         check_init_from(cfg.checkpoint.init_from)
         # One run per out_dir, held by rank 0 from before anything in it is written or removed (a second
         # run would delete this one's in-flight save as a crash's leftover) until the run ends.
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank == 0:
             stack.callback(run_lock.acquire(cfg.train.out_dir, log).release)
         if runtime.env_local_rank() == 0:
-            quiet = int(os.environ.get("RANK", "0")) != 0
+            quiet = rank != 0
             check_inputs(cfg.data, resolve_model(cfg.model)[1].vocab_size, _silent if quiet else log)
         runtime.configure(cfg.train.threads, cfg.train.deterministic)
         device = runtime.select_device(cfg.train.device)
