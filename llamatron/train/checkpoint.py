@@ -177,7 +177,8 @@ def _write_synced(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
-# Checksums: CRC32 (zlib's, ~3-4 GB/s on one core; it releases the GIL, so a few files hash at once).
+# Checksums: CRC32 (zlib's: 1-4 GB/s on one core, docs/reliability.md; it releases the GIL, so a few
+# files hash at once).
 _HASH_THREADS = 4
 _HASH_CHUNK = 16 << 20
 
