@@ -234,6 +234,13 @@ class CheckpointConfig:
     # Write in a background thread (torch DCP async_save) after a copy to host memory; training waits
     # only for the copy. None = on for CUDA runs (docs/performance.md, "Asynchronous checkpoints").
     async_save: bool | None = None
+    # Check every file of a checkpoint against the checksums written at its save before resuming from
+    # it or loading init_from (docs/reliability.md, "Checksums"); false skips the read of the whole
+    # checkpoint this costs.
+    verify: bool = True
+    # A damaged newest checkpoint at resume: false fails naming the checkpoint before it; true moves
+    # it aside (step_N.damaged) and resumes from the newest intact one.
+    fallback: bool = False
 
 
 def _validate_checkpoint(ck: CheckpointConfig) -> None:

@@ -40,6 +40,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ import torch
 from llamatron.errors import LlamatronError
 from llamatron.models import registry
 from llamatron.models.llama import hf as llama_hf
-from llamatron.train.checkpoint import quiet_dcp
+from llamatron.train.checkpoint import quiet_dcp, verify_checkpoint, write_checksums
 
 # --------------------------------------------------------------------------------------------------
 # What every family shares: the parameters of a shape, and the run config that rebuilds it
@@ -265,6 +266,7 @@ def write_llamatron_checkpoint(dst: str | Path, tensors: list[TensorSpec], args,
         (tmp / "config.yaml").write_text(dump_config(cfg))
         state = {"step": 0, "consumed_samples": 0, "weights_only": True, "converted_from": source}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        write_checksums(tmp)  # verified as a trained checkpoint's are, at eval and init_from
         (tmp / "COMPLETE").write_text(f"converted from {source}\n")
     return Path(dst)
 
@@ -520,6 +522,7 @@ def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_sh
 
     path = resolve_checkpoint(src)
     _check_dst(dst)
+    verify_checkpoint(path, log=lambda line: print(line, file=sys.stderr))
     args = checkpoint_model_args(path)
     hf_module = registry.family_of(args).hf
     if hf_module is None:

@@ -70,6 +70,27 @@ def _newest(trained):
     return sorted((trained / "run" / "checkpoints").glob("step_*"))[-1]
 
 
+def _flipped(shard):
+    """The issue's silent corruption: 16 bytes flipped inside the shard's tensor data."""
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    shard.write_bytes(data)
+
+
+def _flipped_checkpoint(t, trained):
+    dst = t / "ck"
+    shutil.copytree(_newest(trained), dst)
+    _flipped(dst / "__0_0.distcp")
+    return dst
+
+
+def _resume_flipped(t, trained):
+    shutil.copytree(trained / "run", t / "run")
+    _flipped(_newest(t) / "__0_0.distcp")
+    return _train(t, "eval.samples=0", "train.steps=2")
+
+
 def _damaged_checkpoint(t, trained):
     src = _newest(trained)
     dst = t / "ck"
@@ -163,7 +184,12 @@ CASES = [
     ("eval-num-samples-zero", lambda t, tr: _eval(tr, "--num-samples", "0"), ["--num-samples", "positive"]),
     ("eval-micro-batch-zero", lambda t, tr: _eval(tr, "--micro-batch-size", "0"), ["--micro-batch-size", "positive"]),
     ("eval-truncated-shard", lambda t, tr: ["eval", "--checkpoint", str(_damaged_checkpoint(t, tr)),
-                                             "--data", str(tr / "v")], ["ck", "cannot load"]),
+                                             "--data", str(tr / "v")], ["ck: damaged: __0_0.distcp has 1000 bytes but was saved with "]),
+    ("eval-flipped-bytes", lambda t, tr: ["eval", "--checkpoint", str(_flipped_checkpoint(t, tr)),
+                                           "--data", str(tr / "v")],
+     ["ck: damaged: __0_0.distcp has crc32 ", " but was saved with "]),
+    ("resume-flipped-bytes", _resume_flipped, ["step_00000001: damaged (__0_0.distcp has crc32 ",
+                                               "no complete checkpoint before it is left"]),
     # flops
     ("flops-seq-len-zero", lambda t, _: ["flops", "--seq-len", "0"], ["--seq-len", "positive"]),
     ("flops-gpus-zero", lambda t, _: ["flops", "--step-time", "1", "--global-batch", "8", "--gpus", "0"],

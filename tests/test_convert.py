@@ -131,6 +131,10 @@ def test_imported_checkpoint_is_a_weights_only_llamatron_checkpoint(imported):
     assert args == llama_hf.args_from_hf_config(_hf_config().to_dict())
     assert (args.vocab_size, args.max_seq_len, args.ffn_dim) == (512, 131072, 160)
     assert not list(imported.parent.glob(".*.tmp"))  # the staging directory was renamed
+    # Checksummed as a trained checkpoint is: every file but the marker, verified at eval and init_from.
+    listed = json.loads((imported / ckpt.CHECKSUMS).read_text())["files"]
+    assert set(listed) == {p.name for p in imported.iterdir()} - {ckpt.MARKER, ckpt.CHECKSUMS}
+    assert ckpt.verify_checkpoint(imported) == sum(f["bytes"] for f in listed.values())
 
 
 def test_export_loads_in_transformers_and_reimports_bit_exact(hf_model, imported, tmp_path):

@@ -15,7 +15,8 @@ rank = the global rank, every rank when absent):
         before_data     temporary directory made, nothing written (SIGKILL)
         during_data     inside DCP's write, the shard file cut at 1 MiB: the kernel kills the
                         process with SIGXFSZ when its write crosses RLIMIT_FSIZE
-        after_data      DCP shards and .metadata written, RNG and trainer state not (SIGKILL)
+        after_data      RNG file, DCP shards, their checksums and .metadata written, trainer state
+                        not (SIGKILL)
         before_marker   every file written except the COMPLETE marker (SIGKILL)
         before_rename   marker written, directory still under its temporary name (SIGKILL)
         after_rename    renamed to step_NNNNNNNN, older checkpoints not yet pruned (SIGKILL)

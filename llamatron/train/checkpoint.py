@@ -7,6 +7,7 @@ Layout of one checkpoint, `OUT/checkpoints/step_00000100/`:
     rng_rank{r}.pt            each rank's RNG states (plain tensors, loaded with weights_only=True)
     trainer_state.json        step, consumed samples, ...
     config.yaml               the resolved run config (what `eval` needs to rebuild the model)
+    checksums.json            size and CRC32 of each file above (`verify_checkpoint`)
     COMPLETE                  written last; a directory without it is never resumed from
 
 A checkpoint is written under a temporary name (`.step_00000100.tmp`), fsynced, marked COMPLETE and
@@ -24,6 +25,12 @@ which slice of it each rank wrote (FSDP or TP shards, or a pipeline stage's laye
 reads whatever slices the loading layout needs. So a run saved with one layout (FSDP over 2 ranks,
 say) resumes with another (TP 2, pipeline stages, or a single process), and `consolidated_state_dict`
 reads any checkpoint back as one plain state dict.
+
+Each rank checksums the files it wrote right after writing them (in the writer thread of an
+asynchronous save) and rank 0 merges the lists into checksums.json before the marker. Resume, eval,
+init_from and export check every file against it first (`verify_checkpoint`, spread over the ranks),
+so bytes changed after the save fail the load naming the file instead of loading silently; a damaged
+newest checkpoint at resume names the one before, and `checkpoint.fallback` resumes from it.
 """
 
 from __future__ import annotations
@@ -33,9 +40,12 @@ import json
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,11 +66,16 @@ from llamatron import hooks
 from llamatron.train.resume_check import check_resume_config
 
 MARKER = "COMPLETE"
+CHECKSUMS = "checksums.json"
 _NAME = re.compile(r"^step_(\d+)$")
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _barrier() -> None:
@@ -83,6 +98,15 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
         if m and (p / MARKER).is_file():
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def _aside_name(path: Path) -> Path:
+    """Where a damaged checkpoint is moved: a name that resume never reads and no clean-up removes."""
+    aside, n = path.with_name(f"{path.name}.damaged"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged{n}")
+    return aside
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -165,6 +189,162 @@ def _write_synced(path: Path, write) -> None:
         write(f)
         f.flush()
         os.fsync(f.fileno())
+
+
+# Checksums: CRC32 (zlib's: 1-4 GB/s on one core, docs/reliability.md; it releases the GIL, so a few
+# files hash at once).
+_HASH_THREADS = 4
+_HASH_CHUNK = 16 << 20
+
+
+class CheckpointDamaged(LlamatronError):
+    """A checkpoint whose files are not what was saved (`reason` names the first bad file)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: damaged: {reason}; its files changed after the save (a disk, copy or transfer "
+                         "error): use another checkpoint")
+
+
+def _crc32_file(path: Path) -> dict:
+    crc, size, buf = 0, 0, bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc, size = zlib.crc32(view[:n], crc), size + n
+    return {"crc32": crc, "bytes": size}
+
+
+def _map_threads(fn, items: list) -> list:
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(_HASH_THREADS, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def file_checksums(directory: Path, names) -> dict[str, dict]:
+    """{name: {"crc32": ..., "bytes": ...}} of these files of `directory`."""
+    names = sorted(names)
+    return dict(zip(names, _map_threads(lambda n: _crc32_file(directory / n), names)))
+
+
+def _write_checksums(path: Path, files: dict[str, dict]) -> None:
+    # One line per file: {"algorithm": "crc32", "files": {name: {"crc32": ..., "bytes": ...}, ...}}
+    lines = ",\n".join(f"  {json.dumps(name)}: {json.dumps(files[name])}" for name in sorted(files))
+    text = f'{{"algorithm": "crc32", "files": {{\n{lines}\n}}}}\n'
+    _write_synced(path, lambda f: f.write(text.encode()))
+
+
+def write_checksums(directory: str | Path) -> None:
+    """checksums.json of every file in a checkpoint directory written by one process (`convert`)."""
+    directory = Path(directory)
+    names = [p.name for p in directory.iterdir() if p.is_file() and p.name not in (MARKER, CHECKSUMS)]
+    _write_checksums(directory / CHECKSUMS, file_checksums(directory, names))
+
+
+def _rank_checksums(tmp: Path, rank: int) -> Path:
+    return tmp / f"checksums_rank{rank}.json"
+
+
+def _merge_checksums(tmp: Path, world: int) -> None:
+    """Rank 0, before the marker: every rank's list and the files written after the shards, in one
+    checksums.json (a rank's missing list fails the save)."""
+    files = {}
+    for r in range(world):
+        files.update(json.loads(_rank_checksums(tmp, r).read_text())["files"])
+    files.update(file_checksums(tmp, [".metadata", "trainer_state.json", "config.yaml"]))
+    _write_checksums(tmp / CHECKSUMS, files)
+    for r in range(world):
+        _rank_checksums(tmp, r).unlink()
+
+
+class _ChecksummingWriter(dcp.FileSystemWriter):
+    """DCP's file writer (each shard fsynced before .metadata is written) that checksums this rank's
+    files once they are written: its shards and its RNG file (written before them), listed in
+    checksums_rank{r}.json for rank 0 to merge. In an asynchronous save this runs in the writer
+    thread, so training does not wait for the hashing."""
+
+    def __init__(self, path: Path, rank: int):
+        super().__init__(str(path), sync_files=True)
+        self.dir, self.rank = Path(path), rank
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)  # DCP's file writer returns it completed
+        names = {r.storage_data.relative_path for r in future.wait()}
+        rng = f"rng_rank{self.rank}.pt"
+        if (self.dir / rng).is_file():
+            names.add(rng)
+        _write_checksums(_rank_checksums(self.dir, self.rank), file_checksums(self.dir, names))
+        return future
+
+
+def _read_manifest(path: Path) -> dict[str, dict] | None:
+    """checksums.json's files (None: the checkpoint has none); unreadable: CheckpointDamaged."""
+    f = path / CHECKSUMS
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text())
+        if data["algorithm"] != "crc32":
+            raise ValueError(f"algorithm {data['algorithm']!r}, expected 'crc32'")
+        return {str(k): {"crc32": int(v["crc32"]), "bytes": int(v["bytes"])} for k, v in data["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointDamaged(path, f"{CHECKSUMS} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def _mismatch(path: Path, name: str, saved: dict) -> str | None:
+    f = path / name
+    if not f.is_file():
+        return f"{name} is missing"
+    size = f.stat().st_size
+    if size != saved["bytes"]:
+        return f"{name} has {size} bytes but was saved with {saved['bytes']}"
+    crc = _crc32_file(f)["crc32"]
+    if crc != saved["crc32"]:
+        return f"{name} has crc32 {crc} but was saved with {saved['crc32']}"
+    return None
+
+
+def _gather_objects(obj) -> list:
+    """Every rank's `obj` on every rank (a collective: every rank must call it)."""
+    if _world() == 1:
+        return [obj]
+    out = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def verify_checkpoint(path: str | Path, log=None) -> int | None:
+    """Check the size and CRC32 of every file checksums.json lists; raise CheckpointDamaged naming the
+    first bad one. Returns the bytes verified, or None for a checkpoint without checksums.json
+    (saved by an older llamatron: loaded unverified, with a warning through `log`). With several
+    ranks, rank r checks every world-th file and all ranks agree on the outcome (a collective: every
+    rank must call it), so all raise together and with the same message."""
+    path = Path(path)
+    rank, world = _rank(), _world()
+    try:
+        files, bad = _read_manifest(path), []
+        if files is not None:
+            mine = list(enumerate(sorted(files)))[rank::world]
+            found = _map_threads(lambda item: _mismatch(path, item[1], files[item[1]]), mine)
+            bad = [(i, why) for (i, _), why in zip(mine, found) if why]
+    except CheckpointDamaged as e:
+        files, bad = {}, [(-1, e.reason)]
+    results = _gather_objects((files is None, bad))
+    bad = sorted(item for _, found in results for item in found)
+    if bad:
+        more = f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""
+        raise CheckpointDamaged(path, bad[0][1] + more)
+    if any(unlisted for unlisted, _ in results):
+        if log is not None and rank == 0:
+            log(f"warning: {path}: no {CHECKSUMS} (saved by an older llamatron): its files cannot be verified")
+        return None
+    return sum(f["bytes"] for f in files.values())
+
+
+def _warn(message: str) -> None:
+    if _rank() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _discard(path: Path) -> None:
@@ -251,9 +431,10 @@ def _write_rng(tmp: Path, rank: int) -> None:
 
 
 def _finalize(root: Path, tmp: Path, final: Path, step: int, state_json: str, config_yaml: str) -> None:
-    """Rank 0, once every rank's shards are written: trainer state, config, marker, rename."""
+    """Rank 0, once every rank's shards are written: trainer state, config, checksums, marker, rename."""
     _write_synced(tmp / "trainer_state.json", lambda f: f.write(state_json.encode()))
     _write_synced(tmp / "config.yaml", lambda f: f.write(config_yaml.encode()))
+    _merge_checksums(tmp, _world())
     hooks.fire("save", phase="before_marker", step=step, rank=0)
     _write_synced(tmp / MARKER, lambda f: f.write(f"step {step}\n".encode()))
     _fsync_dir(tmp)
@@ -290,11 +471,10 @@ def save_checkpoint(
     try:
         sd = _gather(model, optimizer, frozen)
         hooks.fire("save", phase="during_data", step=step, rank=rank)
+        _write_rng(tmp, rank)  # before the shards, as in the asynchronous save: the writer checksums both
         with quiet_dcp():
-            # sync_files (the default): each shard is fsynced before DCP writes .metadata.
-            dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+            dcp.save(sd, storage_writer=_ChecksummingWriter(tmp, rank))
         hooks.fire("save", phase="after_data", step=step, rank=rank)
-        _write_rng(tmp, rank)
     except (Exception, CheckpointException) as e:  # DCP raises CheckpointException, a BaseException
         error = e
     _fail_together(error, rank, root, tmp, final)
@@ -310,12 +490,12 @@ def save_checkpoint(
     return final
 
 
-class _BackgroundWriter(dcp.FileSystemWriter):
-    """DCP's file writer, with the hook point of the background write (fault tests kill it there)."""
+class _BackgroundWriter(_ChecksummingWriter):
+    """The checksumming writer, with the hook point of the background write (fault tests kill it there)."""
 
     def __init__(self, path: Path, step: int, rank: int):
-        super().__init__(str(path), sync_files=True)  # each shard fsynced before .metadata is written
-        self.step, self.rank = step, rank
+        super().__init__(path, rank)
+        self.step = step
 
     def write_data(self, plan, planner):
         hooks.fire("save", phase="async_write", step=self.step, rank=self.rank)
@@ -454,13 +634,17 @@ def read_checkpoint_config(path: str | Path) -> str:
 
 def load_checkpoint(path: str | Path, model, optimizer, frozen: bool = True) -> dict:
     """Restore model, optimizer and this rank's RNG in place; return the trainer state. The checkpoint
-    may come from any layout; model and optimizer as for `save_checkpoint`."""
+    may come from any layout; model and optimizer as for `save_checkpoint`. The files are not verified
+    here (`verify_checkpoint`, which `Checkpointer.restore` runs first); a load that fails on any rank
+    raises CheckpointDamaged on every rank."""
     path = Path(path)
     state = read_trainer_state(path)
     options = _OPTIONS if frozen else _OPTIONS_TRAINABLE  # frozen=False: the frozen parameters are left as they are
     parts = _state_dicts(model, optimizer, frozen)
     sd = {"model": {k: v for m, _ in parts for k, v in m.items()},
           "optim": {k: v for _, o in parts for k, v in o.items()}}
+    _check_shapes(path, sd["model"])  # another model is not a damaged checkpoint
+    error, rng = None, None
     try:
         with quiet_dcp():
             dcp.load(sd, checkpoint_id=str(path))
@@ -472,10 +656,10 @@ def load_checkpoint(path: str | Path, model, optimizer, frozen: bool = True) -> 
         rng_file = path / f"rng_rank{_rank()}.pt"
         rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
     except (Exception, CheckpointException) as e:
-        raise LlamatronError(
-            f"{path}: cannot load this checkpoint ({_describe_error(e)}); its files were damaged after the save, "
-            "or the model differs from the one that saved it. Move it aside to resume from the one before"
-        ) from e
+        error = e
+    if _any_rank(error is not None):  # the RNG file is read by one rank: the others learn of its failure here
+        reason = _describe_error(error) if error is not None else "failed on another rank"
+        raise CheckpointDamaged(path, f"cannot load it ({reason})") from error
     if rng is not None:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -483,17 +667,20 @@ def load_checkpoint(path: str | Path, model, optimizer, frozen: bool = True) -> 
     return state
 
 
-def load_model_weights(path: str | Path, model) -> None:
+def load_model_weights(path: str | Path, model, verify: bool = True, log=_warn) -> None:
     """Only the model weights (for evaluation, or to start training from a checkpoint); `model` a
-    module or a list of parts."""
+    module or a list of parts. verify: check the files against their checksums first (a collective
+    with several ranks)."""
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise LlamatronError(f"{path}: not a checkpoint directory (no DCP .metadata file)")
+    if verify:
+        verify_checkpoint(path, log)
     parts = [get_model_state_dict(m) for m in _as_list(model)]
     # A model with LoRA adapters starts from a base checkpoint without them: they keep their initial values.
     from llamatron.transforms.lora import is_adapter_key
 
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = _read_metadata(path).state_dict_metadata
     strict = all(f"model.{k}" in saved for p in parts for k in p)
     parts = [{k: v for k, v in p.items() if f"model.{k}" in saved or not is_adapter_key(k)} for p in parts]
     sd = {"model": {k: v for p in parts for k, v in p.items()}}
@@ -508,9 +695,16 @@ def load_model_weights(path: str | Path, model) -> None:
         set_model_state_dict(mod, {k: sd["model"][k] for k in p}, options=StateDictOptions(strict=strict))
 
 
+def _read_metadata(path: Path):
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise CheckpointDamaged(path, f".metadata is unreadable ({_describe_error(e)})") from e
+
+
 def _check_shapes(path: Path, model_sd: dict) -> None:
     """A checkpoint of another model (size) fails naming a tensor and both shapes, not inside DCP."""
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = _read_metadata(path).state_dict_metadata
     differ = []
     for name, t in model_sd.items():
         m = saved.get(f"model.{name}")
@@ -523,14 +717,18 @@ def _check_shapes(path: Path, model_sd: dict) -> None:
                              f"{differ[0]}); check model.size and the model.* keys")
 
 
-def consolidated_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(path: str | Path, dtype: torch.dtype | None = None,
+                            verify: bool = True) -> dict[str, torch.Tensor]:
     """A checkpoint's model weights as one plain state dict on the CPU (single process, no process
     group, whatever layout saved it): the keys of `Transformer.state_dict()`, loadable with
-    `load_state_dict(strict=True)`. `dtype` converts them (e.g. torch.bfloat16 for export)."""
+    `load_state_dict(strict=True)`. `dtype` converts them (e.g. torch.bfloat16 for export);
+    verify: check the files against their checksums first."""
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise LlamatronError(f"{path}: not a checkpoint directory (no DCP .metadata file)")
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    if verify:
+        verify_checkpoint(path, _warn)
+    metadata = _read_metadata(path)
     flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
     with quiet_dcp():
@@ -601,26 +799,70 @@ class Checkpointer:
             self.log(f"warning: {warning}")
 
     def restore(self) -> dict:
-        """The trainer state to continue from ({} for a fresh start), the weights (and optimizer) loaded."""
-        resume_from = latest_checkpoint(self.out_dir) if self.cfg.resume else None
-        frozen = self.cfg.save_frozen
-        if resume_from is not None:
-            check_resume_config(resume_from, read_checkpoint_config(resume_from), self.config_yaml,
-                                self.cfg.allow_config_change, self.log)
-            if self.cfg.init_from and not frozen:
-                # Adapter-only checkpoints: the frozen base weights come from init_from again.
-                load_model_weights(self.cfg.init_from, self.parts)
-            state = load_checkpoint(resume_from, self.parts, self.optimizers, frozen)
-            self.last = resume_from
-            self.log(f"resumed from {resume_from} at step {state['step']} ({state['consumed_samples']} samples consumed)")
-            return {**state, "resumed_from": str(resume_from)}
-        if self.cfg.init_from:
+        """The trainer state to continue from ({} for a fresh start), the weights (and optimizer) loaded.
+        A damaged newest checkpoint fails naming the one before, or with `checkpoint.fallback` is
+        moved aside and the one before is taken (every rank decides alike: the checks are collectives)."""
+        candidates = list_checkpoints(self.out_dir)[::-1] if self.cfg.resume else []
+        for i, path in enumerate(candidates):
             try:
-                load_model_weights(self.cfg.init_from, self.parts)
-            except LlamatronError as e:
-                raise LlamatronError(f"config key 'checkpoint.init_from': {e}") from None
+                return self._resume(path)
+            except CheckpointDamaged as e:
+                self._set_aside(e, candidates[i + 1] if i + 1 < len(candidates) else None)
+        if self.cfg.init_from:
+            self._init_from()
             self.log(f"initialised model weights from {self.cfg.init_from}")
         return {}
+
+    def _resume(self, path: Path) -> dict:
+        verified = self.cfg.verify and self._verify(path)
+        check_resume_config(path, read_checkpoint_config(path), self.config_yaml, self.cfg.allow_config_change,
+                            self.log)
+        frozen = self.cfg.save_frozen
+        if self.cfg.init_from and not frozen:
+            self._init_from()  # adapter-only checkpoints: the frozen base weights come from init_from again
+        try:
+            state = load_checkpoint(path, self.parts, self.optimizers, frozen)
+        except CheckpointDamaged as e:
+            if verified:  # intact files that do not load: not something an older checkpoint cures
+                raise LlamatronError(f"{path}: {e.reason}, although its files match their checksums; the model or "
+                                     "the torch release differs from the one that saved it") from None
+            raise
+        self.last = path
+        self.log(f"resumed from {path} at step {state['step']} ({state['consumed_samples']} samples consumed)")
+        return {**state, "resumed_from": str(path)}
+
+    def _verify(self, path: Path) -> bool:
+        t0 = time.perf_counter()
+        verified = verify_checkpoint(path, self.log)
+        if verified is not None:
+            size = f"{verified / 1e9:.1f} GB" if verified >= 1e9 else f"{verified / 1e6:.1f} MB"
+            self.log(f"{path}: its {size} match their checksums (checked in {time.perf_counter() - t0:.2f} s)")
+        return verified is not None
+
+    def _init_from(self) -> None:
+        # Its errors name the key, and are never taken for the damage of the checkpoint resumed from.
+        try:
+            load_model_weights(self.cfg.init_from, self.parts, self.cfg.verify, self.log)
+        except LlamatronError as e:
+            raise LlamatronError(f"config key 'checkpoint.init_from': {e}") from None
+
+    def _set_aside(self, damaged: CheckpointDamaged, older: Path | None) -> None:
+        """With checkpoint.fallback, move a damaged checkpoint out of resume's way (rank 0, once every
+        rank knows); without it, fail naming the checkpoint before."""
+        path, aside = damaged.path, _aside_name(damaged.path)
+        if older is None:
+            raise LlamatronError(f"{path}: damaged ({damaged.reason}); no complete checkpoint before it is left: move "
+                                 "it aside to start from the beginning") from None
+        if not self.cfg.fallback:
+            raise LlamatronError(f"{path}: damaged ({damaged.reason}); the checkpoint before it is {older.name}: resume "
+                                 f"from it with --set checkpoint.fallback=true (this one is then moved aside as "
+                                 f"{aside.name})") from None
+        self.log(f"warning: {path}: damaged ({damaged.reason}); moved aside as {aside.name}, resuming from "
+                 f"{older.name} (checkpoint.fallback=true)")
+        if _rank() == 0:
+            os.replace(path, aside)
+            _fsync_dir(path.parent)
+        _barrier()
 
     def due(self, step: int, total_steps: int) -> bool:
         """A save on the cadence after step `step` (the last step's save is the end of the run's)."""
