@@ -383,6 +383,48 @@ def _one_line_error(capsys, argv, *needles):
         assert n in err[0], err[0]
 
 
+# Statements with the answer cued by the passage's last word; the same 4 statements say yes and no.
+CUED = [(f"{fact}. {cue}.", "is that so", cue == "True") for fact in
+        ("The lamp is on", "The door is open", "Tom is awake", "The cup is full") for cue in ("True", "False")]
+
+
+def _cued_boolq(path: Path, flip: bool = False) -> Path:
+    path.write_text("".join(json.dumps({"passage": p, "question": q, "label": label != flip}) + "\n"
+                            for p, q, label in CUED))
+    return path
+
+
+def _zero_shot(out) -> dict[int, float]:
+    rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    return {r["step"]: r["boolq/acc"] for r in rows if r["kind"] == "zero_shot"}
+
+
+@pytest.mark.slow
+def test_sft_and_lora_raise_boolq_accuracy_on_their_training_set(tmp_path):
+    """The plumbing end to end: fine-tuning on a BoolQ-layout set raises the accuracy that the built-in
+    boolq scorer gives on that set, scored by the run (eval.tasks: before the first step and at the end)
+    and by `llamatron evaluate` on its checkpoint. The base is the tiny model fine-tuned on the same
+    passages with the opposite answers, so it gets every item wrong; LoRA could not start from the
+    seed's random model, whose frozen output layer keeps every logit within about +-1.3: the
+    three-token ' no' outscores the four-token ' yes' whatever the adapters do. With train.seed 0-3 and
+    1234 the base's best item is 0.44 nats wrong and the fine-tuned models' worst 0.61 (SFT) and 0.71
+    (LoRA) nats right, so the bounds below hold with room."""
+    data, flipped = _cued_boolq(tmp_path / "cued.jsonl"), _cued_boolq(tmp_path / "flipped.jsonl", flip=True)
+    base = train(_cfg(tmp_path, tmp_path / "base", 30, [f"finetune.data={flipped}", "checkpoint.every=0"]),
+                 progress=False, log=lambda *a: None)
+    scored = [f"finetune.data={data}", f"checkpoint.init_from={base.checkpoint}", "eval.at_start=true",
+              f"eval.tasks=[boolq={data}]", "eval.tasks_prompt=pax", "checkpoint.every=0"]
+    lora = ["lora.rank=8", "lora.alpha=16", "optim.lr=1e-2", "optim.min_lr=1e-2", "checkpoint.save_frozen=false"]
+    for name, extra in (("sft", ["optim.lr=2e-3", "optim.min_lr=2e-3"]), ("lora", lora)):
+        run = train(_cfg(tmp_path, tmp_path / name, 30, [*scored, *extra]), progress=False, log=lambda *a: None)
+        acc = _zero_shot(run.out_dir)
+        assert acc[0] <= 0.25 and acc[30] >= 0.75, (name, acc)
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--checkpoint", str(run.out_dir), "--tasks", "boolq", "--task-file", f"boolq={data}",
+                     "--prompt", "pax", "--device", "cpu", "--output", str(out)]) == 0
+        assert json.loads(out.read_text())["boolq"]["metrics"]["acc"]["value"] == acc[30], name
+
+
 def test_config_rejects_lora_with_tensor_parallelism(tmp_path):
     with pytest.raises(LlamatronError, match="lora.rank"):
         load_config("llamatron-finetune-test", ["finetune.data=x.jsonl", "lora.rank=4", "parallel.tp=2"])
