@@ -112,6 +112,43 @@ def test_step_normalises_by_the_global_count_of_trained_tokens():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("train_on_input", [False, True])
+def test_a_prompt_token_changes_nothing_unless_prompts_are_trained(tmp_path, train_on_input):
+    """Only response tokens contribute: two examples differing in one prompt token ('Bob' / 'Rob'),
+    through the real cache, dataset and batch, give the same loss and gradients with
+    train_on_input=false, and another loss with true. The token is also an input of every later
+    position, which would move the response's predictions whatever the mask; so the model gives the two
+    ids the same input embedding, and only the token's role as a target differs (its embedding
+    gradient lands on its own row: compared with the two rows swapped)."""
+    tok = load_tokenizer(_tokenizer(tmp_path))
+    (b,), (r,) = tok.encode("B"), tok.encode("R")
+    model = _model()
+    with torch.no_grad():
+        model.tok_embeddings.weight[r] = model.tok_embeddings.weight[b]
+    seen = []
+    for name in ("Bob", "Rob"):
+        src = tmp_path / name / "sft.jsonl"
+        src.parent.mkdir()
+        src.write_text(json.dumps({"prompt": f"Say hi to {name}.", "completion": " Hi, friend!"}) + "\n")
+        cache = build_sft_cache(src, tok, template="plain", train_on_input=train_on_input, log=lambda *a: None)
+        ds = SFTDataset(cache, seq_len=32, packing=True, seed=0)
+        (tokens, labels, extras), _ = load_sft_batch(ds, range(len(ds)), CPU)
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens, labels, **extras)
+        loss.backward()
+        seen.append((tokens, labels, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (tokens1, labels1, loss1, grads1), (tokens2, labels2, loss2, grads2) = seen
+    assert int((tokens1 != tokens2).sum()) == 1  # the one prompt token
+    if train_on_input:
+        assert int((labels1 != labels2).sum()) == 1 and abs(loss1 - loss2) > 1e-4
+        return
+    assert torch.equal(labels1, labels2) and torch.equal(loss1, loss2)
+    emb = grads2["tok_embeddings.weight"]
+    emb[[b, r]] = emb[[r, b]]
+    for n, g in grads1.items():
+        assert torch.equal(g, grads2[n]), n
+
+
 # --------------------------------------------------------------------------------------------------
 # Packing and document masks
 
