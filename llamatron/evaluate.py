@@ -123,7 +123,7 @@ def _load_weights(path, parts, base) -> None:
         ckpt.load_model_weights(path, parts)
         return
     if base is not _SEED:
-        ckpt.load_model_weights(base, parts)  # the adapters keep their initial values until the next load
+        ckpt.load_model_weights(base, parts)  # a base without adapters: they come with the next load
     ckpt.load_model_weights(path, parts, frozen=False)
 
 
