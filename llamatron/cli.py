@@ -287,13 +287,11 @@ def cmd_c4(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
-    import yaml
-
-    from llamatron.config import config_from_dict, resolve_model
+    from llamatron.config import resolve_model
     from llamatron.data.gpt_dataset import GPTDataset
     from llamatron.data.indexed import IndexedDataset
     from llamatron.eval.perplexity import evaluate
+    from llamatron.evaluate import build_model, checkpoint_config
     from llamatron.runtime import Precision, select_device
     from llamatron.train import checkpoint as ckpt
 
@@ -305,8 +303,8 @@ def cmd_eval(args) -> int:
         if newest is None:
             raise LlamatronError(f"{path}: neither a checkpoint nor a run directory with a complete checkpoint")
         path = newest
-    cfg = config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path)))
-    family, margs = resolve_model(cfg.model)
+    cfg = checkpoint_config(path)
+    margs = resolve_model(cfg.model)[1]
     _positive(args, "seq_len", "num_samples", "micro_batch_size")
     seq_len = args.seq_len or cfg.data.seq_len
     if seq_len > margs.max_seq_len:
@@ -322,11 +320,7 @@ def cmd_eval(args) -> int:
     if top >= margs.vocab_size:
         raise LlamatronError(f"{args.data}.bin: token id {top} is outside the model vocabulary of {margs.vocab_size}")
     device = select_device(args.device)
-    with torch.device("meta"):
-        model = family.build(margs)
-    model.to_empty(device=device)
-    model.init_buffers()
-    ckpt.load_model_weights(path, model)
+    model = build_model(path, cfg, device)  # as `llamatron evaluate` does: a LoRA run's adapters too
     dataset = GPTDataset(data, seq_len, num, seed=cfg.data.seed, split="valid", shuffle=False)
     mbs = args.micro_batch_size or cfg.train.micro_batch_size
     precision = Precision.choose(cfg.train.precision, device, fsdp=False)
@@ -354,10 +348,12 @@ def cmd_evaluate(args) -> int:
 
 def _evaluate_torchrun(args) -> int:
     """N processes running `llamatron evaluate` with the same arguments, without --nproc-per-node."""
+    from llamatron import evaluate
     from llamatron.launch import torchrun
 
     if args.nproc_per_node < 1:
         raise LlamatronError("--nproc-per-node must be >= 1")
+    evaluate.check_tp(args.checkpoint, args.tp)
     command = ["-m", "llamatron", "evaluate"]
     for key in ("checkpoint", "tasks", "tokenizer", "data_dir", "prompt", "include_path", "bootstrap_iters", "limit",
                 "batch_size", "device", "output", "tp"):

@@ -19,46 +19,129 @@ HARNESS_PREFIX = "harness:"
 
 def load_model(checkpoint, device, precision=None, tp: int = 1):
     """(model, precision) of a checkpoint or run directory (its newest checkpoint), built from the
-    config stored with it, as `llamatron eval` does. Under torchrun (WORLD_SIZE > 1) or with tp > 1
-    the model is a `Layout`: FSDP over WORLD_SIZE / tp ranks, tensor parallel over tp."""
-    import torch
-    import yaml
-
-    from llamatron.config import config_from_dict, resolve_model
+    config stored with it (`build_model`). Under torchrun (WORLD_SIZE > 1) or with tp > 1 the model
+    is a `Layout`: FSDP over WORLD_SIZE / tp ranks, tensor parallel over tp."""
     from llamatron.convert import resolve_checkpoint
     from llamatron.runtime import Precision, env_world_size
-    from llamatron.train import checkpoint as ckpt
 
     path = resolve_checkpoint(checkpoint)
-    cfg = config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path)))
-    family, margs = resolve_model(cfg.model)
+    cfg = checkpoint_config(path)
     name = precision if isinstance(precision, str) else cfg.train.precision
     if env_world_size() > 1 or tp > 1:
-        return _load_layout(path, cfg, family, margs, device, name, tp)
-    with torch.device("meta"):
-        model = family.build(margs)
-    model.to_empty(device=device)
-    model.init_buffers()
-    ckpt.load_model_weights(path, model)
-    model.eval()
+        return _load_layout(path, cfg, device, name, tp)
+    model = build_model(path, cfg, device)
     if precision is None or isinstance(precision, str):
         precision = Precision.choose(name, device, fsdp=False)
     return model, precision
 
 
-def _load_layout(path, cfg, family, margs, device, precision: str, tp: int):
-    """The checkpoint's model sharded over this torchrun job (plain: no compile, FP8 or checkpointing)."""
+def checkpoint_config(path):
+    """The run config stored with a checkpoint."""
+    import yaml
+
+    from llamatron.config import config_from_dict
+    from llamatron.train import checkpoint as ckpt
+
+    return config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path)))
+
+
+def check_tp(checkpoint, tp: int) -> None:
+    """A LoRA run's checkpoint is refused with tensor parallelism (as training refuses it): under
+    `--nproc-per-node`, before any process starts."""
+    from llamatron.convert import resolve_checkpoint
+
+    if tp <= 1:
+        return
+    path = resolve_checkpoint(checkpoint)
+    rank = checkpoint_config(path).lora.rank
+    if rank:
+        raise LlamatronError(f"--tp {tp}: {path} is a LoRA run's checkpoint (lora.rank = {rank}), and LoRA with "
+                             "tensor parallelism is not supported yet; evaluate it with --tp 1")
+
+
+def build_model(path, cfg, device):
+    """The model of checkpoint `path` (whose config is `cfg`) on `device` in eval mode, with its weights:
+    what `llamatron evaluate` and `llamatron eval` score. A LoRA run's model (lora.rank > 0) gets its
+    adapters as in training, loaded and then merged into the weights (the same function, without the
+    adapters' two extra matmuls per layer); see `_frozen_base` for adapter-only checkpoints."""
+    import torch
+
+    from llamatron.config import resolve_model
+    from llamatron.parallel.parallelize import materialize
+    from llamatron.transforms.lora import apply_lora_config, merge_lora
+
+    family, margs = resolve_model(cfg.model)
+    with torch.device("meta"):
+        model = family.build(margs)
+    if cfg.lora.rank:
+        apply_lora_config(model, cfg.lora, family, cfg.train.seed)
+    base = _frozen_base(path, cfg, [model])
+    if base is _SEED:  # the values the run's trainer gave the frozen weights
+        materialize(model, device, cfg.train.seed)
+    else:
+        model.to_empty(device=device)
+        model.init_buffers()
+    _load_weights(path, [model], base)
+    merge_lora(model)
+    return model.eval()
+
+
+_SEED = object()  # `_frozen_base`: the frozen weights are the run's seeded initial values
+
+
+def _frozen_base(path, cfg, parts):
+    """Where the frozen weights of a LoRA run come from when checkpoint `path` holds only its adapters
+    (checkpoint.save_frozen=false), as the trainer does on resume: the run's checkpoint.init_from, or
+    without one `_SEED`. None: `path` holds them (a checkpoint of another model fails in the load)."""
+    from llamatron.parallel.parallelize import clean_name
+    from llamatron.train import checkpoint as ckpt
+    from llamatron.transforms.lora import is_adapter_key
+
+    saved = ckpt.stored_model_keys(path)
+    missing = [clean_name(n) for part in parts for n, _ in part.named_parameters() if clean_name(n) not in saved]
+    adapters = [n for n in missing if is_adapter_key(n)]
+    if adapters:  # load_model_weights would leave them at their initial values, silently
+        raise LlamatronError(f"{path}: holds no LoRA adapter {adapters[0]} ({len(adapters)} missing), though its "
+                             f"config.yaml sets lora.rank = {cfg.lora.rank}")
+    if not missing or not cfg.lora.rank:
+        return None
+    base = cfg.checkpoint.init_from
+    if not base:
+        return _SEED
+    if not (Path(base) / ".metadata").is_file():
+        raise LlamatronError(f"{path}: holds only LoRA adapters (checkpoint.save_frozen = false: no {missing[0]}); "
+                             f"the frozen base weights come from its run's checkpoint.init_from, {base}, which is "
+                             "not a checkpoint directory (no DCP .metadata file)")
+    return Path(base)
+
+
+def _load_weights(path, parts, base) -> None:
+    """The checkpoint's weights into `parts`; `base` from `_frozen_base`."""
+    from llamatron.train import checkpoint as ckpt
+
+    if base is None:
+        ckpt.load_model_weights(path, parts)
+        return
+    if base is not _SEED:
+        ckpt.load_model_weights(base, parts)  # a base without adapters: they come with the next load
+    ckpt.load_model_weights(path, parts, frozen=False)
+
+
+def _load_layout(path, cfg, device, precision: str, tp: int):
+    """The checkpoint's model sharded over this torchrun job (plain: no compile, FP8 or checkpointing).
+    LoRA adapters stay unmerged (merging FSDP-sharded weights buys little); eval mode drops dropout."""
     import dataclasses
 
-    from llamatron.config import ParallelConfig
+    from llamatron.config import ParallelConfig, resolve_model
     from llamatron.parallel.dims import ParallelDims
     from llamatron.parallel.layout import Layout
     from llamatron.runtime import Precision, env_world_size, init_distributed
-    from llamatron.train import checkpoint as ckpt
 
+    family, margs = resolve_model(cfg.model)
     world = env_world_size()
     if tp < 1 or world % tp:
         raise LlamatronError(f"--tp {tp}: must divide the number of processes, {world}")
+    check_tp(path, tp)
     for key, n in family.tp_divisible(margs).items():
         if n % tp:
             raise LlamatronError(f"--tp {tp}: must divide the model's {key} ({n})")
@@ -68,8 +151,8 @@ def _load_layout(path, cfg, family, margs, device, precision: str, tp: int):
     prec = Precision.choose(precision, device, fsdp=dims.fsdp_enabled)
     train = dataclasses.replace(cfg.train, compile=False, activation_checkpointing=False, fp8="none",
                                 fp8_all_gather=False)
-    layout = Layout.build(family, margs, train, dims, device, prec.params, 1)
-    ckpt.load_model_weights(path, layout.parts)
+    layout = Layout.build(family, margs, train, dims, device, prec.params, 1, cfg.lora if cfg.lora.rank else None)
+    _load_weights(path, layout.parts, _frozen_base(path, cfg, layout.parts))
     layout.train(False)
     return layout, prec
 

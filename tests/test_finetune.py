@@ -3,25 +3,41 @@ global token normalisation, and end-to-end SFT and LoRA runs through the trainer
 is exact, the PEFT adapter is written)."""
 
 import base64
+import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
+from llamatron import hooks
+from llamatron.cli import main
 from llamatron.config import load_config
+from llamatron.data.gpt_dataset import GPTDataset
+from llamatron.data.indexed import IndexedDataset, IndexedDatasetWriter
 from llamatron.data.packing import pack_greedy
 from llamatron.data.sft import SFTDataset, build_sft_cache, load_sft_batch
 from llamatron.errors import LlamatronError
+from llamatron.eval.perplexity import evaluate as perplexity
+from llamatron.eval.tasks import Scorer, get_task, run_task
+from llamatron.evaluate import load_model
 from llamatron.loss import IGNORE_INDEX, linear_cross_entropy
 from llamatron.models.llama import SIZES
 from llamatron.models.llama.model import Transformer
 from llamatron.tokenizer import load_tokenizer
 from llamatron.train.step import train_step
+from llamatron.train.trainer import train
+from llamatron.transforms.lora import lora_modules
 
 torch.set_num_threads(1)
+CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 
 FACTS = [("The sky is blue.", "is the sky blue", True), ("Snow is cold.", "is snow hot", False),
          ("Fire is hot.", "is fire hot", True), ("Fish swim.", "do fish fly", False),
@@ -94,6 +110,43 @@ def test_step_normalises_by_the_global_count_of_trained_tokens():
     torch.testing.assert_close(loss, ref(tokens, labels).detach(), rtol=1e-5, atol=1e-6)
     for n, p in ref.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("train_on_input", [False, True])
+def test_a_prompt_token_changes_nothing_unless_prompts_are_trained(tmp_path, train_on_input):
+    """Only response tokens contribute: two examples differing in one prompt token ('Bob' / 'Rob'),
+    through the real cache, dataset and batch, give the same loss and gradients with
+    train_on_input=false, and another loss with true. The token is also an input of every later
+    position, which would move the response's predictions whatever the mask; so the model gives the two
+    ids the same input embedding, and only the token's role as a target differs (its embedding
+    gradient lands on its own row: compared with the two rows swapped)."""
+    tok = load_tokenizer(_tokenizer(tmp_path))
+    (b,), (r,) = tok.encode("B"), tok.encode("R")
+    model = _model()
+    with torch.no_grad():
+        model.tok_embeddings.weight[r] = model.tok_embeddings.weight[b]
+    seen = []
+    for name in ("Bob", "Rob"):
+        src = tmp_path / name / "sft.jsonl"
+        src.parent.mkdir()
+        src.write_text(json.dumps({"prompt": f"Say hi to {name}.", "completion": " Hi, friend!"}) + "\n")
+        cache = build_sft_cache(src, tok, template="plain", train_on_input=train_on_input, log=lambda *a: None)
+        ds = SFTDataset(cache, seq_len=32, packing=True, seed=0)
+        (tokens, labels, extras), _ = load_sft_batch(ds, range(len(ds)), CPU)
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens, labels, **extras)
+        loss.backward()
+        seen.append((tokens, labels, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (tokens1, labels1, loss1, grads1), (tokens2, labels2, loss2, grads2) = seen
+    assert int((tokens1 != tokens2).sum()) == 1  # the one prompt token
+    if train_on_input:
+        assert int((labels1 != labels2).sum()) == 1 and abs(loss1 - loss2) > 1e-4
+        return
+    assert torch.equal(labels1, labels2) and torch.equal(loss1, loss2)
+    emb = grads2["tok_embeddings.weight"]
+    emb[[b, r]] = emb[[r, b]]
+    for n, g in grads1.items():
+        assert torch.equal(g, grads2[n]), n
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,6 +298,168 @@ def test_sft_then_lora_through_the_trainer(tmp_path):
     assert size < 0.6 * sum(f.stat().st_size for f in lora.checkpoint.glob("*.distcp"))
     train(_cfg(tmp_path, tmp_path / "small", 6, small), progress=False, log=lambda *a: None)
     assert _losses(tmp_path / "small") == full
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluating what fine-tuning made (`llamatron evaluate`, `llamatron eval`)
+
+
+def _train_keeping_model(cfg):
+    """Train; the result and the trainer's own model, as its last step left it (base + adapters)."""
+    seen = []
+    remove = hooks.add("step_end", lambda model, **_: seen.append(model))
+    try:
+        result = train(cfg, progress=False, log=lambda *a: None)
+    finally:
+        remove()
+    return result, seen[-1].eval()
+
+
+def _boolq_pairs():
+    return [r for p, q, _ in FACTS for r in get_task("boolq").requests({"passage": p, "question": q}, "pax")]
+
+
+def _largest_difference(a, b) -> float:
+    return max(abs(x - y) for (x, _), (y, _) in zip(a, b))
+
+
+def _validation_file(tmp_path, tok, n_tokens) -> str:
+    """A Megatron .bin/.idx pair of the FACTS' text, for `llamatron eval`."""
+    tokens = np.array([t for p, q, _ in FACTS for t in tok.encode(f"{p} {q}?")] * 4, dtype=np.int32)[:n_tokens]
+    with IndexedDatasetWriter(tmp_path / "valid", np.int32) as w:
+        w.add_document(tokens)
+    return str(tmp_path / "valid")
+
+
+def _cli_perplexity(capsys, checkpoint, prefix, seq_len, n) -> float:
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(prefix), "--seq-len", str(seq_len),
+                 "--num-samples", str(n), "--device", "cpu"]) == 0
+    return float(capsys.readouterr().out.split("validation log perplexity:")[1])
+
+
+@pytest.mark.parametrize("base, save_frozen", [("init_from", True), ("init_from", False), ("seed", False)],
+                         ids=["whole", "adapter-only", "adapter-only-seeded"])
+def test_evaluating_a_lora_checkpoint_scores_base_and_adapters(tmp_path, capsys, base, save_frozen):
+    """What `llamatron evaluate` loads from a LoRA run's checkpoint scores as the run's own model did at
+    its end, not as the base alone; so does `llamatron eval`. From adapter-only checkpoints the frozen
+    base is the run's checkpoint.init_from (or, without one, its seeded initial values)."""
+    extra = ["lora.rank=4", "lora.alpha=8", "optim.lr=1e-2", f"checkpoint.save_frozen={str(save_frozen).lower()}"]
+    if base == "init_from":  # one SFT step: a base that is not the LoRA run's seeded initial model
+        first = train(_cfg(tmp_path, tmp_path / "base", 1), progress=False, log=lambda *a: None)
+        extra.append(f"checkpoint.init_from={first.checkpoint}")
+    run, trained = _train_keeping_model(_cfg(tmp_path, tmp_path / "lora", 3, extra))
+    saved = dcp.FileSystemReader(str(run.checkpoint)).read_metadata().state_dict_metadata
+    assert all(".lora_" in k for k in saved if k.startswith("model.")) is not save_frozen
+    untrained = copy.deepcopy(trained)  # the base alone: B = 0 adds nothing
+    for m in lora_modules(untrained).values():
+        m.lora_B.weight.data.zero_()
+
+    tok = load_tokenizer(_tokenizer(tmp_path))
+    pairs = _boolq_pairs()
+    want, base_scores = (Scorer(m, tok, 4, CPU)(pairs) for m in (trained, untrained))
+    assert _largest_difference(base_scores, want) > 1e-2  # the adapters changed the scores
+    model, _ = load_model(run.out_dir, CPU)
+    assert _largest_difference(Scorer(model, tok, 4, CPU)(pairs), want) < 1e-4
+
+    seq_len, n = 32, 4
+    windows = GPTDataset(IndexedDataset(_validation_file(tmp_path, tok, seq_len * n + 1)), seq_len, n, seed=0,
+                         split="valid", shuffle=False)
+    want_ppl, base_ppl = (perplexity(m, windows, n, 2, CPU) for m in (trained, untrained))
+    assert abs(want_ppl - base_ppl) > 1e-3
+    assert _cli_perplexity(capsys, run.out_dir, tmp_path / "valid", seq_len, n) == pytest.approx(want_ppl, abs=1e-4)
+
+
+def test_evaluating_an_adapter_only_checkpoint_without_its_base_is_one_line(tmp_path, capsys):
+    first = train(_cfg(tmp_path, tmp_path / "base", 1), progress=False, log=lambda *a: None)
+    lora = ["lora.rank=4", "lora.alpha=8", "checkpoint.save_frozen=false", f"checkpoint.init_from={first.checkpoint}"]
+    run = train(_cfg(tmp_path, tmp_path / "lora", 1, lora), progress=False, log=lambda *a: None)
+    data = _boolq(tmp_path / "eval.jsonl")
+    args = ["evaluate", "--checkpoint", str(run.out_dir), "--tasks", "boolq", "--task-file", f"boolq={data}",
+            "--device", "cpu", "--output", str(tmp_path / "results.json")]
+    # LoRA with tensor parallelism: refused before any process starts, as in training.
+    _one_line_error(capsys, args + ["--nproc-per-node", "2", "--tp", "2"], "--tp 2", "LoRA")
+    first.checkpoint.rename(tmp_path / "moved")
+    _one_line_error(capsys, args, "holds only LoRA adapters", "checkpoint.init_from", str(first.checkpoint))
+    valid = _validation_file(tmp_path, load_tokenizer(_tokenizer(tmp_path)), 65)
+    _one_line_error(capsys, ["eval", "--checkpoint", str(run.out_dir), "--data", valid, "--seq-len", "32"],
+                    "holds only LoRA adapters", "checkpoint.init_from")
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_evaluating_a_lora_checkpoint_under_fsdp_equals_one_process(tmp_path):
+    """`llamatron evaluate --nproc-per-node 2` (FSDP over 2 gloo ranks, adapters unmerged) on an
+    adapter-only checkpoint gives the single process's scores (merged adapters)."""
+    first = train(_cfg(tmp_path, tmp_path / "base", 1), progress=False, log=lambda *a: None)
+    lora = ["lora.rank=4", "lora.alpha=8", "optim.lr=1e-2", "checkpoint.save_frozen=false",
+            f"checkpoint.init_from={first.checkpoint}"]
+    run = train(_cfg(tmp_path, tmp_path / "lora", 3, lora), progress=False, log=lambda *a: None)
+    lambada = tmp_path / "lambada.jsonl"
+    lambada.write_text("".join(json.dumps({"text": f"{p} {q}"}) + "\n" for p, q, _ in FACTS))
+    args = ["evaluate", "--checkpoint", str(run.out_dir), "--tasks", "lambada,boolq", "--task-file",
+            f"lambada={lambada}", "--task-file", f"boolq={_boolq(tmp_path / 'eval.jsonl')}", "--batch-size", "2",
+            "--device", "cpu"]
+    assert main(args + ["--output", str(tmp_path / "one.json")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "llamatron", *args, "--output", str(tmp_path / "two.json"),
+                           "--nproc-per-node", "2"], capture_output=True, text=True, env=env, timeout=300,
+                          start_new_session=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    for task in ("lambada", "boolq"):
+        for metric, m in one[task]["metrics"].items():
+            assert two[task]["metrics"][metric]["value"] == pytest.approx(m["value"], rel=1e-5), (task, metric)
+
+
+def _one_line_error(capsys, argv, *needles):
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+# Statements with the answer cued by the passage's last word; the same 4 statements say yes and no.
+CUED = [(f"{fact}. {cue}.", "is that so", cue == "True") for fact in
+        ("The lamp is on", "The door is open", "Tom is awake", "The cup is full") for cue in ("True", "False")]
+
+
+def _cued_boolq(path: Path, flip: bool = False) -> Path:
+    path.write_text("".join(json.dumps({"passage": p, "question": q, "label": label != flip}) + "\n"
+                            for p, q, label in CUED))
+    return path
+
+
+def _zero_shot(out) -> dict[int, float]:
+    rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    return {r["step"]: r["boolq/acc"] for r in rows if r["kind"] == "zero_shot"}
+
+
+@pytest.mark.slow
+def test_sft_and_lora_raise_boolq_accuracy_on_their_training_set(tmp_path):
+    """The plumbing end to end: fine-tuning on a BoolQ-layout set raises the accuracy that the built-in
+    boolq scorer gives on that set, scored by the run (eval.tasks: before the first step and at the end)
+    and by `llamatron evaluate` on its checkpoint. The base is the tiny model fine-tuned on the same
+    passages with the opposite answers, so it gets every item wrong; LoRA could not start from the
+    seed's random model, whose frozen output layer keeps every logit within about +-1.3: the
+    three-token ' no' outscores the four-token ' yes' whatever the adapters do. With train.seed 0-3 and
+    1234 the base's best item is 0.44 nats wrong and the fine-tuned models' worst 0.61 (SFT) and 0.71
+    (LoRA) nats right, so the bounds below hold with room."""
+    data, flipped = _cued_boolq(tmp_path / "cued.jsonl"), _cued_boolq(tmp_path / "flipped.jsonl", flip=True)
+    base = train(_cfg(tmp_path, tmp_path / "base", 30, [f"finetune.data={flipped}", "checkpoint.every=0"]),
+                 progress=False, log=lambda *a: None)
+    scored = [f"finetune.data={data}", f"checkpoint.init_from={base.checkpoint}", "eval.at_start=true",
+              f"eval.tasks=[boolq={data}]", "eval.tasks_prompt=pax", "checkpoint.every=0"]
+    lora = ["lora.rank=8", "lora.alpha=16", "optim.lr=1e-2", "optim.min_lr=1e-2", "checkpoint.save_frozen=false"]
+    for name, extra in (("sft", ["optim.lr=2e-3", "optim.min_lr=2e-3"]), ("lora", lora)):
+        run = train(_cfg(tmp_path, tmp_path / name, 30, [*scored, *extra]), progress=False, log=lambda *a: None)
+        acc = _zero_shot(run.out_dir)
+        assert acc[0] <= 0.25 and acc[30] >= 0.75, (name, acc)
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--checkpoint", str(run.out_dir), "--tasks", "boolq", "--task-file", f"boolq={data}",
+                     "--prompt", "pax", "--device", "cpu", "--output", str(out)]) == 0
+        assert json.loads(out.read_text())["boolq"]["metrics"]["acc"]["value"] == acc[30], name
 
 
 def test_config_rejects_lora_with_tensor_parallelism(tmp_path):

@@ -3,7 +3,8 @@ adapter, and `llamatron evaluate`.
 
 References: a hand computation from the model's own logits; a bigram model whose answers are known
 by construction; transformers and lm-eval's own HF backend on a tiny random LlamaForCausalLM that is
-imported into llamatron (same weights, fp32).
+imported into llamatron, and on tiny random llamatron Llama and GPT models exported to Hugging Face
+(same weights, fp32).
 """
 
 import importlib.util
@@ -262,6 +263,63 @@ def test_imported_hf_model_matches_lm_eval_hf_backend(hf, tok):
     ours = Scorer(hf.lt, tok, batch_size=5, device=CPU)(pairs)
     for (a, ga), (b, gb) in zip(ref, ours):
         assert abs(b - a) < 1e-5 and ga == gb
+
+
+@pytest.fixture(scope="module", params=["debug", "gpt-debug"], ids=["llama", "gpt2"])
+def exported(request, tmp_path_factory, tok_path):
+    """A tiny random llamatron model (llama or GPT family) saved as a llamatron checkpoint, exported with
+    `llamatron convert --from llamatron --to hf`, and the export loaded by transformers. The weights are
+    larger than the family's own init, so that attention is far from uniform and a wrong mapping (q/k
+    permutation, GPT-2's fused qkv and transposed Conv1D) moves the scores far more than fp32 noise."""
+    import transformers
+
+    from llamatron import convert
+
+    entry = registry.get(request.param)
+    model = entry.family.build(entry.args)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.15) if p.ndim == 2 else p.uniform_(0.5, 1.5)
+    root = tmp_path_factory.mktemp(request.param)
+    specs = [convert.TensorSpec(n, tuple(p.shape), p.dtype, lambda p=p: p.detach())
+             for n, p in model.named_parameters()]
+    ckpt = convert.write_llamatron_checkpoint(root / "ckpt", specs, entry.args, "a random model", progress=False)
+    assert main(["convert", "--from", "llamatron", "--to", "hf", str(ckpt), str(root / "hf")]) == 0
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(root / "hf").eval()
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tok_path), bos_token="<s>", eos_token="</s>")
+    return types.SimpleNamespace(ckpt=ckpt, model=hf_model, tok=hf_tok, family=entry.family.name)
+
+
+@needs_hf
+def test_exported_model_matches_lm_eval_hf_backend(exported, tok, data, tmp_path, monkeypatch):
+    """llamatron checkpoint -> `convert --to hf` -> lm-eval running its own HF backend on the export,
+    against llamatron's scorer on the checkpoint as `llamatron evaluate` loads it: every Lambada and
+    BoolQ request's log-likelihood (1e-4 relative, fp32) and is_greedy, and lm-eval's own accuracies
+    (`simple_evaluate` on the local task YAMLs of the same items) equal the built-in tasks'."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from llamatron.evaluate import load_model
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    assert type(exported.model).__name__ == {"llama": "LlamaForCausalLM", "gpt": "GPT2LMHeadModel"}[exported.family]
+    ref = HFLM(pretrained=exported.model, tokenizer=exported.tok, batch_size=3, device="cpu")
+    model, precision = load_model(exported.ckpt, CPU)
+    scorer = Scorer(model, tok, batch_size=5, device=CPU, precision=precision)
+    docs = {"lambada": LAMBADA, "boolq": BOOLQ}
+    pairs = [r for task, items in docs.items() for d in items for r in get_task(task).requests(d, "harness")]
+    for (a, ga), (b, gb) in zip(ref.loglikelihood(_instances(pairs), disable_tqdm=True), scorer(pairs)):
+        assert b == pytest.approx(a, rel=1e-4) and ga == gb
+    theirs = lm_eval.simple_evaluate(model=ref, tasks=["lambada_local", "boolq_local"], bootstrap_iters=0,
+                                     task_manager=TaskManager(include_path=str(data), include_defaults=False),
+                                     verbosity="ERROR")["results"]
+    ours = {task: run_task(get_task(task), items, scorer)["metrics"] for task, items in docs.items()}
+    for task in docs:
+        assert ours[task]["acc"]["value"] == theirs[f"{task}_local"]["acc,none"], task
+    assert ours["lambada"]["perplexity"]["value"] == pytest.approx(theirs["lambada_local"]["perplexity,none"], rel=1e-4)
 
 
 @needs_hf

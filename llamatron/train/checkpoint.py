@@ -667,16 +667,24 @@ def load_checkpoint(path: str | Path, model, optimizer, frozen: bool = True) -> 
     return state
 
 
-def load_model_weights(path: str | Path, model, verify: bool = True, log=_warn) -> None:
+def stored_model_keys(path: str | Path) -> set[str]:
+    """The names of the model tensors a checkpoint holds (without DCP's "model." prefix)."""
+    saved = _read_metadata(Path(path)).state_dict_metadata
+    return {k[len("model."):] for k in saved if k.startswith("model.")}
+
+
+def load_model_weights(path: str | Path, model, frozen: bool = True, verify: bool = True, log=_warn) -> None:
     """Only the model weights (for evaluation, or to start training from a checkpoint); `model` a
-    module or a list of parts. verify: check the files against their checksums first (a collective
-    with several ranks)."""
+    module or a list of parts. frozen=False: only the parameters that require gradients, from an
+    adapter-only checkpoint (checkpoint.save_frozen=false) whose frozen base was loaded before.
+    verify: check the files against their checksums first (a collective with several ranks)."""
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise LlamatronError(f"{path}: not a checkpoint directory (no DCP .metadata file)")
     if verify:
         verify_checkpoint(path, log)
-    parts = [get_model_state_dict(m) for m in _as_list(model)]
+    options = StateDictOptions() if frozen else StateDictOptions(ignore_frozen_params=True, strict=False)
+    parts = [get_model_state_dict(m, options=options) for m in _as_list(model)]
     # A model with LoRA adapters starts from a base checkpoint without them: they keep their initial values.
     from llamatron.transforms.lora import is_adapter_key
 
@@ -692,7 +700,7 @@ def load_model_weights(path: str | Path, model, verify: bool = True, log=_warn) 
         raise LlamatronError(f"{path}: cannot load this checkpoint's weights ({_describe_error(e)}); its files are "
                              "damaged or incomplete") from e
     for p, mod in zip(parts, _as_list(model)):
-        set_model_state_dict(mod, {k: sd["model"][k] for k in p}, options=StateDictOptions(strict=strict))
+        set_model_state_dict(mod, {k: sd["model"][k] for k in p}, options=StateDictOptions(strict=strict and frozen))
 
 
 def _read_metadata(path: Path):
@@ -842,7 +850,7 @@ class Checkpointer:
     def _init_from(self) -> None:
         # Its errors name the key, and are never taken for the damage of the checkpoint resumed from.
         try:
-            load_model_weights(self.cfg.init_from, self.parts, self.cfg.verify, self.log)
+            load_model_weights(self.cfg.init_from, self.parts, verify=self.cfg.verify, log=self.log)
         except LlamatronError as e:
             raise LlamatronError(f"config key 'checkpoint.init_from': {e}") from None
 
