@@ -335,12 +335,16 @@ def test_adapter_rolling_and_generation_match_hf(hf, tok):
         assert b == pytest.approx(a, rel=1e-4)
     gen = _instances([("the cat", {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}),
                       ("no yes", {"until": ["\n"], "max_gen_toks": 6, "do_sample": False})])
-    assert ours.generate_until(gen) == ref.generate_until(gen, disable_tqdm=True)
-    # The same greedy tokens as transformers' generate, which uses its KV cache.
+    want = ref.generate_until(gen, disable_tqdm=True)
+    assert ours.generate_until(gen) == want
+    recompute = LlamatronLM(model=hf.lt, tokenizer=tok, batch_size=2, device=CPU, max_length=16, kv_cache="false")
+    assert recompute.generate_until(gen) == want
+    # The same greedy tokens as transformers' generate (both through a KV cache, and recomputing).
     prompt = tok.encode("Question: is the sky")
     want = hf.model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                              pad_token_id=0)[0, len(prompt):].tolist()
     assert greedy_generate(hf.lt, [prompt], 8, CPU) == [want]
+    assert greedy_generate(hf.lt, [prompt], 8, CPU, use_cache=False) == [want]
 
 
 @needs_hf

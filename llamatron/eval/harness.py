@@ -9,7 +9,8 @@ harness task runs on any llamatron checkpoint (install `llamatron[eval]`).
 It is registered as lm-eval model "llamatron" (`model_args="checkpoint=DIR,tokenizer=T"`) once this
 module is imported. Scoring is `eval/loglikelihood.py`, the built-in tasks' path, so both give the
 same numbers; strings become tokens as lm-eval's `TemplateLM` makes them. `generate_until` is greedy
-(sampling is refused) with the harness's stop-string handling, recomputing the sequence each token.
+(sampling is refused) with the harness's stop-string handling, decoding through the family's KV cache
+(`kv_cache=false`: recomputing the sequence each token).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ except ImportError as e:  # pragma: no cover - the extra is installed in CI
 @register_model("llamatron")
 class LlamatronLM(TemplateLM):
     """`model`: a module or `Layout` (or `checkpoint`: a checkpoint or run directory to load);
-    `tokenizer`: a llamatron tokenizer or its name/path. `add_bos` prepends BOS to every context."""
+    `tokenizer`: a llamatron tokenizer or its name/path. `add_bos` prepends BOS to every context;
+    `kv_cache` false makes generation recompute the sequence for each token."""
 
     def __init__(self, model=None, tokenizer="llama3", checkpoint=None, batch_size=8, device="auto",
-                 precision=None, max_length=None, add_bos=False, max_gen_toks=256):
+                 precision=None, max_length=None, add_bos=False, max_gen_toks=256, kv_cache=True):
         super().__init__()
         import torch
 
@@ -54,6 +56,7 @@ class LlamatronLM(TemplateLM):
         self.add_bos = str(add_bos).lower() in ("true", "1")
         self._max_length = int(max_length) if max_length else None
         self.max_gen_toks = int(max_gen_toks)
+        self.kv_cache = str(kv_cache).lower() in ("true", "1")
 
     # -- what TemplateLM asks --------------------------------------------------------------------
     @property
@@ -134,7 +137,7 @@ class LlamatronLM(TemplateLM):
             for j in range(0, len(idx), self.batch_size):
                 batch = idx[j : j + self.batch_size]
                 gen = greedy_generate(self.model, prompts[j : j + self.batch_size], max_new, self._device,
-                                      self.precision, stop, self.eot_token_id, self.max_length)
+                                      self.precision, stop, self.eot_token_id, self.max_length, self.kv_cache)
                 for i, toks in zip(batch, gen):
                     out[i] = postprocess_generated_text(tok.decode(toks), until, None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])

@@ -17,12 +17,14 @@ logits (vocabulary-sharded DTensors) are gathered before the softmax.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
 from llamatron.errors import LlamatronError
+from llamatron.models.kv_cache import KVCache
 from llamatron.parallel.layout import Layout, plain
 from llamatron.runtime import Precision
 
@@ -133,25 +135,70 @@ def _gather(mine: dict, dims) -> dict:
     return {k: v for part in parts for k, v in part.items()}
 
 
+def _decodes_with_cache(layout: Layout) -> bool:
+    """A family whose forward takes `cache` (the module protocol's optional incremental decode), on
+    a layout without tensor parallelism (its sequence-parallel activations split the sequence: a
+    single new token does not split)."""
+    return layout.dims.tp == 1 and "cache" in inspect.signature(layout.model.forward).parameters
+
+
+class _CachedDecoder:
+    """Greedy steps through a KV cache: the first forward prefills the left-padded prompts, each later
+    one feeds one token per row; rows that stop are dropped from the cache."""
+
+    def __init__(self, layout: Layout, device, precision: Precision | None, max_new: int):
+        self.layout, self.device, self.max_new = layout, device, max_new
+        self.precision = precision or Precision(None, None)
+        self.cache: KVCache | None = None
+        self.rows: list[int] = []
+
+    def last_logits(self, active: list[int], seqs: list[list[int]]) -> torch.Tensor:
+        """Logits [rows, vocab] after the last token of each active row's sequence."""
+        if self.cache is None:
+            width = max(len(s) for s in seqs)
+            tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+            for r, s in enumerate(seqs):
+                tokens[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            self.cache = KVCache([width - len(s) for s in seqs], width + self.max_new - 1, self.device)
+        else:
+            if active != self.rows:
+                self.cache.keep([self.rows.index(i) for i in active])
+            tokens = torch.tensor([s[-1:] for s in seqs], dtype=torch.long)
+        self.rows = list(active)
+        with self.precision.autocast(self.device):
+            logits = plain(self.layout.model(tokens.to(self.device), cache=self.cache))
+        return logits[:, -1]
+
+
 @torch.no_grad()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new: int, device, precision: Precision | None = None,
-                    stop=None, eos_id: int | None = None, max_len: int | None = None) -> list[list[int]]:
+                    stop=None, eos_id: int | None = None, max_len: int | None = None,
+                    use_cache: bool = True) -> list[list[int]]:
     """Greedy continuation tokens of each prompt: at most `max_new`, ending after `eos_id` or once
-    `stop(tokens so far)` is true. Each step recomputes the whole (left-truncated) sequence: no KV
-    cache, so it is slow but exact. Rows that stop leave the batch; every rank of a layout generates
-    every prompt (the same forwards, so FSDP/TP ranks stay in step)."""
+    `stop(tokens so far)` is true. Rows that stop leave the batch; every rank of a layout generates
+    every prompt (the same forwards, so FSDP ranks stay in step).
+
+    With `use_cache` and a family that decodes with a KV cache, the prompts are prefilled in one
+    forward and each step feeds one token per row; once a sequence would exceed `max_len` (or
+    without a cache) each step recomputes the whole left-truncated sequence, exact but slow."""
     layout = _as_layout(model)
     max_len = max_len or layout.model.args.max_seq_len
     out: list[list[int]] = [[] for _ in prompts]
     active = [i for i, p in enumerate(prompts) if len(p)]
+    decoder = _CachedDecoder(layout, device, precision, max_new) if use_cache and _decodes_with_cache(layout) else None
     was_training = layout.training
     layout.train(False)
     for _ in range(max_new):
         if not active:
             break
-        logits, lengths = forward_logits(layout, [(list(prompts[i]) + out[i])[-max_len:] for i in active], device,
-                                         precision)
-        last = logits[torch.arange(len(active)), torch.tensor(lengths, device=logits.device) - 1]
+        seqs = [list(prompts[i]) + out[i] for i in active]
+        if decoder is not None and max(len(s) for s in seqs) > max_len:
+            decoder = None  # the window slides from here: positions shift, the cache no longer holds
+        if decoder is not None:
+            last = decoder.last_logits(active, seqs)
+        else:
+            logits, lengths = forward_logits(layout, [s[-max_len:] for s in seqs], device, precision)
+            last = logits[torch.arange(len(active)), torch.tensor(lengths, device=logits.device) - 1]
         for i, t in zip(list(active), last.float().argmax(-1).tolist()):
             out[i].append(t)
             if t == eos_id or (stop is not None and stop(out[i])):

@@ -18,7 +18,11 @@ The model protocol (what the generic code calls on every family's module):
   - optional `model.ties_first_last` (True when the last stage's output layer uses a first-stage
     parameter, i.e. tied embeddings): FSDP then keeps them in the root unit, pipelining refuses;
   - `model(tokens)` -> logits, `model(tokens, labels, fp8_loss=False)` -> mean token cross-entropy
-    (fused with the output projection; fp8_loss runs its GEMMs in FP8).
+    (fused with the output projection; fp8_loss runs its GEMMs in FP8);
+  - optional incremental decoding: `model(tokens, cache=KVCache)` -> logits of just these tokens, the
+    next slots of the cache's left-padded rows (`models/kv_cache.py`: the family takes their positions
+    and attention mask from it, and stores each layer's keys and values through `cache.layer(name)`).
+    Generation uses it when forward has a `cache` parameter, and recomputes the sequence otherwise.
 """
 
 from __future__ import annotations

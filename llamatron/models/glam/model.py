@@ -31,6 +31,7 @@ from torch.profiler import record_function
 from llamatron.loss import linear_cross_entropy
 from llamatron.models.glam.experts import GroupedExperts
 from llamatron.models.glam.routing import route
+from llamatron.models.kv_cache import KVCache, LayerKV
 
 
 @dataclass
@@ -98,14 +99,26 @@ class Attention(nn.Module):
         # One learned scalar per (bucket, head): T5's relative attention bias, one table per block.
         self.rel_bias = nn.Embedding(args.rel_pos_buckets, args.n_heads)
 
-    def forward(self, x: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, buckets: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q, k, v = (w(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        if cache is not None:
+            return self._decode(q, k, v, buckets, cache)
         b = buckets[:seqlen, :seqlen]
         bias = self.rel_bias(b).permute(2, 0, 1).to(q.dtype)  # [heads, S, S]
         causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=x.device).tril()
         bias = bias.masked_fill(~causal, float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def _decode(self, q, k, v, buckets: torch.Tensor, cache: LayerKV) -> torch.Tensor:
+        """Attention of the new queries over every cached key: buckets [batch, new, cached] are each
+        row's own (query position - key position), so padding shifts nothing."""
+        bsz, _, seqlen, _ = q.shape
+        k, v = (t.transpose(1, 2) for t in cache.update(k.transpose(1, 2), v.transpose(1, 2)))
+        bias = self.rel_bias(buckets).permute(0, 3, 1, 2).to(q.dtype)  # [batch, heads, new, cached]
+        bias = bias.masked_fill(~cache.mask, float("-inf"))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -198,8 +211,8 @@ class Block(nn.Module):
         # there (llamatron/transforms/compile.py reads this).
         self.compile_fullgraph = not moe
 
-    def forward(self, x: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), buckets)
+    def forward(self, x: torch.Tensor, buckets: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), buckets, cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -301,11 +314,28 @@ class GLaM(nn.Module):
         return {"moe_aux_loss": float(aux / calls), "moe_dropped_fraction": float(dropped / assigned.clamp(min=1)),
                 "moe_max_load": float(counts.max() / mean), "moe_min_load": float(counts.min() / mean)}
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False,
+                cache: KVCache | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits; with labels, the mean cross-entropy (the aux loss enters the
-        gradient on its own: module doc)."""
+        gradient on its own: module doc). With `cache` (llamatron.models.kv_cache), tokens are the
+        next slots of its rows, the relative positions those of its query and key positions."""
+        if cache is not None:
+            return self._decode(tokens, cache)
         h = self.embedding(tokens)
         for layer in self.layers.values():
             h = layer(h, self.rel_buckets)
         h = self.norm(h)
         return self.embedding(h, labels, unembed=True, fp8_loss=fp8_loss)
+
+    def _decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        # MoE blocks route each row's new tokens as one group: an unpadded prompt as the full recompute
+        # routes it, each later token alone (nothing dropped: a group of one fits any capacity). With
+        # capacity the recompute is not causal (later tokens can take a token's second expert), so only
+        # dropless routing (capacity_factor 0) makes the two agree exactly.
+        cache.advance(tokens.shape[1])
+        distance = cache.positions[:, :, None] - cache.key_positions[:, None, :]
+        buckets = relative_position_bucket(distance, self.args.rel_pos_buckets, self.args.rel_pos_max_distance)
+        h = self.embedding(tokens)
+        for name, layer in self.layers.items():
+            h = layer(h, buckets, cache=cache.layer(name))
+        return self.embedding(self.norm(h), unembed=True)

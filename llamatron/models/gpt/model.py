@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamatron.loss import linear_cross_entropy
+from llamatron.models.kv_cache import KVCache, LayerKV
 
 
 @dataclass
@@ -67,11 +68,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.dim)
         self.wo = nn.Linear(args.dim, args.dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of them.
         q, k, v = (w(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # decoding: every earlier token's keys and values from the cache (its layout: [b, s, h, d])
+            k, v = (t.transpose(1, 2) for t in cache.update(k.transpose(1, 2), v.transpose(1, 2)))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -93,8 +98,8 @@ class Block(nn.Module):
         self.ffn_norm = LayerNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x))
+    def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -168,9 +173,13 @@ class GPT(nn.Module):
             p.copy_(self.initial_value(name, p.shape, seed))
         self.init_buffers()
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False,
+                cache: KVCache | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]; with labels, the mean cross-entropy
-        (output projection fused with the loss, as llama's)."""
+        (output projection fused with the loss, as llama's). With `cache` (llamatron.models.kv_cache),
+        tokens are the next slots of its rows, at its positions."""
+        if cache is not None:
+            return self._decode(tokens, cache)
         if self.embeddings is not None:
             h = self.embeddings(tokens, self.positions[: tokens.shape[1]])
         else:
@@ -185,3 +194,12 @@ class GPT(nn.Module):
             raise RuntimeError("tied output embedding on a stage without the input embedding")
         weight = self.embeddings.tok.weight if self.head.proj is None else None
         return self.head(h, weight, labels=labels, fp8_loss=fp8_loss)
+
+    def _decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        # The whole model only (generation refuses pipelining): logits of the new tokens.
+        cache.advance(tokens.shape[1])
+        h = self.embeddings(tokens, cache.positions)
+        for name, layer in self.layers.items():
+            h = layer(h, cache=cache.layer(name))
+        weight = self.embeddings.tok.weight if self.head.proj is None else None
+        return self.head(self.norm(h), weight)

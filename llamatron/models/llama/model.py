@@ -23,6 +23,7 @@ from torch import nn
 
 from llamatron.loss import linear_cross_entropy
 from llamatron.models.attention_ops import gqa_attention
+from llamatron.models.kv_cache import KVCache, LayerKV
 
 
 @dataclass
@@ -154,7 +155,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         # -1 rather than the configured head count: under tensor parallelism each rank holds a slice.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
@@ -165,6 +166,9 @@ class Attention(nn.Module):
         if cos.dim() == 2:
             cos, sin = cos[:seqlen], sin[:seqlen]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # decoding: the keys and values of every earlier token come from the cache
+            k, v = cache.update(k, v)
+            mask = cache.mask
         # GQA: each KV head serves n_heads/n_kv_heads consecutive query heads (K/V expanded or not: attention_ops).
         if mask is None:
             out = gqa_attention(q, k, v, is_causal=True)
@@ -196,9 +200,9 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
         # mask by keyword: tensor parallelism's PrepareModuleInput lays out the positional inputs only.
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask=mask)
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask=mask, cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -263,7 +267,8 @@ class Transformer(nn.Module):
         self.init_buffers()
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False,
-                positions: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]; with labels, the mean cross-entropy over
         the labels that are not -100 (llamatron.loss.IGNORE_INDEX).
 
@@ -273,7 +278,12 @@ class Transformer(nn.Module):
 
         Packed sequences (fine-tuning): positions [batch, seq] restart at 0 in each document, and
         document_ids [batch, seq] keep attention inside a document (`document_mask`).
+
+        Incremental decoding (`llamatron.models.kv_cache`): with `cache`, tokens are the next slots of
+        its left-padded rows; positions and the attention mask are the cache's.
         """
+        if cache is not None:
+            return self._decode(tokens, cache)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         cos, sin = self.rope_cos, self.rope_sin
         if positions is not None:
@@ -292,3 +302,13 @@ class Transformer(nn.Module):
         if labels is not None:
             return linear_cross_entropy(h, self.output.weight, labels, fp8=fp8_loss)
         return self.output(h)
+
+    def _decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        # The whole model only (generation refuses pipelining): logits of the new tokens, each row's
+        # rotary angles at its own positions.
+        cache.advance(tokens.shape[1])
+        cos, sin = self.rope_cos[cache.positions], self.rope_sin[cache.positions]
+        h = self.tok_embeddings(tokens)
+        for name, layer in self.layers.items():
+            h = layer(h, cos, sin, cache=cache.layer(name))
+        return self.output(self.norm(h))
