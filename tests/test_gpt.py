@@ -91,6 +91,7 @@ def test_flops_formula_is_6n_plus_attention(capsys):
 
 
 def test_tied_embeddings_are_one_parameter_and_the_last_pipeline_stage_holds_a_copy():
+    from llamatron.parallel.memory import parameter_counts
     from llamatron.parallel.pipeline import split_stage, tied_parameters
 
     torch.manual_seed(0)
@@ -103,6 +104,10 @@ def test_tied_embeddings_are_one_parameter_and_the_last_pipeline_stage_holds_a_c
     assert last == {"embeddings.tok.weight", "norm.weight", "norm.bias"} | {n for n in names if n.startswith("layers.3.")}
     assert stages[0].embeddings.pos is not None and stages[0].head is None
     assert [tied_parameters([s]) for s in stages] == [[stages[0].embeddings.tok.weight], [], [], [stages[3].embeddings.tok.weight]]
+    # The memory estimate counts the copy on the last stage.
+    counts, block = parameter_counts(model.args), sum(p.numel() for p in model.layers["0"].parameters())
+    ends = [sum(p.numel() for p in s.parameters()) - block for s in (stages[0], stages[3])]
+    assert ends == [counts.first, counts.last + counts.tied] and counts.ends(4) == max(ends)
     # The stages one after the other compute the whole model: the last one does not embed its input.
     tokens = torch.randint(0, 512, (2, 16))
     h = tokens
