@@ -131,6 +131,17 @@ def test_grad_norm_counts_a_tied_copy_once_and_clips_it_too():
     assert other.grad.tolist() == pytest.approx([0, 0.8, 0])
 
 
+@pytest.mark.parametrize("tp,padded", [(8, 51200), (2, 50432)])
+def test_unpadded_vocabulary_under_tp_says_how_to_pad(tp, padded):
+    """GPT-175B's published vocabulary (50,257) divides by no tp > 1: the error gives Megatron's padding
+    (a multiple of 128 x tp), and that vocabulary is accepted."""
+    with pytest.raises(LlamatronError, match=rf"'parallel.tp': vocab_size 50257 must be divisible by tp {tp}; pad the "
+                                             rf"vocabulary.* --set model.vocab_size={padded} \(the token ids stay below 50,257"):
+        load_config("gpt-175b", ['data.train=["x"]', f"parallel.tp={tp}"])
+    cfg = load_config("gpt-175b", ['data.train=["x"]', f"parallel.tp={tp}", f"model.vocab_size={padded}"])
+    assert resolve_model(cfg.model)[1].vocab_size == padded and padded % (128 * tp) == 0
+
+
 def test_position_table_bounds_the_sequence():
     with pytest.raises(LlamatronError, match="model.max_seq_len.*n_positions"):
         load_config(None, ["model.size=gpt-debug", "model.max_seq_len=512", "data.mock=true"])
