@@ -101,12 +101,14 @@ def test_tied_embeddings_are_one_parameter_and_the_last_pipeline_stage_holds_a_c
     stages = [split_stage(model, i, 4) for i in range(4)]
     # The last stage's copy has the one-process name (checkpoints as one process's); no position table.
     last = {n for n, _ in stages[3].named_parameters()}
-    assert last == {"embeddings.tok.weight", "norm.weight", "norm.bias"} | {n for n in names if n.startswith("layers.3.")}
+    block = {n for n in names if n.startswith("layers.3.")}
+    assert last == {"embeddings.tok.weight", "norm.weight", "norm.bias"} | block
     assert stages[0].embeddings.pos is not None and stages[0].head is None
-    assert [tied_parameters([s]) for s in stages] == [[stages[0].embeddings.tok.weight], [], [], [stages[3].embeddings.tok.weight]]
+    tok = [s.embeddings.tok.weight for s in (stages[0], stages[3])]
+    assert [tied_parameters([s]) for s in stages] == [tok[:1], [], [], tok[1:]]
     # The memory estimate counts the copy on the last stage.
-    counts, block = parameter_counts(model.args), sum(p.numel() for p in model.layers["0"].parameters())
-    ends = [sum(p.numel() for p in s.parameters()) - block for s in (stages[0], stages[3])]
+    counts, per_block = parameter_counts(model.args), sum(p.numel() for p in model.layers["0"].parameters())
+    ends = [sum(p.numel() for p in s.parameters()) - per_block for s in (stages[0], stages[3])]
     assert ends == [counts.first, counts.last + counts.tied] and counts.ends(4) == max(ends)
     # The stages one after the other compute the whole model: the last one does not embed its input.
     tokens = torch.randint(0, 512, (2, 16))
@@ -135,8 +137,9 @@ def test_grad_norm_counts_a_tied_copy_once_and_clips_it_too():
 def test_unpadded_vocabulary_under_tp_says_how_to_pad(tp, padded):
     """GPT-175B's published vocabulary (50,257) divides by no tp > 1: the error gives Megatron's padding
     (a multiple of 128 x tp), and that vocabulary is accepted."""
-    with pytest.raises(LlamatronError, match=rf"'parallel.tp': vocab_size 50257 must be divisible by tp {tp}; pad the "
-                                             rf"vocabulary.* --set model.vocab_size={padded} \(the token ids stay below 50,257"):
+    message = (rf"'parallel.tp': vocab_size 50257 must be divisible by tp {tp}; pad the vocabulary.* "
+               rf"--set model.vocab_size={padded} \(the token ids stay below 50,257")
+    with pytest.raises(LlamatronError, match=message):
         load_config("gpt-175b", ['data.train=["x"]', f"parallel.tp={tp}"])
     cfg = load_config("gpt-175b", ['data.train=["x"]', f"parallel.tp={tp}", f"model.vocab_size={padded}"])
     assert resolve_model(cfg.model)[1].vocab_size == padded and padded % (128 * tp) == 0
