@@ -328,6 +328,23 @@ def pp_schedule_name(p: ParallelConfig) -> str:
 
 
 
+# Megatron's --make-vocab-size-divisible-by default: each tensor-parallel rank's share of the
+# vocabulary a multiple of 128 rows.
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """`vocab_size` rounded up as Megatron pads it: to a multiple of 128 x tp."""
+    multiple = VOCAB_MULTIPLE * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def _vocab_padding(vocab_size: int, tp: int) -> str:
+    return (f"; pad the vocabulary as Megatron does (a multiple of {VOCAB_MULTIPLE} x tp): --set "
+            f"model.vocab_size={padded_vocab_size(vocab_size, tp)} (the token ids stay below "
+            f"{vocab_size:,}: the extra rows are never targets)")
+
+
 def _validate_parallel(cfg: "Config", family, args, world_size: int | None) -> None:
     """Each degree alone, then against the model shape and the batch, then against the world size
     (when known: the trainer, under torchrun)."""
@@ -343,7 +360,8 @@ def _validate_parallel(cfg: "Config", family, args, world_size: int | None) -> N
               f"{schedule} runs one stage per rank; pp_virtual_stages {p.pp_virtual_stages} needs interleaved1f1b")
     _need(train.fp8 == "none" or p.tp == 1, "train.fp8", "FP8 with tensor parallelism (parallel.tp > 1) is not supported yet")
     for key, size in family.tp_divisible(args).items():
-        _need(size % p.tp == 0, "parallel.tp", f"{key} {size} must be divisible by tp {p.tp}")
+        _need(size % p.tp == 0, "parallel.tp",
+              f"{key} {size} must be divisible by tp {p.tp}" + (_vocab_padding(size, p.tp) if key == "vocab_size" else ""))
     _need(seq_len % p.tp == 0, "parallel.tp",
           f"data.seq_len {seq_len} must be divisible by tp {p.tp} (sequence parallel shards the sequence)")
     stages = p.pp * p.pp_virtual_stages

@@ -204,7 +204,7 @@ def step_time(args, lay: Layout, hw: Hardware, seq_len: int, global_batch: int) 
         cp = CP_EXPOSED * m * layers * 3 * kv * (lay.cp - 1) / hw.bandwidth(lay.cp * lay.tp)
     counts = parameter_counts(args)
     stage_params = (layers * counts.block_matrices + layers * counts.block_vectors
-                    + (counts.first + counts.last if lay.pp == 1 else max(counts.first, counts.last))) / lay.tp
+                    + counts.ends(lay.pp)) / lay.tp
     shard = lay.dp_shard * lay.cp
     fsdp = 0.0
     if shard > 1:

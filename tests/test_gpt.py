@@ -90,16 +90,59 @@ def test_flops_formula_is_6n_plus_attention(capsys):
     assert f"model FLOPs per sequence: {S * (6 * n_matmul + 12 * L * h * S):.4e}" in capsys.readouterr().out
 
 
-def test_tied_embeddings_are_one_parameter_and_pipelining_refuses():
-    from llamatron.parallel.pipeline import split_stage
+def test_tied_embeddings_are_one_parameter_and_the_last_pipeline_stage_holds_a_copy():
+    from llamatron.parallel.memory import parameter_counts
+    from llamatron.parallel.pipeline import split_stage, tied_parameters
 
-    model = GPT(GPT_SIZES["gpt-debug"])
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(GPT_SIZES["gpt-debug"], n_layers=4))
     names = [n for n, _ in model.named_parameters()]
     assert "embeddings.tok.weight" in names and not any(n.startswith("head.") for n in names)
-    with pytest.raises(LlamatronError, match="tied embeddings"):
-        split_stage(model, 0, 2)
+    stages = [split_stage(model, i, 4) for i in range(4)]
+    # The last stage's copy has the one-process name (checkpoints as one process's); no position table.
+    last = {n for n, _ in stages[3].named_parameters()}
+    block = {n for n in names if n.startswith("layers.3.")}
+    assert last == {"embeddings.tok.weight", "norm.weight", "norm.bias"} | block
+    assert stages[0].embeddings.pos is not None and stages[0].head is None
+    tok = [s.embeddings.tok.weight for s in (stages[0], stages[3])]
+    assert [tied_parameters([s]) for s in stages] == [tok[:1], [], [], tok[1:]]
+    # The memory estimate counts the copy on the last stage.
+    counts, per_block = parameter_counts(model.args), sum(p.numel() for p in model.layers["0"].parameters())
+    ends = [sum(p.numel() for p in s.parameters()) - per_block for s in (stages[0], stages[3])]
+    assert ends == [counts.first, counts.last + counts.tied] and counts.ends(4) == max(ends)
+    # The stages one after the other compute the whole model: the last one does not embed its input.
+    tokens = torch.randint(0, 512, (2, 16))
+    h = tokens
+    for stage in stages:
+        h = stage(h)
+    torch.testing.assert_close(h, model(tokens), rtol=0, atol=0)
     untied = GPT(dataclasses.replace(GPT_SIZES["gpt-debug"], tie_embeddings=False))
-    assert split_stage(untied, 1, 2).head.proj is not None
+    assert split_stage(untied, 1, 2).head.proj is not None and split_stage(untied, 1, 2).embeddings is None
+    assert tied_parameters([split_stage(untied, 1, 2)]) == []
+
+
+def test_grad_norm_counts_a_tied_copy_once_and_clips_it_too():
+    """Single-process arithmetic of `clip_grad_norm_` with the last pipeline stage's copy of a tied
+    weight among the parameters: its gradient (equal to the first stage's) is clipped, not counted."""
+    from llamatron.parallel.reduce import clip_grad_norm_
+
+    tied, copy, other = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    tied.grad, copy.grad, other.grad = torch.tensor([3.0, 0, 0]), torch.tensor([3.0, 0, 0]), torch.tensor([0, 4.0, 0])
+    assert clip_grad_norm_([tied, copy, other], 1.0, duplicates=[copy]).item() == pytest.approx(5.0)
+    assert tied.grad.tolist() == copy.grad.tolist() == pytest.approx([0.6, 0, 0])
+    assert other.grad.tolist() == pytest.approx([0, 0.8, 0])
+
+
+@pytest.mark.parametrize("tp,padded", [(8, 51200), (2, 50432)])
+def test_unpadded_vocabulary_under_tp_says_how_to_pad(tp, padded):
+    """GPT-175B's published vocabulary (50,257) divides by no tp > 1: the error gives Megatron's padding
+    (a multiple of 128 x tp), and that vocabulary is accepted."""
+    message = (rf"'parallel.tp': vocab_size 50257 must be divisible by tp {tp}; pad the vocabulary.* "
+               rf"--set model.vocab_size={padded} \(the token ids stay below 50,257")
+    with pytest.raises(LlamatronError, match=message):
+        load_config("gpt-175b", ['data.train=["x"]', f"parallel.tp={tp}"])
+    cfg = load_config("gpt-175b", ['data.train=["x"]', f"parallel.tp={tp}", f"model.vocab_size={padded}"])
+    assert resolve_model(cfg.model)[1].vocab_size == padded and padded % (128 * tp) == 0
 
 
 def test_position_table_bounds_the_sequence():

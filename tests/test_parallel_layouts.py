@@ -59,9 +59,11 @@ def _trajectory(out_dir):
     return {(r["kind"], r["step"]): (r.get("loss", r.get("val_loss")), r.get("grad_norm")) for r in _rows(out_dir)}
 
 
-def torchrun(n: int, config, out_dir, *overrides: str) -> str:
+def torchrun(n: int, config, out_dir, *overrides: str, entry: tuple[str, ...] = ("-m", "llamatron")) -> str:
+    """`llamatron train` under torchrun; `entry`: what torchrun runs instead of `-m llamatron` (a script
+    and its own arguments, taking the train command after them)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", "llamatron", "train", "--config", str(config), "--set", f"train.out_dir={out_dir}"]
+           *entry, "train", "--config", str(config), "--set", f"train.out_dir={out_dir}"]
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -16,7 +16,11 @@ The model protocol (what the generic code calls on every family's module):
   - `model.sequence_buffers()`: position-indexed buffers (dim 0) that context parallelism shards
     together with the tokens;
   - optional `model.ties_first_last` (True when the last stage's output layer uses a first-stage
-    parameter, i.e. tied embeddings): FSDP then keeps them in the root unit, pipelining refuses;
+    parameter, i.e. tied embeddings): FSDP then keeps them in the root unit. Under pipelining the last
+    stage holds its own copy: `Model.tied_parameters` names those parameters, and
+    `model.keep_tied_only()` turns a copy of the model into a last stage's holder of them (the other
+    first-stage modules dropped, the kept ones not run on the stage's input); the pipeline sums the
+    two copies' gradients, so they take the same steps and stay equal;
   - `model(tokens)` -> logits, `model(tokens, labels, fp8_loss=False)` -> mean token cross-entropy
     (fused with the output projection; fp8_loss runs its GEMMs in FP8);
   - optional incremental decoding: `model(tokens, cache=KVCache)` -> logits of just these tokens, the

@@ -93,6 +93,23 @@ class ParallelDims:
         m = self.submesh(name)
         return m.get_group() if m is not None and m.ndim == 1 else None
 
+    def first_last_group(self):
+        """The group of the first and the last pipeline rank at this rank's other coordinates (the
+        holders of a tied model's first and last stage: Megatron's embedding group); None on the
+        ranks in between and without pipelining. Every rank must call it (it creates groups)."""
+        if self.pp == 1:
+            return None
+        if self.pp == 2:
+            return self.group("pp")
+        # pp is the mesh's slowest dimension: column j of this view is one pipeline, first to last.
+        lines = self.mesh.mesh.reshape(self.pp, -1)
+        mine = None
+        for first, last in zip(lines[0].tolist(), lines[-1].tolist()):
+            group = dist.new_group([first, last])  # every rank creates every group, in one order
+            if self.rank in (first, last):
+                mine = group
+        return mine
+
     def local_rank(self, name: str) -> int:
         m = self.submesh(name)
         return m.get_local_rank() if m is not None else 0

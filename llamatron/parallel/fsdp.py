@@ -30,8 +30,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | No
         # The last block's parameters would be gathered again at once by backward: keep them.
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kw)
     if getattr(model, "ties_first_last", False):
-        # The last stage's output projection uses the first stage's embedding weight (tied
-        # embeddings): both uses must see it gathered, so it stays in the root unit.
+        # The output projection uses the embedding weight (tied embeddings; under pipelining the
+        # last stage's copy of it): both uses must see it gathered, so it stays in the root unit.
         fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
         return
     first = _present(model, model.first_stage)

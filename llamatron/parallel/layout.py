@@ -55,8 +55,9 @@ class Layout:
         if dims.pp > 1:
             from llamatron.parallel.pipeline import Pipeline
 
+            tied_group = dims.first_last_group() if getattr(whole, "ties_first_last", False) else None
             pipeline = Pipeline(parts, stage_ids, dims.pp * dims.pp_virtual_stages, dims.pp_schedule, n_microbatches,
-                                device, dims.group("pp"))
+                                device, dims.group("pp"), tied_group)
         return cls(parts, dims, pipeline, fp8_output, n_params)
 
     @property
@@ -65,6 +66,11 @@ class Layout:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters()]
+
+    def tied_copies(self) -> list[nn.Parameter]:
+        """This rank's second copies of tied weights (a pipeline's last stage): the gradient norm
+        counts each tied weight once, as one process does."""
+        return self.pipeline.tied_copies if self.pipeline is not None else []
 
     def train(self, mode: bool = True) -> None:
         for part in self.parts:

@@ -65,13 +65,19 @@ class MemoryEstimate:
 class ParameterCounts:
     """The model's parameters by where they live: per block (averaged over blocks; matrices, which
     tensor parallelism shards, and vectors, which it does not), and in the modules of the first and
-    last pipeline stage (embedding; final norm and output). Tied parameters are counted once."""
+    last pipeline stage (embedding; final norm and output). Tied parameters are counted once, in
+    `first`; `tied` of them the last pipeline stage holds a copy of."""
 
     block_matrices: float
     block_vectors: float
     first: int
     last: int
     total: int
+    tied: int = 0
+
+    def ends(self, pp: int) -> int:
+        """The first and last stage's modules on one rank (pp 1), else those of the larger end."""
+        return self.first + self.last if pp == 1 else max(self.first, self.last + self.tied)
 
 
 _COUNTS: dict[tuple[str, str], ParameterCounts] = {}
@@ -106,7 +112,9 @@ def _count_parameters(args) -> ParameterCounts:
     vectors = count(model.layers, ndim=False) / layers
     first = sum(count(getattr(model, name)) for name in model.first_stage)
     last = sum(count(getattr(model, name)) for name in model.last_stage)
-    return ParameterCounts(matrices, vectors, first, last, sum(p.numel() for p in model.parameters()))
+    named = dict(model.named_parameters())
+    tied = sum(named[n].numel() for n in model.tied_parameters) if getattr(model, "ties_first_last", False) else 0
+    return ParameterCounts(matrices, vectors, first, last, sum(p.numel() for p in model.parameters()), tied)
 
 
 def block_parameters(args) -> float:
@@ -141,10 +149,9 @@ def estimate_memory(
     layers = args.n_layers // pp
     counts = parameter_counts(args)
     block_tp = counts.block_matrices / tp + counts.block_vectors
-    # The rank with most parameters: the first stage (embedding) or the last (output + final norm);
-    # tensor parallelism splits the embedding and output by vocabulary.
-    ends = counts.first + counts.last if pp == 1 else max(counts.first, counts.last)
-    params = layers * block_tp + ends / tp
+    # The rank with most parameters: the first stage (embedding) or the last (output + final norm, or
+    # its copy of a tied embedding); tensor parallelism splits the embedding and output by vocabulary.
+    params = layers * block_tp + counts.ends(pp) / tp
     weights = 4 * params / shard
     gradients = 4 * params / shard
     optimizer = 8 * params / shard

@@ -13,12 +13,14 @@ import copy
 import inspect
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from llamatron.errors import LlamatronError
 from llamatron.parallel.layout import plain
+from llamatron.parallel.parallelize import clean_name
 
 IGNORE_INDEX = -100  # labels of padding samples (evaluation fills the last batch up to the schedule's size)
 
@@ -30,11 +32,9 @@ def stage_ids(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
 def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
     """A copy of `model` (best on the meta device, where copying costs nothing) keeping only the layers
     of `stage`, plus the model's `first_stage` modules (the embedding) on the first stage and its
-    `last_stage` ones (norm + output) on the last."""
-    if n_stages > 1 and getattr(model, "ties_first_last", False):
-        raise LlamatronError("parallel.pp: this model's output layer uses its input embedding's weight (tied "
-                             "embeddings), which pipeline stages cannot split between ranks; untie them "
-                             "(GPT: model.tie_embeddings=false) or use pp=1")
+    `last_stage` ones (norm + output) on the last. A model whose output layer uses a first-stage
+    parameter (`ties_first_last`: tied embeddings) keeps a copy of it on the last stage, under the
+    same name (`keep_tied_only`); `Pipeline` keeps the two copies equal."""
     n = len(model.layers)
     per = n // n_stages
     keep = {str(i) for i in range(stage * per, (stage + 1) * per)}
@@ -43,12 +43,27 @@ def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
         if name not in keep:
             del part.layers[name]
     if stage != 0:
-        for name in model.first_stage:
-            setattr(part, name, None)
+        if stage == n_stages - 1 and getattr(model, "ties_first_last", False):
+            part.keep_tied_only()
+        else:
+            for name in model.first_stage:
+                setattr(part, name, None)
     if stage != n_stages - 1:
         for name in model.last_stage:
             setattr(part, name, None)
     return part
+
+
+def tied_parameters(parts: list[nn.Module]) -> list[nn.Parameter]:
+    """The trainable parameters of `parts` that a tied model holds on both its first and last stage, in
+    the order of the model's `tied_parameters` (the same on every rank that holds them)."""
+    found = {}
+    for part in parts:
+        if getattr(part, "ties_first_last", False):
+            for name, p in part.named_parameters():
+                if clean_name(name) in part.tied_parameters and p.requires_grad:
+                    found[clean_name(name)] = p
+    return [found[n] for n in parts[0].tied_parameters if n in found] if found else []
 
 
 def pipeline_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,10 +80,14 @@ class Pipeline:
     """This rank's stages and the schedule that runs them."""
 
     def __init__(self, parts: list[torch.nn.Module], ids: list[int], n_stages: int, schedule: str,
-                 n_microbatches: int, device: torch.device, group):
+                 n_microbatches: int, device: torch.device, group, tied_group=None):
         self.stages = [PipelineStage(m, i, n_stages, device, group=group) for m, i in zip(parts, ids)]
         self.has_first = 0 in ids
         self.has_last = (n_stages - 1) in ids
+        # Tied weights: the first stage's parameters and the last stage's copies of them, summed over
+        # `tied_group` (the first and last pipeline ranks at this rank's other coordinates).
+        self.tied = tied_parameters(parts) if tied_group is not None else []
+        self.tied_group = tied_group
         self.n_microbatches = n_microbatches
         if schedule == "interleaved1f1b":
             self.schedule = ScheduleInterleaved1F1B(self.stages, n_microbatches, loss_fn=pipeline_loss)
@@ -95,7 +114,31 @@ class Pipeline:
         """Forward and backward of `n_microbatches` micro-batches; gradients are the mean over them
         (the schedule scales them by 1/n). Returns the mean loss on the last stage, else None."""
         losses = self._run(tokens, labels, train=True)
+        self._sum_tied_gradients()
         return torch.stack([plain(loss).detach().float() for loss in losses]).mean() if self.has_last else None
+
+    @property
+    def tied_copies(self) -> list[torch.nn.Parameter]:
+        """The last stage's copies of tied weights: their gradient, once summed, is the first stage's."""
+        return self.tied if self.has_last else []
+
+    @torch.no_grad()
+    def _sum_tied_gradients(self) -> None:
+        """Each copy of a tied weight gets the gradient of both its uses, as the one parameter of a
+        single process does; both copies then take the same optimizer step. Under FSDP/TP each rank
+        sums its local shard, in the parameter's layout: both copies are sharded alike over meshes of the
+        same shape."""
+        for p in self.tied:
+            if p.grad is None:  # this stage's use did not reach it: the other rank still sums
+                p.grad = torch.zeros_like(p)
+            if isinstance(p.grad, DTensor):
+                if p.grad.placements != p.placements:
+                    # Under TP the embedding's gradient comes back replicated, the output's sharded.
+                    p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+                grad = p.grad.to_local()
+            else:
+                grad = p.grad
+            dist.all_reduce(grad, group=self.tied_group)
 
     @torch.no_grad()
     def eval_losses(self, tokens: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:

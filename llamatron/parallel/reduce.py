@@ -12,22 +12,28 @@ from torch.distributed.tensor import DTensor
 from llamatron.parallel.dims import ParallelDims
 
 
-def clip_grad_norm_(parameters, max_norm: float, dims: ParallelDims | None = None, foreach: bool = True) -> torch.Tensor:
+def clip_grad_norm_(parameters, max_norm: float, dims: ParallelDims | None = None, foreach: bool = True,
+                    duplicates=()) -> torch.Tensor:
     """The global L2 norm of all gradients, clipping them to `max_norm` (0: norm only).
 
     With DTensor gradients (FSDP, TP) the per-tensor norms are DTensors whose `full_tensor()` reduces
     over their mesh; pipeline stages hold disjoint parameters, so their squared norms are summed
-    over the pipeline group. In a single process this is exactly `torch.nn.utils.clip_grad_norm_`.
+    over the pipeline group. `duplicates` (the last stage's copies of tied weights, whose gradient
+    equals the first stage's) are clipped but left out of the norm. In a single process this is
+    exactly `torch.nn.utils.clip_grad_norm_`.
     """
     parameters = list(parameters)
     # DTensor and plain gradients apart: foreach kernels take one kind at a time (a family may keep some
     # parameters replicated under TP, e.g. GLaM's experts); plain ones are then the same on every rank.
     kinds = [[p for p in parameters if p.grad is not None and isinstance(p.grad, DTensor) == dt] for dt in (True, False)]
     kinds = [k for k in kinds if k]
+    skip = {id(p) for p in duplicates}
     norms = []
     for params in kinds:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, error_if_nonfinite=False, foreach=foreach)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        grads = [p.grad for p in params if id(p) not in skip]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=foreach)
+            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     if not norms:
         total = torch.zeros(())
     else:

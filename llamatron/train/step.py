@@ -48,7 +48,7 @@ def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, tor
             shares = None if token_counts is None else _token_shares(token_counts, layout, device)
             loss_sum = _forward_backward(layout, micro_batches, accum, device, precision,
                                          layout.fused_loss(fused_cross_entropy), shares)
-    grad_norm = clip_grad_norm_(layout.parameters(), grad_clip, layout.dims)
+    grad_norm = clip_grad_norm_(layout.parameters(), grad_clip, layout.dims, duplicates=layout.tied_copies())
     update = before_update is None or before_update(loss_sum, grad_norm)
     for opt in optimizers:
         if update:

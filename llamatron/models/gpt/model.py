@@ -7,9 +7,10 @@ tensor parallelism can split heads).
 
 Tied embeddings: the output projection uses `embeddings.tok.weight` itself, handed to the `head`
 module at forward time (one parameter, so its gradient is the sum of both uses; no attribute tying,
-which `to_empty` and pipeline copies would break). Class attribute `ties_first_last` tells the
-layouts: FSDP keeps the embedding in the root unit (gathered while the head uses it) and pipelining,
-which would put the two uses on different ranks, refuses (`model.tie_embeddings=false` unties).
+which `to_empty` and pipeline copies would break). `ties_first_last` and `tied_parameters` tell the
+layouts: FSDP keeps the embedding in the root unit (gathered while the head uses it); pipelining,
+which puts the two uses on different ranks, gives the last stage its own copy of the token embedding
+under the same name (`keep_tied_only`) and sums the two copies' gradients (Megatron's way).
 """
 
 from __future__ import annotations
@@ -133,11 +134,14 @@ class Head(nn.Module):
 class GPT(nn.Module):
     first_stage = ("embeddings",)
     last_stage = ("norm", "head")
+    # The first-stage parameters the output layer uses when tied: a last pipeline stage holds a copy.
+    tied_parameters = ("embeddings.tok.weight",)
 
     def __init__(self, args: GPTArgs):
         super().__init__()
         self.args = args
         self.ties_first_last = args.tie_embeddings
+        self.embeds_tokens = True  # False on a last pipeline stage that holds only the tied copy
         self.embeddings = Embeddings(args)
         self.layers = nn.ModuleDict({str(i): Block(args) for i in range(args.n_layers)})
         self.norm = LayerNorm(args.dim, args.norm_eps)
@@ -157,6 +161,13 @@ class GPT(nn.Module):
             std = std / math.sqrt(2 * self.args.n_layers)
         gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
         return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+
+    def keep_tied_only(self) -> None:
+        """Make this copy of the model a last pipeline stage's holder of the tied output weight: of the
+        embeddings only the token table stays, under its own name (so checkpoints and initial values
+        are those of one process), and it is not used to embed the stage's input."""
+        self.embeddings.pos = None
+        self.embeds_tokens = False
 
     @torch.no_grad()
     def init_buffers(self) -> None:
@@ -180,7 +191,7 @@ class GPT(nn.Module):
         tokens are the next slots of its rows, at its positions."""
         if cache is not None:
             return self._decode(tokens, cache)
-        if self.embeddings is not None:
+        if self.embeddings is not None and self.embeds_tokens:
             h = self.embeddings(tokens, self.positions[: tokens.shape[1]])
         else:
             h = tokens

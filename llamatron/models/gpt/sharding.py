@@ -31,9 +31,13 @@ from llamatron.models.gpt.model import GPT
 def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
     """Shard `model` (or a pipeline stage of it) over `tp_mesh`, in place."""
     top = {}
+    embeds = model.embeddings is not None and model.embeds_tokens
     if model.embeddings is not None:
-        top["embeddings"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
+        # Also a last pipeline stage's copy of the tied weight: sharded as the first stage's, so that
+        # the two copies' local gradient shards line up when they are summed.
         top["embeddings.tok"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if embeds:
+        top["embeddings"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
     if model.norm is not None:
         top["norm"] = SequenceParallel()
     if model.head is not None:
@@ -45,7 +49,7 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
                                          use_local_output=False)
     if top:
         parallelize_module(model, tp_mesh, top)
-    if model.embeddings is not None:
+    if embeds:
         _replicate(model.embeddings.pos, tp_mesh)
         # As llama's: a copy of the local shard cuts the alias a compiled first block trips over.
         model.embeddings.register_forward_hook(lambda module, args, out: out.clone())
