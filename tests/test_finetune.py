@@ -247,9 +247,11 @@ def test_sft_then_lora_through_the_trainer(tmp_path):
     assert _losses(tmp_path / "small") == full
 
 
-def test_config_rejects_lora_with_tensor_parallelism(tmp_path):
-    with pytest.raises(LlamatronError, match="lora.rank"):
-        load_config("llamatron-finetune-test", ["finetune.data=x.jsonl", "lora.rank=4", "parallel.tp=2"])
+def test_config_takes_lora_with_tensor_parallelism_but_not_fp8(tmp_path):
+    lora = ["finetune.data=x.jsonl", "lora.rank=4"]
+    assert load_config("llamatron-finetune-test", [*lora, "parallel.tp=2"]).parallel.tp == 2
+    with pytest.raises(LlamatronError, match="lora.rank.*FP8 linear computes the frozen base weight's gradient"):
+        load_config("llamatron-finetune-test", [*lora, "train.fp8=tensorwise"])
 
 
 @pytest.mark.parametrize("preset", ["llama2-7b-boolq-sft", "llama2-7b-boolq-lora", "llama31-8b-boolq-sft",
