@@ -10,6 +10,7 @@ The embedding is split by vocabulary rows and returns sequence shards; the outpu
 vocabulary columns and returns vocabulary-sharded logits as a DTensor, for torch's `loss_parallel`
 (the cross-entropy is computed without gathering the logits). The fused linear cross-entropy of
 `llamatron.loss` needs the whole output weight, so under TP the trainer takes the logits path.
+LoRA layers take Megatron's adapter layout through `colwise` / `rowwise` (llamatron/parallel/tensor_parallel.py).
 """
 
 from __future__ import annotations
