@@ -42,6 +42,8 @@ class _WithAdapter(ParallelStyle):
         super().__init__()
         self.base, self.a, self.b = base, a, b
 
+    # ParallelStyle's contract: parallelize_module calls `_apply` (torch names it so); nothing of
+    # ColwiseParallel / RowwiseParallel is overridden, they are applied through parallelize_module.
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         children = dict(module.named_children())  # lora_A, lora_B, lora_dropout
         for name in children:
