@@ -65,7 +65,7 @@ def torchrun(n: int, config, out_dir, *overrides: str) -> str:
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, start_new_session=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     return out
