@@ -46,8 +46,9 @@ def checkpoint_config(path):
 
 
 def check_tp(checkpoint, tp: int) -> None:
-    """A LoRA run's checkpoint is refused with tensor parallelism (as training refuses it): under
-    `--nproc-per-node`, before any process starts."""
+    """A LoRA run's checkpoint is refused with tensor parallelism: training runs LoRA under TP, but
+    evaluation's loading of adapters into a TP layout is not tested yet. Under `--nproc-per-node`,
+    before any process starts."""
     from llamatron.convert import resolve_checkpoint
 
     if tp <= 1:
@@ -56,7 +57,7 @@ def check_tp(checkpoint, tp: int) -> None:
     rank = checkpoint_config(path).lora.rank
     if rank:
         raise LlamatronError(f"--tp {tp}: {path} is a LoRA run's checkpoint (lora.rank = {rank}), and LoRA with "
-                             "tensor parallelism is not supported yet; evaluate it with --tp 1")
+                             "tensor parallelism is not supported by evaluation yet; evaluate it with --tp 1 (FSDP: --nproc-per-node alone)")
 
 
 def build_model(path, cfg, device):

@@ -376,7 +376,7 @@ def test_evaluating_an_adapter_only_checkpoint_without_its_base_is_one_line(tmp_
     data = _boolq(tmp_path / "eval.jsonl")
     args = ["evaluate", "--checkpoint", str(run.out_dir), "--tasks", "boolq", "--task-file", f"boolq={data}",
             "--device", "cpu", "--output", str(tmp_path / "results.json")]
-    # LoRA with tensor parallelism: refused before any process starts, as in training.
+    # LoRA with tensor parallelism: refused by evaluation before any process starts.
     _one_line_error(capsys, args + ["--nproc-per-node", "2", "--tp", "2"], "--tp 2", "LoRA")
     first.checkpoint.rename(tmp_path / "moved")
     _one_line_error(capsys, args, "holds only LoRA adapters", "checkpoint.init_from", str(first.checkpoint))
@@ -462,9 +462,11 @@ def test_sft_and_lora_raise_boolq_accuracy_on_their_training_set(tmp_path):
         assert json.loads(out.read_text())["boolq"]["metrics"]["acc"]["value"] == acc[30], name
 
 
-def test_config_rejects_lora_with_tensor_parallelism(tmp_path):
-    with pytest.raises(LlamatronError, match="lora.rank"):
-        load_config("llamatron-finetune-test", ["finetune.data=x.jsonl", "lora.rank=4", "parallel.tp=2"])
+def test_config_takes_lora_with_tensor_parallelism_but_not_fp8(tmp_path):
+    lora = ["finetune.data=x.jsonl", "lora.rank=4"]
+    assert load_config("llamatron-finetune-test", [*lora, "parallel.tp=2"]).parallel.tp == 2
+    with pytest.raises(LlamatronError, match="lora.rank.*FP8 linear computes the frozen base weight's gradient"):
+        load_config("llamatron-finetune-test", [*lora, "train.fp8=tensorwise"])
 
 
 @pytest.mark.parametrize("preset", ["llama2-7b-boolq-sft", "llama2-7b-boolq-lora", "llama31-8b-boolq-sft",

@@ -62,7 +62,12 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
                                   include_output=train.fp8_include_output, fsdp_all_gather=train.fp8_all_gather)
             fp8_output = fp8_output or "output" in converted
         if dims.tp > 1:
+            frozen = {n for n, p in part.named_parameters() if not p.requires_grad}
             family.tensor_parallel(part, dims.submesh("tp"))
+            # torch's SequenceParallel makes the norms' replicated Parameters trainable again: LoRA
+            # (everything frozen but the adapters) would train them under TP only.
+            for n, p in part.named_parameters():
+                p.requires_grad_(n not in frozen)
         experts = None
         if dims.ep > 1:
             from llamatron.parallel.expert_parallel import apply_expert_parallel

@@ -279,8 +279,8 @@ class Trainer:
         if cfg.lora.peft_out and not preempted:
             from llamatron.transforms.peft_format import save_peft_adapter
 
-            out = save_peft_adapter(self.layout.model, self.family, self.args, cfg.lora.peft_out,
-                                    base_model=cfg.checkpoint.init_from or "")
+            out = save_peft_adapter(self.layout.parts, self.family, self.args, cfg.lora.peft_out,
+                                    base_model=cfg.checkpoint.init_from or "", pp_group=self.layout.dims.group("pp"))
             self.log(f"LoRA adapter written in Hugging Face PEFT format to {out}")
         if self.metrics is not None:
             self.metrics.close()

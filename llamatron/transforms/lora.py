@@ -5,8 +5,9 @@ The layer keeps its class's behaviour and its parameter names (`layers.0.attenti
 pretrained checkpoint loads into the adapted model as it is; the adapter adds `...wq.lora_A.weight`
 and `...wq.lora_B.weight` (PEFT's names below the module). Applied on the meta device before tensor
 parallelism, activation checkpointing, compile and FSDP (which then see frozen and trainable
-parameters, and shard both). A is Kaiming-uniform(a=sqrt 5) and B zero, as PEFT and torchtune, so
-the adapted model starts as the base model; Pax's LoRA (no alpha/r factor) is alpha = rank.
+parameters, and shard both; TP gives the adapters Megatron's layout: llamatron/parallel/
+tensor_parallel.py). A is Kaiming-uniform(a=sqrt 5) and B zero, as PEFT and torchtune, so the adapted
+model starts as the base model; Pax's LoRA (no alpha/r factor) is alpha = rank.
 """
 
 from __future__ import annotations

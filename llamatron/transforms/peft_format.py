@@ -30,14 +30,30 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu().contiguous()
 
 
-def adapter_state(model) -> tuple[dict[str, torch.Tensor], dict]:
-    """The adapters of `model` (llamatron names, full tensors: a collective under FSDP/TP, so every
-    rank calls it) and their rank/alpha/dropout."""
+def adapter_state(model, pp_group=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The adapters of `model` (a module or this rank's pipeline stages; llamatron names, full
+    tensors: a collective under FSDP/TP/PP, so every rank calls it) and their rank/alpha/dropout.
+    pp_group: the pipeline group, whose other ranks hold the other stages' adapters."""
+    tensors, hyper = _local_adapters(model)
+    if pp_group is not None:
+        import torch.distributed as dist
+
+        stages = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(stages, (tensors, hyper), group=pp_group)
+        tensors = {k: v for t, _ in stages for k, v in t.items()}
+        hyper = next((h for _, h in stages if h is not None), None)
+    if not tensors:
+        raise LlamatronError("the model has no LoRA adapters to export")
+    return tensors, hyper
+
+
+def _local_adapters(model) -> tuple[dict[str, torch.Tensor], dict | None]:
     from llamatron.transforms.lora import lora_modules
 
-    mods = lora_modules(model)
+    mods = {n: m for part in (model if isinstance(model, (list, tuple)) else [model])
+            for n, m in lora_modules(part).items()}
     if not mods:
-        raise LlamatronError("the model has no LoRA adapters to export")
+        return {}, None
     first = next(iter(mods.values()))
     hyper = {"r": first.rank, "lora_alpha": first.scaling * first.rank,
              "lora_dropout": float(getattr(first.lora_dropout, "p", 0.0))}
@@ -79,16 +95,17 @@ def from_peft(tensors: dict[str, torch.Tensor], hf, args, where: str) -> dict[st
     return out
 
 
-def save_peft_adapter(model, family, args, out_dir: str | os.PathLike, base_model: str = "") -> Path:
-    """Write `model`'s adapters as a PEFT adapter directory (files written under temporary names,
-    then renamed). Every rank must call it (the tensors are gathered); rank 0 writes."""
+def save_peft_adapter(model, family, args, out_dir: str | os.PathLike, base_model: str = "", pp_group=None) -> Path:
+    """Write `model`'s adapters (a module, or this rank's pipeline stages with `pp_group`) as a PEFT
+    adapter directory (files written under temporary names, then renamed). Every rank must call it
+    (the tensors are gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
     import torch.distributed as dist
 
     if family.hf is None:
         raise LlamatronError(f"the {family.name} family has no Hugging Face format to export an adapter in")
-    tensors, hyper = adapter_state(model)
+    tensors, hyper = adapter_state(model, pp_group)
     if dist.is_initialized() and dist.get_rank() != 0:
         return Path(out_dir)
     peft_tensors = to_peft(tensors, family.hf, args)

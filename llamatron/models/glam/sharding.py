@@ -13,23 +13,25 @@ relative bias see whole sequences).
 from __future__ import annotations
 
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 from llamatron.models.glam.model import GatedGELU, GLaM
+from llamatron.parallel.tensor_parallel import colwise, rowwise
 
 
 def apply_tensor_parallel(model: GLaM, tp_mesh: DeviceMesh) -> None:
     """Shard `model`'s blocks over `tp_mesh`, in place."""
     for block in model.layers.values():
         plan = {
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(),
+            "attention.wq": colwise(block.attention.wq),
+            "attention.wk": colwise(block.attention.wk),
+            "attention.wv": colwise(block.attention.wv),
+            "attention.wo": rowwise(block.attention.wo),
             # An embedding split by its output dimension: each rank looks up its own heads' biases.
             "attention.rel_bias": ColwiseParallel(),
         }
         if isinstance(block.feed_forward, GatedGELU):
-            plan.update({"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
-                         "feed_forward.w2": RowwiseParallel()})
+            ffn = block.feed_forward
+            plan.update({"feed_forward.w1": colwise(ffn.w1), "feed_forward.w3": colwise(ffn.w3),
+                         "feed_forward.w2": rowwise(ffn.w2)})
         parallelize_module(block, tp_mesh, plan)

@@ -26,6 +26,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from llamatron.models.gpt.model import GPT
+from llamatron.parallel.tensor_parallel import colwise, rowwise
 
 
 def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
@@ -57,14 +58,14 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             "attention": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "attention.wq": colwise(block.attention.wq),
+            "attention.wk": colwise(block.attention.wk),
+            "attention.wv": colwise(block.attention.wv),
+            "attention.wo": rowwise(block.attention.wo, output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
             "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w1": colwise(block.feed_forward.w1),
+            "feed_forward.w2": rowwise(block.feed_forward.w2, output_layouts=Shard(1)),
         })
 
 

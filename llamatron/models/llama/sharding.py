@@ -10,6 +10,7 @@ The embedding is split by vocabulary rows and returns sequence shards; the outpu
 vocabulary columns and returns vocabulary-sharded logits as a DTensor, for torch's `loss_parallel`
 (the cross-entropy is computed without gathering the logits). The fused linear cross-entropy of
 `llamatron.loss` needs the whole output weight, so under TP the trainer takes the logits path.
+LoRA layers take Megatron's adapter layout through `colwise` / `rowwise` (llamatron/parallel/tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from llamatron.models.llama.model import Transformer
+from llamatron.parallel.tensor_parallel import colwise, rowwise
 
 
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
@@ -51,13 +53,13 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
             # cos/sin (the other two inputs) are plain tensors, left alone.
             "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
                                             desired_input_layouts=(Replicate(), None, None)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "attention.wq": colwise(block.attention.wq),
+            "attention.wk": colwise(block.attention.wk),
+            "attention.wv": colwise(block.attention.wv),
+            "attention.wo": rowwise(block.attention.wo, output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
             "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w1": colwise(block.feed_forward.w1),
+            "feed_forward.w3": colwise(block.feed_forward.w3),
+            "feed_forward.w2": rowwise(block.feed_forward.w2, output_layouts=Shard(1)),
         })
