@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the config's, or 8192)")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: the config's, or 1024)")
     p.add_argument("--top", type=int, default=5, help="layouts to print")
+    p.add_argument("--fp8", choices=("auto", "on", "off"), default="auto",
+                   help="FP8 layouts: auto (both, where the GPU and layout allow; or the config's train.fp8), on, off")
     p.add_argument("--tokens", type=float, default=1e12, help="tokens to train, for the days column (default 1e12)")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="compute from this calibration table (default: llamatron/calibration/<gpu>.json if shipped)")

@@ -619,6 +619,8 @@ def main(args) -> tuple[str, bool]:
         w = workload(args.model, args.seq_len or 8192, args.global_batch or 1024, args.layers)
     if args.gpus is None:
         raise LlamatronError("--gpus: give the number of GPUs to plan for")
+    if args.fp8 != "auto":
+        w = dataclasses.replace(w, fp8="tensorwise" if args.fp8 == "on" else "none")
     p = plan(w, hardware_from_args(args))
     return render(p, args.top, args.tokens), bool(p.ranked)
 
