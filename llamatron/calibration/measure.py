@@ -322,5 +322,5 @@ def summary(table: dict, path: str) -> str:
     rate = 2.0 * big["m"] * big["k"] * big["n"] / big["seconds"]
     return (f"wrote {path}: {len(table['gemm'])} GEMM, {len(table['attention'])} attention, {len(table['elementwise'])} "
             f"element-wise, {len(table['comm'])} collective timings in {table['elapsed_s']} s "
-            f"({table['skipped']} skipped); largest GEMM {big['m']}x{big['k']}x{big['n']} at {rate / 1e12:.1f} TFLOP/s, "
+            f"({table['skipped']} skipped); largest GEMM {big['m']}x{big['k']}x{big['n']} at {rate / 1e12:.3g} TFLOP/s, "
             f"element-wise {t.bandwidth() / 1e9:.0f} GB/s, AdamW {t.optimizer() * 1e12:.1f} ps/parameter")
