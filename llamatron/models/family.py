@@ -62,10 +62,6 @@ class BlockShapes:
         """Rows each token sends to experts per block (the mean over blocks): what all-to-all moves."""
         return max((g.rows * g.share for g in self.gemms if g.groups > 1), default=0.0)
 
-    @property
-    def n_experts(self) -> int:
-        return max((g.groups for g in self.gemms), default=1) if self.moe_rows() else 0
-
 
 @dataclass(frozen=True)
 class Family:
