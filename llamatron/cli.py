@@ -129,20 +129,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation log perplexity to report the time to (default: mlperf.target of the config)")
 
     p = sub.add_parser("plan", help="rank the parallel layouts that fit a model on N GPUs (memory and speed estimates)",
-                       description="Enumerates dp_shard x tp x pp x cp, activation checkpointing and micro batch; "
-                       "estimates memory (llamatron/parallel/memory.py) and step time (llamatron/plan.py's cost "
-                       "model); prints the best with the --set overrides that select them.")
-    p.add_argument("--model", required=True, help="named model size (llama3.1-8b, llama3.1-70b, llama3.1-405b, ...)")
+                       description="Enumerates dp_replicate x dp_shard x tp x pp x cp (and ep for MoE models), "
+                       "activation checkpointing, micro batch and FP8; estimates memory (llamatron/parallel/memory.py) "
+                       "and step time (llamatron/plan.py's cost model); prints the best with the --set overrides that "
+                       "select them. --calibrate measures the timings the cost model can be built from instead. "
+                       "See docs/planner.md.")
+    p.add_argument("--model", default=None, help="named model size (llama3.1-8b, gpt-126m, glam-126m-64e, ...)")
+    p.add_argument("--config", default=None, metavar="FILE_OR_PRESET",
+                   help="plan the model, sequence, batch, LoRA and FP8 keys of this config file or preset instead")
     p.add_argument("--layers", type=int, default=None, help="proxy: number of layers")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs in all (world size)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs in all (world size)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (NVLink domain); default 8")
     p.add_argument("--nodes", type=int, default=None, help="nodes (instead of --gpus-per-node: GPUs / nodes per node)")
     p.add_argument("--gpu-memory-gib", type=float, default=None,
                    help="memory per GPU, GiB (default: 80, or the --gpu kind's: H200 139)")
-    p.add_argument("--gpu", default="H100", help="device kind, for its peak FLOP/s (H100, H200, A100, B200)")
-    p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: 1024)")
+    p.add_argument("--gpu", default="H100", help="device kind, for its peak FLOP/s, FP8 support and shipped "
+                   "calibration table (H100, H200, A100, B200)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the config's, or 8192)")
+    p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: the config's, or 1024)")
     p.add_argument("--top", type=int, default=5, help="layouts to print")
+    p.add_argument("--fp8", choices=("auto", "on", "off"), default="auto",
+                   help="FP8 layouts: auto (both, where the GPU and layout allow; or the config's train.fp8), on, off")
+    p.add_argument("--tokens", type=float, default=1e12, help="tokens to train, for the days column (default 1e12)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="compute from this calibration table (default: llamatron/calibration/<gpu>.json if shipped)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure GEMM, attention, element-wise, optimizer (and under torchrun, collective) timings "
+                   "on this machine's device and write a calibration table")
+    p.add_argument("--out", default="calibration.json", help="with --calibrate: the table to write")
+    p.add_argument("--quick", action="store_true", help="with --calibrate: a tiny grid (tests; seconds on a CPU)")
+    p.add_argument("--budget-s", type=float, default=150.0, help="with --calibrate: stop measuring after this long")
     return parser
 
 
@@ -439,6 +455,8 @@ def cmd_report(args) -> int:
 def cmd_plan(args) -> int:
     from llamatron import plan
 
+    if args.calibrate:
+        return plan.calibrate(args)
     text, fits = plan.main(args)
     print(text)
     return 0 if fits else 1  # nothing fits: an answer, not an input error

@@ -1,32 +1,49 @@
 """`llamatron plan`: which parallel layout to run a model with on N GPUs, and how fast it will be.
 
-Every layout the config accepts for the model is enumerated (dp_shard x tp x pp x cp = N, pipeline
-virtual stages, activation checkpointing, micro batch), its memory per rank estimated with
-`llamatron/parallel/memory.py` (what the trainer prints; docs/parallelism.md compares it with measured
-peaks), and its step time with the cost model below. The feasible ones are ranked by step time.
+Every layout the config accepts for the model is enumerated (dp_replicate x dp_shard x tp x pp x cp = N,
+expert parallelism for MoE families, pipeline virtual stages, activation checkpointing, micro batch,
+FP8 on or off), its memory per rank estimated with `llamatron/parallel/memory.py` (what the trainer
+prints; docs/parallelism.md compares it with measured peaks), and its step time with the cost model
+below. The feasible ones are ranked by step time. What is model-specific comes from the family's record
+(`llamatron/models/family.py`: FLOPs per token, the block's matrix products and attention shapes,
+tensor-parallel divisibility), and the parameters from the model itself, built on the meta device.
 
-The cost model (per optimizer step, per GPU; docs/planner.md has it with its sources):
+The cost model (per optimizer step, per GPU; docs/planner.md has it with its sources). Compute, without a
+calibration table (the fitted model):
 
-    compute   = (model FLOPs + recomputed block forwards under activation checkpointing) / N
+    compute   = (model FLOPs - frozen weights' gradient FLOPs (LoRA) + recomputed block forwards under
+                activation checkpointing, the FP8 layers' share / FP8_GEMM_SPEEDUP) / N
                 / (peak x eff(x)),  eff(x) = 0.6475 x / (x + 800),  x = micro_batch x seq / cp
                 (least-squares fit to the 15 compiled BF16 single-GPU runs in docs/bench/: H100 and H200, the
                 8B layer shape with 4 or 8 layers, micro batch 1 to 8). What it captures is the fixed cost of
                 a micro-batch (weight casts, gradient accumulation, launches) against its tokens: context
                 parallelism cuts the tokens per rank, tensor parallelism cuts both alike, so only cp enters x
+
+and with a table measured by `llamatron plan --calibrate` (llamatron/calibration/), from the measured
+pieces instead: each block GEMM (forward, input and weight gradient) at its shape, SDPA forward and
+backward, the element-wise traffic of a block and of the loss at the measured copy bandwidth, and each
+micro-batch's passes over the parameters (weight casts, gradient accumulation); the slowest pipeline stage
+(the last: blocks + output layer) sets the pace. Then, in both:
+
     TP        8 collectives per block and micro-batch (all-gather + reduce-scatter before/after attention and
                 MLP, forward and backward; 12 with recomputation) of the micro-batch's activations, each
                 (tp-1)/tp of them over NVLink, or over the network when tp spans nodes; not overlapped
     CP        K and V passed around the ring, cp-1 hops, forward and backward (3x); half of it exposed
+    EP        4 all-to-alls per MoE block and micro-batch (dispatch and combine, forward and backward; 6 with
+                recomputation) of the rows each token sends to its top-k experts, (ep-1)/ep of them; not overlapped
     FSDP      all-gather of the bf16 parameters forward and backward and reduce-scatter of the fp32 gradients
-                (8 bytes per parameter of the stage) per micro-batch (per step under pipelining, which keeps
-                them gathered); overlapped with compute, only what exceeds it counts
-    optimizer 11.6 ps per parameter of the rank's shard (fused AdamW, measured on the H200)
+                (2 + 2 + 4 bytes per parameter of the stage; only trainable ones are reduced, experts under
+                EP are neither) per micro-batch (per step under pipelining, which keeps them gathered); HSDP
+                adds the all-reduce of the gradient shard across replicas; overlapped with compute, only what
+                exceeds it counts
+    optimizer 11.6 ps per trainable parameter of the rank's shard (fused AdamW, measured on the H200; or the table's)
     PP        the schedule's bubble: the per-micro-batch time x (m + (pp-1)/v) for m micro-batches and v
                 virtual stages (GPipe, 1F1B: v = 1), plus the stage-to-stage activation sends
 
-Bandwidths are per GPU for collectives (algorithm bandwidth): 300 GB/s inside a node (NVLink), 40 GB/s
-across nodes (400 Gb/s InfiniBand per GPU). A layout fits when its estimate is below `margin` (0.9) of the
-GPU's memory: the estimate leaves out the allocator's fragmentation, NCCL buffers and the CUDA context.
+Bandwidths are per GPU for collectives (bus bandwidth): 300 GB/s inside a node (NVLink), 40 GB/s across
+nodes (400 Gb/s InfiniBand per GPU), or what `--calibrate` measured under torchrun on this node. A layout
+fits when its estimate is below `margin` (0.9) of the GPU's memory: the estimate leaves out the allocator's
+fragmentation, NCCL buffers and the CUDA context.
 """
 
 from __future__ import annotations
@@ -34,12 +51,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from llamatron import flops
 from llamatron.errors import LlamatronError
-from llamatron.parallel.memory import GiB, MemoryEstimate, estimate_memory, parameter_counts
+from llamatron.parallel.memory import GiB, MemoryEstimate, estimate_memory, fp8_counts, parameter_counts
 
-MICRO_BATCHES = (1, 2, 4, 8)
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 VIRTUAL_STAGES = (1, 2, 4)
 EFF_MAX, EFF_HALF = 0.6475, 800.0  # eff(x) = EFF_MAX x / (x + EFF_HALF): see the module docstring
 CP_EXPOSED = 0.5
@@ -47,6 +65,24 @@ FSDP_OVERLAP = 1.0  # the share of compute that FSDP's collectives can hide behi
 # Fused AdamW + clipping over this rank's fp32 shard: 22.4 ms for 1.92B parameters in the H200 profile
 # (docs/performance.md), i.e. 11.6 ps per parameter; memory-bound, so the same on an H100 within ~10%.
 OPTIMIZER_S_PER_PARAM = 11.6e-12
+# How much faster the GEMMs FP8 converts run, casts and scales included, from the step times of
+# docs/performance.md: on the H200 "FP8 everywhere" (block linears + output layer, 84% of the 8B proxy's
+# FLOPs) made the step 1.33x (micro 4), 1.35x (micro 8) and 1.37x (native GQA, micro 8) faster than BF16,
+# i.e. 1/(0.16 + 0.84/g) = 1.33-1.37 for g = 1.42-1.47; the block linears alone (52%) 1.19x, g = 1.44.
+# On the H100 "FP8 everywhere" gave 1.28x (micro 4): g = 1.35. Other FP8 GPUs: the H200's figure.
+FP8_GEMM_SPEEDUP = {"H100": 1.35, "H800": 1.35, "H200": 1.44}
+FP8_GEMM_SPEEDUP_DEFAULT = 1.44
+# Calibrated compute (docs/planner.md, "The calibrated model"): bytes of element-wise traffic per byte a
+# block saves for backward, fitted to the H200 profile of the 8B proxy (docs/performance.md: 241 ms of
+# element-wise work at micro 4, of which 41 ms the loss and ~43 ms the weight casts and gradient
+# accumulation, leaves 157 ms; at the 4.3 TB/s copy rate that is 675 GB for 137 GB saved: 4.9);
+# bytes per logit of the fused loss (41 ms for 16.8G logits: ~10) and of the unfused one (bf16 logits,
+# their fp32 copy and gradient); and bytes per parameter and micro-batch for the weight casts (fp32
+# read, bf16 written) and the gradient accumulation (bf16 gradient cast to fp32 and added).
+ELEMENTWISE_PER_SAVED_BYTE = 4.9
+LOSS_BYTES_PER_LOGIT = {True: 10, False: 20}
+PARAM_PASS_BYTES = 24
+FUSED_LOSS_ROWS = 8192  # llamatron/loss.py's chunk
 
 
 @dataclass(frozen=True)
@@ -58,10 +94,18 @@ class Hardware:
     intra_node_bw: float = 300e9  # bytes/s per GPU, collectives inside a node
     inter_node_bw: float = 40e9  # bytes/s per GPU, collectives across nodes
     margin: float = 0.9  # usable share of the GPU's memory
+    fp8: bool = False  # FP8 tensor cores (H100 and newer): FP8 layouts are enumerated
+    fp8_speedup: float = FP8_GEMM_SPEEDUP_DEFAULT
+    a2a_bw: float | None = None  # all-to-all inside a node; None = intra_node_bw
+    p2p_bw: float | None = None  # pipeline sends inside a node; None = intra_node_bw
+    latency: float = 0.0  # seconds per collective call (a calibration table's; 0 = not modelled)
+    calibration: Any = None  # a llamatron.calibration.Table: compute from measured timings
 
-    def bandwidth(self, span: int) -> float:
+    def bandwidth(self, span: int, kind: str = "collective") -> float:
         """Of a group of `span` consecutive ranks: NVLink if they share a node."""
-        return self.intra_node_bw if span <= self.gpus_per_node else self.inter_node_bw
+        if span > self.gpus_per_node:
+            return self.inter_node_bw
+        return {"a2a": self.a2a_bw, "p2p": self.p2p_bw}.get(kind) or self.intra_node_bw
 
 
 @dataclass(frozen=True)
@@ -73,27 +117,73 @@ class Layout:
     virtual: int
     micro_batch: int
     activation_checkpointing: bool
+    dp_replicate: int = 1
+    ep: int = 1
+    fp8: bool = False
 
     @property
     def schedule(self) -> str:
         return "interleaved1f1b" if self.virtual > 1 else "1f1b"
 
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fused_loss(self) -> bool:
+        """The trainer's fused cross-entropy (llamatron/parallel/layout.py: not under TP or PP)."""
+        return self.tp == 1 and self.pp == 1
+
     def describe(self) -> str:
-        parts = [f"fsdp {self.dp_shard}" if self.dp_shard > 1 else "", f"tp {self.tp}" if self.tp > 1 else "",
+        shard = (f"hsdp {self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1
+                 else f"fsdp {self.dp_shard}" if self.dp_shard > 1 else "")
+        parts = [shard, f"ep {self.ep}" if self.ep > 1 else "", f"tp {self.tp}" if self.tp > 1 else "",
                  f"cp {self.cp}" if self.cp > 1 else "",
                  (f"pp {self.pp}" + (f" x{self.virtual} interleaved" if self.virtual > 1 else "")) if self.pp > 1 else ""]
         return " ".join(p for p in parts if p) or "1 GPU"
 
-    def overrides(self) -> list[str]:
+    def overrides(self, fp8_recipe: str = "tensorwise", fp8_output: bool = False) -> list[str]:
         """The [parallel] and [train] keys that select this layout (those at their default left out)."""
         out = [f"parallel.dp_shard={self.dp_shard}"]
-        out += [f"parallel.{k}={getattr(self, k)}" for k in ("tp", "pp", "cp") if getattr(self, k) > 1]
+        out += [f"parallel.{k}={getattr(self, k)}" for k in ("dp_replicate", "ep", "tp", "pp", "cp")
+                if getattr(self, k) > 1]
         if self.pp > 1:
             out += [f"parallel.pp_virtual_stages={self.virtual}", f"parallel.pp_schedule={self.schedule}"]
         out.append(f"train.micro_batch_size={self.micro_batch}")
-        if self.activation_checkpointing:
-            out.append("train.activation_checkpointing=true")
+        out.append(f"train.activation_checkpointing={'true' if self.activation_checkpointing else 'false'}")
+        if self.fp8:
+            out.append(f"train.fp8={fp8_recipe}")
+            if fp8_output and self.fused_loss:
+                out.append("train.fp8_include_output=true")
         return out
+
+
+@dataclass
+class Workload:
+    """What is planned: the model, its sequence and batch, and the transforms a config fixes."""
+
+    model: str  # model.size
+    family: Any
+    args: Any
+    seq_len: int
+    global_batch: int
+    lora: Any = None  # the [lora] section when rank > 0: frozen base, trainable adapters
+    fp8: str | None = None  # None: enumerate off and on; else the config's train.fp8, fixed
+    fp8_min_features: int = 1024
+    fp8_output: bool = True  # FP8 layouts also run the output layer in FP8 (when the loss is fused)
+    finetune: bool = False  # finetune.data: no pipeline or context parallelism
+    config: str | None = None  # the config file or preset the --set lines go with
+    sets: list[str] = field(default_factory=list)  # overrides that make the workload from it
+
+    @property
+    def shapes(self):
+        if self.family.shapes is None:
+            raise LlamatronError(f"the {self.family.name} family gives no block shapes (Family.shapes): "
+                                 "the planner cannot cost it")
+        return self.family.shapes(self.args)
+
+    def fp8_layers(self):
+        return fp8_counts(self.args, self.fp8_min_features, self.fp8_output)
 
 
 @dataclass
@@ -112,22 +202,21 @@ class Estimate:
 
 @dataclass
 class Plan:
-    model: str
-    args: object
+    workload: Workload
     hardware: Hardware
-    seq_len: int
-    global_batch: int
     ranked: list[Estimate]  # feasible, fastest first
     tried: int
     smallest: Estimate | None  # the smallest-memory layout when none fits
 
-    def base_overrides(self) -> list[str]:
-        """The model, sequence and batch keys the layouts were planned for."""
-        from llamatron.models import registry
+    # The fields of older callers.
+    model = property(lambda self: self.workload.model)
+    args = property(lambda self: self.workload.args)
+    seq_len = property(lambda self: self.workload.seq_len)
+    global_batch = property(lambda self: self.workload.global_batch)
 
-        out = [f"model.size={self.model}"]
-        out += [f"model.{k}={v}" for k, v in registry.differing_fields(registry.get(self.model), self.args).items()]
-        return out + [f"data.seq_len={self.seq_len}", f"train.global_batch_size={self.global_batch}"]
+    def base_overrides(self) -> list[str]:
+        """The model, sequence and batch keys the layouts were planned for (beside the config, if any)."""
+        return list(self.workload.sets)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,27 +227,56 @@ def _powers_of_two(limit: int) -> list[int]:
     return [2**i for i in range(int(math.log2(limit)) + 1)] if limit >= 1 else []
 
 
-def layouts(family, args, gpus: int, seq_len: int, global_batch: int):
-    """Every layout config validation accepts for this model, world size and batch (dp_replicate = 1)."""
-    divisible = family.tp_divisible(args)
-    for tp in _powers_of_two(gpus):
-        if any(size % tp for size in divisible.values()) or seq_len % tp:
-            continue
-        for cp in _powers_of_two(gpus // tp):
-            if seq_len % (2 * cp):
+def fp8_choices(w: Workload, hw: Hardware, tp: int) -> tuple[bool, ...]:
+    """FP8 off and on where the config (train.fp8, LoRA, tp) and the GPU allow it and a layer converts."""
+    if w.fp8 is not None:  # fixed by the config; FP8 with tensor parallelism is refused
+        return (False,) if w.fp8 == "none" else (True,) if tp == 1 else ()
+    possible = hw.fp8 and tp == 1 and w.lora is None and w.fp8_layers().block_params > 0
+    return (False, True) if possible else (False,)
+
+
+def layouts(w: Workload, hw: Hardware):
+    """Every layout config validation accepts for this model, world size and batch."""
+    for tp, cp, pp, replicate, shard, ep in _degrees(w, hw.gpus):
+        dp = replicate * shard
+        for virtual in (VIRTUAL_STAGES if pp > 1 else (1,)):
+            if w.args.n_layers % (pp * virtual):
                 continue
-            for pp in range(1, gpus // (tp * cp) + 1):
+            for micro in MICRO_BATCHES:
+                if w.global_batch % (micro * dp) or not _pipeline_ok(w.global_batch // (micro * dp), pp, virtual):
+                    continue
+                for fp8 in fp8_choices(w, hw, tp):
+                    for ac in (False, True):
+                        yield Layout(shard, tp, pp, cp, virtual, micro, ac, replicate, ep, fp8)
+
+
+def _fixed(w: Workload) -> set[str]:
+    """Parallel degrees that must stay 1: the family's and fine-tuning data's."""
+    return set(w.family.unsupported_parallel) | ({"pp", "cp"} if w.finetune else set())
+
+
+def _degrees(w: Workload, gpus: int):
+    """(tp, cp, pp, dp_replicate, dp_shard, ep) with tp and cp powers of two dividing what they must,
+    pp dividing the layers, and expert parallelism over the FSDP ranks alone (config._validate_parallel)."""
+    fixed, args, seq_len = _fixed(w), w.args, w.seq_len
+    sizes = w.family.tp_divisible(args).values()
+    experts = getattr(args, "n_experts", 0)
+    for tp in _powers_of_two(gpus) if "tp" not in fixed else (1,):
+        if any(size % tp for size in sizes) or seq_len % tp:
+            continue
+        for cp in _powers_of_two(gpus // tp) if "cp" not in fixed else (1,):
+            if cp > 1 and seq_len % (2 * cp):
+                continue
+            for pp in range(1, gpus // (tp * cp) + 1) if "pp" not in fixed else (1,):
                 if args.n_layers % pp or gpus % (tp * cp * pp):
                     continue
                 dp = gpus // (tp * cp * pp)
-                for virtual in (VIRTUAL_STAGES if pp > 1 else (1,)):
-                    if args.n_layers % (pp * virtual):
-                        continue
-                    for micro in MICRO_BATCHES:
-                        if global_batch % (micro * dp) or not _pipeline_ok(global_batch // (micro * dp), pp, virtual):
-                            continue
-                        for ac in (False, True):
-                            yield Layout(dp, tp, pp, cp, virtual, micro, ac)
+                for replicate in (r for r in _powers_of_two(dp) if dp % r == 0):
+                    shard = dp // replicate
+                    expert_parallel = (experts and shard > 1 and experts % shard == 0
+                                       and replicate == cp == tp == pp == 1)
+                    for ep in (1, shard) if expert_parallel else (1,):
+                        yield tp, cp, pp, replicate, shard, ep
 
 
 def _pipeline_ok(micro_batches: int, pp: int, virtual: int) -> bool:
@@ -173,69 +291,157 @@ def _pipeline_ok(micro_batches: int, pp: int, virtual: int) -> bool:
 # Estimates
 
 
-def memory_of(args, lay: Layout, seq_len: int, global_batch: int) -> MemoryEstimate:
-    m = global_batch // (lay.micro_batch * lay.dp_shard)
-    return estimate_memory(args, seq_len, lay.micro_batch, dp_shard=lay.dp_shard, tp=lay.tp, pp=lay.pp, cp=lay.cp,
-                           pp_schedule=lay.schedule, n_microbatches=m, bf16=True,
-                           activation_checkpointing=lay.activation_checkpointing,
-                           fused_cross_entropy=lay.tp == 1 and lay.pp == 1)
+def memory_of(w: Workload, lay: Layout) -> MemoryEstimate:
+    m = w.global_batch // (lay.micro_batch * lay.dp)
+    return estimate_memory(w.args, w.seq_len, lay.micro_batch, dp_replicate=lay.dp_replicate, dp_shard=lay.dp_shard,
+                           tp=lay.tp, pp=lay.pp, cp=lay.cp, ep=lay.ep, pp_schedule=lay.schedule, n_microbatches=m,
+                           bf16=True, activation_checkpointing=lay.activation_checkpointing,
+                           fused_cross_entropy=lay.fused_loss, lora=w.lora, fp8="tensorwise" if lay.fp8 else "none",
+                           fp8_min_features=w.fp8_min_features, fp8_include_output=w.fp8_output and lay.fused_loss)
 
 
-def step_time(args, lay: Layout, hw: Hardware, seq_len: int, global_batch: int) -> dict[str, float]:
-    """Seconds per optimizer step, by cost (the module docstring's model)."""
-    m = global_batch // (lay.micro_batch * lay.dp_shard)  # micro-batches per rank and step
-    per_token = flops.flops_per_token(args, seq_len)
-    block_per_token = per_token - 6 * args.vocab_size * args.dim  # all but the embedding/output layer
-    model_flops = global_batch * seq_len * per_token
-    recompute = global_batch * seq_len * block_per_token / 3 if lay.activation_checkpointing else 0.0
+@dataclass(frozen=True)
+class _Stage:
+    """The parameters of the slowest pipeline stage's rank (the last: blocks + output), per tp rank."""
+
+    layers: int
+    params: float  # all of them
+    trainable: float
+    experts: float  # those expert parallelism shards (not gathered by FSDP)
+
+
+def _stage(w: Workload, lay: Layout) -> _Stage:
+    counts = parameter_counts(w.args, w.lora)
+    layers = w.args.n_layers // lay.pp
+    ends, ends_t = counts.ends(lay.pp), counts.ends_trainable(lay.pp)
+    params = (layers * counts.block_matrices + ends) / lay.tp + layers * counts.block_vectors
+    trainable = (layers * counts.block_trainable + ends_t) / lay.tp
+    return _Stage(layers, params, trainable, layers * counts.block_experts / lay.tp if lay.ep > 1 else 0.0)
+
+
+def _fp8_flops_per_token(w: Workload, lay: Layout) -> float:
+    if not lay.fp8:
+        return 0.0
+    f8 = w.fp8_layers()
+    return 6 * (w.args.n_layers * f8.block_params + (f8.output_params if lay.fused_loss else 0))
+
+
+def _frozen_gradient_flops_per_token(w: Workload) -> float:
+    """Under LoRA no weight gradient is computed for the frozen base: 2 of the 6 FLOPs per weight."""
+    if w.lora is None:
+        return 0.0
+    block = sum(2 * g.k * g.n * g.rows * g.share for g in w.shapes.gemms)
+    return w.args.n_layers * block + 2 * w.args.vocab_size * w.args.dim
+
+
+def fitted_compute(w: Workload, lay: Layout, hw: Hardware) -> float:
+    """Seconds of compute per step on one GPU: the fitted model of the module docstring."""
+    args, seq_len = w.args, w.seq_len
+    per_token = flops.flops_per_token(args, seq_len) - _frozen_gradient_flops_per_token(w)
+    block_per_token = flops.flops_per_token(args, seq_len) - 6 * args.vocab_size * args.dim
+    recompute = block_per_token / 3 if lay.activation_checkpointing else 0.0
+    fp8 = _fp8_flops_per_token(w, lay) * (1 - 1 / hw.fp8_speedup)
     x = lay.micro_batch * seq_len / lay.cp
     eff = EFF_MAX * x / (x + EFF_HALF)
-    compute = (model_flops + recompute) / hw.gpus / (hw.peak_flops * eff)
+    return w.global_batch * seq_len * (per_token + recompute - fp8) / hw.gpus / (hw.peak_flops * eff)
 
-    layers = args.n_layers // lay.pp
-    activation = lay.micro_batch * seq_len / lay.cp * args.dim * 2  # bf16 bytes of one block's input
-    tp = 0.0
+
+def calibrated_compute(w: Workload, lay: Layout, hw: Hardware, m: int) -> float:
+    """Seconds of compute per step on the slowest stage's rank, from the measured timings of
+    `hw.calibration` (docs/planner.md, "The calibrated model")."""
+    table, args, shapes = hw.calibration, w.args, w.shapes
+    stage = _stage(w, lay)
+    tokens = lay.micro_batch * w.seq_len // lay.cp
+    fp8 = w.fp8_layers().block_names if lay.fp8 else frozenset()
+    trainable = w.lora is None
+    fwd = bwd = 0.0
+    for g in shapes.gemms:
+        groups = g.groups // lay.ep if g.groups > 1 else 1
+        rows = max(1, round(tokens * g.rows * (lay.ep if g.groups > 1 else 1) / g.groups))
+        n = max(1, g.n // lay.tp)
+        speed = hw.fp8_speedup if g.name in fp8 else 1.0
+        fwd += g.share * groups * table.gemm("fwd", rows, g.k, n) / speed
+        bwd += g.share * groups * (table.gemm("dgrad", rows, g.k, n)
+                                   + (table.gemm("wgrad", rows, g.k, n) if trainable else 0.0)) / speed
+    heads = max(1, shapes.heads // lay.tp)
+    attn_f, attn_b = table.attention(lay.micro_batch, heads, w.seq_len // lay.cp, w.seq_len, shapes.head_dim,
+                                     shapes.attention_mask)
+    saved = w.family.activation_bytes_per_token(args, 2, 2) * tokens / lay.tp
+    elementwise = ELEMENTWISE_PER_SAVED_BYTE * saved / table.bandwidth()
+    block = fwd + bwd + attn_f + attn_b + elementwise
+    if lay.activation_checkpointing:
+        block += fwd + attn_f + elementwise / 3
+    rows = min(tokens, FUSED_LOSS_ROWS) if lay.fused_loss else tokens
+    chunks = tokens / rows
+    vocab = max(1, args.vocab_size // lay.tp)
+    out_speed = hw.fp8_speedup if (lay.fp8 and lay.fused_loss and w.fp8_layers().output) else 1.0
+    output = chunks * (table.gemm("fwd", rows, args.dim, vocab) + table.gemm("dgrad", rows, args.dim, vocab)
+                       + (table.gemm("wgrad", rows, args.dim, vocab) if trainable else 0.0)) / out_speed
+    loss = tokens * vocab * LOSS_BYTES_PER_LOGIT[lay.fused_loss] / table.bandwidth()
+    params = PARAM_PASS_BYTES * stage.params / table.bandwidth()
+    return m * (stage.layers * block + output + loss + params)
+
+
+def step_time(w: Workload, lay: Layout, hw: Hardware) -> dict[str, float]:
+    """Seconds per optimizer step, by cost (the module docstring's model)."""
+    m = w.global_batch // (lay.micro_batch * lay.dp)  # micro-batches per rank and step
+    compute = calibrated_compute(w, lay, hw, m) if hw.calibration is not None else fitted_compute(w, lay, hw)
+    stage, shapes, args = _stage(w, lay), w.shapes, w.args
+    tokens = lay.micro_batch * w.seq_len / lay.cp
+    activation = tokens * args.dim * 2  # bf16 bytes of one block's input
+    tp = cp = ep = 0.0
     if lay.tp > 1:
-        collectives = 12 if lay.activation_checkpointing else 8
-        tp = m * layers * collectives * activation * (lay.tp - 1) / lay.tp / hw.bandwidth(lay.tp)
-    cp = 0.0
+        calls = m * stage.layers * (12 if lay.activation_checkpointing else 8)
+        tp = calls * (activation * (lay.tp - 1) / lay.tp / hw.bandwidth(lay.tp) + hw.latency)
     if lay.cp > 1:
-        kv = 2 * lay.micro_batch * seq_len / lay.cp * args.n_kv_heads * (args.dim // args.n_heads) * 2 / lay.tp
-        cp = CP_EXPOSED * m * layers * 3 * kv * (lay.cp - 1) / hw.bandwidth(lay.cp * lay.tp)
-    counts = parameter_counts(args)
-    stage_params = (layers * counts.block_matrices + layers * counts.block_vectors
-                    + counts.ends(lay.pp)) / lay.tp
-    shard = lay.dp_shard * lay.cp
-    fsdp = 0.0
-    if shard > 1:
-        rounds = 1 if lay.pp > 1 else m  # pipelining keeps parameters gathered over the micro-batches
-        bytes_ = rounds * (8 if lay.pp == 1 else 6) * stage_params * (shard - 1) / shard
-        comm = bytes_ / hw.bandwidth(shard * lay.tp)
-        fsdp = max(0.0, comm - FSDP_OVERLAP * compute)
-    per_stage = compute + tp + cp  # this rank's stage, all its micro-batches
+        kv = 2 * tokens * shapes.kv_heads * shapes.head_dim * 2 / lay.tp
+        cp = CP_EXPOSED * m * stage.layers * 3 * (kv * (lay.cp - 1) / hw.bandwidth(lay.cp * lay.tp) + hw.latency)
+    if lay.ep > 1:
+        calls = m * stage.layers * (6 if lay.activation_checkpointing else 4)
+        sent = shapes.moe_rows() * activation * (lay.ep - 1) / lay.ep
+        ep = calls * (sent / hw.bandwidth(lay.ep, "a2a") + hw.latency)
+    fsdp = max(0.0, _fsdp_comm(w, lay, hw, stage, m) - FSDP_OVERLAP * compute)
+    per_stage = compute + tp + cp + ep  # this rank's stage, all its micro-batches
     pp = p2p = 0.0
     if lay.pp > 1:
         pp = per_stage / m * (lay.pp - 1) / lay.virtual
-        p2p = m * 2 * lay.virtual * activation / lay.tp / hw.bandwidth(hw.gpus)
-    optimizer = OPTIMIZER_S_PER_PARAM * stage_params / shard
-    return {"compute": compute, "tp": tp, "cp": cp, "fsdp": fsdp, "pp_bubble": pp, "pp_p2p": p2p, "optimizer": optimizer}
+        p2p = m * 2 * lay.virtual * (activation / lay.tp / hw.bandwidth(hw.gpus, "p2p") + hw.latency)
+    seconds_per_param = hw.calibration.optimizer() if hw.calibration is not None else OPTIMIZER_S_PER_PARAM
+    optimizer = seconds_per_param * stage.trainable / (lay.dp_shard * lay.cp)
+    return {"compute": compute, "tp": tp, "cp": cp, "ep": ep, "fsdp": fsdp, "pp_bubble": pp, "pp_p2p": p2p,
+            "optimizer": optimizer}
 
 
-def evaluate(args, lay: Layout, hw: Hardware, seq_len: int, global_batch: int) -> Estimate:
-    parts = step_time(args, lay, hw, seq_len, global_batch)
+def _fsdp_comm(w: Workload, lay: Layout, hw: Hardware, stage: _Stage, m: int) -> float:
+    """FSDP's all-gathers and reduce-scatters within a replica, HSDP's all-reduce across replicas."""
+    shard = lay.dp_shard * lay.cp
+    if shard * lay.dp_replicate == 1:
+        return 0.0
+    rounds = 1 if lay.pp > 1 else m  # pipelining keeps parameters gathered over the micro-batches
+    gathers = 1 if lay.pp > 1 else 2  # forward, and again for backward after resharding
+    gathered = stage.params - stage.experts
+    trainable = stage.trainable - (stage.experts if w.lora is None else 0.0)
+    seconds = 0.0
+    if shard > 1:
+        bytes_ = (gathers * 2 * gathered + 4 * trainable) * (shard - 1) / shard
+        seconds += rounds * (bytes_ / hw.bandwidth(shard * lay.tp) + (gathers + 1) * stage.layers * hw.latency)
+    if lay.dp_replicate > 1:
+        r = lay.dp_replicate
+        bytes_ = 2 * 4 * trainable / shard * (r - 1) / r
+        seconds += rounds * (bytes_ / hw.bandwidth(r * shard * lay.tp) + stage.layers * hw.latency)
+    return seconds
+
+
+def evaluate(w: Workload, lay: Layout, hw: Hardware) -> Estimate:
+    parts = step_time(w, lay, hw)
     seconds = sum(parts.values())
-    tokens = global_batch * seq_len / seconds / hw.gpus
-    mfu = global_batch * flops.flops_per_sequence(args, seq_len) / seconds / hw.gpus / hw.peak_flops
-    return Estimate(lay, memory_of(args, lay, seq_len, global_batch), seconds, tokens, mfu, parts)
+    tokens = w.global_batch * w.seq_len / seconds / hw.gpus
+    mfu = w.global_batch * flops.flops_per_sequence(w.args, w.seq_len) / seconds / hw.gpus / hw.peak_flops
+    return Estimate(lay, memory_of(w, lay), seconds, tokens, mfu, parts)
 
 
-def registry_family(model: str):
-    from llamatron.models import registry
-
-    return registry.get(model).family
-
-
-def plan(model: str, hw: Hardware, seq_len: int = 8192, global_batch: int = 1024, layers: int | None = None) -> Plan:
+def workload(model: str, seq_len: int = 8192, global_batch: int = 1024, layers: int | None = None) -> Workload:
+    """A named model as the registry has it (`--model`), optionally a layer-reduced proxy."""
     from llamatron.models import registry
 
     entry = registry.get(model)
@@ -243,15 +449,49 @@ def plan(model: str, hw: Hardware, seq_len: int = 8192, global_batch: int = 1024
     if seq_len > args.max_seq_len:
         args = dataclasses.replace(args, max_seq_len=seq_len)
     entry.family.validate(args)
+    sets = [f"model.size={model}"]
+    sets += [f"model.{k}={v}" for k, v in registry.differing_fields(entry, args).items()]
+    sets += [f"data.seq_len={seq_len}", f"train.global_batch_size={global_batch}"]
+    return Workload(model, entry.family, args, seq_len, global_batch, sets=sets)
+
+
+def workload_from_config(path: str, seq_len: int | None = None, global_batch: int | None = None,
+                         layers: int | None = None) -> Workload:
+    """The model, sequence, batch, LoRA and FP8 keys of a config file or preset (`--config`)."""
+    from llamatron.config import load_config, parse_config, resolve_model
+
+    sets = [f"model.n_layers={layers}"] if layers is not None else []
+    if seq_len is not None:
+        sets.append(f"data.seq_len={seq_len}")
+        if seq_len > resolve_model(parse_config(path)[0].model)[1].max_seq_len:
+            sets.append(f"model.max_seq_len={seq_len}")
+    sets += [f"train.global_batch_size={global_batch}"] if global_batch is not None else []
+    parsed, _ = parse_config(path, sets)
+    # The planner reads no data: a config without any (a model preset) is checked with stand-in tokens.
+    cfg = load_config(path, sets + ([] if parsed.data.train or parsed.finetune.data else ["data.mock=true"]))
+    family, args = resolve_model(cfg.model)
+    _, explicit = parse_config(path, sets)
+    fp8 = cfg.train.fp8 if "train.fp8" in explicit else None
+    return Workload(cfg.model.size, family, args, cfg.data.seq_len, cfg.train.global_batch_size,
+                    lora=cfg.lora if cfg.lora.rank > 0 else None, fp8=fp8, fp8_min_features=cfg.train.fp8_min_features,
+                    fp8_output=cfg.train.fp8_include_output or "train.fp8_include_output" not in explicit,
+                    finetune=bool(cfg.finetune.data), config=path, sets=sets)
+
+
+def plan(model: str | Workload, hw: Hardware, seq_len: int = 8192, global_batch: int = 1024,
+         layers: int | None = None) -> Plan:
+    w = model if isinstance(model, Workload) else workload(model, seq_len, global_batch, layers)
+    if w.fp8 not in (None, "none") and not hw.fp8:
+        raise LlamatronError(f"config key 'train.fp8': {w.fp8} asked for, but the GPU planned for has no FP8 "
+                             f"peak in llamatron/flops.py ({', '.join(flops.PEAK_FLOPS['fp8'])})")
     usable = hw.margin * hw.memory_gib * GiB
-    estimates = [evaluate(args, lay, hw, seq_len, global_batch)
-                 for lay in layouts(entry.family, args, hw.gpus, seq_len, global_batch)]
+    estimates = [evaluate(w, lay, hw) for lay in layouts(w, hw)]
     if not estimates:
-        raise LlamatronError(f"--gpus {hw.gpus} --global-batch {global_batch}: no layout of {model} divides them "
+        raise LlamatronError(f"--gpus {hw.gpus} --global-batch {w.global_batch}: no layout of {w.model} divides them "
                              "(the global batch must be a multiple of micro batch x data-parallel size)")
     feasible = sorted((e for e in estimates if e.memory.total <= usable), key=lambda e: (e.step_s, e.memory.total))
     smallest = None if feasible else min(estimates, key=lambda e: e.memory.total)
-    return Plan(model, args, hw, seq_len, global_batch, feasible, len(estimates), smallest)
+    return Plan(w, hw, feasible, len(estimates), smallest)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,46 +502,68 @@ def check_overrides(p: Plan, est: Estimate) -> list[str]:
     """The --set overrides of a layout, checked as the trainer checks them (load_config + world size)."""
     from llamatron.config import load_config, validate_config
 
-    sets = p.base_overrides() + est.layout.overrides()
-    validate_config(load_config(None, sets + ["data.mock=true"]), p.hardware.gpus)
+    w = p.workload
+    sets = p.base_overrides() + est.layout.overrides(w.fp8 if w.fp8 not in (None, "none") else "tensorwise", w.fp8_output)
+    validate_config(load_config(p.workload.config, sets + ["data.mock=true"]), p.hardware.gpus)
     return sets
 
 
 def nothing_fits(p: Plan) -> str:
     hw, e = p.hardware, p.smallest
-    total = parameter_counts(p.args).total
-    states = 16 * total / hw.gpus / GiB  # fp32 weights + gradients + AdamW's two moments, fully sharded
-    need = math.ceil(16 * total / (hw.margin * hw.memory_gib * GiB))
+    counts = parameter_counts(p.args, p.workload.lora)
+    total = counts.total
+    trainable = counts.block_trainable * p.args.n_layers + counts.first_trainable + counts.last_trainable
+    state_bytes = 4 * total + 12 * trainable  # fp32 weights; gradients and AdamW's moments of what trains
+    states = state_bytes / hw.gpus / GiB
+    need = math.ceil(state_bytes / (hw.margin * hw.memory_gib * GiB))
     head = (f"nothing fits: {p.model} on {hw.gpus} GPU(s) of {hw.memory_gib:g} GiB ({hw.margin:.0%} usable, "
             f"{hw.margin * hw.memory_gib:.1f} GiB), {p.tried} layouts tried. The smallest estimate is "
             f"{e.memory_gib:.1f} GiB per rank ({e.layout.describe()}, micro batch {e.layout.micro_batch}, "
             f"activation checkpointing {'on' if e.layout.activation_checkpointing else 'off'}: "
             f"{e.memory.describe()}). ")
-    state = (f"The fp32 weights, gradients and AdamW state of {total / 1e9:.1f}B parameters alone need 16 bytes "
-             f"each, {states:.1f} GiB per GPU over {hw.gpus}")
+    what = (f"The fp32 weights, gradients and AdamW state of {total / 1e9:.1f}B parameters alone need 16 bytes each"
+            if trainable == total else
+            f"The fp32 weights of {total / 1e9:.1f}B parameters, and the gradients and AdamW state of the "
+            f"{trainable / 1e6:.1f}M trainable ones, alone need {state_bytes / GiB:.1f} GiB")
+    state = f"{what}, {states:.1f} GiB per GPU over {hw.gpus}"
     if need > hw.gpus:
         return head + state + f"; at least {need} GPUs of this size are needed for those, more for activations."
     return head + state + (": they fit, but not with the working copies, activations and logits; more GPUs (to "
                            "shard the state further) or a shorter sequence would.")
 
 
-def render(p: Plan, top: int = 5) -> str:
-    hw = p.hardware
-    head = (f"plan for {p.model} ({p.args.n_layers} layers), seq {p.seq_len}, global batch {p.global_batch}, on "
-            f"{hw.gpus} GPU(s), {hw.gpus_per_node} per node, {hw.memory_gib:g} GiB each, peak "
-            f"{hw.peak_flops / 1e12:.0f} TFLOP/s; {p.tried} layouts, {len(p.ranked)} fit")
+def _tokens_label(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
+        if n >= scale:
+            return f"{n / scale:g}{unit}"
+    return f"{n:g}"
+
+
+def render(p: Plan, top: int = 5, train_tokens: float = 1e12) -> str:
+    hw, w = p.hardware, p.workload
+    extras = [f"LoRA rank {w.lora.rank}" if w.lora is not None else "", "fine-tuning data" if w.finetune else ""]
+    source = (f"compute from {hw.calibration.describe()}" if hw.calibration is not None
+              else "compute from the fitted model (no calibration table)")
+    head = (f"plan for {p.model} ({p.args.n_layers} layers{''.join(', ' + x for x in extras if x)}), seq "
+            f"{p.seq_len}, global batch {p.global_batch}, on {hw.gpus} GPU(s), {hw.gpus_per_node} per node, "
+            f"{hw.memory_gib:g} GiB each, peak {hw.peak_flops / 1e12:.0f} TFLOP/s; {source}; {p.tried} layouts, "
+            f"{len(p.ranked)} fit")
     if not p.ranked:
         return head + "\n" + nothing_fits(p)
-    rows = [("#", "layout", "micro", "act. ckpt", "mem GiB/rank", "step s", "tok/s/GPU", "MFU", "largest costs")]
+    days = f"days/{_tokens_label(train_tokens)} tok"
+    rows = [("#", "layout", "micro", "act. ckpt", "fp8", "mem GiB/rank", "step s", "tok/s/GPU", "MFU", days,
+             "largest costs")]
     for i, e in enumerate(p.ranked[:top], 1):
-        costs = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(e.parts.items(), key=lambda kv: -kv[1]) if v > 0)
+        costs = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(e.parts.items(), key=lambda kv: -kv[1]) if v > 0.005)
         rows.append((str(i), e.layout.describe(), str(e.layout.micro_batch), "on" if e.layout.activation_checkpointing
-                     else "off", f"{e.memory_gib:.1f}", f"{e.step_s:.3f}", f"{e.tokens_per_s_per_gpu:,.0f}",
-                     f"{100 * e.mfu:.1f}%", costs))
+                     else "off", "on" if e.layout.fp8 else "off", f"{e.memory_gib:.1f}", f"{e.step_s:.3f}",
+                     f"{e.tokens_per_s_per_gpu:,.0f}", f"{100 * e.mfu:.1f}%",
+                     f"{flops.days_to_train(train_tokens, e.tokens_per_s_per_gpu * hw.gpus):,.1f}", costs))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = [head, ""] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows] + [""]
+    config = f"--config {w.config} " if w.config else ""
     for i, e in enumerate(p.ranked[:top], 1):
-        lines.append(f"#{i}: " + " ".join(f"--set {s}" for s in check_overrides(p, e)))
+        lines.append(f"#{i}: {config}" + " ".join(f"--set {s}" for s in check_overrides(p, e)))
     lines.append("")
     lines.append("(estimates: memory from llamatron/parallel/memory.py, step time from the cost model in "
                  "llamatron/plan.py; see docs/planner.md)")
@@ -313,11 +575,16 @@ def render(p: Plan, top: int = 5) -> str:
 GPU_MEMORY_GIB = {"H100": 80.0, "H800": 80.0, "A100": 80.0, "H200": 139.0, "B200": 178.0}
 
 
+def _by_kind(table: dict, gpu: str, default):
+    return next((v for k, v in sorted(table.items(), key=lambda kv: -len(kv[0])) if k in gpu.upper()), default)
+
+
 def hardware_from_args(args) -> Hardware:
+    from llamatron import calibration
+
     peak = flops.peak_flops(args.gpu, "bf16")
     if args.gpu_memory_gib is None:
-        args.gpu_memory_gib = next((v for k, v in sorted(GPU_MEMORY_GIB.items(), key=lambda kv: -len(kv[0]))
-                                    if k in args.gpu.upper()), 80.0)
+        args.gpu_memory_gib = _by_kind(GPU_MEMORY_GIB, args.gpu, 80.0)
     if peak is None:
         raise LlamatronError(f"--gpu {args.gpu!r}: no known BF16 peak; known: {', '.join(flops.PEAK_FLOPS['bf16'])}")
     per_node = args.gpus_per_node
@@ -327,15 +594,46 @@ def hardware_from_args(args) -> Hardware:
         per_node = args.gpus // args.nodes
     if args.gpus < 1 or per_node < 1 or args.gpu_memory_gib <= 0:
         raise LlamatronError("--gpus, --gpus-per-node and --gpu-memory-gib must be positive")
-    return Hardware(args.gpus, per_node, args.gpu_memory_gib, peak)
+    hw = Hardware(args.gpus, per_node, args.gpu_memory_gib, peak, fp8=flops.peak_flops(args.gpu, "fp8") is not None,
+                  fp8_speedup=_by_kind(FP8_GEMM_SPEEDUP, args.gpu, FP8_GEMM_SPEEDUP_DEFAULT))
+    table = calibration.load(args.calibration) if args.calibration else calibration.default_table(args.gpu)
+    return table.apply(hw) if table is not None else hw
 
 
 def main(args) -> tuple[str, bool]:
     """The `llamatron plan` output, and whether any layout fits."""
     from llamatron.models import registry
 
-    known = registry.entries()
-    if args.model not in known:
-        raise LlamatronError(f"--model {args.model!r}: unknown; known sizes: {', '.join(known)}")
-    p = plan(args.model, hardware_from_args(args), args.seq_len, args.global_batch or 1024, args.layers)
-    return render(p, args.top), bool(p.ranked)
+    if args.config is not None:
+        w = workload_from_config(args.config, args.seq_len, args.global_batch, args.layers)
+    elif args.model is None:
+        raise LlamatronError("llamatron plan: give --model SIZE or --config FILE_OR_PRESET")
+    else:
+        known = registry.entries()
+        if args.model not in known:
+            raise LlamatronError(f"--model {args.model!r}: unknown; known sizes: {', '.join(known)}")
+        w = workload(args.model, args.seq_len or 8192, args.global_batch or 1024, args.layers)
+    if args.gpus is None:
+        raise LlamatronError("--gpus: give the number of GPUs to plan for")
+    if args.fp8 != "auto":
+        w = dataclasses.replace(w, fp8="tensorwise" if args.fp8 == "on" else "none")
+    p = plan(w, hardware_from_args(args))
+    return render(p, args.top, args.tokens), bool(p.ranked)
+
+
+def calibrate(args) -> int:
+    """`llamatron plan --calibrate`: measure this machine's timings and write a table."""
+    from llamatron.calibration import measure
+
+    if args.budget_s <= 0:
+        raise LlamatronError(f"--budget-s {args.budget_s:g}: must be positive")
+    models = None
+    if args.config is not None:
+        models = [workload_from_config(args.config).model]
+    elif args.model is not None:
+        workload(args.model)  # an unknown size: one line, before anything is measured
+        models = [args.model]
+    table = measure.run(args.out, models, args.quick, args.budget_s)
+    if table is not None:
+        print(measure.summary(table, args.out))
+    return 0

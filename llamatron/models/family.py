@@ -27,6 +27,11 @@ The model protocol (what the generic code calls on every family's module):
     next slots of the cache's left-padded rows (`models/kv_cache.py`: the family takes their positions
     and attention mask from it, and stores each layer's keys and values through `cache.layer(name)`).
     Generation uses it when forward has a `cache` parameter, and recomputes the sequence otherwise.
+
+`Family.shapes(args)` describes a block's matrix products and attention for the layout planner
+(llamatron/plan.py): what it times, what tensor, context and expert parallelism move, and which
+calibration shapes `llamatron plan --calibrate` measures. Every family states them next to its FLOP
+formula; `tests/test_plan.py` checks that the two agree.
 """
 
 from __future__ import annotations
@@ -36,6 +41,34 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One weight matrix product of a block: x [rows, k] @ W [k, n] (an nn.Linear of k in and n out
+    features, or a stacked expert weight)."""
+
+    name: str  # the module path inside a block ("attention.wq"; experts: "feed_forward.experts.w1")
+    k: int
+    n: int
+    rows: int = 1  # rows per token in a block that has it: 1, or top_k for experts
+    share: float = 1.0  # the fraction of blocks that have it (MoE layers: n_moe_layers / n_layers)
+    groups: int = 1  # > 1: E experts' weights in one grouped GEMM, the rows spread over them
+
+
+@dataclass(frozen=True)
+class BlockShapes:
+    """What one block computes, for the planner's cost model (the mean over blocks where they differ)."""
+
+    gemms: tuple[Gemm, ...]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    attention_mask: str = "causal"  # causal (is_causal) or bias (an additive float mask: slower kernels)
+
+    def moe_rows(self) -> float:
+        """Rows each token sends to experts per block (the mean over blocks): what all-to-all moves."""
+        return max((g.rows * g.share for g in self.gemms if g.groups > 1), default=0.0)
 
 
 @dataclass(frozen=True)
@@ -57,6 +90,8 @@ class Family:
     hf: Any = None
     # Parallel degrees (`parallel.KEY`) this family's model cannot take: they must stay 1.
     unsupported_parallel: tuple[str, ...] = ()
+    # A block's matrix products and attention (`BlockShapes`), for `llamatron plan`; None: not plannable.
+    shapes: Callable[[Any], BlockShapes] | None = None
 
     def build(self, args) -> nn.Module:
         """The model on the current default device (build under `torch.device("meta")` and materialise)."""

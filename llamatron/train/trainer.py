@@ -362,11 +362,13 @@ class Trainer:
         if hasattr(self.train_data, "describe"):  # fine-tuning data: examples, packing, truncation
             self.log(self.train_data.describe())
         est = estimate_memory(
-            self.args, cfg.data.seq_len, train.micro_batch_size, dp_shard=dims.dp_shard, tp=dims.tp, pp=dims.pp,
-            cp=dims.cp, pp_schedule=dims.pp_schedule, n_microbatches=self.accum,
+            self.args, cfg.data.seq_len, train.micro_batch_size, dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard,
+            tp=dims.tp, pp=dims.pp, cp=dims.cp, ep=dims.ep, pp_schedule=dims.pp_schedule, n_microbatches=self.accum,
             bf16=precision.compute == torch.bfloat16, fsdp=dims.fsdp_enabled,
             activation_checkpointing=train.activation_checkpointing, checkpointed_layers=train.activation_checkpointing_layers,
             fused_cross_entropy=self.layout.fused_loss(train.fused_cross_entropy),
+            lora=cfg.lora if cfg.lora.rank else None, fp8=train.fp8, fp8_min_features=train.fp8_min_features,
+            fp8_include_output=train.fp8_include_output,
         )
         self.log(f"memory estimate per rank (eager count; llamatron/parallel/memory.py): {est.describe()}")
         capacity = runtime.device_memory(self.device)

@@ -52,4 +52,5 @@ FAMILY = Family(
     # The tied embedding lives on both ends (no pipeline stages); relative positions need whole
     # sequences (no context parallelism).
     unsupported_parallel=("pp", "cp"),
+    shapes=cost.shapes,
 )

@@ -17,6 +17,7 @@ quote MoE MFU); the relative position bias and routing arithmetic are not counte
 
 from __future__ import annotations
 
+from llamatron.models.family import BlockShapes, Gemm
 from llamatron.models.glam.model import GLaMArgs
 
 
@@ -45,3 +46,18 @@ def activation_bytes_per_token(args: GLaMArgs, residual_bytes: int, compute_byte
     moe = 8 * args.n_experts + k * (2 * a * d + 2 * a * args.expert_ffn_dim) + a * d
     M, L = args.n_moe_layers, args.n_layers
     return common + (M * moe + (L - M) * dense) // L
+
+
+def shapes(args: GLaMArgs) -> BlockShapes:
+    """Attention (d x d four times) in every block; the dense blocks' gated GELU; in the MoE blocks
+    the router (d x E) and the experts, each token's top_k rows spread over E grouped weights. The
+    relative position bias makes SDPA take an additive mask."""
+    d, L, M, E = args.dim, args.n_layers, args.n_moe_layers, args.n_experts
+    dense, moe = (L - M) / L, M / L
+    gemms = tuple(Gemm(f"attention.{w}", d, d) for w in ("wq", "wk", "wv", "wo")) + (
+        Gemm("feed_forward.w1", d, args.ffn_dim, share=dense), Gemm("feed_forward.w3", d, args.ffn_dim, share=dense),
+        Gemm("feed_forward.w2", args.ffn_dim, d, share=dense), Gemm("feed_forward.router", d, E, share=moe),
+        Gemm("feed_forward.experts.w1", d, args.expert_ffn_dim, rows=args.top_k, share=moe, groups=E),
+        Gemm("feed_forward.experts.w2", args.expert_ffn_dim, d, rows=args.top_k, share=moe, groups=E))
+    return BlockShapes(tuple(g for g in gemms if g.share > 0), args.n_heads, args.n_heads, args.head_dim,
+                       attention_mask="bias")

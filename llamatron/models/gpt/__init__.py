@@ -47,4 +47,5 @@ FAMILY = Family(
     tensor_parallel=sharding.apply_tensor_parallel,
     activation_bytes_per_token=cost.activation_bytes_per_token,
     hf=hf,
+    shapes=cost.shapes,
 )

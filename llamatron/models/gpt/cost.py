@@ -14,6 +14,7 @@ i.e. 6N + 12 L h S with N = L (4h^2 + 2hf) + V h. With f = 4h this is Megatron's
 
 from __future__ import annotations
 
+from llamatron.models.family import BlockShapes, Gemm
 from llamatron.models.gpt.model import GPTArgs
 
 
@@ -37,3 +38,11 @@ def activation_bytes_per_token(args: GPTArgs, residual_bytes: int, compute_bytes
     d, f, r, a = args.dim, args.ffn_dim, residual_bytes, compute_bytes
     norms = 4 * r * d + (4 * a * d if r != a else 2 * a * d)
     return norms + 5 * a * d + 2 * a * f
+
+
+def shapes(args: GPTArgs) -> BlockShapes:
+    """q, k, v, o (d x d), the MLP's up (d x f) and down (f x d); multi-head attention, causal."""
+    d, f = args.dim, args.ffn_dim
+    gemms = tuple(Gemm(f"attention.{w}", d, d) for w in ("wq", "wk", "wv", "wo")) + (
+        Gemm("feed_forward.w1", d, f), Gemm("feed_forward.w2", f, d))
+    return BlockShapes(gemms, args.n_heads, args.n_heads, args.head_dim)

@@ -12,6 +12,7 @@ Forward + backward, full (not causal-halved) attention, no recomputation counted
 
 from __future__ import annotations
 
+from llamatron.models.family import BlockShapes, Gemm
 from llamatron.models.llama.model import ModelArgs
 
 
@@ -37,3 +38,13 @@ def activation_bytes_per_token(args: ModelArgs, residual_bytes: int, compute_byt
     d, f, r, a = args.dim, args.ffn_dim, residual_bytes, compute_bytes
     norms = 4 * r * d + (5 * a * d if r != a else 2 * a * d)
     return norms + 5 * a * d + 4 * a * f
+
+
+def shapes(args: ModelArgs) -> BlockShapes:
+    """The block's products as `flops_per_token` counts them: q and o of d x A hd, k and v of d x G hd,
+    the SwiGLU gate, up (d x f) and down (f x d)."""
+    d, f, q, kv = args.dim, args.ffn_dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    gemms = (Gemm("attention.wq", d, q), Gemm("attention.wk", d, kv), Gemm("attention.wv", d, kv),
+             Gemm("attention.wo", q, d), Gemm("feed_forward.w1", d, f), Gemm("feed_forward.w3", d, f),
+             Gemm("feed_forward.w2", f, d))
+    return BlockShapes(gemms, args.n_heads, args.n_kv_heads, args.head_dim)

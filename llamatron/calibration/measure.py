@@ -1,0 +1,326 @@
+"""`llamatron plan --calibrate`: measure, on this machine's device, the timings the planner's cost model
+is built from, and write them as a table (llamatron/calibration/__init__.py reads it).
+
+On CUDA in bf16 (timed with CUDA events), else on the CPU in fp32 (wall clock): GEMMs at the models'
+block and output-layer shapes, each at a ladder of row counts and tensor-parallel splits (forward,
+input gradient, weight gradient); SDPA forward and backward at a few sequence lengths; element-wise
+copies and adds; one fused AdamW step. Under torchrun with several processes, also all-gather,
+reduce-scatter, all-to-all and ring send/receive at a few sizes (NCCL on GPUs, gloo on CPUs). Every
+timing is the median of REPEATS samples after WARMUP calls, on random (never all-zero) inputs; on a
+GPU each sample is a window of back-to-back calls (`Clock.time`).
+
+The run is bounded: measurements stop at `budget_s` (what was not reached is counted in the table's
+"skipped"), and a GEMM whose operands would take more than a quarter of the free device memory is
+left out. On one H200 the default grid is ~600 GEMM timings (29 shapes x 7 row counts x 3): with 5 ms
+windows ~22 s, ~12 attention shapes, copies and the optimizer a few seconds, torch's start and CUDA's
+another ~10: under a minute.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llamatron.calibration import FORMAT
+
+WARMUP, REPEATS = 2, 5
+WINDOW_S = 0.005  # each GPU timing sample: back-to-back calls for at least this long
+MODELS = ("llama3.1-8b", "gpt-126m", "glam-126m-64e")  # the families' reference shapes
+QUICK_MODELS = ("debug",)
+ROWS = (256, 1024, 4096, 8192, 16384, 32768, 65536)
+QUICK_ROWS = (32, 128)
+TP_SPLITS = (1, 2, 8)
+SEQS = (1024, 2048, 4096, 8192)
+QUICK_SEQS = (64, 128)
+ATTENTION_TOKENS = 8192  # batch x seq of each attention measurement
+COMM_BYTES = (1 << 20, 16 << 20, 256 << 20)
+QUICK_COMM_BYTES = (64 << 10, 1 << 20)
+
+
+class Clock:
+    """Median seconds of a function on a device, and the run's time budget."""
+
+    def __init__(self, device: torch.device, budget_s: float):
+        self.device, self.deadline, self.skipped = device, time.monotonic() + budget_s, 0
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def split(self, *stages) -> list[float]:
+        """Median seconds of each stage of `stages`, run in order REPEATS times after WARMUP runs."""
+        for _ in range(WARMUP):
+            for stage in stages:
+                stage()
+        self.sync()
+        samples = [[] for _ in stages]
+        for _ in range(REPEATS):
+            if self.device.type == "cuda":
+                events = [torch.cuda.Event(enable_timing=True) for _ in range(len(stages) + 1)]
+                events[0].record()
+                for stage, end in zip(stages, events[1:]):
+                    stage()
+                    end.record()
+                events[-1].synchronize()
+                for i in range(len(stages)):
+                    samples[i].append(events[i].elapsed_time(events[i + 1]) / 1e3)
+            else:
+                t = time.perf_counter()
+                for i, stage in enumerate(stages):
+                    stage()
+                    now = time.perf_counter()
+                    samples[i].append(now - t)
+                    t = now
+        return [statistics.median(s) for s in samples]
+
+    def time(self, fn) -> float:
+        """Median seconds of one call of `fn`, each sample a window of back-to-back calls at least
+        WINDOW_S long on a GPU: sustained throughput, as inside a training step, where kernels follow
+        each other without a host wait (single calls would count launch gaps and cooler clocks)."""
+        for _ in range(WARMUP):
+            fn()
+        inner = 1
+        if self.device.type == "cuda":
+            once = self._window(fn, 1)
+            inner = max(1, min(1000, int(WINDOW_S / max(once, 1e-6))))
+        return statistics.median(self._window(fn, inner) for _ in range(REPEATS))
+
+    def _window(self, fn, calls: int) -> float:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / calls
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t) / calls
+
+
+def gemm_shapes(models, quick: bool) -> list[tuple[int, int]]:
+    """(k, n) of every block product and output layer of the models, and their tensor-parallel splits of n."""
+    from llamatron.models import registry
+
+    pairs: dict[tuple[int, int], None] = {}
+    for name in models:
+        entry = registry.get(name)
+        shapes = entry.family.shapes(entry.args)
+        base = [(g.k, g.n) for g in shapes.gemms] + [(entry.args.dim, entry.args.vocab_size)]
+        for k, n in base:
+            for tp in (1,) if quick else TP_SPLITS:
+                if n % tp == 0 and (tp == 1 or n // tp >= 64):
+                    pairs[(k, n // tp)] = None
+    return list(pairs)
+
+
+def attention_shapes(models, quick: bool) -> list[tuple[int, int, str]]:
+    from llamatron.models import registry
+
+    out: dict[tuple[int, int, str], None] = {}
+    for name in models:
+        entry = registry.get(name)
+        s = entry.family.shapes(entry.args)
+        out[(s.heads, s.head_dim, s.attention_mask)] = None
+    return list(out)
+
+
+def measure_gemms(clock: Clock, dtype, pairs, rows, limit_bytes: float) -> list[dict]:
+    out = []
+    size = torch.finfo(dtype).bits // 8
+    for m in rows:
+        for k, n in pairs:
+            if (m * k + k * n + m * n) * size * 2 > limit_bytes:
+                clock.skipped += 3
+                continue
+            if clock.expired:
+                clock.skipped += 3
+                continue
+            try:
+                out += _gemm(clock, dtype, m, k, n)
+            except torch.OutOfMemoryError:  # the estimate above missed the allocator's own needs
+                clock.skipped += 3
+                torch.cuda.empty_cache()
+    return out
+
+
+def _gemm(clock: Clock, dtype, m: int, k: int, n: int) -> list[dict]:
+    """y = x W^T (fwd), dx = dy W (dgrad), dW = dy^T x (wgrad), W as nn.Linear holds it: [n, k]."""
+    x = torch.randn(m, k, device=clock.device, dtype=dtype)
+    w = torch.randn(n, k, device=clock.device, dtype=dtype)
+    dy = torch.randn(m, n, device=clock.device, dtype=dtype)
+    y, dx, dw = torch.empty_like(dy), torch.empty_like(x), torch.empty_like(w)
+    ops = {"fwd": lambda: torch.mm(x, w.t(), out=y), "dgrad": lambda: torch.mm(dy, w, out=dx),
+           "wgrad": lambda: torch.mm(dy.t(), x, out=dw)}
+    return [{"op": op, "m": m, "k": k, "n": n, "seconds": clock.time(fn)} for op, fn in ops.items()]
+
+
+def measure_attention(clock: Clock, dtype, shapes, seqs, tokens: int) -> list[dict]:
+    out = []
+    for heads, head_dim, mask in shapes:
+        for seq in seqs:
+            if clock.expired:
+                clock.skipped += 1
+                continue
+            batch = max(1, tokens // seq)
+            q, k, v = (torch.randn(batch, heads, seq, head_dim, device=clock.device, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+            grad = torch.randn(batch, heads, seq, head_dim, device=clock.device, dtype=dtype)
+            kw = {"is_causal": True}
+            if mask == "bias":  # an additive mask with a gradient, as GLaM's relative position bias
+                bias = torch.randn(heads, seq, seq, device=clock.device, dtype=dtype, requires_grad=True)
+                causal = torch.ones(seq, seq, dtype=torch.bool, device=clock.device).tril()
+            state = {}
+
+            def forward():
+                extra = kw if mask != "bias" else {"attn_mask": bias.masked_fill(~causal, float("-inf")).unsqueeze(0)}
+                state["out"] = F.scaled_dot_product_attention(q, k, v, **extra)
+
+            def backward():
+                state.pop("out").backward(grad)
+                for t in (q, k, v, bias) if mask == "bias" else (q, k, v):
+                    t.grad = None
+
+            fwd, bwd = clock.split(forward, backward)
+            out.append({"batch": batch, "heads": heads, "seq": seq, "head_dim": head_dim, "mask": mask,
+                        "fwd_seconds": fwd, "bwd_seconds": bwd})
+    return out
+
+
+def measure_elementwise(clock: Clock, dtype, sizes) -> list[dict]:
+    out = []
+    for size in sizes:
+        numel = size // (torch.finfo(dtype).bits // 8)
+        a, b, c = (torch.randn(numel, device=clock.device, dtype=dtype) for _ in range(3))
+        out.append({"op": "copy", "bytes": 2 * size, "seconds": clock.time(lambda: c.copy_(a))})
+        out.append({"op": "add", "bytes": 3 * size, "seconds": clock.time(lambda: torch.add(a, b, out=c))})
+        del a, b, c
+    return out
+
+
+def measure_optimizer(clock: Clock, params: int) -> list[dict]:
+    """One AdamW step over fp32 parameters (fused on CUDA, as the trainer's), gradients random."""
+    tensors = [torch.randn(params // 8, device=clock.device, requires_grad=True) for _ in range(8)]
+    for t in tensors:
+        t.grad = torch.randn_like(t)
+    fused = clock.device.type == "cuda"
+    opt = torch.optim.AdamW(tensors, lr=1e-4, fused=fused or None, foreach=None if fused else True)
+    return [{"params": sum(t.numel() for t in tensors), "fused": fused, "seconds": clock.time(opt.step)}]
+
+
+def measure_comm(clock: Clock, sizes) -> list[dict]:
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    out = []
+    for size in sizes:
+        numel = size // 4
+        full = torch.randn(numel, device=clock.device)
+        part = torch.randn(numel // world, device=clock.device)
+        recv = torch.empty_like(full)
+        ring = lambda: [r.wait() for r in dist.batch_isend_irecv(  # noqa: E731
+            [dist.P2POp(dist.isend, full, (rank + 1) % world), dist.P2POp(dist.irecv, recv, (rank - 1) % world)])]
+        ops = {"all_gather": lambda: dist.all_gather_into_tensor(full, part),
+               "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full),
+               "all_to_all": lambda: dist.all_to_all_single(recv, full), "p2p": ring}
+        for op, fn in ops.items():
+            dist.barrier()
+            seconds = torch.tensor(clock.time(fn), dtype=torch.float64, device=clock.device)
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # a collective is as slow as its slowest rank
+            out.append({"op": op, "world": world, "bytes": numel * 4, "seconds": float(seconds)})
+    return out
+
+
+def run(out_path: str, models=None, quick: bool = False, budget_s: float = 150.0, log=print) -> dict | None:
+    """Measure and write the table (rank 0 under torchrun); returns it (None on other ranks)."""
+    start = time.monotonic()
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    clock = Clock(device, budget_s)
+    models = tuple(models or (QUICK_MODELS if quick else MODELS))
+    comm = _comm(clock, quick)
+    if comm is None:  # not rank 0
+        return None
+    pairs, rows = gemm_shapes(models, quick), QUICK_ROWS if quick else ROWS
+    limit = (torch.cuda.mem_get_info(device)[0] if cuda else 4 * 2**30) / 4
+    log(f"calibrating on {torch.cuda.get_device_name(device) if cuda else 'cpu'} ({dtype}): {3 * len(pairs) * len(rows)} "
+        f"GEMMs of {len(pairs)} shapes, attention, element-wise, AdamW; {len(comm)} collective timings; "
+        f"at most {budget_s:g} s")
+    if cuda:
+        _warm_up(device, dtype)
+    table = {
+        "format": FORMAT, "device": torch.cuda.get_device_name(device) if cuda else "cpu", "device_type": device.type,
+        "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dtype": str(dtype).removeprefix("torch."), "warmup": WARMUP, "repeats": REPEATS, "quick": quick,
+        "models": list(models), "world_size": max((c["world"] for c in comm), default=1),
+        "elementwise": measure_elementwise(clock, dtype, (4 << 20, 16 << 20) if quick else (256 << 20, 1 << 30)),
+        "optimizer": measure_optimizer(clock, (1 << 18) if quick else (64 << 20)),
+        "attention": measure_attention(clock, dtype, attention_shapes(models, quick), QUICK_SEQS if quick else SEQS,
+                                       256 if quick else ATTENTION_TOKENS),
+        "gemm": measure_gemms(clock, dtype, pairs, rows, limit),
+        "comm": comm,
+    }
+    table.update(skipped=clock.skipped, elapsed_s=round(time.monotonic() - start, 1))
+    write_json(Path(out_path), table)
+    return table
+
+
+def _warm_up(device: torch.device, dtype) -> None:
+    """Half a second of large GEMMs first, so that the first timings do not see idle clocks."""
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize(device)
+
+
+def _comm(clock: Clock, quick: bool) -> list[dict] | None:
+    """Collective timings under torchrun (WORLD_SIZE > 1): [] on one process, None on ranks other than 0."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return []
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if clock.device.type == "cuda" else "gloo")
+    try:
+        rows = measure_comm(clock, QUICK_COMM_BYTES if quick else COMM_BYTES)
+    finally:
+        dist.destroy_process_group()
+    return rows if int(os.environ.get("RANK", "0")) == 0 else None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Whole or not at all: a temporary file beside it, renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def summary(table: dict, path: str) -> str:
+    from llamatron.calibration import Table
+
+    t = Table(table, Path(path).name)
+    big = max(table["gemm"], key=lambda r: 2.0 * r["m"] * r["k"] * r["n"])
+    rate = 2.0 * big["m"] * big["k"] * big["n"] / big["seconds"]
+    return (f"wrote {path}: {len(table['gemm'])} GEMM, {len(table['attention'])} attention, {len(table['elementwise'])} "
+            f"element-wise, {len(table['comm'])} collective timings in {table['elapsed_s']} s "
+            f"({table['skipped']} skipped); largest GEMM {big['m']}x{big['k']}x{big['n']} at {rate / 1e12:.3g} TFLOP/s, "
+            f"element-wise {t.bandwidth() / 1e9:.0f} GB/s, AdamW {t.optimizer() * 1e12:.1f} ps/parameter")
