@@ -325,7 +325,8 @@ def _blend_reference(weights, size):
 
 @pytest.mark.parametrize(
     "weights",
-    [[0.5, 0.5], [0.45, 0.55], [0.55, 0.45], [0.3, 0.7], [0.999, 0.001], [1e-6, 1 - 1e-6], [0.2, 0.3, 0.5], [1, 2, 3, 4]],
+    [[0.5, 0.5], [0.45, 0.55], [0.55, 0.45], [0.3, 0.7], [0.999, 0.001], [1e-6, 1 - 1e-6], [0.2, 0.3, 0.5], [1, 2, 3, 4],
+     [1, 1, 1], [0.98, 0.01, 0.01], list(range(1, 11))],
 )
 def test_blending_indices_equal_reference(weights):
     w = G.normalize_weights(weights)
@@ -363,6 +364,68 @@ def test_blending_two_datasets_repairs_wrong_candidates(monkeypatch):
         di, dsi = G._blend_two(w[0], w[1], 20_000, chunk=1000)
         ref = _blend_reference(w, 20_000)
         assert np.array_equal(di, ref[0]) and np.array_equal(dsi, ref[1])
+
+
+def _many_weights(rng):
+    """Weights for 3+ datasets: random, very skewed, equal (ties everywhere), heavy-tailed, and some
+    left unnormalised (the greedy only compares, so any positive weights are valid input)."""
+    K = int(rng.integers(3, 11))
+    kinds = [rng.random(K), rng.random(K) ** 4, np.ones(K), np.exp(rng.normal(0, 4, K)), [0.98, 0.01, 0.01]]
+    w = np.asarray(kinds[int(rng.integers(len(kinds)))], np.float64)
+    return [float(v) for v in (w if rng.random() < 0.3 else G.normalize_weights(w))]
+
+
+def test_blending_many_datasets_random_weights():
+    rng = np.random.default_rng(5)
+    for trial in range(16):
+        w = _many_weights(rng)
+        size = [0, 1, 2, 3, 40_000][trial % 5]
+        lanes, steps = [(7, 16), (64, 37), (3, 5), (500, 64)][trial % 4]  # odd shapes: boundaries everywhere
+        di, dsi = G._blend_many(w, size, lanes, steps)
+        ref = G._blend_loop(w, size)
+        assert di.dtype == np.int16 and dsi.dtype == np.int64
+        assert np.array_equal(di, ref[0]) and np.array_equal(dsi, ref[1]), (w, size)
+
+
+def test_blending_many_datasets_default_lanes():
+    # The lane shape build_blending_indices picks itself (thousands of lanes side by side).
+    rng = np.random.default_rng(6)
+    for w in ([1 / 3] * 3, [0.98, 0.01, 0.01], G.normalize_weights(rng.random(10))):
+        di, dsi = G.build_blending_indices(w, 250_000)
+        ref = G._blend_loop(w, 250_000)
+        assert np.array_equal(di, ref[0]) and np.array_equal(dsi, ref[1]), w
+
+
+def test_blending_many_datasets_repairs_wrong_guesses(monkeypatch):
+    # Lanes start from guessed counts; where a guess is off, the lane is re-run (side by side, then
+    # one by one in Python). Force both with guesses that are far off (they still sum to the step,
+    # as the greedy's counts do, or not at all) and check the result stays exact.
+    real, rng = G._guess_counts, np.random.default_rng(1)
+    calls = {"side_by_side": 0, "in_order": 0}
+
+    def wrong(w, q):
+        c = real(w, q)
+        move = rng.integers(0, 4, c.shape[1]) * (rng.random(c.shape[1]) < 0.5)
+        c[0] += move
+        c[1] -= np.minimum(move, c[1])
+        c[-1] += rng.random(c.shape[1]) < 0.05  # sum off by one: never rejoins
+        return c
+
+    def counted(name, fn):
+        def wrapper(*a):
+            calls[name] += 1
+            return fn(*a)
+
+        return wrapper
+
+    monkeypatch.setattr(G, "_guess_counts", wrong)
+    monkeypatch.setattr(G, "_rerun_lanes", counted("side_by_side", G._rerun_lanes))
+    monkeypatch.setattr(G, "_rerun_in_order", counted("in_order", G._rerun_in_order))
+    for w in ([0.2, 0.3, 0.5], [1 / 3] * 3, G.normalize_weights(np.arange(1, 11))):
+        di, dsi = G._blend_many(w, 30_000, 300, 50)
+        ref = G._blend_loop(w, 30_000)
+        assert np.array_equal(di, ref[0]) and np.array_equal(dsi, ref[1])
+    assert calls["side_by_side"] and calls["in_order"]
 
 
 def test_blending_proportions():

@@ -247,15 +247,38 @@ def test_blended_cache_matches_megatron(tmp_path):
     assert ours.dataset_index[:6].tolist() == [0, 1, 0, 1, 0, 1]
 
 
+def _megatron_blend(w, size):
+    di, dsi = np.zeros(size, np.int16), np.zeros(size, np.int64)
+    mhelpers.build_blending_indices(di, dsi, np.asarray(w, np.float64), len(w), size, False)
+    return di, dsi
+
+
 def test_blending_indices_match_megatron_helpers():
     rng = np.random.default_rng(12)
     for w in ([0.5, 0.5], [0.45, 0.55], [0.3, 0.7]) + tuple(list(rng.random(k)) for k in (2, 2, 3, 5)):
         w = G.normalize_weights(w)
         size = 300_000 if len(w) == 2 else 30_000
-        di, dsi = np.zeros(size, np.int16), np.zeros(size, np.int64)
-        mhelpers.build_blending_indices(di, dsi, w, len(w), size, False)
+        di, dsi = _megatron_blend(w, size)
         ours = G.build_blending_indices(w, size)
         assert np.array_equal(ours[0], di) and np.array_equal(ours[1], dsi)
+
+
+def test_blending_many_datasets_match_megatron_helpers():
+    # Several chunks of the vectorised 3+-dataset builder (about 1M steps each), ties, skew, K = 10,
+    # weights normalised the way the builder does it (twice) and not normalised at all.
+    rng = np.random.default_rng(14)
+    cases = [
+        ([1 / 3] * 3, 3_000_000),
+        ([0.98, 0.01, 0.01], 2_500_000),
+        (G.normalize_weights(G.normalize_weights([20, 30, 50])), 2_000_000),
+        (G.normalize_weights(rng.random(10)), 2_000_000),
+        (G.normalize_weights(rng.random(6) ** 4), 1_000_000),
+        ([float(v) for v in rng.random(4)], 500_000),
+    ]
+    for w, size in cases:
+        ref = _megatron_blend(w, size)
+        ours = G.build_blending_indices(w, size)
+        assert np.array_equal(ours[0], ref[0]) and np.array_equal(ours[1], ref[1]), w
 
 
 def test_sample_index_matches_megatron_helpers():
