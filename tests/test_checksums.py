@@ -29,16 +29,9 @@ from llamatron.testing import faults
 from llamatron.train import checkpoint as ckpt
 from llamatron.train.trainer import train
 
+from test_reliability import STEPS, _overrides  # the same tiny run as the crash tests
+
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 6
-
-
-def _overrides(out_dir, steps=STEPS, extra=()):
-    return ["model.size=debug", "data.mock=true", "data.seq_len=32", f"train.steps={steps}",
-            "train.global_batch_size=4", "train.micro_batch_size=2", "train.device=cpu", "train.threads=1",
-            "optim.lr=1e-2", "optim.min_lr=1e-3", "optim.warmup_steps=2", "optim.schedule_steps=8",
-            "eval.samples=0", "eval.every=0", "train.log_every=1", "checkpoint.every=2", "checkpoint.keep=2",
-            f"train.out_dir={out_dir}", *extra]
 
 
 def _train(out_dir, steps=STEPS, extra=(), log=None):
