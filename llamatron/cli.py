@@ -18,13 +18,22 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llamatron", description="Pretrain Llama 3.1 models on Megatron-format data.")
+    parser = argparse.ArgumentParser(prog="llamatron", description="Pretrain, fine-tune and evaluate LLMs on Megatron-format data.")
     sub = parser.add_subparsers(dest="command", required=True)
+    # One function per command, in the order `--help` lists them.
+    for add in (_add_demo, _add_preprocess, _add_c4, _add_train, _add_launch, _add_eval, _add_evaluate, _add_flops,
+                _add_convert, _add_report, _add_plan):
+        add(sub)
+    return parser
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="prepare the embedded corpus, train a tiny Llama 3.1 and evaluate it")
     p.add_argument("--workdir", default="runs/demo", help="where data, checkpoints and metrics go")
     _add_config_args(p, "demo")
 
+
+def _add_preprocess(sub) -> None:
     p = sub.add_parser("preprocess", help="tokenize JSON lines into Megatron .bin/.idx files")
     p.add_argument("--input", nargs="+", required=True, help="JSON lines files (.json, .jsonl, .json.gz)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
@@ -37,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "MLPerf files were made; default) or keep as a document with no sequence (Megatron-LM's "
                    "preprocess_data.py)")
 
+
+def _add_c4(sub) -> None:
     p = sub.add_parser("c4", help="consolidate raw C4 shards as the MLPerf reference does")
     p.add_argument("--src", required=True, help="directory with c4-train.*-of-01024.json.gz and c4-validation.*")
     p.add_argument("--dst", required=True, help="output directory")
@@ -44,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="merged files built at once, one process each (each shard is decompressed to check it)")
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train from a config",
                        description="Train in this process, or (--nproc-per-node) in N processes under torchrun.")
     _add_config_args(p, None)
@@ -55,12 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --nnodes > 1: the first node's address and a free port (c10d rendezvous)")
     p.add_argument("--rdzv-id", default=None, help="with --rdzv-endpoint: a run id shared by the nodes (e.g. the job id)")
 
+
+def _add_launch(sub) -> None:
     p = sub.add_parser("launch", help="submit a training run to Slurm from the config's [launch] section",
                        description="Render an sbatch script (one torchrun per node, c10d rendezvous on the first "
                        "node) and submit it launch.jobs times as a chain of jobs that resume from checkpoints.")
     _add_config_args(p, None)
     p.add_argument("--dry-run", action="store_true", help="print the batch script; submit and write nothing")
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="validation log perplexity of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (newest checkpoint)")
     p.add_argument("--data", required=True, help="Megatron data prefix (PREFIX.bin/.idx)")
@@ -69,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=None)
     p.add_argument("--device", default="auto")
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="zero-shot tasks (lambada, boolq, any lm-eval task) on a checkpoint",
                        description="Score zero-shot tasks: built-in ones on local JSONL files, any "
                        "lm-evaluation-harness task through its adapter. See docs/evaluate.md.")
@@ -92,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate in N processes under torchrun (FSDP over N / tp ranks)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (with --nproc-per-node)")
 
+
+def _add_flops(sub) -> None:
     p = sub.add_parser("flops", help="FLOPs per sequence, tokens/s, MFU and days to train (NVIDIA recipe formula)")
     p.add_argument("--model", default="llama3.1-8b", help="named model size")
     p.add_argument("--layers", type=int, default=None, help="proxy: number of layers")
@@ -105,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-name", default="H100", help="selects the peak FLOP/s (H100, H200, A100, B200)")
     p.add_argument("--tokens", type=float, default=None, help="total training tokens, for days to train")
 
+
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="import Hugging Face or Meta checkpoints, export to Hugging Face",
                        description="hf -> llamatron, meta -> llamatron (weights-only checkpoints for "
                        "checkpoint.init_from and eval), llamatron -> hf (for transformers). See docs/convert.md.")
@@ -118,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the written tensors (default: keep the source's)")
     p.add_argument("--max-shard-size", default="5GB", help="hf export: size of each safetensors file (default 5GB)")
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="a run's metrics as one HTML page with plots, or a terminal summary",
                        description="Reads RUN_DIR/metrics.jsonl, config.yaml and mlperf.log; several runs are "
                        "overlaid. See docs/report.md.")
@@ -128,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=None,
                    help="validation log perplexity to report the time to (default: mlperf.target of the config)")
 
+
+def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="rank the parallel layouts that fit a model on N GPUs (memory and speed estimates)",
                        description="Enumerates dp_replicate x dp_shard x tp x pp x cp (and ep for MoE models), "
                        "activation checkpointing, micro batch and FP8; estimates memory (llamatron/parallel/memory.py) "
@@ -159,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="calibration.json", help="with --calibrate: the table to write")
     p.add_argument("--quick", action="store_true", help="with --calibrate: a tiny grid (tests; seconds on a CPU)")
     p.add_argument("--budget-s", type=float, default=150.0, help="with --calibrate: stop measuring after this long")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

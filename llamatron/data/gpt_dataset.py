@@ -580,18 +580,9 @@ class GPTDataset:
         self.window = self.seq_len + int(self.add_extra_token)
         self.dataset_path = str(indexed.prefix if dataset_path is None else dataset_path)
 
-        sizes = indexed.sequence_lengths
         full = indices is None
-        if full:
-            # Megatron's blend_per_split exposes the whole file to every split.
-            indices = np.arange(len(sizes), dtype=np.int32)
-        else:
-            indices = np.asarray(indices)
-            if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= len(sizes))):
-                raise LlamatronError(f"{indexed.idx_path}: document indices must be 1-D within [0, {len(sizes)})")
-            indices = indices.astype(np.int32)
-        self.indices = indices
-        self.tokens_per_epoch = int(np.sum(sizes[indices], dtype=np.int64))
+        self.indices = self._exposed(indices)
+        self.tokens_per_epoch = int(np.sum(indexed.sequence_lengths[self.indices], dtype=np.int64))
         if self.tokens_per_epoch == 0:
             raise LlamatronError(f"{indexed.idx_path}: the exposed documents hold no tokens")
         self.num_epochs = num_epochs_for(self.tokens_per_epoch, self.num_samples, self.seq_len, self.add_extra_token)
@@ -599,11 +590,33 @@ class GPTDataset:
             self.tokens_per_epoch, self.num_epochs, self.num_samples, self.seq_len, self.add_extra_token
         )
 
+        self.unique_identifiers = self._identifiers(tokenizer_description, full)
+        self.description, self.description_hash = describe(self.unique_identifiers)
+
+        arrays = self._load_or_build(cache_dir)
+        self.document_index = arrays["document_index"]
+        self.sample_index = arrays["sample_index"]
+        self.shuffle_index = arrays["shuffle_index"]
+        self._check_shapes()
+
+    def _exposed(self, indices) -> np.ndarray:
+        """The documents this dataset draws from: all of the file (Megatron's blend_per_split exposes the
+        whole file to every split), or the given indices, checked."""
+        n = len(self.indexed.sequence_lengths)
+        if indices is None:
+            return np.arange(n, dtype=np.int32)
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= n)):
+            raise LlamatronError(f"{self.indexed.idx_path}: document indices must be 1-D within [0, {n})")
+        return indices.astype(np.int32)
+
+    def _identifiers(self, tokenizer_description, full: bool) -> dict:
+        """Megatron's unique identifiers of the dataset: what names its cache files."""
         ids = {
             "class": "GPTDataset",
             "dataset_path": self.dataset_path,
             "num_samples": self.num_samples,
-            "index_split": split,
+            "index_split": self.split,
             "random_seed": self.seed,
             "sequence_length": self.seq_len,
             "split": None,  # NeMo passes blend_per_split, so Megatron's split string and matrix are null
@@ -617,16 +630,18 @@ class GPTDataset:
         if not self.add_extra_token:
             ids["add_extra_token_to_sequence"] = False
         if not full:
-            ids["indices_md5"] = hashlib.md5(indices.tobytes(), usedforsecurity=False).hexdigest()
-        self.unique_identifiers = ids
-        self.description, self.description_hash = describe(ids)
+            ids["indices_md5"] = hashlib.md5(self.indices.tobytes(), usedforsecurity=False).hexdigest()
+        return ids
 
+    def _load_or_build(self, cache_dir) -> dict[str, np.ndarray]:
+        """The three index arrays: from the cache files where they match, else built (and cached)."""
         self.cache_dir = None if cache_dir is None else str(cache_dir)
         self.cache_paths = None
         self.cache_hit = False
         arrays = None
         if self.cache_dir is not None:
-            self.cache_paths = _cache_paths(self.cache_dir, self.description_hash, "GPTDataset", split, _CACHE_ARRAYS)
+            self.cache_paths = _cache_paths(self.cache_dir, self.description_hash, "GPTDataset", self.split,
+                                            _CACHE_ARRAYS)
             arrays = _read_cache(self.cache_paths, self.description)
             self.cache_hit = arrays is not None
         if arrays is None:
@@ -636,10 +651,7 @@ class GPTDataset:
                 # Serve from the files just written: page cache shared by every rank and worker on
                 # the host, instead of ~4 bytes per document per epoch of private memory each.
                 arrays = _read_cache(self.cache_paths, self.description)
-        self.document_index = arrays["document_index"]
-        self.sample_index = arrays["sample_index"]
-        self.shuffle_index = arrays["shuffle_index"]
-        self._check_shapes()
+        return arrays
 
     def _build(self) -> dict[str, np.ndarray]:
         rng = np.random.RandomState(self.seed)
@@ -741,7 +753,7 @@ class BlendedDataset:
                 "size": self.size,
             }
             self.unique_identifiers = ids
-            self.description, self.description_hash = describe(ids)
+            self.description, self.description_hash = describe(self.unique_identifiers)
             self.cache_paths = _cache_paths(
                 self.cache_dir, self.description_hash, "BlendedDataset", self.split, ("dataset_index", "dataset_sample_index")
             )

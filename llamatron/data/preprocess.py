@@ -66,19 +66,8 @@ def preprocess(
     t0 = time.perf_counter()
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise LlamatronError("preprocess: no input files given; expected one or more JSON-lines files")
-    for p in paths:
-        if not p.is_file():
-            raise LlamatronError(f"{p}: no such input file; expected a JSON-lines file (.jsonl, .json or .gz)")
-    keys = list(json_keys)
-    if not keys or len(set(keys)) != len(keys):
-        raise LlamatronError(f"json_keys={keys!r}: expected one or more distinct JSON keys")
-    if workers < 1:
-        raise LlamatronError(f"workers={workers}: expected an integer >= 1")
-    if empty_documents not in ("drop", "keep"):
-        raise LlamatronError(f"--empty-documents {empty_documents!r}: expected drop (NeMo) or keep (Megatron-LM)")
+    paths, keys = [Path(p) for p in inputs], list(json_keys)
+    _check_arguments(paths, keys, workers, empty_documents)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     if append_eod and tok.eos_id is None:
         raise LlamatronError(f"tokenizer {tok.name!r} has no end-of-text token; append_eod needs one")
@@ -100,29 +89,10 @@ def preprocess(
                 done_bytes += pos
                 continue
             n_lines += docs
-            for k, (lengths, tokens, dropped) in per_key.items():
-                w = writers[k]
-                offset = 0
-                for n in lengths.tolist():
-                    if n == 0:  # empty_documents=keep: a document with no sequence
-                        w.end_document()
-                        continue
-                    w.add_document(tokens[offset : offset + n])
-                    offset += n
-                c = counts[k]
-                c["documents"] += len(lengths)
-                c["dropped_empty"] += dropped
-                c["tokens"] += offset
+            for k, arrays in per_key.items():
+                _write_documents(writers[k], counts[k], *arrays)
             bar.update(done_bytes + pos - bar.n)
-
-        for k in keys:
-            if counts[k]["tokens"] == 0:
-                what = (
-                    "no JSON lines at all"
-                    if n_lines == 0
-                    else f"{n_lines} documents, all of whose {k!r} text tokenizes to zero tokens"
-                )
-                raise LlamatronError(f"{_names(paths)}: {what}; expected at least one non-empty document")
+        _check_not_empty(paths, keys, counts, n_lines)
     seconds = time.perf_counter() - t0
     tokens = sum(c["tokens"] for c in counts.values())
     return {
@@ -138,6 +108,42 @@ def preprocess(
         "workers": workers,
         "tokenizer": tok.name,
     }
+
+
+def _check_arguments(paths: list[Path], keys: list[str], workers: int, empty_documents: str) -> None:
+    if not paths:
+        raise LlamatronError("preprocess: no input files given; expected one or more JSON-lines files")
+    for p in paths:
+        if not p.is_file():
+            raise LlamatronError(f"{p}: no such input file; expected a JSON-lines file (.jsonl, .json or .gz)")
+    if not keys or len(set(keys)) != len(keys):
+        raise LlamatronError(f"json_keys={keys!r}: expected one or more distinct JSON keys")
+    if workers < 1:
+        raise LlamatronError(f"workers={workers}: expected an integer >= 1")
+    if empty_documents not in ("drop", "keep"):
+        raise LlamatronError(f"--empty-documents {empty_documents!r}: expected drop (NeMo) or keep (Megatron-LM)")
+
+
+def _write_documents(writer: IndexedDatasetWriter, count: dict, lengths, tokens, dropped: int) -> None:
+    """One batch's documents of one key (lengths, their tokens back to back) into its writer."""
+    offset = 0
+    for n in lengths.tolist():
+        if n == 0:  # empty_documents=keep: a document with no sequence
+            writer.end_document()
+            continue
+        writer.add_document(tokens[offset : offset + n])
+        offset += n
+    count["documents"] += len(lengths)
+    count["dropped_empty"] += dropped
+    count["tokens"] += offset
+
+
+def _check_not_empty(paths: list[Path], keys: list[str], counts: dict, n_lines: int) -> None:
+    for k in keys:
+        if counts[k]["tokens"] == 0:
+            what = ("no JSON lines at all" if n_lines == 0
+                    else f"{n_lines} documents, all of whose {k!r} text tokenizes to zero tokens")
+            raise LlamatronError(f"{_names(paths)}: {what}; expected at least one non-empty document")
 
 
 def _results(batches, workers: int, tok: Tokenizer, keys, append_eod: bool, dtype, stack,
