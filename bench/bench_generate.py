@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 
 import torch
 
@@ -24,15 +23,7 @@ from llamatron.models import registry
 from llamatron.parallel.parallelize import materialize
 from llamatron.runtime import select_device
 
-
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
+from bench_zero_shot import timed  # the same clock (synchronised around the call on CUDA)
 
 
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
