@@ -395,7 +395,6 @@ def _evaluate_torchrun(args) -> int:
 
     if args.nproc_per_node < 1:
         raise LlamatronError("--nproc-per-node must be >= 1")
-    evaluate.check_tp(args.checkpoint, args.tp)
     command = ["-m", "llamatron", "evaluate"]
     for key in ("checkpoint", "tasks", "tokenizer", "data_dir", "prompt", "include_path", "bootstrap_iters", "limit",
                 "batch_size", "device", "output", "tp"):

@@ -45,21 +45,6 @@ def checkpoint_config(path):
     return config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path)))
 
 
-def check_tp(checkpoint, tp: int) -> None:
-    """A LoRA run's checkpoint is refused with tensor parallelism: training runs LoRA under TP, but
-    evaluation's loading of adapters into a TP layout is not tested yet. Under `--nproc-per-node`,
-    before any process starts."""
-    from llamatron.convert import resolve_checkpoint
-
-    if tp <= 1:
-        return
-    path = resolve_checkpoint(checkpoint)
-    rank = checkpoint_config(path).lora.rank
-    if rank:
-        raise LlamatronError(f"--tp {tp}: {path} is a LoRA run's checkpoint (lora.rank = {rank}), and LoRA with "
-                             "tensor parallelism is not supported by evaluation yet; evaluate it with --tp 1 (FSDP: --nproc-per-node alone)")
-
-
 def build_model(path, cfg, device):
     """The model of checkpoint `path` (whose config is `cfg`) on `device` in eval mode, with its weights:
     what `llamatron evaluate` and `llamatron eval` score. A LoRA run's model (lora.rank > 0) gets its
@@ -130,7 +115,8 @@ def _load_weights(path, parts, base) -> None:
 
 def _load_layout(path, cfg, device, precision: str, tp: int):
     """The checkpoint's model sharded over this torchrun job (plain: no compile, FP8 or checkpointing).
-    LoRA adapters stay unmerged (merging FSDP-sharded weights buys little); eval mode drops dropout."""
+    LoRA adapters stay unmerged, laid out under TP as training lays them out (merging sharded weights
+    buys little); eval mode drops dropout."""
     import dataclasses
 
     from llamatron.config import ParallelConfig, resolve_model
@@ -142,7 +128,6 @@ def _load_layout(path, cfg, device, precision: str, tp: int):
     world = env_world_size()
     if tp < 1 or world % tp:
         raise LlamatronError(f"--tp {tp}: must divide the number of processes, {world}")
-    check_tp(path, tp)
     for key, n in family.tp_divisible(margs).items():
         if n % tp:
             raise LlamatronError(f"--tp {tp}: must divide the model's {key} ({n})")

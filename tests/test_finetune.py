@@ -376,8 +376,6 @@ def test_evaluating_an_adapter_only_checkpoint_without_its_base_is_one_line(tmp_
     data = _boolq(tmp_path / "eval.jsonl")
     args = ["evaluate", "--checkpoint", str(run.out_dir), "--tasks", "boolq", "--task-file", f"boolq={data}",
             "--device", "cpu", "--output", str(tmp_path / "results.json")]
-    # LoRA with tensor parallelism: refused by evaluation before any process starts.
-    _one_line_error(capsys, args + ["--nproc-per-node", "2", "--tp", "2"], "--tp 2", "LoRA")
     first.checkpoint.rename(tmp_path / "moved")
     _one_line_error(capsys, args, "holds only LoRA adapters", "checkpoint.init_from", str(first.checkpoint))
     valid = _validation_file(tmp_path, load_tokenizer(_tokenizer(tmp_path)), 65)
@@ -387,9 +385,11 @@ def test_evaluating_an_adapter_only_checkpoint_without_its_base_is_one_line(tmp_
 
 
 @pytest.mark.slow
-def test_evaluating_a_lora_checkpoint_under_fsdp_equals_one_process(tmp_path):
-    """`llamatron evaluate --nproc-per-node 2` (FSDP over 2 gloo ranks, adapters unmerged) on an
-    adapter-only checkpoint gives the single process's scores (merged adapters)."""
+@pytest.mark.parametrize("extra", [[], ["--tp", "2"]], ids=["fsdp2", "tp2"])
+def test_evaluating_a_lora_checkpoint_under_torchrun_equals_one_process(tmp_path, extra):
+    """`llamatron evaluate --nproc-per-node 2` (FSDP over 2 gloo ranks, or TP 2 with the adapters in
+    training's TP layout; unmerged) on an adapter-only checkpoint gives the single process's scores
+    (merged adapters)."""
     first = train(_cfg(tmp_path, tmp_path / "base", 1), progress=False, log=lambda *a: None)
     lora = ["lora.rank=4", "lora.alpha=8", "optim.lr=1e-2", "checkpoint.save_frozen=false",
             f"checkpoint.init_from={first.checkpoint}"]
@@ -402,7 +402,7 @@ def test_evaluating_a_lora_checkpoint_under_fsdp_equals_one_process(tmp_path):
     assert main(args + ["--output", str(tmp_path / "one.json")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "llamatron", *args, "--output", str(tmp_path / "two.json"),
-                           "--nproc-per-node", "2"], capture_output=True, text=True, env=env, timeout=300,
+                           "--nproc-per-node", "2", *extra], capture_output=True, text=True, env=env, timeout=300,
                           start_new_session=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
