@@ -369,6 +369,31 @@ def test_evaluating_a_lora_checkpoint_scores_base_and_adapters(tmp_path, capsys,
     assert _cli_perplexity(capsys, run.out_dir, tmp_path / "valid", seq_len, n) == pytest.approx(want_ppl, abs=1e-4)
 
 
+@pytest.mark.parametrize("base, save_frozen", [("init_from", True), ("init_from", False), ("seed", False)],
+                         ids=["whole", "adapter-only", "adapter-only-seeded"])
+def test_export_of_a_lora_run_is_the_merged_model(tmp_path, base, save_frozen):
+    """`convert --from llamatron --to hf` on a LoRA run writes the merged weights (W + alpha/r B A; the
+    frozen base from init_from or the seed for adapter-only checkpoints): transformers' logits of the
+    export equal the trained model's (base + adapters) within fp32 rounding."""
+    transformers = pytest.importorskip("transformers")
+    extra = ["lora.rank=4", "lora.alpha=8", "optim.lr=1e-2", f"checkpoint.save_frozen={str(save_frozen).lower()}"]
+    if base == "init_from":
+        first = train(_cfg(tmp_path, tmp_path / "base", 1), progress=False, log=lambda *a: None)
+        extra.append(f"checkpoint.init_from={first.checkpoint}")
+    run, trained = _train_keeping_model(_cfg(tmp_path, tmp_path / "lora", 2, extra))
+    assert main(["convert", "--from", "llamatron", "--to", "hf", str(run.out_dir), str(tmp_path / "hf"),
+                 "--dtype", "fp32"]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, trained.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = trained(tokens), hf(tokens).logits
+        for m in lora_modules(trained).values():  # without its adapters the export would be far off
+            m.lora_B.weight.zero_()
+        base_only = trained(tokens)
+    assert (want - base_only).abs().max() > 1e-3
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+
+
 def test_evaluating_an_adapter_only_checkpoint_without_its_base_is_one_line(tmp_path, capsys):
     first = train(_cfg(tmp_path, tmp_path / "base", 1), progress=False, log=lambda *a: None)
     lora = ["lora.rank=4", "lora.alpha=8", "checkpoint.save_frozen=false", f"checkpoint.init_from={first.checkpoint}"]
