@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--context-len", type=int, default=80)  # LAMBADA passages: ~80 Llama 3 tokens
     ap.add_argument("--cont-len", type=int, default=2)
-    ap.add_argument("--batch-sizes", default="32,128", help="comma-separated")
+    ap.add_argument("--batch-sizes", "--batch-size", default="32,128", help="comma-separated")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights of every model")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled llamatron run")

@@ -186,7 +186,8 @@ def test_compile_is_off_on_the_cpu_and_skips_what_cannot_be_one_graph():
     assert [getattr(b, "_compiled_call_impl", None) is not None for b in glam.layers.values()] == [False, True] * 2
     bigram = Bigram([("a", "b")])  # no `layers`: not compiled, scored as ever
     assert compile_for_eval(bigram) == 0
-    assert loglikelihoods(bigram, [([97], [98])], 1, CPU, compile=True) == loglikelihoods(bigram, [([97], [98])], 1, CPU)
+    one = [([97], [98])]
+    assert loglikelihoods(bigram, one, 1, CPU, compile=True) == loglikelihoods(bigram, one, 1, CPU)
 
 
 @pytest.mark.slow
@@ -386,7 +387,23 @@ def exported(request, tmp_path_factory, tok_path):
     assert main(["convert", "--from", "llamatron", "--to", "hf", str(ckpt), str(root / "hf")]) == 0
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(root / "hf").eval()
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tok_path), bos_token="<s>", eos_token="</s>")
-    return types.SimpleNamespace(ckpt=ckpt, model=hf_model, tok=hf_tok, family=entry.family.name)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    return types.SimpleNamespace(ckpt=ckpt, model=hf_model, tok=hf_tok, family=entry.family.name, root=root,
+                                 params=params, args=entry.args)
+
+
+@needs_hf
+def test_in_memory_hf_tensors_are_the_exported_ones(exported):
+    """`convert.hf_state_dict` (the benchmark's HF twin) gives exactly the tensors `convert --to hf` writes."""
+    from safetensors.torch import load_file
+
+    from llamatron.convert import hf_state_dict
+
+    written = {k: v for f in sorted((exported.root / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
+    ours = hf_state_dict(exported.params, exported.args)
+    assert sorted(ours) == sorted(written)
+    for name, t in written.items():
+        assert torch.equal(ours[name], t), name
 
 
 @needs_hf
@@ -513,7 +530,7 @@ def test_cli_evaluate_builtin_and_harness_agree(hf, tok_path, data, tmp_path, ca
     code = main(["evaluate", "--checkpoint", str(hf.ckpt), "--tokenizer", str(tok_path), "--data-dir", str(data),
                  "--tasks", "lambada,boolq,harness:lambada_local,harness:boolq_local", "--include-path", str(data),
                  "--only-include-path", "--bootstrap-iters", "10", "--batch-size", "3", "--device", "cpu",
-                 "--output", str(out)])
+                 "--no-compile", "--output", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "harness:boolq_local" in printed and f"wrote {out}" in printed
