@@ -110,6 +110,12 @@ def test_left_truncation_to_the_model_context(model):
     (short, _), = loglikelihoods(model, [(ctx, cont)], 2, CPU, max_len=16)
     assert short == pytest.approx(_hand_score(model, ctx, cont, max_len=16)[0], abs=1e-4)
     assert abs(short - ll) > 1e-3  # the truncation did change the context
+    # A context of 60 positions: padding to a multiple of 8 (64) would pass the last one.
+    entry = registry.get("debug")
+    m60 = entry.family.build(dataclasses.replace(entry.args, max_seq_len=60))
+    m60.load_state_dict(model.state_dict())
+    (ll60, _), = loglikelihoods(m60.eval(), [(ctx, cont)], 2, CPU)
+    assert ll60 == pytest.approx(_hand_score(model, ctx, cont, max_len=60)[0], abs=1e-4)
 
 
 class FullLogits(nn.Module):

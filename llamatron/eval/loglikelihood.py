@@ -118,7 +118,10 @@ def _score_batch(layout, batch: list[tuple[list[int], int, list[int]]], device, 
                  multiple: int) -> list[tuple[float, bool]]:
     """One forward, then a batched fp32 log-softmax over the scored positions only, and per-request
     sums and greedy flags on the device: one host copy per batch."""
-    tokens = padded_tokens([inp for inp, _, _ in batch], multiple)
+    rows = [inp for inp, _, _ in batch]
+    if -(-max(map(len, rows)) // multiple) * multiple > layout.model.args.max_seq_len:
+        multiple = layout.dims.tp  # aligned padding would pass the model's last position
+    tokens = padded_tokens(rows, multiple)
     # (row, position, slot in its request) of every scored token, built on the host in one go.
     where = [(i, len(inp) - n + j, j) for i, (inp, n, _) in enumerate(batch) for j in range(n)]
     row, col, slot = torch.tensor(where, dtype=torch.long, device=device).unbind(1)
