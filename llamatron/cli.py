@@ -106,6 +106,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--add-bos", action="store_true", help="prepend BOS to every context")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each block for scoring (default: on CUDA, off on the CPU; one process only)")
     p.add_argument("--output", default=None, help="results JSON (default: RUN/zero_shot_step_N.json)")
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="evaluate in N processes under torchrun (FSDP over N / tp ranks)")
@@ -380,7 +382,7 @@ def cmd_evaluate(args) -> int:
         return _evaluate_torchrun(args)
     results = evaluate.evaluate(args.checkpoint, args.tasks, args.tokenizer, args.data_dir, args.task_file,
                                 args.prompt, args.limit, args.batch_size, args.device, args.include_path, args.add_bos,
-                                not args.only_include_path, args.bootstrap_iters, args.tp)
+                                not args.only_include_path, args.bootstrap_iters, args.tp, args.compile)
     if rank() == 0:  # under torchrun every rank scores; rank 0 reports
         out = evaluate.write_results(results, args.output or evaluate.default_output(args.checkpoint))
         print(evaluate.format_table(results))
@@ -402,6 +404,8 @@ def _evaluate_torchrun(args) -> int:
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     command += [w for item in args.task_file for w in ("--task-file", item)]
     command += [f for f, on in (("--only-include-path", args.only_include_path), ("--add-bos", args.add_bos)) if on]
+    if args.compile is not None:
+        command.append("--compile" if args.compile else "--no-compile")
     return torchrun(command, args.nproc_per_node)
 
 

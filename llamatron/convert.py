@@ -123,6 +123,16 @@ def _to_hf(hf_module, names: list[str], tensors: list[torch.Tensor], args) -> tu
     return hf_module.to_hf(names[0], tensors[0], args)
 
 
+def hf_state_dict(params: dict[str, torch.Tensor], args) -> dict[str, torch.Tensor]:
+    """A model's parameters (clean names) -> the Hugging Face tensors `export_hf` writes for them, in
+    memory: an HF twin of a model without a checkpoint on disk (benchmarks)."""
+    hf_module = registry.family_of(args).hf
+    if hf_module is None:
+        raise LlamatronError(f"the {registry.family_of(args).name} family has no Hugging Face format")
+    return dict(_to_hf(hf_module, names, [params[n] for n in names], args)
+                for names in _hf_groups(hf_module, list(params), args))
+
+
 # --------------------------------------------------------------------------------------------------
 # Common pieces
 

@@ -276,8 +276,10 @@ def format_table(results: dict) -> str:
 def evaluate(checkpoint, tasks: str, tokenizer: str | None = None, data_dir: str | None = None,
              files: list[str] = (), prompt: str = "harness", limit: int | None = None, batch_size: int = 8,
              device: str = "auto", include_path: str | None = None, add_bos: bool = False,
-             harness_defaults: bool = True, bootstrap_iters: int = 1000, tp: int = 1) -> dict:
-    """What `llamatron evaluate` runs: inputs are checked first, then the model is loaded once."""
+             harness_defaults: bool = True, bootstrap_iters: int = 1000, tp: int = 1,
+             compile: bool | None = None) -> dict:
+    """What `llamatron evaluate` runs: inputs are checked first, then the model is loaded once.
+    `compile` (None: on CUDA): the blocks compiled for scoring, in one process (`loglikelihoods`)."""
     from llamatron.eval.tasks import PROMPTS, Scorer, get_task, read_jsonl, run_task
     from llamatron.parallel.layout import Layout
     from llamatron.runtime import select_device
@@ -299,7 +301,7 @@ def evaluate(checkpoint, tasks: str, tokenizer: str | None = None, data_dir: str
         raise LlamatronError(f"tokenizer {tok.name}: {tok.vocab_size} tokens, more than the model's vocabulary "
                              f"of {vocab}")
     results = {}
-    scorer = Scorer(model, tok, batch_size, dev, precision, add_bos)
+    scorer = Scorer(model, tok, batch_size, dev, precision, add_bos, compile=compile)
     for name in builtin:
         r = run_task(get_task(name), docs[name], scorer, prompt)
         results[name] = {"metrics": r["metrics"], "count": r["count"], "prompt": prompt, "file": str(paths[name])}
@@ -307,6 +309,6 @@ def evaluate(checkpoint, tasks: str, tokenizer: str | None = None, data_dir: str
         from llamatron.eval.harness import LlamatronLM
 
         lm = LlamatronLM(model=model, tokenizer=tok, batch_size=batch_size, device=dev, precision=precision,
-                         add_bos=add_bos)
+                         add_bos=add_bos, compile=compile)
         results.update(run_harness(lm, harness, manager, limit, bootstrap_iters))
     return results

@@ -268,9 +268,10 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False,
                 positions: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]; with labels, the mean cross-entropy over
-        the labels that are not -100 (llamatron.loss.IGNORE_INDEX).
+        the labels that are not -100 (llamatron.loss.IGNORE_INDEX). logits_at [N, 2] (row, position)
+        pairs: logits [N, vocab] of just those positions (scoring; not with labels).
 
         With labels the output projection and the loss are fused (llamatron.loss) so the full logits
         are never materialised; computing it here, inside the module, keeps it under whatever wrapping
@@ -295,6 +296,8 @@ class Transformer(nn.Module):
             mask = document_mask(document_ids, flex=document_ids.is_cuda)
             for layer in self.layers.values():
                 h = layer(h, cos, sin, mask)
+        if logits_at is not None:  # the norm is per position: selecting first is exact and cheaper
+            h = h[logits_at[:, 0], logits_at[:, 1]]
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:
