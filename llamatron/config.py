@@ -307,8 +307,9 @@ class ParallelConfig:
     pp_virtual_stages: int = 1  # stages per pipeline rank (> 1: interleaved schedule)
     pp_schedule: str = "auto"  # gpipe, 1f1b, interleaved1f1b; auto = 1f1b, or interleaved1f1b when virtual > 1
     cp: int = 1  # context parallel: each rank holds 2 of 2*cp chunks of every sequence (load-balanced)
-    # expert parallel (MoE families): each MoE block's experts split over ep of the data-parallel ranks,
-    # tokens exchanged by all-to-all; for now ep must equal dp_shard (no replicas, cp, tp or pp)
+    # expert parallel (MoE families): each MoE block's experts split over ep of the dp_shard ranks (ep divides
+    # dp_shard), tokens exchanged by all-to-all, the experts FSDP-sharded over the other dp_shard / ep;
+    # combines with dp_replicate and tp, not with cp or pp
     ep: int = 1
 
 
@@ -392,11 +393,14 @@ def _validate_expert_parallel(p: ParallelConfig, args, world_size: int | None) -
     n_experts = getattr(args, "n_experts", 0)
     _need(n_experts > 0, "parallel.ep", "the model has no experts (expert parallelism is for MoE families)")
     _need(n_experts % p.ep == 0, "parallel.ep", f"n_experts {n_experts} must be divisible by ep {p.ep}")
-    _need(p.dp_replicate == p.cp == p.tp == p.pp == 1, "parallel.ep",
-          "expert parallelism runs over the FSDP ranks alone for now: dp_replicate, cp, tp and pp must be 1")
+    _need(p.cp == p.pp == 1, "parallel.ep",
+          f"expert parallelism combines with dp_shard (its ranks), dp_replicate and tp only: cp and pp must be 1, "
+          f"got cp {p.cp}, pp {p.pp}")
     if world_size is not None or p.dp_shard != -1:
         dp_shard = resolve_dp_shard(p, world_size) if world_size is not None else p.dp_shard
-        _need(dp_shard == p.ep, "parallel.ep", f"must equal the FSDP degree dp_shard {dp_shard} for now, got {p.ep}")
+        _need(dp_shard % p.ep == 0, "parallel.ep",
+              f"must divide the FSDP degree dp_shard {dp_shard} (the experts are FSDP-sharded over dp_shard / ep), "
+              f"got {p.ep}")
 
 
 def _validate_batch(train: "TrainConfig", p: ParallelConfig, world_size: int | None) -> None:

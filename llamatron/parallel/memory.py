@@ -4,15 +4,17 @@ usable as a dry run: `estimate_memory(...)` needs no GPU).
 Counted per rank, for the rank that holds the most (the first pipeline stage for activations, the
 embedding; the last for the output layer):
 
-- weights: fp32 master parameters, 4 bytes each, divided by tp (matrices only) and by the FSDP shard
-  degree dp_shard x cp (HSDP's replicas, dp_replicate, each hold a whole sharded copy); experts under
-  expert parallelism divided by ep instead (each rank holds E/ep experts whole, FSDP leaves them);
+- weights: fp32 master parameters, 4 bytes each, divided by tp (matrices only; not a MoE block's
+  experts, which TP leaves whole) and by the FSDP shard degree dp_shard x cp (HSDP's replicas,
+  dp_replicate, each hold a whole sharded copy); experts under expert parallelism too, by ep x
+  (dp_shard / ep) (E/ep experts per rank, FSDP-sharded over the dp_shard / ep ranks holding them);
 - gradients: fp32, the same division, of the trainable parameters only (LoRA: the adapters);
 - optimizer: AdamW's two fp32 moments, 8 bytes per trainable parameter, the same division;
 - working copies: what the compute runs on besides the masters. Under FSDP, the gathered parameters
   of the units in flight (two blocks, in the compute dtype; all of the stage's blocks under pipeline
-  parallelism, which keeps them gathered across micro-batches, plus their unsharded gradients), and
-  each rank's own experts cast to the compute dtype under expert parallelism;
+  parallelism, which keeps them gathered across micro-batches, plus their unsharded gradients); under
+  expert parallelism only this rank's E/ep experts of a block are gathered, or, where FSDP leaves
+  them alone (ep = dp_shard, no replicas), every block's own experts cast to the compute dtype;
   without FSDP under bf16 autocast, the bf16 casts of all weights, which autograd keeps until
   backward. FP8 layers (torchao's Float8Linear) save their fp32 weight itself for backward, not a
   cast (under FSDP, the gathered copy FSDP frees and gathers again), so they have no bf16 copy;
@@ -239,7 +241,8 @@ def estimate_memory(
     counts = parameter_counts(args, lora)
     compute = 2 if bf16 else 4
     residual = 2 if (bf16 and fsdp) else 4  # FSDP casts parameters to bf16; autocast keeps fp32 ones
-    weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, fsdp, compute, bf16)
+    expert_fsdp = ep > 1 and (dp_shard // ep > 1 or dp_replicate > 1)  # llamatron/parallel/dims.py's expert_fsdp
+    weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, expert_fsdp, fsdp, compute, bf16)
     if fp8 != "none" and bf16 and not fsdp:  # Float8Linear keeps no bf16 cast of its weight
         working -= compute * layers * fp8_counts(args, fp8_min_features, fp8_include_output).block_params / tp
 
@@ -265,21 +268,23 @@ def estimate_memory(
     return MemoryEstimate(weights, gradients, optimizer, working, activations, logits)
 
 
-def _states(counts: ParameterCounts, layers: int, pp: int, tp: int, shard: int, ep: int, fsdp: bool,
-            compute: int, bf16: bool) -> tuple[float, float, float, float]:
+def _states(counts: ParameterCounts, layers: int, pp: int, tp: int, shard: int, ep: int, expert_fsdp: bool,
+            fsdp: bool, compute: int, bf16: bool) -> tuple[float, float, float, float]:
     """Weights, gradients, optimizer state and working copies of the rank with the most parameters:
     the first stage (embedding) or the last (output + final norm, or its copy of a tied embedding);
     tensor parallelism splits the embedding and output by vocabulary."""
-    block = counts.block_matrices / tp + counts.block_vectors
-    experts = counts.block_experts / tp if ep > 1 else 0.0  # sharded by ep instead of FSDP
+    experts = counts.block_experts
+    block = (counts.block_matrices - experts) / tp + experts + counts.block_vectors
     ends, ends_trainable = counts.ends(pp), counts.ends_trainable(pp)
     params = layers * block + ends / tp
-    stored = (params - layers * experts) / shard + layers * experts / ep
+    stored = params / shard  # experts as well: ep x (dp_shard / ep), and expert parallelism has cp 1
     full = counts.block_trainable >= (counts.block_matrices + counts.block_vectors) * (1 - 1e-9)  # no LoRA
     trainable = stored if full else (layers * counts.block_trainable + ends_trainable / tp) / shard
     if fsdp:
-        gathered_block = block - experts
-        working = (layers if pp > 1 else 2) * gathered_block * compute + layers * experts / ep * compute * bf16
+        gathered_block = block if ep == 1 else block - experts + (experts / ep if expert_fsdp else 0.0)
+        working = (layers if pp > 1 else 2) * gathered_block * compute
+        if ep > 1 and not expert_fsdp:  # FSDP leaves them alone: autograd keeps their casts until backward
+            working += layers * experts / ep * compute * bf16
         if pp > 1:  # unsharded gradients kept until the last micro-batch
             working += layers * (gathered_block if full else counts.block_trainable) * 4
     else:
