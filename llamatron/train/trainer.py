@@ -162,7 +162,7 @@ class Trainer:
             # Rows of the earlier job for later steps than this (work lost in a crash) are superseded.
             self._write_metrics("resume", self.step, {"checkpoint": state["resumed_from"], "consumed_samples": self.consumed})
         self.meter = ThroughputMeter(self.args, cfg.data.seq_len, cfg.train.global_batch_size, world_size, device,
-                                     self.device_name, cfg.train.fp8 != "none", self.step)
+                                     self.device_name, cfg.train.fp8 != "none", self.step, lora=cfg.lora)
         self.validator = self._build_validator(valid_data)
         self._describe()
         self.mlperf_log.begin(self.step, state or None, accum=self.accum, dims=self.dims,
