@@ -462,6 +462,46 @@ def test_sft_and_lora_raise_boolq_accuracy_on_their_training_set(tmp_path):
         assert json.loads(out.read_text())["boolq"]["metrics"]["acc"]["value"] == acc[30], name
 
 
+def test_compiled_checkpointed_blocks_take_the_flex_block_mask(monkeypatch):
+    """On CUDA packed batches run flex_attention (compiled once, a module global) inside compiled and
+    checkpointed blocks. The global is made by `document_mask`, outside the blocks: made inside a
+    checkpointed block's graph it is a side effect torch.compile refuses. Emulated on the CPU (whose
+    flex_attention has no backward and whose compiled kernel is not tried here): the same code path
+    with the aot_eager backend, forward only."""
+    import llamatron.models.llama.model as M
+    from llamatron.transforms.checkpointing import apply_activation_checkpointing
+    from llamatron.transforms.lora import apply_lora
+
+    def flex_any_device(device):  # `_flex_attention` without its CUDA-only condition
+        if M._flex_compiled is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            M._flex_compiled = torch.compile(flex_attention, dynamic=False, backend="aot_eager")
+        return M._flex_compiled
+
+    monkeypatch.setattr(M, "_flex_attention", flex_any_device)
+    monkeypatch.setattr(M, "_flex_compiled", None)
+    torch._dynamo.reset()
+    model = _model()
+    apply_lora(model, 4, 8.0)
+    apply_activation_checkpointing(model)
+    for block in model.layers.values():
+        block.compile(fullgraph=True, backend="aot_eager")
+    doc = torch.tensor([[0] * 100 + [1] * 60 + [2] * 96, [0] * 200 + [-1] * 56])
+    pos = torch.cat([torch.arange(100), torch.arange(60), torch.arange(96)]).expand(2, -1)
+    x = torch.randn(2, 256, 64)
+    with torch.no_grad():
+        h = x
+        mask = M.document_mask(doc, flex=True)
+        for block in model.layers.values():
+            h = block(h, model.rope_cos[pos], model.rope_sin[pos], mask)
+        ref = x
+        for block in model.layers.values():
+            ref = block.forward(ref, model.rope_cos[pos], model.rope_sin[pos], M.document_mask(doc))  # eager
+    torch._dynamo.reset()
+    torch.testing.assert_close(h, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_config_takes_lora_with_tensor_parallelism_but_not_fp8(tmp_path):
     lora = ["finetune.data=x.jsonl", "lora.rank=4"]
     assert load_config("llamatron-finetune-test", [*lora, "parallel.tp=2"]).parallel.tp == 2
