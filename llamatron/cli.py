@@ -121,6 +121,8 @@ def _add_flops(sub) -> None:
     p.add_argument("--kv-heads", type=int, default=None, help="KV heads (405B MP16 variant: 16)")
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--flops-per-sequence", type=float, default=None, help="use this instead of the formula")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="a LoRA step of this rank, adapters on every block linear (llamatron/flops.py)")
     p.add_argument("--step-time", type=float, default=None, help="seconds per optimizer step")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step")
     p.add_argument("--gpus", type=int, default=1)
@@ -421,9 +423,11 @@ def cmd_flops(args) -> int:
     import dataclasses
 
     from llamatron import flops
+    from llamatron.config import LoraConfig
     from llamatron.models import registry
 
-    _positive(args, "seq_len", "gpus", "step_time", "global_batch", "layers", "kv_heads", "flops_per_sequence", "tokens")
+    _positive(args, "seq_len", "gpus", "step_time", "global_batch", "layers", "kv_heads", "flops_per_sequence", "tokens",
+              "lora_rank")
     known = registry.entries()
     if args.model not in known:
         raise LlamatronError(f"--model {args.model!r}: unknown; known sizes: {', '.join(known)}")
@@ -434,8 +438,10 @@ def cmd_flops(args) -> int:
         if not hasattr(margs, "n_kv_heads"):
             raise LlamatronError(f"--kv-heads: the {registry.family_of(margs).name} family has no KV heads")
         margs = dataclasses.replace(margs, n_kv_heads=args.kv_heads)
-    per_seq = args.flops_per_sequence or flops.flops_per_sequence(margs, args.seq_len)
-    print(f"model {args.model}{f' ({args.layers} layers)' if args.layers else ''}, seq {args.seq_len}")
+    lora = LoraConfig(rank=args.lora_rank, targets=["all"]) if args.lora_rank else None
+    per_seq = args.flops_per_sequence or flops.flops_per_sequence(margs, args.seq_len, lora)
+    print(f"model {args.model}{f' ({args.layers} layers)' if args.layers else ''}, seq {args.seq_len}"
+          f"{f', LoRA rank {args.lora_rank} on every block linear' if lora else ''}")
     print(f"model FLOPs per token:    {per_seq / args.seq_len / 1e9:.2f} GFLOP")
     print(f"model FLOPs per sequence: {per_seq:.4e}")
     if args.step_time and args.global_batch:

@@ -274,6 +274,13 @@ class LoraConfig:
     dropout: float = 0.0  # on the adapter's input
     targets: list[str] = field(default_factory=lambda: ["all"])  # all, attention, mlp, or layer names (wq, q_proj, ...)
     peft_out: str | None = None  # at the end, write the adapter here in Hugging Face PEFT format
+    # The frozen linear weights' storage: auto (bf16 when the step runs under bf16 autocast, i.e. on a
+    # GPU without FSDP, and without tensor parallelism; else fp32), fp32, bf16. bf16 halves them and
+    # drops autocast's per-use copies, with bit-identical products (autocast rounds them to bf16 anyway).
+    base_dtype: str = "auto"
+
+
+LORA_BASE_DTYPES = ("auto", "fp32", "bf16")
 
 
 def _validate_finetune(cfg: "Config") -> None:
@@ -291,6 +298,12 @@ def _validate_finetune(cfg: "Config") -> None:
         _need(lora.alpha > 0, "lora.alpha", f"must be positive, got {lora.alpha}")
         _need(0 <= lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
         _need(bool(lora.targets), "lora.targets", "name at least one target (all, attention, mlp or layer names)")
+        _need(lora.base_dtype in LORA_BASE_DTYPES, "lora.base_dtype",
+              f"must be one of {', '.join(LORA_BASE_DTYPES)}, got {lora.base_dtype!r}")
+        _need(lora.base_dtype != "bf16" or cfg.train.precision != "fp32", "lora.base_dtype",
+              "bf16 base weights need bf16 compute (train.precision = bf16, or auto on a GPU)")
+        _need(lora.base_dtype != "bf16" or p.tp == 1, "lora.base_dtype",
+              "bf16 base weights do not run under tensor parallelism (parallel.tp = 1, or base_dtype = auto)")
         _need(cfg.train.fp8 == "none", "lora.rank",
               "LoRA with train.fp8 is not supported: torchao's FP8 linear computes the frozen base weight's "
               "gradient anyway (3 FP8 GEMMs where bf16 needs 2), see docs/finetune.md")

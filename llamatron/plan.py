@@ -11,7 +11,7 @@ tensor-parallel divisibility), and the parameters from the model itself, built o
 The cost model (per optimizer step, per GPU; docs/planner.md has it with its sources). Compute, without a
 calibration table (the fitted model):
 
-    compute   = (model FLOPs - frozen weights' gradient FLOPs (LoRA) + recomputed block forwards under
+    compute   = (model FLOPs (LoRA: llamatron/flops.py's LoRA formula) + recomputed block forwards under
                 activation checkpointing, the FP8 layers' share / FP8_GEMM_SPEEDUP) / N
                 / (peak x eff(x)),  eff(x) = 0.6475 x / (x + 800),  x = micro_batch x seq / cp
                 (least-squares fit to the 15 compiled BF16 single-GPU runs in docs/bench/: H100 and H200, the
@@ -329,18 +329,10 @@ def _fp8_flops_per_token(w: Workload, lay: Layout) -> float:
     return 6 * (w.args.n_layers * f8.block_params + (f8.output_params if lay.fused_loss else 0))
 
 
-def _frozen_gradient_flops_per_token(w: Workload) -> float:
-    """Under LoRA no weight gradient is computed for the frozen base: 2 of the 6 FLOPs per weight."""
-    if w.lora is None:
-        return 0.0
-    block = sum(2 * g.k * g.n * g.rows * g.share for g in w.shapes.gemms)
-    return w.args.n_layers * block + 2 * w.args.vocab_size * w.args.dim
-
-
 def fitted_compute(w: Workload, lay: Layout, hw: Hardware) -> float:
     """Seconds of compute per step on one GPU: the fitted model of the module docstring."""
     args, seq_len = w.args, w.seq_len
-    per_token = flops.flops_per_token(args, seq_len) - _frozen_gradient_flops_per_token(w)
+    per_token = flops.flops_per_token(args, seq_len, w.lora)  # LoRA: no weight gradients of the frozen base
     block_per_token = flops.flops_per_token(args, seq_len) - 6 * args.vocab_size * args.dim
     recompute = block_per_token / 3 if lay.activation_checkpointing else 0.0
     fp8 = _fp8_flops_per_token(w, lay) * (1 - 1 / hw.fp8_speedup)
@@ -453,7 +445,7 @@ def evaluate(w: Workload, lay: Layout, hw: Hardware) -> Estimate:
     parts = step_time(w, lay, hw)
     seconds = sum(parts.values())
     tokens = w.global_batch * w.seq_len / seconds / hw.gpus
-    mfu = w.global_batch * flops.flops_per_sequence(w.args, w.seq_len) / seconds / hw.gpus / hw.peak_flops
+    mfu = w.global_batch * flops.flops_per_sequence(w.args, w.seq_len, w.lora) / seconds / hw.gpus / hw.peak_flops
     return Estimate(lay, memory_of(w, lay), seconds, tokens, mfu, parts)
 
 

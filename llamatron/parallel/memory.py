@@ -16,7 +16,7 @@ embedding; the last for the output layer):
   expert parallelism only this rank's E/ep experts of a block are gathered, or, where FSDP leaves
   them alone (ep = dp_shard, no replicas), every block's own experts cast to the compute dtype;
   without FSDP under bf16 autocast, the bf16 casts of all weights, which autograd keeps until
-  backward. FP8 layers (torchao's Float8Linear) save their fp32 weight itself for backward, not a
+  backward (LoRA's frozen linears stored in bf16, `lora.base_dtype`, have no copy and 2 bytes each). FP8 layers (torchao's Float8Linear) save their fp32 weight itself for backward, not a
   cast (under FSDP, the gathered copy FSDP frees and gathers again), so they have no bf16 copy;
 - activations: what autograd saves in each block for backward, per token of the local sequence
   (micro_batch x seq_len / cp, and / tp for the sequence-parallel parts), counted tensor by tensor
@@ -89,6 +89,8 @@ class ParameterCounts:
     lora_rank: float = 0.0  # the adapters' ranks summed over a block (mean): their hidden width
     lora_inputs: float = 0.0  # the adapted layers' input widths summed over a block (mean)
     tied_trainable: int = 0
+    block_linear_frozen: float = 0.0  # with LoRA, the frozen nn.Linear weights and biases per block (mean)
+    last_linear_frozen: int = 0  # and in the last stage's modules (the output layer)
 
     def ends(self, pp: int) -> int:
         """The first and last stage's modules on one rank (pp 1), else those of the larger end."""
@@ -175,12 +177,18 @@ def _count_parameters(args, lora) -> ParameterCounts:
                   if getattr(m, "dispatch", "absent") is None and hasattr(m, "experts")
                   for p in m.experts.parameters()) / layers
     adapted = [m for m in model.layers.modules() if isinstance(m, LoRALinear)]
+
+    def frozen_linear(module) -> int:
+        return sum(p.numel() for m in module.modules() if isinstance(m, torch.nn.Linear)
+                   for p in (m.weight, m.bias) if p is not None and not p.requires_grad) if lora else 0
+
     named = dict(model.named_parameters())
     tied = [named[n] for n in getattr(model, "tied_parameters", ())] if getattr(model, "ties_first_last", False) else []
     return ParameterCounts(
         matrices, vectors, first, last, sum(p.numel() for p in model.parameters()), trainable, first_t, last_t,
         experts, sum(p.numel() for p in tied), sum(m.rank for m in adapted) / layers,
-        sum(m.in_features for m in adapted) / layers, sum(p.numel() for p in tied if p.requires_grad))
+        sum(m.in_features for m in adapted) / layers, sum(p.numel() for p in tied if p.requires_grad),
+        frozen_linear(model.layers) / layers, sum(frozen_linear(getattr(model, name)) for name in model.last_stage))
 
 
 def fp8_counts(args, min_features: int = 1024, include_output: bool = False) -> Fp8Counts:
@@ -243,6 +251,12 @@ def estimate_memory(
     residual = 2 if (bf16 and fsdp) else 4  # FSDP casts parameters to bf16; autocast keeps fp32 ones
     expert_fsdp = ep > 1 and (dp_shard // ep > 1 or dp_replicate > 1)  # llamatron/parallel/dims.py's expert_fsdp
     weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, expert_fsdp, fsdp, compute, bf16)
+    if lora is not None and _lora_key(lora) and bf16 and not fsdp and tp == 1 and lora.base_dtype != "fp32":
+        # LoRA's frozen linears stored in bf16 (transforms/lora.py, frozen_dtype): 2 bytes, no cast copy.
+        last = counts.last_linear_frozen if pp == 1 or counts.last + counts.tied >= counts.first else 0
+        frozen = (layers * counts.block_linear_frozen + last) / tp
+        weights -= 2 * frozen
+        working -= compute * frozen
     if fp8 != "none" and bf16 and not fsdp:  # Float8Linear keeps no bf16 cast of its weight
         working -= compute * layers * fp8_counts(args, fp8_min_features, fp8_include_output).block_params / tp
 

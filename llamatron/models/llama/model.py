@@ -108,6 +108,9 @@ def document_mask(document_ids: torch.Tensor, flex: bool = False):
             return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
 
         batch, seq = document_ids.shape
+        # The compiled flex_attention is made here, outside the blocks: made inside a compiled block that
+        # is also checkpointed, setting the global is a side effect torch.compile refuses.
+        _flex_attention(document_ids.device)
         return create_block_mask(same_document_causal, batch, None, seq, seq, device=document_ids.device)
     seq = document_ids.shape[-1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
