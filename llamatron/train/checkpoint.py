@@ -16,8 +16,9 @@ marker and hidden leftovers of crashed saves are never resumed from and are remo
 or save. Old checkpoints are renamed to a hidden name before they are deleted, for the same reason.
 
 An asynchronous save (`checkpoint.async_save`, `save_checkpoint_async`) writes the same files in the
-same order: the state is copied to host memory while training waits, a DCP writer thread writes the
-shards, and the marker and rename follow in that thread (rank 0) once every rank's shards are written.
+same order: the state is copied to host memory while training waits (`HostStager`: host buffers
+kept for the run, filled at PCIe speed), a DCP writer thread writes the shards, and the marker and
+rename follow in that thread (rank 0) once every rank's shards are written.
 One save is in flight at a time; `Checkpointer` waits for it before the next save and at the end.
 
 Every tensor is stored by its name in the whole model, whatever the layout that saved it: DCP records
@@ -952,7 +953,7 @@ class Checkpointer:
         """Wait for the save in flight and free the staging buffers."""
         self.wait()
         if self._stager is not None:
-            self._stager.release()
+            self._stager.close()
             self._stager = None
 
     def save_unless_saved(self, step: int, state: dict) -> Path | None:

@@ -1,11 +1,11 @@
 """The staging copy of an asynchronous checkpoint: every tensor of the state dict copied into host
 buffers that are kept for the whole run, so that training may go on while a writer thread saves them.
 
-torch's `DefaultStager` allocated and pinned its host storage again at each save and deep-copied
-the state dict through a dispatch table that torch 2.11's `async_save` empties after the first save:
-on the H200 its snapshot of 17.8 GB took ~5.5 s per save, of which the bytes over PCIe are ~0.5 s.
-`HostStager` keeps one buffer per state-dict entry (allocated at the first save, again only if that
-entry's shape or dtype changes) and each later save is only the copies and one synchronize.
+With torch's `DefaultStager` (torch 2.11, H200, 17.8 GB of model and AdamW state) every save's
+snapshot took ~5.5 s, and a second `stage` on the same stager failed inside its deep copy
+(`KeyError: <class 'type'>`). `HostStager` keeps one buffer per state-dict entry, allocated by the
+first save (again only if that entry's shape or dtype changes), and each later save is only the
+copies and one synchronize: 0.32 s for those 17.8 GB on the H200 (55 GB/s).
 
 Pinned buffers of 1 MiB and more are anonymous memory maps registered with CUDA
 (`cudaHostRegister`) rather than torch's pinned allocator, which rounds every allocation up to a
@@ -63,9 +63,9 @@ class HostStager(AsyncStager):
     originals from then on. DTensors stay DTensors over the host copy of their local shard (same
     mesh, placements, global shape and stride: DCP plans the same chunks); other values are copied.
 
-    A buffer is overwritten by the next `stage`: one save in flight at a time. torch 2.11's
-    `async_save` closes the stager it is given after each save, so `close` keeps everything;
-    `release` frees the buffers at the end of the run. pinned=False (a CPU run): plain host memory."""
+    A buffer is overwritten by the next `stage`: one save in flight at a time. `close` frees the
+    buffers (the end of the run; torch's `async_save` leaves a caller's stager open, in 2.11 and
+    2.13); a `stage` after it allocates them again. pinned=False (a CPU run): plain host memory."""
 
     _synchronize_after_execute = False  # stage() returns a finished copy: nothing to wait for
 
@@ -117,10 +117,7 @@ class HostStager(AsyncStager):
         pass  # stage() has synchronized
 
     def close(self) -> None:
-        pass  # called by torch 2.11's async_save after every save: the buffers serve the next one
-
-    def release(self) -> None:
-        """Free (and unpin) every buffer; a later stage allocates them again."""
+        """Free (and unpin) every buffer."""
         for held in self._buffers.values():
             held.free()
         self._buffers.clear()
