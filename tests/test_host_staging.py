@@ -50,7 +50,7 @@ def test_stage_is_a_snapshot_into_buffers_kept_across_saves():
     assert torch.equal(stager.stage(sd)["model"]["w"], sd["model"]["w"])  # allocated again
 
 
-def _sharded_state(tmp_path):
+def _sharded_state():
     """A model and AdamW state after one step, FSDP2 over a one-rank gloo mesh: DTensors throughout."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -69,14 +69,15 @@ def test_dcp_writes_the_same_checkpoint_as_from_default_stager(tmp_path):
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        model, opt = _sharded_state(tmp_path)
+        model, opt = _sharded_state()
         sd = ckpt._gather([model], [opt])
         staged = HostStager(pinned=False).stage(sd)
         for k, t in sd["model"].items():
             assert isinstance(staged["model"][k], DTensor) and staged["model"][k].placements == t.placements
             assert staged["model"][k].device_mesh == t.device_mesh and staged["model"][k].stride() == t.stride()
             assert staged["model"][k].to_local().data_ptr() != t.to_local().data_ptr()
-        for name, stager in (("ours", HostStager(pinned=False)), ("torch", DefaultStager(StagingOptions(False, False, False, False)))):
+        torch_stager = DefaultStager(StagingOptions(False, False, False, False))  # unpinned, in this thread
+        for name, stager in (("ours", HostStager(pinned=False)), ("torch", torch_stager)):
             dcp.async_save(sd, storage_writer=dcp.FileSystemWriter(str(tmp_path / name)), async_stager=stager).result()
             stager.close()
         ours, theirs = (dcp.FileSystemReader(str(tmp_path / n)).read_metadata() for n in ("ours", "torch"))
