@@ -281,8 +281,6 @@ def estimate_memory(
     `lora`: the `[lora]` section (rank 0 or None: full training); `fp8`: train.fp8; `compiled`:
     train.compile (the blocks compiled by inductor); `native_gqa`: SDPA's enable_gqa path
     (llamatron/models/attention_ops.py: the CUDA default)."""
-    from llamatron.models import registry
-
     if fsdp is None:
         fsdp = dp_replicate * dp_shard * cp > 1
     shard = dp_shard * cp if fsdp else 1
@@ -300,11 +298,7 @@ def estimate_memory(
     tokens = micro_batch * seq_len / cp
     kept = counts.grad_linears - (f8.block_names if f8 is not None else frozenset())
     saving = Saving(compiled, native_gqa, kept, seq_len // cp, micro_batch)
-    per_token = registry.family_of(args).activation_bytes_per_token(args, residual, compute, saving)
-    per_token += compute * counts.lora_rank
-    if lora is not None and counts.lora_rank and lora.dropout > 0:
-        per_token += (compute + 1) * counts.lora_inputs  # the dropped input and its mask, per adapter
-    per_block = per_token * tokens / tp
+    per_block = _per_token(args, counts, lora, residual, compute, saving) * tokens / tp
     if activation_checkpointing:
         n_ckpt = layers if checkpointed_layers is None else min(checkpointed_layers, layers)
         saved = n_ckpt * residual * args.dim * tokens / tp + (layers - n_ckpt) * per_block + per_block
@@ -328,6 +322,17 @@ def estimate_memory(
             reused = min(gradients, working + activations + logits)
             backward += 4 * args.vocab_size * args.dim / tp / shard if counts.last_trainable else 0.0
     return MemoryEstimate(weights, gradients, optimizer, working, activations, logits, reused, backward, saved)
+
+
+def _per_token(args, counts: ParameterCounts, lora, residual: int, compute: int, saving: Saving) -> float:
+    """Bytes one block saves for backward per token: the family's count, and the LoRA adapters'."""
+    from llamatron.models import registry
+
+    per_token = registry.family_of(args).activation_bytes_per_token(args, residual, compute, saving)
+    per_token += compute * counts.lora_rank
+    if lora is not None and counts.lora_rank and lora.dropout > 0:
+        per_token += (compute + 1) * counts.lora_inputs  # the dropped input and its mask, per adapter
+    return per_token
 
 
 def _loss_bytes(args, tokens: float, tp: int, compute: int, fused: bool, fp8_output: bool, autocast: bool) -> float:
