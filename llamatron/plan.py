@@ -56,7 +56,7 @@ from typing import Any
 
 from llamatron import flops
 from llamatron.errors import LlamatronError
-from llamatron.parallel.memory import GiB, MemoryEstimate, estimate_memory, fp8_counts, parameter_counts
+from llamatron.parallel.memory import GiB, MemoryEstimate, compiles_whole, estimate_memory, fp8_counts, parameter_counts
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 VIRTUAL_STAGES = (1, 2, 4)
@@ -173,6 +173,7 @@ class Workload:
     fp8_min_features: int = 1024
     fp8_output: bool = True  # FP8 layouts also run the output layer in FP8 (when the loss is fused)
     finetune: bool = False  # finetune.data: no pipeline or context parallelism
+    compile: bool = True  # train.compile: what the step-time model was fitted to, and the memory it estimates
     config: str | None = None  # the config file or preset the --set lines go with
     sets: list[str] = field(default_factory=list)  # overrides that make the workload from it
 
@@ -293,12 +294,14 @@ def _pipeline_ok(micro_batches: int, pp: int, virtual: int) -> bool:
 
 
 def memory_of(w: Workload, lay: Layout) -> MemoryEstimate:
+    """On GPUs, where SDPA reads grouped KV heads natively (llamatron/models/attention_ops.py)."""
     m = w.global_batch // (lay.micro_batch * lay.dp)
     return estimate_memory(w.args, w.seq_len, lay.micro_batch, dp_replicate=lay.dp_replicate, dp_shard=lay.dp_shard,
                            tp=lay.tp, pp=lay.pp, cp=lay.cp, ep=lay.ep, pp_schedule=lay.schedule, n_microbatches=m,
                            bf16=True, activation_checkpointing=lay.activation_checkpointing,
                            fused_cross_entropy=lay.fused_loss, lora=w.lora, fp8="tensorwise" if lay.fp8 else "none",
-                           fp8_min_features=w.fp8_min_features, fp8_include_output=w.fp8_output and lay.fused_loss)
+                           fp8_min_features=w.fp8_min_features, fp8_include_output=w.fp8_output and lay.fused_loss,
+                           compiled=w.compile, native_gqa=True)
 
 
 @dataclass(frozen=True)
@@ -461,7 +464,9 @@ def workload(model: str, seq_len: int = 8192, global_batch: int = 1024, layers: 
     sets = [f"model.size={model}"]
     sets += [f"model.{k}={v}" for k, v in registry.differing_fields(entry, args).items()]
     sets += [f"data.seq_len={seq_len}", f"train.global_batch_size={global_batch}"]
-    return Workload(model, entry.family, args, seq_len, global_batch, sets=sets)
+    compile = compiles_whole(args)
+    sets += ["train.compile=true"] if compile else []
+    return Workload(model, entry.family, args, seq_len, global_batch, sets=sets, compile=compile)
 
 
 def workload_from_config(path: str, seq_len: int | None = None, global_batch: int | None = None,
@@ -481,7 +486,9 @@ def workload_from_config(path: str, seq_len: int | None = None, global_batch: in
     family, args = resolve_model(cfg.model)
     _, explicit = parse_config(path, sets)
     fp8 = cfg.train.fp8 if "train.fp8" in explicit else None
-    return Workload(cfg.model.size, family, args, cfg.data.seq_len, cfg.train.global_batch_size,
+    compile = cfg.train.compile if "train.compile" in explicit else compiles_whole(args)
+    sets += ["train.compile=true"] if compile and "train.compile" not in explicit else []
+    return Workload(cfg.model.size, family, args, cfg.data.seq_len, cfg.train.global_batch_size, compile=compile,
                     lora=cfg.lora if cfg.lora.rank > 0 else None, fp8=fp8, fp8_min_features=cfg.train.fp8_min_features,
                     fp8_output=cfg.train.fp8_include_output or "train.fp8_include_output" not in explicit,
                     finetune=bool(cfg.finetune.data), config=path, sets=sets)

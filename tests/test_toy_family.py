@@ -100,7 +100,7 @@ TOY = Family(
     validate=_validate,
     tp_divisible=lambda a: {"n_heads": a.n_heads, "vocab_size": a.vocab_size},
     tensor_parallel=_tensor_parallel,
-    activation_bytes_per_token=lambda a, r, c: a.dim * (r + 4 * c),
+    activation_bytes_per_token=lambda a, r, c, saving=None: a.dim * (r + 4 * c),
 )
 
 

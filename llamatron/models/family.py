@@ -76,6 +76,32 @@ class BlockShapes:
 
 
 @dataclass(frozen=True)
+class Saving:
+    """How a block runs, where what it saves for backward depends on it (`Family.activation_bytes_per_token`).
+
+    Compiled (torch.compile with inductor), the min-cut partitioner keeps what backward needs as a whole
+    tensor (a GEMM's operand: a linear's input for its weight gradient; SDPA's inputs and output) and the
+    cheapest tensors to recompute the rest from in backward's fused kernels: RMSNorm, rotary, SwiGLU
+    products, casts and residual sums are not saved. So a linear whose weight gets no gradient from its
+    compute-dtype input (FP8 layers cast theirs again; a frozen layer has none) keeps no copy of it.
+    """
+
+    compiled: bool = False
+    native_gqa: bool = False  # SDPA reads each KV head for its query heads (no expanded K/V copies)
+    # The block linears (module paths inside a block, "attention.wq") whose input backward keeps in the
+    # compute dtype: trainable BF16 ones and LoRA-adapted ones. None: all of them (full BF16 training).
+    weight_grad_inputs: frozenset[str] | None = None
+    # What is kept per sequence rather than per token (GLaM's attention bias) needs this rank's sequence
+    # length (0: not counted) and the sequences of a micro-batch, which share it.
+    seq_len: int = 0
+    micro_batch: int = 1
+
+    def keeps(self, *names: str) -> bool:
+        """Whether backward keeps the compute-dtype input shared by these linears (any one needing it)."""
+        return self.weight_grad_inputs is None or any(n in self.weight_grad_inputs for n in names)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     args_type: type  # the dataclass of shapes and constants
@@ -88,8 +114,9 @@ class Family:
     tp_divisible: Callable[[Any], dict[str, int]]
     # Shards a model (or a pipeline stage of it) over a 1-D tensor-parallel DeviceMesh, in place.
     tensor_parallel: Callable[[nn.Module, Any], None]
-    # Bytes one block saves for backward per token (residual bytes r, compute bytes a): memory estimate.
-    activation_bytes_per_token: Callable[[Any, int, int], int]
+    # Bytes one block saves for backward per token (residual bytes r, compute bytes a, how it runs:
+    # `Saving`, eager by default): the memory estimate (llamatron/parallel/memory.py).
+    activation_bytes_per_token: Callable[..., float]
     # The Hugging Face adapter (a module: see models/llama/hf.py), or None if the family has no HF twin.
     hf: Any = None
     # Parallel degrees (`parallel.KEY`) this family's model cannot take: they must stay 1.

@@ -1,40 +1,56 @@
-"""Memory a rank needs for training, estimated before any is allocated (printed by the trainer, and
-usable as a dry run: `estimate_memory(...)` needs no GPU).
+"""Memory a rank needs for training, estimated before any is allocated (printed by the trainer, used
+by `llamatron plan`, and usable as a dry run: `estimate_memory(...)` needs no GPU).
 
-Counted per rank, for the rank that holds the most (the first pipeline stage for activations, the
-embedding; the last for the output layer):
+The peak of a step is the end of the last micro-batch's forward, inside the loss: everything a forward
+keeps for backward is alive, and the loss's buffers on top. Counted per rank, for the rank that holds
+the most (the first pipeline stage for activations, the embedding; the last for the output layer):
 
 - weights: fp32 master parameters, 4 bytes each, divided by tp (matrices only; not a MoE block's
   experts, which TP leaves whole) and by the FSDP shard degree dp_shard x cp (HSDP's replicas,
   dp_replicate, each hold a whole sharded copy); experts under expert parallelism too, by ep x
   (dp_shard / ep) (E/ep experts per rank, FSDP-sharded over the dp_shard / ep ranks holding them);
-- gradients: fp32, the same division, of the trainable parameters only (LoRA: the adapters);
+  LoRA's frozen linears stored in bf16 (`lora.base_dtype`) 2 bytes each;
+- gradients: fp32, the same division, of the trainable parameters only (LoRA: the adapters). With one
+  micro-batch per step (and no pipeline) they appear only as backward frees the activations that made
+  them, so what fits in the freed memory (`reused`) is not part of the peak;
 - optimizer: AdamW's two fp32 moments, 8 bytes per trainable parameter, the same division;
 - working copies: what the compute runs on besides the masters. Under FSDP, the gathered parameters
   of the units in flight (two blocks, in the compute dtype; all of the stage's blocks under pipeline
   parallelism, which keeps them gathered across micro-batches, plus their unsharded gradients); under
   expert parallelism only this rank's E/ep experts of a block are gathered, or, where FSDP leaves
   them alone (ep = dp_shard, no replicas), every block's own experts cast to the compute dtype;
-  without FSDP under bf16 autocast, the bf16 casts of all weights, which autograd keeps until
-  backward (LoRA's frozen linears stored in bf16, `lora.base_dtype`, have no copy and 2 bytes each). FP8 layers (torchao's Float8Linear) save their fp32 weight itself for backward, not a
-  cast (under FSDP, the gathered copy FSDP frees and gathers again), so they have no bf16 copy;
+  without FSDP under bf16 autocast, the bf16 casts of the block matrices, which backward keeps for
+  the input gradients (eager and compiled alike; the embedding's lookup is not cast; LoRA's frozen
+  linears stored in bf16 need none). FP8 layers (torchao's Float8Linear) keep their fp32 weight
+  itself, so they have no bf16 copy. While the loss runs, the output weight in the compute dtype
+  (autocast's cast or FSDP's gathered copy; the fused FP8 loss adds its two FP8 copies);
 - activations: what autograd saves in each block for backward, per token of the local sequence
-  (micro_batch x seq_len / cp, and / tp for the sequence-parallel parts), counted tensor by tensor
-  by the model's family (`Family.activation_bytes_per_token`; Llama's in models/llama/cost.py),
-  times the blocks whose activations are alive at once: all of them, or with activation
-  checkpointing only their inputs (r d) plus one block recomputed; under pipeline parallelism
-  (1F1B) the first stage holds pp micro-batches in flight (interleaved: pp + (pp-1)/v-ish; counted
-  as pp), GPipe all of them. FP8 layers save their input in the compute dtype, as BF16 ones (they cast
-  to FP8 again in backward), so FP8 changes no activation; LoRA adds each adapter's rank-wide hidden
-  state (and with dropout the dropped input and its mask);
-- logits: the loss over the vocabulary, per micro-batch: with the fused cross-entropy one chunk of
-  8192 rows (logits + their gradient in the compute dtype; the softmax runs as one compiled kernel),
-  else the whole logits in the compute dtype, in fp32 and their fp32 gradient (the tensor-parallel
-  path divides V by tp).
+  (micro_batch x seq_len / cp, and / tp for the sequence-parallel parts), counted by the model's family
+  (`Family.activation_bytes_per_token`; Llama's in models/llama/cost.py) for how the block runs
+  (`Saving`): eager, tensor by tensor; compiled (train.compile), what inductor's min-cut partitioner
+  keeps, which recomputes the norms, rotary, SwiGLU products, casts and residual sums in backward and
+  keeps a linear's input only where its weight gradient needs it (not for FP8 layers, which cast it
+  again, nor for frozen ones); grouped-query attention with expanded K/V or native (the CUDA default).
+  Times the blocks whose activations are alive at once: all of them, or with activation checkpointing
+  only their inputs (r d) plus one block recomputed; under pipeline parallelism (1F1B) the first stage
+  holds pp micro-batches in flight (interleaved: pp + (pp-1)/v-ish; counted as pp), GPipe all of them.
+  LoRA adds each adapter's rank-wide hidden state (and with dropout the dropped input and its mask).
+  Beyond the blocks: the final norm's input and normalised output, and the output layer's input
+  gradient (fused loss) or input (plain loss);
+- logits: the loss's buffers at their peak. The fused cross-entropy (llamatron/loss.py): one chunk of
+  8192 rows of logits and their gradient, the output weight's gradient (one chunk's product; over
+  several chunks an fp32 accumulator, made from the first bf16 product beside the second), and the
+  hidden states cast to the compute dtype; FP8 (`train.fp8_include_output`): bf16 logits, their E5M2
+  gradient and its transpose, fp32 weight gradients. The plain loss: the whole logits' fp32
+  log-softmax and, as its backward starts, the NLL's and log-softmax's fp32 gradients;
+- backward: the first block's backward, once the loss's buffers are gone (its FFN's three gradients;
+  with one micro-batch per step the output weight's new gradient): the total takes it or the loss's
+  buffers, whichever is larger.
 
-An estimate: allocator fragmentation, communication buffers and torch.compile's own choices of what
-to save (it may keep more or less than eager) are not modelled. docs/parallelism.md compares it with
-measured peaks.
+`saved` (not a part of the total) is what autograd keeps from a forward to its backward: what
+tests/test_plan.py counts on compiled and eager CPU models. docs/planner.md compares the total with
+every measured single-GPU peak. Not modelled: allocator fragmentation (the measured peaks are
+`max_memory_allocated`, without it), communication buffers, the CUDA context and cuDNN's workspace.
 """
 
 from __future__ import annotations
@@ -43,7 +59,10 @@ from dataclasses import dataclass
 
 import torch
 
+from llamatron.models.family import Saving
+
 GiB = 2**30
+FUSED_LOSS_ROWS = 8192  # llamatron/loss.py's chunk on a GPU
 
 
 @dataclass
@@ -54,18 +73,32 @@ class MemoryEstimate:
     working: float
     activations: float
     logits: float
+    # Of the gradients, what is allocated only as backward frees the activations, loss buffers and
+    # weight copies (one micro-batch per step, no pipeline): not there at the peak, so not in the total.
+    reused: float = 0.0
+    # The first block's backward, once the loss's buffers are gone: its FFN's gradients (and, with one
+    # micro-batch per step, the output weight's new gradient). The total counts it or the loss's
+    # buffers (`logits`), whichever is larger: they are never alive together.
+    backward: float = 0.0
+    # Not a part of the total but a view across it: what autograd keeps from the end of a forward to
+    # its backward (the activations, the weights' compute-dtype copies, the loss's saved gradients).
+    saved: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.working + self.activations + self.logits
+        parts = self.weights + self.gradients + self.optimizer + self.working + self.activations
+        return parts + max(self.logits, self.backward) - self.reused
 
     def as_dict(self) -> dict[str, float]:
-        keys = ("weights", "gradients", "optimizer", "working", "activations", "logits", "total")
+        keys = ("weights", "gradients", "optimizer", "working", "activations", "logits", "backward", "total")
         return {k: getattr(self, k) for k in keys}
 
     def describe(self) -> str:
         unit, scale = ("GiB", GiB) if self.total >= GiB / 10 else ("MiB", 2**20)
-        return ", ".join(f"{k} {v / scale:.2f}" for k, v in self.as_dict().items()) + f" {unit}"
+        parts = [f"{k} {v / scale:.2f}" for k, v in self.as_dict().items()]
+        if self.reused:
+            parts[1] += f" ({self.reused / scale:.2f} of them in memory backward frees)"
+        return ", ".join(parts) + f" {unit}"
 
 
 @dataclass(frozen=True)
@@ -91,6 +124,9 @@ class ParameterCounts:
     tied_trainable: int = 0
     block_linear_frozen: float = 0.0  # with LoRA, the frozen nn.Linear weights and biases per block (mean)
     last_linear_frozen: int = 0  # and in the last stage's modules (the output layer)
+    # Block linears (paths inside a block) whose weight has a gradient or that carry an adapter: those
+    # whose input backward needs (`Saving.weight_grad_inputs`).
+    grad_linears: frozenset[str] = frozenset()
 
     def ends(self, pp: int) -> int:
         """The first and last stage's modules on one rank (pp 1), else those of the larger end."""
@@ -149,6 +185,8 @@ def _meta_model(args, lora=None):
 
 
 def _count_parameters(args, lora) -> ParameterCounts:
+    from torch import nn
+
     from llamatron.transforms.lora import LoRALinear
 
     model = _meta_model(args, lora)
@@ -182,13 +220,16 @@ def _count_parameters(args, lora) -> ParameterCounts:
         return sum(p.numel() for m in module.modules() if isinstance(m, torch.nn.Linear)
                    for p in (m.weight, m.bias) if p is not None and not p.requires_grad) if lora else 0
 
+    grad_linears = frozenset(name for block in model.layers.values() for name, m in block.named_modules()
+                             if isinstance(m, nn.Linear) and (m.weight.requires_grad or isinstance(m, LoRALinear)))
     named = dict(model.named_parameters())
     tied = [named[n] for n in getattr(model, "tied_parameters", ())] if getattr(model, "ties_first_last", False) else []
     return ParameterCounts(
         matrices, vectors, first, last, sum(p.numel() for p in model.parameters()), trainable, first_t, last_t,
         experts, sum(p.numel() for p in tied), sum(m.rank for m in adapted) / layers,
         sum(m.in_features for m in adapted) / layers, sum(p.numel() for p in tied if p.requires_grad),
-        frozen_linear(model.layers) / layers, sum(frozen_linear(getattr(model, name)) for name in model.last_stage))
+        frozen_linear(model.layers) / layers, sum(frozen_linear(getattr(model, name)) for name in model.last_stage),
+        grad_linears)
 
 
 def fp8_counts(args, min_features: int = 1024, include_output: bool = False) -> Fp8Counts:
@@ -206,6 +247,15 @@ def fp8_counts(args, min_features: int = 1024, include_output: bool = False) -> 
         _COUNTS[key] = Fp8Counts(sum(m.weight.numel() for _, m in converted) / layers,
                                  frozenset(name.split(".", 1)[1] for name, _ in converted), bool(output),
                                  sum(m.weight.numel() for m in output))
+    return _COUNTS[key]
+
+
+def compiles_whole(args) -> bool:
+    """Whether every block compiles as one graph (`compile_fullgraph`, llamatron/transforms/compile.py).
+    GLaM's MoE blocks break the graph at routing and ran 4x slower compiled (docs/performance.md)."""
+    key = ("fullgraph", *_args_key(args))
+    if key not in _COUNTS:
+        _COUNTS[key] = all(getattr(b, "compile_fullgraph", True) for b in _meta_model(args).layers.values())
     return _COUNTS[key]
 
 
@@ -237,11 +287,13 @@ def estimate_memory(
     fp8: str = "none",
     fp8_min_features: int = 1024,
     fp8_include_output: bool = False,
+    compiled: bool = False,
+    native_gqa: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes per rank for one training step of the given layout (the largest over ranks).
-    `lora`: the `[lora]` section (rank 0 or None: full training); `fp8`: train.fp8."""
-    from llamatron.models import registry
-
+    `lora`: the `[lora]` section (rank 0 or None: full training); `fp8`: train.fp8; `compiled`:
+    train.compile (the blocks compiled by inductor); `native_gqa`: SDPA's enable_gqa path
+    (llamatron/models/attention_ops.py: the CUDA default)."""
     if fsdp is None:
         fsdp = dp_replicate * dp_shard * cp > 1
     shard = dp_shard * cp if fsdp else 1
@@ -251,21 +303,23 @@ def estimate_memory(
     residual = 2 if (bf16 and fsdp) else 4  # FSDP casts parameters to bf16; autocast keeps fp32 ones
     expert_fsdp = ep > 1 and (dp_shard // ep > 1 or dp_replicate > 1)  # llamatron/parallel/dims.py's expert_fsdp
     weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, expert_fsdp, fsdp, compute, bf16)
-    if lora is not None and _lora_key(lora) and bf16 and not fsdp and tp == 1 and lora.base_dtype != "fp32":
-        # LoRA's frozen linears stored in bf16 (transforms/lora.py, frozen_dtype): 2 bytes, no cast copy.
+    # LoRA's frozen linears stored in bf16 (transforms/lora.py, frozen_dtype): 2 bytes, and no autocast copy.
+    bf16_base = bool(lora is not None and _lora_key(lora) and bf16 and not fsdp and tp == 1
+                     and lora.base_dtype != "fp32")
+    if bf16_base:
         last = counts.last_linear_frozen if pp == 1 or counts.last + counts.tied >= counts.first else 0
-        frozen = (layers * counts.block_linear_frozen + last) / tp
-        weights -= 2 * frozen
-        working -= compute * frozen
-    if fp8 != "none" and bf16 and not fsdp:  # Float8Linear keeps no bf16 cast of its weight
-        working -= compute * layers * fp8_counts(args, fp8_min_features, fp8_include_output).block_params / tp
+        weights -= 2 * (layers * counts.block_linear_frozen + last) / tp
+        working -= compute * layers * counts.block_linear_frozen / tp
+    f8 = fp8_counts(args, fp8_min_features, fp8_include_output) if fp8 != "none" and bf16 else None
+    if f8 is not None and not fsdp:  # Float8Linear keeps no bf16 cast of its weight
+        working -= compute * layers * f8.block_params / tp
+    fused = fused_cross_entropy and tp == 1 and pp == 1
+    fp8_output = f8 is not None and f8.output
 
     tokens = micro_batch * seq_len / cp
-    per_token = registry.family_of(args).activation_bytes_per_token(args, residual, compute)
-    per_token += compute * counts.lora_rank
-    if lora is not None and counts.lora_rank and lora.dropout > 0:
-        per_token += (compute + 1) * counts.lora_inputs  # the dropped input and its mask, per adapter
-    per_block = per_token * tokens / tp
+    kept = counts.grad_linears - (f8.block_names if f8 is not None else frozenset())
+    saving = Saving(compiled, native_gqa, kept, seq_len // cp, micro_batch)
+    per_block = _per_token(args, counts, lora, residual, compute, saving) * tokens / tp
     if activation_checkpointing:
         n_ckpt = layers if checkpointed_layers is None else min(checkpointed_layers, layers)
         saved = n_ckpt * residual * args.dim * tokens / tp + (layers - n_ckpt) * per_block + per_block
@@ -273,13 +327,75 @@ def estimate_memory(
         saved = layers * per_block
     in_flight = 1 if pp == 1 else (n_microbatches if pp_schedule == "gpipe" else min(pp, n_microbatches))
     activations = saved * in_flight
+    logits = _loss_bytes(args, tokens, tp, compute, fused, fp8_output, autocast=bf16 and not fsdp)
+    saved, reused = activations + (0.0 if fsdp else working), 0.0
+    # A gated FFN's backward holds the gradients of its gate, its up projection and their product (a
+    # family whose args name no FFN width: 4 d, the usual).
+    backward = 3 * compute * getattr(args, "ffn_dim", 4 * args.dim) * tokens / tp
+    if pp == 1:  # the rank with the output layer is also the one with the most activations
+        head = (4 + residual + compute) * args.dim * tokens / tp  # final norm, the output's input gradient
+        activations += head
+        saved += head + _loss_saved(args, tokens, tp, compute, fused, fp8_output)
+        if not (bf16_base and counts.last_linear_frozen):  # a frozen bf16 output weight is used as it is
+            working += _output_copy(args, tp, compute, bf16, fused, fp8_output, fsdp)
+        if n_microbatches == 1:
+            # No accumulation: each gradient is allocated as backward frees what made it, and at the end
+            # of backward the activations, loss buffers and weight copies are gone.
+            reused = min(gradients, working + activations + logits)
+            backward += 4 * args.vocab_size * args.dim / tp / shard if counts.last_trainable else 0.0
+    return MemoryEstimate(weights, gradients, optimizer, working, activations, logits, reused, backward, saved)
 
+
+def _per_token(args, counts: ParameterCounts, lora, residual: int, compute: int, saving: Saving) -> float:
+    """Bytes one block saves for backward per token: the family's count, and the LoRA adapters'."""
+    from llamatron.models import registry
+
+    per_token = registry.family_of(args).activation_bytes_per_token(args, residual, compute, saving)
+    per_token += compute * counts.lora_rank
+    if lora is not None and counts.lora_rank and lora.dropout > 0:
+        per_token += (compute + 1) * counts.lora_inputs  # the dropped input and its mask, per adapter
+    return per_token
+
+
+def _loss_bytes(args, tokens: float, tp: int, compute: int, fused: bool, fp8_output: bool, autocast: bool) -> float:
+    """The loss's buffers at their peak (llamatron/loss.py): fused, one chunk of logits and its
+    gradient, the output weight's gradient (one chunk's product; with several chunks an fp32
+    accumulator, which the second chunk makes from the first's bf16 product beside the new one), and
+    the hidden states cast to the compute dtype; unfused, at the start of its backward, the whole
+    logits' fp32 log-softmax (saved), the NLL's gradient and log-softmax's input gradient (fp32 each;
+    the compute-dtype logits are gone once cast)."""
     vocab = args.vocab_size / tp
-    if fused_cross_entropy and tp == 1 and pp == 1:
-        logits = min(tokens, 8192) * vocab * 2 * compute
-    else:
-        logits = tokens * vocab * (compute + 4 + 4)
-    return MemoryEstimate(weights, gradients, optimizer, working, activations, logits)
+    if not fused:
+        return tokens * vocab * 12
+    rows = min(tokens, FUSED_LOSS_ROWS)
+    several = tokens > rows
+    cast = compute * tokens * args.dim if autocast else 0.0
+    if fp8_output:  # bf16 logits, their E5M2 gradient and its transposed copy; fp32 weight gradients
+        return cast + rows * vocab * (compute + 2) + 4 * vocab * args.dim * (2 if several else 1)
+    grad_w = (2 * compute + 4) if several and compute != 4 else compute
+    return cast + 2 * rows * vocab * compute + grad_w * vocab * args.dim
+
+
+def _loss_saved(args, tokens: float, tp: int, compute: int, fused: bool, fp8_output: bool) -> float:
+    """What the loss keeps for backward: fused, the output weight's gradient (compute dtype from one
+    chunk, fp32 accumulated over several or from FP8 GEMMs); unfused, the fp32 log-softmax."""
+    vocab = args.vocab_size / tp
+    if not fused:
+        return 4 * tokens * vocab
+    fp32 = fp8_output or tokens > min(tokens, FUSED_LOSS_ROWS)
+    return (4 if fp32 else compute) * vocab * args.dim
+
+
+def _output_copy(args, tp: int, compute: int, bf16: bool, fused: bool, fp8_output: bool, fsdp: bool) -> float:
+    """The output weight in the compute dtype while the loss runs (autocast's cast or FSDP's gathered
+    copy); its FP8 copies (and their transpose) in the fused FP8 loss. An unfused FP8 output layer is a
+    Float8Linear, which casts its fp32 weight per GEMM instead."""
+    if not bf16:
+        return 0.0
+    out = args.vocab_size * args.dim / tp
+    if fp8_output:
+        return out * (compute + 2) if fused else (compute * out if fsdp else 0.0)
+    return compute * out
 
 
 def _states(counts: ParameterCounts, layers: int, pp: int, tp: int, shard: int, ep: int, expert_fsdp: bool,
@@ -301,6 +417,6 @@ def _states(counts: ParameterCounts, layers: int, pp: int, tp: int, shard: int, 
             working += layers * experts / ep * compute * bf16
         if pp > 1:  # unsharded gradients kept until the last micro-batch
             working += layers * (gathered_block if full else counts.block_trainable) * 4
-    else:
-        working = compute * params if bf16 else 0
+    else:  # autocast's bf16 copies of the block matrices, kept for backward (the output layer's: above)
+        working = compute * layers * counts.block_matrices / tp if bf16 else 0
     return 4 * stored, 4 * trainable, 8 * trainable, working

@@ -31,6 +31,7 @@ from llamatron.eval.perplexity import Cadence, Validator
 from llamatron.eval.zero_shot import ZeroShot
 from llamatron.hooks import fire
 from llamatron.models import parameter_count
+from llamatron.models.attention_ops import native_gqa
 from llamatron.parallel.dims import ParallelDims
 from llamatron.parallel.layout import Layout
 from llamatron.parallel.memory import estimate_memory
@@ -372,9 +373,10 @@ class Trainer:
             activation_checkpointing=train.activation_checkpointing, checkpointed_layers=train.activation_checkpointing_layers,
             fused_cross_entropy=self.layout.fused_loss(train.fused_cross_entropy),
             lora=cfg.lora if cfg.lora.rank else None, fp8=train.fp8, fp8_min_features=train.fp8_min_features,
-            fp8_include_output=train.fp8_include_output,
+            fp8_include_output=train.fp8_include_output, compiled=train.compile, native_gqa=native_gqa(self.device),
         )
-        self.log(f"memory estimate per rank (eager count; llamatron/parallel/memory.py): {est.describe()}")
+        mode = "compiled" if train.compile else "eager"
+        self.log(f"memory estimate per rank ({mode} count; llamatron/parallel/memory.py): {est.describe()}")
         capacity = runtime.device_memory(self.device)
         if capacity and est.total > capacity:  # the run will most likely die of OOM: say so before it does
             self.log(f"warning: the memory estimate per rank, {est.total / 2**30:.1f} GiB, exceeds the "

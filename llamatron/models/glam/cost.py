@@ -17,7 +17,7 @@ quote MoE MFU); the relative position bias and routing arithmetic are not counte
 
 from __future__ import annotations
 
-from llamatron.models.family import BlockShapes, Gemm
+from llamatron.models.family import BlockShapes, Gemm, Saving
 from llamatron.models.glam.model import GLaMArgs
 
 
@@ -30,22 +30,38 @@ def flops_per_token(args: GLaMArgs, seq_len: int) -> float:
     return attention + dense + experts + router + 6 * args.vocab_size * d
 
 
-def activation_bytes_per_token(args: GLaMArgs, residual_bytes: int, compute_bytes: int) -> int:
+def activation_bytes_per_token(args: GLaMArgs, residual_bytes: int, compute_bytes: int,
+                               saving: Saving = Saving()) -> float:
     """Bytes one block saves for backward per token, the mean over dense and MoE blocks (r = residual
-    bytes, a = compute bytes; as the Llama count for norms and attention, plus the bias-masked scores'
-    softmax is inside SDPA):
+    bytes, a = compute bytes). Eager:
         norms, attention   as Llama: 4 r d + 5 a d (+ autocast copies), 5 a d
         dense FFN          gate, up, gelu(gate), product = 4 a f
         MoE                fp32 logits and probabilities 8 E; per kept assignment (k per token) the
                            gathered input a d, expert hidden and its ReLU 2 a f_e, output a d; the
                            combined output a d
+    Compiled (inductor's partitioner; MoE blocks break the graph at routing, each piece partitioned):
+        attention and norms   as Llama's compiled count (q = kv = d)
+        dense FFN             gate and up 2 a f (+ normalised input a d and product a f where kept)
+        MoE                   the FFN input in fp32 4 d, router logits and probabilities 8 E; per
+                              assignment the gathered input and the expert output 2 a d, the hidden
+                              a f_e and its ReLU mask f_e
+    Either way, per sequence rather than per token: the relative position bias SDPA is given (heads x
+    S x S in the compute dtype) and its causal mask (S x S bytes), shared by the micro-batch's rows.
     """
-    d, r, a, k = args.dim, residual_bytes, compute_bytes, args.top_k
-    common = 4 * r * d + (5 * a * d if r != a else 2 * a * d) + 5 * a * d
-    dense = 4 * a * args.ffn_dim
-    moe = 8 * args.n_experts + k * (2 * a * d + 2 * a * args.expert_ffn_dim) + a * d
+    d, r, a, k, E = args.dim, residual_bytes, compute_bytes, args.top_k, args.n_experts
+    f, fe = args.ffn_dim, args.expert_ffn_dim
     M, L = args.n_moe_layers, args.n_layers
-    return common + (M * moe + (L - M) * dense) // L
+    bias = (a * args.n_heads + 1) * saving.seq_len / max(1, saving.micro_batch)
+    if not saving.compiled:
+        common = 4 * r * d + (5 * a * d if r != a else 2 * a * d) + 5 * a * d
+        dense = 4 * a * f
+        moe = 8 * E + k * (2 * a * d + 2 * a * fe) + a * d
+    else:
+        common = (r * d + 5 * a * d + a * d * saving.keeps("attention.wq", "attention.wk", "attention.wv")
+                  + 8 + 4 * args.n_heads)
+        dense = 2 * a * f + a * d * saving.keeps("feed_forward.w1", "feed_forward.w3") + a * f * saving.keeps("feed_forward.w2")
+        moe = 4 * d + 8 * E + k * (2 * a * d + (a + 1) * fe)
+    return common + bias + (M * moe + (L - M) * dense) / L
 
 
 def shapes(args: GLaMArgs) -> BlockShapes:

@@ -14,7 +14,7 @@ i.e. 6N + 12 L h S with N = L (4h^2 + 2hf) + V h. With f = 4h this is Megatron's
 
 from __future__ import annotations
 
-from llamatron.models.family import BlockShapes, Gemm
+from llamatron.models.family import BlockShapes, Gemm, Saving
 from llamatron.models.gpt.model import GPTArgs
 
 
@@ -26,18 +26,27 @@ def flops_per_token(args: GPTArgs, seq_len: int) -> float:
     return attention + mlp + embedding
 
 
-def activation_bytes_per_token(args: GPTArgs, residual_bytes: int, compute_bytes: int) -> int:
+def activation_bytes_per_token(args: GPTArgs, residual_bytes: int, compute_bytes: int,
+                               saving: Saving = Saving()) -> float:
     """Bytes one block saves for backward per token (r: residual-stream bytes, a: compute bytes), as
-    llama's count:
-        norms        2 x (input + normalised + output) = 6 r d
-        casts        under autocast each matmul's own copy of its fp32 input (wq, wk, wv, w1) = 4 a d,
-                     in place of the 2 r d above
+    llama's count. Eager:
+        norms        F.layer_norm keeps its input (and fp32 mean and rstd), 2 r d; the linears after it
+                     their input: under autocast each matmul's own bf16 copy (wq, wk, wv, w1) = 4 a d,
+                     else the shared normalised output, 2 a d
         attention    q, k, v, output and the output's copy into wo = 5 a d
         MLP          up output (GELU input) and GELU output = 2 a f
+    Compiled (inductor's partitioner): the block's input r d; q, k, v, SDPA's output and wo's output
+    5 a d; the up output (GELU input) a f; the normalised inputs of wq/wk/wv and of w1 (a d each) and
+    the GELU output (a f) where those layers need them for their weight gradient; the LayerNorms' mean
+    and rstd and SDPA's log-sum-exp (fp32).
     """
     d, f, r, a = args.dim, args.ffn_dim, residual_bytes, compute_bytes
-    norms = 4 * r * d + (4 * a * d if r != a else 2 * a * d)
-    return norms + 5 * a * d + 2 * a * f
+    if not saving.compiled:
+        norms = 2 * r * d + (4 * a * d if r != a else 2 * a * d)
+        return norms + 5 * a * d + 2 * a * f
+    kept = (a * d * saving.keeps("attention.wq", "attention.wk", "attention.wv")
+            + a * d * saving.keeps("feed_forward.w1") + a * f * saving.keeps("feed_forward.w2"))
+    return r * d + 5 * a * d + a * f + kept + 16 + 4 * args.n_heads
 
 
 def shapes(args: GPTArgs) -> BlockShapes:

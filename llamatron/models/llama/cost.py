@@ -12,7 +12,7 @@ Forward + backward, full (not causal-halved) attention, no recomputation counted
 
 from __future__ import annotations
 
-from llamatron.models.family import BlockShapes, Gemm
+from llamatron.models.family import BlockShapes, Gemm, Saving
 from llamatron.models.llama.model import ModelArgs
 
 
@@ -25,19 +25,33 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     return attention + mlp + embedding
 
 
-def activation_bytes_per_token(args: ModelArgs, residual_bytes: int, compute_bytes: int) -> int:
-    """Bytes one block saves for backward per token, counted tensor by tensor in eager mode
-    (r = bytes of the residual stream: 4 with fp32 parameters, 2 with bf16 ones; a = bytes of the
-    compute dtype):
+def activation_bytes_per_token(args: ModelArgs, residual_bytes: int, compute_bytes: int,
+                               saving: Saving = Saving()) -> float:
+    """Bytes one block saves for backward per token (r = bytes of the residual stream: 4 with fp32
+    parameters, 2 with bf16 ones; a = bytes of the compute dtype; q = query width, kv = the key/value
+    width SDPA sees: the KV heads' under native GQA, expanded to q's otherwise).
+
+    Eager, counted tensor by tensor:
         norms        2 x (input + normalised + output) = 6 r d  (the output in the compute dtype)
         casts        under autocast, each matmul's own bf16 copy of its fp32 input (wq, wk, wv, w1,
                      w3; autocast caches casts of weights only) = 5 a d, in place of the 2 r d above
-        attention    q, k and v after GQA expansion, output, and the output's copy into wo = 5 a d
+        attention    q, k, v, the output and its copy into wo = a (q + 2 kv + 2 q)
         FFN          gate and up outputs, silu(gate), their product = 4 a f
+    Compiled (what inductor's partitioner keeps, read off its forward graph: `Saving`):
+        the block's input r d; q, k, v after rotary, SDPA's output, wo's output (the residual sum is
+        recomputed from it and the input) = a (2 q + 2 kv + d); the gate and up outputs 2 a f; the
+        normalised input of wq/wk/wv and of w1/w3 (a d each) and the SwiGLU product (a f) only where
+        those layers need it for their weight gradient; rstd and SDPA's log-sum-exp (fp32).
     """
     d, f, r, a = args.dim, args.ffn_dim, residual_bytes, compute_bytes
-    norms = 4 * r * d + (5 * a * d if r != a else 2 * a * d)
-    return norms + 5 * a * d + 4 * a * f
+    q = args.n_heads * args.head_dim
+    kv = (args.n_kv_heads if saving.native_gqa else args.n_heads) * args.head_dim
+    if not saving.compiled:
+        norms = 4 * r * d + (5 * a * d if r != a else 2 * a * d)
+        return norms + a * (3 * q + 2 * kv) + 4 * a * f
+    kept = (a * d * saving.keeps("attention.wq", "attention.wk", "attention.wv")
+            + a * d * saving.keeps("feed_forward.w1", "feed_forward.w3") + a * f * saving.keeps("feed_forward.w2"))
+    return r * d + a * (2 * q + 2 * kv + d) + 2 * a * f + kept + 8 + 4 * args.n_heads
 
 
 def shapes(args: ModelArgs) -> BlockShapes:

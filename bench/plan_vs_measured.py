@@ -1,0 +1,145 @@
+"""The planner against every single-GPU run the repository measured: docs/planner.md's tables.
+
+For each run in docs/bench/*.json (one row per configuration; the files that hold it listed) and each
+one-H200 row of docs/performance.md's family and GQA tables: the planner's step time for that layout
+(the fitted model of llamatron/plan.py; compiled runs with the fused loss only, the runs it models) and
+the memory estimate of llamatron/parallel/memory.py for the run as it ran (compiled or eager, fused or
+plain loss, FP8, K/V expanded or not), beside the measured step time and peak
+(`torch.cuda.max_memory_allocated`).
+
+    PYTHONPATH=. python bench/plan_vs_measured.py            # markdown tables on stdout
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from llamatron import plan
+from llamatron.models import registry
+from llamatron.parallel.memory import GiB, estimate_memory
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+# docs/performance.md, one H200, 2026-12-02 ("Grouped-query attention without expanding K/V" and "Model
+# families, MoE and zero-shot scoring"): label, model, layers (0: all), seq, micro, global, variant,
+# GQA path, measured tokens/s/GPU, measured peak GiB.
+PERFORMANCE_MD = [
+    ("8B proxy, K/V expanded", "llama3.1-8b", 4, 8192, 8, 16, "compile+cudnn", "expand", 62_999, 82.2),
+    ("8B proxy, native GQA", "llama3.1-8b", 4, 8192, 8, 16, "compile+cudnn", "native", 63_186, 79.2),
+    ("8B proxy, native GQA, FP8 everywhere", "llama3.1-8b", 4, 8192, 8, 16, "compile+fp8-all", "native", 86_254, 69.6),
+    ("GPT 126M, micro 16", "gpt-126m", 0, 2048, 16, 64, "compile+cudnn", "native", 463_007, 14.5),
+    ("GPT 126M, micro 32", "gpt-126m", 0, 2048, 32, 64, "compile+cudnn", "native", 478_252, 24.3),
+    ("GPT 5B proxy", "gpt-5b", 4, 2048, 8, 16, "compile+cudnn", "native", 91_077, 29.5),
+    ("LLaMA-2 7B proxy", "llama2-7b", 4, 4096, 8, 16, "compile+cudnn", "native", 93_272, 38.8),
+    ("LLaMA-2 7B proxy, FP8 everywhere", "llama2-7b", 4, 4096, 8, 16, "compile+fp8-all", "native", 126_100, 33.4),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    gpu: str
+    model: str
+    layers: int
+    seq: int
+    micro: int
+    global_batch: int
+    compiled: bool
+    fused_loss: bool
+    fp8: str  # none, tensorwise, rowwise
+    fp8_output: bool
+    gqa: str  # expand (every docs/bench run predates native GQA) or native
+
+
+def _args(run: Run):
+    base = registry.get(run.model).args
+    args = dataclasses.replace(base, n_layers=run.layers or base.n_layers)
+    return dataclasses.replace(args, max_seq_len=max(run.seq, args.max_seq_len))
+
+
+def estimate_gib(run: Run) -> float:
+    est = estimate_memory(_args(run), run.seq, run.micro, n_microbatches=run.global_batch // run.micro,
+                          fused_cross_entropy=run.fused_loss, fp8=run.fp8, fp8_include_output=run.fp8_output,
+                          compiled=run.compiled, native_gqa=run.gqa == "native")
+    return est.total / GiB
+
+
+def planned_step(run: Run) -> float | None:
+    """The planner's step for this single-GPU layout; None where it models no such run (eager, the
+    plain loss)."""
+    if not run.compiled or not run.fused_loss:
+        return None
+    w = plan.workload(run.model, run.seq, run.global_batch, run.layers or None)
+    w = dataclasses.replace(w, fp8_output=run.fp8_output)
+    hw = plan.Hardware(1, memory_gib=139.0 if run.gpu == "H200" else 80.0, fp8=True,
+                       fp8_speedup=plan.FP8_GEMM_SPEEDUP[run.gpu])
+    lay = plan.Layout(1, 1, 1, 1, 1, run.micro, False, fp8=run.fp8 != "none")
+    return plan.evaluate(w, lay, hw).step_s
+
+
+def bench_runs() -> dict[Run, dict]:
+    """Each configuration of docs/bench's single-GPU rows: the files and variants, the measured step
+    times (every file's) and peak."""
+    runs: dict[Run, dict] = {}
+    for path in sorted((DOCS / "bench").glob("*.json")):
+        data = json.loads(path.read_text())
+        gpu = "H200" if "H200" in data.get("meta", {}).get("device", "") else "H100"
+        for r in data.get("results", []):
+            if "peak_mem_gib" not in r or r.get("layout", "1 device") != "1 device":
+                continue
+            run = Run(gpu, "llama3.1-8b", r["layers"], r["seq_len"], r["micro_batch"], r["global_batch"], r["compile"],
+                      r["fused_ce"], r.get("fp8", "none"), r.get("fp8_output", False), r.get("gqa", "expand"))
+            entry = runs.setdefault(run, {"names": [], "steps": [], "peaks": []})
+            entry["names"].append(f"{path.name} {r['variant']}")
+            entry["steps"].append(r["step_time_s"])
+            entry["peaks"].append(r["peak_mem_gib"])
+    return runs
+
+
+def _describe(run: Run) -> str:
+    kind = ("compiled" if run.compiled else "eager") + ("" if run.fused_loss else ", plain loss")
+    if run.fp8 != "none":
+        kind += f", FP8 {run.fp8}" + (" + output" if run.fp8_output else "")
+    return kind
+
+
+def bench_table() -> list[str]:
+    lines = ["| run (docs/bench/) | GPU | layers | micro | global | mode | measured step s | planned step s | error | "
+             "measured peak GiB | estimate GiB | estimate / measured |", "|" + "---|" * 12]
+    order = sorted(bench_runs().items(), key=lambda kv: (not kv[0].compiled, kv[0].fp8 != "none", kv[0].gpu,
+                                                         kv[0].layers, kv[0].micro, kv[0].global_batch, kv[0].fp8_output))
+    for run, e in order:
+        measured = sorted(e["steps"])[len(e["steps"]) // 2]
+        planned = planned_step(run)
+        peak = max(e["peaks"])
+        est = estimate_gib(run)
+        step = (f"{planned:.3f} | {100 * (planned / measured - 1):+.1f}%" if planned is not None else "| ")
+        lines.append(f"| {'<br>'.join(e['names'])} | {run.gpu} | {run.layers} | {run.micro} | {run.global_batch} | "
+                     f"{_describe(run)} | {measured:.3f} | {step} | {peak:.1f} | {est:.1f} | {est / peak:.2f} |")
+    return lines
+
+
+def performance_table() -> list[str]:
+    lines = ["| run (docs/performance.md, one H200) | measured tok/s/GPU | planned tok/s/GPU | error | "
+             "measured peak GiB | estimate GiB | estimate / measured |", "|" + "---|" * 7]
+    for label, model, layers, seq, micro, gbs, variant, gqa, tokens, peak in PERFORMANCE_MD:
+        fp8 = variant == "compile+fp8-all"
+        run = Run("H200", model, layers, seq, micro, gbs, True, True, "tensorwise" if fp8 else "none", fp8, gqa)
+        planned = gbs * seq / planned_step(run)
+        est = estimate_gib(run)
+        lines.append(f"| {label} | {tokens:,} | {planned:,.0f} | {100 * (planned / tokens - 1):+.0f}% | {peak:.1f} | "
+                     f"{est:.1f} | {est / peak:.2f} |")
+    return lines
+
+
+def main() -> int:
+    print("\n".join(bench_table()))
+    print()
+    print("\n".join(performance_table()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
