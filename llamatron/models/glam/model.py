@@ -291,8 +291,8 @@ class GLaM(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # Bucket of every (query, key) pair up to max_seq_len, recomputed by init_buffers; not persistent.
         self.register_buffer("rel_buckets", self._buckets(), persistent=False)
-        # Attention by flex_attention (no [S, S] bias; attention.py): None = on CUDA. Tests set True
-        # to run it on the CPU (forward only: flex has no CPU backward).
+        # Attention by flex_attention (no [S, S] bias; attention.py): None = when training on CUDA.
+        # Tests set True to run it on the CPU (forward only: flex has no CPU backward).
         self.flex_attention: bool | None = None
         self._block_masks: dict = {}
 
@@ -379,9 +379,11 @@ class GLaM(nn.Module):
         return self.embedding(h, labels, unembed=True, fp8_loss=fp8_loss)
 
     def _block_mask(self, seqlen: int, device: torch.device):
-        """The causal flex_attention block mask of this length, made once (flex: CUDA unless
-        `self.flex_attention` says otherwise), or None for SDPA with the materialised bias."""
-        if not (device.type == "cuda" if self.flex_attention is None else self.flex_attention):
+        """The causal flex_attention block mask of this length, made once, or None for SDPA with the
+        materialised bias. Flex by default when training on CUDA: evaluation and scoring forwards
+        see many lengths, each a new flex compilation, and need no bias gradient."""
+        use = device.type == "cuda" and self.training if self.flex_attention is None else self.flex_attention
+        if not use:
             return None
         key = (seqlen, str(device))
         if key not in self._block_masks:
