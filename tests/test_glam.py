@@ -263,6 +263,45 @@ def test_glam_forward_with_flex_attention_equals_sdpa():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def _dense_flex(q, k, v, bias, block_mask):
+    """flex_attention's arithmetic with autograd (CPU flex has no backward): causal, bias[h, q - kv]."""
+    pos = torch.arange(q.shape[2])
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias[:, (pos[:, None] - pos[None, :]).clamp(min=0)]
+    scores = scores.masked_fill(pos[:, None] < pos[None, :], float("-inf"))
+    return torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1)
+
+
+def test_flex_path_gradients_equal_the_sdpa_path(monkeypatch):
+    # The CUDA training path's wiring on the CPU: q, k, v gradients from the attention call, the table's
+    # from the band (`_TableGrad`), nothing counted twice; eager and as one compiled graph.
+    import torch._dynamo
+
+    from llamatron.models.glam import attention
+
+    monkeypatch.setattr(attention, "_flex", lambda device: _dense_flex)
+    entry = registry.get("glam-debug")
+    model = entry.family.build(entry.args)
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        for block in model.layers.values():
+            block.attention.rel_bias.weight.normal_(0, 1.0)
+    tokens, labels = torch.randint(0, entry.args.vocab_size, (2, 2, 130))  # past the band of 113
+    results = []
+    for flex, compiled in ((False, False), (True, False), (True, True)):
+        model.flex_attention = flex
+        model.zero_grad()
+        if compiled:
+            torch._dynamo.reset()
+            for block in model.layers.values():
+                block.compile(fullgraph=True, backend="aot_eager")
+        model(tokens, labels).backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for got in results[1:]:
+        for name, want in results[0].items():
+            torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-7, msg=name)
+    assert results[0]["layers.1.attention.rel_bias.weight"].abs().max() > 1e-4
+
+
 def test_parameter_counts_of_the_presets():
     def expected(a):
         attention = 4 * a.dim * a.dim + a.rel_pos_buckets * a.n_heads + 2 * a.dim  # + its two norms
