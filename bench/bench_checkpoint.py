@@ -9,6 +9,10 @@ time until the checkpoint is complete (save_s), and the extra time of the traini
 while the background write was going on (against the median step before the save: the writer
 thread competes for CPU, memory bandwidth and the GIL). stall_s = the save call + that extra time.
 The first asynchronous save also allocates the pinned host buffers the later ones reuse.
+Each asynchronous save's call is also printed part by part (`save N: ...` and a second table): the
+wait for the previous save, the NaN/inf check, begin (mkdir, barrier), the state-dict gather, the
+RNG file, the async_save call and, inside it, the staging copy (stage_s) and the allocation of host
+buffers inside that (alloc_s), and the ranks' agreement that the snapshot succeeded.
 Each result is one line `SUMMARY {json}`. The checkpoints go to --out-dir (a fast local disk:
 the write speed is the disk's); each is deleted once measured, so the disk needs room for one.
 """
@@ -87,6 +91,7 @@ def measure(run: Run, asynchronous: bool, cli, out_dir: Path, pinned: bool = Tru
         t0 = time.perf_counter()
         ck.save(run.step, {"step": run.step, "consumed_samples": 0})
         in_call = time.perf_counter() - t0
+        parts = dict(ck.pending.parts) if ck.pending is not None else {}
         after = []
         while ck.pending is not None and not ck.pending.done() and len(after) < cli.max_steps_during:
             after.append(run.train_step())
@@ -98,14 +103,28 @@ def measure(run: Run, asynchronous: bool, cli, out_dir: Path, pinned: bool = Tru
             "step_s": before, "save_call_s": in_call, "save_s": row["save_s"], "steps_during_write": len(after),
             "first_step_after_s": after[0] if after else None, "extra_step_s": extra, "wait_s": waited,
             "stall_s": in_call + extra + waited,
-            "write_gb_per_s": run.state_bytes() / 1e9 / row["save_s"],
+            "write_gb_per_s": run.state_bytes() / 1e9 / row["save_s"], "parts": parts,
         })
+        if parts:
+            print(f"save {i + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
         print("SUMMARY " + json.dumps(results[-1]), flush=True)
         # Untimed: the checkpoint is deleted, so the disk holds at most one (2 layers of 8B: ~23 GB).
         shutil.rmtree(row["path"], ignore_errors=True)
     ck.close()
     shutil.rmtree(out_dir, ignore_errors=True)
     return results
+
+
+def _print_parts(results: list[dict]) -> None:
+    """The asynchronous saves' call, part by part (stage_s is inside async_save_s, alloc_s inside stage_s)."""
+    rows = [r for r in results if r["parts"]]
+    if not rows:
+        return
+    names = list(rows[0]["parts"])
+    print("\n| mode | save | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for r in rows:
+        print(f"| {r['mode']} | {r['save']} | " + " | ".join(f"{r['parts'][n]:.3f}" for n in names) + " |")
 
 
 def main() -> int:
@@ -144,6 +163,7 @@ def main() -> int:
         print(f"| {r['mode']} | {r['save']} | {r['state_gb']:.1f} | {r['step_s']:.3f} | {r['save_call_s']:.2f} | "
               f"{r['save_s']:.2f} | {r['steps_during_write']} | {r['extra_step_s']:.2f} | {r['stall_s']:.2f} | "
               f"{r['write_gb_per_s']:.2f} |")
+    _print_parts(results)
     if cli.json:
         meta = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
         with open(cli.json, "w") as f:

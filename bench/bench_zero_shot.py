@@ -1,16 +1,23 @@
-"""Zero-shot scoring throughput: llamatron's log-likelihood path next to lm-eval's HF backend on the
-same weights, on one device, with the same requests.
+"""Zero-shot scoring throughput: llamatron's log-likelihood path, eager and compiled, next to lm-eval's
+HF backend on the same weights, on one device, with the same requests, at each batch size.
 
 The requests are random (context, continuation) token pairs shaped like LAMBADA (context ~ --context-len
-tokens, continuation --cont-len); both sides score them at the token level (`loglikelihoods` and
-`HFLM._loglikelihood_tokens`), so tokenization is not timed. The HF twin is made from the llamatron
-model's weights through the family's HF mapping (what `llamatron convert --to hf` writes), both in bf16.
+tokens, continuation --cont-len); every side scores them at the token level (`loglikelihoods` and
+`HFLM._loglikelihood_tokens`), so tokenization is not timed. The HF twin (`LlamaForCausalLM`,
+`GPT2LMHeadModel`) is made from the llamatron model's weights through the family's HF mapping (the
+tensors `llamatron convert --to hf` writes), in the same dtype.
 
-    python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-size 32 --json out.json
-    python bench/bench_zero_shot.py --size debug --requests 32 --batch-size 8 --device cpu   # smoke test
+    PYTHONPATH=. python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128
+    PYTHONPATH=. python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128
+    PYTHONPATH=. python bench/bench_zero_shot.py --size debug --requests 32 --batch-sizes 8 --device cpu \\
+        --dtype fp32 --no-compile   # smoke test
 
-Prints requests/s and tokens/s (model input tokens) of each, and the largest log-likelihood
-difference between them (bf16: expect ~1e-2 on an 8B model, from different kernels).
+Order: llamatron eager at every batch size, then the HF backend, then compiled (compiling is in place
+and cannot be undone). Eager and HF warm up on one batch; compiled on one untimed pass over all the
+requests (the compile happens in the first: the blocks' one dynamic-shape graph, then no recompile
+for any batch length), its time reported apart as `warmup_s` and excluded from the throughput. Per
+batch size: requests/s, model-input tokens/s, the ratio to the HF backend, the largest per-request
+log-likelihood difference, and one `SUMMARY {json}` line.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 import torch
@@ -25,7 +33,7 @@ import torch
 from llamatron.eval.loglikelihood import loglikelihoods
 from llamatron.models import registry
 from llamatron.parallel.parallelize import materialize
-from llamatron.runtime import select_device
+from llamatron.runtime import device_name, select_device
 
 
 def requests(n: int, context_len: int, cont_len: int, vocab: int, seed: int = 0):
@@ -39,21 +47,28 @@ def requests(n: int, context_len: int, cont_len: int, vocab: int, seed: int = 0)
 
 
 def hf_twin(model, args, device, dtype):
+    """The transformers model of the family's HF format holding `model`'s weights."""
     import transformers
 
+    from llamatron.convert import hf_state_dict
+
     hf_module = registry.family_of(args).hf
-    cfg = transformers.LlamaConfig(**{k: v for k, v in hf_module.hf_config(args, dtype).items()
-                                      if k not in ("architectures", "torch_dtype", "transformers_version")})
+    cfg = {k: v for k, v in hf_module.hf_config(args, dtype).items()
+           if k not in ("architectures", "torch_dtype", "transformers_version")}
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     # Built on the device in `dtype` (its rotary buffers are computed at construction), then overwritten.
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            hf = transformers.LlamaForCausalLM(cfg)
+            hf = transformers.AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(default)
-    state = dict(hf_module.to_hf(name, t.detach(), args) for name, t in model.state_dict().items())
-    hf.load_state_dict(state, strict=True)
+    state = hf_state_dict({n: p.detach() for n, p in model.named_parameters()}, args)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not hf_module.hf_ignored(k, args)]  # tied lm_head, mask buffers
+    if missing or unexpected:
+        raise RuntimeError(f"HF twin: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return hf.eval()
 
 
@@ -67,57 +82,114 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
+def _row(scores, seconds: float, n: int, tokens: int, **extra) -> dict:
+    return {"scores": scores, "seconds": seconds, "requests_per_s": n / seconds, "tokens_per_s": tokens / seconds,
+            **extra}
+
+
+def run_llamatron(model, reqs, sizes, device, tokens: int, compile: bool) -> dict[int, dict]:
+    """{batch size: row}: compiled, a full untimed pass first (the compile, then every length once)."""
+    out = {}
+    for bs in sizes:
+        warm = reqs if compile else reqs[:bs]
+        _, warmup = timed(lambda: loglikelihoods(model, warm, bs, device, compile=compile), device)
+        scores, seconds = timed(lambda: loglikelihoods(model, reqs, bs, device, compile=compile), device)
+        out[bs] = _row(scores, seconds, len(reqs), tokens, **({"warmup_s": warmup} if compile else {}))
+    return out
+
+
+def run_hf(model, args, reqs, sizes, device, dtype, tokens: int) -> dict[int, dict]:
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    hf = hf_twin(model, args, device, dtype)
+    # Token-level requests: the tokenizer is never used, but HFLM wants one.
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<eos>": 0}, unk_token="<eos>")),
+                                  eos_token="<eos>")
+    items = [(None, c, x) for c, x in reqs]
+    out = {}
+    for bs in sizes:
+        lm = HFLM(pretrained=hf, tokenizer=tok, batch_size=bs, device=str(device))
+        lm._loglikelihood_tokens(items[:bs], disable_tqdm=True)
+        scores, seconds = timed(lambda: lm._loglikelihood_tokens(items, disable_tqdm=True), device)
+        out[bs] = _row(scores, seconds, len(reqs), tokens)
+    del hf, lm
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _largest_difference(a, b) -> float:
+    return max(abs(x[0] - y[0]) for x, y in zip(a, b))
+
+
+def summarize(rows: dict[str, dict], bs: int, header: dict) -> dict:
+    """Print one batch size's rows (ratios to the HF backend) and return its SUMMARY record."""
+    hf = rows.get("lm-eval HF")
+    summary = {**header, "batch_size": bs}
+    print(f"batch {bs}:")
+    for name, r in rows.items():
+        ratio = r["requests_per_s"] / hf["requests_per_s"] if hf and r is not hf else None
+        warm = f"  (warm-up {r['warmup_s']:.1f} s, not counted)" if "warmup_s" in r else ""
+        print(f"  {name:<20} {r['seconds']:8.2f} s  {r['requests_per_s']:10.1f} requests/s  "
+              f"{r['tokens_per_s']:12,.0f} tokens/s" + (f"  {ratio:5.2f}x HF" if ratio else "") + warm)
+        summary[name] = {k: round(v, 4) for k, v in r.items() if k != "scores"}
+        if ratio:
+            summary[name]["vs_hf"] = round(ratio, 4)
+    names = list(rows)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            d = _largest_difference(rows[a]["scores"], rows[b]["scores"])
+            flags = sum(x[1] != y[1] for x, y in zip(rows[a]["scores"], rows[b]["scores"]))
+            print(f"  max |ll difference| {a} vs {b}: {d:.3g}  (is_greedy differs on {flags})")
+            summary.setdefault("max_ll_difference", {})[f"{a} vs {b}"] = d
+    print("SUMMARY " + json.dumps(summary))
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="llama3.1-8b")
+    ap.add_argument("--size", default="llama3.1-8b", help="a named model (llama3.1-8b, gpt-126m, debug, gpt-debug)")
     ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--context-len", type=int, default=80)  # LAMBADA passages: ~80 Llama 3 tokens
     ap.add_argument("--cont-len", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-sizes", "--batch-size", default="32,128", help="comma-separated")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights of both models")
-    ap.add_argument("--no-hf", action="store_true", help="only llamatron")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights of every model")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled llamatron run")
+    ap.add_argument("--no-hf", action="store_true", help="skip lm-eval's HF backend")
+    ap.add_argument("--json", default=None, help="write the SUMMARY records here")
     a = ap.parse_args()
+    sizes = [int(s) for s in a.batch_sizes.split(",") if s.strip()]
     device = select_device(a.device)
     entry = registry.get(a.size)
     args = dataclasses.replace(entry.args, n_layers=a.layers) if a.layers else entry.args
+    t0 = time.perf_counter()
     with torch.device("meta"):
         model = entry.family.build(args)
     materialize(model, device, seed=0)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    model = model.to(dtype).eval()  # the same weights and dtype on both sides
+    model = model.to(dtype).eval()  # the same weights and dtype on every side
     reqs = requests(a.requests, a.context_len, a.cont_len, args.vocab_size)
     tokens = sum(len(c) + len(x) - 1 for c, x in reqs)
-    loglikelihoods(model, reqs[: a.batch_size], a.batch_size, device)  # warm-up
-    ours, t_ours = timed(lambda: loglikelihoods(model, reqs, a.batch_size, device), device)
-    rows = {"llamatron": {"seconds": t_ours, "requests_per_s": len(reqs) / t_ours, "tokens_per_s": tokens / t_ours}}
-    if not a.no_hf:
-        from lm_eval.models.huggingface import HFLM
-        from tokenizers import Tokenizer, models
-        from transformers import PreTrainedTokenizerFast
-
-        hf = hf_twin(model, args, device, dtype)
-        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<eos>": 0}, unk_token="<eos>")),
-                                      eos_token="<eos>")
-        lm = HFLM(pretrained=hf, tokenizer=tok, batch_size=a.batch_size, device=str(device))
-        items = [(None, c, x) for c, x in reqs]
-        lm._loglikelihood_tokens(items[: a.batch_size], disable_tqdm=True)
-        theirs, t_hf = timed(lambda: lm._loglikelihood_tokens(items, disable_tqdm=True), device)
-        rows["lm-eval HF"] = {"seconds": t_hf, "requests_per_s": len(reqs) / t_hf, "tokens_per_s": tokens / t_hf}
-        rows["max |ll difference|"] = max(abs(x[0] - y[0]) for x, y in zip(ours, theirs))
+    header = {"size": a.size, "layers": args.n_layers, "requests": len(reqs), "input_tokens": tokens,
+              "dtype": a.dtype, "device": device_name(device), "torch": torch.__version__}
     print(f"{a.size}{f' ({a.layers} layers)' if a.layers else ''}, {len(reqs)} requests, {tokens:,} input tokens, "
-          f"batch {a.batch_size}, {a.dtype}, {device}")
-    for name, r in rows.items():
-        if isinstance(r, dict):
-            print(f"  {name:<12} {r['seconds']:8.2f} s  {r['requests_per_s']:10.1f} requests/s  "
-                  f"{r['tokens_per_s']:12,.0f} tokens/s")
-        else:
-            print(f"  {name}: {r:.3g}")
+          f"{a.dtype}, {header['device']}, torch {torch.__version__} (model built in {time.perf_counter() - t0:.0f} s)")
+
+    runs = {"llamatron eager": run_llamatron(model, reqs, sizes, device, tokens, compile=False)}
+    if not a.no_hf:
+        runs["lm-eval HF"] = run_hf(model, args, reqs, sizes, device, dtype, tokens)
+    if not a.no_compile:
+        runs["llamatron compiled"] = run_llamatron(model, reqs, sizes, device, tokens, compile=True)
+    summaries = [summarize({name: r[bs] for name, r in runs.items()}, bs, header) for bs in sizes]
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        tmp = f"{a.json}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(summaries, f, indent=2)
+        os.replace(tmp, a.json)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--add-bos", action="store_true", help="prepend BOS to every context")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each block for scoring (default: on CUDA, off on the CPU; one process only)")
     p.add_argument("--output", default=None, help="results JSON (default: RUN/zero_shot_step_N.json)")
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="evaluate in N processes under torchrun (FSDP over N / tp ranks)")
@@ -119,6 +121,8 @@ def _add_flops(sub) -> None:
     p.add_argument("--kv-heads", type=int, default=None, help="KV heads (405B MP16 variant: 16)")
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--flops-per-sequence", type=float, default=None, help="use this instead of the formula")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="a LoRA step of this rank, adapters on every block linear (llamatron/flops.py)")
     p.add_argument("--step-time", type=float, default=None, help="seconds per optimizer step")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step")
     p.add_argument("--gpus", type=int, default=1)
@@ -380,7 +384,7 @@ def cmd_evaluate(args) -> int:
         return _evaluate_torchrun(args)
     results = evaluate.evaluate(args.checkpoint, args.tasks, args.tokenizer, args.data_dir, args.task_file,
                                 args.prompt, args.limit, args.batch_size, args.device, args.include_path, args.add_bos,
-                                not args.only_include_path, args.bootstrap_iters, args.tp)
+                                not args.only_include_path, args.bootstrap_iters, args.tp, args.compile)
     if rank() == 0:  # under torchrun every rank scores; rank 0 reports
         out = evaluate.write_results(results, args.output or evaluate.default_output(args.checkpoint))
         print(evaluate.format_table(results))
@@ -395,7 +399,6 @@ def _evaluate_torchrun(args) -> int:
 
     if args.nproc_per_node < 1:
         raise LlamatronError("--nproc-per-node must be >= 1")
-    evaluate.check_tp(args.checkpoint, args.tp)
     command = ["-m", "llamatron", "evaluate"]
     for key in ("checkpoint", "tasks", "tokenizer", "data_dir", "prompt", "include_path", "bootstrap_iters", "limit",
                 "batch_size", "device", "output", "tp"):
@@ -403,6 +406,8 @@ def _evaluate_torchrun(args) -> int:
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     command += [w for item in args.task_file for w in ("--task-file", item)]
     command += [f for f, on in (("--only-include-path", args.only_include_path), ("--add-bos", args.add_bos)) if on]
+    if args.compile is not None:
+        command.append("--compile" if args.compile else "--no-compile")
     return torchrun(command, args.nproc_per_node)
 
 
@@ -418,9 +423,11 @@ def cmd_flops(args) -> int:
     import dataclasses
 
     from llamatron import flops
+    from llamatron.config import LoraConfig
     from llamatron.models import registry
 
-    _positive(args, "seq_len", "gpus", "step_time", "global_batch", "layers", "kv_heads", "flops_per_sequence", "tokens")
+    _positive(args, "seq_len", "gpus", "step_time", "global_batch", "layers", "kv_heads", "flops_per_sequence", "tokens",
+              "lora_rank")
     known = registry.entries()
     if args.model not in known:
         raise LlamatronError(f"--model {args.model!r}: unknown; known sizes: {', '.join(known)}")
@@ -431,8 +438,10 @@ def cmd_flops(args) -> int:
         if not hasattr(margs, "n_kv_heads"):
             raise LlamatronError(f"--kv-heads: the {registry.family_of(margs).name} family has no KV heads")
         margs = dataclasses.replace(margs, n_kv_heads=args.kv_heads)
-    per_seq = args.flops_per_sequence or flops.flops_per_sequence(margs, args.seq_len)
-    print(f"model {args.model}{f' ({args.layers} layers)' if args.layers else ''}, seq {args.seq_len}")
+    lora = LoraConfig(rank=args.lora_rank, targets=["all"]) if args.lora_rank else None
+    per_seq = args.flops_per_sequence or flops.flops_per_sequence(margs, args.seq_len, lora)
+    print(f"model {args.model}{f' ({args.layers} layers)' if args.layers else ''}, seq {args.seq_len}"
+          f"{f', LoRA rank {args.lora_rank} on every block linear' if lora else ''}")
     print(f"model FLOPs per token:    {per_seq / args.seq_len / 1e9:.2f} GFLOP")
     print(f"model FLOPs per sequence: {per_seq:.4e}")
     if args.step_time and args.global_batch:

@@ -274,6 +274,13 @@ class LoraConfig:
     dropout: float = 0.0  # on the adapter's input
     targets: list[str] = field(default_factory=lambda: ["all"])  # all, attention, mlp, or layer names (wq, q_proj, ...)
     peft_out: str | None = None  # at the end, write the adapter here in Hugging Face PEFT format
+    # The frozen linear weights' storage: auto (bf16 when the step runs under bf16 autocast, i.e. on a
+    # GPU without FSDP, and without tensor parallelism; else fp32), fp32, bf16. bf16 halves them and
+    # drops autocast's per-use copies, with bit-identical products (autocast rounds them to bf16 anyway).
+    base_dtype: str = "auto"
+
+
+LORA_BASE_DTYPES = ("auto", "fp32", "bf16")
 
 
 def _validate_finetune(cfg: "Config") -> None:
@@ -291,6 +298,12 @@ def _validate_finetune(cfg: "Config") -> None:
         _need(lora.alpha > 0, "lora.alpha", f"must be positive, got {lora.alpha}")
         _need(0 <= lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
         _need(bool(lora.targets), "lora.targets", "name at least one target (all, attention, mlp or layer names)")
+        _need(lora.base_dtype in LORA_BASE_DTYPES, "lora.base_dtype",
+              f"must be one of {', '.join(LORA_BASE_DTYPES)}, got {lora.base_dtype!r}")
+        _need(lora.base_dtype != "bf16" or cfg.train.precision != "fp32", "lora.base_dtype",
+              "bf16 base weights need bf16 compute (train.precision = bf16, or auto on a GPU)")
+        _need(lora.base_dtype != "bf16" or p.tp == 1, "lora.base_dtype",
+              "bf16 base weights do not run under tensor parallelism (parallel.tp = 1, or base_dtype = auto)")
         _need(cfg.train.fp8 == "none", "lora.rank",
               "LoRA with train.fp8 is not supported: torchao's FP8 linear computes the frozen base weight's "
               "gradient anyway (3 FP8 GEMMs where bf16 needs 2), see docs/finetune.md")
@@ -307,8 +320,9 @@ class ParallelConfig:
     pp_virtual_stages: int = 1  # stages per pipeline rank (> 1: interleaved schedule)
     pp_schedule: str = "auto"  # gpipe, 1f1b, interleaved1f1b; auto = 1f1b, or interleaved1f1b when virtual > 1
     cp: int = 1  # context parallel: each rank holds 2 of 2*cp chunks of every sequence (load-balanced)
-    # expert parallel (MoE families): each MoE block's experts split over ep of the data-parallel ranks,
-    # tokens exchanged by all-to-all; for now ep must equal dp_shard (no replicas, cp, tp or pp)
+    # expert parallel (MoE families): each MoE block's experts split over ep of the dp_shard ranks (ep divides
+    # dp_shard), tokens exchanged by all-to-all, the experts FSDP-sharded over the other dp_shard / ep;
+    # combines with dp_replicate and tp, not with cp or pp
     ep: int = 1
 
 
@@ -392,11 +406,14 @@ def _validate_expert_parallel(p: ParallelConfig, args, world_size: int | None) -
     n_experts = getattr(args, "n_experts", 0)
     _need(n_experts > 0, "parallel.ep", "the model has no experts (expert parallelism is for MoE families)")
     _need(n_experts % p.ep == 0, "parallel.ep", f"n_experts {n_experts} must be divisible by ep {p.ep}")
-    _need(p.dp_replicate == p.cp == p.tp == p.pp == 1, "parallel.ep",
-          "expert parallelism runs over the FSDP ranks alone for now: dp_replicate, cp, tp and pp must be 1")
+    _need(p.cp == p.pp == 1, "parallel.ep",
+          f"expert parallelism combines with dp_shard (its ranks), dp_replicate and tp only: cp and pp must be 1, "
+          f"got cp {p.cp}, pp {p.pp}")
     if world_size is not None or p.dp_shard != -1:
         dp_shard = resolve_dp_shard(p, world_size) if world_size is not None else p.dp_shard
-        _need(dp_shard == p.ep, "parallel.ep", f"must equal the FSDP degree dp_shard {dp_shard} for now, got {p.ep}")
+        _need(dp_shard % p.ep == 0, "parallel.ep",
+              f"must divide the FSDP degree dp_shard {dp_shard} (the experts are FSDP-sharded over dp_shard / ep), "
+              f"got {p.ep}")
 
 
 def _validate_batch(train: "TrainConfig", p: ParallelConfig, world_size: int | None) -> None:

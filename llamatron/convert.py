@@ -51,6 +51,7 @@ from llamatron.errors import LlamatronError
 from llamatron.models import registry
 from llamatron.models.llama import hf as llama_hf
 from llamatron.train.checkpoint import quiet_dcp, verify_checkpoint, write_checksums
+from llamatron.transforms.lora import is_adapter_key
 
 # --------------------------------------------------------------------------------------------------
 # What every family shares: the parameters of a shape, and the run config that rebuilds it
@@ -120,6 +121,16 @@ def _to_hf(hf_module, names: list[str], tensors: list[torch.Tensor], args) -> tu
     if hasattr(hf_module, "to_hf_group"):
         return hf_module.to_hf_group(names, tensors, args)
     return hf_module.to_hf(names[0], tensors[0], args)
+
+
+def hf_state_dict(params: dict[str, torch.Tensor], args) -> dict[str, torch.Tensor]:
+    """A model's parameters (clean names) -> the Hugging Face tensors `export_hf` writes for them, in
+    memory: an HF twin of a model without a checkpoint on disk (benchmarks)."""
+    hf_module = registry.family_of(args).hf
+    if hf_module is None:
+        raise LlamatronError(f"the {registry.family_of(args).name} family has no Hugging Face format")
+    return dict(_to_hf(hf_module, names, [params[n] for n in names], args)
+                for names in _hf_groups(hf_module, list(params), args))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -510,6 +521,59 @@ def _read_stored(path: Path, name: str, shape, dtype, dcp_load, exc_type, reader
     return sd["model"].pop(name)
 
 
+class _LoRAMerge:
+    """A LoRA run's export: each adapted weight leaves merged, W + (alpha / r) B A in fp32, and the
+    frozen base of an adapter-only checkpoint (checkpoint.save_frozen=false) comes from where the run
+    took it: its checkpoint.init_from, or the run's seeded initial values (as `llamatron evaluate`).
+    A checkpoint of a run without LoRA reads every tensor from itself."""
+
+    def __init__(self, scaling: float = 0.0, base: Path | None = None, base_stored: dict | None = None,
+                 seeded=None, adapters: dict | None = None):
+        self.scaling, self.base, self.base_stored, self.seeded, self.adapters = \
+            scaling, base, base_stored or {}, seeded, adapters or {}
+
+    @classmethod
+    def of(cls, path: Path, args, reader_type) -> "_LoRAMerge":
+        from llamatron import evaluate
+
+        cfg = evaluate.checkpoint_config(path)
+        if not cfg.lora.rank:
+            return cls()
+        saved = {k[len("model."):]: md for k, md in reader_type(str(path)).read_metadata().state_dict_metadata.items()
+                 if k.startswith("model.")}
+        # name -> (shape, stored dtype) of each adapter matrix
+        adapters = {k: (tuple(md.size), md.properties.dtype) for k, md in saved.items() if is_adapter_key(k)}
+        if not adapters:
+            raise LlamatronError(f"{path}: holds no LoRA adapter, though its config.yaml sets lora.rank = {cfg.lora.rank}")
+        scaling = cfg.lora.alpha / cfg.lora.rank
+        if all(name in saved for name in expected_shapes(args)):
+            return cls(scaling, adapters=adapters)
+        base = cfg.checkpoint.init_from
+        if base:
+            if not (Path(base) / ".metadata").is_file():
+                raise LlamatronError(f"{path}: holds only LoRA adapters; the frozen base weights come from its run's "
+                                     f"checkpoint.init_from, {base}, which is not a checkpoint directory (no DCP .metadata file)")
+            verify_checkpoint(Path(base), log=lambda line: print(line, file=sys.stderr))
+            stored = reader_type(str(base)).read_metadata().state_dict_metadata
+            return cls(scaling, Path(base), {k: v for k, v in stored.items() if k.startswith("model.")},
+                       adapters=adapters)
+        with torch.device("meta"):
+            model = registry.family_of(args).build(args)
+        return cls(scaling, seeded=(model, cfg.train.seed), adapters=adapters)
+
+    def read(self, path: Path, name: str, shape, dtype: torch.dtype, read_stored) -> torch.Tensor:
+        if self.seeded is not None:
+            model, seed = self.seeded
+            t = model.initial_value(name, shape, seed).to(dtype)
+        else:
+            t = read_stored(path if self.base is None else self.base, name, shape, dtype)
+        stem = name[: -len(".weight")]
+        if f"{stem}.lora_A.weight" not in self.adapters:
+            return t
+        a, b = (read_stored(path, key, *self.adapters[key]) for key in (f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"))
+        return (t.float() + self.scaling * (b.float() @ a.float())).to(t.dtype)
+
+
 def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_shard_size: str | int = "5GB",
               progress: bool = True) -> Path:
     """A llamatron checkpoint (or run directory) -> Hugging Face directory: config.json,
@@ -530,20 +594,24 @@ def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_sh
     limit = parse_size(max_shard_size)
     if limit <= 0:
         raise LlamatronError(f"max shard size {max_shard_size!r}: must be positive")
-    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    lora = _LoRAMerge.of(path, args, FileSystemReader)
+    stored = {**lora.base_stored, **FileSystemReader(str(path)).read_metadata().state_dict_metadata}
     why = f"{path / 'config.yaml'}"
     shapes = expected_shapes(args)
-    extra = sorted(k for k in stored if k.startswith("model.") and k[len("model."):] not in shapes)
+    extra = sorted(k for k in stored if k.startswith("model.") and k[len("model."):] not in shapes
+                   and not (lora.scaling and is_adapter_key(k)))
     if extra:
         raise LlamatronError(f"{path}: holds {extra[0][len('model.'):]!r} ({len(extra)} unexpected tensor(s)), "
                              f"which the model of {why} does not have")
     specs = []  # (name, shape, stored dtype, output dtype)
     for name, want in shapes.items():
         md = stored.get(f"model.{name}")
-        if not isinstance(md, TensorStorageMetadata):
+        if not isinstance(md, TensorStorageMetadata) and lora.seeded is None:
             raise LlamatronError(f"{name}: missing from checkpoint {path}")
-        _check_shape(name, md.size, want, str(path), why)
-        specs.append((name, tuple(want), md.properties.dtype, _out_dtype(dtype, md.properties.dtype, str(path))))
+        stored_dtype = md.properties.dtype if md is not None else torch.float32
+        if md is not None:
+            _check_shape(name, md.size, want, str(path), why)
+        specs.append((name, tuple(want), stored_dtype, _out_dtype(dtype, stored_dtype, str(path))))
 
     # Shards planned up front (file names carry the count), in HF's order, filled to the limit. Each
     # entry is the group of parameters one HF tensor is made of (one, or GPT-2's q, k, v).
@@ -568,7 +636,8 @@ def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_sh
             fname = f"model-{i:05d}-of-{n:05d}.safetensors"
             out = {}
             for group in shard:
-                tensors = [_read_stored(path, name, shape, st, dcp_load, CheckpointException, FileSystemReader)
+                tensors = [lora.read(path, name, shape, st, lambda src, n, shp, d: _read_stored(
+                               src, n, shp, d, dcp_load, CheckpointException, FileSystemReader))
                            for name, shape, st, _ in group]
                 hf, t = _to_hf(hf_module, [spec[0] for spec in group], tensors, args)
                 out[hf] = t.to(group[0][3]).contiguous()

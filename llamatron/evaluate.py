@@ -45,21 +45,6 @@ def checkpoint_config(path):
     return config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(path)))
 
 
-def check_tp(checkpoint, tp: int) -> None:
-    """A LoRA run's checkpoint is refused with tensor parallelism: training runs LoRA under TP, but
-    evaluation's loading of adapters into a TP layout is not tested yet. Under `--nproc-per-node`,
-    before any process starts."""
-    from llamatron.convert import resolve_checkpoint
-
-    if tp <= 1:
-        return
-    path = resolve_checkpoint(checkpoint)
-    rank = checkpoint_config(path).lora.rank
-    if rank:
-        raise LlamatronError(f"--tp {tp}: {path} is a LoRA run's checkpoint (lora.rank = {rank}), and LoRA with "
-                             "tensor parallelism is not supported by evaluation yet; evaluate it with --tp 1 (FSDP: --nproc-per-node alone)")
-
-
 def build_model(path, cfg, device):
     """The model of checkpoint `path` (whose config is `cfg`) on `device` in eval mode, with its weights:
     what `llamatron evaluate` and `llamatron eval` score. A LoRA run's model (lora.rank > 0) gets its
@@ -130,7 +115,8 @@ def _load_weights(path, parts, base) -> None:
 
 def _load_layout(path, cfg, device, precision: str, tp: int):
     """The checkpoint's model sharded over this torchrun job (plain: no compile, FP8 or checkpointing).
-    LoRA adapters stay unmerged (merging FSDP-sharded weights buys little); eval mode drops dropout."""
+    LoRA adapters stay unmerged, laid out under TP as training lays them out (merging sharded weights
+    buys little); eval mode drops dropout."""
     import dataclasses
 
     from llamatron.config import ParallelConfig, resolve_model
@@ -142,7 +128,6 @@ def _load_layout(path, cfg, device, precision: str, tp: int):
     world = env_world_size()
     if tp < 1 or world % tp:
         raise LlamatronError(f"--tp {tp}: must divide the number of processes, {world}")
-    check_tp(path, tp)
     for key, n in family.tp_divisible(margs).items():
         if n % tp:
             raise LlamatronError(f"--tp {tp}: must divide the model's {key} ({n})")
@@ -291,8 +276,10 @@ def format_table(results: dict) -> str:
 def evaluate(checkpoint, tasks: str, tokenizer: str | None = None, data_dir: str | None = None,
              files: list[str] = (), prompt: str = "harness", limit: int | None = None, batch_size: int = 8,
              device: str = "auto", include_path: str | None = None, add_bos: bool = False,
-             harness_defaults: bool = True, bootstrap_iters: int = 1000, tp: int = 1) -> dict:
-    """What `llamatron evaluate` runs: inputs are checked first, then the model is loaded once."""
+             harness_defaults: bool = True, bootstrap_iters: int = 1000, tp: int = 1,
+             compile: bool | None = None) -> dict:
+    """What `llamatron evaluate` runs: inputs are checked first, then the model is loaded once.
+    `compile` (None: on CUDA): the blocks compiled for scoring, in one process (`loglikelihoods`)."""
     from llamatron.eval.tasks import PROMPTS, Scorer, get_task, read_jsonl, run_task
     from llamatron.parallel.layout import Layout
     from llamatron.runtime import select_device
@@ -314,7 +301,7 @@ def evaluate(checkpoint, tasks: str, tokenizer: str | None = None, data_dir: str
         raise LlamatronError(f"tokenizer {tok.name}: {tok.vocab_size} tokens, more than the model's vocabulary "
                              f"of {vocab}")
     results = {}
-    scorer = Scorer(model, tok, batch_size, dev, precision, add_bos)
+    scorer = Scorer(model, tok, batch_size, dev, precision, add_bos, compile=compile)
     for name in builtin:
         r = run_task(get_task(name), docs[name], scorer, prompt)
         results[name] = {"metrics": r["metrics"], "count": r["count"], "prompt": prompt, "file": str(paths[name])}
@@ -322,6 +309,6 @@ def evaluate(checkpoint, tasks: str, tokenizer: str | None = None, data_dir: str
         from llamatron.eval.harness import LlamatronLM
 
         lm = LlamatronLM(model=model, tokenizer=tok, batch_size=batch_size, device=dev, precision=precision,
-                         add_bos=add_bos)
+                         add_bos=add_bos, compile=compile)
         results.update(run_harness(lm, harness, manager, limit, bootstrap_iters))
     return results

@@ -109,6 +109,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, chunk_size, fp8):
         n = h.shape[0]
+        # A frozen output layer (LoRA) needs no weight gradient: one GEMM of three saved.
+        need_w = ctx.needs_input_grad[1]
         loss_and_grad = _loss_and_grad_fn(h.device, fp8)
         to_e4m3 = _compiled_on_cuda(_to_e4m3, _to_e4m3, h.device)
         grad_h = torch.empty_like(h)
@@ -130,10 +132,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if fp8:
                 g8 = dlogits  # already E5M2, scaled
                 grad_h[start : start + chunk_size] = _fp8_mm(g8, g_inv, w8_t.t(), w_inv, h.dtype)
-                gw = _fp8_mm(g8.t().contiguous(), g_inv, h8.t().contiguous().t(), h_inv, torch.float32)
-                grad_w = gw if grad_w is None else grad_w.add_(gw)
+                if need_w:
+                    gw = _fp8_mm(g8.t().contiguous(), g_inv, h8.t().contiguous().t(), h_inv, torch.float32)
+                    grad_w = gw if grad_w is None else grad_w.add_(gw)
                 continue
             grad_h[start : start + chunk_size] = dlogits @ weight
+            if not need_w:
+                continue
             if grad_w is None:  # one chunk (the usual case on GPU): no fp32 accumulator needed
                 grad_w = dlogits.t() @ hc
             elif grad_w.dtype == dlogits.dtype == torch.float32:
@@ -151,7 +156,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_out / ctx.n
-        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None
+        grad_w = None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype)
+        return grad_h * scale.to(grad_h.dtype), grad_w, None, None, None
 
 
 def _valid_count(labels: torch.Tensor, n: int):

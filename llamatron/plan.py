@@ -11,7 +11,7 @@ tensor-parallel divisibility), and the parameters from the model itself, built o
 The cost model (per optimizer step, per GPU; docs/planner.md has it with its sources). Compute, without a
 calibration table (the fitted model):
 
-    compute   = (model FLOPs - frozen weights' gradient FLOPs (LoRA) + recomputed block forwards under
+    compute   = (model FLOPs (LoRA: llamatron/flops.py's LoRA formula) + recomputed block forwards under
                 activation checkpointing, the FP8 layers' share / FP8_GEMM_SPEEDUP) / N
                 / (peak x eff(x)),  eff(x) = 0.6475 x / (x + 800),  x = micro_batch x seq / cp
                 (least-squares fit to the 15 compiled BF16 single-GPU runs in docs/bench/: H100 and H200, the
@@ -32,10 +32,11 @@ micro-batch's passes over the parameters (weight casts, gradient accumulation); 
     EP        4 all-to-alls per MoE block and micro-batch (dispatch and combine, forward and backward; 6 with
                 recomputation) of the rows each token sends to its top-k experts, (ep-1)/ep of them; not overlapped
     FSDP      all-gather of the bf16 parameters forward and backward and reduce-scatter of the fp32 gradients
-                (2 + 2 + 4 bytes per parameter of the stage; only trainable ones are reduced, experts under
-                EP are neither) per micro-batch (per step under pipelining, which keeps them gathered); HSDP
-                adds the all-reduce of the gradient shard across replicas; overlapped with compute, only what
-                exceeds it counts
+                (2 + 2 + 4 bytes per parameter of the stage; only trainable ones are reduced; under EP a
+                rank's E/ep experts over the dp_shard/ep ranks holding the same ones, none where ep = dp_shard)
+                per micro-batch (per step under pipelining, which keeps them gathered); HSDP adds the
+                all-reduce of the gradient shard across replicas; overlapped with compute, only what exceeds
+                it counts
     optimizer 11.6 ps per trainable parameter of the rank's shard (fused AdamW, measured on the H200; or the table's)
     PP        the schedule's bubble: the per-micro-batch time x (m + (pp-1)/v) for m micro-batches and v
                 virtual stages (GPipe, 1F1B: v = 1), plus the stage-to-stage activation sends
@@ -257,7 +258,8 @@ def _fixed(w: Workload) -> set[str]:
 
 def _degrees(w: Workload, gpus: int):
     """(tp, cp, pp, dp_replicate, dp_shard, ep) with tp and cp powers of two dividing what they must,
-    pp dividing the layers, and expert parallelism over the FSDP ranks alone (config._validate_parallel)."""
+    pp dividing the layers, and ep dividing both dp_shard and the experts, without cp or pp
+    (config._validate_parallel)."""
     fixed, args, seq_len = _fixed(w), w.args, w.seq_len
     sizes = w.family.tp_divisible(args).values()
     experts = getattr(args, "n_experts", 0)
@@ -273,9 +275,8 @@ def _degrees(w: Workload, gpus: int):
                 dp = gpus // (tp * cp * pp)
                 for replicate in (r for r in _powers_of_two(dp) if dp % r == 0):
                     shard = dp // replicate
-                    expert_parallel = (experts and shard > 1 and experts % shard == 0
-                                       and replicate == cp == tp == pp == 1)
-                    for ep in (1, shard) if expert_parallel else (1,):
+                    expert_parallel = experts and cp == pp == 1
+                    for ep in (e for e in range(1, shard + 1) if shard % e == 0 and experts % e == 0) if expert_parallel else (1,):
                         yield tp, cp, pp, replicate, shard, ep
 
 
@@ -307,16 +308,18 @@ class _Stage:
     layers: int
     params: float  # all of them
     trainable: float
-    experts: float  # those expert parallelism shards (not gathered by FSDP)
+    experts: float  # of them, the MoE blocks' experts (whole on every TP rank: the family's TP plan leaves them)
 
 
 def _stage(w: Workload, lay: Layout) -> _Stage:
     counts = parameter_counts(w.args, w.lora)
     layers = w.args.n_layers // lay.pp
     ends, ends_t = counts.ends(lay.pp), counts.ends_trainable(lay.pp)
-    params = (layers * counts.block_matrices + ends) / lay.tp + layers * counts.block_vectors
-    trainable = (layers * counts.block_trainable + ends_t) / lay.tp
-    return _Stage(layers, params, trainable, layers * counts.block_experts / lay.tp if lay.ep > 1 else 0.0)
+    experts = layers * counts.block_experts
+    params = (layers * counts.block_matrices - experts + ends) / lay.tp + layers * counts.block_vectors + experts
+    experts_t = experts if w.lora is None else 0.0  # LoRA freezes them
+    trainable = (layers * counts.block_trainable - experts_t + ends_t) / lay.tp + experts_t
+    return _Stage(layers, params, trainable, experts)
 
 
 def _fp8_flops_per_token(w: Workload, lay: Layout) -> float:
@@ -326,18 +329,10 @@ def _fp8_flops_per_token(w: Workload, lay: Layout) -> float:
     return 6 * (w.args.n_layers * f8.block_params + (f8.output_params if lay.fused_loss else 0))
 
 
-def _frozen_gradient_flops_per_token(w: Workload) -> float:
-    """Under LoRA no weight gradient is computed for the frozen base: 2 of the 6 FLOPs per weight."""
-    if w.lora is None:
-        return 0.0
-    block = sum(2 * g.k * g.n * g.rows * g.share for g in w.shapes.gemms)
-    return w.args.n_layers * block + 2 * w.args.vocab_size * w.args.dim
-
-
 def fitted_compute(w: Workload, lay: Layout, hw: Hardware) -> float:
     """Seconds of compute per step on one GPU: the fitted model of the module docstring."""
     args, seq_len = w.args, w.seq_len
-    per_token = flops.flops_per_token(args, seq_len) - _frozen_gradient_flops_per_token(w)
+    per_token = flops.flops_per_token(args, seq_len, w.lora)  # LoRA: no weight gradients of the frozen base
     block_per_token = flops.flops_per_token(args, seq_len) - 6 * args.vocab_size * args.dim
     recompute = block_per_token / 3 if lay.activation_checkpointing else 0.0
     fp8 = _fp8_flops_per_token(w, lay) * (1 - 1 / hw.fp8_speedup)
@@ -413,30 +408,44 @@ def step_time(w: Workload, lay: Layout, hw: Hardware) -> dict[str, float]:
 
 
 def _fsdp_comm(w: Workload, lay: Layout, hw: Hardware, stage: _Stage, m: int) -> float:
-    """FSDP's all-gathers and reduce-scatters within a replica, HSDP's all-reduce across replicas."""
+    """FSDP's all-gathers and reduce-scatters within a replica (under expert parallelism the experts'
+    over the dp_shard / ep ranks holding the same ones, the rest over dp_shard), HSDP's all-reduce
+    across replicas."""
     shard = lay.dp_shard * lay.cp
     if shard * lay.dp_replicate == 1:
         return 0.0
     rounds = 1 if lay.pp > 1 else m  # pipelining keeps parameters gathered over the micro-batches
-    gathers = 1 if lay.pp > 1 else 2  # forward, and again for backward after resharding
-    gathered = stage.params - stage.experts
-    trainable = stage.trainable - (stage.experts if w.lora is None else 0.0)
-    seconds = 0.0
-    if shard > 1:
-        bytes_ = (gathers * 2 * gathered + 4 * trainable) * (shard - 1) / shard
-        seconds += rounds * (bytes_ / hw.bandwidth(shard * lay.tp) + (gathers + 1) * stage.layers * hw.latency)
-    if lay.dp_replicate > 1:
+    experts = stage.experts if lay.ep > 1 else 0.0
+    experts_trainable = experts if w.lora is None else 0.0
+    seconds = _gather_reduce(stage.params - experts, stage.trainable - experts_trainable, shard, shard * lay.tp,
+                             rounds, lay, hw, stage)
+    efsdp = lay.dp_shard // lay.ep
+    if lay.ep > 1:  # this rank's E/ep experts; the efsdp group spans ep x tp neighbours per member
+        seconds += _gather_reduce(experts / lay.ep, experts_trainable / lay.ep, efsdp, efsdp * lay.ep * lay.tp,
+                                  rounds, lay, hw, stage)
+    if lay.dp_replicate > 1:  # every rank's shard, the experts' included (ep x efsdp = dp_shard)
         r = lay.dp_replicate
-        bytes_ = 2 * 4 * trainable / shard * (r - 1) / r
+        bytes_ = 2 * 4 * stage.trainable / shard * (r - 1) / r
         seconds += rounds * (bytes_ / hw.bandwidth(r * shard * lay.tp) + stage.layers * hw.latency)
     return seconds
+
+
+def _gather_reduce(params: float, trainable: float, n: int, span: int, rounds: int, lay: Layout, hw: Hardware,
+                   stage: _Stage) -> float:
+    """All-gathers of `params` (bf16) and reduce-scatter of `trainable` (fp32) over `n` ranks spanning
+    `span` GPUs."""
+    if n == 1:
+        return 0.0
+    gathers = 1 if lay.pp > 1 else 2  # forward, and again for backward after resharding
+    bytes_ = (gathers * 2 * params + 4 * trainable) * (n - 1) / n
+    return rounds * (bytes_ / hw.bandwidth(span) + (gathers + 1) * stage.layers * hw.latency)
 
 
 def evaluate(w: Workload, lay: Layout, hw: Hardware) -> Estimate:
     parts = step_time(w, lay, hw)
     seconds = sum(parts.values())
     tokens = w.global_batch * w.seq_len / seconds / hw.gpus
-    mfu = w.global_batch * flops.flops_per_sequence(w.args, w.seq_len) / seconds / hw.gpus / hw.peak_flops
+    mfu = w.global_batch * flops.flops_per_sequence(w.args, w.seq_len, w.lora) / seconds / hw.gpus / hw.peak_flops
     return Estimate(lay, memory_of(w, lay), seconds, tokens, mfu, parts)
 
 

@@ -282,6 +282,13 @@ def test_sft_then_lora_through_the_trainer(tmp_path):
     full = _losses(lora.out_dir)
     assert full[6] < full[1]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    # Throughput rows count a LoRA step's FLOPs (no frozen weight gradients: llamatron/flops.py).
+    from llamatron import flops
+
+    cfg = _cfg(tmp_path, tmp_path / "lora", 6, lora_args)
+    row = [json.loads(line) for line in open(lora.out_dir / "metrics.jsonl") if '"train"' in line][-1]
+    per_seq = row["tflops_per_gpu"] * 1e12 * row["step_time_s"] / cfg.train.global_batch_size
+    assert per_seq == pytest.approx(flops.flops_per_sequence(SIZES["debug"], cfg.data.seq_len, cfg.lora), rel=1e-9)
     # Resume: 3 steps, then the same command to 6, gives the same losses bit for bit; also from
     # adapter-only checkpoints (the base weights come from init_from again).
     train(_cfg(tmp_path, tmp_path / "resumed", 3, lora_args), progress=False, log=lambda *a: None)
@@ -369,6 +376,31 @@ def test_evaluating_a_lora_checkpoint_scores_base_and_adapters(tmp_path, capsys,
     assert _cli_perplexity(capsys, run.out_dir, tmp_path / "valid", seq_len, n) == pytest.approx(want_ppl, abs=1e-4)
 
 
+@pytest.mark.parametrize("base, save_frozen", [("init_from", True), ("init_from", False), ("seed", False)],
+                         ids=["whole", "adapter-only", "adapter-only-seeded"])
+def test_export_of_a_lora_run_is_the_merged_model(tmp_path, base, save_frozen):
+    """`convert --from llamatron --to hf` on a LoRA run writes the merged weights (W + alpha/r B A; the
+    frozen base from init_from or the seed for adapter-only checkpoints): transformers' logits of the
+    export equal the trained model's (base + adapters) within fp32 rounding."""
+    transformers = pytest.importorskip("transformers")
+    extra = ["lora.rank=4", "lora.alpha=8", "optim.lr=1e-2", f"checkpoint.save_frozen={str(save_frozen).lower()}"]
+    if base == "init_from":
+        first = train(_cfg(tmp_path, tmp_path / "base", 1), progress=False, log=lambda *a: None)
+        extra.append(f"checkpoint.init_from={first.checkpoint}")
+    run, trained = _train_keeping_model(_cfg(tmp_path, tmp_path / "lora", 2, extra))
+    assert main(["convert", "--from", "llamatron", "--to", "hf", str(run.out_dir), str(tmp_path / "hf"),
+                 "--dtype", "fp32"]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, trained.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = trained(tokens), hf(tokens).logits
+        for m in lora_modules(trained).values():  # without its adapters the export would be far off
+            m.lora_B.weight.zero_()
+        base_only = trained(tokens)
+    assert (want - base_only).abs().max() > 1e-3
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+
+
 def test_evaluating_an_adapter_only_checkpoint_without_its_base_is_one_line(tmp_path, capsys):
     first = train(_cfg(tmp_path, tmp_path / "base", 1), progress=False, log=lambda *a: None)
     lora = ["lora.rank=4", "lora.alpha=8", "checkpoint.save_frozen=false", f"checkpoint.init_from={first.checkpoint}"]
@@ -376,8 +408,6 @@ def test_evaluating_an_adapter_only_checkpoint_without_its_base_is_one_line(tmp_
     data = _boolq(tmp_path / "eval.jsonl")
     args = ["evaluate", "--checkpoint", str(run.out_dir), "--tasks", "boolq", "--task-file", f"boolq={data}",
             "--device", "cpu", "--output", str(tmp_path / "results.json")]
-    # LoRA with tensor parallelism: refused by evaluation before any process starts.
-    _one_line_error(capsys, args + ["--nproc-per-node", "2", "--tp", "2"], "--tp 2", "LoRA")
     first.checkpoint.rename(tmp_path / "moved")
     _one_line_error(capsys, args, "holds only LoRA adapters", "checkpoint.init_from", str(first.checkpoint))
     valid = _validation_file(tmp_path, load_tokenizer(_tokenizer(tmp_path)), 65)
@@ -387,9 +417,11 @@ def test_evaluating_an_adapter_only_checkpoint_without_its_base_is_one_line(tmp_
 
 
 @pytest.mark.slow
-def test_evaluating_a_lora_checkpoint_under_fsdp_equals_one_process(tmp_path):
-    """`llamatron evaluate --nproc-per-node 2` (FSDP over 2 gloo ranks, adapters unmerged) on an
-    adapter-only checkpoint gives the single process's scores (merged adapters)."""
+@pytest.mark.parametrize("extra", [[], ["--tp", "2"]], ids=["fsdp2", "tp2"])
+def test_evaluating_a_lora_checkpoint_under_torchrun_equals_one_process(tmp_path, extra):
+    """`llamatron evaluate --nproc-per-node 2` (FSDP over 2 gloo ranks, or TP 2 with the adapters in
+    training's TP layout; unmerged) on an adapter-only checkpoint gives the single process's scores
+    (merged adapters)."""
     first = train(_cfg(tmp_path, tmp_path / "base", 1), progress=False, log=lambda *a: None)
     lora = ["lora.rank=4", "lora.alpha=8", "optim.lr=1e-2", "checkpoint.save_frozen=false",
             f"checkpoint.init_from={first.checkpoint}"]
@@ -402,7 +434,7 @@ def test_evaluating_a_lora_checkpoint_under_fsdp_equals_one_process(tmp_path):
     assert main(args + ["--output", str(tmp_path / "one.json")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "llamatron", *args, "--output", str(tmp_path / "two.json"),
-                           "--nproc-per-node", "2"], capture_output=True, text=True, env=env, timeout=300,
+                           "--nproc-per-node", "2", *extra], capture_output=True, text=True, env=env, timeout=300,
                           start_new_session=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
@@ -460,6 +492,111 @@ def test_sft_and_lora_raise_boolq_accuracy_on_their_training_set(tmp_path):
         assert main(["evaluate", "--checkpoint", str(run.out_dir), "--tasks", "boolq", "--task-file", f"boolq={data}",
                      "--prompt", "pax", "--device", "cpu", "--output", str(out)]) == 0
         assert json.loads(out.read_text())["boolq"]["metrics"]["acc"]["value"] == acc[30], name
+
+
+def test_lora_base_weights_in_bf16_change_no_number(tmp_path):
+    """Under bf16 autocast (here on the CPU; on a GPU by default) LoRA's frozen linears are stored in
+    bf16 (lora.base_dtype = auto): autocast rounded them to bf16 at every use anyway, so the losses
+    equal the fp32-stored run's bit for bit. The run's checkpoint holds them in bf16, the embedding,
+    norms and adapters in fp32, and a resume from it continues exactly."""
+    lora = ["train.precision=bf16", "lora.rank=4", "lora.alpha=8", "optim.lr=1e-2", "optim.schedule_steps=4",
+            "checkpoint.every=2"]
+    fp32 = train(_cfg(tmp_path, tmp_path / "fp32", 4, [*lora, "lora.base_dtype=fp32"]), progress=False,
+                 log=lambda *a: None)
+    logged = []
+    bf16 = train(_cfg(tmp_path, tmp_path / "bf16", 4, lora), progress=False, log=logged.append)
+    assert _losses(bf16.out_dir) == _losses(fp32.out_dir)
+    assert any("LoRA's frozen linear weights stored in bfloat16" in line for line in logged)
+    dtypes = {k: m.properties.dtype for k, m in
+              dcp.FileSystemReader(str(bf16.checkpoint)).read_metadata().state_dict_metadata.items()
+              if k.startswith("model.") and hasattr(m, "properties")}
+    assert dtypes["model.layers.0.attention.wq.weight"] == dtypes["model.output.weight"] == torch.bfloat16
+    assert dtypes["model.layers.0.attention.wq.lora_A.weight"] == dtypes["model.tok_embeddings.weight"] == torch.float32
+    assert dtypes["model.norm.weight"] == torch.float32
+    # Resume from step 2's checkpoint (bf16 base weights) to 4: the same losses.
+    resumed = tmp_path / "resumed"
+    train(_cfg(tmp_path, resumed, 2, lora), progress=False, log=lambda *a: None)
+    train(_cfg(tmp_path, resumed, 4, lora), progress=False, log=lambda *a: None)
+    assert _losses(resumed) == _losses(bf16.out_dir)
+
+
+def test_lora_base_dtype_bf16_needs_bf16_autocast(tmp_path):
+    lora = ["finetune.data=x.jsonl", "lora.rank=4"]
+    with pytest.raises(LlamatronError, match="lora.base_dtype.*bf16 base weights need bf16 compute"):
+        load_config("llamatron-finetune-test", [*lora, "lora.base_dtype=bf16"])  # the preset's precision is fp32
+    with pytest.raises(LlamatronError, match="lora.base_dtype.*must be one of auto, fp32, bf16"):
+        load_config("llamatron-finetune-test", [*lora, "lora.base_dtype=fp16"])
+    from llamatron.transforms.lora import frozen_dtype
+
+    cfg = load_config("llamatron-finetune-test", [*lora, "lora.base_dtype=bf16", "train.precision=bf16"])
+    assert frozen_dtype(cfg.lora, torch.bfloat16) == torch.bfloat16
+    with pytest.raises(LlamatronError, match="without FSDP"):
+        frozen_dtype(cfg.lora, None)  # FSDP: no autocast (its mixed precision gathers bf16 copies)
+    with pytest.raises(LlamatronError, match="without FSDP or tensor parallelism"):
+        frozen_dtype(cfg.lora, torch.bfloat16, tp=2)
+    cfg.lora.base_dtype = "auto"
+    assert frozen_dtype(cfg.lora, None) is None and frozen_dtype(cfg.lora, torch.bfloat16, tp=2) is None
+    assert frozen_dtype(cfg.lora, torch.bfloat16) == torch.bfloat16
+    with pytest.raises(LlamatronError, match="lora.base_dtype.*tensor parallelism"):
+        load_config("llamatron-finetune-test", [*lora, "lora.base_dtype=bf16", "train.precision=bf16", "parallel.tp=2"])
+
+
+def test_memory_estimate_of_bf16_base_weights():
+    """bf16-stored frozen linears: 2 bytes each instead of 4, and no autocast copy kept for backward."""
+    from llamatron.config import LoraConfig
+    from llamatron.parallel.memory import estimate_memory, parameter_counts
+
+    args = SIZES["llama3.1-8b"]
+    est = {base: estimate_memory(args, 4096, 1, bf16=True, fsdp=False, lora=LoraConfig(rank=32, base_dtype=base))
+           for base in ("auto", "fp32")}
+    counts = parameter_counts(args, LoraConfig(rank=32))
+    frozen = args.n_layers * counts.block_linear_frozen + counts.last_linear_frozen
+    assert frozen == pytest.approx(7.5044e9, rel=1e-4)  # every block linear and the output layer
+    assert est["fp32"].weights - est["auto"].weights == pytest.approx(2 * frozen)
+    assert est["fp32"].working - est["auto"].working == pytest.approx(2 * frozen)
+    fsdp = {base: estimate_memory(args, 4096, 1, dp_shard=8, bf16=True, lora=LoraConfig(rank=32, base_dtype=base))
+            for base in ("auto", "fp32")}
+    assert fsdp["auto"].total == fsdp["fp32"].total  # FSDP keeps fp32 shards
+
+
+def test_compiled_checkpointed_blocks_take_the_flex_block_mask(monkeypatch):
+    """On CUDA packed batches run flex_attention (compiled once, a module global) inside compiled and
+    checkpointed blocks. The global is made by `document_mask`, outside the blocks: made inside a
+    checkpointed block's graph it is a side effect torch.compile refuses. Emulated on the CPU (whose
+    flex_attention has no backward and whose compiled kernel is not tried here): the same code path
+    with the aot_eager backend, forward only."""
+    import llamatron.models.llama.model as M
+    from llamatron.transforms.checkpointing import apply_activation_checkpointing
+    from llamatron.transforms.lora import apply_lora
+
+    def flex_any_device(device):  # `_flex_attention` without its CUDA-only condition
+        if M._flex_compiled is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            M._flex_compiled = torch.compile(flex_attention, dynamic=False, backend="aot_eager")
+        return M._flex_compiled
+
+    monkeypatch.setattr(M, "_flex_attention", flex_any_device)
+    monkeypatch.setattr(M, "_flex_compiled", None)
+    torch._dynamo.reset()
+    model = _model()
+    apply_lora(model, 4, 8.0)
+    apply_activation_checkpointing(model)
+    for block in model.layers.values():
+        block.compile(fullgraph=True, backend="aot_eager")
+    doc = torch.tensor([[0] * 100 + [1] * 60 + [2] * 96, [0] * 200 + [-1] * 56])
+    pos = torch.cat([torch.arange(100), torch.arange(60), torch.arange(96)]).expand(2, -1)
+    x = torch.randn(2, 256, 64)
+    with torch.no_grad():
+        h = x
+        mask = M.document_mask(doc, flex=True)
+        for block in model.layers.values():
+            h = block(h, model.rope_cos[pos], model.rope_sin[pos], mask)
+        ref = x
+        for block in model.layers.values():
+            ref = block.forward(ref, model.rope_cos[pos], model.rope_sin[pos], M.document_mask(doc))  # eager
+    torch._dynamo.reset()
+    torch.testing.assert_close(h, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_config_takes_lora_with_tensor_parallelism_but_not_fp8(tmp_path):

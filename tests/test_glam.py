@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from llamatron.config import load_config
+from llamatron.config import load_config, validate_config
 from llamatron.data.indexed import IndexedDatasetWriter
 from llamatron.errors import LlamatronError
 from llamatron.models import parameter_count, registry
@@ -339,6 +339,16 @@ def test_ep_is_checked_against_the_model(tmp_path):
         load_config(None, ["model.size=glam-debug", "parallel.ep=3", "parallel.dp_shard=3", *base])
     with pytest.raises(LlamatronError, match="parallel.pp"):
         load_config(None, ["model.size=glam-debug", "parallel.pp=2", *base])
+    # ep takes its ranks from dp_shard: it must divide it (the experts are FSDP-sharded over the rest).
+    with pytest.raises(LlamatronError, match="'parallel.ep': must divide the FSDP degree dp_shard 6 "):
+        load_config(None, ["model.size=glam-debug", "parallel.ep=4", "parallel.dp_shard=6", *base])
+    cfg = load_config(None, ["model.size=glam-debug", "parallel.ep=2", *base])
+    with pytest.raises(LlamatronError, match="'parallel.ep': must divide the FSDP degree dp_shard 3 "):
+        validate_config(cfg, 3)
+    for world, layout in ((4, ["parallel.dp_shard=4"]), (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+                          (8, ["parallel.tp=2", "parallel.dp_shard=4"])):
+        validate_config(load_config(None, ["model.size=glam-debug", "parallel.ep=2", "train.micro_batch_size=1", *layout,
+                                           *base]), world)
 
 
 def _pattern_data(prefix, n_docs=64, length=200):

@@ -1,5 +1,6 @@
 """The GPT family under every parallel layout trains exactly like one process (CPU, gloo, torchrun), as
-test_parallel_layouts.py does for Llama: FSDP (tied embeddings in the root unit), TP+SP (vocabulary-
+test_parallel_layouts.py does for Llama: FSDP (tied embeddings in the root unit), HSDP (two
+replicas, gradients all-reduced across them), TP+SP (vocabulary-
 sharded tied output, replicated position embedding), CP (the position ids sharded with the tokens, so
 each rank looks up its global positions), PP 1F1B and interleaved with the tied embedding (the last
 stage's copy, gradients summed with the first stage's, counted once in the norm) and untied, and
@@ -71,7 +72,8 @@ def _assert_same(got, want, keys):
 KEYS = [("eval", 0), ("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
 
 
-@pytest.mark.parametrize("overrides", [["parallel.dp_shard=2"], ["parallel.cp=2"]], ids=["fsdp", "cp"])
+@pytest.mark.parametrize("overrides", [["parallel.dp_shard=2"], ["parallel.dp_replicate=2"], ["parallel.cp=2"]],
+                         ids=["fsdp", "hsdp", "cp"])
 def test_gpt_layout_matches_single_process(overrides, config, reference, tmp_path):
     torchrun(2, config, tmp_path / "run", *overrides)
     _assert_same(_trajectory(tmp_path / "run"), _trajectory(reference), KEYS)

@@ -187,8 +187,8 @@ def test_family_shapes_agree_with_the_flop_formula_and_the_parameters(size):
 
 def test_gpt_pipelines_with_its_tied_copy_and_glam_plans_expert_parallelism():
     """GPT ties its embeddings: pipelined, the last stage holds a copy of the token embedding, which
-    its memory counts; GLaM has neither pp nor cp, and its EP layouts (ep = dp_shard, nothing else)
-    hold no gathered experts and pay the all-to-all."""
+    its memory counts; GLaM has neither pp nor cp, and its EP layouts (ep dividing dp_shard, with
+    replicas or tp or neither) gather only their own experts and pay the all-to-all."""
     gpt = plan.plan("gpt-5b", plan.Hardware(16), seq_len=2048, global_batch=64)
     assert any(e.layout.tp > 1 for e in gpt.ranked)
     piped = [e for e in gpt.ranked if e.layout.pp > 1]
@@ -200,15 +200,24 @@ def test_gpt_pipelines_with_its_tied_copy_and_glam_plans_expert_parallelism():
     glam = plan.plan("glam-126m-64e", plan.Hardware(8), seq_len=2048, global_batch=256)
     assert all(e.layout.pp == e.layout.cp == 1 for e in glam.ranked)
     with_ep = [e for e in glam.ranked if e.layout.ep > 1]
-    assert with_ep and all(e.layout.ep == e.layout.dp_shard == 8 and e.layout.dp_replicate == e.layout.tp == 1
-                           for e in with_ep)
+    assert all(e.layout.dp_shard % e.layout.ep == 0 for e in with_ep)
+    kinds = {(e.layout.ep < e.layout.dp_shard, e.layout.dp_replicate > 1, e.layout.tp > 1) for e in with_ep}
+    assert {(False, False, False), (True, False, False), (False, True, False), (False, False, True)} <= kinds
     by_layout = {e.layout: e for e in glam.ranked}
     for e in with_ep:
         plain = by_layout[dataclasses.replace(e.layout, ep=1)]
         assert e.parts["ep"] > 0 and plain.parts["ep"] == 0
-        assert e.memory.working < plain.memory.working  # only the non-expert weights are gathered
-        assert e.memory.weights == pytest.approx(plain.memory.weights)  # experts / ep, the rest / dp_shard
-    plan.check_overrides(glam, with_ep[0])
+        if e.layout.ep < e.layout.dp_shard or e.layout.dp_replicate > 1:
+            assert e.memory.working < plain.memory.working  # FSDP gathers E/ep experts, not E
+        else:  # FSDP leaves them alone: no experts gathered, but every block's own experts cast for backward
+            counts = parameter_counts(glam.workload.args)
+            experts = counts.block_experts * glam.workload.args.n_layers
+            assert e.memory.working - plain.memory.working == pytest.approx(
+                2 * (experts / e.layout.ep - 2 * counts.block_experts))
+        assert e.memory.weights == pytest.approx(plain.memory.weights)  # experts / (ep x dp_shard/ep), the rest / dp_shard
+    for kind in kinds:
+        plan.check_overrides(glam, next(e for e in with_ep if (e.layout.ep < e.layout.dp_shard, e.layout.dp_replicate > 1,
+                                                               e.layout.tp > 1) == kind))
 
 
 def test_hsdp_layouts_appear_and_hold_more_per_rank():

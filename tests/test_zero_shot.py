@@ -7,6 +7,7 @@ imported into llamatron, and on tiny random llamatron Llama and GPT models expor
 (same weights, fp32).
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -109,6 +110,110 @@ def test_left_truncation_to_the_model_context(model):
     (short, _), = loglikelihoods(model, [(ctx, cont)], 2, CPU, max_len=16)
     assert short == pytest.approx(_hand_score(model, ctx, cont, max_len=16)[0], abs=1e-4)
     assert abs(short - ll) > 1e-3  # the truncation did change the context
+    # A context of 60 positions: padding to a multiple of 8 (64) would pass the last one.
+    entry = registry.get("debug")
+    m60 = entry.family.build(dataclasses.replace(entry.args, max_seq_len=60))
+    m60.load_state_dict(model.state_dict())
+    (ll60, _), = loglikelihoods(m60.eval(), [(ctx, cont)], 2, CPU)
+    assert ll60 == pytest.approx(_hand_score(model, ctx, cont, max_len=60)[0], abs=1e-4)
+
+
+class FullLogits(nn.Module):
+    """The module protocol without `logits_at`: the scorer's full-logits path on the same model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.args = model, model.args
+
+    def forward(self, tokens):
+        return self.inner(tokens)
+
+
+def _family_model(size, seed=3):
+    """A debug model of a family with an output layer scaled up (predictions far from uniform, so the
+    greedy flags are not decided by rounding); GLaM dropless, so that routing does not depend on a
+    batch's padding (capacity grows with the padded length) and a padded row scores as it does alone."""
+    entry = registry.get(size)
+    args = dataclasses.replace(entry.args, capacity_factor=0.0) if size.startswith("glam") else entry.args
+    m = entry.family.build(args)
+    m.init_weights(seed=seed)
+    with torch.no_grad():
+        m.get_parameter(_output_weight(m)).mul_(5)
+    return m.eval()
+
+
+def _output_weight(model):
+    """The name of the output layer's weight (tied or not): the last [vocab, dim] parameter."""
+    return [n for n, p in model.named_parameters() if p.ndim == 2 and p.shape[0] == model.args.vocab_size][-1]
+
+
+def _with_greedy_continuations(model, reqs):
+    """Every other request's continuation replaced by the model's own greedy tokens (is_greedy true)."""
+    out = list(reqs)
+    for i in range(0, len(out), 2):
+        ctx, cont = out[i]
+        out[i] = (ctx, greedy_generate(model, [ctx], len(cont), CPU, use_cache=False)[0])
+    return out
+
+
+@pytest.mark.parametrize("size", ["debug", "gpt-debug", "glam-debug"])
+def test_selected_logits_equal_the_full_logits_path(size):
+    """`logits_at` (the output layer at the scored positions only) against the full [batch, seq, vocab]
+    logits of the same model, per family: the forward's rows, and every request's log-likelihood and
+    is_greedy in padded batches of mixed lengths."""
+    model = _family_model(size)
+    tokens = torch.randint(0, 512, (3, 13), generator=torch.Generator().manual_seed(1))
+    at = torch.tensor([[0, 0], [2, 12], [1, 5], [2, 3], [0, 12]])
+    with torch.no_grad():
+        full, picked = model(tokens), model(tokens, logits_at=at)
+    assert picked.shape == (5, 512)
+    torch.testing.assert_close(picked, full[at[:, 0], at[:, 1]], rtol=0, atol=1e-5)
+
+    reqs = _with_greedy_continuations(model, _random_requests(11, seed=2))
+    fast = loglikelihoods(model, reqs, 4, CPU)
+    slow = loglikelihoods(FullLogits(model), reqs, 4, CPU)
+    assert sum(g for _, g in slow) >= 6  # the greedy continuations, at least
+    for (a, ga), (b, gb) in zip(fast, slow):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
+    for (ctx, cont), (ll, greedy) in zip(reqs, fast):
+        hand_ll, hand_greedy = _hand_score(model, ctx, cont)
+        assert ll == pytest.approx(hand_ll, abs=1e-4) and greedy == hand_greedy
+
+
+def test_compile_is_off_on_the_cpu_and_skips_what_cannot_be_one_graph():
+    from llamatron.transforms.compile import compile_for_eval
+
+    model = _family_model("debug")
+    reqs = _random_requests(3)
+    loglikelihoods(model, reqs, 2, CPU)  # compile None: CUDA only
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in model.layers.values())
+    glam = _family_model("glam-debug")  # MoE at blocks 0 and 2: data-dependent shapes, left eager
+    assert compile_for_eval(glam) == 2
+    assert [getattr(b, "_compiled_call_impl", None) is not None for b in glam.layers.values()] == [False, True] * 2
+    bigram = Bigram([("a", "b")])  # no `layers`: not compiled, scored as ever
+    assert compile_for_eval(bigram) == 0
+    one = [([97], [98])]
+    assert loglikelihoods(bigram, one, 1, CPU, compile=True) == loglikelihoods(bigram, one, 1, CPU)
+
+
+@pytest.mark.slow
+def test_compiled_scoring_equals_eager_without_recompiling():
+    """compile=True on the CPU (inductor: ~30 s here): the same scores as eager; one graph serves
+    every batch's length (a recompile is an error here), and generation afterwards runs eagerly."""
+    eager = _family_model("debug")
+    compiled = _family_model("debug")
+    reqs = _with_greedy_continuations(eager, _random_requests(12, seed=4))
+    want = loglikelihoods(eager, reqs, 4, CPU)
+    lengths = {-(-len(c + x) // 8) for c, x in reqs}
+    assert len(lengths) >= 3  # batches of several padded lengths
+    first = loglikelihoods(compiled, reqs[:4], 4, CPU, compile=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = loglikelihoods(compiled, reqs, 4, CPU, compile=True)
+        prompts = [c for c, _ in reqs[:3]]
+        assert greedy_generate(compiled, prompts, 4, CPU) == greedy_generate(eager, prompts, 4, CPU)
+    assert all(b._compiled_call_impl is not None for b in compiled.layers.values())
+    for (a, ga), (b, gb) in zip(want[:4] + want, first + got):
+        assert b == pytest.approx(a, abs=1e-5) and ga == gb
 
 
 def test_encode_pair_moves_trailing_space_and_uses_prefix_for_empty_context(tok):
@@ -288,7 +393,23 @@ def exported(request, tmp_path_factory, tok_path):
     assert main(["convert", "--from", "llamatron", "--to", "hf", str(ckpt), str(root / "hf")]) == 0
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(root / "hf").eval()
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tok_path), bos_token="<s>", eos_token="</s>")
-    return types.SimpleNamespace(ckpt=ckpt, model=hf_model, tok=hf_tok, family=entry.family.name)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    return types.SimpleNamespace(ckpt=ckpt, model=hf_model, tok=hf_tok, family=entry.family.name, root=root,
+                                 params=params, args=entry.args)
+
+
+@needs_hf
+def test_in_memory_hf_tensors_are_the_exported_ones(exported):
+    """`convert.hf_state_dict` (the benchmark's HF twin) gives exactly the tensors `convert --to hf` writes."""
+    from safetensors.torch import load_file
+
+    from llamatron.convert import hf_state_dict
+
+    written = {k: v for f in sorted((exported.root / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
+    ours = hf_state_dict(exported.params, exported.args)
+    assert sorted(ours) == sorted(written)
+    for name, t in written.items():
+        assert torch.equal(ours[name], t), name
 
 
 @needs_hf
@@ -415,7 +536,7 @@ def test_cli_evaluate_builtin_and_harness_agree(hf, tok_path, data, tmp_path, ca
     code = main(["evaluate", "--checkpoint", str(hf.ckpt), "--tokenizer", str(tok_path), "--data-dir", str(data),
                  "--tasks", "lambada,boolq,harness:lambada_local,harness:boolq_local", "--include-path", str(data),
                  "--only-include-path", "--bootstrap-iters", "10", "--batch-size", "3", "--device", "cpu",
-                 "--output", str(out)])
+                 "--no-compile", "--output", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "harness:boolq_local" in printed and f"wrote {out}" in printed

@@ -10,7 +10,8 @@ It is registered as lm-eval model "llamatron" (`model_args="checkpoint=DIR,token
 module is imported. Scoring is `eval/loglikelihood.py`, the built-in tasks' path, so both give the
 same numbers; strings become tokens as lm-eval's `TemplateLM` makes them. `generate_until` is greedy
 (sampling is refused) with the harness's stop-string handling, decoding through the family's KV cache
-(`kv_cache=false`: recomputing the sequence each token).
+(`kv_cache=false`: recomputing the sequence each token). `compile` (true, false or auto: on CUDA)
+compiles the model's blocks for scoring, as `llamatron evaluate --compile` does.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ except ImportError as e:  # pragma: no cover - the extra is installed in CI
 class LlamatronLM(TemplateLM):
     """`model`: a module or `Layout` (or `checkpoint`: a checkpoint or run directory to load);
     `tokenizer`: a llamatron tokenizer or its name/path. `add_bos` prepends BOS to every context;
-    `kv_cache` false makes generation recompute the sequence for each token."""
+    `kv_cache` false makes generation recompute the sequence for each token; `compile` (None: on
+    CUDA) compiles the model's blocks in place for log-likelihoods (`loglikelihoods`)."""
 
     def __init__(self, model=None, tokenizer="llama3", checkpoint=None, batch_size=8, device="auto",
-                 precision=None, max_length=None, add_bos=False, max_gen_toks=256, kv_cache=True):
+                 precision=None, max_length=None, add_bos=False, max_gen_toks=256, kv_cache=True, compile=None):
         super().__init__()
         import torch
 
@@ -57,6 +59,7 @@ class LlamatronLM(TemplateLM):
         self._max_length = int(max_length) if max_length else None
         self.max_gen_toks = int(max_gen_toks)
         self.kv_cache = str(kv_cache).lower() in ("true", "1")
+        self.compile = None if compile in (None, "auto") else str(compile).lower() in ("true", "1")
 
     # -- what TemplateLM asks --------------------------------------------------------------------
     @property
@@ -89,7 +92,8 @@ class LlamatronLM(TemplateLM):
         return ids
 
     def _scores(self, pairs) -> list[tuple[float, bool]]:
-        return loglikelihoods(self.model, pairs, self.batch_size, self._device, self.precision, self.max_length)
+        return loglikelihoods(self.model, pairs, self.batch_size, self._device, self.precision, self.max_length,
+                              self.compile)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         results = self._scores([(ctx, cont) for _, ctx, cont in requests])

@@ -13,11 +13,19 @@ tasks and the lm-eval adapter (`eval/harness.py`) score the same tokens.
 Any family that keeps the module protocol (`model(tokens)` -> logits) works, as a module or a
 `Layout`: data-parallel ranks score interleaved batches and gather the results; tensor-parallel
 logits (vocabulary-sharded DTensors) are gathered before the softmax.
+
+Fast path: a family whose forward takes `logits_at` (models/family.py) computes the output layer
+only at the scored positions (a LAMBADA request scores 1-3 of its ~80: the [batch, seq, vocab]
+logits were most of the memory traffic), without tensor parallelism; the log-softmax is one batched
+fp32 op over those rows and the per-request sums and greedy flags stay on the device until one host
+copy per batch. Batches are padded to a multiple of 8 tokens, and on CUDA each block runs compiled
+with dynamic shapes (one graph for every batch; `compile`).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +35,7 @@ from llamatron.errors import LlamatronError
 from llamatron.models.kv_cache import KVCache
 from llamatron.parallel.layout import Layout, plain
 from llamatron.runtime import Precision
+from llamatron.transforms.compile import compile_for_eval
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
 
@@ -72,43 +81,92 @@ def _model_inputs(req: Request, max_len: int) -> tuple[list[int], int]:
     return (ctx + cont)[-(max_len + 1):][:-1], len(cont)
 
 
+def padded_tokens(rows: list[list[int]], multiple: int, pad_id: int = 0) -> torch.Tensor:
+    """Right-padded rows [len(rows), longest rounded up to `multiple`], built in one tensor."""
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
+    return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
 @torch.no_grad()
 def forward_logits(layout: Layout, rows: list[list[int]], device, precision: Precision | None,
                    pad_id: int = 0) -> tuple[torch.Tensor, list[int]]:
     """One forward over right-padded rows: logits [batch, longest, vocab] and the row lengths. Under
     tensor (sequence) parallelism the padded length is a multiple of tp, which shards it evenly."""
-    lengths = [len(r) for r in rows]
-    tp = layout.dims.tp
-    tokens = torch.full((len(rows), -(-max(lengths) // tp) * tp), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    tokens = padded_tokens(rows, layout.dims.tp, pad_id)
     precision = precision or Precision(None, None)
     with precision.autocast(device):
         logits = plain(layout.model(tokens.to(device)))
-    return logits, lengths
+    return logits, [len(r) for r in rows]
 
 
-def _score_batch(layout, batch: list[tuple[list[int], int, list[int]]], device, precision):
-    logits, lengths = forward_logits(layout, [inp for inp, _, _ in batch], device, precision)
-    totals, greedy = [], []
-    for row, (length, (_, n, cont)) in enumerate(zip(lengths, batch)):
-        logp = torch.log_softmax(logits[row, length - n : length].float(), dim=-1)
-        target = torch.tensor(cont, device=logp.device)
-        totals.append(logp.gather(-1, target[:, None]).sum())
-        greedy.append((logp.argmax(-1) == target).all())
-    # One device-to-host copy per batch, not two per request.
-    return list(zip(torch.stack(totals).double().tolist(), torch.stack(greedy).tolist()))
+def _selects_logits(layout: Layout) -> bool:
+    """A family whose forward takes `logits_at` (the module protocol's optional selected logits), on a
+    layout without tensor parallelism (its output layer is vocabulary-sharded and its norm's input
+    sequence-sharded: the full logits are gathered there instead)."""
+    return layout.dims.tp == 1 and "logits_at" in inspect.signature(layout.model.forward).parameters
+
+
+def _compiles(layout: Layout, device, compile: bool | None) -> bool:
+    """compile None: on CUDA only (on the CPU the compile takes longer than it saves). A model in one
+    process only: a torchrun layout's blocks are FSDP or TP units, built without compile."""
+    if compile is None:
+        compile = torch.device(device).type == "cuda"
+    return bool(compile) and layout.dims.world_size == 1
+
+
+def _score_batch(layout, batch: list[tuple[list[int], int, list[int]]], device, precision, select: bool,
+                 multiple: int) -> list[tuple[float, bool]]:
+    """One forward, then a batched fp32 log-softmax over the scored positions only, and per-request
+    sums and greedy flags on the device: one host copy per batch."""
+    rows = [inp for inp, _, _ in batch]
+    if -(-max(map(len, rows)) // multiple) * multiple > layout.model.args.max_seq_len:
+        multiple = layout.dims.tp  # aligned padding would pass the model's last position
+    tokens = padded_tokens(rows, multiple)
+    # (row, position, slot in its request) of every scored token, built on the host in one go.
+    where = [(i, len(inp) - n + j, j) for i, (inp, n, _) in enumerate(batch) for j in range(n)]
+    row, col, slot = torch.tensor(where, dtype=torch.long, device=device).unbind(1)
+    target = torch.tensor([t for _, _, cont in batch for t in cont], dtype=torch.long, device=device)
+    with (precision or Precision(None, None)).autocast(device):
+        if select:
+            # The scored rows padded too (repeats of the last): the output GEMM's row count stays
+            # aligned, and a request's logits do not depend on how many rows its batch scores (the
+            # CPU's kernels for fewer than 4 rows round differently).
+            at = torch.stack((row, col), 1)
+            at = torch.cat((at, at[-1:].expand(-len(at) % multiple, 2)))
+            logits = layout.model(tokens.to(device), logits_at=at)[: len(row)]
+        else:
+            logits = plain(layout.model(tokens.to(device)))[row, col]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values = torch.stack((logp.gather(-1, target[:, None]).squeeze(-1), (logp.argmax(-1) != target).float()))
+    # Each token to its own cell, then a sum per request, in fp64: the padding cells and the
+    # reduction's order (which depends on the batch's longest continuation) then change nothing
+    # visible. Not index_add: its CUDA atomics add in a different order from run to run.
+    table = torch.zeros(2, len(batch), max(n for _, n, _ in batch), dtype=torch.float64, device=logp.device)
+    table[:, row, slot] = values.double()
+    sums, misses = table.sum(-1).tolist()
+    return [(s, m == 0) for s, m in zip(sums, misses)]
+
+
+# A batch's padded length: GEMM shapes (batch x length rows) stay aligned, and fewer distinct lengths.
+PAD_MULTIPLE = 8
 
 
 @torch.no_grad()
 def loglikelihoods(model, requests: Sequence[Request], batch_size: int, device, precision: Precision | None = None,
-                   max_len: int | None = None) -> list[tuple[float, bool]]:
+                   max_len: int | None = None, compile: bool | None = None) -> list[tuple[float, bool]]:
     """(sum log-probability, is_greedy) of each request's continuation, in the requests' order.
 
     `model` is a module or a `Layout`; every rank of a layout calls this with the same requests and
-    gets all the results. `max_len`: the context to truncate to (default: the model's max_seq_len)."""
+    gets all the results. `max_len`: the context to truncate to (default: the model's max_seq_len).
+    `compile` (None: on CUDA) compiles the model's blocks in place, once, with dynamic shapes
+    (`transforms.compile.compile_for_eval`): later calls, and any other use of the model, run them
+    compiled (generation here runs them eagerly)."""
     layout = _as_layout(model)
     max_len = max_len or layout.model.args.max_seq_len
+    if _compiles(layout, device, compile):
+        compile_for_eval(layout.model)
+    select = _selects_logits(layout)
+    multiple = math.lcm(PAD_MULTIPLE, layout.dims.tp)
     prepared = [(*_model_inputs(r, max_len), list(r[1])) for r in requests]
     order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i][0]), i))
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
@@ -120,7 +178,7 @@ def loglikelihoods(model, requests: Sequence[Request], batch_size: int, device, 
     # with no batch left scores a copy of the first and drops it.
     for b in range(rank, len(batches) + (-len(batches)) % dp, dp):
         idx = batches[b] if b < len(batches) else batches[0][:1]
-        scores = _score_batch(layout, [prepared[i] for i in idx], device, precision)
+        scores = _score_batch(layout, [prepared[i] for i in idx], device, precision, select, multiple)
         if b < len(batches):
             mine.update(zip(idx, scores))
     layout.train(was_training)
@@ -182,7 +240,14 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new: int, devic
     forward and each step feeds one token per row; once a sequence would exceed `max_len` (or
     without a cache) each step recomputes the whole left-truncated sequence, exact but slow."""
     layout = _as_layout(model)
-    max_len = max_len or layout.model.args.max_seq_len
+    # Eagerly, whatever scoring compiled: a decode step's shapes and cache state would recompile.
+    with torch.compiler.set_stance("force_eager"):
+        return _greedy(layout, prompts, max_new, device, precision, stop, eos_id,
+                       max_len or layout.model.args.max_seq_len, use_cache)
+
+
+def _greedy(layout: Layout, prompts, max_new: int, device, precision, stop, eos_id, max_len: int,
+            use_cache: bool) -> list[list[int]]:
     out: list[list[int]] = [[] for _ in prompts]
     active = [i for i, p in enumerate(prompts) if len(p)]
     decoder = _CachedDecoder(layout, device, precision, max_new) if use_cache and _decodes_with_cache(layout) else None

@@ -56,7 +56,9 @@ class ZeroShot:
 
     def __call__(self, layout: Layout) -> dict[str, float]:
         """{"TASK/METRIC": value} for every task."""
-        scorer = Scorer(layout, self.tokenizer, self.batch_size, self.device, self.precision)
+        # Never compiled here: that would compile the run's own blocks in place, for training too
+        # (`train.compile` decides that).
+        scorer = Scorer(layout, self.tokenizer, self.batch_size, self.device, self.precision, compile=False)
         out = {}
         for task, docs in self.tasks:
             for metric, m in run_task(task, docs, scorer, self.prompt)["metrics"].items():

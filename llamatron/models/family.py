@@ -26,7 +26,11 @@ The model protocol (what the generic code calls on every family's module):
   - optional incremental decoding: `model(tokens, cache=KVCache)` -> logits of just these tokens, the
     next slots of the cache's left-padded rows (`models/kv_cache.py`: the family takes their positions
     and attention mask from it, and stores each layer's keys and values through `cache.layer(name)`).
-    Generation uses it when forward has a `cache` parameter, and recomputes the sequence otherwise.
+    Generation uses it when forward has a `cache` parameter, and recomputes the sequence otherwise;
+  - optional selected logits: `model(tokens, logits_at=idx)`, idx [N, 2] int64 (row, position)
+    pairs -> logits [N, vocab] of just those positions (the final norm and output layer run on those
+    rows only). Zero-shot scoring (`eval/loglikelihood.py`) uses it when forward has a `logits_at`
+    parameter, and indexes the full [batch, seq, vocab] logits otherwise.
 
 `Family.shapes(args)` describes a block's matrix products and attention for the layout planner
 (llamatron/plan.py): what it times, what tensor, context and expert parallelism move, and which

@@ -11,6 +11,13 @@ except `dp_shard`, kept whenever there are data-parallel replicas so that HSDP a
     dp           dp_replicate x dp_shard        which samples a rank reads
     dp_shard_cp  dp_shard x cp                  what FSDP shards over (a CP rank holds its own shard too)
     dp_cp        dp_replicate x dp_shard x cp   what the loss is averaged over
+
+Expert parallelism (`ep` > 1, MoE families) borrows its ranks from dp_shard, as torchtitan's does: the
+dp_shard dimension is built as two, efsdp x ep (ep varying fastest, so an all-to-all group is
+neighbours), and `dp_shard` is their flattening, so every other group is the one the same layout has
+without ep and the ranks read the same samples. A MoE block's experts are split over `ep` along the
+expert dimension and FSDP-sharded over `efsdp` (the ranks holding the same experts; with replicas,
+`expert_fsdp` = dp_replicate x efsdp, HSDP); everything else is sharded over dp_shard as usual.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ class ParallelDims:
     cp: int = 1
     tp: int = 1
     pp: int = 1
-    ep: int = 1  # expert parallel over the dp_shard ranks themselves (no mesh dimension of its own)
+    ep: int = 1  # expert parallel: divides dp_shard (= efsdp x ep, see the module doc)
     pp_virtual_stages: int = 1
     pp_schedule: str = "1f1b"
     world_size: int = 1
@@ -59,30 +66,43 @@ class ParallelDims:
             parts.append(f"{self.pp_schedule} with {self.pp_virtual_stages} stage(s) per rank")
         return f"{self.world_size} process(es)" + (": " + ", ".join(parts) if parts else "")
 
+    @property
+    def efsdp(self) -> int:
+        """The FSDP degree of the experts under expert parallelism: dp_shard ranks holding the same experts."""
+        return self.dp_shard // self.ep
+
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
         if self.world_size == 1:
             return None
-        dims = [("pp", self.pp), ("dp_replicate", self.dp_replicate), ("dp_shard", self.dp_shard),
-                ("cp", self.cp), ("tp", self.tp)]
-        keep = [(n, s) for n, s in dims if s > 1 or (n == "dp_shard" and self.dp_replicate > 1)]
+        shard = [("efsdp", self.efsdp), ("ep", self.ep)] if self.ep > 1 else [("dp_shard", self.dp_shard)]
+        dims = [("pp", self.pp), ("dp_replicate", self.dp_replicate), *shard, ("cp", self.cp), ("tp", self.tp)]
+        # HSDP's meshes are 2-D (replicate, shard) even where the shard degree is 1: the experts' too.
+        keep = [(n, s) for n, s in dims if s > 1 or (n in ("dp_shard", "efsdp") and self.dp_replicate > 1)]
         self.mesh = init_device_mesh(device_type, tuple(s for _, s in keep), mesh_dim_names=tuple(n for n, _ in keep))
         names = [n for n, _ in keep]
-        flattened = set()
-        for flat, members in (("dp", ("dp_replicate", "dp_shard")), ("dp_shard_cp", ("dp_shard", "cp")),
-                              ("dp_cp", ("dp_replicate", "dp_shard", "cp"))):
-            present = tuple(m for m in members if m in names)
+        members = tuple(n for n, _ in shard)
+        by_members = {}  # the same dimensions are flattened once, whatever the names asking for them
+        for flat, group in (("dp_shard", members), ("dp", ("dp_replicate", *members)), ("dp_shard_cp", (*members, "cp")),
+                            ("dp_cp", ("dp_replicate", *members, "cp"))):
+            present = tuple(m for m in group if m in names)
             if len(present) == 1:
                 self._submeshes[flat] = self.mesh[present[0]]
             elif len(present) > 1:
-                self._submeshes[flat] = self.mesh[present]._flatten(mesh_dim_name=flat)
-                flattened.add(flat)
+                if present not in by_members:
+                    by_members[present] = self.mesh[present]._flatten(mesh_dim_name=flat)
+                self._submeshes[flat] = by_members[present]
         for n in names:
             self._submeshes.setdefault(n, self.mesh[n])
+        shard_name = self._submeshes["dp_shard_cp"].mesh_dim_names[0] if "dp_shard_cp" in self._submeshes else None
         if self.dp_replicate > 1:  # HSDP: replicate across the first dimension, shard across the second
-            shard = "dp_shard_cp" if "dp_shard_cp" in flattened else "dp_shard"
-            self._submeshes["fsdp"] = self.mesh["dp_replicate", shard]
-        elif "dp_shard_cp" in self._submeshes:
-            self._submeshes["fsdp"] = self._submeshes["dp_shard_cp"]
+            self._submeshes["fsdp"] = self.mesh["dp_replicate", shard_name]
+            if self.ep > 1:
+                self._submeshes["expert_fsdp"] = self.mesh["dp_replicate", "efsdp"]
+        else:
+            if shard_name is not None:
+                self._submeshes["fsdp"] = self._submeshes["dp_shard_cp"]
+            if "efsdp" in names:
+                self._submeshes["expert_fsdp"] = self.mesh["efsdp"]
         return self.mesh
 
     def submesh(self, name: str) -> DeviceMesh | None:

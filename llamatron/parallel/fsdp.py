@@ -22,8 +22,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | No
     nothing. `reshard_after_forward=False` keeps the gathered parameters until backward (pipeline
     parallelism runs several micro-batches' forwards before their backwards).
     """
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    # ignored_params: sharded otherwise (expert parallelism's experts); FSDP neither gathers nor reduces them.
+    mp = mixed_precision(param_dtype)
+    # ignored_params: sharded otherwise (expert parallelism's experts where no FSDP degree is left for them);
+    # FSDP neither gathers nor reduces them. Units wrapped before (shard_experts) are left to themselves.
     kw = {"mesh": mesh, "mp_policy": mp, **({"ignored_params": ignored_params} if ignored_params else {})}
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
@@ -42,6 +43,11 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | No
         # Used at once again by backward: keep it gathered.
         fully_shard(last, reshard_after_forward=False, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+
+
+def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """Parameters gathered in `param_dtype` (None: as stored), gradients reduced in fp32."""
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
 def _present(model: nn.Module, names: tuple[str, ...]):

@@ -38,9 +38,11 @@ class Layout:
 
     @classmethod
     def build(cls, family, args, train, dims: ParallelDims, device: torch.device,
-              param_dtype: torch.dtype | None, n_microbatches: int, lora=None) -> "Layout":
+              param_dtype: torch.dtype | None, n_microbatches: int, lora=None,
+              frozen_dtype: torch.dtype | None = None) -> "Layout":
         """The model of `args` (a `family`), cut and wrapped for this rank by `parallelize`, then
-        materialised with the values the whole model would have (`train` is the `[train]` section)."""
+        materialised with the values the whole model would have (`train` is the `[train]` section).
+        frozen_dtype: LoRA's frozen linear weights then stored in it (`transforms.lora.frozen_dtype`)."""
         from llamatron.models import count_parameters
         from llamatron.parallel.parallelize import materialize, parallelize
 
@@ -51,6 +53,10 @@ class Layout:
         parts, stage_ids, fp8_output = parallelize(whole, family, train, dims, param_dtype, lora)
         for part in parts:
             materialize(part, device, train.seed)
+            if frozen_dtype is not None:
+                from llamatron.transforms.lora import cast_frozen_linears
+
+                cast_frozen_linears(part, frozen_dtype)
         pipeline = None
         if dims.pp > 1:
             from llamatron.parallel.pipeline import Pipeline

@@ -4,17 +4,19 @@ usable as a dry run: `estimate_memory(...)` needs no GPU).
 Counted per rank, for the rank that holds the most (the first pipeline stage for activations, the
 embedding; the last for the output layer):
 
-- weights: fp32 master parameters, 4 bytes each, divided by tp (matrices only) and by the FSDP shard
-  degree dp_shard x cp (HSDP's replicas, dp_replicate, each hold a whole sharded copy); experts under
-  expert parallelism divided by ep instead (each rank holds E/ep experts whole, FSDP leaves them);
+- weights: fp32 master parameters, 4 bytes each, divided by tp (matrices only; not a MoE block's
+  experts, which TP leaves whole) and by the FSDP shard degree dp_shard x cp (HSDP's replicas,
+  dp_replicate, each hold a whole sharded copy); experts under expert parallelism too, by ep x
+  (dp_shard / ep) (E/ep experts per rank, FSDP-sharded over the dp_shard / ep ranks holding them);
 - gradients: fp32, the same division, of the trainable parameters only (LoRA: the adapters);
 - optimizer: AdamW's two fp32 moments, 8 bytes per trainable parameter, the same division;
 - working copies: what the compute runs on besides the masters. Under FSDP, the gathered parameters
   of the units in flight (two blocks, in the compute dtype; all of the stage's blocks under pipeline
-  parallelism, which keeps them gathered across micro-batches, plus their unsharded gradients), and
-  each rank's own experts cast to the compute dtype under expert parallelism;
+  parallelism, which keeps them gathered across micro-batches, plus their unsharded gradients); under
+  expert parallelism only this rank's E/ep experts of a block are gathered, or, where FSDP leaves
+  them alone (ep = dp_shard, no replicas), every block's own experts cast to the compute dtype;
   without FSDP under bf16 autocast, the bf16 casts of all weights, which autograd keeps until
-  backward. FP8 layers (torchao's Float8Linear) save their fp32 weight itself for backward, not a
+  backward (LoRA's frozen linears stored in bf16, `lora.base_dtype`, have no copy and 2 bytes each). FP8 layers (torchao's Float8Linear) save their fp32 weight itself for backward, not a
   cast (under FSDP, the gathered copy FSDP frees and gathers again), so they have no bf16 copy;
 - activations: what autograd saves in each block for backward, per token of the local sequence
   (micro_batch x seq_len / cp, and / tp for the sequence-parallel parts), counted tensor by tensor
@@ -87,6 +89,8 @@ class ParameterCounts:
     lora_rank: float = 0.0  # the adapters' ranks summed over a block (mean): their hidden width
     lora_inputs: float = 0.0  # the adapted layers' input widths summed over a block (mean)
     tied_trainable: int = 0
+    block_linear_frozen: float = 0.0  # with LoRA, the frozen nn.Linear weights and biases per block (mean)
+    last_linear_frozen: int = 0  # and in the last stage's modules (the output layer)
 
     def ends(self, pp: int) -> int:
         """The first and last stage's modules on one rank (pp 1), else those of the larger end."""
@@ -173,12 +177,18 @@ def _count_parameters(args, lora) -> ParameterCounts:
                   if getattr(m, "dispatch", "absent") is None and hasattr(m, "experts")
                   for p in m.experts.parameters()) / layers
     adapted = [m for m in model.layers.modules() if isinstance(m, LoRALinear)]
+
+    def frozen_linear(module) -> int:
+        return sum(p.numel() for m in module.modules() if isinstance(m, torch.nn.Linear)
+                   for p in (m.weight, m.bias) if p is not None and not p.requires_grad) if lora else 0
+
     named = dict(model.named_parameters())
     tied = [named[n] for n in getattr(model, "tied_parameters", ())] if getattr(model, "ties_first_last", False) else []
     return ParameterCounts(
         matrices, vectors, first, last, sum(p.numel() for p in model.parameters()), trainable, first_t, last_t,
         experts, sum(p.numel() for p in tied), sum(m.rank for m in adapted) / layers,
-        sum(m.in_features for m in adapted) / layers, sum(p.numel() for p in tied if p.requires_grad))
+        sum(m.in_features for m in adapted) / layers, sum(p.numel() for p in tied if p.requires_grad),
+        frozen_linear(model.layers) / layers, sum(frozen_linear(getattr(model, name)) for name in model.last_stage))
 
 
 def fp8_counts(args, min_features: int = 1024, include_output: bool = False) -> Fp8Counts:
@@ -239,7 +249,14 @@ def estimate_memory(
     counts = parameter_counts(args, lora)
     compute = 2 if bf16 else 4
     residual = 2 if (bf16 and fsdp) else 4  # FSDP casts parameters to bf16; autocast keeps fp32 ones
-    weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, fsdp, compute, bf16)
+    expert_fsdp = ep > 1 and (dp_shard // ep > 1 or dp_replicate > 1)  # llamatron/parallel/dims.py's expert_fsdp
+    weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, expert_fsdp, fsdp, compute, bf16)
+    if lora is not None and _lora_key(lora) and bf16 and not fsdp and tp == 1 and lora.base_dtype != "fp32":
+        # LoRA's frozen linears stored in bf16 (transforms/lora.py, frozen_dtype): 2 bytes, no cast copy.
+        last = counts.last_linear_frozen if pp == 1 or counts.last + counts.tied >= counts.first else 0
+        frozen = (layers * counts.block_linear_frozen + last) / tp
+        weights -= 2 * frozen
+        working -= compute * frozen
     if fp8 != "none" and bf16 and not fsdp:  # Float8Linear keeps no bf16 cast of its weight
         working -= compute * layers * fp8_counts(args, fp8_min_features, fp8_include_output).block_params / tp
 
@@ -265,21 +282,23 @@ def estimate_memory(
     return MemoryEstimate(weights, gradients, optimizer, working, activations, logits)
 
 
-def _states(counts: ParameterCounts, layers: int, pp: int, tp: int, shard: int, ep: int, fsdp: bool,
-            compute: int, bf16: bool) -> tuple[float, float, float, float]:
+def _states(counts: ParameterCounts, layers: int, pp: int, tp: int, shard: int, ep: int, expert_fsdp: bool,
+            fsdp: bool, compute: int, bf16: bool) -> tuple[float, float, float, float]:
     """Weights, gradients, optimizer state and working copies of the rank with the most parameters:
     the first stage (embedding) or the last (output + final norm, or its copy of a tied embedding);
     tensor parallelism splits the embedding and output by vocabulary."""
-    block = counts.block_matrices / tp + counts.block_vectors
-    experts = counts.block_experts / tp if ep > 1 else 0.0  # sharded by ep instead of FSDP
+    experts = counts.block_experts
+    block = (counts.block_matrices - experts) / tp + experts + counts.block_vectors
     ends, ends_trainable = counts.ends(pp), counts.ends_trainable(pp)
     params = layers * block + ends / tp
-    stored = (params - layers * experts) / shard + layers * experts / ep
+    stored = params / shard  # experts as well: ep x (dp_shard / ep), and expert parallelism has cp 1
     full = counts.block_trainable >= (counts.block_matrices + counts.block_vectors) * (1 - 1e-9)  # no LoRA
     trainable = stored if full else (layers * counts.block_trainable + ends_trainable / tp) / shard
     if fsdp:
-        gathered_block = block - experts
-        working = (layers if pp > 1 else 2) * gathered_block * compute + layers * experts / ep * compute * bf16
+        gathered_block = block if ep == 1 else block - experts + (experts / ep if expert_fsdp else 0.0)
+        working = (layers if pp > 1 else 2) * gathered_block * compute
+        if ep > 1 and not expert_fsdp:  # FSDP leaves them alone: autograd keeps their casts until backward
+            working += layers * experts / ep * compute * bf16
         if pp > 1:  # unsharded gradients kept until the last micro-batch
             working += layers * (gathered_block if full else counts.block_trainable) * 4
     else:

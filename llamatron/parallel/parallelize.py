@@ -68,11 +68,11 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
             # (everything frozen but the adapters) would train them under TP only.
             for n, p in part.named_parameters():
                 p.requires_grad_(n not in frozen)
-        experts = None
+        experts = []
         if dims.ep > 1:
             from llamatron.parallel.expert_parallel import apply_expert_parallel
 
-            experts = apply_expert_parallel(part, dims.submesh("dp_shard"))
+            experts = apply_expert_parallel(part, dims.submesh("ep"))
         if train.activation_checkpointing:
             apply_activation_checkpointing(part, train.activation_checkpointing_layers)
         if train.compile:
@@ -80,9 +80,24 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
         if dims.fsdp_enabled:
             # Pipelining runs several micro-batches' forwards before their backwards: keep the
             # gathered parameters rather than gather them again for every micro-batch.
+            ignored = _shard_experts(experts, dims, param_dtype)
             apply_fsdp(part, dims.submesh("fsdp"), param_dtype, reshard_after_forward=dims.pp == 1,
-                       ignored_params=experts)
+                       ignored_params=ignored)
     return parts, ids, fp8_output
+
+
+def _shard_experts(experts: list[nn.Module], dims: ParallelDims, param_dtype: torch.dtype | None) -> set | None:
+    """FSDP for expert parallelism's experts over the ranks holding the same ones, where there are
+    any; else their parameters, for FSDP to leave alone (each rank then holds its experts whole)."""
+    if not experts:
+        return None
+    mesh = dims.submesh("expert_fsdp")
+    if mesh is None:
+        return {p for m in experts for p in m.parameters()}
+    from llamatron.parallel.expert_parallel import shard_experts
+
+    shard_experts(experts, mesh, param_dtype, reshard_after_forward=dims.pp == 1)
+    return None
 
 
 def _init_threads() -> int:

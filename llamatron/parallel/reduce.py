@@ -22,11 +22,14 @@ def clip_grad_norm_(parameters, max_norm: float, dims: ParallelDims | None = Non
     equals the first stage's) are clipped but left out of the norm. In a single process this is
     exactly `torch.nn.utils.clip_grad_norm_`.
     """
-    parameters = list(parameters)
-    # DTensor and plain gradients apart: foreach kernels take one kind at a time (a family may keep some
-    # parameters replicated under TP, e.g. GLaM's experts); plain ones are then the same on every rank.
-    kinds = [[p for p in parameters if p.grad is not None and isinstance(p.grad, DTensor) == dt] for dt in (True, False)]
-    kinds = [k for k in kinds if k]
+    # Gradients by mesh, plain ones apart: foreach kernels and DTensor ops take one mesh at a time (a family
+    # may keep some parameters replicated under TP, e.g. GLaM's router, then plain or FSDP-sharded over
+    # dp_shard alone; expert parallelism's experts live on efsdp x ep). Plain ones are the same on every rank.
+    kinds = {}
+    for p in parameters:
+        if p.grad is not None:
+            kinds.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    kinds = list(kinds.values())
     skip = {id(p) for p in duplicates}
     norms = []
     for params in kinds:

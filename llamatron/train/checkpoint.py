@@ -16,8 +16,9 @@ marker and hidden leftovers of crashed saves are never resumed from and are remo
 or save. Old checkpoints are renamed to a hidden name before they are deleted, for the same reason.
 
 An asynchronous save (`checkpoint.async_save`, `save_checkpoint_async`) writes the same files in the
-same order: the state is copied to host memory while training waits, a DCP writer thread writes the
-shards, and the marker and rename follow in that thread (rank 0) once every rank's shards are written.
+same order: the state is copied to host memory while training waits (`HostStager`: host buffers
+kept for the run, filled at PCIe speed), a DCP writer thread writes the shards, and the marker and
+rename follow in that thread (rank 0) once every rank's shards are written.
 One save is in flight at a time; `Checkpointer` waits for it before the next save and at the end.
 
 Every tensor is stored by its name in the whole model, whatever the layout that saved it: DCP records
@@ -63,6 +64,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from llamatron.errors import LlamatronError
 from llamatron import hooks
+from llamatron.train.host_staging import HostStager
 from llamatron.train.resume_check import check_resume_config
 
 MARKER = "COMPLETE"
@@ -502,32 +504,6 @@ class _BackgroundWriter(_ChecksummingWriter):
         return super().write_data(plan, planner)
 
 
-def make_stager(pinned: bool):
-    """The staging copy of an asynchronous save: every tensor (weights, optimizer moments, step
-    counts) copied to host memory before training goes on and changes them. The host buffers are
-    kept and reused by the next save (pinned on CUDA: a 17 GB copy runs at PCIe speed, ~1 s), so a
-    stager serves one save at a time: the next save waits for the write of the previous."""
-    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-    # The writer thread's dcp.save runs outside quiet_dcp (a main-thread context): the same filter,
-    # process-wide, for the one message a single-process save prints.
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    class KeptStager(DefaultStager):
-        # torch 2.11's async_save closes the stager it is given after every save (2.13 leaves a
-        # caller's stager open), which drops the pinned buffers the next save would reuse: each save
-        # then allocated ~18 GB of pinned memory again (6 s of stall on the H200). Closing is the
-        # Checkpointer's, at the end of the run (`release`).
-        def close(self) -> None:
-            pass
-
-        def release(self) -> None:
-            DefaultStager.close(self)
-
-    # Positional: (pinned memory, shared memory, asynchronous staging, non-blocking copy); the last is
-    # named use_cuda_non_blocking_copy in earlier releases.
-    return KeptStager(StagingOptions(pinned, False, False, pinned))
-
-
 class AsyncSave:
     """A checkpoint being written by a background thread: the snapshot is taken, the files are not
     complete until `wait` returns. The marker and the rename happen in that thread on rank 0 once
@@ -538,6 +514,7 @@ class AsyncSave:
         self.out_dir, self.step, self.root, self.final, self.tmp, self.rank = out_dir, step, root, final, tmp, rank
         self.state_json, self.config_yaml, self.keep = state_json, config_yaml, keep
         self.started, self.finished, self.stall_s = started, None, 0.0
+        self.parts: dict[str, float] = {}  # seconds of each part of the snapshot (save_checkpoint_async)
         self.error: BaseException | None = None
         self._done = threading.Event()
 
@@ -568,29 +545,49 @@ class AsyncSave:
         return self.final
 
 
+class _Laps(dict):
+    """Seconds of each part of a save, by name, in order (bench_checkpoint prints them)."""
+
+    def __init__(self):
+        super().__init__()
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self[name], self._t = now - self._t, now
+
+
 def save_checkpoint_async(out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str,
                           keep: int, stager, process_group, frozen: bool = True) -> AsyncSave:
     """`save_checkpoint` with the write in a background thread: this call returns once the state is
-    staged (copied to host memory) and this rank's RNG file written; `AsyncSave.wait` returns once the
-    checkpoint is complete. The layout on disk and the guarantees are those of `save_checkpoint`.
-    `process_group`: a gloo group of all ranks for DCP's collectives in the writer thread (None
-    in a single process), apart from the training's own."""
-    started = time.perf_counter()
+    staged (copied to host memory by `stager`, a HostStager) and this rank's RNG file written;
+    `AsyncSave.wait` returns once the checkpoint is complete. The layout on disk and the guarantees
+    are those of `save_checkpoint`. `process_group`: a gloo group of all ranks for DCP's collectives
+    in the writer thread (None in a single process), apart from the training's own. The returned
+    save's `parts` holds the seconds of each part of this call (`stage_s` and its `alloc_s` are
+    inside `async_save_s`)."""
+    started, laps = time.perf_counter(), _Laps()
     root, final, tmp, rank = _begin(out_dir, step)
+    laps("begin_s")  # rank 0's clean-up and mkdir, and a barrier
     hooks.fire("save", phase="before_data", step=step, rank=rank)
     pending = AsyncSave(out_dir, step, root, final, tmp, rank, json.dumps(trainer_state, indent=2), config_yaml,
                         keep, started)
     error: BaseException | None = None
     try:
         sd = _gather(model, optimizer, frozen)
+        laps("gather_s")
         hooks.fire("save", phase="during_data", step=step, rank=rank)
         _write_rng(tmp, rank)  # the RNG of now, before training draws from it again
+        laps("rng_s")
         with quiet_dcp():
             future = dcp.async_save(sd, storage_writer=_BackgroundWriter(tmp, step, rank), async_stager=stager,
                                     process_group=process_group, no_dist=process_group is None)
+        laps("async_save_s")
     except (Exception, CheckpointException) as e:
         error = e
     _fail_together(error, rank, root, tmp, final)
+    laps("agree_s")
+    pending.parts = {**laps, "stage_s": stager.stage_s, "alloc_s": stager.alloc_s}
     future.add_done_callback(pending._written)
     return pending
 
@@ -763,12 +760,6 @@ def _nonfinite_tensors(parts) -> list[str]:
     return [n for (n, _), ok in zip(named, finite) if not ok]
 
 
-def _stager_closed(stager) -> bool:
-    """Whether a DefaultStager was closed (its deep-copy dispatch table is emptied by close())."""
-    inner = getattr(stager, "_state_dict_stager", None)
-    return inner is not None and not getattr(inner, "_deepcopy_dispatch", True)
-
-
 class Checkpointer:
     """A run's checkpoints: the start (leftovers of crashed saves removed, the directory checked
     writable, resume from the newest complete checkpoint or start from `init_from`), the cadence
@@ -880,25 +871,32 @@ class Checkpointer:
     def save(self, step: int, state: dict) -> Path:
         """Save after `step`; asynchronous: the path the checkpoint will have once complete."""
         waited = self.wait()  # one save in flight: the next waits for the previous
+        t0 = time.perf_counter()
         bad = _nonfinite_tensors(self.parts)
         if _any_rank(bool(bad)):  # every rank refuses together (a collective)
             where = f" ({len(bad)} on this rank, the first {bad[0]})" if bad else " (on another rank)"
             raise LlamatronError(f"step {step}: not saving a checkpoint, the model weights hold NaN/inf values{where}; "
                                  f"the newest complete checkpoint stays {self.last or 'none (no checkpoint yet)'}")
-        t0 = time.perf_counter()
         if self.asynchronous:
-            self.pending = save_checkpoint_async(self.out_dir, step, self.parts, self.optimizers, state,
-                                                 self.config_yaml, self.cfg.keep, self._staging(), self._writer_group(),
-                                                 frozen=self.cfg.save_frozen)
-            self.pending.stall_s = waited + time.perf_counter() - t0
-            self.log(f"step {step:6d} | checkpoint staged in {time.perf_counter() - t0:.2f} s; "
-                     f"writing {self.pending.final.name} in the background")
-            return self.pending.final
+            return self._save_async(step, state, waited, t0)
         path = save_checkpoint(self.out_dir, step, self.parts, self.optimizers, state, self.config_yaml,
                                self.cfg.keep, frozen=self.cfg.save_frozen)
         seconds = time.perf_counter() - t0
         self._saved(step, path, seconds, waited + seconds)
         return path
+
+    def _save_async(self, step: int, state: dict, waited: float, t0: float) -> Path:
+        checked = time.perf_counter() - t0
+        p = self.pending = save_checkpoint_async(self.out_dir, step, self.parts, self.optimizers, state,
+                                                 self.config_yaml, self.cfg.keep, self._staging(),
+                                                 self._writer_group(), frozen=self.cfg.save_frozen)
+        snapshot = time.perf_counter() - t0
+        p.stall_s, p.parts = waited + snapshot, {"wait_s": waited, "check_s": checked, **p.parts}
+        alloc = p.parts["alloc_s"]
+        first = f" (host buffers allocated in {alloc:.2f} s, by the first save only)" if alloc >= 0.01 else ""
+        self.log(f"step {step:6d} | checkpoint staged in {snapshot:.2f} s{first}; writing {p.final.name} in the "
+                 "background")
+        return p.final
 
     def poll(self) -> None:
         """Between steps: report a background save that has completed (local: no collective)."""
@@ -935,11 +933,12 @@ class Checkpointer:
         self.report("checkpoint", step, {"path": str(path), "async": self.asynchronous, "save_s": round(save_s, 4),
                                          "stall_s": round(stall_s, 4)})
 
-    def _staging(self):
-        # torch 2.11's async_save closes the stager it is given (2.13 leaves a caller's stager open);
-        # a closed one has lost its copy tables and its buffers, so a new one is made.
-        if self._stager is None or _stager_closed(self._stager):
-            self._stager = make_stager(self.pinned)
+    def _staging(self) -> HostStager:
+        if self._stager is None:
+            # The writer thread's dcp.save runs outside quiet_dcp (a main-thread context): the same
+            # filter, process-wide, for the one message a single-process save prints.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            self._stager = HostStager(self.pinned)
         return self._stager
 
     def _writer_group(self):
@@ -954,7 +953,7 @@ class Checkpointer:
         """Wait for the save in flight and free the staging buffers."""
         self.wait()
         if self._stager is not None:
-            self._stager.release()
+            self._stager.close()
             self._stager = None
 
     def save_unless_saved(self, step: int, state: dict) -> Path | None:

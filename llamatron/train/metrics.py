@@ -47,15 +47,17 @@ def _json_default(v):
 class ThroughputMeter:
     """The `train` rows of metrics.jsonl: per log interval, the mean step time, tokens/s, TFLOP/s per
     GPU and MFU (llamatron/flops.py; FP8 runs also against the FP8 peak, as PERFORMANCE.md asks), and
-    every rank's peak memory (CUDA: torch's peak allocated; CPU: the process's peak resident set)."""
+    every rank's peak memory (CUDA: torch's peak allocated; CPU: the process's peak resident set).
+    `lora`: the `[lora]` section of a LoRA run, whose FLOPs leave out the frozen weights' gradients."""
 
     def __init__(self, args, seq_len: int, global_batch: int, n_gpus: int, device, device_name: str,
-                 fp8: bool, step: int):
+                 fp8: bool, step: int, lora=None):
         from llamatron import flops
 
         self.args, self.seq_len, self.global_batch, self.n_gpus = args, seq_len, global_batch, n_gpus
         self.device, self.device_name, self.fp8 = device, device_name, fp8
-        self.flops_per_seq = flops.flops_per_sequence(args, seq_len)
+        self.lora = lora if lora is not None and lora.rank else None
+        self.flops_per_seq = flops.flops_per_sequence(args, seq_len, self.lora)
         self.peak = flops.peak_flops(device_name, "bf16")
         self.last_time, self.last_step = time.perf_counter(), step
         self.tokens_per_s = self.mfu = None
@@ -69,7 +71,7 @@ class ThroughputMeter:
         step_time = (now - self.last_time) / (step - self.last_step)
         self.last_time, self.last_step = now, step
         self.tokens_per_s = flops.tokens_per_second(self.seq_len, self.global_batch, step_time)
-        self.mfu = flops.mfu(self.args, self.seq_len, self.global_batch, step_time, self.n_gpus, self.peak)
+        self.mfu = flops.mfu(self.args, self.seq_len, self.global_batch, step_time, self.n_gpus, self.peak, self.lora)
         mem = gather_per_rank(peak_memory_gib(self.device), self.device)
         record = {
             "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
@@ -80,7 +82,7 @@ class ThroughputMeter:
         }
         if self.fp8:
             record["mfu_fp8_peak"] = flops.mfu(self.args, self.seq_len, self.global_batch, step_time, self.n_gpus,
-                                               flops.peak_flops(self.device_name, "fp8"))
+                                               flops.peak_flops(self.device_name, "fp8"), self.lora)
         return record
 
     @staticmethod

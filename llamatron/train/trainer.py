@@ -43,6 +43,7 @@ from llamatron.train.mlperf_log import MLPerfLog
 from llamatron.train.optim import build_optimizer, lr_at
 from llamatron.train.step import train_step
 from llamatron.transforms.fp8 import check_fp8, precompute_fp8_scales
+from llamatron.transforms.lora import frozen_dtype
 
 
 @dataclass
@@ -136,8 +137,9 @@ class Trainer:
         if self.dims.cp > 1:
             # Position-indexed buffers are sharded along the sequence with the tokens: exactly seq_len rows.
             args = dataclasses.replace(args, max_seq_len=cfg.data.seq_len)
+        self.frozen_dtype = frozen_dtype(cfg.lora, self.precision.amp, self.dims.tp)
         self.layout = Layout.build(self.family, args, cfg.train, self.dims, device, self.precision.params, self.accum,
-                                   lora=cfg.lora)
+                                   lora=cfg.lora, frozen_dtype=self.frozen_dtype)
         self.optimizers = [build_optimizer(part, cfg.optim, device.type) for part in self.layout.parts]
 
         # Resume from the newest complete checkpoint (or start from init_from's weights)
@@ -162,7 +164,7 @@ class Trainer:
             # Rows of the earlier job for later steps than this (work lost in a crash) are superseded.
             self._write_metrics("resume", self.step, {"checkpoint": state["resumed_from"], "consumed_samples": self.consumed})
         self.meter = ThroughputMeter(self.args, cfg.data.seq_len, cfg.train.global_batch_size, world_size, device,
-                                     self.device_name, cfg.train.fp8 != "none", self.step)
+                                     self.device_name, cfg.train.fp8 != "none", self.step, lora=cfg.lora)
         self.validator = self._build_validator(valid_data)
         self._describe()
         self.mlperf_log.begin(self.step, state or None, accum=self.accum, dims=self.dims,
@@ -352,6 +354,8 @@ class Trainer:
     def _describe(self) -> None:
         cfg, train, dims, precision = self.cfg, self.cfg.train, self.dims, self.precision
         fsdp_note = " (FSDP mixed precision, fp32 master weights)" if precision.params else ""
+        if self.frozen_dtype is not None:
+            fsdp_note += f" (LoRA's frozen linear weights stored in {str(self.frozen_dtype).removeprefix('torch.')})"
         self.log(
             f"model {cfg.model.size}: {self.layout.n_params:,} parameters, {self.args.n_layers} layers; device "
             f"{self.device_name}; precision {precision.compute}{fsdp_note}; global batch {train.global_batch_size} = "

@@ -12,3 +12,22 @@ def apply_compile(model: nn.Module) -> None:
         # A block may say it cannot be one graph (GLaM's MoE blocks: data-dependent token counts);
         # it is then compiled with graph breaks around those operations.
         block.compile(fullgraph=getattr(block, "compile_fullgraph", True))
+
+
+def compile_for_eval(model: nn.Module) -> int:
+    """torch.compile each block of `model.layers` for scoring, in place and once (blocks already
+    compiled, by this or by training's `train.compile`, are left as they are); returns how many
+    blocks are compiled. Shapes are dynamic from the start: every batch has its own padded length
+    and the last its own size, and one graph must serve them all rather than recompiling for each.
+    A block that cannot be one graph (`compile_fullgraph = False`: GLaM's MoE blocks, whose
+    data-dependent shapes would recompile with every batch) stays eager, as does a model without
+    `layers` (not the module protocol)."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleDict):
+        return 0
+    count = 0
+    for block in layers.values():
+        if getattr(block, "_compiled_call_impl", None) is None and getattr(block, "compile_fullgraph", True):
+            block.compile(dynamic=True, fullgraph=True)
+        count += getattr(block, "_compiled_call_impl", None) is not None
+    return count

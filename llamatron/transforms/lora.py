@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamatron.errors import LlamatronError
 # Target groups, by the module names inside a block (the llama family's; any family whose blocks
 # name their projections so gets the same groups, and a list of leaf names works for any).
 GROUPS = {
@@ -133,6 +134,40 @@ def adapter_initial_value(name: str, shape, seed: int) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     bound = 1.0 / math.sqrt(shape[1])
     return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+
+
+def frozen_dtype(lora, amp: torch.dtype | None, tp: int = 1) -> torch.dtype | None:
+    """The dtype `lora.base_dtype` stores the frozen linear weights in, None for the model's own (fp32).
+    `amp`: the step's autocast dtype (None without autocast, as under FSDP, whose mixed precision
+    gathers bf16 copies of the fp32 shards itself). auto is bf16 exactly when autocast is bf16 and
+    there is no tensor parallelism (autocast does not cast a DTensor linear's input to a bf16 weight)."""
+    if lora is None or not lora.rank or lora.base_dtype == "fp32":
+        return None
+    if amp == torch.bfloat16 and tp == 1:
+        return torch.bfloat16
+    if lora.base_dtype == "bf16":
+        raise LlamatronError("config key 'lora.base_dtype': bf16 base weights need the step under bf16 autocast "
+                             "(train.precision = bf16, or auto on a GPU) without FSDP or tensor parallelism "
+                             "(parallel.dp_shard, dp_replicate, cp and tp all 1); use auto or fp32")
+    return None
+
+
+@torch.no_grad()
+def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the weights (and biases) of the frozen nn.Linear layers in `dtype`: the bases of the LoRA
+    layers, the untargeted linears, the output layer; not embeddings or norms, so the residual stream
+    keeps its dtype. Under autocast to `dtype` each product is bit-identical (autocast rounds an fp32
+    weight to `dtype` on every use, and keeps that copy for backward: it caches casts of trainable
+    weights only). Returns the number of tensors cast."""
+    n = 0
+    for mod in model.modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        for p in (mod.weight, mod.bias):
+            if p is not None and not p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                n += 1
+    return n
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -90,17 +90,20 @@ def _field_names(fields) -> list[str]:
 
 
 class Scorer:
-    """Strings -> (log-likelihood, is_greedy), through the model and tokenizer given."""
+    """Strings -> (log-likelihood, is_greedy), through the model and tokenizer given. `compile`
+    (None: on CUDA) compiles the model's blocks in place for scoring (`loglikelihoods`)."""
 
     def __init__(self, model, tokenizer, batch_size: int, device, precision=None, add_bos: bool = False,
-                 max_len: int | None = None):
+                 max_len: int | None = None, compile: bool | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.device, self.precision, self.add_bos, self.max_len = device, precision, add_bos, max_len
+        self.compile = compile
         self.prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
 
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         reqs = [encode_pair(self.tokenizer, c, x, self.prefix_id, self.add_bos) for c, x in pairs]
-        return loglikelihoods(self.model, reqs, self.batch_size, self.device, self.precision, self.max_len)
+        return loglikelihoods(self.model, reqs, self.batch_size, self.device, self.precision, self.max_len,
+                              self.compile)
 
 
 def aggregate(values: list[float], how: str) -> tuple[float, float | None]:

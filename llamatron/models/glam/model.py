@@ -362,10 +362,12 @@ class GLaM(nn.Module):
                 "moe_max_load": float(counts.max() / mean), "moe_min_load": float(counts.min() / mean)}
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits; with labels, the mean cross-entropy (the aux loss enters the
         gradient on its own: module doc). With `cache` (llamatron.models.kv_cache), tokens are the
-        next slots of its rows, the relative positions those of its query and key positions."""
+        next slots of its rows, the relative positions those of its query and key positions.
+        logits_at [N, 2] (row, position) pairs: logits [N, vocab] of just those positions (scoring;
+        not with labels)."""
         if cache is not None:
             return self._decode(tokens, cache)
         h = self.embedding(tokens)
@@ -375,6 +377,8 @@ class GLaM(nn.Module):
         if self.training:
             for m in self.moe_layers():
                 m.record()
+        if logits_at is not None:  # the norm is per position: selecting first is exact and cheaper
+            h = h[logits_at[:, 0], logits_at[:, 1]]
         h = self.norm(h)
         return self.embedding(h, labels, unembed=True, fp8_loss=fp8_loss)
 

@@ -185,10 +185,11 @@ class GPT(nn.Module):
         self.init_buffers()
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]; with labels, the mean cross-entropy
         (output projection fused with the loss, as llama's). With `cache` (llamatron.models.kv_cache),
-        tokens are the next slots of its rows, at its positions."""
+        tokens are the next slots of its rows, at its positions. logits_at [N, 2] (row, position)
+        pairs: logits [N, vocab] of just those positions (scoring; not with labels)."""
         if cache is not None:
             return self._decode(tokens, cache)
         if self.embeddings is not None and self.embeds_tokens:
@@ -197,6 +198,8 @@ class GPT(nn.Module):
             h = tokens
         for layer in self.layers.values():
             h = layer(h)
+        if logits_at is not None:  # the norm is per position: selecting first is exact and cheaper
+            h = h[logits_at[:, 0], logits_at[:, 1]]
         if self.norm is not None:
             h = self.norm(h)
         if self.head is None:

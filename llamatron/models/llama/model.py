@@ -108,6 +108,9 @@ def document_mask(document_ids: torch.Tensor, flex: bool = False):
             return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
 
         batch, seq = document_ids.shape
+        # The compiled flex_attention is made here, outside the blocks: made inside a compiled block that
+        # is also checkpointed, setting the global is a side effect torch.compile refuses.
+        _flex_attention(document_ids.device)
         return create_block_mask(same_document_causal, batch, None, seq, seq, device=document_ids.device)
     seq = document_ids.shape[-1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
@@ -268,9 +271,10 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False,
                 positions: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]; with labels, the mean cross-entropy over
-        the labels that are not -100 (llamatron.loss.IGNORE_INDEX).
+        the labels that are not -100 (llamatron.loss.IGNORE_INDEX). logits_at [N, 2] (row, position)
+        pairs: logits [N, vocab] of just those positions (scoring; not with labels).
 
         With labels the output projection and the loss are fused (llamatron.loss) so the full logits
         are never materialised; computing it here, inside the module, keeps it under whatever wrapping
@@ -295,6 +299,8 @@ class Transformer(nn.Module):
             mask = document_mask(document_ids, flex=document_ids.is_cuda)
             for layer in self.layers.values():
                 h = layer(h, cos, sin, mask)
+        if logits_at is not None:  # the norm is per position: selecting first is exact and cheaper
+            h = h[logits_at[:, 0], logits_at[:, 1]]
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:

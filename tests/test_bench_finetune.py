@@ -1,0 +1,63 @@
+"""bench/bench_finetune.py's smoke path on the CPU: every line but the CUDA-only ones runs (the GPU
+figures in docs/performance.md come from the same code on the 8B)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    if "bench_finetune" not in sys.modules:  # its dataclass needs its module registered
+        spec = importlib.util.spec_from_file_location("bench_finetune", REPO / "bench" / "bench_finetune.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_finetune"]
+
+
+def test_smoke_run_reports_lora_and_sft_variants(tmp_path, monkeypatch, capsys):
+    bench = _bench()
+    out = tmp_path / "ft.json"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_finetune.py", "--model", "debug", "--seq-len", "128", "--min-len", "16", "--max-len", "80",
+        "--device", "cpu", "--precision", "bf16", "--steps", "2", "--warmup", "1", "--global-batch", "2",
+        "--lora-rank", "4", "--lora-alpha", "8", "--variants", "lora,lora@base=fp32,lora+ac@micro=2,sft+ac",
+        "--json", str(out)])
+    torch.set_num_threads(1)
+    assert bench.main() == 0
+    printed = [json.loads(line[len("SUMMARY "):]) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("SUMMARY ")]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert [r["variant"] for r in printed] == list(rows) == ["lora", "lora@base=fp32", "lora+ac@micro=2", "sft+ac"]
+    for r in rows.values():
+        assert r["tokens_per_s"] > r["non_padding_tokens_per_s"] > r["trained_tokens_per_s"] > 0
+        assert 0 < r["padding_fraction"] < 0.5 and r["mfu"] is None  # the CPU has no known peak
+        assert r["doc_attention_seq"] < 80  # no document is longer than --max-len
+        assert len(r["step_times_s"]) == 2 and all(map(torch.isfinite, torch.tensor(r["losses"])))
+    lora, sft = rows["lora"], rows["sft+ac"]
+    # bf16 autocast: the frozen linears stored in bf16 unless base=fp32, with the same losses
+    assert (lora["frozen_linear_dtype"], rows["lora@base=fp32"]["frozen_linear_dtype"]) == ("bfloat16", "float32")
+    assert lora["losses"] == rows["lora@base=fp32"]["losses"]
+    assert lora["losses"] == pytest.approx(rows["lora+ac@micro=2"]["losses"], rel=1e-5)  # the same samples
+    assert lora["trainable_params"] == 2 * 4 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64 + 3 * (64 + 160))
+    debug = bench.registry.get("debug")
+    assert sft["trainable_params"] == sum(p.numel() for p in debug.family.build(debug.args).parameters())
+    from llamatron import flops
+
+    assert lora["gflop_per_token"] < sft["gflop_per_token"] == pytest.approx(
+        flops.flops_per_token(bench.registry.get("debug").args, 128) / 1e9)
+
+
+def test_variant_names_are_checked():
+    bench = _bench()
+    v = bench.parse_variant("lora+compile+ac@micro=4@base=fp32")
+    assert (v.lora, v.compile, v.ac, v.micro, v.base) == (True, True, True, 4, "fp32")
+    for bad in ("full", "lora+fp8", "lora@micro=0", "sft@base=bf16", "lora@gqa=expand"):
+        with pytest.raises(SystemExit, match="--variants"):
+            bench.parse_variant(bad)
