@@ -217,7 +217,7 @@ class MoE(nn.Module):
             else:
                 ys = self.dispatch(self.experts, xs, torch.full((E,), rows, device=xs.device))
         with record_function("moe.combine"):
-            picked = gather_rows(ys.to(flat.dtype), dest.view(-1), slot_choice.view(-1, 1)).view(G * S, k, -1)
+            picked = gather_rows(ys.to(flat.dtype), dest.reshape(-1), slot_choice.view(-1, 1)).view(G * S, k, -1)
             weight = (r.choice_gate * r.kept).reshape(G * S, k, 1).to(flat.dtype)
             return (picked * weight).sum(1)
 

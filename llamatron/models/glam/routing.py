@@ -141,7 +141,7 @@ def dispatch_indices(r: Routing, n_experts: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.arange(N * k, device=r.choice.device)
     target = torch.where(r.kept.reshape(-1), dest.reshape(-1), rows + ids)
     slot_choice = torch.full((rows + N * k,), N * k, device=ids.device).scatter(0, target, ids)[:rows]
-    return slot_choice // k, dest.reshape(N, k), slot_choice
+    return slot_choice // k, dest.reshape(N, k).contiguous(), slot_choice
 
 
 class _GatherRows(torch.autograd.Function):
