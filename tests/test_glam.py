@@ -158,6 +158,50 @@ def test_moe_layer_is_the_gate_weighted_sum_of_expert_outputs():
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("capacity_factor,batch", [(2.0, 3), (0.5, 1)])
+def test_capacity_buffer_equals_the_sorted_dispatch(capacity_factor, batch):
+    # The static [E, G x C, d] buffer (gathers by slot, batched matmul) against the kept assignments
+    # sorted by expert (index + index_add, the dropless path's code), on the same routing: forward and
+    # every gradient, fp32. Factor 0.5 drops about half the choices.
+    moe, args = _debug_moe(capacity_factor=capacity_factor)
+    x = torch.randn(batch, 40, args.dim)
+    got = []
+    for path in (moe._capacity, moe._dropless):
+        moe.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        r = route((xg @ moe.router.weight.T), 2, capacity_factor)
+        y = path(xg.reshape(-1, args.dim), r)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        got.append([y.detach(), xg.grad] + [p.grad.clone() for p in moe.parameters()])
+    assert int(r.dropped) > 0
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_moe_block_is_one_compiled_graph():
+    import torch._dynamo
+
+    model = registry.get("glam-debug").family.build(registry.get("glam-debug").args)
+    model.init_weights(seed=0)
+    block, buckets = model.layers["0"], model.rel_buckets
+    assert block.compile_fullgraph and isinstance(block.feed_forward, MoE)
+    x = torch.randn(2, 32, model.args.dim)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(x, buckets)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    # Compiled (fullgraph, no inductor: fast) it gives the eager outputs, gradients and statistics.
+    results = []
+    for fn in (block, torch.compile(block, fullgraph=True, backend="aot_eager")):
+        block.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        fn(xg, buckets).pow(2).sum().backward()
+        results.append([xg.grad, block.feed_forward.last_stats] + [p.grad.clone() for p in block.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    block.feed_forward.capacity_factor = 0.0  # dropless: data-dependent sizes
+    assert not block.compile_fullgraph
+
+
 def test_aux_loss_enters_the_router_gradient():
     moe, args = _debug_moe()
     x = torch.randn(2, 16, args.dim)
@@ -172,6 +216,90 @@ def test_aux_loss_enters_the_router_gradient():
         moe.zero_grad()
         (moe(x) * 0).sum().backward()
         torch.testing.assert_close(moe.router.weight.grad, 2 * coef * scale * w.grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("seqlen", [150, 40])  # past the band (113) and not a multiple of its block; within it
+def test_flex_relative_attention_equals_the_materialised_bias(seqlen):
+    # What CUDA runs (flex_attention + score_mod, the table's gradient from the band) against the
+    # [H, S, S] bias through SDPA: the output (flex runs forward-only on the CPU), and the table
+    # gradient `table_grad` computes from the output, its gradient and the log-sum-exp.
+    from llamatron.models.glam import attention
+    from llamatron.models.glam.model import relative_position_bucket
+
+    torch.manual_seed(0)
+    B, H, D = 2, 3, 8
+    q, k, v = (torch.randn(B, H, seqlen, D, requires_grad=True) for _ in range(3))
+    table = torch.randn(32, H, requires_grad=True)
+    pos = torch.arange(256)
+    buckets = relative_position_bucket(pos[:, None] - pos[None, :], 32, 128)
+    band = attention.band_width(buckets[:, 0], 32)
+    assert band == 113  # T5's 32 buckets up to distance 128: the last bucket from distance 113 on
+    ref = attention.sdpa_attention(q, k, v, table, buckets)
+    grad_out = torch.randn_like(ref)
+    ref.backward(grad_out)
+    q, k, v, t = (x.detach() for x in (q, k, v, table))  # flex has no CPU backward
+    mask = attention.causal_block_mask(seqlen, q.device)
+    out, lse = attention._flex_with_lse(q, k, v, t[buckets[:seqlen, 0]].t().contiguous(), mask)
+    got = attention.table_grad(q, k, v, out, lse, grad_out, t, buckets[:, 0], band)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, table.grad, rtol=1e-4, atol=1e-5)
+    if seqlen > band:  # the last bucket's gradient is real (and zero below the band)
+        assert table.grad[-1].abs().max() > 0.1 * table.grad.abs().max()
+
+
+def test_glam_forward_with_flex_attention_equals_sdpa():
+    entry = registry.get("glam-debug")
+    model = entry.family.build(entry.args)
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        for block in model.layers.values():
+            block.attention.rel_bias.weight.normal_(0, 1.0)  # zero at init: make the bias matter
+    model.eval()
+    tokens = torch.randint(0, entry.args.vocab_size, (2, 48))
+    with torch.no_grad():
+        want = model(tokens)
+        model.flex_attention = True
+        got = model(tokens)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _dense_flex(q, k, v, bias, block_mask):
+    """flex_attention's arithmetic with autograd (CPU flex has no backward): causal, bias[h, q - kv]."""
+    pos = torch.arange(q.shape[2])
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias[:, (pos[:, None] - pos[None, :]).clamp(min=0)]
+    scores = scores.masked_fill(pos[:, None] < pos[None, :], float("-inf"))
+    return torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1)
+
+
+def test_flex_path_gradients_equal_the_sdpa_path(monkeypatch):
+    # The CUDA training path's wiring on the CPU: q, k, v gradients from the attention call, the table's
+    # from the band (`_TableGrad`), nothing counted twice; eager and as one compiled graph.
+    import torch._dynamo
+
+    from llamatron.models.glam import attention
+
+    monkeypatch.setattr(attention, "_flex", lambda device: _dense_flex)
+    entry = registry.get("glam-debug")
+    model = entry.family.build(entry.args)
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        for block in model.layers.values():
+            block.attention.rel_bias.weight.normal_(0, 1.0)
+    tokens, labels = torch.randint(0, entry.args.vocab_size, (2, 2, 130))  # past the band of 113
+    results = []
+    for flex, compiled in ((False, False), (True, False), (True, True)):
+        model.flex_attention = flex
+        model.zero_grad()
+        if compiled:
+            torch._dynamo.reset()
+            for block in model.layers.values():
+                block.compile(fullgraph=True, backend="aot_eager")
+        model(tokens, labels).backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for got in results[1:]:
+        for name, want in results[0].items():
+            torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-7, msg=name)
+    assert results[0]["layers.1.attention.rel_bias.weight"].abs().max() > 1e-4
 
 
 def test_parameter_counts_of_the_presets():

@@ -5,7 +5,8 @@ Pax's default, which is what reproduces the published 1.9B / 1.14T parameter cou
 sorted by expert with `counts[e]` rows for expert e; one grouped GEMM (`torch._grouped_mm`, int32
 cumulative offsets, as torchtitan) does every expert's rows at once. Where grouped GEMM is not
 available (older torch, or CUDA below bf16/alignment rules) a per-expert loop of plain matmuls does the
-same arithmetic; `grouped=False` forces the loop (the reference the tests compare with).
+same arithmetic; `grouped=False` forces the loop (the reference the tests compare with). The capacity
+path (equal rows per expert) passes an [E, C, d] buffer instead: one batched matmul per matrix.
 """
 
 from __future__ import annotations
@@ -69,10 +70,12 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | None = None, w1: torch.Tensor | None = None,
                 w2: torch.Tensor | None = None, grouped: bool | None = None) -> torch.Tensor:
-        """x [T, d] sorted by expert, counts [E'] -> [T, d]. w1/w2: the weights to use instead of the
-        module's (expert parallelism passes this rank's shard of them)."""
+        """x [T, d] sorted by expert, counts [E'] -> [T, d] (grouped GEMM); or x [E', n, d], n rows for
+        every expert (the capacity buffer), -> [E', n, d] by batched matmul: equal groups need no
+        grouped GEMM, and the shapes stay static. w1/w2: the weights to use instead of the module's
+        (expert parallelism passes this rank's shard of them)."""
         w1 = self.w1 if w1 is None else w1
         w2 = self.w2 if w2 is None else w2
         if torch.is_autocast_enabled(x.device.type):
@@ -81,5 +84,7 @@ class GroupedExperts(nn.Module):
             x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
         else:
             w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
+        if x.dim() == 3:
+            return torch.bmm(F.relu(torch.bmm(x, w1)), w2)
         h = F.relu(grouped_matmul(x, w1, counts, grouped))
         return grouped_matmul(h, w2, counts, grouped)

@@ -29,8 +29,9 @@ from torch import nn
 from torch.profiler import record_function
 
 from llamatron.loss import linear_cross_entropy
+from llamatron.models.glam.attention import band_width, causal_block_mask, flex_attention_biased, sdpa_attention
 from llamatron.models.glam.experts import GroupedExperts
-from llamatron.models.glam.routing import route
+from llamatron.models.glam.routing import dispatch_indices, gather_rows, route
 from llamatron.models.kv_cache import KVCache, LayerKV
 
 
@@ -67,6 +68,13 @@ def moe_layer_ids(args: GLaMArgs) -> list[int]:
     return list(range(0, args.n_layers, args.moe_every))
 
 
+def rel_pos_band(args: GLaMArgs) -> int:
+    """Distances below this are in the buckets before the last (the rest share the last one)."""
+    distance = torch.arange(args.max_seq_len, device="cpu")  # also while the model is built on meta
+    return band_width(relative_position_bucket(distance, args.rel_pos_buckets, args.rel_pos_max_distance),
+                      args.rel_pos_buckets)
+
+
 def relative_position_bucket(distance: torch.Tensor, n_buckets: int, max_distance: int) -> torch.Tensor:
     """T5's causal bucketing of distance = query position - key position (>= 0): half the buckets
     exact, the rest logarithmic up to max_distance, beyond it the last bucket."""
@@ -98,17 +106,22 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.dim, args.dim, bias=False)
         # One learned scalar per (bucket, head): T5's relative attention bias, one table per block.
         self.rel_bias = nn.Embedding(args.rel_pos_buckets, args.n_heads)
+        self.band = rel_pos_band(args)
 
-    def forward(self, x: torch.Tensor, buckets: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, buckets: torch.Tensor, cache: LayerKV | None = None,
+                block_mask=None) -> torch.Tensor:
+        """buckets [>= S, >= S]: the bucket of each (query, key) distance. With a flex_attention causal
+        `block_mask` (CUDA) no [S, S] bias is made: see attention.py."""
         bsz, seqlen, _ = x.shape
         q, k, v = (w(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         if cache is not None:
             return self._decode(q, k, v, buckets, cache)
-        b = buckets[:seqlen, :seqlen]
-        bias = self.rel_bias(b).permute(2, 0, 1).to(q.dtype)  # [heads, S, S]
-        causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=x.device).tril()
-        bias = bias.masked_fill(~causal, float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+        # The whole table through the module (tensor parallelism shards it by heads: this rank's).
+        table = self.rel_bias(torch.arange(self.rel_bias.num_embeddings, device=x.device))
+        if block_mask is None:
+            out = sdpa_attention(q, k, v, table, buckets)
+        else:
+            out = flex_attention_biased(q, k, v, table, buckets[:, 0], self.band, block_mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
     def _decode(self, q, k, v, buckets: torch.Tensor, cache: LayerKV) -> torch.Tensor:
@@ -150,7 +163,12 @@ class _AttachLoss(torch.autograd.Function):
 
 class MoE(nn.Module):
     """Router + experts: each token goes to its top-k experts (capacity permitting), its output the
-    gate-weighted sum of theirs. Routing groups are the sequences (Pax's group of S tokens)."""
+    gate-weighted sum of theirs. Routing groups are the sequences (Pax's group of S tokens).
+
+    With a capacity (Pax's mode) every shape is static: the kept choices are gathered into an
+    [E, G x C, d] buffer by their slots, the experts run as one batched matmul, and each token's
+    output gathers its rows back; no host sync, one graph under torch.compile. Dropless routing
+    sorts the kept assignments by expert (data-dependent sizes) for a grouped GEMM."""
 
     def __init__(self, args: GLaMArgs):
         super().__init__()
@@ -164,8 +182,11 @@ class MoE(nn.Module):
         # sorted by expert, counts per expert) -> outputs in the same order, across the ep ranks.
         self.dispatch = None
         # Router statistics since the last `step_metrics()`: kept assignments per expert, dropped and
-        # all assignments, the sum of aux losses and their count. Not in checkpoints.
+        # all assignments, the sum of aux losses and their count. Not in checkpoints. The forward
+        # leaves its own in `last_stats`; GLaM.forward adds them up (outside any compiled block, and
+        # never for a recomputation under activation checkpointing).
         self.register_buffer("stats", torch.zeros(args.n_experts + 4, dtype=torch.float64), persistent=False)
+        self.last_stats: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, dim = x.shape
@@ -174,30 +195,46 @@ class MoE(nn.Module):
         with record_function("moe.route"):
             logits = F.linear(x.float(), self.router.weight.float())
             r = route(logits.view(bsz, seqlen, -1), self.top_k, self.capacity_factor)
-            flat = x.reshape(bsz * seqlen, dim)
+        flat = x.reshape(bsz * seqlen, dim)
+        out = self._capacity(flat, r) if r.capacity else self._dropless(flat, r)
+        loss = self.aux_coef * r.aux_loss + self.z_coef * r.z_loss
+        out = _AttachLoss.apply(out, loss, self.loss_scale)
+        aux = r.aux_loss.detach()
+        self.last_stats = torch.cat([r.counts.float(), torch.stack([r.dropped.float(), aux.new_tensor(r.assigned), aux,
+                                                                    aux.new_tensor(1.0)])])
+        return out.view(bsz, seqlen, dim)
+
+    def _capacity(self, flat: torch.Tensor, r) -> torch.Tensor:
+        E = self.experts.w1.shape[0]
+        G, S, k = r.choice.shape
+        rows = G * r.capacity  # per expert
+        with record_function("moe.route"):
+            slot_token, dest, slot_choice = dispatch_indices(r, E)
+            xs = gather_rows(flat, slot_token, dest)  # [E x rows, d]: empty slots are zero rows
+        with record_function("moe.experts"):
+            if self.dispatch is None:
+                ys = self.experts(xs.view(E, rows, -1)).view(E * rows, -1)
+            else:
+                ys = self.dispatch(self.experts, xs, torch.full((E,), rows, device=xs.device))
+        with record_function("moe.combine"):
+            picked = gather_rows(ys.to(flat.dtype), dest.reshape(-1), slot_choice.view(-1, 1)).view(G * S, k, -1)
+            weight = (r.choice_gate * r.kept).reshape(G * S, k, 1).to(flat.dtype)
+            return (picked * weight).sum(1)
+
+    def _dropless(self, flat: torch.Tensor, r) -> torch.Tensor:
+        with record_function("moe.route"):
             xs = flat[r.token]
         with record_function("moe.experts"):
             ys = self.experts(xs, r.counts) if self.dispatch is None else self.dispatch(self.experts, xs, r.counts)
         with record_function("moe.combine"):
-            out = torch.zeros_like(flat).index_add(0, r.token, ys.to(flat.dtype) * r.gate.unsqueeze(1).to(flat.dtype))
-        loss = self.aux_coef * r.aux_loss + self.z_coef * r.z_loss
-        out = _AttachLoss.apply(out, loss, self.loss_scale)
-        self._record(r)
-        return out.view(bsz, seqlen, dim)
+            return torch.zeros_like(flat).index_add(0, r.token, ys.to(flat.dtype) * r.gate.unsqueeze(1).to(flat.dtype))
 
-    @torch.compiler.disable  # bookkeeping on buffers, outside any compiled graph
     @torch.no_grad()
-    def _record(self, r) -> None:
-        # Training forwards only, and not a recomputation (activation checkpointing reruns the forward
-        # inside backward: the graph task id is -1 only outside backward).
-        if not self.training or torch._C._current_graph_task_id() != -1:
-            return
-        E = r.counts.numel()
-        self.stats[:E] += r.counts
-        self.stats[E] += r.dropped
-        self.stats[E + 1] += r.assigned
-        self.stats[E + 2] += r.aux_loss.detach().double()
-        self.stats[E + 3] += 1
+    def record(self) -> None:
+        """Add the last forward's statistics to `stats` (GLaM.forward, training forwards only)."""
+        if self.last_stats is not None:
+            self.stats += self.last_stats.to(self.stats.dtype)
+            self.last_stats = None
 
 
 class Block(nn.Module):
@@ -207,12 +244,18 @@ class Block(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = MoE(args) if moe else GatedGELU(args.dim, args.ffn_dim)
-        # Routing makes data-dependent shapes (tokens kept per expert): torch.compile breaks the graph
-        # there (llamatron/transforms/compile.py reads this).
-        self.compile_fullgraph = not moe
 
-    def forward(self, x: torch.Tensor, buckets: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), buckets, cache=cache)
+    @property
+    def compile_fullgraph(self) -> bool:
+        """Whether torch.compile can take the block as one graph (llamatron/transforms/compile.py):
+        not where routing makes data-dependent shapes (dropless) or an expert-parallel dispatch
+        exchanges them, where dynamo breaks the graph around those operations."""
+        ff = self.feed_forward
+        return not isinstance(ff, MoE) or (ff.capacity_factor > 0 and ff.dispatch is None)
+
+    def forward(self, x: torch.Tensor, buckets: torch.Tensor, cache: LayerKV | None = None,
+                block_mask=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), buckets, cache=cache, block_mask=block_mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -248,6 +291,10 @@ class GLaM(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # Bucket of every (query, key) pair up to max_seq_len, recomputed by init_buffers; not persistent.
         self.register_buffer("rel_buckets", self._buckets(), persistent=False)
+        # Attention by flex_attention (no [S, S] bias; attention.py): None = when training on CUDA.
+        # Tests set True to run it on the CPU (forward only: flex has no CPU backward).
+        self.flex_attention: bool | None = None
+        self._block_masks: dict = {}
 
     def _buckets(self, device=None) -> torch.Tensor:
         pos = torch.arange(self.args.max_seq_len, device=device)
@@ -324,12 +371,28 @@ class GLaM(nn.Module):
         if cache is not None:
             return self._decode(tokens, cache)
         h = self.embedding(tokens)
+        block_mask = self._block_mask(tokens.shape[1], tokens.device)
         for layer in self.layers.values():
-            h = layer(h, self.rel_buckets)
+            h = layer(h, self.rel_buckets, block_mask=block_mask)
+        if self.training:
+            for m in self.moe_layers():
+                m.record()
         if logits_at is not None:  # the norm is per position: selecting first is exact and cheaper
             h = h[logits_at[:, 0], logits_at[:, 1]]
         h = self.norm(h)
         return self.embedding(h, labels, unembed=True, fp8_loss=fp8_loss)
+
+    def _block_mask(self, seqlen: int, device: torch.device):
+        """The causal flex_attention block mask of this length, made once, or None for SDPA with the
+        materialised bias. Flex by default when training on CUDA: evaluation and scoring forwards
+        see many lengths, each a new flex compilation, and need no bias gradient."""
+        use = device.type == "cuda" and self.training if self.flex_attention is None else self.flex_attention
+        if not use:
+            return None
+        key = (seqlen, str(device))
+        if key not in self._block_masks:
+            self._block_masks[key] = causal_block_mask(seqlen, device)
+        return self._block_masks[key]
 
     def _decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         # MoE blocks route each row's new tokens as one group: an unpadded prompt as the full recompute

@@ -19,6 +19,7 @@ Optional z-loss (ST-MoE, Megatron `--moe-z-loss-coeff`): mean(logsumexp(logits)^
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,16 +27,47 @@ import torch
 
 @dataclass
 class Routing:
-    """The kept assignments of one MoE layer's tokens (N tokens flattened over batch x sequence)."""
+    """Every token's top-k choices of one MoE layer (G groups of S tokens), their gates and buffer slots.
 
-    token: torch.Tensor  # [A] int64 index of the token of each kept assignment, sorted by expert
-    expert: torch.Tensor  # [A] int64 expert of each kept assignment (non-decreasing)
-    gate: torch.Tensor  # [A] fp32 combine weight (differentiable w.r.t. the router logits)
+    The per-choice tensors have static shapes (no host sync, one graph under torch.compile): the
+    capacity path dispatches with them directly. `token`, `expert` and `gate` list the kept
+    assignments sorted by expert (data-dependent sizes): the dropless path and the tests read those."""
+
+    choice: torch.Tensor  # [G, S, k] int64 expert of each choice
+    choice_gate: torch.Tensor  # [G, S, k] fp32 renormalised gate (differentiable w.r.t. the router logits)
+    slot: torch.Tensor  # [G, S, k] int64 position in its expert's buffer for the group (top-1s first)
+    kept: torch.Tensor  # [G, S, k] bool: slot < capacity (all True when dropless)
+    capacity: int  # slots per expert per group (0 = dropless)
     counts: torch.Tensor  # [E] int64 kept assignments per expert
     aux_loss: torch.Tensor  # fp32 scalar, unweighted (Pax's value; the layer applies the coefficient)
     z_loss: torch.Tensor  # fp32 scalar, unweighted
     dropped: torch.Tensor  # int64 scalar: assignments dropped for capacity
     assigned: int  # assignments before drops (N x top_k)
+
+    @functools.cached_property
+    def _sorted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        G, S, k = self.choice.shape
+        keep = self.kept.reshape(-1)
+        expert = self.choice.reshape(-1)[keep]
+        # A stable sort keeps token order within each expert: the order the loop reference uses too.
+        order = torch.sort(expert, stable=True).indices
+        token = torch.arange(G * S, device=keep.device).view(G, S, 1).expand(G, S, k).reshape(-1)[keep]
+        return token[order], expert[order], self.choice_gate.reshape(-1)[keep][order]
+
+    @property
+    def token(self) -> torch.Tensor:
+        """[A] index (over the G x S tokens) of each kept assignment, sorted by expert."""
+        return self._sorted[0]
+
+    @property
+    def expert(self) -> torch.Tensor:
+        """[A] expert of each kept assignment (non-decreasing)."""
+        return self._sorted[1]
+
+    @property
+    def gate(self) -> torch.Tensor:
+        """[A] fp32 combine weight of each kept assignment."""
+        return self._sorted[2]
 
 
 def expert_capacity(group_size: int, n_experts: int, capacity_factor: float) -> int:
@@ -60,8 +92,13 @@ def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(picks, dim=-1)
 
 
+def _one_hot(idx: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    # A comparison, not F.one_hot: that one checks the indices' range on the host (a sync on CUDA).
+    return (idx.unsqueeze(-1) == torch.arange(n, device=idx.device)).to(dtype)
+
+
 def route(logits: torch.Tensor, top_k: int, capacity_factor: float) -> Routing:
-    """logits [G, S, E] (G groups of S tokens) -> the kept assignments, gates and losses."""
+    """logits [G, S, E] (G groups of S tokens) -> every choice's expert, gate and slot, and the losses."""
     G, S, E = logits.shape
     logits = logits.float()
     probs = torch.softmax(logits, dim=-1)
@@ -70,23 +107,60 @@ def route(logits: torch.Tensor, top_k: int, capacity_factor: float) -> Routing:
     gates = gates / (gates.sum(-1, keepdim=True) + 1e-9)
 
     # Aux loss from the top-1 choices before capacity (Pax's density_1 / density_1_proxy).
-    top1 = torch.nn.functional.one_hot(idx[..., 0], E).float()  # [G, S, E]
+    top1 = _one_hot(idx[..., 0], E, torch.float32)  # [G, S, E]
     aux = (top1.mean(1) * probs.mean(1)).mean() * E * E
     z = torch.logsumexp(logits, dim=-1).pow(2).mean()
 
-    # Slot of each assignment in its expert's buffer: choice 0 of every token first, in token order,
+    # Slot of each choice in its expert's buffer: choice 0 of every token first, in token order,
     # then choice 1, ... (an exclusive cumulative count over [k, S] for each group and expert).
-    onehot = torch.nn.functional.one_hot(idx.transpose(1, 2), E)  # [G, k, S, E]
-    flat = onehot.reshape(G, top_k * S, E)
-    position = (flat.cumsum(1) - flat).mul(flat).sum(-1).reshape(G, top_k, S).transpose(1, 2)  # [G, S, k]
+    onehot = _one_hot(idx.transpose(1, 2), E, torch.int32).reshape(G, top_k * S, E)  # [G, k S, E]
+    slot = ((onehot.cumsum(1, dtype=torch.int32) - onehot) * onehot).sum(-1, dtype=torch.int64)
+    slot = slot.view(G, top_k, S).transpose(1, 2)  # [G, S, k]
     capacity = expert_capacity(S, E, capacity_factor)
-    keep = position < capacity if capacity else torch.ones_like(position, dtype=torch.bool)
+    kept = slot < capacity if capacity else torch.ones_like(slot, dtype=torch.bool)
+    # Kept per expert: each expert's demand per group, capped at the capacity.
+    demand = onehot.sum(1)  # [G, E]
+    counts = (demand.clamp(max=capacity) if capacity else demand).sum(0, dtype=torch.int64)
+    return Routing(choice=idx, choice_gate=gates, slot=slot, kept=kept, capacity=capacity, counts=counts,
+                   aux_loss=aux, z_loss=z, dropped=(~kept).sum(), assigned=G * S * top_k)
 
-    token = torch.arange(G * S, device=logits.device).view(G, S, 1).expand(G, S, top_k)
-    keep_f = keep.reshape(-1)
-    expert = idx.reshape(-1)[keep_f]
-    # A stable sort keeps token order within each expert: the order the loop reference uses too.
-    order = torch.sort(expert, stable=True).indices
-    counts = torch.bincount(expert, minlength=E)
-    return Routing(token=token.reshape(-1)[keep_f][order], expert=expert[order], gate=gates.reshape(-1)[keep_f][order],
-                   counts=counts, aux_loss=aux, z_loss=z, dropped=(~keep_f).sum(), assigned=G * S * top_k)
+
+def dispatch_indices(r: Routing, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The capacity buffer's layout: E x G x C rows (expert, then group, then slot), static in size.
+
+    Returns slot_token [E G C] (the token in each row; G S = none, an empty slot), dest [G S, k] (the
+    row of each choice; E G C = none, a dropped choice) and slot_choice [E G C] (the choice, token x k
+    + j, in each row; G S k = none)."""
+    G, S, k = r.choice.shape
+    C, N = r.capacity, G * S
+    rows = n_experts * G * C
+    group = torch.arange(G, device=r.choice.device).view(G, 1, 1)
+    dest = torch.where(r.kept, (r.choice * G + group) * C + r.slot, rows)
+    # Dropped choices each scatter to a spare row past the end: no two writes to one row, so the
+    # scatter is deterministic.
+    ids = torch.arange(N * k, device=r.choice.device)
+    target = torch.where(r.kept.reshape(-1), dest.reshape(-1), rows + ids)
+    slot_choice = torch.full((rows + N * k,), N * k, device=ids.device).scatter(0, target, ids)[:rows]
+    return slot_choice // k, dest.reshape(N, k).contiguous(), slot_choice
+
+
+class _GatherRows(torch.autograd.Function):
+    """out[i] = src[index[i]] (index len(src): a zero row), whose backward is a gather too:
+    grad_src[j] = sum over m of grad_out[inverse[j, m]] (inverse len(out): nothing). The index
+    backward torch would use instead is a scatter-add (a sort or atomics on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, src, index, inverse):
+        ctx.save_for_backward(inverse)
+        return torch.cat([src, src.new_zeros(1, src.shape[1])])[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return torch.cat([grad, grad.new_zeros(1, grad.shape[1])])[inverse].sum(1), None, None
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """src [n, d] rows picked by index [m] (n: zero), with inverse [n, j] listing every i with
+    index[i] == row (m: none) for the backward."""
+    return _GatherRows.apply(src, index, inverse)

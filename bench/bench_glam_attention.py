@@ -1,0 +1,108 @@
+"""GLaM's relative-bias attention on one GPU: the three ways to train the T5 bias, checked against each
+other and timed (forward + backward of one block's attention).
+
+    python bench/bench_glam_attention.py                      # GLaM 126M: batch 8, 12 x 64 heads, seq 2048
+    python bench/bench_glam_attention.py --heads 64 --head-dim 128 --batch 1   # GLaM 64B's heads
+
+- sdpa:       the [heads, S, S] bias looked up and passed to SDPA as a float mask (the reference);
+- flex+band:  what the model runs on CUDA (llamatron/models/glam/attention.py): flex_attention with
+              the bias in a score_mod, the table's gradient from the band of near distances;
+- flex+atomics: flex_attention differentiating the captured bias itself (its backward scatters
+              every score's gradient into the table with atomic adds).
+Differences are the largest absolute ones against sdpa in fp32 (the same inputs), then bf16 timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from llamatron.models.glam import attention as A
+from llamatron.models.glam.model import relative_position_bucket
+
+
+def sdpa(q, k, v, table, buckets, band, mask):
+    return A.sdpa_attention(q, k, v, table, buckets)
+
+
+def flex_band(q, k, v, table, buckets, band, mask):
+    return A.flex_attention_biased(q, k, v, table, buckets[:, 0], band, mask)
+
+
+def _flex_atomics(q, k, v, bias, mask):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[h, torch.clamp(q_idx - kv_idx, min=0)]
+
+    return A.fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=mask)
+
+
+_atomics = torch.compile(_flex_atomics, dynamic=False)
+
+
+def flex_atomics(q, k, v, table, buckets, band, mask):
+    return _atomics(q, k, v, table[buckets[: q.shape[2], 0]].t(), mask)
+
+
+WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics}
+
+
+def inputs(args, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (args.batch, args.heads, args.seq_len, args.head_dim)
+    qkv = [torch.randn(shape, device="cuda", dtype=dtype, generator=gen).requires_grad_() for _ in range(3)]
+    table = torch.randn(args.buckets, args.heads, device="cuda", generator=gen).requires_grad_()
+    grad = torch.randn(shape, device="cuda", dtype=dtype, generator=gen)
+    return qkv, table, grad
+
+
+def run(fn, qkv, table, grad, buckets, band, mask):
+    for t in (*qkv, table):
+        t.grad = None
+    out = fn(*qkv, table, buckets, band, mask)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in (*qkv, table)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--buckets", type=int, default=32)
+    p.add_argument("--max-distance", type=int, default=128)
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args()
+    pos = torch.arange(args.seq_len, device="cuda")
+    buckets = relative_position_bucket(pos[:, None] - pos[None, :], args.buckets, args.max_distance)
+    band = A.band_width(buckets[:, 0], args.buckets)
+    mask = A.causal_block_mask(args.seq_len, torch.device("cuda"))
+    print(f"torch {torch.__version__}; batch {args.batch}, {args.heads} x {args.head_dim} heads, seq {args.seq_len}; "
+          f"band {band}")
+    qkv, table, grad = inputs(args, torch.float32)
+    ref = run(sdpa, qkv, table, grad, buckets, band, mask)
+    for name in ("flex+band", "flex+atomics"):
+        got = run(WAYS[name], qkv, table, grad, buckets, band, mask)
+        diffs = ", ".join(f"{what} {float((a - b).abs().max()):.2e} (of {float(b.abs().max()):.2e})"
+                          for what, a, b in zip(("out", "dq", "dk", "dv", "dtable"), got, ref))
+        print(f"fp32 {name:13s} vs sdpa: {diffs}")
+    qkv, table, grad = inputs(args, torch.bfloat16)
+    for name, fn in WAYS.items():
+        for _ in range(3):
+            run(fn, qkv, table, grad, buckets, band, mask)
+        times = []
+        for _ in range(args.iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(fn, qkv, table, grad, buckets, band, mask)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        print(f"bf16 {name:13s} forward + backward {statistics.median(times):7.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

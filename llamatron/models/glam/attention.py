@@ -1,0 +1,139 @@
+"""Causal self-attention with GLaM's T5 relative position bias, two ways that give the same numbers.
+
+- `sdpa_attention` (the reference, and the CPU path): the bias of every (query, key) pair looked up
+  into a [heads, S, S] float mask for SDPA. It costs an [S, S] embedding lookup per block, its
+  scatter backward, and the slow memory-efficient kernel (an additive float mask rules out flash).
+- `flex_attention_biased` (CUDA): flex_attention with a causal block mask (the upper half skipped)
+  and a `score_mod` that adds bias[head, q - kv], read from a [heads, S] table of the bias at each
+  distance; no [S, S] tensor exists. The bias table's gradient is computed apart (`_TableGrad`),
+  since flex's own gradient for a captured tensor scatters every score's gradient with atomics onto
+  a few addresses (most distances share the last bucket).
+
+The table's gradient without the full [S, S] score gradient dS: d table[b, h] is the sum of dS over
+the pairs whose distance falls in bucket b. Each softmax row's dS sums to zero (sum_kv P (dP - delta)
+= delta - delta), and every distance from the band width W on is in the last bucket, so
+    d table[b] = sum of dS over the band (distance < W) in bucket b, for the other buckets,
+    d table[last] = - (sum of those),
+and the band is recomputed from q, k, v, the output, its gradient and the log-sum-exp, a block of
+queries against its own and the previous block of keys (W <= block): about W / S of the full cost.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import flex_attention as fa
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                   buckets: torch.Tensor) -> torch.Tensor:
+    """q, k, v [B, H, S, D], table [buckets, H], buckets [>= S, >= S] (bucket of query - key)."""
+    seqlen = q.shape[2]
+    bias = table[buckets[:seqlen, :seqlen]].permute(2, 0, 1).to(q.dtype)  # [H, S, S]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).tril()
+    bias = bias.masked_fill(~causal, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def causal_block_mask(seqlen: int, device: torch.device):
+    return fa.create_block_mask(_causal, None, None, seqlen, seqlen, device=device)
+
+
+def _flex_with_lse(q, k, v, bias, block_mask):
+    """flex_attention adding bias[h, q - kv] (bias [H, S], fp32) -> (output, log-sum-exp [B, H, S])."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        # Masked pairs of a partly masked block are computed too: keep their index in range.
+        return score + bias[h, torch.clamp(q_idx - kv_idx, min=0)]
+
+    if hasattr(fa, "AuxRequest"):
+        out, aux = fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                     return_aux=fa.AuxRequest(lse=True))
+        return out, aux.lse
+    return fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, return_lse=True)
+
+
+_flex_compiled = None
+
+
+def _flex(device: torch.device):
+    """Compiled on CUDA (flex is a slow reference implementation eager), once: the score_mod is built
+    inside, so the captured bias is a graph input, not a new function per call."""
+    global _flex_compiled
+    if device.type != "cuda":
+        return _flex_with_lse
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(_flex_with_lse, dynamic=False)
+    return _flex_compiled
+
+
+def band_width(dist_bucket: torch.Tensor, n_buckets: int) -> int:
+    """Distances 0 .. W-1 are in the buckets before the last (T5 buckets grow with the distance)."""
+    return int((dist_bucket < n_buckets - 1).sum())
+
+
+def flex_attention_biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                          dist_bucket: torch.Tensor, band: int, block_mask) -> torch.Tensor:
+    """As `sdpa_attention`; dist_bucket [>= S] the bucket of each distance, band its `band_width`."""
+    seqlen = q.shape[2]
+    bias = table.detach().float()[dist_bucket[:seqlen]].t().contiguous()  # [H, S]
+    out, lse = _flex(q.device)(q, k, v, bias, block_mask)
+    return _TableGrad.apply(out, table, q.detach(), k.detach(), v.detach(), lse.detach(), dist_bucket, band)
+
+
+class _TableGrad(torch.autograd.Function):
+    """Identity on the attention output whose backward also gives the bias table its gradient (the
+    module doc); q, k and v get theirs from flex_attention's own backward."""
+
+    @staticmethod
+    def forward(ctx, out, table, q, k, v, lse, dist_bucket, band: int):
+        ctx.save_for_backward(out, table, q, k, v, lse, dist_bucket)
+        ctx.band = band
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, table, q, k, v, lse, dist_bucket = ctx.saved_tensors
+        d_table = table_grad(q, k, v, out, lse, grad, table, dist_bucket, ctx.band)
+        return grad, d_table, None, None, None, None, None, None
+
+
+def table_grad(q, k, v, out, lse, grad_out, table, dist_bucket, band: int) -> torch.Tensor:
+    """d loss / d table [buckets, H] from the band of distances < band (module doc), in fp32."""
+    B, H, S, D = q.shape
+    T = min(S, -(-band // 16) * 16)  # a query block sees its band in its own block and the previous one
+    n = -(-S // T)
+    pad = n * T - S
+
+    def blocks(t):
+        return F.pad(t.float(), (0, 0, 0, pad)).view(B, H, n, T, D)
+
+    def with_previous(t):  # [B, H, n, T, D] -> [B, H, n, 2T, D]: block i - 1 (zeros for 0), then block i
+        return torch.cat([F.pad(t[:, :, :-1], (0, 0, 0, 0, 1, 0)), t], dim=3)
+
+    qb, ob, gb = blocks(q), blocks(out), blocks(grad_out)
+    kw, vw = with_previous(blocks(k)), with_previous(blocks(v))
+    r = torch.arange(T, device=q.device)
+    c = torch.arange(2 * T, device=q.device)
+    i = torch.arange(n, device=q.device).view(n, 1, 1)
+    dist = T + r[:, None] - c[None, :]  # [T, 2T] query - key within a window
+    valid = (dist >= 0) & (dist < band) & ((i - 1) * T + c >= 0) & (i * T + r[:, None] < S)  # [n, T, 2T]
+    bucket = dist_bucket[dist.clamp(0, band - 1)]  # [T, 2T]
+    bias = table.detach().float()[bucket].permute(2, 0, 1).unsqueeze(1)  # [H, 1, T, 2T]
+    scores = (qb @ kw.transpose(-1, -2)) / math.sqrt(D) + bias
+    lse_b = F.pad(lse.float(), (0, pad)).view(B, H, n, T, 1)
+    p = torch.exp((scores - lse_b).masked_fill(~valid, float("-inf")))
+    dp = gb @ vw.transpose(-1, -2)
+    delta = (gb * ob).sum(-1, keepdim=True)
+    ds = (p * (dp - delta)).sum((0, 2))  # [H, T, 2T]
+    d_table = torch.zeros(table.shape, dtype=torch.float32, device=q.device)
+    d_table = d_table.index_add(0, bucket.reshape(-1), ds.reshape(H, -1).t())
+    # Every pair beyond the band is in the last bucket, and each row's dS sums to zero.
+    d_table = torch.cat([d_table[:-1], -d_table[:-1].sum(0, keepdim=True)])
+    return d_table.to(table.dtype)
