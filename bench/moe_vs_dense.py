@@ -60,7 +60,7 @@ def run(name: str, overrides: list[str], a, tok: str, train_prefix: Path, valid_
         f"eval.every={a.eval_every}", "eval.samples=128", "checkpoint.enabled=false", f"train.out_dir={out}",
         *overrides,
     ])
-    train(cfg, progress=True, log=lambda *_: None)
+    train(cfg, progress=False, log=lambda *_: None)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     return {r["step"]: r["val_loss"] for r in rows if r["kind"] == "eval"}
 
