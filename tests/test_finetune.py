@@ -569,15 +569,16 @@ def test_compiled_checkpointed_blocks_take_the_flex_block_mask(monkeypatch):
     from llamatron.transforms.checkpointing import apply_activation_checkpointing
     from llamatron.transforms.lora import apply_lora
 
-    def flex_any_device(device):  # `_flex_attention` without its CUDA-only condition
-        if M._flex_compiled is None:
+    made = {}
+
+    def flex_any_device(device):  # `_flex_attention` without its CUDA-only condition: made once
+        if "flex" not in made:
             from torch.nn.attention.flex_attention import flex_attention
 
-            M._flex_compiled = torch.compile(flex_attention, dynamic=False, backend="aot_eager")
-        return M._flex_compiled
+            made["flex"] = torch.compile(flex_attention, dynamic=False, backend="aot_eager")
+        return made["flex"]
 
     monkeypatch.setattr(M, "_flex_attention", flex_any_device)
-    monkeypatch.setattr(M, "_flex_compiled", None)
     torch._dynamo.reset()
     model = _model()
     apply_lora(model, 4, 8.0)

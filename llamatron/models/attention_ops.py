@@ -56,3 +56,18 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **sdpa_kwar
         sdpa_kwargs["enable_gqa"] = True
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **sdpa_kwargs)
     return out.transpose(1, 2)
+
+
+_COMPILED: dict = {}
+
+
+def compiled_on_cuda(fn, device: torch.device):
+    """`fn` (a flex_attention call) compiled once, with static shapes, on CUDA, where flex_attention
+    is fast compiled and a slow reference implementation eager; `fn` itself elsewhere. Made once per
+    function, outside any compiled or checkpointed block (made inside one, torch.compile refuses the
+    side effect)."""
+    if device.type != "cuda":
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]

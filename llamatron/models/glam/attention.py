@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as fa
 
+from llamatron.models.attention_ops import compiled_on_cuda
+
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
                    buckets: torch.Tensor) -> torch.Tensor:
@@ -59,18 +61,10 @@ def _flex_with_lse(q, k, v, bias, block_mask):
     return fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, return_lse=True)
 
 
-_flex_compiled = None
-
-
 def _flex(device: torch.device):
     """Compiled on CUDA (flex is a slow reference implementation eager), once: the score_mod is built
     inside, so the captured bias is a graph input, not a new function per call."""
-    global _flex_compiled
-    if device.type != "cuda":
-        return _flex_with_lse
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(_flex_with_lse, dynamic=False)
-    return _flex_compiled
+    return compiled_on_cuda(_flex_with_lse, device)
 
 
 def band_width(dist_bucket: torch.Tensor, n_buckets: int) -> int:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamatron.loss import linear_cross_entropy
-from llamatron.models.attention_ops import gqa_attention
+from llamatron.models.attention_ops import compiled_on_cuda, gqa_attention
 from llamatron.models.kv_cache import KVCache, LayerKV
 
 
@@ -118,19 +118,11 @@ def document_mask(document_ids: torch.Tensor, flex: bool = False):
     return (same & causal)[:, None]
 
 
-_flex_compiled = None
-
-
 def _flex_attention(device: torch.device):
     """flex_attention, compiled on CUDA (eager it is a slow reference implementation)."""
-    global _flex_compiled
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device.type != "cuda":
-        return flex_attention
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    return _flex_compiled
+    return compiled_on_cuda(flex_attention, device)
 
 
 class RMSNorm(nn.Module):
