@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamatron.errors import LlamatronError
+
 # Target groups, by the module names inside a block (the llama family's; any family whose blocks
 # name their projections so gets the same groups, and a list of leaf names works for any).
 GROUPS = {
