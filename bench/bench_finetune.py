@@ -19,7 +19,9 @@ which cost seconds per variant at 8B and do not change the speed.
     python bench/bench_finetune.py --model debug --seq-len 256 --min-len 16 --max-len 120 --device cpu \\
         --steps 2 --warmup 1 --global-batch 2                          # smoke test (any CPU)
 
-Variants: lora, sft, each with +compile and/or +ac (activation checkpointing of every block), and
+Variants: lora, sft, each with +compile and/or +ac (activation checkpointing of every block) and/or
++fp8 (train.fp8 = tensorwise: LoRA's frozen base layers from FP8 copies, transforms/fp8_frozen.py;
+SFT's linears as torchao's Float8Linear), and
 `@micro=N` (micro batch), `@base=fp32|bf16|auto` (LoRA's frozen weights: lora.base_dtype). Each
 prints one line `SUMMARY {json}`: median step time, tokens/s over all positions, over non-padding
 positions and over trained (label) positions, peak memory, and MFU against the dense BF16 peak by
@@ -60,13 +62,15 @@ from llamatron.parallel.parallelize import parallelize  # noqa: E402
 from llamatron.runtime import Precision  # noqa: E402
 from llamatron.train.optim import build_optimizer  # noqa: E402
 from llamatron.train.step import train_step  # noqa: E402
+from llamatron.transforms.fp8_frozen import check_lora_fp8, quantize_frozen_linears  # noqa: E402
 from llamatron.transforms.lora import cast_frozen_linears, frozen_dtype  # noqa: E402
 
 # Seconds a variant of the 8B at seq 4096 is allowed for (build, compilation, 8 steps of 4 sequences on an
 # H200; a guess, generous for compilation): --budget-s starts a variant only if it then ends in time.
 ALLOWANCE_S = {"compile": 100.0, "eager": 30.0}
 # Ordered by what the figures need first: under --budget-s the last ones are the ones skipped.
-DEFAULT_VARIANTS = ("lora+compile@micro=2,sft+compile+ac@micro=1,lora@micro=1,lora@micro=2,lora@micro=4,"
+DEFAULT_VARIANTS = ("lora+compile@micro=2,lora+compile+fp8@micro=2,sft+compile+ac@micro=1,lora@micro=1,lora@micro=2,"
+                    "lora@micro=4,"
                     "lora@micro=1@base=fp32,lora+compile@micro=4,lora+compile@micro=1,sft+compile+ac@micro=2")
 
 
@@ -76,6 +80,7 @@ class Variant:
     lora: bool
     compile: bool
     ac: bool
+    fp8: bool
     micro: int | None  # None: --micro-batch
     base: str  # lora.base_dtype
 
@@ -84,8 +89,8 @@ def parse_variant(spec: str) -> Variant:
     """"lora+compile@micro=2@base=fp32" -> Variant; SystemExit naming the bad part otherwise."""
     name, *conds = spec.split("@")
     kind, *flags = name.split("+")
-    if kind not in ("lora", "sft") or any(f not in ("compile", "ac") for f in flags):
-        raise SystemExit(f"--variants: {name!r} in {spec!r}: expected lora or sft, then +compile and/or +ac")
+    if kind not in ("lora", "sft") or any(f not in ("compile", "ac", "fp8") for f in flags):
+        raise SystemExit(f"--variants: {name!r} in {spec!r}: expected lora or sft, then +compile, +ac and/or +fp8")
     micro, base = None, "auto"
     for c in conds:
         key, _, value = c.partition("=")
@@ -95,7 +100,7 @@ def parse_variant(spec: str) -> Variant:
             base = value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N or (lora) base=auto|fp32|bf16")
-    return Variant(spec, kind == "lora", "compile" in flags, "ac" in flags, micro, base)
+    return Variant(spec, kind == "lora", "compile" in flags, "ac" in flags, "fp8" in flags, micro, base)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,11 +148,12 @@ def batch_stats(batches) -> dict:
 # Model and step
 
 
-def build_layout(margs, v: Variant, lora: LoraConfig | None, device, amp) -> Layout:
+def build_layout(margs, v: Variant, lora: LoraConfig | None, device, amp, fp8_min_features: int = 1024) -> Layout:
     """The trainer's model for one device: `parallelize` (adapters, checkpointing, compile), then
     parameters filled on the device and LoRA's frozen linears in `frozen_dtype`."""
     family = registry.family_of(margs)
-    train = TrainConfig(compile=v.compile, activation_checkpointing=v.ac)
+    train = TrainConfig(compile=v.compile, activation_checkpointing=v.ac, fp8="tensorwise" if v.fp8 else "none",
+                        fp8_min_features=fp8_min_features)
     torch.manual_seed(0)
     with torch.device("meta"):
         model = family.build(margs)
@@ -165,6 +171,9 @@ def build_layout(margs, v: Variant, lora: LoraConfig | None, device, amp) -> Lay
     dtype = frozen_dtype(lora, amp)
     if dtype is not None:
         cast_frozen_linears(part, dtype)
+    if v.fp8 and lora is not None:  # as the trainer does once the weights are loaded
+        check_lora_fp8(train, lora, dtype)
+        part.fp8_frozen_layers = len(quantize_frozen_linears(part, train.fp8_min_features))
     return Layout.single(part)
 
 
@@ -180,7 +189,7 @@ def run_variant(v: Variant, margs, cli, device, dataset) -> dict:
     precision = Precision.choose(cli.precision, device, fsdp=False)
     if v.compile:
         torch._dynamo.reset()  # a fresh cache per variant: no recompile limits, no dynamic shapes from the last
-    layout = build_layout(margs, v, lora, device, precision.amp)
+    layout = build_layout(margs, v, lora, device, precision.amp, cli.fp8_min_features)
     opt = build_optimizer(layout.model, OptimConfig(lr=cli.lr, min_lr=cli.lr), device.type)
     n_trainable = sum(p.numel() for p in layout.parameters() if p.requires_grad)
     accum = cli.global_batch // micro
@@ -203,7 +212,8 @@ def run_variant(v: Variant, margs, cli, device, dataset) -> dict:
     base = {p.dtype for n, p in layout.model.named_parameters() if n.endswith("wq.weight")}
     return {"micro_batch": micro, "accum": accum, "step_times_s": times, "losses": losses, "peak_mem_gib": peak,
             "trainable_params": n_trainable, "frozen_linear_dtype": str(base.pop()).removeprefix("torch.") if v.lora
-            else None, **{k: sum(s[k] for s in stats) for k in stats[0]}, "lora": lora}
+            else None, "fp8_frozen_layers": getattr(layout.model, "fp8_frozen_layers", 0),
+            **{k: sum(s[k] for s in stats) for k in stats[0]}, "lora": lora}
 
 
 def _sync(device) -> None:
@@ -221,7 +231,7 @@ def summarize(v: Variant, r: dict, margs, cli, peak_flops: float | None, est_gib
     per_seq = flops.flops_per_sequence(margs, seq, lora)
     doc_per_seq = seq * flops.flops_per_token(margs, doc_seq, lora)
     return {
-        "variant": v.label, "kind": "lora" if v.lora else "sft", "compile": v.compile, "ac": v.ac,
+        "variant": v.label, "kind": "lora" if v.lora else "sft", "compile": v.compile, "ac": v.ac, "fp8": v.fp8,
         "micro_batch": r["micro_batch"], "global_batch": gbs, "seq_len": seq, "layers": margs.n_layers,
         "step_time_s": med, "tokens_per_s": seq * gbs / med,
         "non_padding_tokens_per_s": r["non_padding"] / n / med, "trained_tokens_per_s": r["trained"] / n / med,
@@ -231,7 +241,8 @@ def summarize(v: Variant, r: dict, margs, cli, peak_flops: float | None, est_gib
         "mfu_doc_attention": gbs * doc_per_seq / med / peak_flops if peak_flops else None,
         "gflop_per_token": per_seq / seq / 1e9, "doc_attention_seq": doc_seq,
         "peak_mem_gib": r["peak_mem_gib"], "estimate_gib": est_gib, "trainable_params": r["trainable_params"],
-        "frozen_linear_dtype": r["frozen_linear_dtype"], "losses": r["losses"], "step_times_s": r["step_times_s"],
+        "frozen_linear_dtype": r["frozen_linear_dtype"], "fp8_frozen_layers": r["fp8_frozen_layers"],
+        "losses": r["losses"], "step_times_s": r["step_times_s"],
     }
 
 
@@ -240,7 +251,7 @@ def estimate(margs, v: Variant, cli, device) -> float:
     lora = lora_config(v, cli)
     bf16 = Precision.choose(cli.precision, device, fsdp=False).compute == torch.bfloat16
     return estimate_memory(margs, cli.seq_len, v.micro or cli.micro_batch, bf16=bf16, fsdp=False,
-                           activation_checkpointing=v.ac, lora=lora).total / 2**30
+                           activation_checkpointing=v.ac, lora=lora, fp8="tensorwise" if v.fp8 else "none").total / 2**30
 
 
 def main() -> int:
@@ -258,6 +269,7 @@ def main() -> int:
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-targets", default="all")
+    p.add_argument("--fp8-min-features", type=int, default=1024, help="train.fp8_min_features (+fp8 variants)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="train.precision")
     p.add_argument("--attention", default="auto", help="train.attention_backend (SDPA; packed CUDA batches use flex)")

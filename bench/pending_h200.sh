@@ -5,7 +5,7 @@
 #   bash bench/pending_h200.sh 560 [OUT]      # 560 s in all; carry lm-eval's wheels (docs/performance.md)
 #
 # 1. issue 19: zero-shot scoring, the shipped fast path against lm-eval's HF backend (8B, GPT-126M)
-# 2. issue 20: LoRA (rank 32, all linears) and full SFT of the 8B at seq 4096, packed
+# 2. issue 20: LoRA (rank 32, all linears; bf16 and FP8 base layers) and full SFT of the 8B at seq 4096, packed
 # 3. issue 21: GLaM 126M-64E with static capacity routing and flex relative bias, eager and compiled
 # 4. issue 18: the LLaMA-2 7B proxy at micro 8 and 16
 # 5. issue 23: the 8B proxy at micro 16, which the planner now ranks first (never measured)
@@ -24,8 +24,8 @@ run() {  # run NAME CAP MIN COMMAND...: at most CAP seconds, skipped when fewer 
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 run zs8b 175 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --json "$OUT/zs8b.json"
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
-run finetune 250 120 python bench/bench_finetune.py --variants lora+compile@micro=2,sft+compile+ac@micro=1,lora@micro=2 \
-    --steps 4 --warmup 2 --budget-s 200 --json "$OUT/finetune.json"
+run finetune 300 120 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,sft+compile+ac@micro=1,lora@micro=2 \
+    --steps 4 --warmup 2 --budget-s 260 --json "$OUT/finetune.json"
 run glam 150 90 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
     --global-batch 32 --variants fused-ce+adam,compile --profile compile --steps 4 --warmup 2 --json "$OUT/glam.json"
 run llama2 150 80 python bench/bench_train_step.py --model llama2-7b --layers 4 --seq-len 4096 --global-batch 32 \

@@ -304,9 +304,12 @@ def _validate_finetune(cfg: "Config") -> None:
               "bf16 base weights need bf16 compute (train.precision = bf16, or auto on a GPU)")
         _need(lora.base_dtype != "bf16" or p.tp == 1, "lora.base_dtype",
               "bf16 base weights do not run under tensor parallelism (parallel.tp = 1, or base_dtype = auto)")
-        _need(cfg.train.fp8 == "none", "lora.rank",
-              "LoRA with train.fp8 is not supported: torchao's FP8 linear computes the frozen base weight's "
-              "gradient anyway (3 FP8 GEMMs where bf16 needs 2), see docs/finetune.md")
+        if cfg.train.fp8 != "none":  # the frozen base layers' GEMMs in FP8 (transforms/fp8_frozen.py)
+            _need(cfg.train.fp8 == "tensorwise", "train.fp8",
+                  f"LoRA runs its frozen base layers in FP8 with the tensorwise recipe only, got {cfg.train.fp8!r}")
+            _need(not cfg.train.fp8_include_output, "train.fp8_include_output",
+                  "not with LoRA: the frozen output layer's GEMMs stay bf16 in the fused loss")
+            _need(lora.base_dtype != "fp32", "lora.base_dtype", "LoRA with train.fp8 needs bf16 base weights (auto or bf16)")
     _need(lora.peft_out is None or lora.rank > 0, "lora.peft_out", "exporting an adapter needs lora.rank > 0")
 
 

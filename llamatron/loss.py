@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from llamatron.fp8_gemm import fp8_mm, to_fp8
+
 # Labels equal to this contribute no loss and no gradient (prompt tokens in fine-tuning, padding): the
 # value torch's cross_entropy ignores by default.
 IGNORE_INDEX = -100
@@ -19,7 +21,6 @@ IGNORE_INDEX = -100
 # FP8 output GEMMs (opt-in, train.fp8_include_output): E4M3 hidden states and weight, E5M2 logit
 # gradients, one scale per tensor. The gradient softmax - one_hot lies in [-1, 1], so it needs no amax:
 # a fixed power-of-two scale puts 1 at 2^15 (E5M2 holds up to 57344) and keeps values down to ~1e-9.
-_E4M3_MAX = 448.0
 _DLOGITS_SCALE = 2.0**15
 
 
@@ -94,15 +95,7 @@ def _loss_and_grad_fn(device: torch.device, fp8: bool = False):
 
 
 def _to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x scaled so its largest magnitude is E4M3's largest, cast; and the inverse scale."""
-    amax = x.abs().amax().float().clamp(min=1e-12)
-    scale = _E4M3_MAX / amax
-    return (x.float() * scale).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn), scale.reciprocal()
-
-
-def _fp8_mm(a, a_inv, b, b_inv, out_dtype):
-    """a @ b for FP8 a (row-major) and b (column-major), as torch._scaled_mm takes them."""
-    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
+    return to_fp8(x, torch.float8_e4m3fn)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -124,16 +117,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             hc = h[start : start + chunk_size]
             if fp8:
                 h8, h_inv = to_e4m3(hc)
-                logits = _fp8_mm(h8, h_inv, w8.t(), w_inv, h.dtype)
+                logits = fp8_mm(h8, h_inv, w8.t(), w_inv, h.dtype)
             else:
                 logits = hc @ weight.t()
             loss, dlogits = loss_and_grad(logits, labels[start : start + chunk_size])
             total += loss
             if fp8:
                 g8 = dlogits  # already E5M2, scaled
-                grad_h[start : start + chunk_size] = _fp8_mm(g8, g_inv, w8_t.t(), w_inv, h.dtype)
+                grad_h[start : start + chunk_size] = fp8_mm(g8, g_inv, w8_t.t(), w_inv, h.dtype)
                 if need_w:
-                    gw = _fp8_mm(g8.t().contiguous(), g_inv, h8.t().contiguous().t(), h_inv, torch.float32)
+                    gw = fp8_mm(g8.t().contiguous(), g_inv, h8.t().contiguous().t(), h_inv, torch.float32)
                     grad_w = gw if grad_w is None else grad_w.add_(gw)
                 continue
             grad_h[start : start + chunk_size] = dlogits @ weight

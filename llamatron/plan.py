@@ -229,11 +229,14 @@ def _powers_of_two(limit: int) -> list[int]:
     return [2**i for i in range(int(math.log2(limit)) + 1)] if limit >= 1 else []
 
 
-def fp8_choices(w: Workload, hw: Hardware, tp: int) -> tuple[bool, ...]:
-    """FP8 off and on where the config (train.fp8, LoRA, tp) and the GPU allow it and a layer converts."""
+def fp8_choices(w: Workload, hw: Hardware, tp: int, sharded: bool) -> tuple[bool, ...]:
+    """FP8 off and on where the config (train.fp8, LoRA, tp) and the GPU allow it and a layer converts.
+    `sharded`: the layout has FSDP (data or context parallelism), under which LoRA's frozen bases
+    cannot run in FP8 (transforms/fp8_frozen.py: whole bf16 weights only)."""
+    allowed = tp == 1 and not (w.lora is not None and sharded)
     if w.fp8 is not None:  # fixed by the config; FP8 with tensor parallelism is refused
-        return (False,) if w.fp8 == "none" else (True,) if tp == 1 else ()
-    possible = hw.fp8 and tp == 1 and w.lora is None and w.fp8_layers().block_params > 0
+        return (False,) if w.fp8 == "none" else (True,) if allowed else ()
+    possible = hw.fp8 and allowed and w.fp8_layers().block_params > 0
     return (False, True) if possible else (False,)
 
 
@@ -247,7 +250,7 @@ def layouts(w: Workload, hw: Hardware):
             for micro in MICRO_BATCHES:
                 if w.global_batch % (micro * dp) or not _pipeline_ok(w.global_batch // (micro * dp), pp, virtual):
                     continue
-                for fp8 in fp8_choices(w, hw, tp):
+                for fp8 in fp8_choices(w, hw, tp, replicate * shard * cp > 1):
                     for ac in (False, True):
                         yield Layout(shard, tp, pp, cp, virtual, micro, ac, replicate, ep, fp8)
 
@@ -329,7 +332,8 @@ def _fp8_flops_per_token(w: Workload, lay: Layout) -> float:
     if not lay.fp8:
         return 0.0
     f8 = w.fp8_layers()
-    return 6 * (w.args.n_layers * f8.block_params + (f8.output_params if lay.fused_loss else 0))
+    gemms = 6 if w.lora is None else 4  # a frozen base (LoRA) has no weight-gradient GEMM
+    return gemms * (w.args.n_layers * f8.block_params + (f8.output_params if lay.fused_loss else 0))
 
 
 def fitted_compute(w: Workload, lay: Layout, hw: Hardware) -> float:
@@ -490,7 +494,8 @@ def workload_from_config(path: str, seq_len: int | None = None, global_batch: in
     sets += ["train.compile=true"] if compile and "train.compile" not in explicit else []
     return Workload(cfg.model.size, family, args, cfg.data.seq_len, cfg.train.global_batch_size, compile=compile,
                     lora=cfg.lora if cfg.lora.rank > 0 else None, fp8=fp8, fp8_min_features=cfg.train.fp8_min_features,
-                    fp8_output=cfg.train.fp8_include_output or "train.fp8_include_output" not in explicit,
+                    fp8_output=(cfg.train.fp8_include_output or "train.fp8_include_output" not in explicit)
+                    and cfg.lora.rank == 0,  # LoRA's frozen output layer stays bf16
                     finetune=bool(cfg.finetune.data), config=path, sets=sets)
 
 

@@ -27,14 +27,16 @@ def test_smoke_run_reports_lora_and_sft_variants(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [
         "bench_finetune.py", "--model", "debug", "--seq-len", "128", "--min-len", "16", "--max-len", "80",
         "--device", "cpu", "--precision", "bf16", "--steps", "2", "--warmup", "1", "--global-batch", "2",
-        "--lora-rank", "4", "--lora-alpha", "8", "--variants", "lora,lora@base=fp32,lora+ac@micro=2,sft+ac",
+        "--lora-rank", "4", "--lora-alpha", "8", "--variants", "lora,lora@base=fp32,lora+ac@micro=2,sft+ac,lora+fp8",
+        "--fp8-min-features", "32",
         "--json", str(out)])
     torch.set_num_threads(1)
     assert bench.main() == 0
     printed = [json.loads(line[len("SUMMARY "):]) for line in capsys.readouterr().out.splitlines()
                if line.startswith("SUMMARY ")]
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
-    assert [r["variant"] for r in printed] == list(rows) == ["lora", "lora@base=fp32", "lora+ac@micro=2", "sft+ac"]
+    assert [r["variant"] for r in printed] == list(rows) == ["lora", "lora@base=fp32", "lora+ac@micro=2", "sft+ac",
+                                                             "lora+fp8"]
     for r in rows.values():
         assert r["tokens_per_s"] > r["non_padding_tokens_per_s"] > r["trained_tokens_per_s"] > 0
         assert 0 < r["padding_fraction"] < 0.5 and r["mfu"] is None  # the CPU has no known peak
@@ -45,6 +47,9 @@ def test_smoke_run_reports_lora_and_sft_variants(tmp_path, monkeypatch, capsys):
     assert (lora["frozen_linear_dtype"], rows["lora@base=fp32"]["frozen_linear_dtype"]) == ("bfloat16", "float32")
     assert lora["losses"] == rows["lora@base=fp32"]["losses"]
     assert lora["losses"] == pytest.approx(rows["lora+ac@micro=2"]["losses"], rel=1e-5)  # the same samples
+    fp8 = rows["lora+fp8"]  # every block linear (all dimensions >= 32) from FP8 copies: close, not equal
+    assert fp8["fp8_frozen_layers"] == 2 * 7 and lora["fp8_frozen_layers"] == 0
+    assert fp8["losses"] != lora["losses"] and fp8["losses"] == pytest.approx(lora["losses"], rel=0.05)
     assert lora["trainable_params"] == 2 * 4 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64 + 3 * (64 + 160))
     debug = bench.registry.get("debug")
     assert sft["trainable_params"] == sum(p.numel() for p in debug.family.build(debug.args).parameters())
@@ -58,6 +63,7 @@ def test_variant_names_are_checked():
     bench = _bench()
     v = bench.parse_variant("lora+compile+ac@micro=4@base=fp32")
     assert (v.lora, v.compile, v.ac, v.micro, v.base) == (True, True, True, 4, "fp32")
-    for bad in ("full", "lora+fp8", "lora@micro=0", "sft@base=bf16", "lora@gqa=expand"):
+    assert bench.parse_variant("lora+fp8@micro=2").fp8
+    for bad in ("full", "lora+fp4", "lora@micro=0", "sft@base=bf16", "lora@gqa=expand"):
         with pytest.raises(SystemExit, match="--variants"):
             bench.parse_variant(bad)

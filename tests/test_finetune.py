@@ -600,11 +600,12 @@ def test_compiled_checkpointed_blocks_take_the_flex_block_mask(monkeypatch):
     torch.testing.assert_close(h, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_config_takes_lora_with_tensor_parallelism_but_not_fp8(tmp_path):
+def test_config_takes_lora_with_tensor_parallelism_or_fp8_but_not_both(tmp_path):
     lora = ["finetune.data=x.jsonl", "lora.rank=4"]
     assert load_config("llamatron-finetune-test", [*lora, "parallel.tp=2"]).parallel.tp == 2
-    with pytest.raises(LlamatronError, match="lora.rank.*FP8 linear computes the frozen base weight's gradient"):
-        load_config("llamatron-finetune-test", [*lora, "train.fp8=tensorwise"])
+    assert load_config("llamatron-finetune-test", [*lora, "train.fp8=tensorwise"]).train.fp8 == "tensorwise"
+    with pytest.raises(LlamatronError, match="train.fp8.*tensor parallelism"):
+        load_config("llamatron-finetune-test", [*lora, "train.fp8=tensorwise", "parallel.tp=2"])
 
 
 @pytest.mark.parametrize("preset", ["llama2-7b-boolq-sft", "llama2-7b-boolq-lora", "llama31-8b-boolq-sft",

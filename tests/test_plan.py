@@ -160,6 +160,7 @@ def test_1024_gpus_keep_tensor_parallelism_inside_a_node():
     (["--model", "glam-64b-64e", "--gpus", "256", "--gpu", "H200", "--seq-len", "2048", "--global-batch", "512",
       "--top", "10"], 256),
     (["--config", "llama31-8b-boolq-lora", "--gpus", "8", "--gpu", "H200", "--top", "10"], 8),
+    (["--config", "llama31-8b-boolq-lora", "--gpus", "1", "--gpu", "H200", "--top", "10"], 1),
     (["--config", "llama2-7b", "--gpus", "8", "--gpu", "H200", "--global-batch", "64", "--top", "10"], 8),
 ])
 def test_every_printed_layout_passes_config_validation(capsys, argv, world):
@@ -307,7 +308,8 @@ def test_fp8_option_pins_it(capsys):
 
 def test_lora_config_plans_without_fp8_and_its_memory_drops_the_frozen_state():
     """The LoRA preset: the base is frozen (fp32 weights only), the adapters have gradients and AdamW
-    state; LoRA refuses FP8, fine-tuning data pp and cp; tp is planned (LoRA runs under TP)."""
+    state; LoRA's FP8 base needs whole weights (no FSDP or TP), fine-tuning data refuses pp and cp; tp
+    is planned (LoRA runs under TP)."""
     w = plan.workload_from_config("llama31-8b-boolq-lora")
     assert w.lora.rank == 32 and w.finetune and (w.seq_len, w.global_batch) == (4096, 16)
     p = plan.plan(w, plan.Hardware(8, memory_gib=139.0, fp8=True))
@@ -327,6 +329,21 @@ def test_lora_config_plans_without_fp8_and_its_memory_drops_the_frozen_state():
     assert lora.activations > full.activations  # the adapters' rank-wide hidden states
     full_step = plan.evaluate(dataclasses.replace(w, lora=None), lay, p.hardware)
     assert plan.evaluate(w, lay, p.hardware).parts["compute"] < full_step.parts["compute"]  # no frozen weight gradients
+
+
+def test_lora_on_one_gpu_plans_fp8_frozen_bases():
+    """On one GPU (bf16 frozen weights) LoRA's base layers may run in FP8: two FP8 copies more per frozen
+    weight, the same activations, and faster base GEMMs (forward and input gradient only)."""
+    w = plan.workload_from_config("llama31-8b-boolq-lora")
+    p = plan.plan(w, plan.Hardware(1, memory_gib=139.0, fp8=True))
+    assert {e.layout.fp8 for e in p.ranked} == {False, True}
+    bf16, fp8 = plan.Layout(1, 1, 1, 1, 1, 2, False), plan.Layout(1, 1, 1, 1, 1, 2, False, fp8=True)
+    m16, m8 = plan.memory_of(w, bf16), plan.memory_of(w, fp8)
+    converted = w.args.n_layers * w.fp8_layers().block_params
+    assert m8.weights - m16.weights == pytest.approx(2 * converted) and m8.activations == m16.activations
+    t16, t8 = plan.evaluate(w, bf16, p.hardware), plan.evaluate(w, fp8, p.hardware)
+    assert t8.parts["compute"] < t16.parts["compute"]
+    assert not w.fp8_output  # the frozen output layer stays bf16 in the fused loss
 
 
 # --------------------------------------------------------------------------------------------------

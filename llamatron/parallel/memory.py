@@ -9,7 +9,8 @@ the most (the first pipeline stage for activations, the embedding; the last for 
   experts, which TP leaves whole) and by the FSDP shard degree dp_shard x cp (HSDP's replicas,
   dp_replicate, each hold a whole sharded copy); experts under expert parallelism too, by ep x
   (dp_shard / ep) (E/ep experts per rank, FSDP-sharded over the dp_shard / ep ranks holding them);
-  LoRA's frozen linears stored in bf16 (`lora.base_dtype`) 2 bytes each;
+  LoRA's frozen linears stored in bf16 (`lora.base_dtype`) 2 bytes each, plus 2 more under FP8 (their
+  two FP8 copies, transforms/fp8_frozen.py);
 - gradients: fp32, the same division, of the trainable parameters only (LoRA: the adapters). With one
   micro-batch per step (and no pipeline) they appear only as backward frees the activations that made
   them, so what fits in the freed memory (`reused`) is not part of the peak;
@@ -311,6 +312,10 @@ def estimate_memory(
         weights -= 2 * (layers * counts.block_linear_frozen + last) / tp
         working -= compute * layers * counts.block_linear_frozen / tp
     f8 = fp8_counts(args, fp8_min_features, fp8_include_output) if fp8 != "none" and bf16 else None
+    lora_fp8 = f8 is not None and bf16_base
+    if lora_fp8:  # LoRA's frozen bases keep two FP8 copies (transforms/fp8_frozen.py); the adapters still save x
+        weights += 2 * layers * f8.block_params / tp
+        f8 = None
     if f8 is not None and not fsdp:  # Float8Linear keeps no bf16 cast of its weight
         working -= compute * layers * f8.block_params / tp
     fused = fused_cross_entropy and tp == 1 and pp == 1

@@ -56,7 +56,8 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
         ids, parts = [0], [model]
     fp8_output = False
     for part in parts:
-        if train.fp8 != "none":
+        lora_fp8 = lora is not None and lora.rank > 0  # frozen bases: FP8 copies after loading (fp8_frozen.py)
+        if train.fp8 != "none" and not lora_fp8:
             # Before everything else: TP, compile and FSDP must see the Float8Linear modules.
             converted = apply_fp8(part, train.fp8, min_features=train.fp8_min_features,
                                   include_output=train.fp8_include_output, fsdp_all_gather=train.fp8_all_gather)

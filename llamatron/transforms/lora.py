@@ -16,10 +16,10 @@ import math
 import zlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llamatron.errors import LlamatronError
+from llamatron.transforms.fp8_frozen import base_linear, refresh
 
 # Target groups, by the module names inside a block (the llama family's; any family whose blocks
 # name their projections so gets the same groups, and a list of leaf names works for any).
@@ -38,7 +38,7 @@ class LoRALinear(nn.Linear):
     merged: bool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = base_linear(self, x)  # from the frozen weight's FP8 copy under train.fp8
         if self.merged:
             return out
         return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
@@ -49,12 +49,14 @@ class LoRALinear(nn.Linear):
         if not self.merged:
             self.weight += self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float()).to(self.weight.dtype)
             self.merged = True
+            refresh(self)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             self.weight -= self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float()).to(self.weight.dtype)
             self.merged = False
+            refresh(self)
 
 
 def add_adapter(linear: nn.Linear, rank: int, alpha: float, dropout: float) -> LoRALinear:

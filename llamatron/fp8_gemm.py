@@ -1,0 +1,23 @@
+"""The two FP8 primitives llamatron's own FP8 GEMMs share (the fused loss's output layer, LoRA's frozen
+base layers): a tensor cast to FP8 with one dynamic scale, and `torch._scaled_mm` on such operands.
+torchao's `Float8Linear` does the same for trainable layers; these are for GEMMs it does not cover.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """x scaled so its largest magnitude is `dtype`'s largest finite value, saturated and cast; and the
+    inverse scale (fp32 scalar), which `fp8_mm` takes (torchao's tensorwise dynamic scaling)."""
+    fmax = torch.finfo(dtype).max
+    amax = x.abs().amax().float().clamp(min=1e-12)
+    scale = fmax / amax
+    return (x.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
+
+
+def fp8_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
+           out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b for FP8 a (row-major) and b (column-major), as torch._scaled_mm takes them."""
+    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)

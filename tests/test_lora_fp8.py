@@ -1,0 +1,152 @@
+"""LoRA with `train.fp8`: the frozen base layers' forward and input-gradient GEMMs in FP8 from copies
+made once (llamatron/transforms/fp8_frozen.py), no weight-gradient GEMM. On the CPU torch runs the FP8
+GEMMs with the same numerics as the GPU (emulated): the tests check the definition, the trainer path,
+checkpoints and merging."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from llamatron.config import load_config
+from llamatron.errors import LlamatronError
+from llamatron.models.llama import SIZES
+from llamatron.models.llama.model import Transformer
+from llamatron.train.trainer import train
+from llamatron.transforms.fp8_frozen import FP8FrozenLinear, FP8FrozenWeight, check_lora_fp8, quantize_frozen_linears
+from llamatron.transforms.lora import apply_lora, lora_modules, merge_lora, unmerge_lora
+
+from tests.test_finetune import _boolq, _losses, _tokenizer
+
+torch.set_num_threads(1)
+
+
+def _quantized(t, dtype):
+    """t rounded to `dtype` with the tensorwise dynamic scale, back in fp32: what the FP8 GEMM reads."""
+    fmax = torch.finfo(dtype).max
+    scale = fmax / t.abs().amax().float()
+    return (t.float() * scale).clamp(-fmax, fmax).to(dtype).float() / scale
+
+
+def test_frozen_fp8_linear_is_the_product_of_the_fp8_operands():
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(48, 64, generator=gen) * 0.05).bfloat16()
+    x = torch.randn(3, 5, 64, generator=gen).bfloat16().requires_grad_()
+    bias = torch.randn(48, generator=gen).bfloat16()
+    base = FP8FrozenWeight(w)
+    assert base.w8.dtype == torch.float8_e4m3fn and base.w8_t.shape == (64, 48) and not base.state_dict()
+    out = base(x, bias)
+    ref = (_quantized(x, torch.float8_e4m3fn) @ _quantized(w, torch.float8_e4m3fn).t()).bfloat16() + bias
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    exact = x.float() @ w.float().t() + bias.float()
+    assert (out.float() - exact).norm() / exact.norm() < 0.05  # FP8's rounding, not a wrong product
+    g = torch.randn(3, 5, 48, generator=gen).bfloat16()
+    out.backward(g)
+    ref_dx = _quantized(g, torch.float8_e5m2) @ _quantized(w, torch.float8_e4m3fn)
+    torch.testing.assert_close(x.grad.float(), ref_dx, rtol=1e-2, atol=1e-2)
+    assert x.grad.dtype == torch.bfloat16
+
+
+def _lora_model():
+    model = Transformer(SIZES["debug"])
+    model.init_weights(seed=3)
+    apply_lora(model, rank=4, alpha=8.0, targets=["attention"])
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad:
+            m.weight.data = m.weight.data.bfloat16()  # lora.base_dtype = auto under bf16 autocast
+    return model
+
+
+def test_every_frozen_linear_but_the_output_gets_fp8_copies_and_merge_refreshes_them():
+    model = _lora_model()
+    names = quantize_frozen_linears(model, min_features=16)
+    assert "layers.0.attention.wq" in names and "layers.0.feed_forward.w1" in names and "output" not in names
+    assert isinstance(model.layers["0"].feed_forward.w1, FP8FrozenLinear)  # frozen, no adapter
+    assert not any("fp8_base" in k for k in model.state_dict())  # checkpoints see the bf16 weights only
+    gen = torch.Generator().manual_seed(1)
+    for m in lora_modules(model).values():
+        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=gen) * 0.05
+    tokens = torch.randint(0, 512, (2, 16), generator=gen)
+    wq = model.layers["0"].attention.wq
+    old = wq.fp8_base.w8.clone()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        adapted = model(tokens)
+        merge_lora(model)
+        assert not torch.equal(wq.fp8_base.w8, old)  # the merged weight's FP8 copy, not the stale one
+        merged = model(tokens)
+        unmerge_lora(model)  # (in bf16 not exactly the weight before: rounding)
+        assert torch.equal(wq.fp8_base.w8, FP8FrozenWeight(wq.weight).w8)
+    assert (merged.float() - adapted.float()).abs().max() < 0.1 * adapted.float().abs().max()
+
+
+def _cfg(tmp_path, out, steps, extra=()):
+    return load_config("llamatron-finetune-test", [
+        f"data.tokenizer={_tokenizer(tmp_path)}", f"finetune.data={_boolq(tmp_path / 'boolq.jsonl', repeat=4)}",
+        f"train.out_dir={out}", f"train.steps={steps}", "train.precision=bf16", "lora.rank=4", "lora.alpha=8",
+        "optim.lr=1e-2", "optim.schedule_steps=6", "checkpoint.every=3", "train.fp8_min_features=16", *extra])
+
+
+def test_lora_with_fp8_trains_checkpoints_and_resumes(tmp_path):
+    """The FP8 run follows the bf16 one within FP8's rounding, keeps no FP8 tensor in its checkpoint,
+    and a resume (which makes the FP8 copies again from the loaded weights) continues bit for bit."""
+    bf16 = train(_cfg(tmp_path, tmp_path / "bf16", 6), progress=False, log=lambda *a: None)
+    logged = []
+    fp8 = train(_cfg(tmp_path, tmp_path / "fp8", 6, ["train.fp8=tensorwise"]), progress=False, log=logged.append)
+    assert any("frozen linears run their GEMMs from FP8 copies" in str(line) for line in logged)
+    a, b = _losses(bf16.out_dir), _losses(fp8.out_dir)
+    assert a != b  # the FP8 path ran
+    assert all(abs(a[s] - b[s]) < 0.05 * a[s] for s in a) and b[6] < b[1]
+    keys = dcp.FileSystemReader(str(fp8.checkpoint)).read_metadata().state_dict_metadata
+    assert not any("fp8_base" in k or k.endswith(".w8") for k in keys)
+    resumed = tmp_path / "resumed"
+    train(_cfg(tmp_path, resumed, 3, ["train.fp8=tensorwise"]), progress=False, log=lambda *a: None)
+    train(_cfg(tmp_path, resumed, 6, ["train.fp8=tensorwise"]), progress=False, log=lambda *a: None)
+    assert _losses(resumed) == b
+    row = [json.loads(line) for line in open(Path(fp8.out_dir) / "metrics.jsonl") if '"train"' in line][-1]
+    assert "mfu_fp8_peak" in row  # an FP8 run's rows are also read against the FP8 peak
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["train.fp8=rowwise"], "train.fp8.*tensorwise recipe only"),
+    (["train.fp8=tensorwise", "train.fp8_include_output=true"], "train.fp8_include_output.*not with LoRA"),
+    (["train.fp8=tensorwise", "lora.base_dtype=fp32"], "lora.base_dtype.*needs bf16 base weights"),
+])
+def test_config_refuses_what_lora_fp8_cannot_run(tmp_path, extra, match):
+    with pytest.raises(LlamatronError, match=match):
+        load_config("llamatron-finetune-test", ["finetune.data=x.jsonl", "lora.rank=4", "train.precision=bf16", *extra])
+
+
+def test_lora_fp8_needs_bf16_frozen_weights():
+    cfg = load_config("llamatron-finetune-test", ["finetune.data=x.jsonl", "lora.rank=4", "train.precision=bf16",
+                                                  "train.fp8=tensorwise"])
+    check_lora_fp8(cfg.train, cfg.lora, torch.bfloat16)
+    with pytest.raises(LlamatronError, match="train.fp8.*without FSDP or tensor parallelism"):
+        check_lora_fp8(cfg.train, cfg.lora, None)  # what lora.base_dtype = auto resolves to under FSDP or TP
+
+
+def test_fp8_frozen_blocks_compile_as_one_graph():
+    """The trainer compiles each block with fullgraph: the FP8 autograd function and its buffers trace
+    (aot_eager here; inductor on a GPU), with the eager numbers."""
+    model = _lora_model()
+    quantize_frozen_linears(model, min_features=16)
+    tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    eager = loss_and_grads()
+    torch._dynamo.reset()
+    for block in model.layers.values():
+        block.compile(fullgraph=True, backend="aot_eager")
+    compiled = loss_and_grads()
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-3, atol=0)
+    for c, e in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(c, e, rtol=0.05, atol=0.05 * e.abs().max().item())
