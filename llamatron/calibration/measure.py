@@ -63,10 +63,6 @@ class Clock:
     def expired(self) -> bool:
         return time.monotonic() > self.deadline
 
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def time(self, fn) -> float:
         """Median seconds of one call of `fn`, each sample a window of back-to-back calls at least
         WINDOW_S long on a GPU: sustained throughput, as inside a training step, where kernels follow
