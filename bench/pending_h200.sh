@@ -9,6 +9,8 @@
 # 3. issue 21: GLaM 126M-64E with static capacity routing and flex relative bias, eager and compiled
 # 4. issue 18: the LLaMA-2 7B proxy at micro 8 and 16
 # 5. issue 23: the 8B proxy at micro 16, which the planner now ranks first (never measured)
+# 6. issue 23: a new H200 calibration table (attention timed in windows at three call sizes), for
+#    llamatron/calibration/h200.json: the GPT-126M rows of docs/planner.md wait for it
 TOTAL=${1:-560}
 OUT=${2:-${OUT:-h200-runs}}
 mkdir -p "$OUT"
@@ -32,4 +34,5 @@ run llama2 150 80 python bench/bench_train_step.py --model llama2-7b --layers 4 
     --steps 4 --warmup 2 --variants compile+cudnn@micro=16,compile+cudnn@micro=8 --json "$OUT/llama2.json"
 run l8b_mbs16 120 70 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
     --steps 3 --warmup 2 --variants compile+cudnn --json "$OUT/l8b_mbs16.json"
-grep -h "SUMMARY\|out of memory\|Error" "$OUT"/*.log | cut -c1-400
+run calibrate 120 60 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 90
+grep -h "SUMMARY\|^wrote \|out of memory\|Error" "$OUT"/*.log | cut -c1-400

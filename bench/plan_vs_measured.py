@@ -2,10 +2,11 @@
 
 For each run in docs/bench/*.json (one row per configuration; the files that hold it listed) and each
 one-H200 row of docs/performance.md's family and GQA tables: the planner's step time for that layout
-(the fitted model of llamatron/plan.py; compiled runs with the fused loss only, the runs it models) and
-the memory estimate of llamatron/parallel/memory.py for the run as it ran (compiled or eager, fused or
-plain loss, FP8, K/V expanded or not), beside the measured step time and peak
-(`torch.cuda.max_memory_allocated`).
+(compiled runs with the fused loss only, the runs it models) from the fitted model of llamatron/plan.py
+and, where llamatron/calibration/ ships a table for the GPU (h200.json), from that table, which is what
+`llamatron plan --gpu H200` computes with; and the memory estimate of llamatron/parallel/memory.py for
+the run as it ran (compiled or eager, fused or plain loss, FP8, K/V expanded or not), beside the
+measured step time and peak (`torch.cuda.max_memory_allocated`).
 
     PYTHONPATH=. python bench/plan_vs_measured.py            # markdown tables on stdout
 """
@@ -17,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from llamatron import plan
+from llamatron import calibration, plan
 from llamatron.models import registry
 from llamatron.parallel.memory import GiB, estimate_memory
 
@@ -66,17 +67,18 @@ def estimate_gib(run: Run) -> float:
     return est.total / GiB
 
 
-def planned_step(run: Run) -> float | None:
-    """The planner's step for this single-GPU layout; None where it models no such run (eager, the
-    plain loss)."""
-    if not run.compiled or not run.fused_loss:
+def planned_step(run: Run, calibrated: bool = False) -> float | None:
+    """The planner's step for this single-GPU layout, from the fitted model or from the GPU's shipped
+    calibration table; None where it models no such run (eager, the plain loss) or ships no table."""
+    table = calibration.default_table(run.gpu) if calibrated else None
+    if not run.compiled or not run.fused_loss or (calibrated and table is None):
         return None
     w = plan.workload(run.model, run.seq, run.global_batch, run.layers or None)
     w = dataclasses.replace(w, fp8_output=run.fp8_output)
     hw = plan.Hardware(1, memory_gib=139.0 if run.gpu == "H200" else 80.0, fp8=True,
                        fp8_speedup=plan.FP8_GEMM_SPEEDUP[run.gpu])
     lay = plan.Layout(1, 1, 1, 1, 1, run.micro, False, fp8=run.fp8 != "none")
-    return plan.evaluate(w, lay, hw).step_s
+    return plan.evaluate(w, lay, table.apply(hw) if table is not None else hw).step_s
 
 
 def bench_runs() -> dict[Run, dict]:
@@ -105,32 +107,37 @@ def _describe(run: Run) -> str:
     return kind
 
 
+def _step_cells(planned: float | None, measured: float) -> str:
+    return f"{planned:.3f} | {100 * (planned / measured - 1):+.1f}%" if planned is not None else "| "
+
+
 def bench_table() -> list[str]:
-    lines = ["| run (docs/bench/) | GPU | layers | micro | global | mode | measured step s | planned step s | error | "
-             "measured peak GiB | estimate GiB | estimate / measured |", "|" + "---|" * 12]
+    lines = ["| run (docs/bench/) | GPU | layers | micro | global | mode | measured step s | planned step s (fitted) | "
+             "error | calibrated step s | error | measured peak GiB | estimate GiB | estimate / measured |",
+             "|" + "---|" * 14]
     order = sorted(bench_runs().items(), key=lambda kv: (not kv[0].compiled, kv[0].fp8 != "none", kv[0].gpu,
                                                          kv[0].layers, kv[0].micro, kv[0].global_batch, kv[0].fp8_output))
     for run, e in order:
         measured = sorted(e["steps"])[len(e["steps"]) // 2]
-        planned = planned_step(run)
+        steps = " | ".join(_step_cells(planned_step(run, calibrated), measured) for calibrated in (False, True))
         peak = max(e["peaks"])
         est = estimate_gib(run)
-        step = (f"{planned:.3f} | {100 * (planned / measured - 1):+.1f}%" if planned is not None else "| ")
         lines.append(f"| {'<br>'.join(e['names'])} | {run.gpu} | {run.layers} | {run.micro} | {run.global_batch} | "
-                     f"{_describe(run)} | {measured:.3f} | {step} | {peak:.1f} | {est:.1f} | {est / peak:.2f} |")
+                     f"{_describe(run)} | {measured:.3f} | {steps} | {peak:.1f} | {est:.1f} | {est / peak:.2f} |")
     return lines
 
 
 def performance_table() -> list[str]:
-    lines = ["| run (docs/performance.md, one H200) | measured tok/s/GPU | planned tok/s/GPU | error | "
-             "measured peak GiB | estimate GiB | estimate / measured |", "|" + "---|" * 7]
+    lines = ["| run (docs/performance.md, one H200) | measured tok/s/GPU | planned tok/s/GPU (fitted) | step error | "
+             "calibrated tok/s/GPU | step error | measured peak GiB | estimate GiB | estimate / measured |",
+             "|" + "---|" * 9]
     for label, model, layers, seq, micro, gbs, variant, gqa, tokens, peak in PERFORMANCE_MD:
         fp8 = variant == "compile+fp8-all"
         run = Run("H200", model, layers, seq, micro, gbs, True, True, "tensorwise" if fp8 else "none", fp8, gqa)
-        planned = gbs * seq / planned_step(run)
+        planned = [gbs * seq / planned_step(run, calibrated) for calibrated in (False, True)]
+        speeds = " | ".join(f"{p:,.0f} | {100 * (tokens / p - 1):+.1f}%" for p in planned)  # error of the step time
         est = estimate_gib(run)
-        lines.append(f"| {label} | {tokens:,} | {planned:,.0f} | {100 * (planned / tokens - 1):+.0f}% | {peak:.1f} | "
-                     f"{est:.1f} | {est / peak:.2f} |")
+        lines.append(f"| {label} | {tokens:,} | {speeds} | {peak:.1f} | {est:.1f} | {est / peak:.2f} |")
     return lines
 
 

@@ -371,6 +371,8 @@ def test_calibrate_on_cpu_writes_the_table_the_planner_needs(cpu_table):
         assert {(r["k"], r["n"]) for r in rows} == wanted and {r["m"] for r in rows} == set(measure.QUICK_ROWS)
     assert all(r["seconds"] > 0 for r in table["gemm"])
     assert {(r["heads"], r["head_dim"], r["mask"]) for r in table["attention"]} == {(4, 16, "causal")}
+    assert {(r["batch"] * r["seq"], r["seq"]) for r in table["attention"]} == {
+        (tokens, seq) for tokens in measure.QUICK_ATTENTION_TOKENS for seq in measure.QUICK_SEQS}
     assert all(r["fwd_seconds"] > 0 and r["bwd_seconds"] > 0 for r in table["attention"])
     assert {r["op"] for r in table["elementwise"]} == {"copy", "add"} and table["optimizer"][0]["params"] > 0
     t = calibration.load(cpu_table)
@@ -434,6 +436,43 @@ def test_calibrated_model_with_the_h200_profile_rates_gives_the_measured_steps()
     assert steps[16] < steps[8] < steps[4]
     for micro, row in _measured("compile+cudnn").items():
         assert steps[micro] == pytest.approx(row["step_time_s"], rel=0.05)
+
+
+def _attention_rows(seconds, tokens: int, heads: int = 12, head_dim: int = 64) -> list[dict]:
+    """Causal SDPA rows at measure.SEQS with `tokens` rows a call, forward seconds(batch, seq) and
+    backward twice that."""
+    rows = []
+    for seq in measure.SEQS:
+        batch = tokens // seq
+        rows.append({"batch": batch, "heads": heads, "seq": seq, "head_dim": head_dim, "mask": "causal",
+                     "fwd_seconds": seconds(batch, seq), "bwd_seconds": 2 * seconds(batch, seq)})
+    return rows
+
+
+def test_attention_is_read_at_the_size_of_the_call():
+    """Small calls measured at a floor (the launch time of h200.json's GPT rows: 0.14 ms whatever the work)
+    and large ones at a kernel rate: a call of the large size is costed at the large rate, a small one
+    as measured, one between them in between; a table measured at one size gives every call that
+    size's rate (the tables before windowed attention timings)."""
+    rate = 600e12  # a 4 x 12 x 2048 call: 86 us of kernel
+    kernel = lambda batch, seq: 4.0 * batch * 12 * seq * seq * 64 / rate  # noqa: E731
+    floored = _attention_rows(lambda batch, seq: max(0.14e-3, kernel(batch, seq)), 8192)
+    rows = floored + _attention_rows(kernel, 131072)
+    base = {"format": calibration.FORMAT, "gemm": [{"op": op, "m": 8192, "k": 768, "n": 768, "seconds": 1e-5}
+                                                   for op in calibration.GEMM_OPS],
+            "elementwise": [{"op": "add", "bytes": 3 << 30, "seconds": 1e-3}],
+            "optimizer": [{"params": 1e6, "seconds": 1e-5}], "comm": []}
+    table, old = calibration.Table(dict(base, attention=rows)), calibration.Table(dict(base, attention=floored))
+    fwd, bwd = table.attention(64, 12, 2048, 2048, 64, "causal")  # 131,072 rows: measured at the kernel rate
+    assert (fwd, bwd) == pytest.approx((kernel(64, 2048), 2 * kernel(64, 2048)))
+    assert table.attention(4, 12, 2048, 2048, 64, "causal")[0] == pytest.approx(0.14e-3)  # 8,192: as measured
+    middle = table.attention(16, 12, 2048, 2048, 64, "causal")[0]
+    assert kernel(16, 2048) < middle < 4 * 0.14e-3
+    assert old.attention(16, 12, 2048, 2048, 64, "causal")[0] == pytest.approx(4 * 0.14e-3)
+    w = plan.workload("gpt-126m", seq_len=2048, global_batch=64)
+    lay = plan.Layout(1, 1, 1, 1, 1, 32, False)
+    steps = [plan.step_time(w, lay, t.apply(H200))["compute"] for t in (table, old)]
+    assert steps[0] < steps[1]
 
 
 @pytest.mark.slow

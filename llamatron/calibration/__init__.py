@@ -10,7 +10,9 @@ torchrun, all-gather / reduce-scatter / all-to-all / point-to-point at a few siz
 The planner asks for shapes that were not measured, so a table interpolates: a GEMM's throughput is
 taken from the measured (k, n) nearest in log scale and interpolated linearly in log m between the
 measured m around it (constant beyond the ends), and its time is its FLOPs at that rate; attention
-likewise, by head dimension and sequence length. `llamatron plan --gpu KIND` reads
+likewise, by head dimension, sequence length and the call's size (its query rows over all heads: a
+table measured at one size, as those before the windowed attention timings, gives every call that
+size's rate). `llamatron plan --gpu KIND` reads
 `llamatron/calibration/KIND.json` (h200.json, ...) when that file exists, `--calibration FILE` any
 table.
 """
@@ -98,6 +100,17 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
+def _sdpa_flop(r: dict) -> float:
+    return 4.0 * r["batch"] * r["heads"] * r["seq"] ** 2 * r["head_dim"]
+
+
+def _attention_rates(by_size: dict[int, list[dict]], key: str, length: float) -> list[tuple[float, float]]:
+    """(log call size, FLOP/s at this log sequence length) per measured call size, sorted."""
+    return sorted((math.log(size), _interpolate(_rates([dict(r, seconds=r[key]) for r in rows], _sdpa_flop,
+                                                       lambda r: r["seq"]), length))
+                  for size, rows in by_size.items())
+
+
 def _rates(rows, flop, coord) -> list[tuple[float, float]]:
     """(log coordinate, median FLOP/s) per measured coordinate, sorted."""
     by: dict[float, list[float]] = {}
@@ -139,15 +152,15 @@ class Table:
         """Seconds of SDPA forward and backward for `batch` x `heads` queries of seq_q over seq_k keys."""
         rows = [r for r in self.data["attention"] if r["mask"] == mask] or self.data["attention"]
         d = min((r["head_dim"] for r in rows), key=lambda x: (abs(math.log(x / head_dim)), x))
-        rows = [r for r in rows if r["head_dim"] == d]
+        by_size: dict[int, list[dict]] = {}
+        for r in rows:
+            if r["head_dim"] == d:
+                by_size.setdefault(r["batch"] * r["heads"] * r["seq"], []).append(r)
         flop = 4.0 * batch * heads * seq_q * seq_k * head_dim
-        length = math.log(math.sqrt(seq_q * seq_k))
-        out = []
-        for key in ("fwd_seconds", "bwd_seconds"):
-            unit = [dict(r, seconds=r[key]) for r in rows]
-            out.append(flop / _interpolate(_rates(unit, lambda r: 4.0 * r["batch"] * r["heads"] * r["seq"] ** 2
-                                                  * r["head_dim"], lambda r: r["seq"]), length))
-        return out[0], out[1]
+        length, size = math.log(math.sqrt(seq_q * seq_k)), math.log(batch * heads * seq_q)
+        fwd, bwd = (flop / _interpolate(_attention_rates(by_size, key, length), size)
+                    for key in ("fwd_seconds", "bwd_seconds"))
+        return fwd, bwd
 
     def bandwidth(self) -> float:
         """Bytes per second moved by element-wise kernels: the largest measured add (or copy)."""

@@ -3,17 +3,24 @@ is built from, and write them as a table (llamatron/calibration/__init__.py read
 
 On CUDA in bf16 (timed with CUDA events), else on the CPU in fp32 (wall clock): GEMMs at the models'
 block and output-layer shapes, each at a ladder of row counts and tensor-parallel splits (forward,
-input gradient, weight gradient); SDPA forward and backward at a few sequence lengths; element-wise
-copies and adds; one fused AdamW step. Under torchrun with several processes, also all-gather,
-reduce-scatter, all-to-all and ring send/receive at a few sizes (NCCL on GPUs, gloo on CPUs). Every
-timing is the median of REPEATS samples after WARMUP calls, on random (never all-zero) inputs; on a
-GPU each sample is a window of back-to-back calls (`Clock.time`).
+input gradient, weight gradient); SDPA forward and backward at a few sequence lengths and call sizes;
+element-wise copies and adds; one fused AdamW step. Under torchrun with several processes, also
+all-gather, reduce-scatter, all-to-all and ring send/receive at a few sizes (NCCL on GPUs, gloo on
+CPUs). Every timing is the median of REPEATS samples after WARMUP calls, on random (never all-zero)
+inputs; on a GPU each sample is a window of back-to-back calls (`Clock.time`).
+
+Attention too: forward alone and forward + backward pairs (backward the difference), at 8,192, 32,768
+and 131,072 query rows a call (batch x seq). Before, it was timed one call at a time at 8,192 rows,
+which measured the host's time to launch SDPA and its backward (~0.14 and ~0.26 ms on the H200 of
+2026-12-04) wherever the kernels are shorter: GPT 126M's head-dim-64 rows took 0.142 and 0.144 ms
+forward for one and two times the work. A training step queues its kernels ahead of the GPU, so it
+pays the kernels' time, and its calls hold micro batch x seq rows (GPT 126M at micro 16: 32,768).
 
 The run is bounded: measurements stop at `budget_s` (what was not reached is counted in the table's
-"skipped"), and a GEMM whose operands would take more than a quarter of the free device memory is
-left out. On one H200 the default grid is ~600 GEMM timings (29 shapes x 7 row counts x 3): with 5 ms
-windows ~22 s, ~12 attention shapes, copies and the optimizer a few seconds, torch's start and CUDA's
-another ~10: under a minute.
+"skipped"), and a GEMM or attention call whose buffers would take more than a quarter of the free
+device memory is left out. On one H200 the default grid is ~600 GEMM timings (29 shapes x 7 row
+counts x 3): with 5 ms windows ~22 s, ~36 attention shapes under 10 s, copies and the optimizer a few
+seconds, torch's start and CUDA's another ~10: about a minute.
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ QUICK_ROWS = (32, 128)
 TP_SPLITS = (1, 2, 8)
 SEQS = (1024, 2048, 4096, 8192)
 QUICK_SEQS = (64, 128)
-ATTENTION_TOKENS = 8192  # batch x seq of each attention measurement
+# batch x seq of the attention measurements: the old single size, and the rows of the models' micro-batches
+ATTENTION_TOKENS = (8192, 32768, 131072)
+QUICK_ATTENTION_TOKENS = (256, 1024)
 COMM_BYTES = (1 << 20, 16 << 20, 256 << 20)
 QUICK_COMM_BYTES = (64 << 10, 1 << 20)
 
@@ -53,36 +62,6 @@ class Clock:
     @property
     def expired(self) -> bool:
         return time.monotonic() > self.deadline
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def split(self, *stages) -> list[float]:
-        """Median seconds of each stage of `stages`, run in order REPEATS times after WARMUP runs."""
-        for _ in range(WARMUP):
-            for stage in stages:
-                stage()
-        self.sync()
-        samples = [[] for _ in stages]
-        for _ in range(REPEATS):
-            if self.device.type == "cuda":
-                events = [torch.cuda.Event(enable_timing=True) for _ in range(len(stages) + 1)]
-                events[0].record()
-                for stage, end in zip(stages, events[1:]):
-                    stage()
-                    end.record()
-                events[-1].synchronize()
-                for i in range(len(stages)):
-                    samples[i].append(events[i].elapsed_time(events[i + 1]) / 1e3)
-            else:
-                t = time.perf_counter()
-                for i, stage in enumerate(stages):
-                    stage()
-                    now = time.perf_counter()
-                    samples[i].append(now - t)
-                    t = now
-        return [statistics.median(s) for s in samples]
 
     def time(self, fn) -> float:
         """Median seconds of one call of `fn`, each sample a window of back-to-back calls at least
@@ -168,36 +147,56 @@ def _gemm(clock: Clock, dtype, m: int, k: int, n: int) -> list[dict]:
     return [{"op": op, "m": m, "k": k, "n": n, "seconds": clock.time(fn)} for op, fn in ops.items()]
 
 
-def measure_attention(clock: Clock, dtype, shapes, seqs, tokens: int) -> list[dict]:
+def measure_attention(clock: Clock, dtype, shapes, seqs, calls, limit_bytes: float) -> list[dict]:
+    """SDPA at each (heads, head_dim, mask) and sequence, with `calls` rows (batch x seq) a call."""
     out = []
     for heads, head_dim, mask in shapes:
-        for seq in seqs:
-            if clock.expired:
-                clock.skipped += 1
-                continue
-            batch = max(1, tokens // seq)
-            q, k, v = (torch.randn(batch, heads, seq, head_dim, device=clock.device, dtype=dtype, requires_grad=True)
-                       for _ in range(3))
-            grad = torch.randn(batch, heads, seq, head_dim, device=clock.device, dtype=dtype)
-            kw = {"is_causal": True}
-            if mask == "bias":  # an additive mask with a gradient, as GLaM's relative position bias
-                bias = torch.randn(heads, seq, seq, device=clock.device, dtype=dtype, requires_grad=True)
-                causal = torch.ones(seq, seq, dtype=torch.bool, device=clock.device).tril()
-            state = {}
-
-            def forward():
-                extra = kw if mask != "bias" else {"attn_mask": bias.masked_fill(~causal, float("-inf")).unsqueeze(0)}
-                state["out"] = F.scaled_dot_product_attention(q, k, v, **extra)
-
-            def backward():
-                state.pop("out").backward(grad)
-                for t in (q, k, v, bias) if mask == "bias" else (q, k, v):
-                    t.grad = None
-
-            fwd, bwd = clock.split(forward, backward)
-            out.append({"batch": batch, "heads": heads, "seq": seq, "head_dim": head_dim, "mask": mask,
-                        "fwd_seconds": fwd, "bwd_seconds": bwd})
+        for tokens in calls:
+            for seq in seqs:
+                batch = max(1, tokens // seq)
+                if clock.expired or _attention_bytes(dtype, batch, heads, seq, head_dim, mask) > limit_bytes:
+                    clock.skipped += 1
+                    continue
+                try:
+                    fwd, bwd = _attention(clock, dtype, batch, heads, seq, head_dim, mask)
+                except torch.OutOfMemoryError:  # the estimate missed the kernels' own workspace
+                    clock.skipped += 1
+                    torch.cuda.empty_cache()
+                    continue
+                out.append({"batch": batch, "heads": heads, "seq": seq, "head_dim": head_dim, "mask": mask,
+                            "fwd_seconds": fwd, "bwd_seconds": bwd})
     return out
+
+
+def _attention_bytes(dtype, batch: int, heads: int, seq: int, head_dim: int, mask: str) -> int:
+    """q, k, v, the output, its gradient and q, k, v's; with a bias, it, its masked copy and two
+    batch-wide S x S buffers of backward."""
+    size = torch.finfo(dtype).bits // 8
+    bias = 4 * batch * heads * seq * seq * size if mask == "bias" else 0
+    return 8 * batch * heads * seq * head_dim * size + bias
+
+
+def _attention(clock: Clock, dtype, batch: int, heads: int, seq: int, head_dim: int, mask: str) -> tuple[float, float]:
+    """Seconds of SDPA's forward (recording for backward, as in training) and of its backward: windows of
+    forwards, and of forward + backward pairs."""
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device=clock.device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn(batch, heads, seq, head_dim, device=clock.device, dtype=dtype)
+    inputs = (q, k, v)
+    if mask == "bias":  # an additive mask with a gradient, as GLaM's relative position bias
+        bias = torch.randn(heads, seq, seq, device=clock.device, dtype=dtype, requires_grad=True)
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=clock.device).tril()
+        inputs += (bias,)
+
+    def forward():
+        if mask != "bias":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~causal, float("-inf")).unsqueeze(0))
+
+    fwd = clock.time(forward)
+    both = clock.time(lambda: torch.autograd.grad(forward(), inputs, grad))
+    # Backward takes longer than forward; only the noise of two medians could make the difference <= 0.
+    return fwd, max(both - fwd, 1e-3 * fwd)
 
 
 def measure_elementwise(clock: Clock, dtype, sizes) -> list[dict]:
@@ -273,7 +272,7 @@ def run(out_path: str, models=None, quick: bool = False, budget_s: float = 150.0
         "elementwise": measure_elementwise(clock, dtype, (4 << 20, 16 << 20) if quick else (256 << 20, 1 << 30)),
         "optimizer": measure_optimizer(clock, (1 << 18) if quick else (64 << 20)),
         "attention": measure_attention(clock, dtype, attention_shapes(models, quick), QUICK_SEQS if quick else SEQS,
-                                       256 if quick else ATTENTION_TOKENS),
+                                       QUICK_ATTENTION_TOKENS if quick else ATTENTION_TOKENS, limit),
         "gemm": measure_gemms(clock, dtype, pairs, rows, limit),
         "comm": comm,
     }
