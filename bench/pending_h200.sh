@@ -3,6 +3,10 @@
 # each run gets what is left of a time budget, and its log and JSON go to OUT (default ./h200-runs).
 #
 #   bash bench/pending_h200.sh 560 [OUT]      # 560 s in all; carry lm-eval's wheels (docs/performance.md)
+#   SKIP=zs8b,zsgpt bash bench/pending_h200.sh 560 [OUT]    # a second call: the runs the first did not reach
+#   ONLY=calibrate bash bench/pending_h200.sh 150 [OUT]     # just these
+#
+# Together they need more than one call's 600 s: the first call runs what fits, in this order.
 #
 # 1. issue 19: zero-shot scoring, the shipped fast path against lm-eval's HF backend (8B, GPT-126M)
 # 2. issue 20: LoRA (rank 32, all linears; bf16 and FP8 base layers) and full SFT of the 8B at seq 4096, packed
@@ -18,6 +22,8 @@ T0=$(date +%s)
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 run() {  # run NAME CAP MIN COMMAND...: at most CAP seconds, skipped when fewer than MIN are left
     local name=$1 cap=$2 min=$3 r; shift 3
+    case ",${SKIP:-}," in *",$name,"*) echo "$name: skipped (SKIP)"; return;; esac
+    if [ -n "${ONLY:-}" ]; then case ",$ONLY," in *",$name,"*) ;; *) return;; esac; fi
     r=$(left); [ "$r" -gt "$cap" ] && r=$cap
     if [ "$r" -lt "$min" ]; then echo "$name: skipped ($(left) s left)"; return; fi
     timeout "$r" "$@" > "$OUT/$name.log" 2>&1
