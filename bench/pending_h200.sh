@@ -41,4 +41,4 @@ run llama2 150 80 python bench/bench_train_step.py --model llama2-7b --layers 4 
 run l8b_mbs16 120 70 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
     --steps 3 --warmup 2 --variants compile+cudnn --json "$OUT/l8b_mbs16.json"
 run calibrate 120 60 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 90
-grep -h "SUMMARY\|^wrote \|out of memory\|Error" "$OUT"/*.log | cut -c1-400
+grep -h "SUMMARY\|^wrote \|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-400
