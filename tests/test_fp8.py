@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from llamatron.config import Config, validate_config
+from llamatron.config import Config, load_config, validate_config
 from llamatron.errors import LlamatronError
 from llamatron.models.llama import SIZES
 from llamatron.models.llama.model import ModelArgs, Transformer
@@ -127,14 +127,20 @@ def _train_losses(tmp_path, name, *extra):
 @pytest.mark.slow
 def test_fp8_composes_with_fsdp_all_gather_and_checkpointing(tmp_path):
     """FP8 under FSDP2 over 2 gloo ranks, gathering FP8 weights, with activation checkpointing: the
-    same losses and gradient norms as one process with FP8 alone."""
-    single = _train_losses(tmp_path, "single")
+    same losses and gradient norms as one process with FP8 alone. FP8 all-gather keeps the output layer
+    in bf16 (the fused loss needs its gathered weight in bf16); without it the default runs the output
+    layer in FP8 under FSDP too, as in one process."""
+    blocks = _train_losses(tmp_path, "single", "--set", "train.fp8_include_output=false")
     fsdp = _train_losses(tmp_path, "fsdp", "--nproc-per-node", "2", "--set", "train.fp8_all_gather=true",
                          "--set", "train.activation_checkpointing=true")
-    assert len(single) == len(fsdp) == 3
-    for (l1, g1), (l2, g2) in zip(single, fsdp):
-        assert l2 == pytest.approx(l1, rel=1e-4)
-        assert g2 == pytest.approx(g1, rel=1e-3)
+    everywhere = _train_losses(tmp_path, "single_all")
+    fsdp_everywhere = _train_losses(tmp_path, "fsdp_all", "--nproc-per-node", "2")
+    assert len(blocks) == len(fsdp) == len(everywhere) == len(fsdp_everywhere) == 3
+    assert everywhere != blocks  # the default's output layer in FP8
+    for one, two in ((blocks, fsdp), (everywhere, fsdp_everywhere)):
+        for (l1, g1), (l2, g2) in zip(one, two):
+            assert l2 == pytest.approx(l1, rel=1e-4)
+            assert g2 == pytest.approx(g1, rel=1e-3)
 
 
 def test_fp8_fused_cross_entropy_tracks_the_exact_one():
@@ -170,3 +176,22 @@ def test_fp8_output_layer_goes_through_the_fused_loss():
         losses.append(model(tokens[:, :-1], tokens[:, 1:], fp8_loss="output" in converted).item())
     assert losses[0] != losses[1]
     assert losses[1] == pytest.approx(losses[0], rel=1e-2)
+
+
+def test_the_output_layer_runs_in_fp8_by_default_where_the_loss_is_fused():
+    """train.fp8_include_output unset: on for tensorwise with the fused loss (no tp or pp), off for
+    rowwise, pipelines, the plain loss, FP8 all-gather and LoRA; an explicit value wins."""
+    from llamatron.config import TrainConfig
+    from llamatron.transforms.fp8 import fp8_output
+
+    tw = TrainConfig(fp8="tensorwise")
+    assert fp8_output(tw, 1, 1, lora=False)
+    assert not fp8_output(tw, 1, 2, lora=False) and not fp8_output(tw, 2, 1, lora=False)
+    assert not fp8_output(tw, 1, 1, lora=True) and not fp8_output(TrainConfig(), 1, 1, lora=False)
+    assert not fp8_output(TrainConfig(fp8="rowwise"), 1, 1, lora=False)
+    assert not fp8_output(TrainConfig(fp8="tensorwise", fused_cross_entropy=False), 1, 1, lora=False)
+    assert not fp8_output(TrainConfig(fp8="tensorwise", fp8_all_gather=True), 1, 1, lora=False)
+    assert not fp8_output(TrainConfig(fp8="tensorwise", fp8_include_output=False), 1, 1, lora=False)
+    assert fp8_output(TrainConfig(fp8="rowwise", fp8_include_output=True), 1, 2, lora=False)
+    with pytest.raises(LlamatronError, match="train.fp8_include_output.*fp8_all_gather"):
+        load_config("demo", ["train.fp8=tensorwise", "train.fp8_all_gather=true", "train.fp8_include_output=true"])

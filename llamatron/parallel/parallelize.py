@@ -22,7 +22,7 @@ from llamatron.parallel.dims import ParallelDims
 from llamatron.parallel.fsdp import apply_fsdp
 from llamatron.transforms.checkpointing import apply_activation_checkpointing
 from llamatron.transforms.compile import apply_compile
-from llamatron.transforms.fp8 import apply_fp8
+from llamatron.transforms.fp8 import apply_fp8, fp8_output
 
 # Wrappers that insert a level into parameter names; checkpoints and seeds use the clean names.
 _WRAPPER_PREFIXES = re.compile(r"(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")
@@ -54,14 +54,15 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
         parts = [split_stage(model, i, n_stages) for i in ids]
     else:
         ids, parts = [0], [model]
-    fp8_output = False
+    fp8_loss = False  # the output layer converted: the fused loss runs its GEMMs in FP8
     for part in parts:
         lora_fp8 = lora is not None and lora.rank > 0  # frozen bases: FP8 copies after loading (fp8_frozen.py)
         if train.fp8 != "none" and not lora_fp8:
             # Before everything else: TP, compile and FSDP must see the Float8Linear modules.
             converted = apply_fp8(part, train.fp8, min_features=train.fp8_min_features,
-                                  include_output=train.fp8_include_output, fsdp_all_gather=train.fp8_all_gather)
-            fp8_output = fp8_output or "output" in converted
+                                  include_output=fp8_output(train, dims.tp, dims.pp, lora=False),
+                                  fsdp_all_gather=train.fp8_all_gather)
+            fp8_loss = fp8_loss or "output" in converted
         if dims.tp > 1:
             frozen = {n for n, p in part.named_parameters() if not p.requires_grad}
             family.tensor_parallel(part, dims.submesh("tp"))
@@ -84,7 +85,7 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
             ignored = _shard_experts(experts, dims, param_dtype)
             apply_fsdp(part, dims.submesh("fsdp"), param_dtype, reshard_after_forward=dims.pp == 1,
                        ignored_params=ignored)
-    return parts, ids, fp8_output
+    return parts, ids, fp8_loss
 
 
 def _shard_experts(experts: list[nn.Module], dims: ParallelDims, param_dtype: torch.dtype | None) -> set | None:

@@ -43,7 +43,7 @@ from llamatron.train.metrics import MetricsWriter, ThroughputMeter, run_environm
 from llamatron.train.mlperf_log import MLPerfLog
 from llamatron.train.optim import build_optimizer, lr_at
 from llamatron.train.step import train_step
-from llamatron.transforms.fp8 import check_fp8, precompute_fp8_scales
+from llamatron.transforms.fp8 import check_fp8, fp8_output, precompute_fp8_scales
 from llamatron.transforms.fp8_frozen import check_lora_fp8, quantize_frozen_linears
 from llamatron.transforms.lora import frozen_dtype
 
@@ -380,7 +380,7 @@ class Trainer:
             activation_checkpointing=train.activation_checkpointing, checkpointed_layers=train.activation_checkpointing_layers,
             fused_cross_entropy=self.layout.fused_loss(train.fused_cross_entropy),
             lora=cfg.lora if cfg.lora.rank else None, fp8=train.fp8, fp8_min_features=train.fp8_min_features,
-            fp8_include_output=train.fp8_include_output, compiled=train.compile, native_gqa=native_gqa(self.device),
+            fp8_include_output=fp8_output(train, dims.tp, dims.pp, bool(cfg.lora.rank)), compiled=train.compile, native_gqa=native_gqa(self.device),
         )
         mode = "compiled" if train.compile else "eager"
         self.log(f"memory estimate per rank ({mode} count; llamatron/parallel/memory.py): {est.describe()}")

@@ -7,10 +7,12 @@ slower). Master weights, gradients and optimizer state keep their dtypes; only t
 cast. Applied to the meta-device model before tensor parallel, compile and FSDP (llamatron.parallel.parallelize).
 
 What stays in BF16, and why:
-- the output layer (`output`): its logits feed a softmax over 128K classes, where FP8's 3-bit mantissa
-  costs accuracy (`fp8_include_output` overrides: with the fused cross-entropy its three GEMMs then run
-  in FP8 inside `llamatron.loss`, tensorwise whatever the recipe, which `apply_fp8` reports by naming
-  "output" among the converted layers; else it is a Float8Linear too);
+- the output layer (`output`) where its loss is not fused (tensor or pipeline parallelism), with the
+  rowwise recipe, and when `fp8_include_output = false`: its logits feed a softmax over 128K classes.
+  By default (`fp8_output`) tensorwise FP8 runs its three GEMMs in FP8 inside the fused cross-entropy
+  (`llamatron.loss`), which `apply_fp8` reports by naming "output" among the converted layers: the
+  fastest configuration measured, and it converged within 0.6% of BF16 (docs/performance.md); an
+  explicit `fp8_include_output = true` without the fused loss makes it a Float8Linear;
 - layers with a dimension below `fp8_min_features`: the cast and scale kernels cost more than the
   smaller GEMM saves (users report FP8 slower than BF16 on small models for this reason);
 - layers whose dimensions are not multiples of 16, which FP8 GEMMs cannot take.
@@ -48,6 +50,18 @@ def check_fp8(recipe: str, device: torch.device) -> None:
     reason = fp8_unavailable_reason(device)
     if reason:
         raise LlamatronError(f"config key 'train.fp8': {recipe} FP8 training asked for, but {reason}")
+
+
+def fp8_output(train, tp: int, pp: int, lora: bool) -> bool:
+    """Whether the output layer runs in FP8: `train.fp8_include_output`, or when it is unset (None),
+    for tensorwise FP8 where the loss is fused (no tp or pp), the output layer trains (no LoRA) and
+    FSDP gathers bf16 weights (no `fp8_all_gather`)."""
+    if train.fp8 == "none" or lora:
+        return False
+    if train.fp8_include_output is not None:
+        return train.fp8_include_output
+    # Not with FP8 all-gather: FSDP would hand the fused loss the output weight as torchao's FP8 tensor.
+    return train.fp8 == "tensorwise" and train.fused_cross_entropy and tp == 1 and pp == 1 and not train.fp8_all_gather
 
 
 def fp8_module_filter(min_features: int, include_output: bool):
