@@ -9,6 +9,7 @@
 # 3. issue 21: GLaM 126M-64E with static capacity routing and flex relative bias, eager and compiled
 # 4. issue 18: the LLaMA-2 7B proxy at micro 8 and 16
 # 5. issue 23: the 8B proxy at micro 16, which the planner now ranks first (never measured)
+# 6. issue 22: the first async checkpoint save, its host buffers now allocated in the background (never measured)
 TOTAL=${1:-560}
 OUT=${2:-${OUT:-h200-runs}}
 mkdir -p "$OUT"
@@ -32,4 +33,6 @@ run llama2 150 80 python bench/bench_train_step.py --model llama2-7b --layers 4 
     --steps 4 --warmup 2 --variants compile+cudnn@micro=16,compile+cudnn@micro=8 --json "$OUT/llama2.json"
 run l8b_mbs16 120 70 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
     --steps 3 --warmup 2 --variants compile+cudnn --json "$OUT/l8b_mbs16.json"
-grep -h "SUMMARY\|out of memory\|Error" "$OUT"/*.log | cut -c1-400
+run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
+    --json "$OUT/ckpt.json"
+grep -h "SUMMARY\|prealloc:\|out of memory\|Error" "$OUT"/*.log | cut -c1-400
