@@ -148,8 +148,9 @@ class HostStager(AsyncStager):
         specs = list(self._specs(state_dict, ()))
         self.prealloc = {"started": time.perf_counter(), "ended": None, "s": None, "buffers": len(specs),
                          "bytes": sum(s.numel() * d.itemsize for _, s, d, _, _ in specs), "error": None}
-        self._thread = threading.Thread(target=self._allocate, args=(specs, _rank()), daemon=True,
-                                        name="llamatron-staging-alloc")
+        # Not a daemon: a run that fails meanwhile exits once the thread is out of the CUDA driver,
+        # not while it is inside cudaHostRegister as the context is torn down.
+        self._thread = threading.Thread(target=self._allocate, args=(specs, _rank()), name="llamatron-staging-alloc")
         self._thread.start()
 
     def _specs(self, value, key: tuple):
