@@ -217,3 +217,17 @@ def test_cuda_tensors_are_staged_into_pinned_buffers():
     assert _ptrs(stager.stage(sd)) == first
     stager.close()
     assert registered.registered is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging needs CUDA")
+def test_cuda_buffers_are_pinned_by_the_background_thread():
+    sd, stager = _state("cuda"), HostStager(pinned=True)
+    stager.preallocate(sd)
+    stager._thread.join(60)
+    big = stager._ready[("model", "big")]
+    assert big.registered == big.tensor.data_ptr() and big.tensor.is_pinned()  # registered on the tensors' device
+    staged = stager.stage(sd)
+    assert stager.allocated == 0 and staged["model"]["big"].data_ptr() == big.registered
+    assert all(torch.equal(staged["model"][k], t.cpu()) for k, t in sd["model"].items())
+    stager.close()
+    assert big.registered is None
