@@ -8,11 +8,16 @@ For each mode and each of --saves saves: the time inside the save call (training
 time until the checkpoint is complete (save_s), and the extra time of the training steps that ran
 while the background write was going on (against the median step before the save: the writer
 thread competes for CPU, memory bandwidth and the GIL). stall_s = the save call + that extra time.
-The first asynchronous save also allocates the pinned host buffers the later ones reuse.
+Before the first asynchronous save, as in a run, the poll after a step starts allocating the (pinned)
+host buffers every save reuses in a background thread; steps run until it has finished (at most
+--max-steps-during), and the line `prealloc: ...` (and `prealloc` in the first save's SUMMARY) says
+after which step it started, during which it ended, its time, and the steps' extra time meanwhile;
+what the first save still waits for it is its `prealloc_wait_s`, part of its stall.
 Each asynchronous save's call is also printed part by part (`save N: ...` and a second table): the
 wait for the previous save, the NaN/inf check, begin (mkdir, barrier), the state-dict gather, the
-RNG file, the async_save call and, inside it, the staging copy (stage_s) and the allocation of host
-buffers inside that (alloc_s), and the ranks' agreement that the snapshot succeeded.
+RNG file, the async_save call and, inside it, the staging copy (stage_s) and inside that the
+allocation of host buffers (alloc_s) and the wait for the background allocation (prealloc_wait_s),
+and the ranks' agreement that the snapshot succeeded.
 Each result is one line `SUMMARY {json}`. The checkpoints go to --out-dir (a fast local disk:
 the write speed is the disk's); each is deleted once measured, so the disk needs room for one.
 """
@@ -79,12 +84,39 @@ class Run:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def preallocate(run: Run, ck: Checkpointer, cli) -> dict | None:
+    """The background allocation of the staging buffers, as in a run: started by the poll after a
+    step, steps running meanwhile until it has finished (at most --max-steps-during)."""
+    before = statistics.median(run.train_step() for _ in range(cli.steps_between))
+    ck.poll()
+    stager, started_after, during = ck._stager, run.step, []
+    if stager is None:
+        return None
+    while not stager.preallocated() and len(during) < cli.max_steps_during:
+        during.append(run.train_step())
+    record = stager.prealloc
+    done = record["s"] is not None
+    result = {"started_after_step": started_after, "finished": done,
+              "prealloc_s": record["s"], "gb": record["bytes"] / 1e9, "buffers": record["buffers"],
+              "steps_during": len(during), "step_s": before, "extra_step_s": sum(max(t - before, 0.0) for t in during),
+              "error": repr(record["error"]) if record["error"] is not None else None}
+    ended = (f"not finished after {len(during)} steps (the first save waits for the rest)" if not done else
+             f"in {record['s']:.2f} s, ended during step {run.step}" if during else
+             f"in {record['s']:.2f} s, ended before step {run.step + 1} began")
+    print(f"prealloc: {result['gb']:.2f} GB of host buffers ({record['buffers']}) allocated in the background, started "
+          f"after step {started_after}, {ended}; {len(during)} step(s) ran meanwhile, {result['extra_step_s']:.2f} s "
+          f"slower in all than the median step of {before:.3f} s" + (f"; failed: {result['error']}" if result["error"]
+                                                                      else ""), flush=True)
+    return result
+
+
 def measure(run: Run, asynchronous: bool, cli, out_dir: Path, pinned: bool = True) -> list[dict]:
     rows = []
     ck = Checkpointer(CheckpointConfig(enabled=True, keep=1, async_save=asynchronous), out_dir, log=lambda *_: None,
                       report=lambda kind, step, values: rows.append(values), device_type=run.device.type)
     ck.pinned = ck.pinned and pinned  # async-unpinned: staging into pageable host memory
     ck.attach([run.layout.model], [run.opt], "")
+    prealloc = preallocate(run, ck, cli) if asynchronous else None
     results = []
     for i in range(cli.saves):
         before = statistics.median(run.train_step() for _ in range(cli.steps_between))
@@ -104,6 +136,7 @@ def measure(run: Run, asynchronous: bool, cli, out_dir: Path, pinned: bool = Tru
             "first_step_after_s": after[0] if after else None, "extra_step_s": extra, "wait_s": waited,
             "stall_s": in_call + extra + waited,
             "write_gb_per_s": run.state_bytes() / 1e9 / row["save_s"], "parts": parts,
+            **({"prealloc": prealloc} if prealloc is not None and i == 0 else {}),
         })
         if parts:
             print(f"save {i + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
@@ -116,7 +149,8 @@ def measure(run: Run, asynchronous: bool, cli, out_dir: Path, pinned: bool = Tru
 
 
 def _print_parts(results: list[dict]) -> None:
-    """The asynchronous saves' call, part by part (stage_s is inside async_save_s, alloc_s inside stage_s)."""
+    """The asynchronous saves' call, part by part (stage_s is inside async_save_s, alloc_s and
+    prealloc_wait_s inside stage_s)."""
     rows = [r for r in results if r["parts"]]
     if not rows:
         return

@@ -15,6 +15,7 @@
 # 5. issue 23: the 8B proxy at micro 16, which the planner now ranks first (never measured)
 # 6. issue 23: a new H200 calibration table (attention timed in windows at three call sizes), for
 #    llamatron/calibration/h200.json: the GPT-126M rows of docs/planner.md wait for it
+# 7. issue 22: the first async checkpoint save, its host buffers now allocated in the background (never measured)
 TOTAL=${1:-560}
 OUT=${2:-${OUT:-h200-runs}}
 mkdir -p "$OUT"
@@ -41,4 +42,6 @@ run llama2 150 80 python bench/bench_train_step.py --model llama2-7b --layers 4 
 run l8b_mbs16 120 70 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
     --steps 3 --warmup 2 --variants compile+cudnn --json "$OUT/l8b_mbs16.json"
 run calibrate 120 60 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 90
-grep -h "SUMMARY\|^wrote \|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-400
+run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
+    --json "$OUT/ckpt.json"
+grep -h "SUMMARY\|^wrote \|prealloc:\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-400

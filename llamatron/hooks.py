@@ -11,13 +11,15 @@ or poison a run at an exact moment. The points and what they are given:
                   shard write starts, while training goes on), step, rank. In an asynchronous save
                   after_data and the phases after it run in the writer thread too.
     eval_batch    start (the first window of the validation batch about to be scored)
+    staging       rank: in the background thread that allocates the host buffers of asynchronous
+                  saves (`HostStager.preallocate`), before it allocates them
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-POINTS = ("step_start", "step_end", "save", "eval_batch")
+POINTS = ("step_start", "step_end", "save", "eval_batch", "staging")
 _registered: dict[str, list[Callable[..., None]]] = {}
 
 

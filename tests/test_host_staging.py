@@ -3,6 +3,9 @@ snapshot into host buffers kept for the run, which DCP plans and writes exactly 
 DefaultStager's copy (DTensors included). In process, on the CPU; the CUDA test (pinned buffers)
 runs where CUDA is."""
 
+import ctypes
+import mmap
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,6 +16,7 @@ from llamatron.config import CheckpointConfig
 from llamatron.models.llama import SIZES
 from llamatron.models.llama.model import Transformer
 from llamatron.train import checkpoint as ckpt
+from llamatron.testing import faults
 from llamatron.train.host_staging import HostStager
 
 torch.set_num_threads(1)
@@ -48,6 +52,48 @@ def test_stage_is_a_snapshot_into_buffers_kept_across_saves():
     stager.close()
     assert stager.nbytes == 0
     assert torch.equal(stager.stage(sd)["model"]["w"], sd["model"]["w"])  # allocated again
+
+
+def _resident(address: int, nbytes: int) -> int:
+    """Bytes of [address, address + nbytes) in memory now (mincore; untouched anonymous pages are not)."""
+    libc, page = ctypes.CDLL(None, use_errno=True), mmap.PAGESIZE
+    start = address - address % page
+    pages = (address + nbytes - start + page - 1) // page
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * page), vec) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec) * page
+
+
+def test_preallocated_buffers_are_resident_and_the_next_stage_allocates_nothing():
+    sd, stager = _state(), HostStager(pinned=False)
+    stager.preallocate(sd)
+    stager._thread.join(60)
+    assert stager.preallocated() and stager.prealloc["buffers"] == 3 and stager.prealloc["error"] is None
+    assert stager.prealloc["bytes"] == (12 + (1 << 19) + 1) * 4 and stager.prealloc["s"] > 0
+    big = stager._ready[("model", "big")].tensor
+    untouched = mmap.mmap(-1, big.nbytes, flags=mmap.MAP_PRIVATE)  # what the check sees before any write
+    assert _resident(ctypes.addressof(ctypes.c_char.from_buffer(untouched)), big.nbytes) == 0
+    assert _resident(big.data_ptr(), big.nbytes) == big.nbytes  # faulted in by the thread, not by the copy
+    staged = stager.stage(sd)
+    assert stager.allocated == 0 and stager.alloc_s == 0.0 and staged["model"]["big"].data_ptr() == big.data_ptr()
+    assert all(torch.equal(staged["model"][k], sd["model"][k]) for k in sd["model"])
+    sd["model"]["w"] = torch.zeros(5)  # a changed shape is still allocated by the save
+    stager.stage(sd)
+    assert stager.allocated == 1
+    stager.close()
+
+
+def test_a_failed_background_allocation_is_raised_by_the_next_stage():
+    sd, stager = _state(), HostStager(pinned=False)
+    with faults.installed("staging_nomem"):  # ENOMEM in the allocating thread
+        stager.preallocate(sd)
+        stager._thread.join(60)
+    with pytest.raises(RuntimeError, match=r"^allocating the 2\.1 MB of host buffers") as e:
+        stager.stage(sd)
+    assert "Cannot allocate memory" in str(e.value) and "checkpoint.async_save=false" in str(e.value)
+    assert torch.equal(stager.stage(sd)["model"]["big"], sd["model"]["big"])  # the next save allocates
+    assert stager.allocated == 3
+    stager.close()
 
 
 def _sharded_state():
@@ -116,6 +162,44 @@ def test_checkpointer_reuses_the_buffers_of_its_first_async_save(tmp_path):
         assert torch.equal(saved["output.weight"], weights[step])
 
 
+def test_checkpointer_allocates_the_staging_buffers_in_the_background_after_the_first_step(tmp_path):
+    """The trainer polls after every step: with async saves, the first poll after an optimizer step
+    (not before: AdamW has no state yet, and get_state_dict would make it with a step of lr 0) starts
+    allocating every buffer of the staging copy in a background thread; the first save then only copies."""
+    torch.manual_seed(0)
+    model, lines = Transformer(SIZES["debug"]), []
+    opt = torch.optim.AdamW(model.parameters())
+    sync = ckpt.Checkpointer(CheckpointConfig(enabled=True, async_save=False), tmp_path / "sync", log=lines.append)
+    ck = ckpt.Checkpointer(CheckpointConfig(enabled=True, async_save=True), tmp_path, log=lines.append)
+    for c in (sync, ck):
+        c.attach([model], [opt], "")
+    ck.poll()
+    assert ck._stager is None and not opt.state  # nothing before the first step, the optimizer untouched
+    model(torch.randint(0, SIZES["debug"].vocab_size, (1, 16))).float().square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    for c in (sync, ck):
+        c.poll()
+    assert sync._stager is None  # synchronous saves stage nothing
+    stager = ck._stager
+    stager._thread.join(60)
+    ck.poll()
+    n = len(list(model.parameters()))
+    assert stager.prealloc["buffers"] == 4 * n and stager.prealloc["error"] is None  # weights, 2 moments, step
+    assert lines == [f"{stager.prealloc['bytes'] / 1e6:.1f} MB of host buffers for the checkpoint staging "
+                     f"allocated in the background in {stager.prealloc['s']:.2f} s"]
+    ready = {k: b.tensor.data_ptr() for k, b in stager._ready.items()}
+    ck.save(1, {"step": 1, "consumed_samples": 0})
+    assert stager.allocated == 0 and ck.pending.parts["alloc_s"] == 0.0 and "prealloc_wait_s" in ck.pending.parts
+    assert {k: b.tensor.data_ptr() for k, b in stager._buffers.items()} == ready
+    ck.poll()
+    assert stager.prealloc["started"] < ck.pending.started  # started once, reported once:
+    assert sum("host buffers for the checkpoint staging" in line for line in lines) == 1
+    ck.close()
+    saved = ckpt.consolidated_state_dict(ckpt.checkpoints_root(tmp_path) / "step_00000001")
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging needs CUDA")
 def test_cuda_tensors_are_staged_into_pinned_buffers():
     sd, stager = _state("cuda"), HostStager(pinned=True)
@@ -133,3 +217,17 @@ def test_cuda_tensors_are_staged_into_pinned_buffers():
     assert _ptrs(stager.stage(sd)) == first
     stager.close()
     assert registered.registered is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging needs CUDA")
+def test_cuda_buffers_are_pinned_by_the_background_thread():
+    sd, stager = _state("cuda"), HostStager(pinned=True)
+    stager.preallocate(sd)
+    stager._thread.join(60)
+    big = stager._ready[("model", "big")]
+    assert big.registered == big.tensor.data_ptr() and big.tensor.is_pinned()  # registered on the tensors' device
+    staged = stager.stage(sd)
+    assert stager.allocated == 0 and staged["model"]["big"].data_ptr() == big.registered
+    assert all(torch.equal(staged["model"][k], t.cpu()) for k, t in sd["model"].items())
+    stager.close()
+    assert big.registered is None

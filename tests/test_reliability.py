@@ -162,15 +162,20 @@ def test_killed_during_async_save_resumes_from_newest_complete(phase, reference,
     assert _hidden(out) == []
 
 
-def test_async_save_is_a_snapshot_and_resumes_like_sync(reference, tmp_path):
+def test_async_save_is_a_snapshot_and_resumes_like_sync(reference, tmp_path, monkeypatch):
     """The writer of step 2's save is held until training has finished step 3 (weights, moments, step
     counts and RNG all moved on): the checkpoint still holds step 2, and resuming from it continues
-    exactly as the synchronous run did."""
+    exactly as the synchronous run did. The staging buffers were allocated in the background, from
+    after step 1 on: no save allocated one."""
     from llamatron import hooks
 
-    out, gate = tmp_path / "run", threading.Event()
+    out, gate, saves_began, stagers = tmp_path / "run", threading.Event(), [], []
+    staging = ckpt.Checkpointer._staging
+    monkeypatch.setattr(ckpt.Checkpointer, "_staging", lambda self: stagers.append(staging(self)) or stagers[-1])
 
     def hold_writer(phase, step, rank):
+        if phase == "before_data":
+            saves_began.append(time.perf_counter())
         if phase == "async_write" and step == 2:
             assert gate.wait(120)
 
@@ -184,6 +189,10 @@ def test_async_save_is_a_snapshot_and_resumes_like_sync(reference, tmp_path):
     finally:
         [remove() for remove in removers]
     assert gate.is_set()
+    stager = stagers[0]
+    assert all(s is stager for s in stagers) and len(saves_began) == 3
+    assert stager.prealloc["error"] is None and stager.prealloc["started"] < saves_began[0]
+    assert stager.prealloc["buffers"] > 0 and stager.allocated == 0  # three saves, not one buffer allocated by them
     assert {s: v[0] for s, v in _losses(out).items()} == reference  # async saves change no loss
     rows = _rows(out, "checkpoint")
     assert [r["step"] for r in rows] == [2, 4, 6] and all(r["async"] and r["save_s"] > 0 for r in rows)
@@ -233,6 +242,23 @@ def test_async_save_failure_is_reported_and_keeps_previous(reference, tmp_path):
     err = failed.stderr.strip().splitlines()
     assert "Traceback" not in failed.stderr and f"{out}/checkpoints/step_00000004: save failed" in err[-1]
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000002"] and _hidden(out) == []
+
+
+def test_async_staging_allocation_failure_fails_the_first_save(tmp_path, monkeypatch, capsys):
+    """The background allocation of the staging buffers fails (ENOMEM in its thread, as on a host out
+    of memory): training goes on to the first save, which fails with the one-line save error naming
+    it, and leaves nothing behind."""
+    out = tmp_path / "run"
+    monkeypatch.setenv(faults.ENV, "staging_nomem")
+    assert main(["train", "--config", "demo", *(a for o in _overrides(out, extra=ASYNC) for a in ("--set", o))]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert "Traceback" not in captured.err
+    assert err[-1].startswith(f"llamatron train: error: checkpoint {out}/checkpoints/step_00000002: save failed "
+                              "(RuntimeError: allocating the ")
+    assert "in the background failed (OSError: [Errno 12] Cannot allocate memory)" in err[-1]
+    assert "no earlier checkpoint exists" in err[-1]
+    assert ckpt.list_checkpoints(out) == [] and _hidden(out) == [] and max(_losses(out)) == 2
 
 
 def test_save_fails_on_full_disk_and_keeps_previous_checkpoint(reference, tmp_path, capsys):

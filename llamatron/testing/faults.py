@@ -24,11 +24,15 @@ rank = the global rank, every rank when absent):
                         shards while training goes on (SIGKILL); in an async save after_data and
                         the phases after it happen in that thread too
     sigterm@step=3[@rank=R]           the process sends itself SIGTERM as step 3 begins (sigusr1 too)
+    staging_nomem[@rank=R]            checkpoint.async_save only: the background allocation of the
+                                      host buffers of the staging copy fails with ENOMEM, as on a
+                                      host out of memory (the next save fails with it)
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import resource
 import signal
@@ -40,7 +44,7 @@ ENV = "LLAMATRON_FAULT"
 SAVE_PHASES = ("before_data", "during_data", "after_data", "before_marker", "before_rename", "after_rename",
                "async_write")
 _KEYS = {"nan_loss": {"step", "rank"}, "spike": {"step", "rank"}, "kill": {"save", "step", "rank"},
-         "sigterm": {"step", "rank"}, "sigusr1": {"step", "rank"}}
+         "sigterm": {"step", "rank"}, "sigusr1": {"step", "rank"}, "staging_nomem": {"rank"}}
 
 
 def parse(spec: str | None = None) -> list[tuple[str, dict[str, str]]]:
@@ -96,7 +100,12 @@ def install(spec: str | None = None):
         if any(kind == "kill" and _matches(where, rank, step, save=phase) for kind, where in faults):
             _die(phase)
 
-    removers = [hooks.add("step_start", step_start), hooks.add("step_end", step_end), hooks.add("save", save)]
+    def staging(rank):
+        if any(kind == "staging_nomem" and _matches(where, rank, 0) for kind, where in faults):
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    removers = [hooks.add("step_start", step_start), hooks.add("step_end", step_end), hooks.add("save", save),
+                hooks.add("staging", staging)]
     return lambda: [remove() for remove in removers]
 
 

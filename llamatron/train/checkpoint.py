@@ -17,8 +17,9 @@ or save. Old checkpoints are renamed to a hidden name before they are deleted, f
 
 An asynchronous save (`checkpoint.async_save`, `save_checkpoint_async`) writes the same files in the
 same order: the state is copied to host memory while training waits (`HostStager`: host buffers
-kept for the run, filled at PCIe speed), a DCP writer thread writes the shards, and the marker and
-rename follow in that thread (rank 0) once every rank's shards are written.
+kept for the run, allocated in a background thread after the first step, filled at PCIe speed), a
+DCP writer thread writes the shards, and the marker and rename follow in that thread (rank 0) once
+every rank's shards are written.
 One save is in flight at a time; `Checkpointer` waits for it before the next save and at the end.
 
 Every tensor is stored by its name in the whole model, whatever the layout that saved it: DCP records
@@ -64,7 +65,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from llamatron.errors import LlamatronError
 from llamatron import hooks
-from llamatron.train.host_staging import HostStager
+from llamatron.train.host_staging import HostStager, size_text
 from llamatron.train.resume_check import check_resume_config
 
 MARKER = "COMPLETE"
@@ -564,8 +565,8 @@ def save_checkpoint_async(out_dir: str | Path, step: int, model, optimizer, trai
     `AsyncSave.wait` returns once the checkpoint is complete. The layout on disk and the guarantees
     are those of `save_checkpoint`. `process_group`: a gloo group of all ranks for DCP's collectives
     in the writer thread (None in a single process), apart from the training's own. The returned
-    save's `parts` holds the seconds of each part of this call (`stage_s` and its `alloc_s` are
-    inside `async_save_s`)."""
+    save's `parts` holds the seconds of each part of this call (`stage_s` is inside `async_save_s`,
+    and inside it `alloc_s` and `prealloc_wait_s`, the wait for the stager's background allocation)."""
     started, laps = time.perf_counter(), _Laps()
     root, final, tmp, rank = _begin(out_dir, step)
     laps("begin_s")  # rank 0's clean-up and mkdir, and a barrier
@@ -587,7 +588,7 @@ def save_checkpoint_async(out_dir: str | Path, step: int, model, optimizer, trai
         error = e
     _fail_together(error, rank, root, tmp, final)
     laps("agree_s")
-    pending.parts = {**laps, "stage_s": stager.stage_s, "alloc_s": stager.alloc_s}
+    pending.parts = {**laps, "stage_s": stager.stage_s, "alloc_s": stager.alloc_s, "prealloc_wait_s": stager.wait_s}
     future.add_done_callback(pending._written)
     return pending
 
@@ -780,6 +781,7 @@ class Checkpointer:
         self.pinned = device_type == "cuda"
         self.pending: AsyncSave | None = None  # the save in flight
         self._stager = self._group = None
+        self._prealloc = None  # None, then "started" (the staging buffers), then "reported"
 
     def attach(self, parts, optimizers, config_yaml: str) -> None:
         """What every checkpoint holds, once the model is built."""
@@ -892,14 +894,19 @@ class Checkpointer:
                                                  self._writer_group(), frozen=self.cfg.save_frozen)
         snapshot = time.perf_counter() - t0
         p.stall_s, p.parts = waited + snapshot, {"wait_s": waited, "check_s": checked, **p.parts}
-        alloc = p.parts["alloc_s"]
+        alloc, prealloc_wait = p.parts["alloc_s"], p.parts["prealloc_wait_s"]
         first = f" (host buffers allocated in {alloc:.2f} s, by the first save only)" if alloc >= 0.01 else ""
+        if prealloc_wait >= 0.01:
+            first += f" (of which {prealloc_wait:.2f} s waiting for the host buffers being allocated in the background)"
         self.log(f"step {step:6d} | checkpoint staged in {snapshot:.2f} s{first}; writing {p.final.name} in the "
                  "background")
         return p.final
 
     def poll(self) -> None:
-        """Between steps: report a background save that has completed (local: no collective)."""
+        """Between steps: start allocating the staging buffers once the state has its final shapes,
+        and report that allocation and a background save once they have completed (local: no collective)."""
+        self._preallocate()
+        self._report_preallocation()
         p = self.pending
         if p is None or not p.done() or p.stall_s is None:
             return
@@ -909,6 +916,30 @@ class Checkpointer:
             self.log(f"warning: the background save of {p.final.name} failed ({_describe_error(p.error)}); "
                      "the run stops with this error at the next checkpoint or at its end")
         p.stall_s = None  # reported
+
+    def _preallocate(self) -> None:
+        """Async saves: once, allocate the host buffers of the staging copy in a background thread, so
+        that the first save only copies. From the first optimizer step on every state-dict entry has its
+        final shape; before it AdamW has no state, and get_state_dict would make it with a step of lr 0
+        (a step count of 1 that changes the run)."""
+        if self._prealloc is not None or not (self.asynchronous and self.cfg.enabled and self.optimizers):
+            return
+        if not all(o.state for o in self.optimizers):
+            return
+        self._prealloc = "started"
+        self._staging().preallocate(_gather(self.parts, self.optimizers, self.cfg.save_frozen))
+
+    def _report_preallocation(self) -> None:
+        stager = self._stager
+        if self._prealloc != "started" or stager is None or not stager.preallocated():
+            return
+        self._prealloc, record = "reported", stager.prealloc
+        size = f"{size_text(record['bytes'])} of host buffers for the checkpoint staging"
+        if record["error"] is None:
+            self.log(f"{size} allocated in the background in {record['s']:.2f} s")
+        else:  # raised on every rank by the next save (an agreement needs all ranks: not here)
+            self.log(f"warning: allocating {size} in the background failed ({_describe_error(record['error'])}); "
+                     "the run stops with this error at the next checkpoint")
 
     def wait(self) -> float:
         """Block until the save in flight, if any, is complete (every rank; raises the save's error on
