@@ -30,7 +30,11 @@ The model protocol (what the generic code calls on every family's module):
   - optional selected logits: `model(tokens, logits_at=idx)`, idx [N, 2] int64 (row, position)
     pairs -> logits [N, vocab] of just those positions (the final norm and output layer run on those
     rows only). Zero-shot scoring (`eval/loglikelihood.py`) uses it when forward has a `logits_at`
-    parameter, and indexes the full [batch, seq, vocab] logits otherwise.
+    parameter, and indexes the full [batch, seq, vocab] logits otherwise;
+  - optional padding lengths: `model(tokens, lengths=n)`, n [batch] int64, each row's real tokens
+    (the rest right padding), for a family whose rows are not independent past causal attention
+    (GLaM's capacity routing: padding would take expert slots). Scoring and generation pass them
+    when forward has a `lengths` parameter.
 
 `Family.shapes(args)` describes a block's matrix products and attention for the layout planner
 (llamatron/plan.py): what it times, what tensor, context and expert parallelism move, and which
