@@ -7,7 +7,9 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     python bench/bench_train_step.py --layers 4 --seq-len 8192 --steps 12 --json out.json
     python bench/bench_train_step.py --size debug --seq-len 128 --steps 3 --device cpu   # smoke test
     python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --variants fused-ce+adam,compile
-    python bench/bench_train_step.py --size glam-64b-64e --layers 2 --seq-len 2048   # a 2-block proxy (1 MoE)
+    # GLaM 64B-64E layer proxy: 2 blocks (MoE, dense) with 64/ep experts, one GPU's share under ep (docs/moe.md)
+    python bench/bench_train_step.py --size glam-64b-64e --layers 2 --set model.n_experts=8 --seq-len 2048 \
+        --micro-batch 2 --global-batch 8 --variants compile
     python bench/bench_train_step.py --model gpt-126m --layers 0 --seq-len 2048     # GPT 126M, whole model
     python bench/bench_train_step.py --model gpt-5b --layers 4 --seq-len 2048       # GPT 5B proxy
     python bench/bench_train_step.py --model llama2-7b --layers 4 --seq-len 4096    # LLaMA-2 7B proxy
@@ -40,7 +42,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 from llamatron import flops  # noqa: E402
-from llamatron.config import OptimConfig  # noqa: E402
+from llamatron.config import OptimConfig, parse_config, resolve_model  # noqa: E402
+from llamatron.errors import LlamatronError  # noqa: E402
 from llamatron.data.sampler import micro_batch_indices  # noqa: E402
 from llamatron.models.attention_ops import set_gqa_mode  # noqa: E402
 from llamatron.models import registry  # noqa: E402
@@ -90,6 +93,20 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N or gqa=auto|native|expand")
     return spec, opts, over
+
+
+def model_args(cli):
+    """The size's args with --layers and the --set model keys (as the trainer's --set reads them),
+    the position table long enough for --seq-len, checked by the family."""
+    other = next((s for s in cli.sets if not s.strip().startswith("model.")), None)
+    if other is not None:
+        raise LlamatronError(f"--set {other!r}: only the model's keys (model.KEY=VALUE) apply to this benchmark")
+    layers = [f"model.n_layers={cli.layers}"] if cli.layers else []
+    cfg, _ = parse_config(None, [f"model.size={cli.size}", *layers, *cli.sets])
+    family, args = resolve_model(cfg.model)
+    args = dataclasses.replace(args, max_seq_len=max(cli.seq_len, args.max_seq_len))
+    family.validate(args)  # e.g. a GPT sequence longer than its position table
+    return args
 
 
 def build_dataset(args, vocab: int, n: int):
@@ -211,6 +228,8 @@ def main() -> int:
     p.add_argument("--size", "--model", dest="size", default="llama3.1-8b",
                    help="any registered size: llama3.1-8b, llama2-7b, gpt-126m, gpt-5b, ...")
     p.add_argument("--layers", type=int, default=4, help="proxy: this many layers (0: the size's own)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="a model setting over the size's (repeatable), e.g. model.n_experts=8")
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--global-batch", default="1,8", help="comma-separated; every variant runs with each")
@@ -225,16 +244,18 @@ def main() -> int:
     cli = p.parse_args()
 
     device = torch.device(cli.device)
-    base = registry.get(cli.size).args
-    margs = dataclasses.replace(base, n_layers=cli.layers or base.n_layers, max_seq_len=max(cli.seq_len, base.max_seq_len))
-    registry.family_of(margs).validate(margs)  # e.g. a GPT sequence longer than its position table
+    try:
+        margs = model_args(cli)
+    except LlamatronError as e:
+        print(f"bench_train_step.py: error: {e}", file=sys.stderr)
+        return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = flops.peak_flops(name, "bf16")
     per_seq = flops.flops_per_sequence(margs, cli.seq_len)
     batch_sizes = [int(b) for b in cli.global_batch.split(",")]
     dataset = build_dataset(cli, margs.vocab_size, (cli.warmup + cli.steps + 2) * max(batch_sizes))
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    print(f"device {name}; torch {torch.__version__}; {cli.size} x {cli.layers} layers; seq {cli.seq_len}; "
+    print(f"device {name}; torch {torch.__version__}; {cli.size} x {cli.layers} layers{''.join(' ' + x for x in cli.sets)}; seq {cli.seq_len}; "
           f"micro batch {cli.micro_batch}; {precision}; {per_seq / 1e12:.2f} TFLOP per sequence "
           f"(NVIDIA recipe formula)", flush=True)
     results = []
@@ -254,7 +275,7 @@ def main() -> int:
             med = statistics.median(times)
             tps = flops.tokens_per_second(cli.seq_len, gbs, med)
             row = {
-                "variant": vname, **opts, "layers": cli.layers, "seq_len": cli.seq_len,
+                "variant": vname, **opts, "layers": cli.layers, "model_sets": cli.sets, "seq_len": cli.seq_len,
                 "micro_batch": args.micro_batch, "global_batch": gbs, "gqa": opts.get("gqa", "auto"),
                 "precision": f"fp8 {opts['fp8']} + {precision}" if opts.get("fp8") else precision,
                 "layout": "1 device", "step_time_s": med, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps,

@@ -10,7 +10,8 @@
 #
 # 1. issue 19: zero-shot scoring, the shipped fast path against lm-eval's HF backend (8B, GPT-126M)
 # 2. issue 20: LoRA (rank 32, all linears; bf16 and FP8 base layers) and full SFT of the 8B at seq 4096, packed
-# 3. issue 21: GLaM 126M-64E with static capacity routing and flex relative bias, eager and compiled
+# 3. issue 21: GLaM 126M-64E with static capacity routing and flex relative bias, eager and compiled;
+#    then the 64B-64E layer proxy (2 blocks, 8 experts: one GPU's share at ep 8, docs/moe.md)
 # 4. issue 18: the LLaMA-2 7B proxy at micro 8 and 16
 # 5. issue 23: the 8B proxy at micro 16, which the planner now ranks first (never measured)
 # 6. issue 23: a new H200 calibration table (attention timed in windows at three call sizes), for
@@ -37,6 +38,8 @@ run finetune 300 120 python bench/bench_finetune.py --variants lora+compile@micr
     --steps 4 --warmup 2 --budget-s 260 --json "$OUT/finetune.json"
 run glam 150 90 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
     --global-batch 32 --variants fused-ce+adam,compile --profile compile --steps 4 --warmup 2 --json "$OUT/glam.json"
+run glam64proxy 120 90 python bench/bench_train_step.py --size glam-64b-64e --layers 2 --set model.n_experts=8 \
+    --seq-len 2048 --micro-batch 2 --global-batch 8 --variants compile --steps 3 --warmup 2 --json "$OUT/glam64proxy.json"
 run llama2 150 80 python bench/bench_train_step.py --model llama2-7b --layers 4 --seq-len 4096 --global-batch 32 \
     --steps 4 --warmup 2 --variants compile+cudnn@micro=16,compile+cudnn@micro=8 --json "$OUT/llama2.json"
 run l8b_mbs16 120 70 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \

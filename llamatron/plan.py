@@ -12,7 +12,9 @@ The cost model (per optimizer step, per GPU; docs/planner.md has it with its sou
 calibration table (the fitted model):
 
     compute   = (model FLOPs (LoRA: llamatron/flops.py's LoRA formula) + recomputed block forwards under
-                activation checkpointing, the FP8 layers' share / FP8_GEMM_SPEEDUP) / N
+                activation checkpointing, the FP8 layers' share / FP8_GEMM_SPEEDUP, + (tp - 1) x the
+                FLOPs of the block products TP leaves whole: GLaM's routers and experts, which every
+                TP rank computes for all its tokens) / N
                 / (peak x eff(x)),  eff(x) = 0.6475 x / (x + 800),  x = micro_batch x seq / cp
                 (least-squares fit to the 15 compiled BF16 single-GPU runs in docs/bench/: H100 and H200, the
                 8B layer shape with 4 or 8 layers, micro batch 1 to 8). What it captures is the fixed cost of
@@ -56,6 +58,7 @@ from typing import Any
 
 from llamatron import flops
 from llamatron.errors import LlamatronError
+from llamatron.models.family import Saving
 from llamatron.parallel.memory import GiB, MemoryEstimate, compiles_whole, estimate_memory, fp8_counts, parameter_counts
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -336,6 +339,14 @@ def _fp8_flops_per_token(w: Workload, lay: Layout) -> float:
     return gemms * (w.args.n_layers * f8.block_params + (f8.output_params if lay.fused_loss else 0))
 
 
+def _tp_whole_flops_per_token(w: Workload, lay: Layout) -> float:
+    """FLOPs per token of the block products tensor parallelism leaves whole (`Gemm.tp_split` False:
+    GLaM's routers and experts), forward, backward and any recomputed forward: what one TP rank does
+    for its tokens, while the model's FLOPs count them once for the whole TP group."""
+    per_weight = 4 + (2 if w.lora is None else 0) + (2 if lay.activation_checkpointing else 0)
+    return per_weight * w.args.n_layers * sum(g.k * g.n * g.rows * g.share for g in w.shapes.gemms if not g.tp_split)
+
+
 def fitted_compute(w: Workload, lay: Layout, hw: Hardware) -> float:
     """Seconds of compute per step on one GPU: the fitted model of the module docstring."""
     args, seq_len = w.args, w.seq_len
@@ -343,9 +354,29 @@ def fitted_compute(w: Workload, lay: Layout, hw: Hardware) -> float:
     block_per_token = flops.flops_per_token(args, seq_len) - 6 * args.vocab_size * args.dim
     recompute = block_per_token / 3 if lay.activation_checkpointing else 0.0
     fp8 = _fp8_flops_per_token(w, lay) * (1 - 1 / hw.fp8_speedup)
+    whole = (lay.tp - 1) * _tp_whole_flops_per_token(w, lay) if lay.tp > 1 else 0.0
     x = lay.micro_batch * seq_len / lay.cp
     eff = EFF_MAX * x / (x + EFF_HALF)
-    return w.global_batch * seq_len * (per_token + recompute - fp8) / hw.gpus / (hw.peak_flops * eff)
+    return w.global_batch * seq_len * (per_token + recompute - fp8 + whole) / hw.gpus / (hw.peak_flops * eff)
+
+
+def block_gemm_seconds(w: Workload, lay: Layout, hw: Hardware) -> dict[str, tuple[float, float]]:
+    """Each block product's (forward, backward) seconds on one rank per micro-batch, from the table:
+    rows = the micro-batch's tokens / cp (x top-k, spread over E / ep experts), n / tp where TP splits
+    it; weighted by the share of blocks that have it."""
+    table, fp8 = hw.calibration, w.fp8_layers().block_names if lay.fp8 else frozenset()
+    tokens = lay.micro_batch * w.seq_len // lay.cp
+    out = {}
+    for g in w.shapes.gemms:
+        groups = g.groups // lay.ep if g.groups > 1 else 1
+        rows = max(1, round(tokens * g.rows * (lay.ep if g.groups > 1 else 1) / g.groups))
+        n = max(1, g.n // lay.tp) if g.tp_split else g.n
+        speed = hw.fp8_speedup if g.name in fp8 else 1.0
+        fwd = g.share * groups * table.gemm("fwd", rows, g.k, n) / speed
+        bwd = g.share * groups * (table.gemm("dgrad", rows, g.k, n)
+                                  + (table.gemm("wgrad", rows, g.k, n) if w.lora is None else 0.0)) / speed
+        out[g.name] = (fwd, bwd)
+    return out
 
 
 def calibrated_compute(w: Workload, lay: Layout, hw: Hardware, m: int) -> float:
@@ -354,21 +385,13 @@ def calibrated_compute(w: Workload, lay: Layout, hw: Hardware, m: int) -> float:
     table, args, shapes = hw.calibration, w.args, w.shapes
     stage = _stage(w, lay)
     tokens = lay.micro_batch * w.seq_len // lay.cp
-    fp8 = w.fp8_layers().block_names if lay.fp8 else frozenset()
     trainable = w.lora is None
-    fwd = bwd = 0.0
-    for g in shapes.gemms:
-        groups = g.groups // lay.ep if g.groups > 1 else 1
-        rows = max(1, round(tokens * g.rows * (lay.ep if g.groups > 1 else 1) / g.groups))
-        n = max(1, g.n // lay.tp)
-        speed = hw.fp8_speedup if g.name in fp8 else 1.0
-        fwd += g.share * groups * table.gemm("fwd", rows, g.k, n) / speed
-        bwd += g.share * groups * (table.gemm("dgrad", rows, g.k, n)
-                                   + (table.gemm("wgrad", rows, g.k, n) if trainable else 0.0)) / speed
+    gemms = block_gemm_seconds(w, lay, hw).values()
+    fwd, bwd = sum(f for f, _ in gemms), sum(b for _, b in gemms)
     heads = max(1, shapes.heads // lay.tp)
     attn_f, attn_b = table.attention(lay.micro_batch, heads, w.seq_len // lay.cp, w.seq_len, shapes.head_dim,
                                      shapes.attention_mask)
-    saved = w.family.activation_bytes_per_token(args, 2, 2) * tokens / lay.tp
+    saved = w.family.activation_bytes_per_token(args, 2, 2, Saving(tp=lay.tp)) * tokens / lay.tp
     elementwise = ELEMENTWISE_PER_SAVED_BYTE * saved / table.bandwidth()
     block = fwd + bwd + attn_f + attn_b + elementwise
     if lay.activation_checkpointing:

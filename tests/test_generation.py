@@ -88,6 +88,22 @@ def test_left_padded_batch_equals_each_sequence_alone(model):
 
 
 @torch.no_grad()
+def test_glam_capacity_prefill_leaves_the_left_padding_out():
+    """GLaM with expert capacity: a left-padded prefill routes each prompt as the prompt alone. The
+    padding comes first in token order: routed, it would take the experts' slots before any real token."""
+    m = _build("glam-debug", init_std=0.5)  # large router weights: peaked routing, so capacity bites
+    prompts = _tokens([5, 2, 11, 16], seed=4)
+    width = max(map(len, prompts))
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        tokens[r, width - len(p):] = torch.tensor(p)
+    logits = m(tokens, cache=KVCache([width - len(p) for p in prompts], capacity=width))
+    for r, p in enumerate(prompts):
+        torch.testing.assert_close(logits[r, width - len(p):], m(torch.tensor([p]))[0], rtol=1e-5, atol=1e-4)
+    assert sum(int(moe.last_stats[-4]) for moe in m.moe_layers()) > 0  # the last prompt alone drops some
+
+
+@torch.no_grad()
 def test_greedy_generation_with_cache_equals_recompute_and_single_prompts(peaked):
     prompts = _tokens([3, 9, 1, 6], seed=2)
     calls = []

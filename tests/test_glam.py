@@ -15,7 +15,7 @@ from llamatron.errors import LlamatronError
 from llamatron.models import parameter_count, registry
 from llamatron.models.glam import experts as experts_mod
 from llamatron.models.glam.model import MoE
-from llamatron.models.glam.routing import expert_capacity, route
+from llamatron.models.glam.routing import expert_capacity, route, row_capacity
 from llamatron.train.trainer import train
 
 torch.set_num_threads(1)
@@ -104,6 +104,37 @@ def test_top2_matches_the_pax_reference(capacity_factor):
         assert int(r.dropped) == 0
     # Sorted by expert, token order within an expert (what grouped GEMM and the loop both read).
     assert r.expert.tolist() == sorted(r.expert.tolist())
+
+
+def test_row_capacity_is_expert_capacity_on_the_device():
+    n = torch.arange(0, 600)
+    for E, factor in [(8, 2.0), (64, 2.0), (64, 1.25), (8, 0.3)]:
+        assert row_capacity(n, E, factor).tolist() == [expert_capacity(int(i), E, factor) for i in n]
+
+
+@pytest.mark.parametrize("capacity_factor", [2.0, 1.0, 0.0])
+def test_padding_takes_no_slot_and_each_row_routes_as_alone(capacity_factor):
+    """Right-padded rows of 24, 13 and 5 real tokens in groups of 24: padding has no assignment, and
+    each row's kept assignments, gates and drops are those of its real tokens routed alone."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 24, 8) * 2
+    logits[:, :, 0] += 3  # a favourite expert: drops under capacity, and padding would compete for it
+    n = torch.tensor([24, 13, 5])
+    valid = torch.arange(24) < n[:, None]
+    r = route(logits, 2, capacity_factor, valid)
+    assert not r.kept[~valid].any()
+    counts, dropped = torch.zeros(8, dtype=torch.int64), 0
+    for g, ng in enumerate(n.tolist()):
+        alone = route(logits[g : g + 1, :ng], 2, capacity_factor)
+        assert torch.equal(r.kept[g, :ng], alone.kept[0])
+        torch.testing.assert_close(r.choice_gate[g, :ng], alone.choice_gate[0], rtol=0, atol=0)
+        counts += alone.counts
+        dropped += int(alone.dropped)
+    assert torch.equal(r.counts, counts) and int(r.dropped) == dropped and int(r.assigned) == 2 * 42
+    if capacity_factor:
+        assert dropped > 0
+        # Unmasked (what scoring did), the padded length's capacity and the padding's slots change it.
+        assert not torch.equal(route(logits, 2, capacity_factor).kept[valid], r.kept[valid])
 
 
 @pytest.mark.skipif(not experts_mod._grouped_mm_works("cpu", torch.float32),

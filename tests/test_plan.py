@@ -257,6 +257,47 @@ def test_gpt_pipelines_with_its_tied_copy_and_glam_plans_expert_parallelism():
                                                                e.layout.tp > 1) == kind))
 
 
+def test_tensor_parallelism_leaves_glams_experts_whole_in_compute_and_memory():
+    """GLaM's TP plan (models/glam/sharding.py) keeps routers and experts whole: every TP rank runs
+    all of its tokens through them. At tp 2 the expert and router GEMMs take a rank as long as at
+    tp 1 while the dense ones take half; the fitted compute is the dense FLOPs / 2 plus all the
+    expert FLOPs; and the memory estimate keeps the experts' bf16 copies and the MoE blocks'
+    activations whole."""
+    w = plan.workload("glam-126m-64e", seq_len=2048, global_batch=8)
+    args = w.args
+    rate = 100e12  # every GEMM at one rate: its time is its FLOPs / rate
+    gemm = [{"op": op, "m": 4096, "k": 768, "n": 3072, "seconds": 2 * 4096 * 768 * 3072 / rate}
+            for op in ("fwd", "dgrad", "wgrad")]
+    table = calibration.Table({"format": calibration.FORMAT, "gemm": gemm, "attention": [], "elementwise": [],
+                               "optimizer": [], "comm": []}, "flat")
+    hw = table.apply(plan.Hardware(2))
+    one, two = (plan.block_gemm_seconds(w, plan.Layout(1, tp, 1, 1, 1, 2, False), hw) for tp in (1, 2))
+    for name, (fwd, bwd) in one.items():
+        whole = name.startswith(("feed_forward.router", "feed_forward.experts"))
+        assert two[name][0] == pytest.approx(fwd if whole else fwd / 2, rel=1e-9), name
+        assert two[name][1] == pytest.approx(bwd if whole else bwd / 2, rel=1e-9), name
+
+    # Fitted: tp 2 on 2 GPUs runs every token through all experts on each rank; tp 1 (FSDP 2) half the
+    # tokens on each. The experts' and routers' FLOPs from the model's shape (models/glam/cost.py).
+    M, d = args.n_moe_layers, args.dim
+    experts = M * (args.top_k * 12 * d * args.expert_ffn_dim + 6 * d * args.n_experts)
+    total = flops.flops_per_token(args, w.seq_len)
+    fsdp2, tp2 = (plan.fitted_compute(w, plan.Layout(dp, tp, 1, 1, 1, 2, False), plan.Hardware(2))
+                  for dp, tp in ((2, 1), (1, 2)))
+    assert tp2 / fsdp2 == pytest.approx(((total - experts) / 2 + experts) / (total / 2), rel=1e-9)
+
+    # Memory without FSDP (tp 2 on 2 GPUs): the experts' bf16 casts whole, the MoE blocks' activations
+    # whole; the rest of the block matrices and the output copy split.
+    counts = parameter_counts(args)
+    mem = {tp: estimate_memory(args, w.seq_len, 2, tp=tp, bf16=True, compiled=True, fused_cross_entropy=False)
+           for tp in (1, 2)}
+    split = args.n_layers * (counts.block_matrices - counts.block_experts) + args.vocab_size * d
+    assert mem[1].working - mem[2].working == pytest.approx(2 * split / 2, rel=1e-9)
+    tokens, a = 2 * w.seq_len, 2
+    moe = 4 * d + 8 * args.n_experts + args.top_k * (2 * a * d + (a + 1) * args.expert_ffn_dim)  # compiled, per token
+    assert mem[2].activations - mem[1].activations / 2 == pytest.approx(M * moe * tokens / 2, rel=1e-9)
+
+
 def test_hsdp_layouts_appear_and_hold_more_per_rank():
     """HSDP (dp_replicate x dp_shard): sharded within a replica, so more state per rank than FSDP over all."""
     p = plan.plan("llama3.1-8b", plan.Hardware(16, gpus_per_node=8), seq_len=8192, global_batch=64)

@@ -118,6 +118,36 @@ def test_left_truncation_to_the_model_context(model):
     assert ll60 == pytest.approx(_hand_score(model, ctx, cont, max_len=60)[0], abs=1e-4)
 
 
+def _capacity_glam(seed=3):
+    """glam-debug with Pax's capacity routing (factor 2.0) and routers scaled up: peaked, unbalanced
+    routing, so that capacity drops second experts in short sequences (checked below)."""
+    entry = registry.get("glam-debug")
+    m = entry.family.build(entry.args)
+    m.init_weights(seed=seed)
+    with torch.no_grad():
+        for moe in m.moe_layers():
+            moe.router.weight.mul_(100)
+    return m.eval()
+
+
+def test_glam_capacity_scores_do_not_depend_on_batch_mates_or_padding():
+    """With capacity, a padded batch used to change a request's routing twice over: the capacity came
+    from the padded length, and padding tokens took expert slots. Each request now routes as it does
+    alone and unpadded: batch 1 and batch 7 give the same scores, equal to the unpadded forward's."""
+    model = _capacity_glam()
+    reqs = _random_requests(9, seed=5)
+    one = loglikelihoods(model, reqs, 1, CPU)
+    seven = loglikelihoods(model, reqs, 7, CPU)
+    for (ctx, cont), a, b in zip(reqs, one, seven):
+        ll, greedy = _hand_score(model, ctx, cont)
+        assert a[0] == pytest.approx(ll, abs=1e-4) and a[1] == greedy
+        assert b[0] == pytest.approx(a[0], abs=1e-5) and b[1] == a[1]
+    # The routing of these requests does drop assignments (so capacity is what the test exercises).
+    with torch.no_grad():
+        model(torch.tensor([(reqs[0][0] + reqs[0][1])[:-1]]))
+    assert sum(int(m.last_stats[-4]) for m in model.moe_layers()) > 0
+
+
 class FullLogits(nn.Module):
     """The module protocol without `logits_at`: the scorer's full-logits path on the same model."""
 

@@ -20,6 +20,10 @@ logits were most of the memory traffic), without tensor parallelism; the log-sof
 fp32 op over those rows and the per-request sums and greedy flags stay on the device until one host
 copy per batch. Batches are padded to a multiple of 8 tokens, and on CUDA each block runs compiled
 with dynamic shapes (one graph for every batch; `compile`).
+
+A family whose forward takes `lengths` (GLaM: routing with expert capacity is not causal, and
+padding would compete for the experts' slots) is told each row's real length, so that padding and
+batch mates change no score there either.
 """
 
 from __future__ import annotations
@@ -95,8 +99,16 @@ def forward_logits(layout: Layout, rows: list[list[int]], device, precision: Pre
     tokens = padded_tokens(rows, layout.dims.tp, pad_id)
     precision = precision or Precision(None, None)
     with precision.autocast(device):
-        logits = plain(layout.model(tokens.to(device)))
+        logits = plain(layout.model(tokens.to(device), **_lengths(layout, rows, device)))
     return logits, [len(r) for r in rows]
+
+
+def _lengths(layout: Layout, rows: list[list[int]], device) -> dict:
+    """{"lengths": each row's real tokens} for a family whose forward takes them (the module
+    protocol's optional padding lengths: GLaM routes without the padding), else nothing."""
+    if "lengths" not in inspect.signature(layout.model.forward).parameters:
+        return {}
+    return {"lengths": torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)}
 
 
 def _selects_logits(layout: Layout) -> bool:
@@ -133,9 +145,9 @@ def _score_batch(layout, batch: list[tuple[list[int], int, list[int]]], device, 
             # CPU's kernels for fewer than 4 rows round differently).
             at = torch.stack((row, col), 1)
             at = torch.cat((at, at[-1:].expand(-len(at) % multiple, 2)))
-            logits = layout.model(tokens.to(device), logits_at=at)[: len(row)]
+            logits = layout.model(tokens.to(device), logits_at=at, **_lengths(layout, rows, device))[: len(row)]
         else:
-            logits = plain(layout.model(tokens.to(device)))[row, col]
+            logits = plain(layout.model(tokens.to(device), **_lengths(layout, rows, device)))[row, col]
     logp = torch.log_softmax(logits.float(), dim=-1)
     values = torch.stack((logp.gather(-1, target[:, None]).squeeze(-1), (logp.argmax(-1) != target).float()))
     # Each token to its own cell, then a sum per request, in fp64: the padding cells and the

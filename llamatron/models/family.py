@@ -30,7 +30,11 @@ The model protocol (what the generic code calls on every family's module):
   - optional selected logits: `model(tokens, logits_at=idx)`, idx [N, 2] int64 (row, position)
     pairs -> logits [N, vocab] of just those positions (the final norm and output layer run on those
     rows only). Zero-shot scoring (`eval/loglikelihood.py`) uses it when forward has a `logits_at`
-    parameter, and indexes the full [batch, seq, vocab] logits otherwise.
+    parameter, and indexes the full [batch, seq, vocab] logits otherwise;
+  - optional padding lengths: `model(tokens, lengths=n)`, n [batch] int64, each row's real tokens
+    (the rest right padding), for a family whose rows are not independent past causal attention
+    (GLaM's capacity routing: padding would take expert slots). Scoring and generation pass them
+    when forward has a `lengths` parameter.
 
 `Family.shapes(args)` describes a block's matrix products and attention for the layout planner
 (llamatron/plan.py): what it times, what tensor, context and expert parallelism move, and which
@@ -58,6 +62,7 @@ class Gemm:
     rows: int = 1  # rows per token in a block that has it: 1, or top_k for experts
     share: float = 1.0  # the fraction of blocks that have it (MoE layers: n_moe_layers / n_layers)
     groups: int = 1  # > 1: E experts' weights in one grouped GEMM, the rows spread over them
+    tp_split: bool = True  # tensor parallelism splits it (False: every TP rank computes it whole)
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,9 @@ class Saving:
     # length (0: not counted) and the sequences of a micro-batch, which share it.
     seq_len: int = 0
     micro_batch: int = 1
+    # The tensor-parallel degree. The family's count is summed over the TP group's ranks, which the
+    # caller divides by tp: a part TP leaves whole (GLaM's MoE blocks) counts tp times.
+    tp: int = 1
 
     def keeps(self, *names: str) -> bool:
         """Whether backward keeps the compute-dtype input shared by these linears (any one needing it)."""

@@ -61,8 +61,8 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         """The next forward's n tokens per row take the next n slots: sets `positions` [batch, n] (of
-        the new tokens), `key_positions` [batch, length] (of every slot) and `mask` [batch, 1, n,
-        length] (True: may attend)."""
+        the new tokens), `key_positions` [batch, length] (of every slot), `mask` [batch, 1, n,
+        length] (True: may attend) and `real` [batch, n] (True: a new token, not padding)."""
         if self.length + n > self.capacity:
             raise ValueError(f"KV cache of {self.capacity} slots: {self.length} filled, {n} more do not fit")
         self.start, self.length = self.length, self.length + n
@@ -70,6 +70,7 @@ class KVCache:
         self.key_positions = (slots[None, :] - self.pad[:, None]).clamp(min=0)
         self.positions = self.key_positions[:, self.start :]
         real = slots[None, :] >= self.pad[:, None]  # [batch, length]
+        self.real = real[:, self.start :]
         query = slots[self.start :, None]
         self.mask = ((real[:, None, :] & (slots[None, :] <= query)) | (slots[None, :] == query))[:, None]
 

@@ -20,13 +20,14 @@ the most (the first pipeline stage for activations, the embedding; the last for 
   parallelism, which keeps them gathered across micro-batches, plus their unsharded gradients); under
   expert parallelism only this rank's E/ep experts of a block are gathered, or, where FSDP leaves
   them alone (ep = dp_shard, no replicas), every block's own experts cast to the compute dtype;
-  without FSDP under bf16 autocast, the bf16 casts of the block matrices, which backward keeps for
-  the input gradients (eager and compiled alike; the embedding's lookup is not cast; LoRA's frozen
+  without FSDP under bf16 autocast, the bf16 casts of the block matrices (the experts whole under
+  TP), which backward keeps for the input gradients (eager and compiled alike; the embedding's lookup is not cast; LoRA's frozen
   linears stored in bf16 need none). FP8 layers (torchao's Float8Linear) keep their fp32 weight
   itself, so they have no bf16 copy. While the loss runs, the output weight in the compute dtype
   (autocast's cast or FSDP's gathered copy; the fused FP8 loss adds its two FP8 copies);
 - activations: what autograd saves in each block for backward, per token of the local sequence
-  (micro_batch x seq_len / cp, and / tp for the sequence-parallel parts), counted by the model's family
+  (micro_batch x seq_len / cp, and / tp for the sequence-parallel parts; not a MoE block's, which
+  TP leaves whole), counted by the model's family
   (`Family.activation_bytes_per_token`; Llama's in models/llama/cost.py) for how the block runs
   (`Saving`): eager, tensor by tensor; compiled (train.compile), what inductor's min-cut partitioner
   keeps, which recomputes the norms, rotary, SwiGLU products, casts and residual sums in backward and
@@ -323,7 +324,7 @@ def estimate_memory(
 
     tokens = micro_batch * seq_len / cp
     kept = counts.grad_linears - (f8.block_names if f8 is not None else frozenset())
-    saving = Saving(compiled, native_gqa, kept, seq_len // cp, micro_batch)
+    saving = Saving(compiled, native_gqa, kept, seq_len // cp, micro_batch, tp)
     per_block = _per_token(args, counts, lora, residual, compute, saving) * tokens / tp
     if activation_checkpointing:
         n_ckpt = layers if checkpointed_layers is None else min(checkpointed_layers, layers)
@@ -422,6 +423,6 @@ def _states(counts: ParameterCounts, layers: int, pp: int, tp: int, shard: int, 
             working += layers * experts / ep * compute * bf16
         if pp > 1:  # unsharded gradients kept until the last micro-batch
             working += layers * (gathered_block if full else counts.block_trainable) * 4
-    else:  # autocast's bf16 copies of the block matrices, kept for backward (the output layer's: above)
-        working = compute * layers * counts.block_matrices / tp if bf16 else 0
+    else:  # autocast's bf16 copies of the block matrices (the experts' whole), kept for backward (the output layer's: above)
+        working = compute * layers * (block - counts.block_vectors) if bf16 else 0
     return 4 * stored, 4 * trainable, 8 * trainable, working

@@ -47,6 +47,8 @@ def activation_bytes_per_token(args: GLaMArgs, residual_bytes: int, compute_byte
                               a f_e and its ReLU mask f_e
     Either way, per sequence rather than per token: the relative position bias SDPA is given (heads x
     S x S in the compute dtype) and its causal mask (S x S bytes), shared by the micro-batch's rows.
+    Tensor parallelism leaves the MoE blocks whole (every TP rank routes all tokens through all
+    experts): summed over the TP group, their bytes count saving.tp times.
     """
     d, r, a, k, E = args.dim, residual_bytes, compute_bytes, args.top_k, args.n_experts
     f, fe = args.ffn_dim, args.expert_ffn_dim
@@ -61,19 +63,20 @@ def activation_bytes_per_token(args: GLaMArgs, residual_bytes: int, compute_byte
                   + 8 + 4 * args.n_heads)
         dense = 2 * a * f + a * d * saving.keeps("feed_forward.w1", "feed_forward.w3") + a * f * saving.keeps("feed_forward.w2")
         moe = 4 * d + 8 * E + k * (2 * a * d + (a + 1) * fe)
-    return common + bias + (M * moe + (L - M) * dense) / L
+    return common + bias + (M * moe * saving.tp + (L - M) * dense) / L
 
 
 def shapes(args: GLaMArgs) -> BlockShapes:
     """Attention (d x d four times) in every block; the dense blocks' gated GELU; in the MoE blocks
-    the router (d x E) and the experts, each token's top_k rows spread over E grouped weights. The
-    relative position bias makes SDPA take an additive mask."""
+    the router (d x E) and the experts, each token's top_k rows spread over E grouped weights, which
+    tensor parallelism leaves whole (sharding.py). The relative position bias makes SDPA take an
+    additive mask."""
     d, L, M, E = args.dim, args.n_layers, args.n_moe_layers, args.n_experts
     dense, moe = (L - M) / L, M / L
     gemms = tuple(Gemm(f"attention.{w}", d, d) for w in ("wq", "wk", "wv", "wo")) + (
         Gemm("feed_forward.w1", d, args.ffn_dim, share=dense), Gemm("feed_forward.w3", d, args.ffn_dim, share=dense),
-        Gemm("feed_forward.w2", args.ffn_dim, d, share=dense), Gemm("feed_forward.router", d, E, share=moe),
-        Gemm("feed_forward.experts.w1", d, args.expert_ffn_dim, rows=args.top_k, share=moe, groups=E),
-        Gemm("feed_forward.experts.w2", args.expert_ffn_dim, d, rows=args.top_k, share=moe, groups=E))
+        Gemm("feed_forward.w2", args.ffn_dim, d, share=dense), Gemm("feed_forward.router", d, E, share=moe, tp_split=False),
+        Gemm("feed_forward.experts.w1", d, args.expert_ffn_dim, rows=args.top_k, share=moe, groups=E, tp_split=False),
+        Gemm("feed_forward.experts.w2", args.expert_ffn_dim, d, rows=args.top_k, share=moe, groups=E, tp_split=False))
     return BlockShapes(tuple(g for g in gemms if g.share > 0), args.n_heads, args.n_heads, args.head_dim,
                        attention_mask="bias")

@@ -188,20 +188,22 @@ class MoE(nn.Module):
         self.register_buffer("stats", torch.zeros(args.n_experts + 4, dtype=torch.float64), persistent=False)
         self.last_stats: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x [batch, seq, d]; valid [batch, seq] bool: False marks padding, which routing leaves out
+        (scoring and generation; routing.py)."""
         bsz, seqlen, dim = x.shape
         # fp32 router logits (Pax upcasts them), whatever the autocast or parameter dtype.
         # Named ranges: bench/bench_train_step.py --profile reports the time of each.
         with record_function("moe.route"):
             logits = F.linear(x.float(), self.router.weight.float())
-            r = route(logits.view(bsz, seqlen, -1), self.top_k, self.capacity_factor)
+            r = route(logits.view(bsz, seqlen, -1), self.top_k, self.capacity_factor, valid)
         flat = x.reshape(bsz * seqlen, dim)
         out = self._capacity(flat, r) if r.capacity else self._dropless(flat, r)
         loss = self.aux_coef * r.aux_loss + self.z_coef * r.z_loss
         out = _AttachLoss.apply(out, loss, self.loss_scale)
         aux = r.aux_loss.detach()
-        self.last_stats = torch.cat([r.counts.float(), torch.stack([r.dropped.float(), aux.new_tensor(r.assigned), aux,
-                                                                    aux.new_tensor(1.0)])])
+        assigned = aux.new_zeros(()) + r.assigned  # an int, or a tensor where padding was left out
+        self.last_stats = torch.cat([r.counts.float(), torch.stack([r.dropped.float(), assigned, aux, aux.new_tensor(1.0)])])
         return out.view(bsz, seqlen, dim)
 
     def _capacity(self, flat: torch.Tensor, r) -> torch.Tensor:
@@ -244,6 +246,7 @@ class Block(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = MoE(args) if moe else GatedGELU(args.dim, args.ffn_dim)
+        self.moe = moe
 
     @property
     def compile_fullgraph(self) -> bool:
@@ -254,9 +257,10 @@ class Block(nn.Module):
         return not isinstance(ff, MoE) or (ff.capacity_factor > 0 and ff.dispatch is None)
 
     def forward(self, x: torch.Tensor, buckets: torch.Tensor, cache: LayerKV | None = None,
-                block_mask=None) -> torch.Tensor:
+                block_mask=None, valid: torch.Tensor | None = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), buckets, cache=cache, block_mask=block_mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        ffn_in = self.ffn_norm(h)
+        return h + (self.feed_forward(ffn_in, valid) if self.moe else self.feed_forward(ffn_in))
 
 
 class TiedEmbedding(nn.Module):
@@ -362,18 +366,24 @@ class GLaM(nn.Module):
                 "moe_max_load": float(counts.max() / mean), "moe_min_load": float(counts.min() / mean)}
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False,
-                cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits; with labels, the mean cross-entropy (the aux loss enters the
         gradient on its own: module doc). With `cache` (llamatron.models.kv_cache), tokens are the
         next slots of its rows, the relative positions those of its query and key positions.
         logits_at [N, 2] (row, position) pairs: logits [N, vocab] of just those positions (scoring;
-        not with labels)."""
+        not with labels). lengths [batch]: each row's real tokens, the rest right padding, which the
+        MoE blocks' routing leaves out: a row routes as its tokens alone (capacity and drops are its
+        own), so its logits do not depend on its batch mates."""
         if cache is not None:
             return self._decode(tokens, cache)
         h = self.embedding(tokens)
         block_mask = self._block_mask(tokens.shape[1], tokens.device)
+        valid = None
+        if lengths is not None:
+            valid = torch.arange(tokens.shape[1], device=tokens.device) < lengths.to(tokens.device).view(-1, 1)
         for layer in self.layers.values():
-            h = layer(h, self.rel_buckets, block_mask=block_mask)
+            h = layer(h, self.rel_buckets, block_mask=block_mask, valid=valid)
         if self.training:
             for m in self.moe_layers():
                 m.record()
@@ -395,14 +405,15 @@ class GLaM(nn.Module):
         return self._block_masks[key]
 
     def _decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        # MoE blocks route each row's new tokens as one group: an unpadded prompt as the full recompute
-        # routes it, each later token alone (nothing dropped: a group of one fits any capacity). With
-        # capacity the recompute is not causal (later tokens can take a token's second expert), so only
-        # dropless routing (capacity_factor 0) makes the two agree exactly.
+        # MoE blocks route each row's new real tokens as one group (the prefill's left padding left
+        # out): a prompt as the full recompute of it alone routes it, each later token alone (nothing
+        # dropped: a group of one fits any capacity). With capacity the recompute is not causal (later
+        # tokens can take a token's second expert), so only dropless routing (capacity_factor 0) makes
+        # the two agree exactly.
         cache.advance(tokens.shape[1])
         distance = cache.positions[:, :, None] - cache.key_positions[:, None, :]
         buckets = relative_position_bucket(distance, self.args.rel_pos_buckets, self.args.rel_pos_max_distance)
         h = self.embedding(tokens)
         for name, layer in self.layers.items():
-            h = layer(h, buckets, cache=cache.layer(name))
+            h = layer(h, buckets, cache=cache.layer(name), valid=cache.real)
         return self.embedding(self.norm(h), unembed=True)

@@ -15,6 +15,11 @@ of S tokens (here: one sequence, so routing does not depend on the batch size or
     p_e = mean router probability of e; averaged over groups.
 capacity_factor = 0 is dropless token choice (torchtitan / Megatron default): every assignment kept.
 Optional z-loss (ST-MoE, Megatron `--moe-z-loss-coeff`): mean(logsumexp(logits)^2), returned apart.
+
+Padding (`valid`, scoring and generation only: training sequences are never padded) is masked as
+Pax masks its `paddings`: a padding token has no assignment, takes no slot and counts in no load; and,
+beyond Pax, each group's capacity is that of its own real token count, so a padded row routes exactly
+as the same tokens alone and unpadded (Pax takes the capacity from the padded group size).
 """
 
 from __future__ import annotations
@@ -37,12 +42,12 @@ class Routing:
     choice_gate: torch.Tensor  # [G, S, k] fp32 renormalised gate (differentiable w.r.t. the router logits)
     slot: torch.Tensor  # [G, S, k] int64 position in its expert's buffer for the group (top-1s first)
     kept: torch.Tensor  # [G, S, k] bool: slot < capacity (all True when dropless)
-    capacity: int  # slots per expert per group (0 = dropless)
+    capacity: int  # slots per expert per group in the buffer (0 = dropless); padded groups keep fewer
     counts: torch.Tensor  # [E] int64 kept assignments per expert
     aux_loss: torch.Tensor  # fp32 scalar, unweighted (Pax's value; the layer applies the coefficient)
     z_loss: torch.Tensor  # fp32 scalar, unweighted
     dropped: torch.Tensor  # int64 scalar: assignments dropped for capacity
-    assigned: int  # assignments before drops (N x top_k)
+    assigned: int | torch.Tensor  # assignments before drops (real tokens x top_k)
 
     @functools.cached_property
     def _sorted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,6 +85,13 @@ def expert_capacity(group_size: int, n_experts: int, capacity_factor: float) -> 
     return (auto + 3) // 4 * 4
 
 
+def row_capacity(n_tokens: torch.Tensor, n_experts: int, capacity_factor: float) -> torch.Tensor:
+    """`expert_capacity` of each group's real token count, on the device (no host sync): the same
+    float64 arithmetic as Python's int(n x factor / E), so it equals `expert_capacity` exactly."""
+    auto = torch.floor(n_tokens.double() * capacity_factor / n_experts).long()
+    return torch.where(auto <= 1, 1, (auto + 3) // 4 * 4)
+
+
 def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor:
     """[.., E] -> [.., k] expert indices: top-1 the argmax, each next the argmax of the rest (Pax's
     greedy second expert; argmax breaks ties by the lowest index, as jnp.argmax)."""
@@ -97,32 +109,71 @@ def _one_hot(idx: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
     return (idx.unsqueeze(-1) == torch.arange(n, device=idx.device)).to(dtype)
 
 
-def route(logits: torch.Tensor, top_k: int, capacity_factor: float) -> Routing:
-    """logits [G, S, E] (G groups of S tokens) -> every choice's expert, gate and slot, and the losses."""
-    G, S, E = logits.shape
+def _choices(logits: torch.Tensor, top_k: int):
+    """fp32 logits, probabilities, each token's top-k experts [G, S, k] and their renormalised gates."""
     logits = logits.float()
     probs = torch.softmax(logits, dim=-1)
     idx = top_k_indices(probs.detach(), top_k)  # [G, S, k]
     gates = probs.gather(-1, idx)  # [G, S, k]
-    gates = gates / (gates.sum(-1, keepdim=True) + 1e-9)
+    return logits, probs, idx, gates / (gates.sum(-1, keepdim=True) + 1e-9)
 
+
+def _slots(onehot: torch.Tensor) -> torch.Tensor:
+    """onehot [G, k, S, E] -> each choice's slot in its expert's buffer [G, S, k]: choice 0 of every
+    token first, in token order, then choice 1, ... (an exclusive cumulative count over [k, S] for
+    each group and expert)."""
+    G, k, S, E = onehot.shape
+    flat = onehot.reshape(G, k * S, E)
+    slot = ((flat.cumsum(1, dtype=torch.int32) - flat) * flat).sum(-1, dtype=torch.int64)
+    return slot.view(G, k, S).transpose(1, 2)
+
+
+def route(logits: torch.Tensor, top_k: int, capacity_factor: float, valid: torch.Tensor | None = None) -> Routing:
+    """logits [G, S, E] (G groups of S tokens) -> every choice's expert, gate and slot, and the losses.
+    valid [G, S] bool (None: all real): False marks padding (module doc)."""
+    if valid is not None:
+        return _route_padded(logits, top_k, capacity_factor, valid)
+    G, S, E = logits.shape
+    logits, probs, idx, gates = _choices(logits, top_k)
     # Aux loss from the top-1 choices before capacity (Pax's density_1 / density_1_proxy).
     top1 = _one_hot(idx[..., 0], E, torch.float32)  # [G, S, E]
     aux = (top1.mean(1) * probs.mean(1)).mean() * E * E
     z = torch.logsumexp(logits, dim=-1).pow(2).mean()
 
-    # Slot of each choice in its expert's buffer: choice 0 of every token first, in token order,
-    # then choice 1, ... (an exclusive cumulative count over [k, S] for each group and expert).
-    onehot = _one_hot(idx.transpose(1, 2), E, torch.int32).reshape(G, top_k * S, E)  # [G, k S, E]
-    slot = ((onehot.cumsum(1, dtype=torch.int32) - onehot) * onehot).sum(-1, dtype=torch.int64)
-    slot = slot.view(G, top_k, S).transpose(1, 2)  # [G, S, k]
+    onehot = _one_hot(idx.transpose(1, 2), E, torch.int32)  # [G, k, S, E]
+    slot = _slots(onehot)
     capacity = expert_capacity(S, E, capacity_factor)
     kept = slot < capacity if capacity else torch.ones_like(slot, dtype=torch.bool)
     # Kept per expert: each expert's demand per group, capped at the capacity.
-    demand = onehot.sum(1)  # [G, E]
+    demand = onehot.sum((1, 2))  # [G, E]
     counts = (demand.clamp(max=capacity) if capacity else demand).sum(0, dtype=torch.int64)
     return Routing(choice=idx, choice_gate=gates, slot=slot, kept=kept, capacity=capacity, counts=counts,
                    aux_loss=aux, z_loss=z, dropped=(~kept).sum(), assigned=G * S * top_k)
+
+
+def _route_padded(logits: torch.Tensor, top_k: int, capacity_factor: float, valid: torch.Tensor) -> Routing:
+    """`route` with padding taken out of every step. The buffer keeps the padded length's capacity
+    (static shapes; no row's own capacity exceeds it); each row keeps the slots below its own."""
+    G, S, E = logits.shape
+    logits, probs, idx, gates = _choices(logits, top_k)
+    real = valid.to(torch.float32).unsqueeze(-1)  # [G, S, 1]
+    # Pax's masked densities: means over the padded length, padding contributing nothing.
+    aux = ((_one_hot(idx[..., 0], E, torch.float32) * real).mean(1) * (probs * real).mean(1)).mean() * E * E
+    n_real = valid.sum(1)  # [G]
+    z = (torch.logsumexp(logits, dim=-1).pow(2) * real[..., 0]).sum() / n_real.sum().clamp(min=1)
+
+    onehot = _one_hot(idx.transpose(1, 2), E, torch.int32) * valid[:, None, :, None].to(torch.int32)
+    slot = _slots(onehot)
+    capacity = expert_capacity(S, E, capacity_factor)
+    demand = onehot.sum((1, 2))  # [G, E]
+    kept = valid.unsqueeze(-1).expand_as(slot)
+    if capacity:
+        cap = row_capacity(n_real, E, capacity_factor)  # [G]
+        kept = kept & (slot < cap.view(G, 1, 1))
+        demand = torch.minimum(demand, cap.view(G, 1))
+    return Routing(choice=idx, choice_gate=gates, slot=slot, kept=kept, capacity=capacity,
+                   counts=demand.sum(0, dtype=torch.int64), aux_loss=aux, z_loss=z,
+                   dropped=(valid.unsqueeze(-1) & ~kept).sum(), assigned=n_real.sum() * top_k)
 
 
 def dispatch_indices(r: Routing, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,62 @@
+"""bench/bench_train_step.py's model settings (`--set model.KEY=VALUE`: the GLaM layer proxy of
+docs/moe.md) and its smoke path on the CPU."""
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamatron.errors import LlamatronError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    if "bench_train_step" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "bench" / "bench_train_step.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_train_step"]
+
+
+def _cli(size, layers, seq_len, sets):
+    return argparse.Namespace(size=size, layers=layers, seq_len=seq_len, sets=sets)
+
+
+def test_model_settings_make_the_glam_layer_proxy():
+    """glam-64b-64e, 2 blocks, 8 experts: one MoE block then one dense, at the 64B's widths."""
+    args = _bench().model_args(_cli("glam-64b-64e", 2, 4096, ["model.n_experts=8"]))
+    assert (args.n_layers, args.n_experts, args.n_moe_layers, args.dim, args.expert_ffn_dim) == (2, 8, 1, 8192, 32768)
+    assert args.max_seq_len == 4096
+    with pytest.raises(LlamatronError, match="'model.n_expert'"):
+        _bench().model_args(_cli("glam-64b-64e", 2, 2048, ["model.n_expert=8"]))
+    with pytest.raises(LlamatronError, match="'model.top_k': must be <= n_experts 1"):
+        _bench().model_args(_cli("glam-64b-64e", 2, 2048, ["model.n_experts=1"]))
+    with pytest.raises(LlamatronError, match="only the model's keys"):
+        _bench().model_args(_cli("glam-64b-64e", 2, 2048, ["train.steps=3"]))
+
+
+def test_smoke_run_of_a_glam_proxy_on_the_cpu(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "glam.json"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_train_step.py", "--size", "glam-debug", "--layers", "2", "--set", "model.n_experts=4",
+        "--seq-len", "64", "--micro-batch", "1", "--global-batch", "2", "--steps", "1", "--warmup", "1",
+        "--variants", "fused-ce+adam", "--device", "cpu", "--json", str(out)])
+    torch.set_num_threads(1)
+    assert _bench().main() == 0
+    assert "glam-debug x 2 layers model.n_experts=4" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["model_sets"] == ["model.n_experts=4"] and row["tokens_per_s"] > 0
+
+
+def test_bad_setting_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_train_step.py", "--size", "glam-debug", "--set", "model.n_expert=4",
+                                      "--device", "cpu"])
+    assert _bench().main() == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config key 'model.n_expert'" in err
