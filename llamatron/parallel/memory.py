@@ -252,9 +252,21 @@ def fp8_counts(args, min_features: int = 1024, include_output: bool = False) -> 
     return _COUNTS[key]
 
 
+def _bf16_frozen_base(weights, working, counts, layers, pp, compute, f8) -> tuple[float, float]:
+    """LoRA's frozen linears stored in bf16 (transforms/lora.py, frozen_dtype): 2 bytes, and no autocast
+    copy; under train.fp8 (`f8`) two FP8 copies more of the block linears (transforms/fp8_frozen.py)."""
+    last = counts.last_linear_frozen if pp == 1 or counts.last + counts.tied >= counts.first else 0
+    weights -= 2 * (layers * counts.block_linear_frozen + last)
+    working -= compute * layers * counts.block_linear_frozen
+    if f8 is not None:
+        weights += 2 * layers * f8.block_params
+    return weights, working
+
+
 def compiles_whole(args) -> bool:
     """Whether every block compiles as one graph (`compile_fullgraph`, llamatron/transforms/compile.py).
-    GLaM's MoE blocks break the graph at routing and ran 4x slower compiled (docs/performance.md)."""
+    GLaM's MoE blocks do with capacity routing; dropless routing and an expert-parallel dispatch break
+    the graph (data-dependent shapes), and then ran 4x slower compiled (docs/performance.md)."""
     key = ("fullgraph", *_args_key(args))
     if key not in _COUNTS:
         _COUNTS[key] = all(getattr(b, "compile_fullgraph", True) for b in _meta_model(args).layers.values())
@@ -305,18 +317,11 @@ def estimate_memory(
     residual = 2 if (bf16 and fsdp) else 4  # FSDP casts parameters to bf16; autocast keeps fp32 ones
     expert_fsdp = ep > 1 and (dp_shard // ep > 1 or dp_replicate > 1)  # llamatron/parallel/dims.py's expert_fsdp
     weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, expert_fsdp, fsdp, compute, bf16)
-    # LoRA's frozen linears stored in bf16 (transforms/lora.py, frozen_dtype): 2 bytes, and no autocast copy.
-    bf16_base = bool(lora is not None and _lora_key(lora) and bf16 and not fsdp and tp == 1
-                     and lora.base_dtype != "fp32")
-    if bf16_base:
-        last = counts.last_linear_frozen if pp == 1 or counts.last + counts.tied >= counts.first else 0
-        weights -= 2 * (layers * counts.block_linear_frozen + last) / tp
-        working -= compute * layers * counts.block_linear_frozen / tp
     f8 = fp8_counts(args, fp8_min_features, fp8_include_output) if fp8 != "none" and bf16 else None
-    lora_fp8 = f8 is not None and bf16_base
-    if lora_fp8:  # LoRA's frozen bases keep two FP8 copies (transforms/fp8_frozen.py); the adapters still save x
-        weights += 2 * layers * f8.block_params / tp
-        f8 = None
+    bf16_base = bool(lora is not None and _lora_key(lora) and bf16 and not fsdp and tp == 1 and lora.base_dtype != "fp32")
+    if bf16_base:
+        weights, working = _bf16_frozen_base(weights, working, counts, layers, pp, compute, f8)
+        f8 = None  # no Float8Linear under LoRA
     if f8 is not None and not fsdp:  # Float8Linear keeps no bf16 cast of its weight
         working -= compute * layers * f8.block_params / tp
     fused = fused_cross_entropy and tp == 1 and pp == 1

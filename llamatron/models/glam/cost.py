@@ -39,7 +39,8 @@ def activation_bytes_per_token(args: GLaMArgs, residual_bytes: int, compute_byte
         MoE                fp32 logits and probabilities 8 E; per kept assignment (k per token) the
                            gathered input a d, expert hidden and its ReLU 2 a f_e, output a d; the
                            combined output a d
-    Compiled (inductor's partitioner; MoE blocks break the graph at routing, each piece partitioned):
+    Compiled (inductor's partitioner; a capacity-routed MoE block is one graph, a dropless or
+    expert-parallel one breaks at routing and each piece is partitioned):
         attention and norms   as Llama's compiled count (q = kv = d)
         dense FFN             gate and up 2 a f (+ normalised input a d and product a f where kept)
         MoE                   the FFN input in fp32 4 d, router logits and probabilities 8 E; per
