@@ -232,11 +232,9 @@ def _powers_of_two(limit: int) -> list[int]:
     return [2**i for i in range(int(math.log2(limit)) + 1)] if limit >= 1 else []
 
 
-def fp8_choices(w: Workload, hw: Hardware, tp: int, sharded: bool) -> tuple[bool, ...]:
-    """FP8 off and on where the config (train.fp8, LoRA, tp) and the GPU allow it and a layer converts.
-    `sharded`: the layout has FSDP (data or context parallelism), under which LoRA's frozen bases
-    cannot run in FP8 (transforms/fp8_frozen.py: whole bf16 weights only)."""
-    allowed = tp == 1 and not (w.lora is not None and sharded)
+def fp8_choices(w: Workload, hw: Hardware, tp: int) -> tuple[bool, ...]:
+    """FP8 off and on where the config (train.fp8, tp) and the GPU allow it and a layer converts."""
+    allowed = tp == 1
     if w.fp8 is not None:  # fixed by the config; FP8 with tensor parallelism is refused
         return (False,) if w.fp8 == "none" else (True,) if allowed else ()
     possible = hw.fp8 and allowed and w.fp8_layers().block_params > 0
@@ -253,7 +251,7 @@ def layouts(w: Workload, hw: Hardware):
             for micro in MICRO_BATCHES:
                 if w.global_batch % (micro * dp) or not _pipeline_ok(w.global_batch // (micro * dp), pp, virtual):
                     continue
-                for fp8 in fp8_choices(w, hw, tp, replicate * shard * cp > 1):
+                for fp8 in fp8_choices(w, hw, tp):
                     for ac in (False, True):
                         yield Layout(shard, tp, pp, cp, virtual, micro, ac, replicate, ep, fp8)
 

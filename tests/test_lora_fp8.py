@@ -15,7 +15,8 @@ from llamatron.errors import LlamatronError
 from llamatron.models.llama import SIZES
 from llamatron.models.llama.model import Transformer
 from llamatron.train.trainer import train
-from llamatron.transforms.fp8_frozen import FP8FrozenLinear, FP8FrozenWeight, check_lora_fp8, quantize_frozen_linears
+from llamatron.transforms.fp8_frozen import (FP8FrozenLinear, FP8FrozenWeight, check_lora_fp8, gather_frozen_linears,
+                                             quantize_frozen_linears)
 from llamatron.transforms.lora import apply_lora, lora_modules, merge_lora, unmerge_lora
 
 from tests.test_finetune import _boolq, _losses, _tokenizer
@@ -94,7 +95,7 @@ def test_lora_with_fp8_trains_checkpoints_and_resumes(tmp_path):
     bf16 = train(_cfg(tmp_path, tmp_path / "bf16", 6), progress=False, log=lambda *a: None)
     logged = []
     fp8 = train(_cfg(tmp_path, tmp_path / "fp8", 6, ["train.fp8=tensorwise"]), progress=False, log=logged.append)
-    assert any("frozen linears run their GEMMs from FP8 copies" in str(line) for line in logged)
+    assert any("frozen linears run their GEMMs in FP8, from FP8 copies made once" in str(line) for line in logged)
     a, b = _losses(bf16.out_dir), _losses(fp8.out_dir)
     assert a != b  # the FP8 path ran
     assert all(abs(a[s] - b[s]) < 0.05 * a[s] for s in a) and b[6] < b[1]
@@ -118,12 +119,36 @@ def test_config_refuses_what_lora_fp8_cannot_run(tmp_path, extra, match):
         load_config("llamatron-finetune-test", ["finetune.data=x.jsonl", "lora.rank=4", "train.precision=bf16", *extra])
 
 
-def test_lora_fp8_needs_bf16_frozen_weights():
+def test_lora_fp8_needs_bf16_compute():
     cfg = load_config("llamatron-finetune-test", ["finetune.data=x.jsonl", "lora.rank=4", "train.precision=bf16",
                                                   "train.fp8=tensorwise"])
-    check_lora_fp8(cfg.train, cfg.lora, torch.bfloat16)
-    with pytest.raises(LlamatronError, match="train.fp8.*without FSDP or tensor parallelism"):
-        check_lora_fp8(cfg.train, cfg.lora, None)  # what lora.base_dtype = auto resolves to under FSDP or TP
+    check_lora_fp8(cfg.train, cfg.lora, torch.bfloat16)  # one GPU: bf16 frozen weights
+    check_lora_fp8(cfg.train, cfg.lora, None, torch.bfloat16)  # FSDP gathering bf16
+    with pytest.raises(LlamatronError, match="train.fp8.*bf16 compute"):
+        check_lora_fp8(cfg.train, cfg.lora, None)  # fp32 frozen weights, no FSDP
+    with pytest.raises(LlamatronError, match="train.fp8.*tensor parallelism"):
+        load_config("llamatron-finetune-test", ["finetune.data=x.jsonl", "lora.rank=4", "train.fp8=tensorwise",
+                                                "parallel.tp=2"])
+
+
+def test_under_fsdp_the_frozen_layers_cast_the_gathered_weight_as_the_copies_would_be():
+    """FSDP gathers the frozen weights per block: the marked layers cast them at each use, with the
+    numbers of the copies made once (the same casts of the same bf16 weight)."""
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(48, 64, generator=gen) * 0.05).bfloat16()
+    copies, gathered = torch.nn.Linear(64, 48, bias=False), torch.nn.Linear(64, 48, bias=False)
+    for lin in (copies, gathered):
+        lin.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+    assert quantize_frozen_linears(copies, 16) == [""] and gather_frozen_linears(gathered, 16) == [""]
+    assert isinstance(gathered, FP8FrozenLinear) and not list(gathered.buffers())
+    x = torch.randn(3, 64, generator=gen).bfloat16()
+    outs = []
+    for lin in (copies, gathered):
+        xi = x.clone().requires_grad_()
+        out = lin(xi)
+        out.backward(torch.ones_like(out))
+        outs.append((out, xi.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 def test_fp8_frozen_blocks_compile_as_one_graph():
@@ -150,3 +175,24 @@ def test_fp8_frozen_blocks_compile_as_one_graph():
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-3, atol=0)
     for c, e in zip(compiled[1], eager[1]):
         torch.testing.assert_close(c, e, rtol=0.05, atol=0.05 * e.abs().max().item())
+
+
+@pytest.mark.slow
+def test_fsdp_over_two_ranks_runs_the_frozen_layers_in_fp8(tmp_path):
+    """LoRA with train.fp8 under FSDP (2 gloo ranks, bf16 gathers): the frozen layers cast the gathered
+    weights at each use, and the run follows the one-process FP8 run (bf16 autocast there, FSDP's bf16
+    parameters here: close, not equal) and differs from the FSDP run without FP8."""
+    from test_parallel_layouts import _trajectory, torchrun
+
+    common = [f"data.tokenizer={_tokenizer(tmp_path)}", f"finetune.data={_boolq(tmp_path / 'boolq.jsonl', repeat=4)}",
+              "train.steps=3", "train.precision=bf16", "lora.rank=4", "lora.alpha=8", "optim.lr=1e-2",
+              "optim.schedule_steps=6", "train.fp8_min_features=16", "checkpoint.enabled=false", "parallel.dp_shard=2"]
+    out = torchrun(2, "llamatron-finetune-test", tmp_path / "fsdp_fp8", *common, "train.fp8=tensorwise")
+    assert "frozen linears run their GEMMs in FP8, cast at each use" in out
+    torchrun(2, "llamatron-finetune-test", tmp_path / "fsdp_bf16", *common)
+    one = train(_cfg(tmp_path, tmp_path / "one", 3, ["train.fp8=tensorwise", "checkpoint.enabled=false"]),
+                progress=False, log=lambda *a: None)
+    fp8, bf16, ref = (_trajectory(d) for d in (tmp_path / "fsdp_fp8", tmp_path / "fsdp_bf16", one.out_dir))
+    for step in (1, 2, 3):
+        assert fp8[("train", step)][0] == pytest.approx(ref[("train", step)][0], rel=2e-2), step
+    assert [fp8[("train", s)] for s in (1, 2, 3)] != [bf16[("train", s)] for s in (1, 2, 3)]

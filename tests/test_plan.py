@@ -347,15 +347,18 @@ def test_fp8_option_pins_it(capsys):
     assert "no FP8" in capsys.readouterr().err
 
 
-def test_lora_config_plans_without_fp8_and_its_memory_drops_the_frozen_state():
+def test_lora_config_plans_and_its_memory_drops_the_frozen_state():
     """The LoRA preset: the base is frozen (fp32 weights only), the adapters have gradients and AdamW
-    state; LoRA's FP8 base needs whole weights (no FSDP or TP), fine-tuning data refuses pp and cp; tp
-    is planned (LoRA runs under TP)."""
+    state; fine-tuning data refuses pp and cp; tp is planned (LoRA runs under TP), FP8 (the frozen
+    base layers' GEMMs) without it."""
     w = plan.workload_from_config("llama31-8b-boolq-lora")
     assert w.lora.rank == 32 and w.finetune and (w.seq_len, w.global_batch) == (4096, 16)
     p = plan.plan(w, plan.Hardware(8, memory_gib=139.0, fp8=True))
-    assert p.ranked and all(e.layout.pp == e.layout.cp == 1 and not e.layout.fp8 for e in p.ranked)
-    assert any(e.layout.tp > 1 for e in p.ranked)
+    assert p.ranked and all(e.layout.pp == e.layout.cp == 1 for e in p.ranked)
+    assert any(e.layout.tp > 1 for e in p.ranked) and any(e.layout.fp8 for e in p.ranked)
+    assert all(e.layout.tp == 1 for e in p.ranked if e.layout.fp8)
+    sharded = plan.Layout(8, 1, 1, 1, 1, 2, False)
+    assert plan.memory_of(w, sharded).total == plan.memory_of(w, dataclasses.replace(sharded, fp8=True)).total
     lay = plan.Layout(8, 1, 1, 1, 1, 2, False)
     lora, full = plan.memory_of(w, lay), plan.memory_of(dataclasses.replace(w, lora=None), lay)
     shapes, args = w.shapes, w.args

@@ -321,7 +321,8 @@ def estimate_memory(
     bf16_base = bool(lora is not None and _lora_key(lora) and bf16 and not fsdp and tp == 1 and lora.base_dtype != "fp32")
     if bf16_base:
         weights, working = _bf16_frozen_base(weights, working, counts, layers, pp, compute, f8)
-        f8 = None  # no Float8Linear under LoRA
+    if lora is not None and _lora_key(lora):
+        f8 = None  # no Float8Linear under LoRA; under FSDP its frozen layers cast the gathered weights
     if f8 is not None and not fsdp:  # Float8Linear keeps no bf16 cast of its weight
         working -= compute * layers * f8.block_params / tp
     fused = fused_cross_entropy and tp == 1 and pp == 1

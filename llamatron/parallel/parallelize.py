@@ -56,7 +56,12 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
         ids, parts = [0], [model]
     fp8_loss = False  # the output layer converted: the fused loss runs its GEMMs in FP8
     for part in parts:
-        lora_fp8 = lora is not None and lora.rank > 0  # frozen bases: FP8 copies after loading (fp8_frozen.py)
+        lora_fp8 = lora is not None and lora.rank > 0  # frozen bases in FP8 (transforms/fp8_frozen.py)
+        if train.fp8 != "none" and lora_fp8 and dims.fsdp_enabled:
+            # FSDP gathers the frozen weights per block: cast at each use (one GPU: copies made after loading)
+            from llamatron.transforms.fp8_frozen import gather_frozen_linears
+
+            gather_frozen_linears(part, train.fp8_min_features)
         if train.fp8 != "none" and not lora_fp8:
             # Before everything else: TP, compile and FSDP must see the Float8Linear modules.
             converted = apply_fp8(part, train.fp8, min_features=train.fp8_min_features,

@@ -44,7 +44,7 @@ from llamatron.train.mlperf_log import MLPerfLog
 from llamatron.train.optim import build_optimizer, lr_at
 from llamatron.train.step import train_step
 from llamatron.transforms.fp8 import check_fp8, fp8_output, precompute_fp8_scales
-from llamatron.transforms.fp8_frozen import check_lora_fp8, quantize_frozen_linears
+from llamatron.transforms.fp8_frozen import check_lora_fp8, fp8_frozen_linears
 from llamatron.transforms.lora import frozen_dtype
 
 
@@ -140,7 +140,7 @@ class Trainer:
             # Position-indexed buffers are sharded along the sequence with the tokens: exactly seq_len rows.
             args = dataclasses.replace(args, max_seq_len=cfg.data.seq_len)
         self.frozen_dtype = frozen_dtype(cfg.lora, self.precision.amp, self.dims.tp)
-        check_lora_fp8(cfg.train, cfg.lora, self.frozen_dtype)
+        check_lora_fp8(cfg.train, cfg.lora, self.frozen_dtype, self.precision.params)
         self.layout = Layout.build(self.family, args, cfg.train, self.dims, device, self.precision.params, self.accum,
                                    lora=cfg.lora, frozen_dtype=self.frozen_dtype)
         self.optimizers = [build_optimizer(part, cfg.optim, device.type) for part in self.layout.parts]
@@ -149,8 +149,7 @@ class Trainer:
         self.checkpointer.attach(self.layout.parts, self.optimizers, self.config_yaml)
         state = self.checkpointer.restore()
         # LoRA under train.fp8: the frozen weights, now loaded, get their FP8 copies once for the run
-        self.fp8_frozen = (sum(len(quantize_frozen_linears(part, cfg.train.fp8_min_features)) for part in self.layout.parts)
-                           if cfg.lora.rank and cfg.train.fp8 != "none" else 0)
+        self.fp8_frozen = fp8_frozen_linears(self.layout.parts, cfg, self.dims.fsdp_enabled)
         self.step, self.consumed = state.get("step", 0), state.get("consumed_samples", 0)
         if self.main:  # only now: a refused resume (changed config) leaves the run's config.yaml as it was
             (self.out_dir / "config.yaml").write_text(self.config_yaml)
@@ -363,7 +362,8 @@ class Trainer:
         if self.frozen_dtype is not None:
             fsdp_note += f" (LoRA's frozen linear weights stored in {str(self.frozen_dtype).removeprefix('torch.')})"
         if self.fp8_frozen:
-            fsdp_note += f" ({self.fp8_frozen} frozen linears run their GEMMs from FP8 copies)"
+            how = "cast at each use" if dims.fsdp_enabled else "from FP8 copies made once"
+            fsdp_note += f" ({self.fp8_frozen} frozen linears run their GEMMs in FP8, {how})"
         self.log(
             f"model {cfg.model.size}: {self.layout.n_params:,} parameters, {self.args.n_layers} layers; device "
             f"{self.device_name}; precision {precision.compute}{fsdp_note}; global batch {train.global_batch_size} = "

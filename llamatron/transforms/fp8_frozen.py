@@ -6,7 +6,8 @@ trainable layers) would run all three (its autograd function computes the weight
 not the weight needs one) and cast the weight to FP8 in every forward. A frozen weight never changes,
 so its FP8 copies are made once, when the weights are loaded: the row-major one for the forward and its
 transpose for the input gradient (`torch._scaled_mm` takes its second operand column-major), kept as
-non-persistent buffers, so checkpoints, merging and the PEFT export still see the bf16 weight.
+non-persistent buffers, so checkpoints, merging and the PEFT export still see the bf16 weight. Under
+FSDP the weight exists whole only while gathered (bf16, per block): there it is cast at each use.
 
 Numerics are torchao's tensorwise recipe: E4M3 input and weight, E5M2 output gradient, one dynamic
 scale per tensor (the weight's computed once, as it would be at every forward). The adapters stay bf16
@@ -22,23 +23,52 @@ from llamatron.errors import LlamatronError
 from llamatron.fp8_gemm import fp8_mm, to_fp8
 
 
+def _output(x: torch.Tensor, w8: torch.Tensor, w_inv: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """x W^T with x cast to E4M3 (tensorwise) and W's E4M3 copy [out, in]."""
+    x8, x_inv = to_fp8(x.reshape(-1, x.shape[-1]), torch.float8_e4m3fn)
+    out = fp8_mm(x8, x_inv, w8.t(), w_inv, out_dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _input_grad(grad: torch.Tensor, w8_t: torch.Tensor, w_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dx = g W with g cast to E5M2 and W's E4M3 transpose [in, out] (row-major)."""
+    g8, g_inv = to_fp8(grad.reshape(-1, grad.shape[-1]), torch.float8_e5m2)
+    dx = fp8_mm(g8, g_inv, w8_t.t(), w_inv, grad.dtype)
+    return dx.reshape(*grad.shape[:-1], dx.shape[-1]).to(dtype)
+
+
 class _FrozenFP8Linear(torch.autograd.Function):
-    """x W^T with E4M3 x and W; backward: dx = g W with E5M2 g. Saves only W's FP8 copy (no x)."""
+    """x W^T from W's FP8 copies; backward: the input gradient only. Saves only those copies (no x)."""
 
     @staticmethod
     def forward(ctx, x, w8, w8_t, w_inv, out_dtype):
-        x8, x_inv = to_fp8(x.reshape(-1, x.shape[-1]), torch.float8_e4m3fn)
-        out = fp8_mm(x8, x_inv, w8.t(), w_inv, out_dtype)
         ctx.save_for_backward(w8_t, w_inv)
         ctx.x_dtype = x.dtype
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return _output(x, w8, w_inv, out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
         w8_t, w_inv = ctx.saved_tensors
-        g8, g_inv = to_fp8(grad.reshape(-1, grad.shape[-1]), torch.float8_e5m2)
-        dx = fp8_mm(g8, g_inv, w8_t.t(), w_inv, grad.dtype)
-        return dx.reshape(*grad.shape[:-1], dx.shape[-1]).to(ctx.x_dtype), None, None, None, None
+        return _input_grad(grad, w8_t, w_inv, ctx.x_dtype), None, None, None, None
+
+
+class _GatheredFrozenFP8Linear(torch.autograd.Function):
+    """The same GEMMs from a weight cast at each use: under FSDP the frozen weight is gathered (bf16)
+    per block, so no copy can be kept. Saves the weight itself (FSDP frees and re-gathers it around
+    backward, as for any linear), not its FP8 casts."""
+
+    @staticmethod
+    def forward(ctx, x, weight, out_dtype):
+        ctx.save_for_backward(weight)
+        ctx.x_dtype = x.dtype
+        w8, w_inv = to_fp8(weight, torch.float8_e4m3fn)
+        return _output(x, w8, w_inv, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        w8, w_inv = to_fp8(weight, torch.float8_e4m3fn)
+        return _input_grad(grad, w8.t().contiguous(), w_inv, ctx.x_dtype), None, None
 
 
 class FP8FrozenWeight(nn.Module):
@@ -58,16 +88,22 @@ class FP8FrozenWeight(nn.Module):
 
 
 class FP8FrozenLinear(nn.Linear):
-    """A frozen nn.Linear without an adapter whose GEMMs run from its FP8 copy (`fp8_base`)."""
+    """A frozen nn.Linear without an adapter whose GEMMs run in FP8 (`base_linear`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fp8_base(x, self.bias)
+        return base_linear(self, x)
 
 
 def base_linear(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """x W^T + b of a (possibly) frozen layer: from its FP8 copy once `quantize_frozen_linears` made one."""
+    """x W^T + b of a (possibly) frozen layer: from its FP8 copy once `quantize_frozen_linears` made one,
+    or in FP8 from the weight at each use where `gather_frozen_linears` marked it (FSDP)."""
     base = mod._modules.get("fp8_base")
-    return nn.functional.linear(x, mod.weight, mod.bias) if base is None else base(x, mod.bias)
+    if base is not None:
+        return base(x, mod.bias)
+    if getattr(mod, "fp8_gathered", False):
+        out = _GatheredFrozenFP8Linear.apply(x, mod.weight, torch.bfloat16)
+        return out if mod.bias is None else out + mod.bias.to(out.dtype)
+    return nn.functional.linear(x, mod.weight, mod.bias)
 
 
 def refresh(mod: nn.Linear) -> None:
@@ -76,20 +112,38 @@ def refresh(mod: nn.Linear) -> None:
         mod.fp8_base = FP8FrozenWeight(mod.weight)
 
 
+def _eligible_frozen(model: nn.Module, min_features: int):
+    """(clean name, module) of every frozen nn.Linear of `model` that FP8 GEMMs can take (both
+    dimensions multiples of 16 and at least `min_features`; not the output layer)."""
+    from llamatron.parallel.parallelize import clean_name
+    from llamatron.transforms.fp8 import fp8_module_filter
+
+    keep = fp8_module_filter(min_features, include_output=False)
+    for name, mod in model.named_modules():
+        name = clean_name(name)
+        if isinstance(mod, nn.Linear) and not mod.weight.requires_grad and keep(mod, name):
+            yield name, mod
+
+
+def gather_frozen_linears(model: nn.Module, min_features: int) -> list[str]:
+    """Under FSDP: mark the eligible frozen linears to run their GEMMs in FP8 from the gathered weight,
+    cast at each use. Applied before FSDP wraps the model. Returns the names marked."""
+    done = []
+    for name, mod in _eligible_frozen(model, min_features):
+        mod.fp8_gathered = True
+        if type(mod) is nn.Linear:
+            mod.__class__ = FP8FrozenLinear
+        done.append(name)
+    return done
+
+
 @torch.no_grad()
 def quantize_frozen_linears(model: nn.Module, min_features: int) -> list[str]:
     """Give every frozen nn.Linear of `model` that FP8 GEMMs can take (both dimensions multiples of 16
     and at least `min_features`; not the output layer) its FP8 copies, from its current weight: call
     it after the weights are loaded. Returns the clean names of the layers converted."""
-    from llamatron.parallel.parallelize import clean_name
-    from llamatron.transforms.fp8 import fp8_module_filter
-
-    keep = fp8_module_filter(min_features, include_output=False)
     done = []
-    for name, mod in model.named_modules():
-        name = clean_name(name)
-        if not isinstance(mod, nn.Linear) or mod.weight.requires_grad or not keep(mod, name):
-            continue
+    for name, mod in _eligible_frozen(model, min_features):
         if type(mod.weight.data) is not torch.Tensor:  # a DTensor shard
             raise LlamatronError(f"config key 'train.fp8': LoRA's FP8 base layers need whole weights on one "
                                  f"rank; {name} is sharded (no FSDP or tensor parallelism with LoRA and FP8)")
@@ -100,9 +154,21 @@ def quantize_frozen_linears(model: nn.Module, min_features: int) -> list[str]:
     return done
 
 
-def check_lora_fp8(train, lora, frozen_dtype: torch.dtype | None) -> None:
-    """LoRA with FP8 needs bf16 frozen weights (`lora.base_dtype`: bf16 autocast, no FSDP, no TP)."""
-    if train.fp8 != "none" and lora.rank and frozen_dtype != torch.bfloat16:
-        raise LlamatronError("config key 'train.fp8': LoRA's FP8 base layers need bf16 frozen weights: bf16 "
-                             "autocast (train.precision = bf16, or auto on a GPU) without FSDP or tensor "
-                             "parallelism (parallel.dp_shard, dp_replicate, cp and tp all 1), lora.base_dtype auto or bf16")
+def fp8_frozen_linears(parts: list[nn.Module], cfg, fsdp: bool) -> int:
+    """LoRA under train.fp8, once the weights are loaded: without FSDP the FP8 copies are made now;
+    under FSDP `parallelize` marked the layers already. Returns how many frozen linears run in FP8."""
+    if not cfg.lora.rank or cfg.train.fp8 == "none":
+        return 0
+    if fsdp:
+        return sum(getattr(m, "fp8_gathered", False) for part in parts for m in part.modules())
+    return sum(len(quantize_frozen_linears(part, cfg.train.fp8_min_features)) for part in parts)
+
+
+def check_lora_fp8(train, lora, frozen_dtype: torch.dtype | None, fsdp_dtype: torch.dtype | None = None) -> None:
+    """LoRA with FP8 needs bf16 compute: bf16 frozen weights (`lora.base_dtype`, one GPU: FP8 copies
+    made once) or FSDP gathering bf16 (`fsdp_dtype`: cast at each use). Tensor parallelism is refused
+    at config time."""
+    if train.fp8 == "none" or not lora.rank or frozen_dtype == torch.bfloat16 or fsdp_dtype == torch.bfloat16:
+        return
+    raise LlamatronError("config key 'train.fp8': LoRA's FP8 base layers need bf16 compute (train.precision = "
+                         "bf16, or auto on a GPU) and, without FSDP, lora.base_dtype auto or bf16")
