@@ -8,6 +8,8 @@
 #
 # Together they need more than one call's 600 s: the first call runs what fits, in this order.
 #
+# 0. the CUDA-only tests of the code since the last GPU run (fp32 accumulation in the fused loss's
+#    weight-gradient GEMM, the pinned staging buffers): they skip on the CPU
 # 1. issue 19: zero-shot scoring, the shipped fast path against lm-eval's HF backend (8B, GPT-126M)
 # 2. issue 20: LoRA (rank 32, all linears; bf16 and FP8 base layers) and full SFT of the 8B at seq 4096, packed
 # 3. issue 21: GLaM 126M-64E with static capacity routing and flex relative bias, eager and compiled;
@@ -32,6 +34,7 @@ run() {  # run NAME CAP MIN COMMAND...: at most CAP seconds, skipped when fewer 
     echo "$name: exit $? ($(left) s left)"
 }
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+run gputests 90 30 python -m pytest -q -p no:cacheprovider tests/test_loss.py tests/test_host_staging.py
 run zs8b 175 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --json "$OUT/zs8b.json"
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
 run finetune 300 120 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,sft+compile+ac@micro=1,lora@micro=2 \
@@ -47,4 +50,4 @@ run l8b_mbs16 120 70 python bench/bench_train_step.py --layers 4 --seq-len 8192 
 run calibrate 120 60 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 90
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
     --json "$OUT/ckpt.json"
-grep -h "SUMMARY\|^wrote \|prealloc:\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-400
+grep -h "SUMMARY\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-400

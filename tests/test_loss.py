@@ -49,3 +49,38 @@ def test_bf16_autocast_close_to_fp32():
         got = linear_cross_entropy(h, w, lab)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, F.cross_entropy(h @ w.T, lab), rtol=2e-2, atol=2e-2)
+
+
+def test_several_bf16_chunks_accumulate_the_weight_gradient():
+    """The output weight's gradient summed over bf16 chunks: in fp32 inside the GEMM on a GPU that has
+    it (`out_dtype`), else a bf16 product per chunk into an fp32 accumulator; close to fp32 either way
+    and to each other (the GEMM path only rounds less)."""
+    import pytest
+
+    from llamatron import loss as L
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        assert L._fp32_accumulating_mm(device) == hasattr(torch.ops.aten.mm, "dtype")
+    else:
+        assert not L._fp32_accumulating_mm(device)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(96, 64, generator=g).to(device)
+    w = (0.05 * torch.randn(512, 64, generator=g)).to(device)
+    lab = torch.randint(0, 512, (96,), generator=g).to(device)
+    ref_w = w.clone().requires_grad_()
+    F.cross_entropy(h @ ref_w.T, lab).backward()
+    grads = []
+    for fp32_mm in (True, False):
+        if not fp32_mm:
+            L._FP32_MM[device] = False  # the accumulator path, on any device
+        hh, ww = h.bfloat16().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            linear_cross_entropy(hh, ww.bfloat16(), lab, chunk_size=32).backward()
+        grads.append(ww.grad.float())
+    L._FP32_MM.pop(device, None)
+    for gw in grads:
+        torch.testing.assert_close(gw, ref_w.grad, rtol=5e-2, atol=5e-3)
+    if device.type != "cuda":
+        pytest.skip("the fp32-accumulating GEMM is a CUDA kernel; the CPU checked the accumulator path")
+    torch.testing.assert_close(grads[0], grads[1], rtol=5e-2, atol=5e-3)
