@@ -152,9 +152,12 @@ def _accumulate_weight_grad(grad_w, dlogits: torch.Tensor, hc: torch.Tensor, sev
     GPU that has the kernel: accumulated in fp32 inside the GEMM (cuBLAS `out_dtype`), with no bf16
     product and fp32 add pass per chunk (1.2 ms a chunk for the 128K x 4096 weight on an H200); else
     one bf16 product per chunk added into an fp32 accumulator (one chunk: no accumulator at all)."""
-    if several and dlogits.dtype == torch.bfloat16 and _fp32_accumulating_mm(dlogits.device):
+    mode = _fp32_accumulating_mm(dlogits.device) if several and dlogits.dtype == torch.bfloat16 else None
+    if mode is not None:
         if grad_w is None:
             return torch.mm(dlogits.t(), hc, out_dtype=torch.float32)
+        if mode == "in_place":  # the accumulator is the GEMM's C and D: no second 2 GB buffer
+            return torch.addmm(grad_w, dlogits.t(), hc, out_dtype=torch.float32, out=grad_w)
         return torch.addmm(grad_w, dlogits.t(), hc, out_dtype=torch.float32)
     if grad_w is None:
         return dlogits.t() @ hc
@@ -163,21 +166,27 @@ def _accumulate_weight_grad(grad_w, dlogits: torch.Tensor, hc: torch.Tensor, sev
     return grad_w.float().add_(dlogits.t() @ hc)
 
 
-_FP32_MM: dict[torch.device, bool] = {}
+_FP32_MM: dict[torch.device, str | None] = {}
 
 
-def _fp32_accumulating_mm(device: torch.device) -> bool:
-    """Whether `torch.mm` / `torch.addmm` take bf16 operands with `out_dtype=torch.float32` on this
-    device (CUDA builds of recent torch; not the CPU), probed once."""
+def _fp32_accumulating_mm(device: torch.device) -> str | None:
+    """How `torch.mm` / `torch.addmm` take bf16 operands with `out_dtype=torch.float32` on this device,
+    probed once: "in_place" (addmm also into its own input), "new" (into a new tensor), None (no such
+    kernel: the CPU, older torch)."""
     if device.type != "cuda":
-        return False
+        return None
     if device not in _FP32_MM:
-        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+        a = torch.full((16, 16), 0.5, dtype=torch.bfloat16, device=device)
+        mode = None
         try:
-            acc = torch.mm(a, a, out_dtype=torch.float32)
-            _FP32_MM[device] = torch.addmm(acc, a, a, out_dtype=torch.float32).dtype == torch.float32
+            acc = torch.mm(a, a, out_dtype=torch.float32)  # 4.0 everywhere
+            if torch.addmm(acc, a, a, out_dtype=torch.float32).dtype == torch.float32:
+                mode = "new"
+                torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+                mode = "in_place" if bool((acc == 8.0).all()) else "new"
         except (RuntimeError, TypeError, NotImplementedError):
-            _FP32_MM[device] = False
+            pass
+        _FP32_MM[device] = mode
     return _FP32_MM[device]
 
 
