@@ -27,6 +27,7 @@ from llamatron.config import load_config, resolve_model, validate_config
 from llamatron.models import attention_ops, registry
 from llamatron.parallel.dims import ParallelDims
 from llamatron.parallel.layout import Layout
+from llamatron.transforms.fp8_frozen import quantize_frozen_linears
 from llamatron.transforms.lora import frozen_dtype
 from llamatron.parallel.memory import estimate_memory, parameter_counts
 from llamatron.testing.compiled import inductor_partitioner
@@ -612,6 +613,8 @@ SAVED = {  # case: (overrides, K/V path, autocast dtype, compiled)
     "glam-moe-bf16": (GLAM + SHORT, "expand", torch.bfloat16, True),
     "llama-fp8-bf16": (LLAMA + FP8, "expand", torch.bfloat16, True),
     "llama-lora-bf16": (LLAMA + ["lora.rank=8"], "expand", torch.bfloat16, True),
+    "llama-lora-fp8": (LLAMA + ["lora.rank=8", "train.fp8=tensorwise", "train.fp8_min_features=16"], "expand",
+                       torch.bfloat16, True),
     "llama-bf16-eager": (LLAMA, "expand", torch.bfloat16, False),
     "gpt-bf16-eager": (GPT, "expand", torch.bfloat16, False),
     "glam-moe-bf16-eager": (GLAM + SHORT, "expand", torch.bfloat16, False),
@@ -658,6 +661,8 @@ def test_what_a_forward_saves_for_backward_within_15_percent_of_the_estimate(cas
     # LoRA's frozen linears stored as the trainer stores them (lora.base_dtype: bf16 under bf16 autocast)
     layout = Layout.build(family, args, cfg.train, ParallelDims(), torch.device("cpu"), None, 1, lora=cfg.lora,
                           frozen_dtype=frozen_dtype(cfg.lora, amp))
+    if cfg.lora.rank and cfg.train.fp8 != "none":  # as the trainer does once the weights are loaded
+        quantize_frozen_linears(layout.model, cfg.train.fp8_min_features)
     gen = torch.Generator().manual_seed(0)
     tokens, labels = (torch.randint(0, args.vocab_size, (micro, seq), generator=gen) for _ in range(2))
     saved = _saved_bytes(layout, tokens, labels, amp)
