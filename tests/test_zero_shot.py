@@ -148,6 +148,33 @@ def test_glam_capacity_scores_do_not_depend_on_batch_mates_or_padding():
     assert sum(int(m.last_stats[-4]) for m in model.moe_layers()) > 0
 
 
+class RowCounter(nn.Module):
+    """The module protocol, counting the rows each forward runs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.args, self.rows = model, model.args, 0
+
+    def forward(self, tokens, logits_at=None):
+        self.rows += tokens.shape[0]
+        return self.inner(tokens, logits_at=logits_at)
+
+
+def test_choices_after_one_context_share_its_forward(model):
+    """A task's choices after one context (single-token continuations: BoolQ's yes / no, a letter)
+    share one forward, as lm-eval's HF backend shares them: each scores as it does alone, and the
+    forwards run one row per context."""
+    g = torch.Generator().manual_seed(4)
+    contexts = [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in (5, 17, 9)]
+    reqs = [(ctx, [t]) for ctx in contexts for t in (7, 11, 400)] + _random_requests(4, seed=6)
+    counter = RowCounter(model)
+    shared = loglikelihoods(counter, reqs, 8, CPU)
+    assert counter.rows == 3 + 4  # one batch: a row per context, and the 4 other requests (13 requests)
+    for (ctx, cont), (ll, greedy) in zip(reqs, shared):
+        alone_ll, alone_greedy = loglikelihoods(model, [(ctx, cont)], 1, CPU)[0]
+        assert ll == pytest.approx(alone_ll, abs=1e-5) and greedy == alone_greedy
+
+
 class FullLogits(nn.Module):
     """The module protocol without `logits_at`: the scorer's full-logits path on the same model."""
 

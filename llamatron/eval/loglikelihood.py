@@ -5,7 +5,8 @@ log-probabilities, whether every continuation token is the greedy argmax). The d
 lm-evaluation-harness's (`HFLM._loglikelihood_tokens`): the input is context + continuation without
 its last token, left-truncated to the model's context; log-softmax in fp32; right padding (causal
 attention: a padded row's scored positions never see the padding). Requests are sorted by length,
-longest first, so a batch pads to its first row and out-of-memory shows at once.
+longest first, so a batch pads to its first row and out-of-memory shows at once; requests with the
+same input and continuation length (choices after one context, each one token) share one row.
 
 Strings become requests as the harness's `TemplateLM` makes them (`encode_pair`), so the built-in
 tasks and the lm-eval adapter (`eval/harness.py`) score the same tokens.
@@ -126,18 +127,26 @@ def _compiles(layout: Layout, device, compile: bool | None) -> bool:
     return bool(compile) and layout.dims.world_size == 1
 
 
-def _score_batch(layout, batch: list[tuple[list[int], int, list[int]]], device, precision, select: bool,
-                 multiple: int) -> list[tuple[float, bool]]:
+def _score_batch(layout, batch: list[tuple[list[int], int, list[list[int]]]], device, precision, select: bool,
+                 multiple: int) -> list[list[tuple[float, bool]]]:
     """One forward, then a batched fp32 log-softmax over the scored positions only, and per-request
-    sums and greedy flags on the device: one host copy per batch."""
+    sums and greedy flags on the device: one host copy per batch. An entry is one model input, its
+    continuation length and the continuations of the requests sharing that input (`_shared`)."""
     rows = [inp for inp, _, _ in batch]
     if -(-max(map(len, rows)) // multiple) * multiple > layout.model.args.max_seq_len:
         multiple = layout.dims.tp  # aligned padding would pass the model's last position
     tokens = padded_tokens(rows, multiple)
-    # (row, position, slot in its request) of every scored token, built on the host in one go.
-    where = [(i, len(inp) - n + j, j) for i, (inp, n, _) in enumerate(batch) for j in range(n)]
-    row, col, slot = torch.tensor(where, dtype=torch.long, device=device).unbind(1)
-    target = torch.tensor([t for _, _, cont in batch for t in cont], dtype=torch.long, device=device)
+    # (row, position) of every scored token, built on the host in one go; each request reads its
+    # input's rows of those: (scored row, slot in the request) and its target token.
+    where = [(i, len(inp) - n + j) for i, (inp, n, _) in enumerate(batch) for j in range(n)]
+    row, col = torch.tensor(where, dtype=torch.long, device=device).unbind(1)
+    first = [0]
+    for _, n, _ in batch:
+        first.append(first[-1] + n)
+    reads = [(first[i] + j, j, t) for i, (_, _, conts) in enumerate(batch) for cont in conts for j, t in enumerate(cont)]
+    scored, slot, target = torch.tensor(reads, dtype=torch.long, device=device).unbind(1)
+    requests = [n for _, n, conts in batch for _ in conts]
+    request = torch.tensor([r for r, n in enumerate(requests) for _ in range(n)], dtype=torch.long, device=device)
     with (precision or Precision(None, None)).autocast(device):
         if select:
             # The scored rows padded too (repeats of the last): the output GEMM's row count stays
@@ -149,14 +158,36 @@ def _score_batch(layout, batch: list[tuple[list[int], int, list[int]]], device, 
         else:
             logits = plain(layout.model(tokens.to(device), **_lengths(layout, rows, device)))[row, col]
     logp = torch.log_softmax(logits.float(), dim=-1)
-    values = torch.stack((logp.gather(-1, target[:, None]).squeeze(-1), (logp.argmax(-1) != target).float()))
+    values = torch.stack((logp[scored, target], (logp.argmax(-1)[scored] != target).float()))
     # Each token to its own cell, then a sum per request, in fp64: the padding cells and the
     # reduction's order (which depends on the batch's longest continuation) then change nothing
     # visible. Not index_add: its CUDA atomics add in a different order from run to run.
-    table = torch.zeros(2, len(batch), max(n for _, n, _ in batch), dtype=torch.float64, device=logp.device)
-    table[:, row, slot] = values.double()
+    table = torch.zeros(2, len(requests), max(requests), dtype=torch.float64, device=logp.device)
+    table[:, request, slot] = values.double()
     sums, misses = table.sum(-1).tolist()
-    return [(s, m == 0) for s, m in zip(sums, misses)]
+    out, k = [], 0
+    for _, _, conts in batch:
+        out.append([(s, m == 0) for s, m in zip(sums[k : k + len(conts)], misses[k : k + len(conts)])])
+        k += len(conts)
+    return out
+
+
+def _shared(prepared: list[tuple[list[int], int, list[int]]]) -> tuple[list, list[list[int]]]:
+    """Requests with the same model input and continuation length share one forward: a task's choices
+    after one context, each a single token (BoolQ's yes / no, a multiple-choice letter), as
+    lm-eval's HF backend shares them. Returns the distinct (input, length, [continuations]) and, for
+    each, the indices of its requests."""
+    first: dict[tuple, int] = {}
+    entries, members = [], []
+    for i, (inp, n, cont) in enumerate(prepared):
+        key = (tuple(inp), n)
+        if key not in first:
+            first[key] = len(entries)
+            entries.append((inp, n, []))
+            members.append([])
+        entries[first[key]][2].append(cont)
+        members[first[key]].append(i)
+    return entries, members
 
 
 # A batch's padded length: GEMM shapes (batch x length rows) stay aligned, and fewer distinct lengths.
@@ -179,24 +210,28 @@ def loglikelihoods(model, requests: Sequence[Request], batch_size: int, device, 
         compile_for_eval(layout.model)
     select = _selects_logits(layout)
     multiple = math.lcm(PAD_MULTIPLE, layout.dims.tp)
-    prepared = [(*_model_inputs(r, max_len), list(r[1])) for r in requests]
-    order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i][0]), i))
+    entries, members = _shared([(*_model_inputs(r, max_len), list(r[1])) for r in requests])
+    order = sorted(range(len(entries)), key=lambda i: (-len(entries[i][0]), i))
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     dp, rank = layout.dims.dp, layout.dims.dp_rank
     was_training = layout.training
     layout.train(False)
-    mine: dict[int, tuple[float, bool]] = {}
+    mine: dict[int, list[tuple[float, bool]]] = {}
     # Every data-parallel rank runs the same number of forwards (FSDP gathers need all of them); one
     # with no batch left scores a copy of the first and drops it.
     for b in range(rank, len(batches) + (-len(batches)) % dp, dp):
         idx = batches[b] if b < len(batches) else batches[0][:1]
-        scores = _score_batch(layout, [prepared[i] for i in idx], device, precision, select, multiple)
+        scores = _score_batch(layout, [entries[i] for i in idx], device, precision, select, multiple)
         if b < len(batches):
             mine.update(zip(idx, scores))
     layout.train(was_training)
     if dp > 1:
         mine = _gather(mine, layout.dims)
-    return [mine[i] for i in range(len(prepared))]
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    for e, idx in enumerate(members):
+        for i, score in zip(idx, mine[e]):
+            results[i] = score
+    return results
 
 
 def _gather(mine: dict, dims) -> dict:
