@@ -92,6 +92,25 @@ def test_what_plan_gpu_h200_computes_with_keeps_the_measured_runs():
         assert steps[micro] == pytest.approx(row["step_time_s"], rel=0.10)
 
 
+def test_the_kernel_ceiling_is_above_every_planned_and_measured_step():
+    """bench/gemm_ceiling.py: the step's GEMMs and attention alone, from the shipped H200 table, give
+    an MFU above the planner's (which adds element-wise work, the loss and the optimizer) and above
+    every measured H200 run of that layout, and its GEMM rate is the table's for those shapes."""
+    spec = importlib.util.spec_from_file_location("gemm_ceiling", REPO / "bench" / "gemm_ceiling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = REPO / "llamatron" / "calibration" / "h200.json"
+    table = calibration.load(path)
+    c = module.ceiling("llama3.1-8b", 4, 8192, 8, str(path), 989e12)
+    assert c["gemm_tflops"] * 1e12 == pytest.approx(2 * 65536 * 4096 * 4096 / table.gemm("fwd", 65536, 4096, 4096),
+                                                   rel=0.15)
+    p = plan.plan("llama3.1-8b", table.apply(H200), seq_len=8192, global_batch=8, layers=4)
+    planned = next(e for e in p.ranked if e.layout.micro_batch == 8 and not e.layout.fp8
+                   and not e.layout.activation_checkpointing)
+    assert planned.mfu < c["mfu_ceiling"] < 1
+    assert all(row["mfu"] < c["mfu_ceiling"] for row in _measured("compile+cudnn").values())
+
+
 def _plan_vs_measured():
     spec = importlib.util.spec_from_file_location("plan_vs_measured", REPO / "bench" / "plan_vs_measured.py")
     module = importlib.util.module_from_spec(spec)
