@@ -616,6 +616,9 @@ def test_boolq_presets_hold_the_pax_recipes(preset):
     cfg = load_config(preset)
     args = resolve_model(cfg.model)[1]
     assert cfg.finetune.data and cfg.data.seq_len == 4096
+    # Zero-shot BoolQ before and after (Pax's prompt), no validation perplexity.
+    assert cfg.eval.at_start and cfg.eval.samples == 0 and cfg.eval.tasks_prompt == "pax"
+    assert [t.partition("=")[0] for t in cfg.eval.tasks] == ["boolq"]
     if preset.startswith("llama2"):
         assert (args.vocab_size, args.n_kv_heads, args.ffn_dim, args.rope_theta) == (32000, 32, 11008, 10000.0)
     if preset.endswith("lora"):
