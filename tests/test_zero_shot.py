@@ -93,14 +93,18 @@ def _random_requests(n, seed=0):
     return out
 
 
-def test_loglikelihood_equals_hand_computation_and_batching_changes_nothing(model):
-    reqs = _random_requests(9)
+def _check_batch_1_and_7_equal_the_hand_scores(model, reqs):
     one = loglikelihoods(model, reqs, 1, CPU)
     seven = loglikelihoods(model, reqs, 7, CPU)
     for (ctx, cont), a, b in zip(reqs, one, seven):
         ll, greedy = _hand_score(model, ctx, cont)
         assert a[0] == pytest.approx(ll, abs=1e-4) and a[1] == greedy
         assert b[0] == pytest.approx(a[0], abs=1e-5) and b[1] == a[1]
+
+
+def test_loglikelihood_equals_hand_computation_and_batching_changes_nothing(model):
+    reqs = _random_requests(9)
+    _check_batch_1_and_7_equal_the_hand_scores(model, reqs)
 
 
 def test_left_truncation_to_the_model_context(model):
@@ -136,12 +140,7 @@ def test_glam_capacity_scores_do_not_depend_on_batch_mates_or_padding():
     alone and unpadded: batch 1 and batch 7 give the same scores, equal to the unpadded forward's."""
     model = _capacity_glam()
     reqs = _random_requests(9, seed=5)
-    one = loglikelihoods(model, reqs, 1, CPU)
-    seven = loglikelihoods(model, reqs, 7, CPU)
-    for (ctx, cont), a, b in zip(reqs, one, seven):
-        ll, greedy = _hand_score(model, ctx, cont)
-        assert a[0] == pytest.approx(ll, abs=1e-4) and a[1] == greedy
-        assert b[0] == pytest.approx(a[0], abs=1e-5) and b[1] == a[1]
+    _check_batch_1_and_7_equal_the_hand_scores(model, reqs)
     # The routing of these requests does drop assignments (so capacity is what the test exercises).
     with torch.no_grad():
         model(torch.tensor([(reqs[0][0] + reqs[0][1])[:-1]]))
