@@ -176,18 +176,21 @@ def _fp32_accumulating_mm(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
     if device not in _FP32_MM:
-        a = torch.full((16, 16), 0.5, dtype=torch.bfloat16, device=device)
-        mode = None
-        try:
-            acc = torch.mm(a, a, out_dtype=torch.float32)  # 4.0 everywhere
-            if torch.addmm(acc, a, a, out_dtype=torch.float32).dtype == torch.float32:
-                mode = "new"
-                torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-                mode = "in_place" if bool((acc == 8.0).all()) else "new"
-        except (RuntimeError, TypeError, NotImplementedError):
-            pass
-        _FP32_MM[device] = mode
+        _FP32_MM[device] = _probe_fp32_mm(torch.full((16, 16), 0.5, dtype=torch.bfloat16, device=device))
     return _FP32_MM[device]
+
+
+def _probe_fp32_mm(a: torch.Tensor) -> str | None:
+    unsupported = (RuntimeError, TypeError, NotImplementedError)
+    try:
+        acc = torch.addmm(torch.mm(a, a, out_dtype=torch.float32), a, a, out_dtype=torch.float32)  # 8.0 everywhere
+    except unsupported:
+        return None
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except unsupported:
+        return "new"
+    return "in_place" if bool((acc == 12.0).all()) else "new"
 
 
 def _valid_count(labels: torch.Tensor, n: int):

@@ -30,6 +30,7 @@ batch mates change no score there either.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -140,9 +141,7 @@ def _score_batch(layout, batch: list[tuple[list[int], int, list[list[int]]]], de
     # input's rows of those: (scored row, slot in the request) and its target token.
     where = [(i, len(inp) - n + j) for i, (inp, n, _) in enumerate(batch) for j in range(n)]
     row, col = torch.tensor(where, dtype=torch.long, device=device).unbind(1)
-    first = [0]
-    for _, n, _ in batch:
-        first.append(first[-1] + n)
+    first = list(itertools.accumulate((n for _, n, _ in batch), initial=0))
     reads = [(first[i] + j, j, t) for i, (_, _, conts) in enumerate(batch) for cont in conts for j, t in enumerate(cont)]
     scored, slot, target = torch.tensor(reads, dtype=torch.long, device=device).unbind(1)
     requests = [n for _, n, conts in batch for _ in conts]
@@ -165,11 +164,8 @@ def _score_batch(layout, batch: list[tuple[list[int], int, list[list[int]]]], de
     table = torch.zeros(2, len(requests), max(requests), dtype=torch.float64, device=logp.device)
     table[:, request, slot] = values.double()
     sums, misses = table.sum(-1).tolist()
-    out, k = [], 0
-    for _, _, conts in batch:
-        out.append([(s, m == 0) for s, m in zip(sums[k : k + len(conts)], misses[k : k + len(conts)])])
-        k += len(conts)
-    return out
+    scores = iter([(s, m == 0) for s, m in zip(sums, misses)])
+    return [[next(scores) for _ in conts] for _, _, conts in batch]
 
 
 def _shared(prepared: list[tuple[list[int], int, list[int]]]) -> tuple[list, list[list[int]]]:
