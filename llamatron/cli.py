@@ -208,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         remove_faults()
     # Printed outside the handler: by now the failed frames are freed, so what they held (a progress
-    # bar, which draws itself once more as it closes) is gone and the message is the last line.
-    print(f"llamatron {args.command}: error: {error}", file=sys.stderr)
+    # bar, which draws itself once more as it closes) is gone and the message is the last line. One
+    # write with its newline: the ranks of a job share stderr, and an unbuffered print's two writes
+    # (PYTHONUNBUFFERED, as torchrun jobs often run) let another rank's line land between them.
+    sys.stderr.write(f"llamatron {args.command}: error: {error}\n")
+    sys.stderr.flush()
     return 2
 
 
