@@ -380,18 +380,27 @@ def cmd_eval(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    import torch.distributed as dist
+
     from llamatron import evaluate
     from llamatron.runtime import rank
 
     if args.nproc_per_node is not None:
         return _evaluate_torchrun(args)
-    results = evaluate.evaluate(args.checkpoint, args.tasks, args.tokenizer, args.data_dir, args.task_file,
-                                args.prompt, args.limit, args.batch_size, args.device, args.include_path, args.add_bos,
-                                not args.only_include_path, args.bootstrap_iters, args.tp, args.compile)
-    if rank() == 0:  # under torchrun every rank scores; rank 0 reports
-        out = evaluate.write_results(results, args.output or evaluate.default_output(args.checkpoint))
-        print(evaluate.format_table(results))
-        print(f"wrote {out}")
+    try:
+        results = evaluate.evaluate(args.checkpoint, args.tasks, args.tokenizer, args.data_dir, args.task_file,
+                                    args.prompt, args.limit, args.batch_size, args.device, args.include_path,
+                                    args.add_bos, not args.only_include_path, args.bootstrap_iters, args.tp,
+                                    args.compile)
+        if rank() == 0:  # under torchrun every rank scores; rank 0 reports
+            out = evaluate.write_results(results, args.output or evaluate.default_output(args.checkpoint))
+            print(evaluate.format_table(results))
+            print(f"wrote {out}")
+    finally:
+        # Tear the process group down before the interpreter exits: left to exit-time destructors,
+        # gloo's threads can abort a rank ("terminate called without an active exception", seen in CI).
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
