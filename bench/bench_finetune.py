@@ -21,7 +21,8 @@ which cost seconds per variant at 8B and do not change the speed.
 
 Variants: lora, sft, each with +compile and/or +ac (activation checkpointing of every block) and/or
 +fp8 (train.fp8 = tensorwise: LoRA's frozen base layers from FP8 copies, transforms/fp8_frozen.py;
-SFT's linears as torchao's Float8Linear), and
+SFT's linears as torchao's Float8Linear) and/or +adam8bit (optim.name = adamw8bit: torchao's AdamW8bit,
+8-bit moments), and
 `@micro=N` (micro batch), `@base=fp32|bf16|auto` (LoRA's frozen weights: lora.base_dtype). Each
 prints one line `SUMMARY {json}`: median step time, tokens/s over all positions, over non-padding
 positions and over trained (label) positions, peak memory, and MFU against the dense BF16 peak by
@@ -71,7 +72,8 @@ ALLOWANCE_S = {"compile": 100.0, "eager": 30.0}
 # Ordered by what the figures need first: under --budget-s the last ones are the ones skipped.
 DEFAULT_VARIANTS = ("lora+compile@micro=2,lora+compile+fp8@micro=2,sft+compile+ac@micro=1,lora@micro=1,lora@micro=2,"
                     "lora@micro=4,"
-                    "lora@micro=1@base=fp32,lora+compile@micro=4,lora+compile@micro=1,sft+compile+ac@micro=2")
+                    "lora@micro=1@base=fp32,lora+compile@micro=4,lora+compile@micro=1,sft+compile+ac@micro=2,"
+                    "sft+compile+ac+adam8bit@micro=2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +85,16 @@ class Variant:
     fp8: bool
     micro: int | None  # None: --micro-batch
     base: str  # lora.base_dtype
+    optim: str = "adamw"  # optim.name: +adam8bit is torchao's AdamW8bit
 
 
 def parse_variant(spec: str) -> Variant:
     """"lora+compile@micro=2@base=fp32" -> Variant; SystemExit naming the bad part otherwise."""
     name, *conds = spec.split("@")
     kind, *flags = name.split("+")
-    if kind not in ("lora", "sft") or any(f not in ("compile", "ac", "fp8") for f in flags):
-        raise SystemExit(f"--variants: {name!r} in {spec!r}: expected lora or sft, then +compile, +ac and/or +fp8")
+    if kind not in ("lora", "sft") or any(f not in ("compile", "ac", "fp8", "adam8bit") for f in flags):
+        raise SystemExit(f"--variants: {name!r} in {spec!r}: expected lora or sft, then +compile, +ac, +fp8 "
+                         "and/or +adam8bit")
     micro, base = None, "auto"
     for c in conds:
         key, _, value = c.partition("=")
@@ -100,7 +104,8 @@ def parse_variant(spec: str) -> Variant:
             base = value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N or (lora) base=auto|fp32|bf16")
-    return Variant(spec, kind == "lora", "compile" in flags, "ac" in flags, "fp8" in flags, micro, base)
+    return Variant(spec, kind == "lora", "compile" in flags, "ac" in flags, "fp8" in flags, micro, base,
+                   "adamw8bit" if "adam8bit" in flags else "adamw")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,7 +195,7 @@ def run_variant(v: Variant, margs, cli, device, dataset) -> dict:
     if v.compile:
         torch._dynamo.reset()  # a fresh cache per variant: no recompile limits, no dynamic shapes from the last
     layout = build_layout(margs, v, lora, device, precision.amp, cli.fp8_min_features)
-    opt = build_optimizer(layout.model, OptimConfig(lr=cli.lr, min_lr=cli.lr), device.type)
+    opt = build_optimizer(layout.model, OptimConfig(lr=cli.lr, min_lr=cli.lr, name=v.optim), device.type)
     n_trainable = sum(p.numel() for p in layout.parameters() if p.requires_grad)
     accum = cli.global_batch // micro
     if device.type == "cuda":
@@ -232,6 +237,7 @@ def summarize(v: Variant, r: dict, margs, cli, peak_flops: float | None, est_gib
     doc_per_seq = seq * flops.flops_per_token(margs, doc_seq, lora)
     return {
         "variant": v.label, "kind": "lora" if v.lora else "sft", "compile": v.compile, "ac": v.ac, "fp8": v.fp8,
+        "optim": v.optim,
         "micro_batch": r["micro_batch"], "global_batch": gbs, "seq_len": seq, "layers": margs.n_layers,
         "step_time_s": med, "tokens_per_s": seq * gbs / med,
         "non_padding_tokens_per_s": r["non_padding"] / n / med, "trained_tokens_per_s": r["trained"] / n / med,
@@ -251,7 +257,8 @@ def estimate(margs, v: Variant, cli, device) -> float:
     lora = lora_config(v, cli)
     bf16 = Precision.choose(cli.precision, device, fsdp=False).compute == torch.bfloat16
     return estimate_memory(margs, cli.seq_len, v.micro or cli.micro_batch, bf16=bf16, fsdp=False,
-                           activation_checkpointing=v.ac, lora=lora, fp8="tensorwise" if v.fp8 else "none").total / 2**30
+                           activation_checkpointing=v.ac, lora=lora, fp8="tensorwise" if v.fp8 else "none",
+                           optim=v.optim).total / 2**30
 
 
 def main() -> int:

@@ -108,6 +108,13 @@ class OptimConfig:
     eps: float = 1e-5
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     fused: bool | None = None  # fused AdamW kernel; None = on for CUDA
+    # "adamw": torch's AdamW, two fp32 moments (8 bytes per trainable parameter). "adamw8bit":
+    # torchao's AdamW8bit, the moments in blockwise 8-bit (2.03 bytes), fp32 master weights kept:
+    # what lets a full fine-tune of 8B fit one GPU with room, or 70B one 8-GPU node (docs/finetune.md).
+    name: str = "adamw"
+
+
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def _validate_optim(optim: OptimConfig) -> None:
@@ -119,6 +126,9 @@ def _validate_optim(optim: OptimConfig) -> None:
     _need(optim.eps > 0, "optim.eps", f"must be positive, got {optim.eps}")
     _need(optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {optim.weight_decay}")
     _need(optim.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {optim.grad_clip}")
+    _need(optim.name in OPTIMIZERS, "optim.name", f"must be one of {', '.join(OPTIMIZERS)}, got {optim.name!r}")
+    _need(not (optim.fused and optim.name != "adamw"), "optim.fused",
+          f"torch's fused AdamW kernel; optim.name={optim.name} has its own (compiled) step")
     if optim.schedule_steps is not None:
         _need(optim.schedule_steps >= optim.warmup_steps, "optim.schedule_steps",
               f"{optim.schedule_steps} must be >= warmup_steps {optim.warmup_steps}")

@@ -177,6 +177,7 @@ class Workload:
     fp8_output: bool = True  # FP8 layouts also run the output layer in FP8 (when the loss is fused)
     finetune: bool = False  # finetune.data: no pipeline or context parallelism
     compile: bool = True  # train.compile: what the step-time model was fitted to, and the memory it estimates
+    optim: str = "adamw"  # optim.name: the optimizer state's bytes per parameter
     config: str | None = None  # the config file or preset the --set lines go with
     sets: list[str] = field(default_factory=list)  # overrides that make the workload from it
 
@@ -305,7 +306,7 @@ def memory_of(w: Workload, lay: Layout) -> MemoryEstimate:
                            bf16=True, activation_checkpointing=lay.activation_checkpointing,
                            fused_cross_entropy=lay.fused_loss, lora=w.lora, fp8="tensorwise" if lay.fp8 else "none",
                            fp8_min_features=w.fp8_min_features, fp8_include_output=w.fp8_output and lay.fused_loss,
-                           compiled=w.compile, native_gqa=True)
+                           compiled=w.compile, native_gqa=True, optim=w.optim)
 
 
 @dataclass(frozen=True)
@@ -517,7 +518,7 @@ def workload_from_config(path: str, seq_len: int | None = None, global_batch: in
                     lora=cfg.lora if cfg.lora.rank > 0 else None, fp8=fp8, fp8_min_features=cfg.train.fp8_min_features,
                     fp8_output=(cfg.train.fp8_include_output or "train.fp8_include_output" not in explicit)
                     and cfg.lora.rank == 0,  # LoRA's frozen output layer stays bf16
-                    finetune=bool(cfg.finetune.data), config=path, sets=sets)
+                    finetune=bool(cfg.finetune.data), optim=cfg.optim.name, config=path, sets=sets)
 
 
 def plan(model: str | Workload, hw: Hardware, seq_len: int = 8192, global_batch: int = 1024,

@@ -64,6 +64,8 @@ def test_variant_names_are_checked():
     v = bench.parse_variant("lora+compile+ac@micro=4@base=fp32")
     assert (v.lora, v.compile, v.ac, v.micro, v.base) == (True, True, True, 4, "fp32")
     assert bench.parse_variant("lora+fp8@micro=2").fp8
+    eight = bench.parse_variant("sft+compile+ac+adam8bit@micro=2")
+    assert (eight.optim, bench.parse_variant("sft+ac").optim) == ("adamw8bit", "adamw")
     for bad in ("full", "lora+fp4", "lora@micro=0", "sft@base=bf16", "lora@gqa=expand"):
         with pytest.raises(SystemExit, match="--variants"):
             bench.parse_variant(bad)

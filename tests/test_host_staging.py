@@ -135,6 +135,35 @@ def test_dcp_writes_the_same_checkpoint_as_from_default_stager(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_8bit_optimizer_state_is_staged_packed_and_saved_as_a_synchronous_save_saves_it(tmp_path):
+    """torchao's 8-bit moments (optim.name = adamw8bit) are staged as their uint8 codes and fp32
+    scales, rebuilt over the host buffers: the checkpoint is the synchronous save's, bit for bit (a
+    plain buffer of their shape would have held a dequantized fp32 copy, 4x the bytes)."""
+    subclass = pytest.importorskip("torchao.optim.subclass_8bit")
+    state = subclass.OptimState8bit.zeros((64, 256), signed=True)
+    state.copy_(torch.randn(64, 256))
+    sd = {"optim": {"state.w.exp_avg": state, "state.w.step": torch.tensor(2.0)}}
+    stager = HostStager(pinned=False)
+    staged = stager.stage(sd)
+    copy = staged["optim"]["state.w.exp_avg"]
+    assert type(copy) is type(state) and copy.codes.dtype == torch.uint8
+    assert torch.equal(copy.codes, state.codes) and torch.equal(copy.scale, state.scale)
+    assert copy.codes.data_ptr() != state.codes.data_ptr()
+    inner = [getattr(state, a) for a in state.__tensor_flatten__()[0]]  # codes, scales, the 256-entry code map
+    assert stager.nbytes == sum(t.numel() * t.element_size() for t in inner) + 4 < 64 * 256 * 4 / 3  # + the step
+    state.copy_(torch.randn(64, 256))  # training goes on; the snapshot does not
+    assert not torch.equal(copy.codes, state.codes)
+    state.copy_(copy.dequantize())
+    dcp.save(sd, checkpoint_id=str(tmp_path / "sync"))
+    dcp.async_save(sd, storage_writer=dcp.FileSystemWriter(str(tmp_path / "async")), async_stager=stager).result()
+    stager.close()
+    for name in ("sync", "async"):
+        loaded = {"optim": {"state.w.exp_avg": subclass.OptimState8bit.zeros((64, 256), signed=True),
+                            "state.w.step": torch.tensor(0.0)}}
+        dcp.load(loaded, checkpoint_id=str(tmp_path / name))
+        assert torch.equal(loaded["optim"]["state.w.exp_avg"].codes, state.codes), name
+
+
 def test_checkpointer_reuses_the_buffers_of_its_first_async_save(tmp_path):
     """Two async saves through the Checkpointer: the second stages into the first's buffers (a
     second stage on torch 2.11's DefaultStager failed with KeyError <class 'type'> on the H200,

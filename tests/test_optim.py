@@ -38,3 +38,67 @@ def test_no_weight_decay_on_1d_tensors():
     assert len(no_decay["params"]) == 2 * model.args.n_layers + 1
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-5
     assert isinstance(opt, torch.optim.AdamW)
+
+
+# --------------------------------------------------------------------------------------------------
+# optim.name = adamw8bit: torchao's AdamW8bit
+
+def _grads(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * 1e-2
+
+
+def test_adamw8bit_takes_adamws_steps_within_its_quantization_and_keeps_8bit_moments():
+    pytest.importorskip("torchao.optim")
+    from llamatron.train.optim import set_lr
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(256, 64)  # a 16,384-value weight (8-bit moments) and a 64-value bias (fp32 ones)
+    small = torch.nn.Linear(256, 64)
+    small.load_state_dict(plain.state_dict())
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, beta2=0.95)
+    reference = build_optimizer(plain, cfg, "cpu")
+    opt = build_optimizer(small, OptimConfig(**{**cfg.__dict__, "name": "adamw8bit"}), "cpu")
+    assert type(opt).__name__ == "AdamW8bit" and isinstance(reference, torch.optim.AdamW)
+    start = plain.weight.detach().clone()
+    for step in range(3):
+        for model, o in ((plain, reference), (small, opt)):
+            _grads(model, step)
+            set_lr(o, 1e-2 * (step + 1) / 3)
+            o.step()
+    moved, error = plain.weight - start, small.weight - plain.weight
+    assert moved.abs().mean() > 1e-2  # three steps of ~lr each: the comparison is not between unmoved weights
+    # Observed: 0.9% of the move on average, 5% at most; not zero: the moments really are 8-bit.
+    assert error.abs().mean() < 0.02 * moved.abs().mean() and 0 < error.abs().max() < 0.1 * moved.abs().max()
+    torch.testing.assert_close(small.bias, plain.bias)  # fp32 moments below 4096 values: AdamW itself
+    state = opt.state[small.weight]
+    codes = {getattr(state["exp_avg"], a).dtype for a in state["exp_avg"].__tensor_flatten__()[0]}
+    assert torch.uint8 in codes and state["exp_avg"].shape == small.weight.shape
+    assert opt.state[small.bias]["exp_avg"].dtype == torch.float32
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(1e-2)  # set_lr filled torchao's tensor
+
+
+def test_changing_the_optimizer_or_the_8bit_layout_on_resume_is_refused():
+    from llamatron.errors import LlamatronError
+    from llamatron.train.resume_check import check_optimizer_state
+
+    adamw, eight = "optim:\n  name: adamw\n", "optim:\n  name: adamw8bit\n"
+    check_optimizer_state("ckpt", "optim:\n  lr: 0.1\n", adamw, "1 process(es)", "2 process(es): tp 2")  # old: adamw
+    check_optimizer_state("ckpt", eight, eight, "2 process(es): dp_shard 2", "2 process(es): dp_shard 2")
+    with pytest.raises(LlamatronError, match="ckpt: its optimizer state is adamw's, this run's optim.name is adamw8bit"):
+        check_optimizer_state("ckpt", adamw, eight, "1 process(es)", "1 process(es)")
+    with pytest.raises(LlamatronError, match=r"resumes only in the layout that saved it \(2 process\(es\): dp_shard 2; "
+                                             r"this run: 2 process\(es\): tp 2\)"):
+        check_optimizer_state("ckpt", eight, eight, "2 process(es): dp_shard 2", "2 process(es): tp 2")
+
+
+def test_memory_estimate_counts_8bit_moments():
+    from llamatron.parallel.memory import estimate_memory
+
+    args = SIZES["llama3.1-8b"]
+    plain, eight = (estimate_memory(args, 4096, 1, activation_checkpointing=True, optim=o) for o in ("adamw", "adamw8bit"))
+    assert plain.optimizer / 2**30 == pytest.approx(8 * 8.03e9 / 2**30, rel=0.01)
+    # Matrices at 2 x (1 + 4/256) bytes; the norms' 2 x 4096 x 32 + 4096 vectors at 8.
+    assert eight.optimizer / 2**30 == pytest.approx(2.03125 * 8.03e9 / 2**30, rel=0.01)
+    assert plain.total - eight.total == pytest.approx(plain.optimizer - eight.optimizer)

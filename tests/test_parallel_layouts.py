@@ -146,3 +146,27 @@ def test_checkpoint_resharding_fsdp_to_tp_to_one_process(reference, tmp_path):
     exported = ckpt.save_consolidated(ckpt.latest_checkpoint(out), tmp_path / "model.pt", dtype=torch.bfloat16)
     sd = torch.load(exported, weights_only=True)
     assert sd["output.weight"].dtype == torch.bfloat16 and sd["output.weight"].shape == (512, 64)
+
+
+@pytest.mark.slow  # three CPU runs, two under torchrun, with torchao's step compiled in each process
+def test_8bit_adamw_under_fsdp_and_its_resume_in_another_layout_refused(tmp_path):
+    """optim.name = adamw8bit over 2 FSDP ranks: each rank's shards quantized in its own blocks (and
+    shards under 4096 values keep fp32 moments), so within 1e-3 of one process rather than fp32
+    rounding; its checkpoint resumes in that layout only, and TP 2 is refused in one line, exit 2."""
+    pytest.importorskip("torchao.optim")
+    config, eight = _config(tmp_path), "optim.name=adamw8bit"
+    one = tmp_path / "one"
+    train(load_config(str(config), [f"train.out_dir={one}", "train.steps=3", eight]), progress=False,
+          log=lambda *_: None)
+    out = tmp_path / "two"
+    torchrun(2, config, out, eight, "train.steps=2", "parallel.dp_shard=2")
+    torchrun(2, config, out, eight, "train.steps=3", "parallel.dp_shard=2")  # resumed in its layout
+    got, want = _trajectory(out), _trajectory(one)
+    for s in (1, 2, 3):
+        assert got[("train", s)][0] == pytest.approx(want[("train", s)][0], rel=1e-3), s
+        assert got[("train", s)][1] == pytest.approx(want[("train", s)][1], rel=1e-2), s
+    with pytest.raises(AssertionError) as failed:
+        torchrun(2, config, out, eight, "train.steps=4", "parallel.tp=2")
+    assert ("optim.name=adamw8bit state resumes only in the layout that saved it (2 process(es): dp_shard 2; "
+            "this run: 2 process(es): tp 2)") in str(failed.value)
+    assert "exitcode  : 2" in str(failed.value)

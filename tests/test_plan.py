@@ -395,6 +395,24 @@ def test_lora_config_plans_and_its_memory_drops_the_frozen_state():
     assert plan.evaluate(w, lay, p.hardware).parts["compute"] < full_step.parts["compute"]  # no frozen weight gradients
 
 
+def test_8bit_adamw_in_the_config_plans_its_smaller_state(tmp_path):
+    """optim.name = adamw8bit in a config: the planner's memory counts 2.03 bytes of moments per
+    matrix parameter, and on one H200 the full 8B at seq 4096 then fits at micro batch 1 and 2."""
+    cfg = tmp_path / "sft8.toml"
+    cfg.write_text('[model]\nsize = "llama3.1-8b"\n[data]\nseq_len = 4096\n[train]\nglobal_batch_size = 8\n'
+                   '[optim]\nname = "adamw8bit"\n')
+    w = plan.workload_from_config(str(cfg))
+    assert w.optim == "adamw8bit"
+    lay = plan.Layout(1, 1, 1, 1, 1, 1, True)
+    eight, plain = plan.memory_of(w, lay), plan.memory_of(dataclasses.replace(w, optim="adamw"), lay)
+    assert plain.optimizer - eight.optimizer == pytest.approx((8 - 2.03125) * 8.0e9, rel=0.01)
+    assert plain.total - eight.total == pytest.approx(plain.optimizer - eight.optimizer)
+    one_gpu = plan.plan(w, plan.Hardware(1, memory_gib=139.0, fp8=False))
+    assert eight.total < one_gpu.hardware.margin * 139.0 * 2**30 < plain.total  # it fits where AdamW does not
+    assert {e.layout.micro_batch for e in one_gpu.ranked} >= {1, 2}
+    assert not plan.plan(dataclasses.replace(w, optim="adamw"), one_gpu.hardware).ranked
+
+
 def test_lora_on_one_gpu_plans_fp8_frozen_bases():
     """On one GPU (bf16 frozen weights) LoRA's base layers may run in FP8: two FP8 copies more per frozen
     weight, the same activations, and faster base GEMMs (forward and input gradient only)."""

@@ -556,10 +556,12 @@ def test_load_batch_vocab_guard():
     ("checkpoint.keep=0", "'checkpoint.keep'"),
     ("optim.beta2=1.5", "'optim.beta2'"),
     ("optim.grad_clip=-1", "'optim.grad_clip'"),
+    ("optim.name=adam", "'optim.name': must be one of adamw, adamw8bit, got 'adam'"),
+    ("optim.name=adamw8bit optim.fused=true", "'optim.fused'"),
 ])
 def test_new_config_keys_validated(override, needle):
     with pytest.raises(LlamatronError, match=needle):
-        load_config(None, ["data.mock=true", override])
+        load_config(None, ["data.mock=true", *override.split()])
 
 
 @pytest.mark.parametrize("spec", ["explode@step=1", "kill@save=sometime", "nan_loss@step=x", "nan_loss@when=3"])

@@ -40,6 +40,23 @@ def test_resume_is_exact(tmp_path):
     assert json.loads((split / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())["consumed_samples"] == 32
 
 
+def test_resume_with_8bit_adamw_is_exact(tmp_path):
+    """optim.name = adamw8bit (torchao): its 8-bit moments saved asynchronously at step 4 and resumed
+    give the straight run's losses bit for bit."""
+    pytest.importorskip("torchao.optim")
+    extra = ["optim.name=adamw8bit", "checkpoint.async_save=true"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(_cfg(straight, 8, extra), progress=False, log=lambda *_: None)
+    train(_cfg(split, 4, extra), progress=False, log=lambda *_: None)
+    lines = []
+    train(_cfg(split, 8, extra), progress=False, log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert any("resumed from" in line for line in lines)
+    a, b = _losses(straight), _losses(split)
+    assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)] and len(set(a.values())) == 8
+    plain = _losses(train(_cfg(tmp_path / "plain", 8), progress=False, log=lambda *_: None).out_dir)
+    assert a[1] == plain[1] and a[8] != plain[8]  # the same first loss; then 8-bit moments, not AdamW's
+
+
 def test_train_called_again_on_a_finished_run_does_nothing(tmp_path):
     out = tmp_path / "run"
     first = train(_cfg(out, 2), progress=False, log=lambda *_: None)

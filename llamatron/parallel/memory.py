@@ -14,7 +14,10 @@ the most (the first pipeline stage for activations, the embedding; the last for 
 - gradients: fp32, the same division, of the trainable parameters only (LoRA: the adapters). With one
   micro-batch per step (and no pipeline) they appear only as backward frees the activations that made
   them, so what fits in the freed memory (`reused`) is not part of the peak;
-- optimizer: AdamW's two fp32 moments, 8 bytes per trainable parameter, the same division;
+- optimizer: AdamW's two fp32 moments, 8 bytes per trainable parameter, the same division; with
+  `optim.name = adamw8bit` (torchao's AdamW8bit) 2.03 bytes (8-bit codes and an fp32 scale per block
+  of 256 values) for the matrices, 8 for the norms' vectors, whose shards stay under its 4096-value
+  threshold;
 - working copies: what the compute runs on besides the masters. Under FSDP, the gathered parameters
   of the units in flight (two blocks, in the compute dtype; all of the stage's blocks under pipeline
   parallelism, which keeps them gathered across micro-batches, plus their unsharded gradients); under
@@ -303,11 +306,12 @@ def estimate_memory(
     fp8_include_output: bool = False,
     compiled: bool = False,
     native_gqa: bool = False,
+    optim: str = "adamw",
 ) -> MemoryEstimate:
     """Peak bytes per rank for one training step of the given layout (the largest over ranks).
     `lora`: the `[lora]` section (rank 0 or None: full training); `fp8`: train.fp8; `compiled`:
     train.compile (the blocks compiled by inductor); `native_gqa`: SDPA's enable_gqa path
-    (llamatron/models/attention_ops.py: the CUDA default)."""
+    (llamatron/models/attention_ops.py: the CUDA default); `optim`: optim.name."""
     if fsdp is None:
         fsdp = dp_replicate * dp_shard * cp > 1
     shard = dp_shard * cp if fsdp else 1
@@ -316,7 +320,8 @@ def estimate_memory(
     compute = 2 if bf16 else 4
     residual = 2 if (bf16 and fsdp) else 4  # FSDP casts parameters to bf16; autocast keeps fp32 ones
     expert_fsdp = ep > 1 and (dp_shard // ep > 1 or dp_replicate > 1)  # llamatron/parallel/dims.py's expert_fsdp
-    weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, expert_fsdp, fsdp, compute, bf16)
+    weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, expert_fsdp, fsdp, compute, bf16,
+                                                     STATE_BYTES[optim])
     f8 = fp8_counts(args, fp8_min_features, fp8_include_output) if fp8 != "none" and bf16 else None
     bf16_base = bool(lora is not None and _lora_key(lora) and bf16 and not fsdp and tp == 1 and lora.base_dtype != "fp32")
     if bf16_base:
@@ -410,8 +415,13 @@ def _output_copy(args, tp: int, compute: int, bf16: bool, fused: bool, fp8_outpu
     return compute * out
 
 
+# Bytes of optimizer state per trainable matrix parameter, by optim.name: AdamW's two moments in fp32,
+# or torchao's 8-bit codes with one fp32 scale per block of 256 values.
+STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2 * (1 + 4 / 256)}
+
+
 def _states(counts: ParameterCounts, layers: int, pp: int, tp: int, shard: int, ep: int, expert_fsdp: bool,
-            fsdp: bool, compute: int, bf16: bool) -> tuple[float, float, float, float]:
+            fsdp: bool, compute: int, bf16: bool, state_bytes: float = 8.0) -> tuple[float, float, float, float]:
     """Weights, gradients, optimizer state and working copies of the rank with the most parameters:
     the first stage (embedding) or the last (output + final norm, or its copy of a tied embedding);
     tensor parallelism splits the embedding and output by vocabulary."""
@@ -431,4 +441,5 @@ def _states(counts: ParameterCounts, layers: int, pp: int, tp: int, shard: int, 
             working += layers * (gathered_block if full else counts.block_trainable) * 4
     else:  # autocast's bf16 copies of the block matrices (the experts' whole), kept for backward (the output layer's: above)
         working = compute * layers * (block - counts.block_vectors) if bf16 else 0
-    return 4 * stored, 4 * trainable, 8 * trainable, working
+    vectors = layers * counts.block_vectors / shard if full else 0.0  # norms: fp32 moments whatever the optimizer
+    return 4 * stored, 4 * trainable, 8 * vectors + state_bytes * (trainable - vectors), working

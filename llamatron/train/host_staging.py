@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from llamatron import hooks
 
@@ -115,6 +116,16 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _packed(t) -> bool:
+    """A tensor subclass stored as inner tensors of another dtype or shape than its own (torchao's
+    8-bit optimizer state: uint8 codes and fp32 scales). A subclass that merely wraps a tensor like
+    itself (FP8 all-gather's weights) is staged as a plain tensor, as before."""
+    if not is_traceable_wrapper_subclass(t):
+        return False
+    attrs, _ = t.__tensor_flatten__()
+    return any(getattr(t, a).dtype != t.dtype or getattr(t, a).shape != t.shape for a in attrs)
+
+
 class HostStager(AsyncStager):
     """DCP's AsyncStager for `dcp.async_save`: `stage` returns the state dict with every tensor
     replaced by this stager's host buffer for its entry, filled (CUDA tensors: non-blocking copies
@@ -157,7 +168,11 @@ class HostStager(AsyncStager):
         """(key, shape, dtype, pinned, device) of each tensor, keyed as `stage` keys its buffers."""
         if isinstance(value, DTensor):
             value = value.to_local()
-        if isinstance(value, torch.Tensor):
+        if _packed(value):
+            attrs, _ = value.__tensor_flatten__()
+            for attr in attrs:
+                yield from self._specs(getattr(value, attr), (*key, attr))
+        elif isinstance(value, torch.Tensor):
             yield key, value.shape, value.dtype, self.pinned and value.is_cuda, value.device
         elif isinstance(value, dict):
             for k, v in value.items():
@@ -215,8 +230,15 @@ class HostStager(AsyncStager):
 
     def _copy(self, value, key: tuple, seen: set, devices: set):
         if isinstance(value, DTensor):
-            local = self._copy_tensor(value.to_local(), key, seen, devices)
+            local = self._copy(value.to_local(), key, seen, devices)
             return DTensor(local, value._spec, requires_grad=False)
+        if _packed(value):
+            # A tensor subclass (torchao's 8-bit optimizer state: uint8 codes and fp32 scales) is staged
+            # as its inner tensors and rebuilt over the copies: DCP then writes what a synchronous save
+            # writes, where a plain buffer of its shape would hold a dequantized fp32 copy.
+            attrs, context = value.__tensor_flatten__()
+            inner = {a: self._copy(getattr(value, a), (*key, a), seen, devices) for a in attrs}
+            return type(value).__tensor_unflatten__(inner, context, value.size(), value.stride())
         if isinstance(value, torch.Tensor):
             return self._copy_tensor(value, key, seen, devices)
         if isinstance(value, dict):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from llamatron.config import OptimConfig
+from llamatron.errors import LlamatronError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -25,15 +26,29 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
+    """`optim.name`: torch's AdamW, or torchao's AdamW8bit (the same update, with each moment of a
+    tensor of 4096 values or more stored as 8-bit codes and one fp32 scale per block of 256)."""
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "adamw8bit":
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError as e:
+            raise LlamatronError(f"config key 'optim.name': adamw8bit needs torchao ({e}); "
+                                 "pip install 'llamatron[fp8]'") from e
+        return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        fused=fused or None,
-    )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """torchao's optimizers hold the learning rate as a tensor (a new float would recompile their
+    step): it is filled in place; torch's take the float."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

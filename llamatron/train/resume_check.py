@@ -50,3 +50,20 @@ def check_resume_config(checkpoint, saved_yaml: str, current_yaml: str, allow: b
             f"model, the data order or the batch ({'; '.join(f'{k}: {diff[k][0]} -> {diff[k][1]}' for k in breaking)}); "
             "set checkpoint.allow_config_change=true if that is deliberate, or use another train.out_dir")
     log(f"resuming from {checkpoint} with a changed config: {text}")
+
+
+def check_optimizer_state(checkpoint, saved_yaml: str, current_yaml: str, saved_layout: str | None,
+                          layout: str | None) -> None:
+    """The optimizer state loads only into an optimizer of its kind; torchao's 8-bit state only into
+    the layout that saved it (each rank's shard is quantized in blocks of its own: another sharding
+    would cut through blocks, and DCP cannot re-slice the packed state). Not waived by
+    `checkpoint.allow_config_change`: no such resume can load."""
+    saved = _flat(yaml.safe_load(saved_yaml)).get("optim.name", "adamw")
+    current = _flat(yaml.safe_load(current_yaml)).get("optim.name", "adamw")
+    fresh = "or start from its weights with a fresh optimizer (train.init_from) in another train.out_dir"
+    if saved != current:
+        raise LlamatronError(f"{checkpoint}: its optimizer state is {saved}'s, this run's optim.name is {current}; "
+                             f"resume with optim.name={saved}, {fresh}")
+    if current == "adamw8bit" and saved_layout is not None and layout is not None and saved_layout != layout:
+        raise LlamatronError(f"{checkpoint}: optim.name=adamw8bit state resumes only in the layout that saved it "
+                             f"({saved_layout}; this run: {layout}); resume with that layout, {fresh}")

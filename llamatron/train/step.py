@@ -10,6 +10,7 @@ import torch
 from llamatron.parallel.layout import Layout, plain
 from llamatron.parallel.reduce import clip_grad_norm_, sum_over
 from llamatron.runtime import Precision, attention_backend
+from llamatron.train.optim import set_lr
 
 
 def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accum: int, *,
@@ -36,8 +37,7 @@ def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, tor
     precision = precision or Precision(None, None)
     optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
     for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_lr(opt, lr)
     for part in layout.parts:
         if hasattr(part, "set_loss_scale"):  # auxiliary losses (MoE routers): a mean over micro-batches too
             part.set_loss_scale(1.0 / accum)

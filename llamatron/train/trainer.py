@@ -146,7 +146,7 @@ class Trainer:
         self.optimizers = [build_optimizer(part, cfg.optim, device.type) for part in self.layout.parts]
 
         # Resume from the newest complete checkpoint (or start from init_from's weights)
-        self.checkpointer.attach(self.layout.parts, self.optimizers, self.config_yaml)
+        self.checkpointer.attach(self.layout.parts, self.optimizers, self.config_yaml, self.dims.describe())
         state = self.checkpointer.restore()
         # LoRA under train.fp8: the frozen weights, now loaded, get their FP8 copies once for the run
         self.fp8_frozen = fp8_frozen_linears(self.layout.parts, cfg, self.dims.fsdp_enabled)
@@ -364,6 +364,8 @@ class Trainer:
         if self.fp8_frozen:
             how = "cast at each use" if dims.fsdp_enabled else "from FP8 copies made once"
             fsdp_note += f" ({self.fp8_frozen} frozen linears run their GEMMs in FP8, {how})"
+        if cfg.optim.name == "adamw8bit":
+            fsdp_note += " (AdamW with 8-bit moments, torchao)"
         self.log(
             f"model {cfg.model.size}: {self.layout.n_params:,} parameters, {self.args.n_layers} layers; device "
             f"{self.device_name}; precision {precision.compute}{fsdp_note}; global batch {train.global_batch_size} = "
@@ -381,6 +383,7 @@ class Trainer:
             fused_cross_entropy=self.layout.fused_loss(train.fused_cross_entropy),
             lora=cfg.lora if cfg.lora.rank else None, fp8=train.fp8, fp8_min_features=train.fp8_min_features,
             fp8_include_output=fp8_output(train, dims.tp, dims.pp, bool(cfg.lora.rank)), compiled=train.compile, native_gqa=native_gqa(self.device),
+            optim=cfg.optim.name,
         )
         mode = "compiled" if train.compile else "eager"
         self.log(f"memory estimate per rank ({mode} count; llamatron/parallel/memory.py): {est.describe()}")
