@@ -397,7 +397,7 @@ def calibrated_compute(w: Workload, lay: Layout, hw: Hardware, m: int) -> float:
         block += fwd + attn_f + elementwise / 3
     rows = min(tokens, FUSED_LOSS_ROWS) if lay.fused_loss else tokens
     chunks = tokens / rows
-    vocab = max(1, args.vocab_size // lay.tp)
+    vocab = max(1, args.vocab_size // (lay.tp if w.family.tp_splits_vocab else 1))  # GLaM: whole logits per rank
     out_speed = hw.fp8_speedup if (lay.fp8 and lay.fused_loss and w.fp8_layers().output) else 1.0
     output = chunks * (table.gemm("fwd", rows, args.dim, vocab) + table.gemm("dgrad", rows, args.dim, vocab)
                        + (table.gemm("wgrad", rows, args.dim, vocab) if trainable else 0.0)) / out_speed

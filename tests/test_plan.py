@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from llamatron import calibration, flops, plan
 from llamatron.calibration import measure
 from llamatron.cli import main
-from llamatron.config import load_config, resolve_model, validate_config
+from llamatron.config import ParallelConfig, load_config, resolve_model, validate_config
 from llamatron.models import attention_ops, registry
 from llamatron.parallel.dims import ParallelDims
 from llamatron.parallel.layout import Layout
@@ -307,15 +308,21 @@ def test_tensor_parallelism_leaves_glams_experts_whole_in_compute_and_memory():
     assert tp2 / fsdp2 == pytest.approx(((total - experts) / 2 + experts) / (total / 2), rel=1e-9)
 
     # Memory without FSDP (tp 2 on 2 GPUs): the experts' bf16 casts whole, the MoE blocks' activations
-    # whole; the rest of the block matrices and the output copy split.
+    # whole; the rest of the block matrices split; the tied output layer's copy whole (its plan
+    # replicates the embedding).
     counts = parameter_counts(args)
     mem = {tp: estimate_memory(args, w.seq_len, 2, tp=tp, bf16=True, compiled=True, fused_cross_entropy=False)
            for tp in (1, 2)}
-    split = args.n_layers * (counts.block_matrices - counts.block_experts) + args.vocab_size * d
+    split = args.n_layers * (counts.block_matrices - counts.block_experts)
     assert mem[1].working - mem[2].working == pytest.approx(2 * split / 2, rel=1e-9)
-    tokens, a = 2 * w.seq_len, 2
+    # Whole on each rank too (no sequence parallelism): per block the residual input (fp32 under
+    # autocast), the normalised inputs of wq/wk/wv and of a dense block's w1/w3, the norms' rstd; after
+    # the blocks the final norm's tensors and the output's input gradient.
+    tokens, a, r, L = 2 * w.seq_len, 2, 4, args.n_layers
     moe = 4 * d + 8 * args.n_experts + args.top_k * (2 * a * d + (a + 1) * args.expert_ffn_dim)  # compiled, per token
-    assert mem[2].activations - mem[1].activations / 2 == pytest.approx(M * moe * tokens / 2, rel=1e-9)
+    whole = L * (r * d + a * d + 8) + M * moe + (L - M) * a * d
+    head = (4 + r + a) * d
+    assert mem[2].activations - mem[1].activations / 2 == pytest.approx((whole + head) * tokens / 2, rel=1e-9)
 
 
 def test_hsdp_layouts_appear_and_hold_more_per_rank():
@@ -636,6 +643,51 @@ def test_memory_estimate_within_15_percent_of_the_measured_peak(sets):
     assert est.total == pytest.approx(peak.peak, rel=0.15), est.describe()
 
 
+@pytest.fixture
+def fake_two_ranks():
+    """A process group of two ranks in this process whose collectives do nothing (torch's fake
+    backend): enough to build rank 0's tensor-parallel shards and run its forward for their shapes."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sets", [LLAMA, GPT, GLAM], ids=["llama", "gpt", "glam-moe"])
+def test_tensor_parallel_rank_holds_and_saves_what_the_estimate_counts(sets, fake_two_ranks):
+    """Rank 0 of TP 2, built by the family's own plan: its parameter bytes equal the estimate's
+    weights within 1% (GPT's position embedding and GLaM's tied embedding whole on every rank, the
+    rest split), and what its forward keeps for backward is counted as closely as without TP (the
+    inputs of the column-parallel linears, gathered along the sequence or never split, are whole on
+    every rank)."""
+    seq, micro = 32, 8
+    cfg = load_config(None, ["data.mock=true", f"data.seq_len={seq}", f"model.max_seq_len={seq}",
+                             f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}", *sets])
+    family, args = resolve_model(cfg.model)
+    gen = torch.Generator().manual_seed(0)
+    tokens, labels = (torch.randint(0, args.vocab_size, (micro, seq), generator=gen) for _ in range(2))
+    ratios = []
+    for tp in (1, 2):
+        dims = ParallelDims.from_config(ParallelConfig(tp=tp), 2 if tp > 1 else 1)
+        if tp > 1:
+            dims.build_mesh("cpu")
+        layout = Layout.build(family, args, cfg.train, dims, torch.device("cpu"), None, 1)
+        est = estimate_memory(args, seq, micro, tp=tp, bf16=False, fused_cross_entropy=False)
+        held = sum(_local(p).numel() * 4 for p in layout.model.parameters())
+        assert est.weights == pytest.approx(held, rel=0.01), tp
+        ratios.append(est.saved / _saved_bytes(layout, tokens, labels, None, fused=False))
+    assert ratios[1] == pytest.approx(ratios[0], abs=0.05) and 0.85 < ratios[1] < 1.15, ratios
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
 # What autograd keeps from a forward for its backward, against the estimate's count of it. Compiled
 # blocks use inductor's partitioner without its code generation (llamatron/testing/compiled.py): the
 # partitioner alone decides what is saved, and a case takes seconds instead of a CPU inductor build's
@@ -658,23 +710,26 @@ SAVED = {  # case: (overrides, K/V path, autocast dtype, compiled)
 }
 
 
-def _saved_bytes(layout: Layout, tokens: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None) -> int:
-    """Bytes of the storages autograd keeps from one forward with the fused loss until its backward,
-    each once; parameters and buffers, which exist anyway, are not counted."""
+def _saved_bytes(layout: Layout, tokens: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None,
+                 fused: bool = True) -> int:
+    """Bytes of the storages autograd keeps from one forward with the fused loss (or the plain one)
+    until its backward, each once (a DTensor's local shard); parameters and buffers, which exist
+    anyway, are not counted. Without a real process group (a fake one) there is no backward."""
     model = layout.model
-    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    skip = {_local(t).untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
+        storage = _local(t).untyped_storage()
         if storage.data_ptr() not in skip:
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
     precision = torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision:
-        loss = layout.loss(tokens, labels, fused=True)
-    loss.backward()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision, layout.loss_context():
+        loss = layout.loss(tokens, labels, fused=fused)
+    if not dist.is_initialized():
+        loss.backward()
     return sum(kept.values())
 
 

@@ -131,6 +131,13 @@ class Family:
     unsupported_parallel: tuple[str, ...] = ()
     # A block's matrix products and attention (`BlockShapes`), for `llamatron plan`; None: not plannable.
     shapes: Callable[[Any], BlockShapes] | None = None
+    # What the family's tensor-parallel plan leaves whole on every rank, for the memory estimate: the
+    # parameters of the first- and last-stage modules it does not split (the final norm; GPT's
+    # position embedding; GLaM's tied embedding), whether it splits the vocabulary (the logits and
+    # the loss's buffers), and whether the residual stream between blocks is sequence-parallel.
+    tp_whole_ends: Callable[[Any], int] = lambda args: 0
+    tp_splits_vocab: bool = True
+    sequence_parallel: bool = True
 
     def build(self, args) -> nn.Module:
         """The model on the current default device (build under `torch.device("meta")` and materialise)."""

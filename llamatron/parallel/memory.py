@@ -6,7 +6,8 @@ keeps for backward is alive, and the loss's buffers on top. Counted per rank, fo
 the most (the first pipeline stage for activations, the embedding; the last for the output layer):
 
 - weights: fp32 master parameters, 4 bytes each, divided by tp (matrices only; not a MoE block's
-  experts, which TP leaves whole) and by the FSDP shard degree dp_shard x cp (HSDP's replicas,
+  experts, which TP leaves whole, nor what the family's plan leaves whole at the ends,
+  `Family.tp_whole_ends`: GPT's position embedding, GLaM's tied embedding) and by the FSDP shard degree dp_shard x cp (HSDP's replicas,
   dp_replicate, each hold a whole sharded copy); experts under expert parallelism too, by ep x
   (dp_shard / ep) (E/ep experts per rank, FSDP-sharded over the dp_shard / ep ranks holding them);
   LoRA's frozen linears stored in bf16 (`lora.base_dtype`) 2 bytes each, plus 2 more under FP8 (their
@@ -29,8 +30,10 @@ the most (the first pipeline stage for activations, the embedding; the last for 
   itself, so they have no bf16 copy. While the loss runs, the output weight in the compute dtype
   (autocast's cast or FSDP's gathered copy; the fused FP8 loss adds its two FP8 copies);
 - activations: what autograd saves in each block for backward, per token of the local sequence
-  (micro_batch x seq_len / cp, and / tp for the sequence-parallel parts; not a MoE block's, which
-  TP leaves whole), counted by the model's family
+  (micro_batch x seq_len / cp, and / tp for the sequence-parallel parts; not what TP leaves whole:
+  a MoE block's, the gathered inputs of column-parallel linears, and without sequence parallelism
+  (`Family.sequence_parallel`: GLaM) the residual stream; the logits whole where the family's plan
+  does not split the vocabulary, `Family.tp_splits_vocab`), counted by the model's family
   (`Family.activation_bytes_per_token`; Llama's in models/llama/cost.py) for how the block runs
   (`Saving`): eager, tensor by tensor; compiled (train.compile), what inductor's min-cut partitioner
   keeps, which recomputes the norms, rotary, SwiGLU products, casts and residual sums in backward and
@@ -320,8 +323,14 @@ def estimate_memory(
     compute = 2 if bf16 else 4
     residual = 2 if (bf16 and fsdp) else 4  # FSDP casts parameters to bf16; autocast keeps fp32 ones
     expert_fsdp = ep > 1 and (dp_shard // ep > 1 or dp_replicate > 1)  # llamatron/parallel/dims.py's expert_fsdp
+    from llamatron.models import registry
+
+    family = registry.family_of(args)
+    vtp = tp if family.tp_splits_vocab else 1  # the vocabulary's split: logits, the loss, the output weight
+    stp = tp if family.sequence_parallel else 1  # the residual stream's between blocks
+    whole = family.tp_whole_ends(args) if tp > 1 else 0
     weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, expert_fsdp, fsdp, compute, bf16,
-                                                     STATE_BYTES[optim])
+                                                     STATE_BYTES[optim], whole)
     f8 = fp8_counts(args, fp8_min_features, fp8_include_output) if fp8 != "none" and bf16 else None
     bf16_base = bool(lora is not None and _lora_key(lora) and bf16 and not fsdp and tp == 1 and lora.base_dtype != "fp32")
     if bf16_base:
@@ -339,27 +348,27 @@ def estimate_memory(
     per_block = _per_token(args, counts, lora, residual, compute, saving) * tokens / tp
     if activation_checkpointing:
         n_ckpt = layers if checkpointed_layers is None else min(checkpointed_layers, layers)
-        saved = n_ckpt * residual * args.dim * tokens / tp + (layers - n_ckpt) * per_block + per_block
+        saved = n_ckpt * residual * args.dim * tokens / stp + (layers - n_ckpt) * per_block + per_block
     else:
         saved = layers * per_block
     in_flight = 1 if pp == 1 else (n_microbatches if pp_schedule == "gpipe" else min(pp, n_microbatches))
     activations = saved * in_flight
-    logits = _loss_bytes(args, tokens, tp, compute, fused, fp8_output, autocast=bf16 and not fsdp)
+    logits = _loss_bytes(args, tokens, vtp, compute, fused, fp8_output, autocast=bf16 and not fsdp)
     saved, reused = activations + (0.0 if fsdp else working), 0.0
     # A gated FFN's backward holds the gradients of its gate, its up projection and their product (a
     # family whose args name no FFN width: 4 d, the usual).
     backward = 3 * compute * getattr(args, "ffn_dim", 4 * args.dim) * tokens / tp
     if pp == 1:  # the rank with the output layer is also the one with the most activations
-        head = (4 + residual + compute) * args.dim * tokens / tp  # final norm, the output's input gradient
+        head = (4 + residual + compute) * args.dim * tokens / stp  # final norm, the output's input gradient
         activations += head
-        saved += head + _loss_saved(args, tokens, tp, compute, fused, fp8_output)
+        saved += head + _loss_saved(args, tokens, vtp, compute, fused, fp8_output)
         if not (bf16_base and counts.last_linear_frozen):  # a frozen bf16 output weight is used as it is
-            working += _output_copy(args, tp, compute, bf16, fused, fp8_output, fsdp)
+            working += _output_copy(args, vtp, compute, bf16, fused, fp8_output, fsdp)
         if n_microbatches == 1:
             # No accumulation: each gradient is allocated as backward frees what made it, and at the end
             # of backward the activations, loss buffers and weight copies are gone.
             reused = min(gradients, working + activations + logits)
-            backward += 4 * args.vocab_size * args.dim / tp / shard if counts.last_trainable else 0.0
+            backward += 4 * args.vocab_size * args.dim / vtp / shard if counts.last_trainable else 0.0
     return MemoryEstimate(weights, gradients, optimizer, working, activations, logits, reused, backward, saved)
 
 
@@ -421,17 +430,22 @@ STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2 * (1 + 4 / 256)}
 
 
 def _states(counts: ParameterCounts, layers: int, pp: int, tp: int, shard: int, ep: int, expert_fsdp: bool,
-            fsdp: bool, compute: int, bf16: bool, state_bytes: float = 8.0) -> tuple[float, float, float, float]:
+            fsdp: bool, compute: int, bf16: bool, state_bytes: float = 8.0,
+            whole_ends: float = 0.0) -> tuple[float, float, float, float]:
     """Weights, gradients, optimizer state and working copies of the rank with the most parameters:
     the first stage (embedding) or the last (output + final norm, or its copy of a tied embedding);
-    tensor parallelism splits the embedding and output by vocabulary."""
+    tensor parallelism splits the embedding and output by vocabulary, all but `whole_ends` parameters
+    (`Family.tp_whole_ends`)."""
     experts = counts.block_experts
     block = (counts.block_matrices - experts) / tp + experts + counts.block_vectors
     ends, ends_trainable = counts.ends(pp), counts.ends_trainable(pp)
-    params = layers * block + ends / tp
+    def split(n: float) -> float:
+        return (n - min(n, whole_ends)) / tp + min(n, whole_ends)
+
+    params = layers * block + split(ends)
     stored = params / shard  # experts as well: ep x (dp_shard / ep), and expert parallelism has cp 1
     full = counts.block_trainable >= (counts.block_matrices + counts.block_vectors) * (1 - 1e-9)  # no LoRA
-    trainable = stored if full else (layers * counts.block_trainable + ends_trainable / tp) / shard
+    trainable = stored if full else (layers * counts.block_trainable + split(ends_trainable)) / shard
     if fsdp:
         gathered_block = block if ep == 1 else block - experts + (experts / ep if expert_fsdp else 0.0)
         working = (layers if pp > 1 else 2) * gathered_block * compute

@@ -53,4 +53,9 @@ FAMILY = Family(
     # sequences (no context parallelism).
     unsupported_parallel=("pp", "cp"),
     shapes=cost.shapes,
+    # models/glam/sharding.py: the tied embedding and the final norm replicated, whole logits on every
+    # rank, no sequence parallelism.
+    tp_whole_ends=lambda args: (args.vocab_size + 1) * args.dim,
+    tp_splits_vocab=False,
+    sequence_parallel=False,
 )

@@ -49,22 +49,26 @@ def activation_bytes_per_token(args: GLaMArgs, residual_bytes: int, compute_byte
     Either way, per sequence rather than per token: the relative position bias SDPA is given (heads x
     S x S in the compute dtype) and its causal mask (S x S bytes), shared by the micro-batch's rows.
     Tensor parallelism leaves the MoE blocks whole (every TP rank routes all tokens through all
-    experts): summed over the TP group, their bytes count saving.tp times.
+    experts) and, without sequence parallelism, the residual stream, the norms and the inputs of the
+    column-parallel linears whole on every rank: summed over the TP group, those bytes count saving.tp
+    times; attention inside (by heads) and the dense FFN's hidden (by columns) are split.
     """
     d, r, a, k, E = args.dim, residual_bytes, compute_bytes, args.top_k, args.n_experts
     f, fe = args.ffn_dim, args.expert_ffn_dim
     M, L = args.n_moe_layers, args.n_layers
     bias = (a * args.n_heads + 1) * saving.seq_len / max(1, saving.micro_batch)
+    tp = saving.tp
     if not saving.compiled:
-        common = 4 * r * d + (5 * a * d if r != a else 2 * a * d) + 5 * a * d
+        # attention's q, k, v, output and its copy into wo (split by heads): 5 a d
+        common = (4 * r * d + (5 * a * d if r != a else 2 * a * d)) * tp + 5 * a * d
         dense = 4 * a * f
         moe = 8 * E + k * (2 * a * d + 2 * a * fe) + a * d
     else:
-        common = (r * d + 5 * a * d + a * d * saving.keeps("attention.wq", "attention.wk", "attention.wv")
-                  + 8 + 4 * args.n_heads)
-        dense = 2 * a * f + a * d * saving.keeps("feed_forward.w1", "feed_forward.w3") + a * f * saving.keeps("feed_forward.w2")
+        common = ((r * d + a * d * saving.keeps("attention.wq", "attention.wk", "attention.wv") + 8) * tp
+                  + 5 * a * d + 4 * args.n_heads)
+        dense = 2 * a * f + a * d * saving.keeps("feed_forward.w1", "feed_forward.w3") * tp + a * f * saving.keeps("feed_forward.w2")
         moe = 4 * d + 8 * E + k * (2 * a * d + (a + 1) * fe)
-    return common + bias + (M * moe * saving.tp + (L - M) * dense) / L
+    return common + bias + (M * moe * tp + (L - M) * dense) / L
 
 
 def shapes(args: GLaMArgs) -> BlockShapes:

@@ -48,4 +48,5 @@ FAMILY = Family(
     activation_bytes_per_token=cost.activation_bytes_per_token,
     hf=hf,
     shapes=cost.shapes,
+    tp_whole_ends=lambda args: (args.n_positions + 2) * args.dim,  # the position embedding, the final LayerNorm
 )

@@ -39,13 +39,16 @@ def activation_bytes_per_token(args: GPTArgs, residual_bytes: int, compute_bytes
     5 a d; the up output (GELU input) a f; the normalised inputs of wq/wk/wv and of w1 (a d each) and
     the GELU output (a f) where those layers need them for their weight gradient; the LayerNorms' mean
     and rstd and SDPA's log-sum-exp (fp32).
+    Under tensor (and sequence) parallelism, summed over the TP group: the normalised inputs of the
+    column-parallel linears are gathered along the sequence and kept whole on every rank (saving.tp
+    times), as llama's.
     """
     d, f, r, a = args.dim, args.ffn_dim, residual_bytes, compute_bytes
     if not saving.compiled:
-        norms = 2 * r * d + (4 * a * d if r != a else 2 * a * d)
+        norms = 2 * r * d + (4 * a * d if r != a else 2 * a * d) * saving.tp
         return norms + 5 * a * d + 2 * a * f
-    kept = (a * d * saving.keeps("attention.wq", "attention.wk", "attention.wv")
-            + a * d * saving.keeps("feed_forward.w1") + a * f * saving.keeps("feed_forward.w2"))
+    kept = ((a * d * saving.keeps("attention.wq", "attention.wk", "attention.wv")
+             + a * d * saving.keeps("feed_forward.w1")) * saving.tp + a * f * saving.keeps("feed_forward.w2"))
     return r * d + 5 * a * d + a * f + kept + 16 + 4 * args.n_heads
 
 

@@ -62,4 +62,5 @@ FAMILY = Family(
     activation_bytes_per_token=cost.activation_bytes_per_token,
     hf=hf,
     shapes=cost.shapes,
+    tp_whole_ends=lambda args: args.dim,  # the final RMSNorm
 )

@@ -42,15 +42,20 @@ def activation_bytes_per_token(args: ModelArgs, residual_bytes: int, compute_byt
         recomputed from it and the input) = a (2 q + 2 kv + d); the gate and up outputs 2 a f; the
         normalised input of wq/wk/wv and of w1/w3 (a d each) and the SwiGLU product (a f) only where
         those layers need it for their weight gradient; rstd and SDPA's log-sum-exp (fp32).
+    Under tensor (and sequence) parallelism the count is summed over the TP group (the caller divides
+    by tp): the normalised inputs of wq/wk/wv and w1/w3 are all-gathered along the sequence and kept
+    whole on every rank, so they count saving.tp times (measured with a fake 2-rank group,
+    tests/test_plan.py).
     """
     d, f, r, a = args.dim, args.ffn_dim, residual_bytes, compute_bytes
     q = args.n_heads * args.head_dim
     kv = (args.n_kv_heads if saving.native_gqa else args.n_heads) * args.head_dim
     if not saving.compiled:
-        norms = 4 * r * d + (5 * a * d if r != a else 2 * a * d)
+        norms = 4 * r * d + (5 * a * d if r != a else 2 * a * d) * saving.tp
         return norms + a * (3 * q + 2 * kv) + 4 * a * f
-    kept = (a * d * saving.keeps("attention.wq", "attention.wk", "attention.wv")
-            + a * d * saving.keeps("feed_forward.w1", "feed_forward.w3") + a * f * saving.keeps("feed_forward.w2"))
+    kept = ((a * d * saving.keeps("attention.wq", "attention.wk", "attention.wv")
+             + a * d * saving.keeps("feed_forward.w1", "feed_forward.w3")) * saving.tp
+            + a * f * saving.keeps("feed_forward.w2"))
     return r * d + a * (2 * q + 2 * kv + d) + 2 * a * f + kept + 8 + 4 * args.n_heads
 
 
