@@ -59,7 +59,7 @@ from typing import Any
 from llamatron import flops
 from llamatron.errors import LlamatronError
 from llamatron.models.family import Saving
-from llamatron.parallel.memory import GiB, MemoryEstimate, compiles_whole, estimate_memory, fp8_counts, parameter_counts
+from llamatron.parallel.memory import STATE_BYTES, GiB, MemoryEstimate, compiles_whole, estimate_memory, fp8_counts, parameter_counts
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 VIRTUAL_STAGES = (1, 2, 4)
@@ -556,7 +556,8 @@ def nothing_fits(p: Plan) -> str:
     counts = parameter_counts(p.args, p.workload.lora)
     total = counts.total
     trainable = counts.block_trainable * p.args.n_layers + counts.first_trainable + counts.last_trainable
-    state_bytes = 4 * total + 12 * trainable  # fp32 weights; gradients and AdamW's moments of what trains
+    # fp32 weights; the gradients and optimizer moments of what trains
+    state_bytes = 4 * total + (4 + STATE_BYTES[p.workload.optim]) * trainable
     states = state_bytes / hw.gpus / GiB
     need = math.ceil(state_bytes / (hw.margin * hw.memory_gib * GiB))
     head = (f"nothing fits: {p.model} on {hw.gpus} GPU(s) of {hw.memory_gib:g} GiB ({hw.margin:.0%} usable, "
@@ -564,7 +565,8 @@ def nothing_fits(p: Plan) -> str:
             f"{e.memory_gib:.1f} GiB per rank ({e.layout.describe()}, micro batch {e.layout.micro_batch}, "
             f"activation checkpointing {'on' if e.layout.activation_checkpointing else 'off'}: "
             f"{e.memory.describe()}). ")
-    what = (f"The fp32 weights, gradients and AdamW state of {total / 1e9:.1f}B parameters alone need 16 bytes each"
+    what = (f"The fp32 weights, gradients and AdamW state of {total / 1e9:.1f}B parameters alone need "
+            f"{state_bytes / total:.3g} bytes each"
             if trainable == total else
             f"The fp32 weights of {total / 1e9:.1f}B parameters, and the gradients and AdamW state of the "
             f"{trainable / 1e6:.1f}M trainable ones, alone need {state_bytes / GiB:.1f} GiB")
@@ -661,7 +663,13 @@ def main(args) -> tuple[str, bool]:
     if args.fp8 != "auto":
         w = dataclasses.replace(w, fp8="tensorwise" if args.fp8 == "on" else "none")
     p = plan(w, hardware_from_args(args))
-    return render(p, args.top, args.tokens), bool(p.ranked)
+    text = render(p, args.top, args.tokens)
+    if not p.ranked and w.optim == "adamw":  # what 8-bit moments would make fit (docs/finetune.md)
+        eight = plan(dataclasses.replace(w, optim="adamw8bit", sets=[*w.sets, "optim.name=adamw8bit"]), p.hardware)
+        if eight.ranked:
+            text += ("\n\nWith optim.name=adamw8bit (torchao's AdamW8bit: the moments in 8 bits, 2 bytes per "
+                     "parameter instead of 8) these fit:\n\n" + render(eight, args.top, args.tokens))
+    return text, bool(p.ranked)
 
 
 def calibrate(args) -> int:

@@ -420,6 +420,19 @@ def test_8bit_adamw_in_the_config_plans_its_smaller_state(tmp_path):
     assert not plan.plan(dataclasses.replace(w, optim="adamw"), one_gpu.hardware).ranked
 
 
+def test_nothing_fits_names_what_8bit_moments_make_fit(capsys):
+    """The 8B's full training on one 100 GiB GPU: no layout fits with AdamW (16 bytes per parameter of
+    state), so the answer says which fit with optim.name=adamw8bit, with their commands."""
+    args = ["plan", "--model", "llama3.1-8b", "--gpus", "1", "--seq-len", "4096", "--global-batch", "8",
+            "--gpu-memory-gib", "100", "--top", "1"]
+    assert main(args) == 1  # what was asked does not fit
+    out = capsys.readouterr().out
+    first, _, second = out.partition("With optim.name=adamw8bit")
+    assert "nothing fits" in first and "16 bytes each" in first
+    assert second and "nothing fits" not in second
+    assert "--set optim.name=adamw8bit" in second and "#1:" in second
+
+
 def test_lora_on_one_gpu_plans_fp8_frozen_bases():
     """On one GPU (bf16 frozen weights) LoRA's base layers may run in FP8: two FP8 copies more per frozen
     weight, the same activations, and faster base GEMMs (forward and input gradient only)."""
