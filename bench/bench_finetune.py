@@ -58,6 +58,7 @@ from llamatron.data.sft import SFTCache, SFTDataset, load_sft_batch  # noqa: E40
 from llamatron.models import registry  # noqa: E402
 from llamatron.parallel.dims import ParallelDims  # noqa: E402
 from llamatron.parallel.layout import Layout  # noqa: E402
+from llamatron.models.attention_ops import native_gqa  # noqa: E402
 from llamatron.parallel.memory import estimate_memory  # noqa: E402
 from llamatron.parallel.parallelize import parallelize  # noqa: E402
 from llamatron.runtime import Precision  # noqa: E402
@@ -253,11 +254,14 @@ def summarize(v: Variant, r: dict, margs, cli, peak_flops: float | None, est_gib
 
 
 def estimate(margs, v: Variant, cli, device) -> float:
-    """The trainer's memory estimate for the variant (eager count), GiB."""
+    """The trainer's memory estimate for the variant, as the trainer makes it (its micro-batches per
+    step, compiled or eager count, the GQA path of the device), GiB."""
     lora = lora_config(v, cli)
     bf16 = Precision.choose(cli.precision, device, fsdp=False).compute == torch.bfloat16
-    return estimate_memory(margs, cli.seq_len, v.micro or cli.micro_batch, bf16=bf16, fsdp=False,
-                           activation_checkpointing=v.ac, lora=lora, fp8="tensorwise" if v.fp8 else "none",
+    micro = v.micro or cli.micro_batch
+    return estimate_memory(margs, cli.seq_len, micro, n_microbatches=cli.global_batch // micro, bf16=bf16,
+                           fsdp=False, activation_checkpointing=v.ac, lora=lora,
+                           fp8="tensorwise" if v.fp8 else "none", compiled=v.compile, native_gqa=native_gqa(device),
                            optim=v.optim).total / 2**30
 
 

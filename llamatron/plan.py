@@ -339,11 +339,14 @@ def _fp8_flops_per_token(w: Workload, lay: Layout) -> float:
 
 
 def _tp_whole_flops_per_token(w: Workload, lay: Layout) -> float:
-    """FLOPs per token of the block products tensor parallelism leaves whole (`Gemm.tp_split` False:
-    GLaM's routers and experts), forward, backward and any recomputed forward: what one TP rank does
+    """FLOPs per token of the products tensor parallelism leaves whole (`Gemm.tp_split` False: GLaM's
+    routers and experts; its output layer), forward, backward and any recomputed forward: what one TP rank does
     for its tokens, while the model's FLOPs count them once for the whole TP group."""
     per_weight = 4 + (2 if w.lora is None else 0) + (2 if lay.activation_checkpointing else 0)
-    return per_weight * w.args.n_layers * sum(g.k * g.n * g.rows * g.share for g in w.shapes.gemms if not g.tp_split)
+    # A plan that leaves the vocabulary whole (GLaM's) runs the output layer whole on every TP rank too.
+    output = 0 if w.family.tp_splits_vocab else (4 + (2 if w.lora is None else 0)) * w.args.vocab_size * w.args.dim
+    return per_weight * w.args.n_layers * sum(g.k * g.n * g.rows * g.share for g in w.shapes.gemms
+                                              if not g.tp_split) + output
 
 
 def fitted_compute(w: Workload, lay: Layout, hw: Hardware) -> float:
@@ -665,7 +668,8 @@ def main(args) -> tuple[str, bool]:
     p = plan(w, hardware_from_args(args))
     text = render(p, args.top, args.tokens)
     if not p.ranked and w.optim == "adamw":  # what 8-bit moments would make fit (docs/finetune.md)
-        eight = plan(dataclasses.replace(w, optim="adamw8bit", sets=[*w.sets, "optim.name=adamw8bit"]), p.hardware)
+        eight = plan(dataclasses.replace(w, optim="adamw8bit", sets=[*w.sets, "optim.name=adamw8bit",
+                                                                     "optim.fused=false"]), p.hardware)
         if eight.ranked:
             text += ("\n\nWith optim.name=adamw8bit (torchao's AdamW8bit: the moments in 8 bits, 2 bytes per "
                      "parameter instead of 8) these fit:\n\n" + render(eight, args.top, args.tokens))

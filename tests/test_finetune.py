@@ -656,6 +656,21 @@ def test_fsdp_over_two_ranks_gives_the_single_process_losses(tmp_path, lora):
         assert gl == pytest.approx(wl, rel=REL) and gn == pytest.approx(wn, rel=REL), step
 
 
+def test_lora_with_8bit_adamw_resumes_exactly_from_adapter_only_checkpoints(tmp_path):
+    """optim.name = adamw8bit with LoRA rank 64 (lora_A of wq 64 x 64 = 4096 values: 8-bit moments):
+    3 steps, an adapter-only checkpoint, 3 more, gives the straight 6 steps' losses bit for bit."""
+    pytest.importorskip("torchao.optim")
+    from llamatron.train.trainer import train
+
+    args = ["lora.rank=64", "lora.alpha=64", "optim.lr=1e-2", "optim.schedule_steps=6", "optim.name=adamw8bit",
+            "checkpoint.save_frozen=false"]
+    straight = train(_cfg(tmp_path, tmp_path / "straight", 6, args), progress=False, log=lambda *a: None)
+    train(_cfg(tmp_path, tmp_path / "split", 3, args), progress=False, log=lambda *a: None)
+    train(_cfg(tmp_path, tmp_path / "split", 6, args), progress=False, log=lambda *a: None)
+    losses = _losses(straight.out_dir)
+    assert _losses(tmp_path / "split") == losses and losses[6] < losses[1]
+
+
 def test_flex_attention_block_mask_equals_the_dense_mask():
     """CUDA runs packed sequences through flex_attention's BlockMask; it computes the dense mask's result."""
     import warnings

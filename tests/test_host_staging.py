@@ -164,6 +164,23 @@ def test_8bit_optimizer_state_is_staged_packed_and_saved_as_a_synchronous_save_s
         assert torch.equal(loaded["optim"]["state.w.exp_avg"].codes, state.codes), name
 
 
+def test_fp8_all_gather_weights_are_staged_as_plain_tensors():
+    """FP8 all-gather's weights (torchao's WeightWithDynamicFloat8CastTensor) wrap an fp32 tensor like
+    themselves, with a precomputed scale once `precompute_fp8_scales` ran: staged as that fp32 data,
+    a plain tensor, not taken apart as the 8-bit optimizer state is."""
+    fsdp_utils = pytest.importorskip("torchao.float8.fsdp_utils")
+    from torchao.float8.float8_training_tensor import LinearMMConfig
+
+    data = torch.randn(64, 256)
+    weight = fsdp_utils.WeightWithDynamicFloat8CastTensor(data, LinearMMConfig(), torch.float8_e4m3fn,
+                                                           precomputed_scale=torch.tensor(2.0))
+    assert weight.__tensor_flatten__()[0] == ["_tensor", "_precomputed_scale"]
+    stager = HostStager(pinned=False)
+    staged = stager.stage({"model": {"w": weight}})["model"]["w"]
+    assert type(staged) is torch.Tensor and torch.equal(staged, data) and stager.nbytes == data.numel() * 4
+    stager.close()
+
+
 def test_checkpointer_reuses_the_buffers_of_its_first_async_save(tmp_path):
     """Two async saves through the Checkpointer: the second stages into the first's buffers (a
     second stage on torch 2.11's DefaultStager failed with KeyError <class 'type'> on the H200,

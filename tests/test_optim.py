@@ -83,14 +83,23 @@ def test_changing_the_optimizer_or_the_8bit_layout_on_resume_is_refused():
     from llamatron.errors import LlamatronError
     from llamatron.train.resume_check import check_optimizer_state
 
+    from llamatron.config import ParallelConfig
+    from llamatron.parallel.dims import ParallelDims
+
+    def sharding(world, **keys):
+        return ParallelDims.from_config(ParallelConfig(**keys), world).sharding()
+
     adamw, eight = "optim:\n  name: adamw\n", "optim:\n  name: adamw8bit\n"
-    check_optimizer_state("ckpt", "optim:\n  lr: 0.1\n", adamw, "1 process(es)", "2 process(es): tp 2")  # old: adamw
-    check_optimizer_state("ckpt", eight, eight, "2 process(es): dp_shard 2", "2 process(es): dp_shard 2")
+    one, fsdp2, tp2 = sharding(1), sharding(2, dp_shard=2), sharding(2, tp=2)
+    check_optimizer_state("ckpt", "optim:\n  lr: 0.1\n", adamw, one, tp2)  # a checkpoint without the key: adamw
+    check_optimizer_state("ckpt", eight, eight, fsdp2, fsdp2)
+    # Pipeline stages and HSDP replicas hold whole shards: the same cut of every tensor.
+    assert sharding(4, dp_shard=2, pp=2) == fsdp2 == sharding(4, dp_shard=2, dp_replicate=2)
     with pytest.raises(LlamatronError, match="ckpt: its optimizer state is adamw's, this run's optim.name is adamw8bit"):
-        check_optimizer_state("ckpt", adamw, eight, "1 process(es)", "1 process(es)")
-    with pytest.raises(LlamatronError, match=r"resumes only in the layout that saved it \(2 process\(es\): dp_shard 2; "
-                                             r"this run: 2 process\(es\): tp 2\)"):
-        check_optimizer_state("ckpt", eight, eight, "2 process(es): dp_shard 2", "2 process(es): tp 2")
+        check_optimizer_state("ckpt", adamw, eight, one, one)
+    with pytest.raises(LlamatronError, match=r"sharded as when saved \(dp_shard x cp 2, tp 1, ep 1; this run: "
+                                             r"dp_shard x cp 1, tp 2, ep 1\).*checkpoint.init_from"):
+        check_optimizer_state("ckpt", eight, eight, fsdp2, tp2)
 
 
 def test_memory_estimate_counts_8bit_moments():

@@ -144,8 +144,9 @@ def test_memory_estimate_8b_fsdp():
     assert estimate_memory(a, 8192, 1, dp_shard=8).optimizer == pytest.approx(est.optimizer / 4)
     tp = estimate_memory(a, 8192, 1, tp=2, fsdp=False)
     # ... all but the five autocast copies of the normalised inputs of wq/wk/wv and w1/w3, gathered
-    # along the sequence for the column-parallel linears and kept whole on every rank.
-    gathered = 32 * 8192 * 5 * 2 * d
+    # along the sequence for the column-parallel linears and kept whole on every rank, and the output
+    # layer's gathered input.
+    gathered = 32 * 8192 * 5 * 2 * d + 8192 * 2 * d
     assert tp.activations == pytest.approx((estimate_memory(a, 8192, 1, fsdp=False).activations + gathered) / 2)
     pp = estimate_memory(a, 8192, 1, pp=4, n_microbatches=8, fsdp=False)
     assert pp.weights < estimate_memory(a, 8192, 1, fsdp=False).weights / 3

@@ -298,10 +298,11 @@ def test_tensor_parallelism_leaves_glams_experts_whole_in_compute_and_memory():
         assert two[name][0] == pytest.approx(fwd if whole else fwd / 2, rel=1e-9), name
         assert two[name][1] == pytest.approx(bwd if whole else bwd / 2, rel=1e-9), name
 
-    # Fitted: tp 2 on 2 GPUs runs every token through all experts on each rank; tp 1 (FSDP 2) half the
-    # tokens on each. The experts' and routers' FLOPs from the model's shape (models/glam/cost.py).
+    # Fitted: tp 2 on 2 GPUs runs every token through all experts, and the (replicated, tied) output
+    # layer, on each rank; tp 1 (FSDP 2) half the tokens on each. The experts', routers' and output
+    # layer's FLOPs from the model's shape (models/glam/cost.py).
     M, d = args.n_moe_layers, args.dim
-    experts = M * (args.top_k * 12 * d * args.expert_ffn_dim + 6 * d * args.n_experts)
+    experts = M * (args.top_k * 12 * d * args.expert_ffn_dim + 6 * d * args.n_experts) + 6 * args.vocab_size * d
     total = flops.flops_per_token(args, w.seq_len)
     fsdp2, tp2 = (plan.fitted_compute(w, plan.Layout(dp, tp, 1, 1, 1, 2, False), plan.Hardware(2))
                   for dp, tp in ((2, 1), (1, 2)))
@@ -669,8 +670,9 @@ def fake_two_ranks():
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("sets", [LLAMA, GPT, GLAM], ids=["llama", "gpt", "glam-moe"])
-def test_tensor_parallel_rank_holds_and_saves_what_the_estimate_counts(sets, fake_two_ranks):
+def test_tensor_parallel_rank_holds_and_saves_what_the_estimate_counts(sets, amp, fake_two_ranks):
     """Rank 0 of TP 2, built by the family's own plan: its parameter bytes equal the estimate's
     weights within 1% (GPT's position embedding and GLaM's tied embedding whole on every rank, the
     rest split), and what its forward keeps for backward is counted as closely as without TP (the
@@ -688,10 +690,10 @@ def test_tensor_parallel_rank_holds_and_saves_what_the_estimate_counts(sets, fak
         if tp > 1:
             dims.build_mesh("cpu")
         layout = Layout.build(family, args, cfg.train, dims, torch.device("cpu"), None, 1)
-        est = estimate_memory(args, seq, micro, tp=tp, bf16=False, fused_cross_entropy=False)
+        est = estimate_memory(args, seq, micro, tp=tp, bf16=amp is not None, fsdp=False, fused_cross_entropy=False)
         held = sum(_local(p).numel() * 4 for p in layout.model.parameters())
         assert est.weights == pytest.approx(held, rel=0.01), tp
-        ratios.append(est.saved / _saved_bytes(layout, tokens, labels, None, fused=False))
+        ratios.append(est.saved / _saved_bytes(layout, tokens, labels, amp, fused=False))
     assert ratios[1] == pytest.approx(ratios[0], abs=0.05) and 0.85 < ratios[1] < 1.15, ratios
 
 

@@ -66,6 +66,11 @@ class ParallelDims:
             parts.append(f"{self.pp_schedule} with {self.pp_virtual_stages} stage(s) per rank")
         return f"{self.world_size} process(es)" + (": " + ", ".join(parts) if parts else "")
 
+    def sharding(self) -> dict[str, int]:
+        """How each parameter (and its optimizer state) is cut across ranks: pipeline stages and HSDP
+        replicas hold whole shards of it, so they are not part of it."""
+        return {"dp_shard x cp": self.dp_shard * self.cp if self.fsdp_enabled else 1, "tp": self.tp, "ep": self.ep}
+
     @property
     def efsdp(self) -> int:
         """The FSDP degree of the experts under expert parallelism: dp_shard ranks holding the same experts."""

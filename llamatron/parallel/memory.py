@@ -17,8 +17,8 @@ the most (the first pipeline stage for activations, the embedding; the last for 
   them, so what fits in the freed memory (`reused`) is not part of the peak;
 - optimizer: AdamW's two fp32 moments, 8 bytes per trainable parameter, the same division; with
   `optim.name = adamw8bit` (torchao's AdamW8bit) 2.03 bytes (8-bit codes and an fp32 scale per block
-  of 256 values) for the matrices, 8 for the norms' vectors, whose shards stay under its 4096-value
-  threshold;
+  of 256 values) for the matrices, 8 for the norms' vectors (fp32 moments below its 4096-value
+  threshold, where a sharded norm is; a whole one of 4096 or more is 8-bit too: a negligible overcount);
 - working copies: what the compute runs on besides the masters. Under FSDP, the gathered parameters
   of the units in flight (two blocks, in the compute dtype; all of the stage's blocks under pipeline
   parallelism, which keeps them gathered across micro-batches, plus their unsharded gradients); under
@@ -323,12 +323,7 @@ def estimate_memory(
     compute = 2 if bf16 else 4
     residual = 2 if (bf16 and fsdp) else 4  # FSDP casts parameters to bf16; autocast keeps fp32 ones
     expert_fsdp = ep > 1 and (dp_shard // ep > 1 or dp_replicate > 1)  # llamatron/parallel/dims.py's expert_fsdp
-    from llamatron.models import registry
-
-    family = registry.family_of(args)
-    vtp = tp if family.tp_splits_vocab else 1  # the vocabulary's split: logits, the loss, the output weight
-    stp = tp if family.sequence_parallel else 1  # the residual stream's between blocks
-    whole = family.tp_whole_ends(args) if tp > 1 else 0
+    vtp, stp, whole = _tp_splits(args, tp)
     weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, expert_fsdp, fsdp, compute, bf16,
                                                      STATE_BYTES[optim], whole)
     f8 = fp8_counts(args, fp8_min_features, fp8_include_output) if fp8 != "none" and bf16 else None
@@ -359,7 +354,7 @@ def estimate_memory(
     # family whose args name no FFN width: 4 d, the usual).
     backward = 3 * compute * getattr(args, "ffn_dim", 4 * args.dim) * tokens / tp
     if pp == 1:  # the rank with the output layer is also the one with the most activations
-        head = (4 + residual + compute) * args.dim * tokens / stp  # final norm, the output's input gradient
+        head = ((4 + residual) / stp + compute) * args.dim * tokens  # final norm; the output's (gathered) input
         activations += head
         saved += head + _loss_saved(args, tokens, vtp, compute, fused, fp8_output)
         if not (bf16_base and counts.last_linear_frozen):  # a frozen bf16 output weight is used as it is
@@ -424,6 +419,18 @@ def _output_copy(args, tp: int, compute: int, bf16: bool, fused: bool, fp8_outpu
     return compute * out
 
 
+def _tp_splits(args, tp: int) -> tuple[int, int, int]:
+    """What tensor parallelism divides by tp in the family's plan: the vocabulary (logits, the loss,
+    the output weight), the residual stream between blocks (sequence parallelism), and the parameters
+    of the ends it leaves whole (`Family.tp_whole_ends`)."""
+    from llamatron.models import registry
+
+    family = registry.family_of(args)
+    vtp = tp if family.tp_splits_vocab else 1
+    stp = tp if family.sequence_parallel else 1
+    return vtp, stp, family.tp_whole_ends(args) if tp > 1 else 0
+
+
 # Bytes of optimizer state per trainable matrix parameter, by optim.name: AdamW's two moments in fp32,
 # or torchao's 8-bit codes with one fp32 scale per block of 256 values.
 STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2 * (1 + 4 / 256)}
@@ -455,5 +462,5 @@ def _states(counts: ParameterCounts, layers: int, pp: int, tp: int, shard: int, 
             working += layers * (gathered_block if full else counts.block_trainable) * 4
     else:  # autocast's bf16 copies of the block matrices (the experts' whole), kept for backward (the output layer's: above)
         working = compute * layers * (block - counts.block_vectors) if bf16 else 0
-    vectors = layers * counts.block_vectors / shard if full else 0.0  # norms: fp32 moments whatever the optimizer
+    vectors = layers * counts.block_vectors / shard if full else 0.0  # norms: counted with fp32 moments
     return 4 * stored, 4 * trainable, 8 * vectors + state_bytes * (trainable - vectors), working

@@ -772,7 +772,7 @@ class Checkpointer:
     def __init__(self, cfg, out_dir: str | Path, log=print, report=None, device_type: str = "cpu"):
         self.cfg, self.out_dir, self.log = cfg, Path(out_dir), log
         self.report = report or (lambda kind, step, values: None)  # metrics rows ("checkpoint")
-        self.parts, self.optimizers, self.config_yaml, self.layout = [], [], "", None
+        self.parts, self.optimizers, self.config_yaml, self.sharding = [], [], "", None
         self.last: Path | None = None  # the newest complete checkpoint of this run
         # Asynchronous by default on CUDA only: there the staging copy goes to host memory the GPU run
         # does not use; on the CPU it would double the memory of model and optimizer and the writer
@@ -783,9 +783,9 @@ class Checkpointer:
         self._stager = self._group = None
         self._prealloc = None  # None, then "started" (the staging buffers), then "reported"
 
-    def attach(self, parts, optimizers, config_yaml: str, layout: str | None = None) -> None:
-        """What every checkpoint holds, once the model is built; `layout`: this run's (`ParallelDims.describe`)."""
-        self.parts, self.optimizers, self.config_yaml, self.layout = parts, optimizers, config_yaml, layout
+    def attach(self, parts, optimizers, config_yaml: str, sharding: dict | None = None) -> None:
+        """What every checkpoint holds, once the model is built; `sharding`: this run's (`ParallelDims.sharding`)."""
+        self.parts, self.optimizers, self.config_yaml, self.sharding = parts, optimizers, config_yaml, sharding
 
     def prepare(self, n_params: int) -> None:
         """Rank 0, before anything is allocated: what crashed saves left is removed, and a directory
@@ -818,7 +818,8 @@ class Checkpointer:
         verified = self.cfg.verify and self._verify(path)
         saved_yaml = read_checkpoint_config(path)
         check_resume_config(path, saved_yaml, self.config_yaml, self.cfg.allow_config_change, self.log)
-        check_optimizer_state(path, saved_yaml, self.config_yaml, read_trainer_state(path).get("layout"), self.layout)
+        check_optimizer_state(path, saved_yaml, self.config_yaml, read_trainer_state(path).get("sharding"),
+                              self.sharding)
         frozen = self.cfg.save_frozen
         if self.cfg.init_from and not frozen:
             self._init_from()  # adapter-only checkpoints: the frozen base weights come from init_from again

@@ -117,13 +117,14 @@ def _rank() -> int:
 
 
 def _packed(t) -> bool:
-    """A tensor subclass stored as inner tensors of another dtype or shape than its own (torchao's
-    8-bit optimizer state: uint8 codes and fp32 scales). A subclass that merely wraps a tensor like
-    itself (FP8 all-gather's weights) is staged as a plain tensor, as before."""
+    """A tensor subclass whose data is held in another dtype or shape than its own (torchao's 8-bit
+    optimizer state: uint8 codes, then fp32 scales). A subclass that wraps a tensor like itself (FP8
+    all-gather's weights, whose second inner tensor may be a precomputed scale) is staged as a plain
+    tensor, as before: decided by the first inner tensor, the data."""
     if not is_traceable_wrapper_subclass(t):
         return False
-    attrs, _ = t.__tensor_flatten__()
-    return any(getattr(t, a).dtype != t.dtype or getattr(t, a).shape != t.shape for a in attrs)
+    data = getattr(t, t.__tensor_flatten__()[0][0])
+    return data.dtype != t.dtype or data.shape != t.shape
 
 
 class HostStager(AsyncStager):

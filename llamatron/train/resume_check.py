@@ -52,18 +52,24 @@ def check_resume_config(checkpoint, saved_yaml: str, current_yaml: str, allow: b
     log(f"resuming from {checkpoint} with a changed config: {text}")
 
 
-def check_optimizer_state(checkpoint, saved_yaml: str, current_yaml: str, saved_layout: str | None,
-                          layout: str | None) -> None:
-    """The optimizer state loads only into an optimizer of its kind; torchao's 8-bit state only into
-    the layout that saved it (each rank's shard is quantized in blocks of its own: another sharding
-    would cut through blocks, and DCP cannot re-slice the packed state). Not waived by
-    `checkpoint.allow_config_change`: no such resume can load."""
+def check_optimizer_state(checkpoint, saved_yaml: str, current_yaml: str, saved_sharding: dict | None,
+                          sharding: dict | None) -> None:
+    """The optimizer state loads only into an optimizer of its kind; torchao's 8-bit state only where
+    each tensor is sharded as when it was saved (`sharding`: the FSDP degree dp_shard x cp, tp and
+    ep; pipeline stages and HSDP replicas do not cut a tensor). Each rank's shard is quantized in
+    blocks of 256 of its own values: another cut does not fall on those blocks, and DCP cannot re-slice
+    the packed state across one (torchao 0.17-0.18: along dim 0 at block boundaries only). Not waived
+    by `checkpoint.allow_config_change`: no such resume can load."""
     saved = _flat(yaml.safe_load(saved_yaml)).get("optim.name", "adamw")
     current = _flat(yaml.safe_load(current_yaml)).get("optim.name", "adamw")
-    fresh = "or start from its weights with a fresh optimizer (train.init_from) in another train.out_dir"
+    fresh = "or start from its weights with a fresh optimizer (checkpoint.init_from) in another train.out_dir"
     if saved != current:
         raise LlamatronError(f"{checkpoint}: its optimizer state is {saved}'s, this run's optim.name is {current}; "
                              f"resume with optim.name={saved}, {fresh}")
-    if current == "adamw8bit" and saved_layout is not None and layout is not None and saved_layout != layout:
-        raise LlamatronError(f"{checkpoint}: optim.name=adamw8bit state resumes only in the layout that saved it "
-                             f"({saved_layout}; this run: {layout}); resume with that layout, {fresh}")
+    if current == "adamw8bit" and saved_sharding is not None and sharding is not None and saved_sharding != sharding:
+        def text(s: dict) -> str:
+            return ", ".join(f"{k} {v}" for k, v in s.items())
+
+        raise LlamatronError(f"{checkpoint}: optim.name=adamw8bit state resumes only where its tensors are sharded "
+                             f"as when saved ({text(saved_sharding)}; this run: {text(sharding)}); resume with that "
+                             f"sharding, {fresh}")

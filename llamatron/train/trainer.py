@@ -146,7 +146,7 @@ class Trainer:
         self.optimizers = [build_optimizer(part, cfg.optim, device.type) for part in self.layout.parts]
 
         # Resume from the newest complete checkpoint (or start from init_from's weights)
-        self.checkpointer.attach(self.layout.parts, self.optimizers, self.config_yaml, self.dims.describe())
+        self.checkpointer.attach(self.layout.parts, self.optimizers, self.config_yaml, self.dims.sharding())
         state = self.checkpointer.restore()
         # LoRA under train.fp8: the frozen weights, now loaded, get their FP8 copies once for the run
         self.fp8_frozen = fp8_frozen_linears(self.layout.parts, cfg, self.dims.fsdp_enabled)
@@ -303,6 +303,7 @@ class Trainer:
         cfg = self.cfg
         return {"step": self.step, "consumed_samples": self.consumed, "seed": cfg.train.seed,
                 "data_seed": cfg.data.seed, "world_size": self.world_size, "layout": self.dims.describe(),
+                "sharding": self.dims.sharding(),
                 **self.guard.state_dict(), **self.mlperf_log.state()}
 
     # ----------------------------------------------------------------------------------------------
