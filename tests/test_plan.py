@@ -697,6 +697,26 @@ def test_tensor_parallel_rank_holds_and_saves_what_the_estimate_counts(sets, amp
     assert ratios[1] == pytest.approx(ratios[0], abs=0.05) and 0.85 < ratios[1] < 1.15, ratios
 
 
+@pytest.mark.parametrize("sets, parallel", [
+    (LLAMA, {"dp_shard": 2}), (LLAMA, {"cp": 2}), (LLAMA, {"pp": 2}), (GPT, {"pp": 2}), (GLAM, {"dp_shard": 2}),
+    (GLAM, {"dp_shard": 2, "ep": 2})], ids=["llama-fsdp", "llama-cp", "llama-pp", "gpt-pp", "glam-fsdp", "glam-ep"])
+def test_every_parallel_dimension_holds_the_estimated_parameters_per_rank(sets, parallel, fake_two_ranks):
+    """Rank 0 of two, laid out by the trainer's own `Layout.build` (FSDP shards, CP's whole copy, the
+    first pipeline stage, expert parallelism's half of the experts): the parameter bytes it holds are
+    the estimate's weights, exactly."""
+    cfg = load_config(None, ["data.mock=true", "data.seq_len=32", "model.max_seq_len=32", "model.n_layers=4",
+                             "train.micro_batch_size=2", "train.global_batch_size=4", *sets])
+    family, args = resolve_model(cfg.model)
+    dims = ParallelDims.from_config(ParallelConfig(**parallel), 2)
+    dims.build_mesh("cpu")
+    layout = Layout.build(family, args, cfg.train, dims, torch.device("cpu"), None, 2)
+    held = sum(_local(p).numel() * 4 for part in layout.parts for p in part.parameters())
+    est = estimate_memory(args, 32, 2, dp_shard=dims.dp_shard, cp=dims.cp, pp=dims.pp, ep=dims.ep, n_microbatches=2,
+                          bf16=False, fsdp=dims.fsdp_enabled)
+    assert est.weights == pytest.approx(held, rel=1e-3)
+    assert held < sum(p.numel() * 4 for p in family.build(args).parameters())  # really split (CP: FSDP over cp)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
