@@ -105,3 +105,18 @@ def test_ep2_by_fsdp2_matches_single_process_and_reshards(setup, tmp_path):
     _assert_resumed_step(one, want)
     torchrun(4, config, ep4, "parallel.ep=4", "train.steps=4")
     _assert_resumed_step(ep4, want)
+
+
+@pytest.mark.slow  # one torchrun launch and one process, in bf16 on the CPU
+def test_ep2_under_bf16_autocast_matches_single_process(setup, tmp_path):
+    """In bf16, every GPU run's precision (one process: fp32 weights under autocast; EP 2: FSDP's
+    bf16 mixed precision, the experts' all-to-alls in bf16), EP 2 gives the single process's losses
+    within bf16 rounding."""
+    config, _ = setup
+    bf16 = ["train.precision=bf16", "train.steps=2"]
+    one = tmp_path / "one"
+    train(load_config(str(config), [f"train.out_dir={one}", *bf16]), progress=False, log=lambda *_: None)
+    torchrun(2, config, tmp_path / "ep2", "parallel.ep=2", *bf16)
+    got, want = _rows(tmp_path / "ep2"), _rows(one)
+    for step in (1, 2):
+        assert got[("train", step)]["loss"] == pytest.approx(want[("train", step)]["loss"], rel=1e-2), step

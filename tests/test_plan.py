@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -717,6 +718,32 @@ def test_every_parallel_dimension_holds_the_estimated_parameters_per_rank(sets, 
     assert held < sum(p.numel() * 4 for p in family.build(args).parameters())  # really split (CP: FSDP over cp)
 
 
+@pytest.mark.parametrize("sets", [LLAMA, GPT], ids=["llama", "gpt"])
+def test_context_parallel_rank_keeps_the_whole_sequences_keys_and_values(sets, fake_two_ranks):
+    """Rank 0 of CP 2 (torch's ring attention, all-gather rotation) keeps, per block, K and V of the
+    whole sequence for backward; the estimate counts the other rank's half of them on top of the
+    family's count for its own tokens."""
+    from llamatron.models.family import Saving
+    from llamatron.parallel import memory
+
+    seq, micro, cp = 32, 8, 2
+    cfg = load_config(None, ["data.mock=true", f"data.seq_len={seq}", f"model.max_seq_len={seq}",
+                             f"train.micro_batch_size={micro}", f"train.global_batch_size={2 * micro}", *sets])
+    family, args = resolve_model(cfg.model)
+    dims = ParallelDims.from_config(ParallelConfig(cp=cp), cp)
+    dims.build_mesh("cpu")
+    layout = Layout.build(family, args, cfg.train, dims, torch.device("cpu"), None, 2)
+    gen = torch.Generator().manual_seed(0)
+    tokens, labels = (torch.randint(0, args.vocab_size, (micro, seq), generator=gen) for _ in range(2))
+    shapes = family.shapes(args)
+    whole = (micro, shapes.heads, seq, shapes.head_dim)  # K and V as SDPA gets them here (expanded on the CPU)
+    kept = _saved_bytes(layout, tokens, labels, None, fused=False, keep=lambda t: tuple(t.shape) == whole)
+    assert kept == 2 * args.n_layers * math.prod(whole) * 4
+    counts, saving = parameter_counts(args), Saving(seq_len=seq // cp, micro_batch=micro)
+    extra = (memory._per_token(args, counts, None, 4, 4, saving, cp) - memory._per_token(args, counts, None, 4, 4, saving))
+    assert extra * args.n_layers * micro * seq // cp == kept * (cp - 1) / cp
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -746,22 +773,24 @@ SAVED = {  # case: (overrides, K/V path, autocast dtype, compiled)
 
 
 def _saved_bytes(layout: Layout, tokens: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None,
-                 fused: bool = True) -> int:
+                 fused: bool = True, keep=lambda t: True) -> int:
     """Bytes of the storages autograd keeps from one forward with the fused loss (or the plain one)
-    until its backward, each once (a DTensor's local shard); parameters and buffers, which exist
-    anyway, are not counted. Without a real process group (a fake one) there is no backward."""
+    until its backward, each once (a DTensor's local shard; `keep`: only those tensors); parameters
+    and buffers, which exist anyway, are not counted. Without a real process group (a fake one)
+    there is no backward."""
     model = layout.model
     skip = {_local(t).untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = _local(t).untyped_storage()
-        if storage.data_ptr() not in skip:
+        if storage.data_ptr() not in skip and keep(_local(t)):
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
     precision = torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision, layout.loss_context():
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision, layout.loss_context(), \
+            layout.sequence_context(tokens, labels):
         loss = layout.loss(tokens, labels, fused=fused)
     if not dist.is_initialized():
         loss.backward()

@@ -69,7 +69,8 @@ class AllToAllDispatch:
         order = _by_expert(recv)
         y = experts(received[order], recv.sum(0))  # this rank's weights: `_local_weights`
         back = torch.empty_like(y).index_copy(0, order, y)  # back to (source rank, expert) order
-        return dist_fn.all_to_all_single(x.new_empty(x.shape[0], y.shape[1]), back, send_splits, recv_splits,
+        # In the experts' output dtype, which is x's except under autocast over fp32 weights (bf16 out).
+        return dist_fn.all_to_all_single(y.new_empty(x.shape[0], y.shape[1]), back, send_splits, recv_splits,
                                          group=self.group)
 
 

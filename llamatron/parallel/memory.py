@@ -33,7 +33,8 @@ the most (the first pipeline stage for activations, the embedding; the last for 
   (micro_batch x seq_len / cp, and / tp for the sequence-parallel parts; not what TP leaves whole:
   a MoE block's, the gathered inputs of column-parallel linears, and without sequence parallelism
   (`Family.sequence_parallel`: GLaM) the residual stream; the logits whole where the family's plan
-  does not split the vocabulary, `Family.tp_splits_vocab`), counted by the model's family
+  does not split the vocabulary, `Family.tp_splits_vocab`; under CP the other ranks' keys and values,
+  which torch's ring attention keeps for backward), counted by the model's family
   (`Family.activation_bytes_per_token`; Llama's in models/llama/cost.py) for how the block runs
   (`Saving`): eager, tensor by tensor; compiled (train.compile), what inductor's min-cut partitioner
   keeps, which recomputes the norms, rotary, SwiGLU products, casts and residual sums in backward and
@@ -340,7 +341,7 @@ def estimate_memory(
     tokens = micro_batch * seq_len / cp
     kept = counts.grad_linears - (f8.block_names if f8 is not None else frozenset())
     saving = Saving(compiled, native_gqa, kept, seq_len // cp, micro_batch, tp)
-    per_block = _per_token(args, counts, lora, residual, compute, saving) * tokens / tp
+    per_block = _per_token(args, counts, lora, residual, compute, saving, cp) * tokens / tp
     if activation_checkpointing:
         n_ckpt = layers if checkpointed_layers is None else min(checkpointed_layers, layers)
         saved = n_ckpt * residual * args.dim * tokens / stp + (layers - n_ckpt) * per_block + per_block
@@ -367,14 +368,21 @@ def estimate_memory(
     return MemoryEstimate(weights, gradients, optimizer, working, activations, logits, reused, backward, saved)
 
 
-def _per_token(args, counts: ParameterCounts, lora, residual: int, compute: int, saving: Saving) -> float:
-    """Bytes one block saves for backward per token: the family's count, and the LoRA adapters'."""
+def _per_token(args, counts: ParameterCounts, lora, residual: int, compute: int, saving: Saving, cp: int = 1) -> float:
+    """Bytes one block saves for backward per token: the family's count, the LoRA adapters', and
+    under context parallelism the other CP ranks' keys and values: torch's ring attention (all-gather
+    rotation) keeps the whole sequence's K and V for backward, cp - 1 chunks beside this rank's own
+    (seen on rank 0 of a fake two-rank group, tests/test_plan.py)."""
     from llamatron.models import registry
 
-    per_token = registry.family_of(args).activation_bytes_per_token(args, residual, compute, saving)
+    family = registry.family_of(args)
+    per_token = family.activation_bytes_per_token(args, residual, compute, saving)
     per_token += compute * counts.lora_rank
     if lora is not None and counts.lora_rank and lora.dropout > 0:
         per_token += (compute + 1) * counts.lora_inputs  # the dropped input and its mask, per adapter
+    if cp > 1 and family.shapes is not None:
+        shapes = family.shapes(args)
+        per_token += 2 * compute * (shapes.kv_heads if saving.native_gqa else shapes.heads) * shapes.head_dim * (cp - 1)
     return per_token
 
 
