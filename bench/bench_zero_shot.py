@@ -13,7 +13,8 @@ tensors `llamatron convert --to hf` writes), in the same dtype.
         --dtype fp32 --no-compile   # smoke test
 
 Order: llamatron eager at every batch size, then the HF backend, then compiled (compiling is in place
-and cannot be undone). Eager and HF warm up on one batch; compiled on one untimed pass over all the
+and cannot be undone), then with --fp8 the same model with its block linears scoring from FP8 copies
+(`llamatron evaluate --fp8`: converted in place, last). Eager and HF warm up on one batch; compiled on one untimed pass over all the
 requests (the compile happens in the first: the blocks' one dynamic-shape graph, then no recompile
 for any batch length), its time reported apart as `warmup_s` and excluded from the throughput. Per
 batch size: requests/s, model-input tokens/s, the ratio to the HF backend, the largest per-request
@@ -34,6 +35,7 @@ from llamatron.eval.loglikelihood import loglikelihoods
 from llamatron.models import registry
 from llamatron.parallel.parallelize import materialize
 from llamatron.runtime import device_name, select_device
+from llamatron.transforms.fp8_frozen import quantize_for_scoring
 
 
 def requests(n: int, context_len: int, cont_len: int, vocab: int, seed: int = 0):
@@ -160,6 +162,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights of every model")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled llamatron run")
     ap.add_argument("--no-hf", action="store_true", help="skip lm-eval's HF backend")
+    ap.add_argument("--fp8", action="store_true", help="then score with FP8 block linears (H100-class GPUs)")
+    ap.add_argument("--fp8-min-features", type=int, default=1024)
     ap.add_argument("--json", default=None, help="write the SUMMARY records here")
     a = ap.parse_args()
     sizes = [int(s) for s in a.batch_sizes.split(",") if s.strip()]
@@ -184,6 +188,11 @@ def main() -> None:
         runs["lm-eval HF"] = run_hf(model, args, reqs, sizes, device, dtype, tokens)
     if not a.no_compile:
         runs["llamatron compiled"] = run_llamatron(model, reqs, sizes, device, tokens, compile=True)
+    if a.fp8:
+        converted = quantize_for_scoring(model, a.fp8_min_features)
+        print(f"FP8: {len(converted)} block linears score from FP8 copies")
+        runs["llamatron fp8" + ("" if a.no_compile else " compiled")] = run_llamatron(
+            model, reqs, sizes, device, tokens, compile=not a.no_compile)
     summaries = [summarize({name: r[bs] for name, r in runs.items()}, bs, header) for bs in sizes]
     if a.json:
         tmp = f"{a.json}.tmp{os.getpid()}"

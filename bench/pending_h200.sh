@@ -10,7 +10,8 @@
 #
 # 0. the CUDA-only tests of the code since the last GPU run (fp32 accumulation in the fused loss's
 #    weight-gradient GEMM, the pinned staging buffers): they skip on the CPU
-# 1. issue 19: zero-shot scoring, the shipped fast path against lm-eval's HF backend (8B, GPT-126M)
+# 1. issue 19: zero-shot scoring, the shipped fast path against lm-eval's HF backend (8B, GPT-126M);
+#    the 8B also with --fp8 (its block linears from FP8 copies)
 # 2. issue 20: LoRA (rank 32, all linears; bf16 and FP8 base layers) and full SFT of the 8B at seq 4096, packed
 #    (AdamW, and torchao's 8-bit AdamW at micro 2)
 # 3. issue 21: GLaM 126M-64E with static capacity routing and flex relative bias, eager and compiled;
@@ -36,7 +37,7 @@ run() {  # run NAME CAP MIN COMMAND...: at most CAP seconds, skipped when fewer 
 }
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 run gputests 90 30 python -m pytest -q -p no:cacheprovider tests/test_loss.py tests/test_host_staging.py
-run zs8b 175 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --json "$OUT/zs8b.json"
+run zs8b 200 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 --json "$OUT/zs8b.json"
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
 run finetune 300 120 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,sft+compile+ac@micro=1,sft+compile+ac+adam8bit@micro=2,lora@micro=2 \
     --steps 4 --warmup 2 --budget-s 260 --json "$OUT/finetune.json"

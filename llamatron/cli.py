@@ -108,6 +108,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block for scoring (default: on CUDA, off on the CPU; one process only)")
+    p.add_argument("--fp8", action="store_true",
+                   help="score with the block linears' GEMMs in FP8 (tensorwise; H100-class GPUs; one process)")
+    p.add_argument("--fp8-min-features", type=int, default=1024, help="smaller linears stay bf16 under --fp8")
     p.add_argument("--output", default=None, help="results JSON (default: RUN/zero_shot_step_N.json)")
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="evaluate in N processes under torchrun (FSDP over N / tp ranks)")
@@ -385,13 +388,16 @@ def cmd_evaluate(args) -> int:
     from llamatron import evaluate
     from llamatron.runtime import rank
 
+    _positive(args, "fp8_min_features")
+    if args.fp8 and (args.nproc_per_node is not None or args.tp > 1):
+        raise LlamatronError("--fp8: scores in one process only (the FP8 copies need whole weights on one rank)")
     if args.nproc_per_node is not None:
         return _evaluate_torchrun(args)
     try:
         results = evaluate.evaluate(args.checkpoint, args.tasks, args.tokenizer, args.data_dir, args.task_file,
                                     args.prompt, args.limit, args.batch_size, args.device, args.include_path,
                                     args.add_bos, not args.only_include_path, args.bootstrap_iters, args.tp,
-                                    args.compile)
+                                    args.compile, args.fp8, args.fp8_min_features)
         if rank() == 0:  # under torchrun every rank scores; rank 0 reports
             out = evaluate.write_results(results, args.output or evaluate.default_output(args.checkpoint))
             print(evaluate.format_table(results))

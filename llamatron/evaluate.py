@@ -143,6 +143,17 @@ def _load_layout(path, cfg, device, precision: str, tp: int):
     return layout, prec
 
 
+def _fp8_scoring(model, min_features: int) -> None:
+    from llamatron.parallel.layout import Layout
+    from llamatron.transforms.fp8_frozen import quantize_for_scoring
+
+    if isinstance(model, Layout):
+        raise LlamatronError("--fp8: scores in one process only (the FP8 copies need whole weights on one rank)")
+    if not quantize_for_scoring(model, min_features):
+        raise LlamatronError(f"--fp8: no block linear of at least --fp8-min-features {min_features} features "
+                             "(both dimensions multiples of 16)")
+
+
 def checkpoint_tokenizer(checkpoint) -> str:
     """The tokenizer the checkpoint's run was configured with (`data.tokenizer`)."""
     import yaml
@@ -277,9 +288,10 @@ def evaluate(checkpoint, tasks: str, tokenizer: str | None = None, data_dir: str
              files: list[str] = (), prompt: str = "harness", limit: int | None = None, batch_size: int = 8,
              device: str = "auto", include_path: str | None = None, add_bos: bool = False,
              harness_defaults: bool = True, bootstrap_iters: int = 1000, tp: int = 1,
-             compile: bool | None = None) -> dict:
+             compile: bool | None = None, fp8: bool = False, fp8_min_features: int = 1024) -> dict:
     """What `llamatron evaluate` runs: inputs are checked first, then the model is loaded once.
-    `compile` (None: on CUDA): the blocks compiled for scoring, in one process (`loglikelihoods`)."""
+    `compile` (None: on CUDA): the blocks compiled for scoring, in one process (`loglikelihoods`).
+    `fp8`: the block linears of at least `fp8_min_features` score from FP8 copies (one process)."""
     from llamatron.eval.tasks import PROMPTS, Scorer, get_task, read_jsonl, run_task
     from llamatron.parallel.layout import Layout
     from llamatron.runtime import select_device
@@ -296,6 +308,8 @@ def evaluate(checkpoint, tasks: str, tokenizer: str | None = None, data_dir: str
     tok = load_tokenizer(tokenizer or checkpoint_tokenizer(checkpoint))
     dev = select_device(device)
     model, precision = load_model(checkpoint, dev, tp=tp)
+    if fp8:
+        _fp8_scoring(model, fp8_min_features)
     vocab = (model.model if isinstance(model, Layout) else model).args.vocab_size
     if tok.vocab_size > vocab:
         raise LlamatronError(f"tokenizer {tok.name}: {tok.vocab_size} tokens, more than the model's vocabulary "

@@ -735,3 +735,23 @@ def test_cli_evaluate_under_torchrun_equals_single_process(extra, hf, tok_path, 
     for task in one:
         for metric, m in one[task]["metrics"].items():
             assert two[task]["metrics"][metric]["value"] == pytest.approx(m["value"], rel=1e-5), (task, metric)
+
+
+@needs_hf
+def test_cli_evaluate_in_fp8_scores_close_to_bf16_and_refuses_several_processes(hf, tok_path, data, tmp_path, capsys):
+    """--fp8: the block linears score from FP8 copies (emulated on the CPU): the same items, log
+    perplexity within a few percent of the plain run's and not equal to it; with several processes
+    it is refused in one line."""
+    args = ["evaluate", "--checkpoint", str(hf.ckpt), "--tokenizer", str(tok_path), "--data-dir", str(data),
+            "--tasks", "lambada,boolq", "--batch-size", "2", "--device", "cpu", "--no-compile"]
+    assert main(args + ["--output", str(tmp_path / "plain.json")]) == 0
+    assert main(args + ["--fp8", "--fp8-min-features", "16", "--output", str(tmp_path / "fp8.json")]) == 0
+    plain, fp8 = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "fp8.json"))
+    assert fp8["lambada"]["count"] == plain["lambada"]["count"] and fp8["boolq"]["count"] == plain["boolq"]["count"]
+    a, b = (r["lambada"]["metrics"]["perplexity"]["value"] for r in (plain, fp8))
+    assert a != b and math.log(b) == pytest.approx(math.log(a), rel=0.05)
+    capsys.readouterr()
+    assert main(args + ["--fp8", "--nproc-per-node", "2"]) == 2
+    assert "--fp8: scores in one process only" in capsys.readouterr().err
+    assert main(args + ["--fp8", "--fp8-min-features", "100000"]) == 2
+    assert "no block linear of at least --fp8-min-features 100000" in capsys.readouterr().err

@@ -154,6 +154,15 @@ def quantize_frozen_linears(model: nn.Module, min_features: int) -> list[str]:
     return done
 
 
+def quantize_for_scoring(model: nn.Module, min_features: int = 1024) -> list[str]:
+    """Evaluation in FP8 (`llamatron evaluate --fp8`): every weight is frozen for scoring, so each
+    eligible block linear gets its FP8 copies once and scores from them (the output layer stays bf16,
+    as in training's tensorwise recipe without it). Returns the names converted."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return quantize_frozen_linears(model, min_features)
+
+
 def fp8_frozen_linears(parts: list[nn.Module], cfg, fsdp: bool) -> int:
     """LoRA under train.fp8, once the weights are loaded: without FSDP the FP8 copies are made now;
     under FSDP `parallelize` marked the layers already. Returns how many frozen linears run in FP8."""
