@@ -744,6 +744,33 @@ def test_context_parallel_rank_keeps_the_whole_sequences_keys_and_values(sets, f
     assert extra * args.n_layers * micro * seq // cp == kept * (cp - 1) / cp
 
 
+def test_fsdp_rank_keeps_one_process_activations_and_the_weights_it_does_not_reshard(fake_two_ranks):
+    """Rank 0 of FSDP 2 keeps what one process keeps for backward, plus the gathered weights of the
+    units FSDP does not reshard after the forward (the last block's, the root's output layer and
+    final norm): the estimate has the first as activations and the second in its working copies
+    (two blocks in flight, the output copy)."""
+    seq, micro = 32, 8
+    cfg = load_config(None, ["data.mock=true", f"data.seq_len={seq}", f"model.max_seq_len={seq}",
+                             f"train.micro_batch_size={micro}", f"train.global_batch_size={2 * micro}", *LLAMA])
+    family, args = resolve_model(cfg.model)
+    gen = torch.Generator().manual_seed(0)
+    tokens, labels = (torch.randint(0, args.vocab_size, (micro, seq), generator=gen) for _ in range(2))
+    saved, est = {}, {}
+    for name, world in (("one", 1), ("fsdp", 2)):
+        dims = ParallelDims.from_config(ParallelConfig(dp_shard=world), world)
+        if world > 1:
+            dims.build_mesh("cpu")
+        layout = Layout.build(family, args, cfg.train, dims, torch.device("cpu"), None, 2)
+        saved[name] = _saved_bytes(layout, tokens, labels, None, fused=False)
+        est[name] = estimate_memory(args, seq, micro, dp_shard=world, n_microbatches=2, bf16=False,
+                                    fused_cross_entropy=False)
+    model = family.build(args)
+    unresharded = sum(p.numel() * 4 for p in [*model.layers[str(args.n_layers - 1)].parameters(),
+                                                 model.output.weight, model.norm.weight])
+    assert saved["fsdp"] - saved["one"] == unresharded
+    assert est["fsdp"].activations == est["one"].activations and est["fsdp"].working >= unresharded
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -775,26 +802,28 @@ SAVED = {  # case: (overrides, K/V path, autocast dtype, compiled)
 def _saved_bytes(layout: Layout, tokens: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None,
                  fused: bool = True, keep=lambda t: True) -> int:
     """Bytes of the storages autograd keeps from one forward with the fused loss (or the plain one)
-    until its backward, each once (a DTensor's local shard; `keep`: only those tensors); parameters
+    until its backward, each once, as large as they are when the forward ends (FSDP frees the
+    gathered weights it reshards); a DTensor's local shard; `keep`: only those tensors. Parameters
     and buffers, which exist anyway, are not counted. Without a real process group (a fake one)
     there is no backward."""
     model = layout.model
     skip = {_local(t).untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    kept: dict[int, int] = {}
+    kept: dict[int, torch.UntypedStorage] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = _local(t).untyped_storage()
         if storage.data_ptr() not in skip and keep(_local(t)):
-            kept[storage.data_ptr()] = storage.nbytes()
+            kept[storage.data_ptr()] = storage
         return t
 
     precision = torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision, layout.loss_context(), \
             layout.sequence_context(tokens, labels):
         loss = layout.loss(tokens, labels, fused=fused)
+    total = sum(storage.nbytes() for storage in kept.values())
     if not dist.is_initialized():
         loss.backward()
-    return sum(kept.values())
+    return total
 
 
 @pytest.mark.parametrize("case", list(SAVED))
