@@ -54,6 +54,7 @@ from llamatron.train.optim import build_optimizer  # noqa: E402
 from llamatron.train.step import train_step  # noqa: E402
 from llamatron.transforms.checkpointing import apply_activation_checkpointing  # noqa: E402
 from llamatron.transforms.compile import apply_compile  # noqa: E402
+from llamatron.transforms import weight_cast  # noqa: E402
 from llamatron.transforms.fp8 import apply_fp8  # noqa: E402
 
 VARIANTS = {
@@ -64,6 +65,10 @@ VARIANTS = {
     "compile": dict(compile=True, fused_ce=True, fused_adam=True, attention="auto", ac=False),
     "compile+cudnn": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False),
     "compile+cudnn+ac": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=True),
+    # The block linears' bf16 copies made once per optimizer step, not by autocast per micro-batch
+    # (train.cast_weights_once, llamatron/transforms/weight_cast.py): pays with several micro-batches.
+    "compile+cudnn+castonce": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
+                                   castonce=True),
     # FP8 linear layers (torchao Float8Linear, llamatron/transforms/fp8.py) on top of the best BF16 variant.
     "compile+fp8-tensorwise": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
                                    fp8="tensorwise"),
@@ -143,6 +148,9 @@ def run_variant(name, opts, margs, args, device, dataset):
     model = build_layout(margs, opts, device)
     opt = build_optimizer(model.model, OptimConfig(fused=opts["fused_adam"]), device.type)
     amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)
+    castonce = bool(opts.get("castonce")) and amp.amp is not None  # needs autocast (not the CPU's fp32)
+    if castonce:
+        weight_cast.cast_weights_once(model.parts, amp.amp)
     accum = args.global_batch // args.micro_batch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -157,6 +165,8 @@ def run_variant(name, opts, margs, args, device, dataset):
         t0 = time.perf_counter()
         loss, _ = train_step(model, opt, batches, accum, lr=args.lr, device=device, precision=amp,
                              fused_cross_entropy=opts["fused_ce"], grad_clip=1.0, attention=opts["attention"])
+        if castonce:  # in the step's time, as the trainer does it after every optimizer step
+            weight_cast.refresh(model.parts)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
@@ -202,6 +212,8 @@ def profile_step(model, opt, dataset, args, device, amp, opts) -> dict:
         t0 = time.perf_counter()
         train_step(model, opt, iter(batches), accum, lr=args.lr, device=device, precision=amp,
                    fused_cross_entropy=opts["fused_ce"], grad_clip=1.0, attention=opts["attention"])
+        if opts.get("castonce") and amp.amp is not None:
+            weight_cast.refresh(model.parts)
         torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
     buckets: dict[str, float] = {}

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from llamatron.config import load_config
+from llamatron.errors import LlamatronError
 from llamatron.train import checkpoint as ckpt
 from llamatron.train.trainer import train
 
@@ -55,6 +56,37 @@ def test_resume_with_8bit_adamw_is_exact(tmp_path):
     assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)] and len(set(a.values())) == 8
     plain = _losses(train(_cfg(tmp_path / "plain", 8), progress=False, log=lambda *_: None).out_dir)
     assert a[1] == plain[1] and a[8] != plain[8]  # the same first loss; then 8-bit moments, not AdamW's
+
+
+def test_cast_weights_once_computes_what_autocast_computes(tmp_path, monkeypatch):
+    """train.cast_weights_once under bf16 autocast: the block linears' bf16 copies made once per step
+    give autocast's losses bit for bit, resume exactly, and are what the blocks compute with (left
+    stale after the first step, the losses part from autocast's)."""
+    from llamatron.transforms import weight_cast
+
+    bf16, once = ["train.precision=bf16"], ["train.precision=bf16", "train.cast_weights_once=true"]
+    train(_cfg(tmp_path / "autocast", 6, bf16), progress=False, log=lambda *_: None)
+    lines = []
+    train(_cfg(tmp_path / "once", 6, once), progress=False, log=lambda *a: lines.append(" ".join(map(str, a))))
+    want = _losses(tmp_path / "autocast")
+    assert _losses(tmp_path / "once") == want and len(set(want.values())) == 6
+    assert any("14 block linears' bf16 weight copies made once per step" in line for line in lines)  # 2 x 7
+    train(_cfg(tmp_path / "split", 3, once), progress=False, log=lambda *_: None)
+    train(_cfg(tmp_path / "split", 6, once), progress=False, log=lambda *_: None)
+    assert _losses(tmp_path / "split") == want
+    real, calls = weight_cast.refresh, []
+
+    def first_only(parts):
+        calls.append(parts)
+        if len(calls) == 1:
+            real(parts)
+
+    monkeypatch.setattr(weight_cast, "refresh", first_only)
+    train(_cfg(tmp_path / "stale", 3, once), progress=False, log=lambda *_: None)
+    stale = _losses(tmp_path / "stale")
+    assert stale[1] == want[1] and stale[3] != want[3] and len(calls) == 4
+    with pytest.raises(LlamatronError, match="'train.cast_weights_once'"):
+        train(_cfg(tmp_path / "fp32", 1, ["train.cast_weights_once=true"]), progress=False, log=lambda *_: None)
 
 
 def test_train_called_again_on_a_finished_run_does_nothing(tmp_path):

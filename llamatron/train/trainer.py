@@ -46,6 +46,7 @@ from llamatron.train.step import train_step
 from llamatron.transforms.fp8 import check_fp8, fp8_output, precompute_fp8_scales
 from llamatron.transforms.fp8_frozen import check_lora_fp8, fp8_frozen_linears
 from llamatron.transforms.lora import frozen_dtype
+from llamatron.transforms import weight_cast
 
 
 @dataclass
@@ -150,6 +151,8 @@ class Trainer:
         state = self.checkpointer.restore()
         # LoRA under train.fp8: the frozen weights, now loaded, get their FP8 copies once for the run
         self.fp8_frozen = fp8_frozen_linears(self.layout.parts, cfg, self.dims.fsdp_enabled)
+        # The block linears' bf16 copies, made from the loaded weights and after every optimizer step
+        self.weight_casts = self._cast_weights_once()
         self.step, self.consumed = state.get("step", 0), state.get("consumed_samples", 0)
         if self.main:  # only now: a refused resume (changed config) leaves the run's config.yaml as it was
             (self.out_dir / "config.yaml").write_text(self.config_yaml)
@@ -235,7 +238,17 @@ class Trainer:
         if cfg.train.fp8_all_gather and self.guard.halt is None:
             for part in self.layout.parts:
                 precompute_fp8_scales(part)
+        if self.weight_casts:
+            weight_cast.refresh(self.layout.parts)
         return loss, grad_norm
+
+    def _cast_weights_once(self) -> int:
+        if not self.cfg.train.cast_weights_once:
+            return 0
+        if self.precision.amp is None or self.dims.fsdp_enabled or self.dims.tp > 1:
+            raise LlamatronError("config key 'train.cast_weights_once': for bf16 autocast over fp32 weights, "
+                                 "without FSDP (its mixed precision casts at the gather) or tensor parallelism")
+        return len(weight_cast.cast_weights_once(self.layout.parts, self.precision.amp))
 
     def _micro_batches(self, step: int):
         """This rank's micro-batches of `step` and, for fine-tuning data (masked labels), their counts
@@ -367,6 +380,8 @@ class Trainer:
             fsdp_note += f" ({self.fp8_frozen} frozen linears run their GEMMs in FP8, {how})"
         if cfg.optim.name == "adamw8bit":
             fsdp_note += " (AdamW with 8-bit moments, torchao)"
+        if self.weight_casts:
+            fsdp_note += f" ({self.weight_casts} block linears' bf16 weight copies made once per step)"
         self.log(
             f"model {cfg.model.size}: {self.layout.n_params:,} parameters, {self.args.n_layers} layers; device "
             f"{self.device_name}; precision {precision.compute}{fsdp_note}; global batch {train.global_batch_size} = "
