@@ -69,6 +69,10 @@ VARIANTS = {
     # (train.cast_weights_once, llamatron/transforms/weight_cast.py): pays with several micro-batches.
     "compile+cudnn+castonce": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
                                    castonce=True),
+    # ... and each micro-batch's weight gradient accumulated in fp32 inside the GEMM
+    # (train.gradient_accumulation_fusion): no bf16 product added into .grad after it.
+    "compile+cudnn+castonce+fusedwgrad": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn",
+                                              ac=False, castonce=True, fused_wgrad=True),
     # FP8 linear layers (torchao Float8Linear, llamatron/transforms/fp8.py) on top of the best BF16 variant.
     "compile+fp8-tensorwise": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
                                    fp8="tensorwise"),
@@ -150,7 +154,7 @@ def run_variant(name, opts, margs, args, device, dataset):
     amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)
     castonce = bool(opts.get("castonce")) and amp.amp is not None  # needs autocast (not the CPU's fp32)
     if castonce:
-        weight_cast.cast_weights_once(model.parts, amp.amp)
+        weight_cast.cast_weights_once(model.parts, amp.amp, bool(opts.get("fused_wgrad")))
     accum = args.global_batch // args.micro_batch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -21,8 +21,9 @@
 # 6. issue 23: a new H200 calibration table (attention timed in windows at three call sizes), for
 #    llamatron/calibration/h200.json: the GPT-126M rows of docs/planner.md wait for it
 # 7. issue 22: the first async checkpoint save, its host buffers now allocated in the background (never measured)
-# 8. issue 22: the block linears' bf16 copies made once per step (train.cast_weights_once) against
-#    autocast's cast per micro-batch, 8B proxy, 8 micro-batches per step, in one process
+# 8. issue 22: the block linears' bf16 copies made once per step (train.cast_weights_once), and with
+#    the fp32 weight-gradient accumulation inside the GEMM (train.gradient_accumulation_fusion), against
+#    autocast's cast and add per micro-batch: 8B proxy, 8 micro-batches per step, in one process
 TOTAL=${1:-560}
 OUT=${2:-${OUT:-h200-runs}}
 mkdir -p "$OUT"
@@ -54,6 +55,7 @@ run l8b_mbs16 120 70 python bench/bench_train_step.py --layers 4 --seq-len 8192 
 run calibrate 120 60 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 90
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
     --json "$OUT/ckpt.json"
-run castonce 150 100 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 8 --micro-batch 1 \
-    --steps 4 --warmup 2 --variants compile+cudnn,compile+cudnn+castonce --json "$OUT/castonce.json"
+run castonce 200 140 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 8 --micro-batch 1 \
+    --steps 4 --warmup 2 --variants compile+cudnn,compile+cudnn+castonce,compile+cudnn+castonce+fusedwgrad \
+    --profile compile+cudnn+castonce+fusedwgrad --json "$OUT/castonce.json"
 grep -h "SUMMARY\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-400

@@ -163,6 +163,9 @@ class TrainConfig:
     # bf16 autocast without FSDP or TP: the block linears' bf16 weight copies made once per optimizer
     # step instead of by autocast in every micro-batch; the same numbers (transforms/weight_cast.py).
     cast_weights_once: bool = False
+    # With cast_weights_once: each micro-batch's weight gradient accumulated into an fp32 buffer inside
+    # the GEMM (Megatron's gradient_accumulation_fusion), not a bf16 product added into .grad after it.
+    gradient_accumulation_fusion: bool = False
     attention_backend: str = "auto"  # SDPA kernel: auto (torch's choice), cudnn, flash, efficient, math
     deterministic: bool = False  # torch deterministic algorithms (slower)
     out_dir: str = "runs/default"
@@ -184,6 +187,8 @@ def _validate_train(train: TrainConfig) -> None:
     _need(train.fp8_min_features >= 0, "train.fp8_min_features", f"must be >= 0, got {train.fp8_min_features}")
     _need(not train.fp8_all_gather or train.fp8 == "tensorwise", "train.fp8_all_gather",
           f"FP8 all-gather needs train.fp8 = tensorwise, got {train.fp8!r}")
+    _need(train.cast_weights_once or not train.gradient_accumulation_fusion, "train.gradient_accumulation_fusion",
+          "needs train.cast_weights_once (it accumulates the gradients of the layers that one converts)")
     _need(not (train.fp8_all_gather and train.fp8_include_output), "train.fp8_include_output",
           "not with train.fp8_all_gather (the fused loss takes the gathered output weight in bf16)")
     _need(train.activation_checkpointing_layers is None or train.activation_checkpointing_layers >= 0,

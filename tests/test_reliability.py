@@ -558,6 +558,7 @@ def test_load_batch_vocab_guard():
     ("optim.grad_clip=-1", "'optim.grad_clip'"),
     ("optim.name=adam", "'optim.name': must be one of adamw, adamw8bit, got 'adam'"),
     ("optim.name=adamw8bit optim.fused=true", "'optim.fused'"),
+    ("train.gradient_accumulation_fusion=true", "'train.gradient_accumulation_fusion': needs train.cast_weights_once"),
 ])
 def test_new_config_keys_validated(override, needle):
     with pytest.raises(LlamatronError, match=needle):

@@ -74,6 +74,11 @@ def test_cast_weights_once_computes_what_autocast_computes(tmp_path, monkeypatch
     train(_cfg(tmp_path / "split", 3, once), progress=False, log=lambda *_: None)
     train(_cfg(tmp_path / "split", 6, once), progress=False, log=lambda *_: None)
     assert _losses(tmp_path / "split") == want
+    # With the weight gradients accumulated in fp32 buffers (on the CPU: bf16 products added in fp32,
+    # autocast's arithmetic), through the trainer: the same losses.
+    train(_cfg(tmp_path / "fused", 6, [*once, "train.gradient_accumulation_fusion=true"]), progress=False,
+          log=lambda *_: None)
+    assert _losses(tmp_path / "fused") == want
     real, calls = weight_cast.refresh, []
 
     def first_only(parts):

@@ -248,7 +248,8 @@ class Trainer:
         if self.precision.amp is None or self.dims.fsdp_enabled or self.dims.tp > 1:
             raise LlamatronError("config key 'train.cast_weights_once': for bf16 autocast over fp32 weights, "
                                  "without FSDP (its mixed precision casts at the gather) or tensor parallelism")
-        return len(weight_cast.cast_weights_once(self.layout.parts, self.precision.amp))
+        return len(weight_cast.cast_weights_once(self.layout.parts, self.precision.amp,
+                                                 self.cfg.train.gradient_accumulation_fusion))
 
     def _micro_batches(self, step: int):
         """This rank's micro-batches of `step` and, for fine-tuning data (masked labels), their counts

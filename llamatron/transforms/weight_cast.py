@@ -10,6 +10,15 @@ back to fp32, as autocast's cast does. Forward and backward compute exactly what
 (the same bf16 values in the same GEMMs): only the casts per micro-batch go. This is the cast half of
 Megatron's bf16-parameters lever; the fp32 gradient accumulation stays as it is.
 
+With `train.gradient_accumulation_fusion` (Megatron's name) the other half goes too: the weight
+gradient of each micro-batch is accumulated into an fp32 buffer per layer inside the GEMM (cuBLAS
+with an fp32 output, `torch.addmm(..., out_dtype=torch.float32)`), instead of a bf16 product that
+autograd casts and adds into the fp32 `.grad` in a separate pass; the buffers become the weights'
+`.grad` once the step's backward is done (`WgradBuffers`, which `train_step` drives). On a device
+without that kernel (the CPU) the product is bf16 and added in fp32, which is autocast's arithmetic.
+The buffers persist across steps: with one micro-batch per step they take memory that backward
+would otherwise free.
+
 Not for FSDP (its mixed precision casts at the all-gather), tensor parallelism (DTensor weights), FP8
 layers (Float8Linear, not an exact nn.Linear) or LoRA's frozen bf16 bases (no fp32 weight to cast).
 """
@@ -33,23 +42,89 @@ class _CachedCast(torch.autograd.Function):
         return grad.to(ctx.dtype), None
 
 
+@torch.library.custom_op("llamatron::accumulate_wgrad", mutates_args=("main_grad",))
+def accumulate_wgrad(main_grad: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+    """main_grad += grad_out^T x (2-D), in fp32 inside the GEMM where the device has the kernel. An
+    opaque op that mutates its first argument, so that compiled blocks call it as it is."""
+    from llamatron.loss import _fp32_accumulating_mm
+
+    mode = _fp32_accumulating_mm(main_grad.device) if grad_out.dtype == torch.bfloat16 else None
+    if mode == "in_place":
+        torch.addmm(main_grad, grad_out.t(), x, out_dtype=torch.float32, out=main_grad)
+    elif mode == "new":
+        main_grad.copy_(torch.addmm(main_grad, grad_out.t(), x, out_dtype=torch.float32))
+    else:
+        main_grad.add_(grad_out.t() @ x)
+
+
+@accumulate_wgrad.register_fake
+def _(main_grad, grad_out, x) -> None:
+    return None
+
+
+class _FusedWgradLinear(torch.autograd.Function):
+    """x W^T + b from W's compute-dtype copy; backward: the input gradient from the copy, the weight's
+    accumulated into its fp32 buffer (none returned: `WgradBuffers.attach` makes it the `.grad`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, copy, main_grad, bias):
+        xc = x.to(copy.dtype)
+        ctx.save_for_backward(xc, copy, main_grad)
+        ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
+        return nn.functional.linear(xc, copy, None if bias is None else bias.to(copy.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, copy, main_grad = ctx.saved_tensors
+        grad = grad.to(copy.dtype)
+        accumulate_wgrad(main_grad, grad.reshape(-1, grad.shape[-1]), xc.reshape(-1, xc.shape[-1]))
+        grad_bias = None if ctx.bias_dtype is None else grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return (grad @ copy).to(ctx.x_dtype), None, None, None, grad_bias
+
+
 class CastOnceLinear(nn.Linear):
-    """An nn.Linear whose forward uses `weight_copy`, its weight in the compute dtype (`refresh`)."""
+    """An nn.Linear whose forward uses `weight_copy`, its weight in the compute dtype (`refresh`), and
+    with a `main_grad` buffer accumulates its weight gradient there (gradient-accumulation fusion)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        main_grad = self._buffers.get("main_grad")
+        if main_grad is not None and torch.is_grad_enabled():
+            return _FusedWgradLinear.apply(x, self.weight, self.weight_copy, main_grad, self.bias)
         return nn.functional.linear(x, _CachedCast.apply(self.weight, self.weight_copy), self.bias)
 
 
-def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype) -> list[str]:
+class WgradBuffers:
+    """The fp32 weight-gradient buffers of a part's fused layers: zeroed before a step's first
+    backward (`begin`), made the weights' `.grad` after its last (`attach`)."""
+
+    def __init__(self, mods: list[CastOnceLinear]):
+        self.mods = mods
+
+    def begin(self) -> None:
+        torch._foreach_zero_([m.main_grad for m in self.mods])
+
+    def attach(self) -> None:
+        for m in self.mods:
+            m.weight.grad = m.main_grad
+
+
+def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bool = False) -> list[str]:
     """Make every trainable exact nn.Linear inside the parts' blocks a `CastOnceLinear` with its copy in
-    `dtype`, from the current weights. Returns the module names converted."""
+    `dtype`, from the current weights; `fuse_wgrad`: with an fp32 weight-gradient buffer each, driven
+    by the part's `wgrad_buffers` (train_step). Returns the module names converted."""
     done = []
     for part in parts:
+        mods = []
         for name, mod in part.layers.named_modules():
             if type(mod) is nn.Linear and mod.weight.requires_grad and mod.weight.dtype != dtype:
                 mod.__class__ = CastOnceLinear
                 mod.register_buffer("weight_copy", torch.empty_like(mod.weight, dtype=dtype), persistent=False)
+                if fuse_wgrad:
+                    mod.register_buffer("main_grad", torch.zeros_like(mod.weight), persistent=False)
+                mods.append(mod)
                 done.append(f"layers.{name}")
+        if fuse_wgrad and mods:
+            part.wgrad_buffers = WgradBuffers(mods)
     refresh(parts)
     return done
 

@@ -1,0 +1,76 @@
+"""The block linears' bf16 copies made once per step and the fp32 weight gradients accumulated inside
+the GEMM (llamatron/transforms/weight_cast.py), against what autocast over fp32 weights computes."""
+
+import pytest
+import torch
+from torch import nn
+
+from llamatron.models.llama import SIZES
+from llamatron.models.llama.model import Transformer
+from llamatron.runtime import Precision
+from llamatron.train.step import train_step
+from llamatron.transforms import weight_cast
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(SIZES["debug"])
+
+
+def _batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randint(0, SIZES["debug"].vocab_size, (2, 16), generator=g) for _ in range(2)) for _ in range(n)]
+
+
+def _grads_after_backward(model, batches):
+    """Each parameter's gradient after the micro-batches' backward (clipping off, no update: lr 0)."""
+    grads = {}
+
+    class Keep(torch.optim.SGD):
+        def step(self, closure=None):
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    opt = Keep(model.parameters(), lr=0.0)
+    train_step(model, opt, iter(batches), len(batches), lr=0.0, device=torch.device("cpu"),
+               precision=Precision(torch.bfloat16, None), fused_cross_entropy=True)
+    return grads
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["cast-once", "cast-once+fused-wgrad"])
+def test_gradients_equal_autocasts_over_two_micro_batches(fuse):
+    """Two micro-batches under bf16 autocast: every parameter's gradient bit for bit as autocast's; the
+    fused layers' gradients are their fp32 buffers (attached after backward), and those are really
+    where the accumulation happened."""
+    batches = _batches(2)
+    want = _grads_after_backward(_model(), batches)
+    model = _model()
+    names = weight_cast.cast_weights_once([model], torch.bfloat16, fuse_wgrad=fuse)
+    assert len(names) == 2 * 7 and all(type(model.get_submodule(n)) is weight_cast.CastOnceLinear for n in names)
+    got = _grads_after_backward(model, batches)
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    wq = model.get_submodule("layers.0.attention.wq")
+    assert hasattr(model, "wgrad_buffers") == fuse
+    if fuse:
+        assert torch.equal(wq.main_grad, want["layers.0.attention.wq.weight"]) and wq.main_grad.abs().sum() > 0
+
+
+def test_the_copies_follow_the_weights_only_when_refreshed():
+    model = _model()
+    weight_cast.cast_weights_once([model], torch.bfloat16)
+    wq = model.get_submodule("layers.0.attention.wq")
+    assert wq.weight_copy.dtype == torch.bfloat16 and torch.equal(wq.weight_copy, wq.weight.to(torch.bfloat16))
+    with torch.no_grad():
+        wq.weight.add_(1.0)
+    assert not torch.equal(wq.weight_copy, wq.weight.to(torch.bfloat16))
+    weight_cast.refresh([model])
+    assert torch.equal(wq.weight_copy, wq.weight.to(torch.bfloat16))
+
+
+def test_only_trainable_exact_linears_in_the_blocks_are_converted():
+    model = _model()
+    model.layers["1"].feed_forward.w2.weight.requires_grad_(False)
+    names = weight_cast.cast_weights_once([model], torch.bfloat16)
+    assert "layers.1.feed_forward.w2" not in names and len(names) == 13
+    assert type(model.output) is nn.Linear  # the output layer: the fused loss casts it itself
