@@ -74,3 +74,30 @@ def test_only_trainable_exact_linears_in_the_blocks_are_converted():
     names = weight_cast.cast_weights_once([model], torch.bfloat16)
     assert "layers.1.feed_forward.w2" not in names and len(names) == 13
     assert type(model.output) is nn.Linear  # the output layer: the fused loss casts it itself
+
+
+def test_fused_gradients_of_glam_equal_autocasts_router_included():
+    """GLaM's router reads its weight directly (fp32 logits), not through the layer's forward: its
+    gradient comes from autograd and is added to the (empty) fused buffer, not lost."""
+    from llamatron.models import registry
+    from llamatron.parallel.parallelize import materialize
+
+    entry = registry.get("glam-debug")
+
+    def build():
+        with torch.device("meta"):
+            model = entry.family.build(entry.args)
+        materialize(model, torch.device("cpu"), seed=0)
+        return model
+
+    g = torch.Generator().manual_seed(1)
+    batches = [tuple(torch.randint(0, entry.args.vocab_size, (2, 16), generator=g) for _ in range(2)) for _ in range(2)]
+    want = _grads_after_backward(build(), batches)
+    model = build()
+    names = weight_cast.cast_weights_once([model], torch.bfloat16, fuse_wgrad=True)
+    assert any(n.endswith("feed_forward.router") for n in names)
+    got = _grads_after_backward(model, batches)
+    router = next(n for n in want if n.endswith("feed_forward.router.weight"))
+    assert want[router].abs().sum() > 0 and torch.equal(got[router], want[router])
+    for n in want:
+        assert torch.equal(got[n], want[n]), n

@@ -105,6 +105,8 @@ class WgradBuffers:
 
     def attach(self) -> None:
         for m in self.mods:
+            if m.weight.grad is not None:  # also used other than through forward (GLaM's router: F.linear)
+                m.main_grad.add_(m.weight.grad)
             m.weight.grad = m.main_grad
 
 
