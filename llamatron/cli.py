@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -386,7 +387,7 @@ def cmd_evaluate(args) -> int:
     import torch.distributed as dist
 
     from llamatron import evaluate
-    from llamatron.runtime import rank
+    from llamatron.runtime import env_world_size, rank
 
     _positive(args, "fp8_min_features")
     if args.fp8 and (args.nproc_per_node is not None or args.tp > 1):
@@ -403,10 +404,15 @@ def cmd_evaluate(args) -> int:
             print(evaluate.format_table(results))
             print(f"wrote {out}")
     finally:
-        # Tear the process group down before the interpreter exits: left to exit-time destructors,
-        # gloo's threads can abort a rank ("terminate called without an active exception", seen in CI).
         if dist.is_initialized():
             dist.destroy_process_group()
+    if env_world_size() > 1:
+        # A rank under torchrun leaves without the interpreter's teardown, where threads of libraries
+        # lm-eval loads (Arrow's, under `datasets`) aborted a rank after its work was done ("terminate
+        # called without an active exception", CI; huggingface/datasets#7566): everything is written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -233,12 +233,22 @@ def run_harness(lm, names: list[str], manager, limit: int | None, bootstrap_iter
     """lm-eval's results for each task, as {"metrics": {name: {"value", "stderr"}}, "count"}.
     bootstrap_iters: resamples for the stderr of metrics without a formula (perplexity); 0 gives
     no stderr at all (lm-eval's rule)."""
+    import gc
+
     import lm_eval
 
     out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False,
                                   bootstrap_iters=bootstrap_iters, verbosity="ERROR")
-    if out is None:  # lm-eval reports on LOCAL_RANK 0 only (this rank scored its share all the same)
-        return {}
+    results = {} if out is None else _harness_results(out, names)  # None: lm-eval reports on LOCAL_RANK 0 only
+    # lm-eval's tasks hold Arrow-backed datasets: collected now, their Arrow threads end while Arrow is
+    # alive, not in the interpreter's last teardown, where a rank under torchrun aborted with
+    # "terminate called without an active exception" (huggingface/datasets#7566, apache/arrow#45214).
+    del out
+    gc.collect()
+    return results
+
+
+def _harness_results(out: dict, names: list[str]) -> dict:
     results = {}
     for name in names:
         raw = out["results"].get(name, {})
