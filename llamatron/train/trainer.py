@@ -394,7 +394,9 @@ class Trainer:
             self.log(self.train_data.describe())
         est = estimate_memory(
             self.args, cfg.data.seq_len, train.micro_batch_size, dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard,
-            tp=dims.tp, pp=dims.pp, cp=dims.cp, ep=dims.ep, pp_schedule=dims.pp_schedule, n_microbatches=self.accum,
+            tp=dims.tp, pp=dims.pp, cp=dims.cp, ep=dims.ep, pp_schedule=dims.pp_schedule,
+            # Fused gradient accumulation keeps its fp32 buffers across steps: counted as with accumulation
+            n_microbatches=max(self.accum, 2) if train.gradient_accumulation_fusion else self.accum,
             bf16=precision.compute == torch.bfloat16, fsdp=dims.fsdp_enabled,
             activation_checkpointing=train.activation_checkpointing, checkpointed_layers=train.activation_checkpointing_layers,
             fused_cross_entropy=self.layout.fused_loss(train.fused_cross_entropy),
