@@ -680,11 +680,7 @@ def test_tensor_parallel_rank_holds_and_saves_what_the_estimate_counts(sets, amp
     inputs of the column-parallel linears, gathered along the sequence or never split, are whole on
     every rank)."""
     seq, micro = 32, 8
-    cfg = load_config(None, ["data.mock=true", f"data.seq_len={seq}", f"model.max_seq_len={seq}",
-                             f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}", *sets])
-    family, args = resolve_model(cfg.model)
-    gen = torch.Generator().manual_seed(0)
-    tokens, labels = (torch.randint(0, args.vocab_size, (micro, seq), generator=gen) for _ in range(2))
+    cfg, family, args, tokens, labels = _small_run(sets, seq, micro, accum=1)
     ratios = []
     for tp in (1, 2):
         dims = ParallelDims.from_config(ParallelConfig(tp=tp), 2 if tp > 1 else 1)
@@ -727,14 +723,10 @@ def test_context_parallel_rank_keeps_the_whole_sequences_keys_and_values(sets, f
     from llamatron.parallel import memory
 
     seq, micro, cp = 32, 8, 2
-    cfg = load_config(None, ["data.mock=true", f"data.seq_len={seq}", f"model.max_seq_len={seq}",
-                             f"train.micro_batch_size={micro}", f"train.global_batch_size={2 * micro}", *sets])
-    family, args = resolve_model(cfg.model)
+    cfg, family, args, tokens, labels = _small_run(sets, seq, micro, accum=2)
     dims = ParallelDims.from_config(ParallelConfig(cp=cp), cp)
     dims.build_mesh("cpu")
     layout = Layout.build(family, args, cfg.train, dims, torch.device("cpu"), None, 2)
-    gen = torch.Generator().manual_seed(0)
-    tokens, labels = (torch.randint(0, args.vocab_size, (micro, seq), generator=gen) for _ in range(2))
     shapes = family.shapes(args)
     whole = (micro, shapes.heads, seq, shapes.head_dim)  # K and V as SDPA gets them here (expanded on the CPU)
     kept = _saved_bytes(layout, tokens, labels, None, fused=False, keep=lambda t: tuple(t.shape) == whole)
@@ -750,11 +742,7 @@ def test_fsdp_rank_keeps_one_process_activations_and_the_weights_it_does_not_res
     final norm): the estimate has the first as activations and the second in its working copies
     (two blocks in flight, the output copy)."""
     seq, micro = 32, 8
-    cfg = load_config(None, ["data.mock=true", f"data.seq_len={seq}", f"model.max_seq_len={seq}",
-                             f"train.micro_batch_size={micro}", f"train.global_batch_size={2 * micro}", *LLAMA])
-    family, args = resolve_model(cfg.model)
-    gen = torch.Generator().manual_seed(0)
-    tokens, labels = (torch.randint(0, args.vocab_size, (micro, seq), generator=gen) for _ in range(2))
+    cfg, family, args, tokens, labels = _small_run(LLAMA, seq, micro, accum=2)
     saved, est = {}, {}
     for name, world in (("one", 1), ("fsdp", 2)):
         dims = ParallelDims.from_config(ParallelConfig(dp_shard=world), world)
@@ -769,6 +757,16 @@ def test_fsdp_rank_keeps_one_process_activations_and_the_weights_it_does_not_res
                                                  model.output.weight, model.norm.weight])
     assert saved["fsdp"] - saved["one"] == unresharded
     assert est["fsdp"].activations == est["one"].activations and est["fsdp"].working >= unresharded
+
+
+def _small_run(sets, seq: int, micro: int, accum: int):
+    """(config, family, args, tokens, labels) of a small CPU run: `accum` micro-batches of `micro`."""
+    cfg = load_config(None, ["data.mock=true", f"data.seq_len={seq}", f"model.max_seq_len={seq}",
+                             f"train.micro_batch_size={micro}", f"train.global_batch_size={accum * micro}", *sets])
+    family, args = resolve_model(cfg.model)
+    gen = torch.Generator().manual_seed(0)
+    tokens, labels = (torch.randint(0, args.vocab_size, (micro, seq), generator=gen) for _ in range(2))
+    return cfg, family, args, tokens, labels
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
