@@ -131,7 +131,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 continue
             grad_h[start : start + chunk_size] = dlogits @ weight
             if need_w:
-                grad_w = _accumulate_weight_grad(grad_w, dlogits, hc, several=n > chunk_size)
+                grad_w = accumulate_weight_grad(grad_w, dlogits, hc, several=n > chunk_size)
         ctx.save_for_backward(grad_h, grad_w)
         # The mean over valid tokens; all valid (pretraining) it is the division by n as before.
         n = _valid_count(labels, n)
@@ -147,8 +147,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * scale.to(grad_h.dtype), grad_w, None, None, None
 
 
-def _accumulate_weight_grad(grad_w, dlogits: torch.Tensor, hc: torch.Tensor, several: bool) -> torch.Tensor:
-    """grad_w + dlogits^T hc, the output weight's gradient over the chunks. Several bf16 chunks on a
+def accumulate_weight_grad(grad_w, dlogits: torch.Tensor, hc: torch.Tensor, several: bool) -> torch.Tensor:
+    """grad_w + dlogits^T hc, the output weight's gradient over the chunks (and a block linear's over
+    micro-batches: transforms/weight_cast.py, where grad_w is fp32 and the result is it, in place on the
+    CPU and where the GPU's kernel writes into its input). Several bf16 chunks on a
     GPU that has the kernel: accumulated in fp32 inside the GEMM (cuBLAS `out_dtype`), with no bf16
     product and fp32 add pass per chunk (1.2 ms a chunk for the 128K x 4096 weight on an H200); else
     one bf16 product per chunk added into an fp32 accumulator (one chunk: no accumulator at all)."""

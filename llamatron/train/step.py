@@ -42,8 +42,8 @@ def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, tor
         if hasattr(part, "set_loss_scale"):  # auxiliary losses (MoE routers): a mean over micro-batches too
             part.set_loss_scale(1.0 / accum)
     # Weight gradients accumulated in fp32 buffers inside the GEMMs (transforms/weight_cast.py)
-    fused = [part.wgrad_buffers for part in layout.parts if hasattr(part, "wgrad_buffers")]
-    for buffers in fused:
+    wgrad = [part.wgrad_buffers for part in layout.parts if hasattr(part, "wgrad_buffers")]
+    for buffers in wgrad:
         buffers.begin()
     with attention_backend(attention):
         if layout.pipeline is not None:
@@ -52,7 +52,7 @@ def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, tor
             shares = None if token_counts is None else _token_shares(token_counts, layout, device)
             loss_sum = _forward_backward(layout, micro_batches, accum, device, precision,
                                          layout.fused_loss(fused_cross_entropy), shares)
-    for buffers in fused:
+    for buffers in wgrad:
         buffers.attach()
     grad_norm = clip_grad_norm_(layout.parameters(), grad_clip, layout.dims, duplicates=layout.tied_copies())
     update = before_update is None or before_update(loss_sum, grad_norm)

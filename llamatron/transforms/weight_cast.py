@@ -44,17 +44,14 @@ class _CachedCast(torch.autograd.Function):
 
 @torch.library.custom_op("llamatron::accumulate_wgrad", mutates_args=("main_grad",))
 def accumulate_wgrad(main_grad: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor) -> None:
-    """main_grad += grad_out^T x (2-D), in fp32 inside the GEMM where the device has the kernel. An
-    opaque op that mutates its first argument, so that compiled blocks call it as it is."""
-    from llamatron.loss import _fp32_accumulating_mm
+    """main_grad += grad_out^T x (2-D), in fp32 inside the GEMM where the device has the kernel (the
+    fused loss's accumulation of the output weight's gradient). An opaque op that mutates its first
+    argument, so that compiled blocks call it as it is."""
+    from llamatron.loss import accumulate_weight_grad
 
-    mode = _fp32_accumulating_mm(main_grad.device) if grad_out.dtype == torch.bfloat16 else None
-    if mode == "in_place":
-        torch.addmm(main_grad, grad_out.t(), x, out_dtype=torch.float32, out=main_grad)
-    elif mode == "new":
-        main_grad.copy_(torch.addmm(main_grad, grad_out.t(), x, out_dtype=torch.float32))
-    else:
-        main_grad.add_(grad_out.t() @ x)
+    total = accumulate_weight_grad(main_grad, grad_out, x, several=True)
+    if total is not main_grad:  # a device whose fp32-output GEMM cannot write into its own input
+        main_grad.copy_(total)
 
 
 @accumulate_wgrad.register_fake
