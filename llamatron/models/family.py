@@ -103,6 +103,9 @@ class Saving:
     # The tensor-parallel degree. The family's count is summed over the TP group's ranks, which the
     # caller divides by tp: a part TP leaves whole (GLaM's MoE blocks) counts tp times.
     tp: int = 1
+    # Whether the norms' weights train (not under LoRA): eager, an RMSNorm keeps its normalised input
+    # for its weight's gradient only then.
+    norm_grads: bool = True
 
     def keeps(self, *names: str) -> bool:
         """Whether backward keeps the compute-dtype input shared by these linears (any one needing it)."""

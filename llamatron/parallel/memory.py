@@ -340,17 +340,21 @@ def estimate_memory(
 
     tokens = micro_batch * seq_len / cp
     kept = counts.grad_linears - (f8.block_names if f8 is not None else frozenset())
-    saving = Saving(compiled, native_gqa, kept, seq_len // cp, micro_batch, tp)
+    lora_on = bool(lora is not None and _lora_key(lora))
+    saving = Saving(compiled, native_gqa, kept, seq_len // cp, micro_batch, tp, norm_grads=not lora_on)
     per_block = _per_token(args, counts, lora, residual, compute, saving, cp) * tokens / tp
-    if activation_checkpointing:
-        n_ckpt = layers if checkpointed_layers is None else min(checkpointed_layers, layers)
-        saved = n_ckpt * residual * args.dim * tokens / stp + (layers - n_ckpt) * per_block + per_block
-    else:
-        saved = layers * per_block
     in_flight = 1 if pp == 1 else (n_microbatches if pp_schedule == "gpipe" else min(pp, n_microbatches))
-    activations = saved * in_flight
+    n_ckpt = (layers if checkpointed_layers is None else min(checkpointed_layers, layers)) if activation_checkpointing else 0
+    # A checkpointed block keeps its input; backward recomputes one block at a time (its activations).
+    kept_acts = (n_ckpt * residual * args.dim * tokens / stp + (layers - n_ckpt) * per_block) * in_flight
+    activations = kept_acts + (per_block * in_flight if n_ckpt else 0.0)
+    # Of autocast's weight copies, backward keeps those of the blocks not checkpointed. Compiled, a
+    # checkpointed block's cast is a temporary of its graph (one block's at a time); eager, autocast's
+    # cache keeps every copy until the forward ends (the peak then, with its inputs): counted whole.
+    if not fsdp and n_ckpt and compiled:
+        working -= working * (n_ckpt - 1) / layers
     logits = _loss_bytes(args, tokens, vtp, compute, fused, fp8_output, autocast=bf16 and not fsdp)
-    saved, reused = activations + (0.0 if fsdp else working), 0.0
+    saved, reused = kept_acts + (0.0 if fsdp else working * (layers - n_ckpt) / layers), 0.0
     # A gated FFN's backward holds the gradients of its gate, its up projection and their product (a
     # family whose args name no FFN width: 4 d, the usual).
     backward = 3 * compute * getattr(args, "ffn_dim", 4 * args.dim) * tokens / tp

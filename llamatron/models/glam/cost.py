@@ -60,7 +60,7 @@ def activation_bytes_per_token(args: GLaMArgs, residual_bytes: int, compute_byte
     tp = saving.tp
     if not saving.compiled:
         # attention's q, k, v, output and its copy into wo (split by heads): 5 a d
-        common = (4 * r * d + (5 * a * d if r != a else 2 * a * d)) * tp + 5 * a * d
+        common = ((4 if saving.norm_grads else 2) * r * d + (5 * a * d if r != a else 2 * a * d)) * tp + 5 * a * d
         dense = 4 * a * f
         moe = 8 * E + k * (2 * a * d + 2 * a * fe) + a * d
     else:

@@ -32,7 +32,8 @@ def activation_bytes_per_token(args: ModelArgs, residual_bytes: int, compute_byt
     width SDPA sees: the KV heads' under native GQA, expanded to q's otherwise).
 
     Eager, counted tensor by tensor:
-        norms        2 x (input + normalised + output) = 6 r d  (the output in the compute dtype)
+        norms        2 x (input + normalised + output) = 6 r d  (the output in the compute dtype; the
+                     normalised input only for the norm weight's gradient: 4 r d under LoRA)
         casts        under autocast, each matmul's own bf16 copy of its fp32 input (wq, wk, wv, w1,
                      w3; autocast caches casts of weights only) = 5 a d, in place of the 2 r d above
         attention    q, k, v, the output and its copy into wo = a (q + 2 kv + 2 q)
@@ -51,7 +52,7 @@ def activation_bytes_per_token(args: ModelArgs, residual_bytes: int, compute_byt
     q = args.n_heads * args.head_dim
     kv = (args.n_kv_heads if saving.native_gqa else args.n_heads) * args.head_dim
     if not saving.compiled:
-        norms = 4 * r * d + (5 * a * d if r != a else 2 * a * d) * saving.tp
+        norms = (4 if saving.norm_grads else 2) * r * d + (5 * a * d if r != a else 2 * a * d) * saving.tp
         return norms + a * (3 * q + 2 * kv) + 4 * a * f
     kept = ((a * d * saving.keeps("attention.wq", "attention.wk", "attention.wv")
              + a * d * saving.keeps("feed_forward.w1", "feed_forward.w3")) * saving.tp
