@@ -7,7 +7,7 @@ trainer's order), LoRA's frozen linears stored as `lora.base_dtype` says (`froze
 trainer's AdamW, and `train_step` with the global trained-token normalisation, the fused
 cross-entropy with its ignore index and the attention the model picks for packed batches
 (flex_attention's document BlockMask on CUDA, a dense SDPA mask on the CPU). The batches come from
-the SFT data path itself (`SFTDataset` over a real token + mask cache, greedy packing, positions
+the SFT data path itself (`SFTDataset` over a real token + mask cache, packed as `--packing` says, positions
 restarting per example, document ids, `load_sft_batch`), written from synthetic examples: lengths
 uniform in [--min-len, --max-len] tokens, the first --prompt-frac of each (uniform in the range)
 masked as prompt. Only the initial values differ from a run: parameters are filled on the device
@@ -277,6 +277,7 @@ def main() -> int:
     p.add_argument("--min-len", type=int, default=256, help="shortest example, tokens")
     p.add_argument("--max-len", type=int, default=2048, help="longest example, tokens")
     p.add_argument("--prompt-frac", default="0.2,0.8", help="range of each example's masked prompt share")
+    p.add_argument("--packing", default="best_fit_decreasing", help="finetune.packing_algorithm (greedy: in order)")
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-targets", default="all")
@@ -312,7 +313,7 @@ def main() -> int:
         n_examples = n_seqs * max(1, cli.seq_len // cli.min_len) + 1
         cache = write_examples(os.path.join(tmp, "synthetic"), n_examples, margs.vocab_size, cli.min_len,
                                min(cli.max_len, cli.seq_len + 1), (lo, hi), seed=1234)
-        dataset = SFTDataset(cache, cli.seq_len, packing=True, seed=1234)
+        dataset = SFTDataset(cache, cli.seq_len, packing=True, seed=1234, packing_algorithm=cli.packing)
         print(f"device {name}; torch {torch.__version__}; {cli.model} x {margs.n_layers} layers; seq {cli.seq_len}; "
               f"global batch {cli.global_batch}; {dataset.describe()}; LoRA rank {cli.lora_rank} alpha "
               f"{cli.lora_alpha} targets {cli.lora_targets}", flush=True)

@@ -281,6 +281,7 @@ class FinetuneConfig:
     template: str = "auto"  # chat template: auto (llama3 for Llama 3's tokenizer, else plain), llama3, llama2, plain
     train_on_input: bool = False  # false: loss on the response tokens only (prompt labels masked -100)
     packing: bool = True  # several examples per sequence (document-masked attention); false: one, padded
+    packing_algorithm: str = "best_fit_decreasing"  # or greedy (in order, as torchtune): llamatron/data/packing.py
     too_long: str = "truncate"  # an example longer than data.seq_len + 1 tokens: truncate, drop or error
     cache_dir: str | None = None  # where the tokenized cache goes; None = beside the JSONL file
 
@@ -313,6 +314,10 @@ def _validate_finetune(cfg: "Config") -> None:
     _need(ft.template in TEMPLATES, "finetune.template", f"must be one of {', '.join(TEMPLATES)}, got {ft.template!r}")
     _need(ft.too_long in FINETUNE_TOO_LONG, "finetune.too_long",
           f"must be one of {', '.join(FINETUNE_TOO_LONG)}, got {ft.too_long!r}")
+    from llamatron.data.packing import PACKING_ALGORITHMS
+
+    _need(ft.packing_algorithm in PACKING_ALGORITHMS, "finetune.packing_algorithm",
+          f"must be one of {', '.join(PACKING_ALGORITHMS)}, got {ft.packing_algorithm!r}")
     if ft.data:
         _need(p.pp == 1 and p.cp == 1, "finetune.data",
               "fine-tuning data runs without pipeline or context parallelism (parallel.pp = parallel.cp = 1)")

@@ -195,14 +195,14 @@ class SFTDataset:
     seeded by (seed, e): a resumed run reads exactly the samples it would have."""
 
     def __init__(self, cache: SFTCache, seq_len: int, packing: bool, seed: int, too_long: str = "truncate",
-                 pad_id: int = 0):
-        from llamatron.data.packing import pack_greedy
+                 pad_id: int = 0, packing_algorithm: str = "best_fit_decreasing"):
+        from llamatron.data.packing import pack
 
         self.cache, self.seq_len, self.seed, self.pad_id, self.packing = cache, seq_len, seed, pad_id, packing
         self.ids, self.lengths, self.n_too_long = fit_lengths(cache, seq_len, too_long)
         if len(self.ids) == 0:
             raise LlamatronError(f"{cache.prefix}: no example fits data.seq_len {seq_len}")
-        bins = pack_greedy(self.lengths, seq_len) if packing else [[i] for i in range(len(self.ids))]
+        bins = pack(self.lengths, seq_len, packing_algorithm) if packing else [[i] for i in range(len(self.ids))]
         self.bins = bins
         self._perm_epoch, self._perm = -1, None
 
@@ -271,4 +271,4 @@ def build_sft_dataset(cfg, log=print) -> SFTDataset:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cache = build_sft_cache(ft.data, tokenizer, ft.template, ft.train_on_input, ft.cache_dir, log)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    return SFTDataset(cache, cfg.data.seq_len, ft.packing, cfg.data.seed, ft.too_long, pad)
+    return SFTDataset(cache, cfg.data.seq_len, ft.packing, cfg.data.seed, ft.too_long, pad, ft.packing_algorithm)
