@@ -12,8 +12,8 @@
 #    weight-gradient GEMM, the pinned staging buffers): they skip on the CPU
 # 1. issue 19: zero-shot scoring, the shipped fast path against lm-eval's HF backend (8B, GPT-126M);
 #    the 8B also with --fp8 (its block linears from FP8 copies)
-# 2. issue 20: LoRA (rank 32, all linears; bf16 and FP8 base layers) and full SFT of the 8B at seq 4096, packed
-#    (AdamW, and torchao's 8-bit AdamW at micro 2)
+# 2. issue 20: LoRA (rank 32, all linears; bf16 and FP8 base layers) of the 8B at seq 4096, packed by
+#    best fit (the full SFT rows were measured on 2026-12-05 with in-order packing: docs/performance.md)
 # 3. issue 21: GLaM 126M-64E with static capacity routing and flex relative bias, eager and compiled;
 #    then the 64B-64E layer proxy (2 blocks, 8 experts: one GPU's share at ep 8, docs/moe.md)
 # 4. issue 18: the LLaMA-2 7B proxy at micro 8 and 16
@@ -42,8 +42,8 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 run gputests 90 30 python -m pytest -q -p no:cacheprovider tests/test_loss.py tests/test_host_staging.py
 run zs8b 200 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 --json "$OUT/zs8b.json"
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
-run finetune 300 120 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,sft+compile+ac@micro=1,sft+compile+ac+adam8bit@micro=2,lora@micro=2 \
-    --steps 4 --warmup 2 --budget-s 260 --json "$OUT/finetune.json"
+run finetune 200 100 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,lora+compile+fp8@micro=4 \
+    --steps 4 --warmup 2 --budget-s 180 --json "$OUT/finetune.json"
 run glam 150 90 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
     --global-batch 32 --variants fused-ce+adam,compile --profile compile --steps 4 --warmup 2 --json "$OUT/glam.json"
 run glam64proxy 120 90 python bench/bench_train_step.py --size glam-64b-64e --layers 2 --set model.n_experts=8 \

@@ -13,6 +13,7 @@ measured step time and peak (`torch.cuda.max_memory_allocated`).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -36,6 +37,9 @@ PERFORMANCE_MD = [
     ("GPT 5B proxy", "gpt-5b", 4, 2048, 8, 16, "compile+cudnn", "native", 91_077, 29.5),
     ("LLaMA-2 7B proxy", "llama2-7b", 4, 4096, 8, 16, "compile+cudnn", "native", 93_272, 38.8),
     ("LLaMA-2 7B proxy, FP8 everywhere", "llama2-7b", 4, 4096, 8, 16, "compile+fp8-all", "native", 126_100, 33.4),
+    # 2026-12-05 (docs/performance.md, "LLaMA-2 7B proxy at micro 16")
+    ("LLaMA-2 7B proxy, global 32, micro 8", "llama2-7b", 4, 4096, 8, 32, "compile+cudnn", "native", 94_453, 38.8),
+    ("LLaMA-2 7B proxy, global 32, micro 16", "llama2-7b", 4, 4096, 16, 32, "compile+cudnn", "native", 95_401, 57.9),
 ]
 
 
@@ -88,16 +92,51 @@ def bench_runs() -> dict[Run, dict]:
     for path in sorted((DOCS / "bench").glob("*.json")):
         data = json.loads(path.read_text())
         gpu = "H200" if "H200" in data.get("meta", {}).get("device", "") else "H100"
+        if _other_model(data.get("meta", {}).get("command", "")):
+            continue  # another family's proxy (docs/moe.md), or its shapes changed by --set
         for r in data.get("results", []):
-            if "peak_mem_gib" not in r or r.get("layout", "1 device") != "1 device":
-                continue
+            if "fused_ce" not in r or "peak_mem_gib" not in r or r.get("layout", "1 device") != "1 device":
+                continue  # fine-tuning rows: `finetune_table`
+            gqa = r.get("gqa", "expand")
             run = Run(gpu, "llama3.1-8b", r["layers"], r["seq_len"], r["micro_batch"], r["global_batch"], r["compile"],
-                      r["fused_ce"], r.get("fp8", "none"), r.get("fp8_output", False), r.get("gqa", "expand"))
+                      r["fused_ce"], r.get("fp8", "none"), r.get("fp8_output", False), "native" if gqa == "auto" else gqa)
             entry = runs.setdefault(run, {"names": [], "steps": [], "peaks": []})
             entry["names"].append(f"{path.name} {r['variant']}")
             entry["steps"].append(r["step_time_s"])
             entry["peaks"].append(r["peak_mem_gib"])
     return runs
+
+
+def _other_model(command: str) -> bool:
+    words = command.split()
+    named = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--size", "--model")]
+    return any(n != "llama3.1-8b" for n in named) or "--set" in words
+
+
+def finetune_table() -> list[str]:
+    """The fine-tuning benchmark's rows (bench/bench_finetune.py, full 8B): the estimate it printed is
+    the trainer's, recomputed here with today's memory model."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+
+    from bench_finetune import Variant, estimate, parse_variant
+
+    lines = ["| run (docs/bench/) | variant | micro | measured peak GiB | estimate GiB | estimate / measured |",
+             "|" + "---|" * 6]
+    for path in sorted((DOCS / "bench").glob("finetune*.json")):
+        data = json.loads(path.read_text())
+        for r in data["results"]:
+            if "peak_mem_gib" not in r:
+                continue
+            base = registry.get("llama3.1-8b").args
+            margs = dataclasses.replace(base, n_layers=r["layers"], max_seq_len=max(r["seq_len"], base.max_seq_len))
+            cli = argparse.Namespace(seq_len=r["seq_len"], micro_batch=r["micro_batch"], global_batch=r["global_batch"],
+                                     lora_rank=32, lora_alpha=32.0, lora_targets="all", precision="bf16")
+            v: Variant = parse_variant(r["variant"])
+            est = estimate(margs, v, cli, torch.device("cuda"))
+            lines.append(f"| {path.name} | {r['variant']} | {r['micro_batch']} | {r['peak_mem_gib']:.1f} | {est:.1f} | "
+                         f"{est / r['peak_mem_gib']:.2f} |")
+    return lines
 
 
 def _describe(run: Run) -> str:
@@ -145,6 +184,8 @@ def main() -> int:
     print("\n".join(bench_table()))
     print()
     print("\n".join(performance_table()))
+    print()
+    print("\n".join(finetune_table()))
     return 0
 
 
