@@ -328,10 +328,11 @@ def estimate_memory(
     weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, expert_fsdp, fsdp, compute, bf16,
                                                      STATE_BYTES[optim], whole)
     f8 = fp8_counts(args, fp8_min_features, fp8_include_output) if fp8 != "none" and bf16 else None
-    bf16_base = bool(lora is not None and _lora_key(lora) and bf16 and not fsdp and tp == 1 and lora.base_dtype != "fp32")
+    lora_on = bool(lora is not None and _lora_key(lora))
+    bf16_base = lora_on and bf16 and not fsdp and tp == 1 and lora.base_dtype != "fp32"
     if bf16_base:
         weights, working = _bf16_frozen_base(weights, working, counts, layers, pp, compute, f8)
-    if lora is not None and _lora_key(lora):
+    if lora_on:
         f8 = None  # no Float8Linear under LoRA; under FSDP its frozen layers cast the gathered weights
     if f8 is not None and not fsdp:  # Float8Linear keeps no bf16 cast of its weight
         working -= compute * layers * f8.block_params / tp
@@ -340,21 +341,15 @@ def estimate_memory(
 
     tokens = micro_batch * seq_len / cp
     kept = counts.grad_linears - (f8.block_names if f8 is not None else frozenset())
-    lora_on = bool(lora is not None and _lora_key(lora))
     saving = Saving(compiled, native_gqa, kept, seq_len // cp, micro_batch, tp, norm_grads=not lora_on)
     per_block = _per_token(args, counts, lora, residual, compute, saving, cp) * tokens / tp
     in_flight = 1 if pp == 1 else (n_microbatches if pp_schedule == "gpipe" else min(pp, n_microbatches))
     n_ckpt = (layers if checkpointed_layers is None else min(checkpointed_layers, layers)) if activation_checkpointing else 0
-    # A checkpointed block keeps its input; backward recomputes one block at a time (its activations).
-    kept_acts = (n_ckpt * residual * args.dim * tokens / stp + (layers - n_ckpt) * per_block) * in_flight
-    activations = kept_acts + (per_block * in_flight if n_ckpt else 0.0)
-    # Of autocast's weight copies, backward keeps those of the blocks not checkpointed. Compiled, a
-    # checkpointed block's cast is a temporary of its graph (one block's at a time); eager, autocast's
-    # cache keeps every copy until the forward ends (the peak then, with its inputs): counted whole.
-    if not fsdp and n_ckpt and compiled:
-        working -= working * (n_ckpt - 1) / layers
+    casts_kept = 0.0 if fsdp else working * (layers - n_ckpt) / layers  # of the blocks not checkpointed
+    kept_acts, activations, working = _checkpointed(per_block * in_flight, residual * args.dim * tokens / stp * in_flight,
+                                                    layers, n_ckpt, working, compiled and not fsdp)
     logits = _loss_bytes(args, tokens, vtp, compute, fused, fp8_output, autocast=bf16 and not fsdp)
-    saved, reused = kept_acts + (0.0 if fsdp else working * (layers - n_ckpt) / layers), 0.0
+    saved, reused = kept_acts + casts_kept, 0.0
     # A gated FFN's backward holds the gradients of its gate, its up projection and their product (a
     # family whose args name no FFN width: 4 d, the usual).
     backward = 3 * compute * getattr(args, "ffn_dim", 4 * args.dim) * tokens / tp
@@ -370,6 +365,19 @@ def estimate_memory(
             reused = min(gradients, working + activations + logits)
             backward += 4 * args.vocab_size * args.dim / vtp / shard if counts.last_trainable else 0.0
     return MemoryEstimate(weights, gradients, optimizer, working, activations, logits, reused, backward, saved)
+
+
+def _checkpointed(per_block: float, block_input: float, layers: int, n_ckpt: int, working: float,
+                  compiled_casts: bool) -> tuple[float, float, float]:
+    """(kept to backward, activations at the peak, weight copies) with n_ckpt of the layers checkpointed.
+    A checkpointed block keeps its input; backward recomputes one block at a time. Of autocast's weight
+    copies, backward keeps those of the blocks not checkpointed. Compiled (`compiled_casts`), a
+    checkpointed block's cast is a temporary of its graph, one block's at a time; eager, autocast's
+    cache keeps every copy until the forward ends (the peak then, with the blocks' inputs): all counted."""
+    kept = n_ckpt * block_input + (layers - n_ckpt) * per_block
+    if n_ckpt and compiled_casts:
+        working -= working * (n_ckpt - 1) / layers
+    return kept, kept + (per_block if n_ckpt else 0.0), working
 
 
 def _per_token(args, counts: ParameterCounts, lora, residual: int, compute: int, saving: Saving, cp: int = 1) -> float:
