@@ -58,4 +58,4 @@ run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --sa
 run castonce 200 140 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 8 --micro-batch 1 \
     --steps 4 --warmup 2 --variants compile+cudnn,compile+cudnn+castonce,compile+cudnn+castonce+fusedwgrad \
     --profile compile+cudnn+castonce+fusedwgrad --json "$OUT/castonce.json"
-grep -h "SUMMARY\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-400
+grep -h "SUMMARY\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-900
