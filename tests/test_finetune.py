@@ -708,3 +708,24 @@ def test_flex_attention_block_mask_equals_the_dense_mask():
         dense = block(x, cos, sin, document_mask(doc))
         flex = block(x, cos, sin, document_mask(doc, flex=True))
     torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_refuses_another_packing_of_the_examples(tmp_path):
+    """The packing decides which examples share a sequence: a resumed run with another one reads other
+    data. A checkpoint written before `finetune.packing_algorithm` existed was packed in order."""
+    import yaml
+
+    from llamatron.config import dump_config
+    from llamatron.train.resume_check import check_resume_config
+
+    def config(*sets):
+        return dump_config(load_config(None, ["finetune.data=ex.jsonl", *sets]))
+
+    older = yaml.safe_load(config())
+    del older["finetune"]["packing_algorithm"]
+    with pytest.raises(LlamatronError, match="finetune.packing_algorithm: greedy -> best_fit_decreasing"):
+        check_resume_config(tmp_path, yaml.safe_dump(older), config(), allow=False, log=lambda *a: None)
+    check_resume_config(tmp_path, yaml.safe_dump(older), config("finetune.packing_algorithm=greedy"), allow=False,
+                        log=lambda *a: None)
+    with pytest.raises(LlamatronError, match="finetune.too_long: truncate -> drop"):
+        check_resume_config(tmp_path, config(), config("finetune.too_long=drop"), allow=False, log=lambda *a: None)

@@ -14,7 +14,12 @@ from llamatron.errors import LlamatronError
 # (the position in the data is counted in global batches). Layout, micro-batch, steps, schedule,
 # cadences and the rest may change on resume.
 EXACT_KEYS = ("model.", "data.train", "data.train_weights", "data.mock", "data.seq_len", "data.seed",
-              "data.tokenizer", "train.global_batch_size")
+              "data.tokenizer", "train.global_batch_size", "finetune.data", "finetune.template",
+              "finetune.train_on_input", "finetune.packing", "finetune.packing_algorithm", "finetune.too_long")
+
+# What a config written before a key existed meant by its absence, where that was not the key's
+# default now: fine-tuning examples were packed in order until best fit became the default.
+EARLIER_DEFAULTS = {"finetune.packing_algorithm": "greedy"}
 
 
 def _flat(config: dict) -> dict[str, object]:
@@ -26,6 +31,8 @@ def changed_keys(saved_yaml: str, current_yaml: str) -> dict[str, tuple[object, 
     """{key: (saved, current)} for the keys both configs have and that differ (a key one of them lacks,
     written by another llamatron version, cannot be compared)."""
     saved, current = _flat(yaml.safe_load(saved_yaml)), _flat(yaml.safe_load(current_yaml))
+    if saved.get("finetune.data"):
+        saved = {**EARLIER_DEFAULTS, **saved}
     diff = {k: (saved[k], current[k]) for k in saved.keys() & current.keys() if saved[k] != current[k]}
     # The model section names its size plus the overrides; an override only one side has is a change too.
     for k in (saved.keys() ^ current.keys()):
