@@ -113,19 +113,21 @@ def _other_model(command: str) -> bool:
     return any(n != "llama3.1-8b" for n in named) or "--set" in words
 
 
-def finetune_table() -> list[str]:
-    """The fine-tuning benchmark's rows (bench/bench_finetune.py, full 8B): the estimate it printed is
-    the trainer's, recomputed here with today's memory model."""
+def finetune_rows() -> list[dict]:
+    """The fine-tuning benchmark's rows (bench/bench_finetune.py, full 8B, one H200): the trainer's
+    memory estimate with today's model (the run printed the one of its day) and, for compiled runs,
+    the planner's step from the shipped H200 table."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
 
     from bench_finetune import Variant, estimate, parse_variant
+    from llamatron.config import LoraConfig
 
-    lines = ["| run (docs/bench/) | variant | micro | measured peak GiB | estimate GiB | estimate / measured |",
-             "|" + "---|" * 6]
+    table = calibration.default_table("H200")
+    hw = table.apply(plan.Hardware(1, memory_gib=139.0, fp8=True, fp8_speedup=plan.FP8_GEMM_SPEEDUP["H200"]))
+    rows = []
     for path in sorted((DOCS / "bench").glob("finetune*.json")):
-        data = json.loads(path.read_text())
-        for r in data["results"]:
+        for r in json.loads(path.read_text())["results"]:
             if "peak_mem_gib" not in r:
                 continue
             base = registry.get("llama3.1-8b").args
@@ -133,9 +135,23 @@ def finetune_table() -> list[str]:
             cli = argparse.Namespace(seq_len=r["seq_len"], micro_batch=r["micro_batch"], global_batch=r["global_batch"],
                                      lora_rank=32, lora_alpha=32.0, lora_targets="all", precision="bf16")
             v: Variant = parse_variant(r["variant"])
-            est = estimate(margs, v, cli, torch.device("cuda"))
-            lines.append(f"| {path.name} | {r['variant']} | {r['micro_batch']} | {r['peak_mem_gib']:.1f} | {est:.1f} | "
-                         f"{est / r['peak_mem_gib']:.2f} |")
+            planned = None
+            if v.compile:  # the runs the step-time model describes
+                w = dataclasses.replace(plan.workload("llama3.1-8b", r["seq_len"], r["global_batch"]), finetune=True,
+                                        lora=LoraConfig(rank=32, alpha=32.0) if v.lora else None, optim=v.optim)
+                planned = plan.evaluate(w, plan.Layout(1, 1, 1, 1, 1, r["micro_batch"], v.ac, fp8=v.fp8), hw).step_s
+            rows.append({"file": path.name, "variant": r["variant"], "micro": r["micro_batch"], "step": r["step_time_s"],
+                         "planned": planned, "peak": r["peak_mem_gib"], "estimate": estimate(margs, v, cli, torch.device("cuda"))})
+    return rows
+
+
+def finetune_table() -> list[str]:
+    lines = ["| run (docs/bench/) | variant | micro | measured step s | calibrated step s | error | "
+             "measured peak GiB | estimate GiB | estimate / measured |", "|" + "---|" * 9]
+    for r in finetune_rows():
+        lines.append(f"| {r['file']} | {r['variant']} | {r['micro']} | {r['step']:.3f} | "
+                     f"{_step_cells(r['planned'], r['step'])} | {r['peak']:.1f} | {r['estimate']:.1f} | "
+                     f"{r['estimate'] / r['peak']:.2f} |")
     return lines
 
 

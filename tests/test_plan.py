@@ -123,7 +123,8 @@ def _plan_vs_measured():
 
 def test_every_single_gpu_run_within_10_percent_of_the_memory_estimate_as_docs_planner_md_shows():
     """Every single-GPU run of docs/bench and docs/performance.md's H200 tables, compiled or eager, BF16
-    or FP8: the memory estimate within 10% of the measured peak; the tables in docs/planner.md are what
+    or FP8, pretraining or fine-tuning: the memory estimate within 10% of the measured peak (and the
+    fine-tuning runs' planned step within 10% of theirs); the tables in docs/planner.md are what
     bench/plan_vs_measured.py prints from them."""
     tables = _plan_vs_measured()
     runs = tables.bench_runs()
@@ -134,8 +135,11 @@ def test_every_single_gpu_run_within_10_percent_of_the_memory_estimate_as_docs_p
         fp8 = variant == "compile+fp8-all"
         run = tables.Run("H200", model, layers, seq, micro, gbs, True, True, "tensorwise" if fp8 else "none", fp8, gqa)
         assert tables.estimate_gib(run) == pytest.approx(peak, rel=0.10), label
+    for r in tables.finetune_rows():  # fine-tuning on one H200: memory, and the step where the planner models it
+        assert r["estimate"] == pytest.approx(r["peak"], rel=0.10), r
+        assert r["planned"] is None or r["planned"] == pytest.approx(r["step"], rel=0.10), r
     doc = (DOCS / "planner.md").read_text()
-    assert all(line in doc for line in tables.bench_table() + tables.performance_table())
+    assert all(line in doc for line in tables.bench_table() + tables.performance_table() + tables.finetune_table())
 
 
 def test_full_8b_on_two_h200_uses_fsdp_as_the_docs_show_fits():
