@@ -117,7 +117,9 @@ def finetune_rows() -> list[dict]:
     """The fine-tuning benchmark's rows (bench/bench_finetune.py, full 8B, one H200): the trainer's
     memory estimate with today's model (the run printed the one of its day) and, for compiled runs,
     the planner's step from the shipped H200 table."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # bench_finetune, beside this script (also when a test loads it by path)
+        sys.path.insert(0, here)
     import torch
 
     from bench_finetune import Variant, estimate, parse_variant

@@ -122,6 +122,7 @@ def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bo
                     mod.register_buffer("main_grad", torch.zeros_like(mod.weight), persistent=False)
                 mods.append(mod)
                 done.append(f"layers.{name}")
+        part.cast_once_linears = mods  # what `refresh` copies into, found once rather than every step
         if fuse_wgrad and mods:
             part.wgrad_buffers = WgradBuffers(mods)
     refresh(parts)
@@ -131,6 +132,6 @@ def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bo
 @torch.no_grad()
 def refresh(parts: list[nn.Module]) -> None:
     """Copy the current weights into their compute-dtype copies (after loading, after each optimizer step)."""
-    mods = [m for part in parts for m in part.modules() if isinstance(m, CastOnceLinear)]
+    mods = [m for part in parts for m in getattr(part, "cast_once_linears", ())]
     if mods:
         torch._foreach_copy_([m.weight_copy for m in mods], [m.weight for m in mods])
