@@ -55,7 +55,7 @@ from llamatron.train.step import train_step  # noqa: E402
 from llamatron.transforms.checkpointing import apply_activation_checkpointing  # noqa: E402
 from llamatron.transforms.compile import apply_compile  # noqa: E402
 from llamatron.transforms import weight_cast  # noqa: E402
-from llamatron.transforms.fp8 import apply_fp8  # noqa: E402
+from llamatron.transforms.fp8 import apply_fp8, apply_fp8_experts  # noqa: E402
 
 VARIANTS = {
     "baseline": dict(compile=False, fused_ce=False, fused_adam=False, attention="auto", ac=False),
@@ -82,6 +82,12 @@ VARIANTS = {
     # Everything in FP8: the output layer's GEMMs too, inside the fused cross-entropy (llamatron/loss.py).
     "compile+fp8-all": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
                             fp8="tensorwise", fp8_output=True),
+    # A mixture of experts' grouped GEMMs alone in FP8 (torchao's rowwise grouped recipe; GLaM 126M's
+    # 768 x 3072 experts pass a 768 width rule), and with the linears of that width too.
+    "compile+fp8-experts": dict(compile=True, fused_ce=True, fused_adam=True, attention="auto", ac=False,
+                                fp8_experts=768),
+    "compile+fp8-768": dict(compile=True, fused_ce=True, fused_adam=True, attention="auto", ac=False,
+                            fp8="tensorwise", fp8_min=768),
     "compile+fp8-rowwise": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
                                 fp8="rowwise"),
 }
@@ -136,7 +142,10 @@ def build_layout(margs, opts, device) -> Layout:
         model = registry.family_of(margs).build(margs)
     converted = []
     if opts.get("fp8"):
-        converted = apply_fp8(model, opts["fp8"], include_output=opts.get("fp8_output", False))
+        converted = apply_fp8(model, opts["fp8"], include_output=opts.get("fp8_output", False),
+                              min_features=opts.get("fp8_min", 1024))
+    if opts.get("fp8_experts"):
+        converted = apply_fp8_experts(model, opts["fp8_experts"])
     if opts["ac"]:
         apply_activation_checkpointing(model)
     if opts["compile"]:
@@ -293,12 +302,13 @@ def main() -> int:
             row = {
                 "variant": vname, **opts, "layers": cli.layers, "model_sets": cli.sets, "seq_len": cli.seq_len,
                 "micro_batch": args.micro_batch, "global_batch": gbs, "gqa": opts.get("gqa", "auto"),
-                "precision": f"fp8 {opts['fp8']} + {precision}" if opts.get("fp8") else precision,
+                "precision": f"fp8 {opts['fp8']} + {precision}" if opts.get("fp8")
+                else f"fp8 rowwise experts + {precision}" if opts.get("fp8_experts") else precision,
                 "layout": "1 device", "step_time_s": med, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps,
                 "tflops_per_gpu": gbs * per_seq / med / 1e12,
                 "mfu": flops.mfu(margs, cli.seq_len, gbs, med, 1, peak),
                 "mfu_fp8_peak": flops.mfu(margs, cli.seq_len, gbs, med, 1, flops.peak_flops(name, "fp8"))
-                if opts.get("fp8") else None,
+                if opts.get("fp8") or opts.get("fp8_experts") else None,
                 "peak_mem_gib": mem, "losses": losses, "step_times_s": times,
             }
             if prof:

@@ -16,7 +16,8 @@
 # 2. issue 20: LoRA (rank 32, all linears; bf16 and FP8 base layers) of the 8B at seq 4096, packed by
 #    best fit (the default since 2026-12-05)
 # 3. issue 21: GLaM 126M-64E with static capacity routing and flex relative bias (64-key tiles), eager
-#    and compiled, profiled
+#    and compiled, profiled; its experts in FP8 (torchao's rowwise grouped GEMM), alone and with the
+#    768-wide linears, after the CUDA test of that GEMM against BF16
 # 4. issue 23: a new H200 calibration table (attention timed in windows at three call sizes), for
 #    llamatron/calibration/h200.json: the GPT-126M rows of docs/planner.md wait for it
 # 5. issue 22: the first async checkpoint save, its host buffers allocated in the background
@@ -43,8 +44,10 @@ run zs8b 200 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
 run finetune 200 100 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,lora+compile+fp8@micro=4 \
     --steps 4 --warmup 2 --budget-s 180 --json "$OUT/finetune.json"
-run glam 150 90 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
-    --global-batch 32 --variants fused-ce+adam,compile --profile compile --steps 4 --warmup 2 --json "$OUT/glam.json"
+run fp8experts_test 60 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py
+run glam 180 90 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
+    --global-batch 32 --variants fused-ce+adam,compile,compile+fp8-experts,compile+fp8-768 --profile compile \
+    --steps 4 --warmup 2 --json "$OUT/glam.json"
 run calibrate 120 60 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 90
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
     --json "$OUT/ckpt.json"

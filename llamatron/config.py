@@ -160,6 +160,9 @@ class TrainConfig:
     # (docs/performance.md); false keeps the 128K-way softmax's inputs in bf16.
     fp8_include_output: bool | None = None
     fp8_all_gather: bool = False  # FSDP gathers weights in FP8 (tensorwise only): half the traffic
+    # A mixture of experts' grouped GEMMs in FP8 too (torchao's rowwise grouped recipe, whatever
+    # train.fp8 names; H100-class GPUs), by the same fp8_min_features rule; false keeps them bf16.
+    fp8_experts: bool = True
     # bf16 autocast without FSDP or TP: the block linears' bf16 weight copies made once per optimizer
     # step instead of by autocast in every micro-batch; the same numbers (transforms/weight_cast.py).
     cast_weights_once: bool = False

@@ -16,6 +16,10 @@ What stays in BF16, and why:
 - layers with a dimension below `fp8_min_features`: the cast and scale kernels cost more than the
   smaller GEMM saves (users report FP8 slower than BF16 on small models for this reason);
 - layers whose dimensions are not multiples of 16, which FP8 GEMMs cannot take.
+
+A mixture of experts' grouped GEMMs (a module with `fp8_grouped_mm`, e.g. GLaM's experts) are turned
+to FP8 by the same width rule (`apply_fp8_experts`, on unless `experts=False`): torchao's only FP8
+grouped recipe is rowwise, so they run it whichever recipe the linears use (models/glam/experts.py).
 """
 
 from __future__ import annotations
@@ -78,9 +82,21 @@ def fp8_module_filter(min_features: int, include_output: bool):
     return keep
 
 
+def apply_fp8_experts(model: nn.Module, min_features: int = 1024) -> list[str]:
+    """Turn on the FP8 grouped GEMMs of every module that offers them (`fp8_grouped_mm`) and whose
+    feature dimensions are multiples of 16 and at least `min_features`; returns their names."""
+    names = []
+    for name, m in model.named_modules():
+        if hasattr(m, "fp8_grouped_mm") and all(d % 16 == 0 and d >= min_features for d in m.gemm_features):
+            m.fp8_grouped_mm = True
+            names.append(name)
+    return names
+
+
 def apply_fp8(model: nn.Module, recipe: str, *, min_features: int = 1024, include_output: bool = False,
-              fsdp_all_gather: bool = False) -> list[str]:
-    """Convert `model`'s eligible linear layers in place; returns the names of those converted.
+              fsdp_all_gather: bool = False, experts: bool = True) -> list[str]:
+    """Convert `model`'s eligible linear layers in place (and, with `experts`, its grouped experts:
+    `apply_fp8_experts`); returns the names of those converted.
 
     fsdp_all_gather (tensorwise only): FSDP2 gathers the weights already cast to FP8, halving the
     all-gather traffic against BF16; needs `precompute_fp8_scales` after each optimizer step.
@@ -102,7 +118,7 @@ def apply_fp8(model: nn.Module, recipe: str, *, min_features: int = 1024, includ
     keep = fp8_module_filter(min_features, include_output)
     converted = [name for name, m in model.named_modules() if keep(m, name)]
     convert_to_float8_training(model, config=config, module_filter_fn=keep)
-    return converted
+    return converted + (apply_fp8_experts(model, min_features) if experts else [])
 
 
 def precompute_fp8_scales(model: nn.Module) -> None:
