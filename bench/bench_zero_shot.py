@@ -14,9 +14,12 @@ tensors `llamatron convert --to hf` writes), in the same dtype.
 
 Order: llamatron eager at every batch size, then the HF backend, then compiled (compiling is in place
 and cannot be undone), then with --fp8 the same model with its block linears scoring from FP8 copies
-(`llamatron evaluate --fp8`: converted in place, last). Eager and HF warm up on one batch; compiled on one untimed pass over all the
-requests (the compile happens in the first: the blocks' one dynamic-shape graph, then no recompile
-for any batch length), its time reported apart as `warmup_s` and excluded from the throughput. Per
+(`llamatron evaluate --fp8`: converted in place, last). Every side warms up on one untimed pass
+over all the requests, so that each batch shape has run once before the timed pass (cuBLAS's
+per-shape heuristics and the allocator's first growth on every side alike; compiled: the blocks' one
+dynamic-shape graph, then no recompile for any batch length); its time is reported apart as
+`warmup_s` and excluded from the throughput. (Until 2026-12-05 eager and HF warmed up on one batch
+only.) Per
 batch size: requests/s, model-input tokens/s, the ratio to the HF backend, the largest per-request
 log-likelihood difference, and one `SUMMARY {json}` line.
 """
@@ -90,13 +93,12 @@ def _row(scores, seconds: float, n: int, tokens: int, **extra) -> dict:
 
 
 def run_llamatron(model, reqs, sizes, device, tokens: int, compile: bool) -> dict[int, dict]:
-    """{batch size: row}: compiled, a full untimed pass first (the compile, then every length once)."""
+    """{batch size: row}: a full untimed pass first (compiled: the compile, then every length once)."""
     out = {}
     for bs in sizes:
-        warm = reqs if compile else reqs[:bs]
-        _, warmup = timed(lambda: loglikelihoods(model, warm, bs, device, compile=compile), device)
+        _, warmup = timed(lambda: loglikelihoods(model, reqs, bs, device, compile=compile), device)
         scores, seconds = timed(lambda: loglikelihoods(model, reqs, bs, device, compile=compile), device)
-        out[bs] = _row(scores, seconds, len(reqs), tokens, **({"warmup_s": warmup} if compile else {}))
+        out[bs] = _row(scores, seconds, len(reqs), tokens, warmup_s=warmup)
     return out
 
 
@@ -113,9 +115,9 @@ def run_hf(model, args, reqs, sizes, device, dtype, tokens: int) -> dict[int, di
     out = {}
     for bs in sizes:
         lm = HFLM(pretrained=hf, tokenizer=tok, batch_size=bs, device=str(device))
-        lm._loglikelihood_tokens(items[:bs], disable_tqdm=True)
+        _, warmup = timed(lambda: lm._loglikelihood_tokens(items, disable_tqdm=True), device)
         scores, seconds = timed(lambda: lm._loglikelihood_tokens(items, disable_tqdm=True), device)
-        out[bs] = _row(scores, seconds, len(reqs), tokens)
+        out[bs] = _row(scores, seconds, len(reqs), tokens, warmup_s=warmup)
     del hf, lm
     if device.type == "cuda":
         torch.cuda.empty_cache()
