@@ -124,7 +124,8 @@ def _plan_vs_measured():
 def test_every_single_gpu_run_within_10_percent_of_the_memory_estimate_as_docs_planner_md_shows():
     """Every single-GPU run of docs/bench and docs/performance.md's H200 tables, compiled or eager, BF16
     or FP8, pretraining or fine-tuning: the memory estimate within 10% of the measured peak (and the
-    fine-tuning runs' planned step within 10% of theirs); the tables in docs/planner.md are what
+    fine-tuning runs' planned step, attention within each packed document, within 3% of theirs); the
+    tables in docs/planner.md are what
     bench/plan_vs_measured.py prints from them."""
     tables = _plan_vs_measured()
     runs = tables.bench_runs()
@@ -137,7 +138,7 @@ def test_every_single_gpu_run_within_10_percent_of_the_memory_estimate_as_docs_p
         assert tables.estimate_gib(run) == pytest.approx(peak, rel=0.10), label
     for r in tables.finetune_rows():  # fine-tuning on one H200: memory, and the step where the planner models it
         assert r["estimate"] == pytest.approx(r["peak"], rel=0.10), r
-        assert r["planned"] is None or r["planned"] == pytest.approx(r["step"], rel=0.10), r
+        assert r["planned"] is None or r["planned"] == pytest.approx(r["step"], rel=0.03), r
     doc = (DOCS / "planner.md").read_text()
     assert all(line in doc for line in tables.bench_table() + tables.performance_table() + tables.finetune_table())
 
