@@ -139,8 +139,11 @@ def finetune_rows() -> list[dict]:
             v: Variant = parse_variant(r["variant"])
             planned = None
             if v.compile:  # the runs the step-time model describes
+                # The batches' document masking: bench_finetune records sum(len_i^2) / positions over the
+                # steps' sequences (the padding run one document) as doc_attention_seq.
                 w = dataclasses.replace(plan.workload("llama3.1-8b", r["seq_len"], r["global_batch"]), finetune=True,
-                                        lora=LoraConfig(rank=32, alpha=32.0) if v.lora else None, optim=v.optim)
+                                        lora=LoraConfig(rank=32, alpha=32.0) if v.lora else None, optim=v.optim,
+                                        document_tokens=r["doc_attention_seq"])
                 planned = plan.evaluate(w, plan.Layout(1, 1, 1, 1, 1, r["micro_batch"], v.ac, fp8=v.fp8), hw).step_s
             rows.append({"file": path.name, "variant": r["variant"], "micro": r["micro_batch"], "step": r["step_time_s"],
                          "planned": planned, "peak": r["peak_mem_gib"], "estimate": estimate(margs, v, cli, torch.device("cuda"))})

@@ -182,6 +182,10 @@ def _add_plan(sub) -> None:
                    "calibration table (H100, H200, A100, B200)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the config's, or 8192)")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: the config's, or 1024)")
+    p.add_argument("--document-tokens", type=float, default=None, metavar="N",
+                   help="document-masked attention (packed fine-tuning batches): the mean positions of a token's own "
+                   "document, sum(len^2) / sum(len) (documents of one length: that length; the trainer logs it for "
+                   "packed fine-tuning data); default: one document per sequence")
     p.add_argument("--top", type=int, default=5, help="layouts to print")
     p.add_argument("--fp8", choices=("auto", "on", "off"), default="auto",
                    help="FP8 layouts: auto (both, where the GPU and layout allow; or the config's train.fp8), on, off")

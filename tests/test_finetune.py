@@ -225,6 +225,11 @@ def test_cache_masks_prompts_and_is_reused_until_the_source_changes(tmp_path):
     starts = (pos == 0) & (docs >= 0)
     assert int(starts.sum()) == len(again)  # positions restart at each example
     assert (docs == -1).any() and (labels_b[docs == -1] == IGNORE_INDEX).all()  # padding is never trained
+    # What the planner costs attention with (--document-tokens): sum of squared document lengths (the
+    # padding run one document) over positions, as bench/bench_finetune.py counts it off the batches.
+    squares = sum(int((torch.unique_consecutive(row, return_counts=True)[1] ** 2).sum()) for row in docs)
+    assert ds.document_tokens() == pytest.approx(squares / docs.numel())
+    assert "documents of" in ds.describe() and SFTDataset(again, 128, packing=False, seed=1).document_tokens() == 128
 
 
 def test_chat_messages_train_on_assistant_turns_only(tmp_path):

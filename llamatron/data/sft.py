@@ -212,9 +212,22 @@ class SFTDataset:
         if cut:
             cut += "dropped" if len(self.ids) < len(self.cache) else "truncated"
         used = int(self.lengths.sum())
+        documents = (f"; attention within documents of {self.document_tokens():,.0f} positions on average "
+                     "(llamatron plan --document-tokens)" if self.packing else "")
         return (f"fine-tuning data {self.cache.prefix}: {len(self.ids)} examples in {len(self.bins)} sequences of "
                 f"{self.seq_len} ({'packed' if self.packing else 'padded'}, {used / (len(self.bins) * self.seq_len):.0%} "
-                f"of positions used){cut}")
+                f"of positions used){cut}{documents}")
+
+    def document_tokens(self) -> float:
+        """The mean positions of a token's own document over an epoch, sum(len_i^2) / positions: what
+        the document mask leaves of causal attention, seq x this (the planner's `--document-tokens`).
+        The padding run counts as one document (the mask lets it attend to itself); unpacked sequences
+        have no document mask, so they attend over all seq_len positions."""
+        if not self.packing:
+            return float(self.seq_len)
+        filled = np.array([self.lengths[b].sum() for b in self.bins], dtype=np.float64)
+        squares = float((self.lengths.astype(np.float64) ** 2).sum() + ((self.seq_len - filled) ** 2).sum())
+        return squares / (len(self.bins) * self.seq_len)
 
     def __len__(self) -> int:
         return len(self.bins)
