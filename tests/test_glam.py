@@ -425,3 +425,12 @@ def test_glam_debug_trains_logs_router_stats_and_resumes_exactly(tmp_path):
     for step in (1, 2):
         for key in ("loss", "grad_norm", "moe_aux_loss", "moe_dropped_fraction", "moe_max_load"):
             assert ac[step][key] == pytest.approx(whole[step][key], rel=1e-6), (step, key)
+    # The run report draws the router statistics of the runs that log them (two runs overlaid).
+    from llamatron.cli import main as cli_main
+    from llamatron.report.load import load_run
+    from llamatron.report.plots import routing_figure
+
+    page = tmp_path / "report.html"
+    assert cli_main(["report", str(tmp_path / "whole"), str(tmp_path / "ac"), "--out", str(page)]) == 0
+    assert "id='fig-routing'" in page.read_text()
+    assert routing_figure([load_run(tmp_path / "whole")]).startswith(b"\x89PNG")

@@ -151,12 +151,37 @@ def zero_shot_figure(runs: list[Run]) -> bytes | None:
     return _png(fig)
 
 
+def routing_figure(runs: list[Run]) -> bytes | None:
+    """A mixture of experts' router statistics against steps (the `moe_*` keys of `train` rows: the
+    aux loss, the fraction of assignments dropped for capacity, the busiest and idlest expert's load
+    against the mean), or None when no run has any."""
+    if not any(_series(run.of("train"), "moe_aux_loss")[0] for run in runs):
+        return None
+    fig, (aux, load) = _figure(2)
+    for run, color in zip(runs, COLORS):
+        train = run.of("train")
+        aux.plot(*_series(train, "moe_aux_loss"), ".-", color=color, label=run.name)
+        load.plot(*_series(train, "moe_max_load"), "^-", color=color, ms=4, label=_label(run, runs, "busiest expert"))
+        load.plot(*_series(train, "moe_min_load"), "v-", color=color, ms=4, label=_label(run, runs, "idlest expert"))
+        steps, dropped = _series(train, "moe_dropped_fraction")
+        if any(dropped):
+            load.plot(steps, dropped, "x:", color=color, label=_label(run, runs, "dropped fraction"))
+    aux.set(xlabel="step", ylabel="aux loss (1.0 = balanced)", title="Router load-balancing loss")
+    load.axhline(1.0, color="grey", lw=0.8, ls="--")
+    load.set(xlabel="step", ylabel="load / mean load; fraction", title="Expert load and dropped assignments")
+    if len(runs) > 1:
+        aux.legend(fontsize=8)
+    load.legend(fontsize=8)
+    return _png(fig)
+
+
 FIGURES = {
     "loss": ("Loss", loss_figure),
     "optimizer": ("Learning rate and gradient norm", optimizer_figure),
     "throughput": ("Throughput and MFU", throughput_figure),
     "memory": ("Memory and checkpoints", memory_figure),
     "zero_shot": ("Zero-shot tasks", zero_shot_figure),
+    "routing": ("Mixture-of-experts routing", routing_figure),
 }
 
 
