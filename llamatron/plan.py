@@ -178,6 +178,7 @@ class Workload:
     fp8: str | None = None  # None: enumerate off and on; else the config's train.fp8, fixed
     fp8_min_features: int = 1024
     fp8_output: bool = True  # FP8 layouts also run the output layer in FP8 (when the loss is fused)
+    fp8_experts: bool = True  # train.fp8_experts: FP8 layouts run a MoE's grouped expert GEMMs in FP8 too
     finetune: bool = False  # finetune.data: no pipeline or context parallelism
     # Document masking (packed fine-tuning batches attend within each example): the mean number of
     # positions of a token's own document, sum(len_i^2) / sum(len_i) over a sequence's documents (the
@@ -196,7 +197,7 @@ class Workload:
         return self.family.shapes(self.args)
 
     def fp8_layers(self):
-        return fp8_counts(self.args, self.fp8_min_features, self.fp8_output)
+        return fp8_counts(self.args, self.fp8_min_features, self.fp8_output, self.fp8_experts)
 
     @property
     def attention_share(self) -> float:
@@ -255,7 +256,8 @@ def fp8_choices(w: Workload, hw: Hardware, tp: int) -> tuple[bool, ...]:
     allowed = tp == 1
     if w.fp8 is not None:  # fixed by the config; FP8 with tensor parallelism is refused
         return (False,) if w.fp8 == "none" else (True,) if allowed else ()
-    possible = hw.fp8 and allowed and w.fp8_layers().block_params > 0
+    f8 = w.fp8_layers()
+    possible = hw.fp8 and allowed and (f8.block_params > 0 or f8.expert_active_params > 0)
     return (False, True) if possible else (False,)
 
 
@@ -352,7 +354,9 @@ def _fp8_flops_per_token(w: Workload, lay: Layout) -> float:
         return 0.0
     f8 = w.fp8_layers()
     gemms = 6 if w.lora is None else 4  # a frozen base (LoRA) has no weight-gradient GEMM
-    return gemms * (w.args.n_layers * f8.block_params + (f8.output_params if lay.fused_loss else 0))
+    # The experts' grouped GEMMs: FP8 under full training only (LoRA's frozen experts stay bf16).
+    block = f8.block_params + (f8.expert_active_params if w.lora is None else 0.0)
+    return gemms * (w.args.n_layers * block + (f8.output_params if lay.fused_loss else 0))
 
 
 def _tp_whole_flops_per_token(w: Workload, lay: Layout) -> float:
@@ -386,7 +390,9 @@ def block_gemm_seconds(w: Workload, lay: Layout, hw: Hardware) -> dict[str, tupl
     """Each block product's (forward, backward) seconds on one rank per micro-batch, from the table:
     rows = the micro-batch's tokens / cp (x top-k, spread over E / ep experts), n / tp where TP splits
     it; weighted by the share of blocks that have it."""
-    table, fp8 = hw.calibration, w.fp8_layers().block_names if lay.fp8 else frozenset()
+    f8 = w.fp8_layers()
+    experts = f8.expert_names if w.lora is None else frozenset()  # LoRA's frozen experts stay bf16
+    table, fp8 = hw.calibration, f8.block_names | experts if lay.fp8 else frozenset()
     tokens = lay.micro_batch * w.seq_len // lay.cp
     out = {}
     for g in w.shapes.gemms:
@@ -554,6 +560,7 @@ def workload_from_config(path: str, seq_len: int | None = None, global_batch: in
                     lora=cfg.lora if cfg.lora.rank > 0 else None, fp8=fp8, fp8_min_features=cfg.train.fp8_min_features,
                     fp8_output=(cfg.train.fp8_include_output or "train.fp8_include_output" not in explicit)
                     and cfg.lora.rank == 0,  # LoRA's frozen output layer stays bf16
+                    fp8_experts=cfg.train.fp8_experts,
                     finetune=bool(cfg.finetune.data), optim=cfg.optim.name, config=path, sets=sets)
 
 

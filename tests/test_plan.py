@@ -370,6 +370,25 @@ def test_fp8_rows_where_the_gpu_and_layout_allow_them():
     assert not any(e.layout.fp8 for e in narrow.ranked)  # width 768 < train.fp8_min_features: nothing converts
 
 
+def test_fp8_experts_are_costed_in_fp8():
+    """A MoE's grouped expert GEMMs (train.fp8_experts) count in the FP8 step by their active share
+    (top_k of E experts per token), by the linears' width rule; not in the memory (their bf16 copy
+    stays), and not with fp8_experts off."""
+    from llamatron.parallel.memory import fp8_counts
+
+    args = registry.get("glam-126m-64e").args
+    f8 = fp8_counts(args, 768)
+    per_block = args.n_moe_layers * args.top_k * 2 * args.dim * args.expert_ffn_dim / args.n_layers
+    assert f8.expert_active_params == per_block
+    assert f8.expert_names == {"feed_forward.experts.w1", "feed_forward.experts.w2"}
+    assert fp8_counts(args, 1024).expert_active_params == 0  # 768 wide: below the default rule
+    assert fp8_counts(args, 768, experts=False).expert_active_params == 0
+    w = dataclasses.replace(plan.workload("glam-126m-64e", seq_len=2048, global_batch=32), fp8_min_features=768)
+    lay = next(e.layout for e in plan.plan(w, H200_FP8).ranked if e.layout.fp8)
+    on, off = plan.evaluate(w, lay, H200_FP8), plan.evaluate(dataclasses.replace(w, fp8_experts=False), lay, H200_FP8)
+    assert on.step_s < off.step_s and on.memory_gib == off.memory_gib
+
+
 def test_fp8_option_pins_it(capsys):
     argv = ["plan", "--model", "llama3.1-8b", "--layers", "4", "--gpus", "1", "--gpu", "H200", "--global-batch", "16",
             "--top", "20"]

@@ -156,6 +156,11 @@ class Fp8Counts:
     block_names: frozenset[str]  # module paths inside a block ("attention.wq")
     output: bool
     output_params: int
+    # A mixture of experts' grouped GEMMs in FP8 (train.fp8_experts): per block (mean) the expert
+    # weights one token runs through (top_k of E), and their paths ("feed_forward.experts.w1"). Not in
+    # block_params: their bf16 column-major copy is kept for backward like autocast's cast.
+    expert_active_params: float = 0.0
+    expert_names: frozenset[str] = frozenset()
 
 
 _COUNTS: dict[tuple, object] = {}
@@ -241,21 +246,25 @@ def _count_parameters(args, lora) -> ParameterCounts:
         grad_linears)
 
 
-def fp8_counts(args, min_features: int = 1024, include_output: bool = False) -> Fp8Counts:
-    key = ("fp8", *_args_key(args), min_features, include_output)
+def fp8_counts(args, min_features: int = 1024, include_output: bool = False, experts: bool = True) -> Fp8Counts:
+    key = ("fp8", *_args_key(args), min_features, include_output, experts)
     if key not in _COUNTS:
         from torch import nn
 
-        from llamatron.transforms.fp8 import fp8_module_filter
+        from llamatron.transforms.fp8 import apply_fp8_experts, fp8_module_filter
 
         model = _meta_model(args)
         keep = fp8_module_filter(min_features, include_output)
         layers = len(model.layers)
         converted = [(name, m) for name, m in model.layers.named_modules() if name and keep(m, f"layers.{name}")]
         output = [m for name, m in model.named_modules() if name == "output" and isinstance(m, nn.Linear) and keep(m, name)]
+        grouped = apply_fp8_experts(model.layers, min_features) if experts else []  # on a throwaway meta model
+        share = getattr(args, "top_k", 0) / max(1, getattr(args, "n_experts", 1))
+        active = share * sum(p.numel() for name in grouped for p in model.layers.get_submodule(name).parameters())
         _COUNTS[key] = Fp8Counts(sum(m.weight.numel() for _, m in converted) / layers,
                                  frozenset(name.split(".", 1)[1] for name, _ in converted), bool(output),
-                                 sum(m.weight.numel() for m in output))
+                                 sum(m.weight.numel() for m in output), active / layers,
+                                 frozenset(f"{name.split('.', 1)[1]}.{w}" for name in grouped for w in ("w1", "w2")))
     return _COUNTS[key]
 
 
