@@ -281,6 +281,9 @@ class FinetuneConfig:
     # data.train / data.valid; data.seq_len is the length of the padded or packed sequences, and
     # data.tokenizer tokenizes the examples. Start from pretrained weights with checkpoint.init_from.
     data: str | None = None
+    # Held-out examples in the same layouts: the validation loss (mean NLL over their response tokens)
+    # at the eval cadence, over the first eval.samples sequences they pack into, in file order.
+    valid: str | None = None
     template: str = "auto"  # chat template: auto (llama3 for Llama 3's tokenizer, else plain), llama3, llama2, plain
     train_on_input: bool = False  # false: loss on the response tokens only (prompt labels masked -100)
     packing: bool = True  # several examples per sequence (document-masked attention); false: one, padded
@@ -321,6 +324,7 @@ def _validate_finetune(cfg: "Config") -> None:
 
     _need(ft.packing_algorithm in PACKING_ALGORITHMS, "finetune.packing_algorithm",
           f"must be one of {', '.join(PACKING_ALGORITHMS)}, got {ft.packing_algorithm!r}")
+    _need(not ft.valid or bool(ft.data), "finetune.valid", "validation examples need training ones (finetune.data)")
     if ft.data:
         _need(p.pp == 1 and p.cp == 1, "finetune.data",
               "fine-tuning data runs without pipeline or context parallelism (parallel.pp = parallel.cp = 1)")

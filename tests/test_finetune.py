@@ -332,6 +332,54 @@ def test_sft_then_lora_through_the_trainer(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# Validation loss on held-out examples (finetune.valid)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_validation_loss_is_the_mean_nll_of_every_response_token(tmp_path, packing):
+    """finetune.valid: the mean NLL over the response tokens of all validation examples (not a mean of
+    per-batch means), packed or padded, whatever the micro batch: each example run alone by hand."""
+    from llamatron.data.build import build_datasets
+    from llamatron.data.sft import shifted
+
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"passage": p * (i + 1), "question": q, "label": label}) + "\n"
+                                for i, (p, q, label) in enumerate(FACTS)))  # lengths differ
+    cfg = _cfg(tmp_path, tmp_path / "out", 1, [f"finetune.valid={held_out}", "eval.samples=64",
+                                               f"finetune.packing={str(packing).lower()}"])
+    _, valid = build_datasets(cfg, 512, 4)
+    assert "6 examples" in valid.describe() and (len(valid) < 6 if packing else len(valid) == 6)
+    model = _model()
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(len(valid.cache)):
+            inp, lab = shifted(valid.cache.tokens[i].astype(np.int64), valid.cache.mask[i])
+            inp, lab = torch.from_numpy(inp)[None], torch.from_numpy(lab)[None]
+            n = int((lab != IGNORE_INDEX).sum())
+            total, count = total + float(model(inp, lab)) * n, count + n
+    assert 6 <= count < valid.cache.tokens.num_tokens / 2  # the answers only, not the passages
+    for micro in (1, 3):
+        got = perplexity(model, valid, 64, micro, torch.device("cpu"))
+        assert got == pytest.approx(total / count, rel=1e-5), micro
+
+
+def test_validation_loss_through_the_trainer(tmp_path):
+    """At the start and the end of the run, logged like pretraining's; training on the same examples
+    brings it down. A missing file is one line naming finetune.valid."""
+    out = tmp_path / "run"
+    data = _boolq(tmp_path / "boolq.jsonl", repeat=4)
+    extra = [f"finetune.valid={data}", "eval.samples=8", "eval.at_start=true", "checkpoint.every=0"]
+    lines = []
+    train(_cfg(tmp_path, out, 6, extra), progress=False, log=lines.append)
+    evals = {r["step"]: r["val_loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if r["kind"] == "eval"}
+    assert sorted(evals) == [0, 6] and evals[6] < evals[0] - 0.5, evals
+    assert any(line.startswith("validation fine-tuning data") for line in lines)
+    with pytest.raises(LlamatronError, match="config key 'finetune.valid': .*nowhere.jsonl: no such file"):
+        train(_cfg(tmp_path, tmp_path / "bad", 1, [f"finetune.valid={tmp_path / 'nowhere.jsonl'}", "eval.samples=8"]),
+              progress=False, log=lambda *a: None)
+
+
+# --------------------------------------------------------------------------------------------------
 # Evaluating what fine-tuning made (`llamatron evaluate`, `llamatron eval`)
 
 

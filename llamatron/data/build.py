@@ -23,7 +23,8 @@ def build_datasets(cfg, vocab_size: int, num_train_samples: int):
     if getattr(cfg, "finetune", None) is not None and cfg.finetune.data:
         from llamatron.data.sft import build_sft_dataset
 
-        return build_sft_dataset(cfg), None
+        valid = build_sft_dataset(cfg, valid=True) if cfg.finetune.valid and n_valid > 0 else None
+        return build_sft_dataset(cfg), valid
     if data.mock:
         train = gd.MockDataset(vocab_size, data.seq_len, num_train_samples, data.seed)
         valid = gd.MockDataset(vocab_size, data.seq_len, max(n_valid, 1), data.seed + 1)

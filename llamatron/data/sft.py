@@ -136,10 +136,10 @@ def cache_prefix(source: str | Path, tokenizer, template: str, train_on_input: b
 
 
 def build_sft_cache(source: str | Path, tokenizer, template: str = "auto", train_on_input: bool = False,
-                    cache_dir: str | None = None, log=print) -> SFTCache:
+                    cache_dir: str | None = None, log=print, key: str = "finetune.data") -> SFTCache:
     """Tokenize `source` into the cache (unless a cache of the same content and settings exists)."""
     if not Path(source).is_file():
-        raise LlamatronError(f"config key 'finetune.data': {source}: no such file")
+        raise LlamatronError(f"config key '{key}': {source}: no such file")
     template = resolve_template(template, tokenizer)
     prefix = cache_prefix(source, tokenizer, template, train_on_input, cache_dir)
     if not all(Path(f"{prefix}_{kind}.{ext}").is_file() for kind in ("tokens", "mask") for ext in ("bin", "idx")):
@@ -192,13 +192,15 @@ class SFTDataset:
     """Sequences of `seq_len` positions built from the cache, each a [4, seq_len] int64 array:
     inputs, labels (-100 off-target and on padding), positions (restarting per example) and document
     ids (-1 on padding). Sample i is sequence perm_e[i % n] of epoch e = i // n, the permutation
-    seeded by (seed, e): a resumed run reads exactly the samples it would have."""
+    seeded by (seed, e): a resumed run reads exactly the samples it would have. Unshuffled (validation),
+    sample i is sequence i: the packing's order, the same in every run."""
 
     def __init__(self, cache: SFTCache, seq_len: int, packing: bool, seed: int, too_long: str = "truncate",
-                 pad_id: int = 0, packing_algorithm: str = "best_fit_decreasing"):
+                 pad_id: int = 0, packing_algorithm: str = "best_fit_decreasing", shuffle: bool = True):
         from llamatron.data.packing import pack
 
         self.cache, self.seq_len, self.seed, self.pad_id, self.packing = cache, seq_len, seed, pad_id, packing
+        self.shuffle = shuffle
         self.ids, self.lengths, self.n_too_long = fit_lengths(cache, seq_len, too_long)
         if len(self.ids) == 0:
             raise LlamatronError(f"{cache.prefix}: no example fits data.seq_len {seq_len}")
@@ -233,6 +235,8 @@ class SFTDataset:
         return len(self.bins)
 
     def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.bins))
         if epoch != self._perm_epoch:
             self._perm = np.random.RandomState((self.seed * 1_000_003 + epoch) % 2**32).permutation(len(self.bins))
             self._perm_epoch = epoch
@@ -251,6 +255,12 @@ class SFTDataset:
             out[2, at : at + n], out[3, at : at + n] = np.arange(n), doc
             at += n
         return out
+
+    def batch(self, indices, device) -> tuple:
+        """(tokens, labels, model keyword inputs) of samples `indices` on `device`: the protocol
+        validation reads a dataset through (`eval/perplexity.py`), as it reads windows of token files."""
+        (tokens, labels, extras), _ = load_sft_batch(self, indices, device)
+        return tokens, labels, extras
 
     def target_tokens(self) -> int:
         """Trained (label) positions over one epoch: what a step's loss is averaged over."""
@@ -276,12 +286,15 @@ def load_sft_batch(dataset: SFTDataset, indices, device, vocab_size: int | None 
 
 
 
-def build_sft_dataset(cfg, log=print) -> SFTDataset:
-    """The training dataset of a fine-tuning run's config (`[finetune]`, data.seq_len, data.seed)."""
+def build_sft_dataset(cfg, log=print, valid: bool = False) -> SFTDataset:
+    """The training dataset of a fine-tuning run's config (`[finetune]`, data.seq_len, data.seed), or
+    with `valid` its validation examples (`finetune.valid`), packed the same way, unshuffled."""
     from llamatron.tokenizer import load_tokenizer
 
     ft = cfg.finetune
+    source, key = (ft.valid, "finetune.valid") if valid else (ft.data, "finetune.data")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    cache = build_sft_cache(ft.data, tokenizer, ft.template, ft.train_on_input, ft.cache_dir, log)
+    cache = build_sft_cache(source, tokenizer, ft.template, ft.train_on_input, ft.cache_dir, log, key)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    return SFTDataset(cache, cfg.data.seq_len, ft.packing, cfg.data.seed, ft.too_long, pad, ft.packing_algorithm)
+    return SFTDataset(cache, cfg.data.seq_len, ft.packing, cfg.data.seed, ft.too_long, pad, ft.packing_algorithm,
+                      shuffle=not valid)

@@ -1,6 +1,7 @@
 """Validation log perplexity (MLPerf's `eval_accuracy`): mean token negative log-likelihood in nats over
-the first windows of a validation file, in file order; and the `Validator` that runs it at a run's
-cadence and records the results.
+the first windows of a validation file, in file order (for fine-tuning, over the response tokens of
+the first packed sequences of `finetune.valid`); and the `Validator` that runs it at a run's cadence
+and records the results.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from llamatron import hooks
+from llamatron.loss import IGNORE_INDEX
 from llamatron.parallel.layout import Layout, plain
 from llamatron.parallel.reduce import sum_over
 from llamatron.runtime import Precision, load_batch
@@ -52,6 +54,8 @@ def evaluate(model, dataset, num_samples: int, micro_batch: int, device, precisi
     pre-emption signal does not wait for a long validation.
     """
     layout = model if isinstance(model, Layout) else Layout.single(model)
+    if hasattr(dataset, "__len__"):
+        num_samples = min(num_samples, len(dataset))  # a validation set smaller than eval.samples: all of it
     was_training = layout.training
     layout.train(False)
     try:
@@ -76,15 +80,28 @@ def _evaluate(layout: Layout, dataset, num_samples, micro_batch, device, precisi
             first = start + dims.dp_rank * micro_batch
             idx = range(first, min(first + micro_batch, num_samples))
             weight = 1.0 if len(idx) else 0.0
-            tokens, labels = load_batch(dataset, idx if len(idx) else range(0, 1), device)
+            tokens, labels, extra = _read(dataset, idx if len(idx) else range(0, 1), device)
             with layout.sequence_context(tokens, labels), layout.loss_context(), precision.autocast(device):
-                loss = plain(layout.loss(tokens, labels, fused))
-            # labels is this rank's shard of the sequence under CP (sharded in place).
-            total += loss.double() * labels.numel() * weight
-            count += labels.numel() * weight
+                loss = plain(layout.loss(tokens, labels, fused, **extra))
+            # The loss is a mean over the scored labels (every one of a token file's windows; a
+            # fine-tuning example's response tokens): weighted by their count, the result is the mean
+            # over all of them. labels is this rank's shard of the sequence under CP (sharded in place).
+            n = (labels != IGNORE_INDEX).sum().double() * weight
+            total += torch.where(n > 0, loss.double() * n, 0.0)  # a batch of prompts only: 0/0, counted 0
+            count += n
     sum_over(total, dims, "dp_cp", "pp")
     sum_over(count, dims, "dp_cp", "pp")
     return float(total.item() / max(count.item(), 1))
+
+
+def _read(dataset, idx, device) -> tuple:
+    """(tokens, labels, model keyword inputs) of samples `idx`: windows of a token file, or from a
+    dataset that reads its own batches (`batch`: fine-tuning examples, with masked labels and the
+    positions and document ids of packed sequences)."""
+    if hasattr(dataset, "batch"):
+        return dataset.batch(idx, device)
+    tokens, labels = load_batch(dataset, idx, device)
+    return tokens, labels, {}
 
 
 def _evaluate_pipeline(layout: Layout, dataset, num_samples, micro_batch, device, precision: Precision, stop=None):

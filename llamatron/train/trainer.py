@@ -390,8 +390,9 @@ class Trainer:
             f"{cfg.data.seq_len}; {train.steps} steps"
         )
         self.log(f"layout: {dims.describe()}")
-        if hasattr(self.train_data, "describe"):  # fine-tuning data: examples, packing, truncation
-            self.log(self.train_data.describe())
+        for data, what in ((self.train_data, ""), (self.validator.dataset, "validation ")):
+            if hasattr(data, "describe"):  # fine-tuning data: examples, packing, truncation
+                self.log(what + data.describe())
         est = estimate_memory(
             self.args, cfg.data.seq_len, train.micro_batch_size, dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard,
             tp=dims.tp, pp=dims.pp, cp=dims.cp, ep=dims.ep, pp_schedule=dims.pp_schedule,
