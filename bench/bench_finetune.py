@@ -46,6 +46,8 @@ import time
 import traceback
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # bench_train_step's profile helpers
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -215,11 +217,33 @@ def run_variant(v: Variant, margs, cli, device, dataset) -> dict:
             times.append(dt)
             stats.append(batch_stats(batches))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    profile = profile_step(layout, opt, dataset, cli, micro, device, precision) if cli.profile == v.label else None
     base = {p.dtype for n, p in layout.model.named_parameters() if n.endswith("wq.weight")}
     return {"micro_batch": micro, "accum": accum, "step_times_s": times, "losses": losses, "peak_mem_gib": peak,
             "trainable_params": n_trainable, "frozen_linear_dtype": str(base.pop()).removeprefix("torch.") if v.lora
             else None, "fp8_frozen_layers": getattr(layout.model, "fp8_frozen_layers", 0),
-            **{k: sum(s[k] for s in stats) for k in stats[0]}, "lora": lora}
+            **{k: sum(s[k] for s in stats) for k in stats[0]}, "lora": lora,
+            **({"profile": profile} if profile else {})}
+
+
+def profile_step(layout, opt, dataset, cli, micro: int, device, precision) -> dict:
+    """One more step under torch.profiler: device time by kernel bucket and the top kernels, as
+    bench_train_step.py's --profile reports them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench_train_step import profile_summary
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    batches, counts = step_batches(dataset, cli.warmup + cli.steps, cli.global_batch, micro, device,
+                                   layout.model.args.vocab_size)
+    _sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        train_step(layout, opt, batches, cli.global_batch // micro, lr=cli.lr, device=device, precision=precision,
+                   fused_cross_entropy=True, grad_clip=1.0, attention=cli.attention, token_counts=counts)
+        _sync(device)
+        wall = time.perf_counter() - t0
+    return profile_summary(prof, wall)
 
 
 def _sync(device) -> None:
@@ -249,7 +273,7 @@ def summarize(v: Variant, r: dict, margs, cli, peak_flops: float | None, est_gib
         "gflop_per_token": per_seq / seq / 1e9, "doc_attention_seq": doc_seq,
         "peak_mem_gib": r["peak_mem_gib"], "estimate_gib": est_gib, "trainable_params": r["trainable_params"],
         "frozen_linear_dtype": r["frozen_linear_dtype"], "fp8_frozen_layers": r["fp8_frozen_layers"],
-        "losses": r["losses"], "step_times_s": r["step_times_s"],
+        "losses": r["losses"], "step_times_s": r["step_times_s"], **({"profile": r["profile"]} if "profile" in r else {}),
     }
 
 
@@ -289,6 +313,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--budget-s", type=float, default=340.0,
                    help="start a variant only if it should end (ALLOWANCE_S) within this many seconds of the start")
+    p.add_argument("--profile", default=None, metavar="VARIANT", help="profile one more step of this variant")
     p.add_argument("--json", default=None, help="write every result here")
     cli = p.parse_args()
     t_start = time.perf_counter()
@@ -327,6 +352,11 @@ def main() -> int:
                     json.dump({"meta": meta, "results": results}, f, indent=1)
                 os.replace(cli.json + ".tmp", cli.json)
     print_table(results)
+    from bench_train_step import print_profile
+
+    for r in results:
+        if "profile" in r:
+            print_profile(r["profile"], f"one {r['variant']} step, global batch {cli.global_batch}")
     return 0
 
 

@@ -229,6 +229,12 @@ def profile_step(model, opt, dataset, args, device, amp, opts) -> dict:
             weight_cast.refresh(model.parts)
         torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
+    return profile_summary(prof, wall)
+
+
+def profile_summary(prof, wall: float) -> dict:
+    """A profiled step's device time by kernel bucket, its named ranges and top kernels (also
+    bench_finetune.py's)."""
     buckets: dict[str, float] = {}
     top: dict[str, float] = {}
     for evt in prof.key_averages():
@@ -246,6 +252,17 @@ def profile_step(model, opt, dataset, args, device, amp, opts) -> dict:
     buckets["idle (wall - kernels)"] = max(wall * 1e3 - busy, 0.0)
     return {"wall_ms": wall * 1e3, "buckets_ms": buckets, "ranges_ms": ranges,
             "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
+
+
+def print_profile(profile: dict, what: str) -> None:
+    print(f"\nprofile of {what} ({profile['wall_ms']:.1f} ms wall):")
+    for k, v in sorted(profile["buckets_ms"].items(), key=lambda kv: -kv[1]):
+        print(f"  {k:24s} {v:8.1f} ms")
+    for k, v in profile.get("ranges_ms", {}).items():
+        print(f"  range {k:18s} {v:8.1f} ms (forward, device)")
+    print("  top kernels:")
+    for k, v in profile["top_kernels_ms"].items():
+        print(f"    {v:8.1f} ms  {k}")
 
 
 def main() -> int:
@@ -345,15 +362,7 @@ def main() -> int:
                   f"max |diff| {max(diffs):.4f}, max relative {rel:.2e}")
     for r in ok:
         if "profile" in r:
-            print(f"\nprofile of one {r['variant']} step, global batch {r['global_batch']} "
-                  f"({r['profile']['wall_ms']:.1f} ms wall):")
-            for k, v in sorted(r["profile"]["buckets_ms"].items(), key=lambda kv: -kv[1]):
-                print(f"  {k:24s} {v:8.1f} ms")
-            for k, v in r["profile"].get("ranges_ms", {}).items():
-                print(f"  range {k:18s} {v:8.1f} ms (forward, device)")
-            print("  top kernels:")
-            for k, v in r["profile"]["top_kernels_ms"].items():
-                print(f"    {v:8.1f} ms  {k}")
+            print_profile(r["profile"], f"one {r['variant']} step, global batch {r['global_batch']}")
     if cli.json:
         meta = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                 "command": " ".join(sys.argv)}

@@ -28,12 +28,12 @@ def test_smoke_run_reports_lora_and_sft_variants(tmp_path, monkeypatch, capsys):
         "bench_finetune.py", "--model", "debug", "--seq-len", "128", "--min-len", "16", "--max-len", "80",
         "--device", "cpu", "--precision", "bf16", "--steps", "2", "--warmup", "1", "--global-batch", "2",
         "--lora-rank", "4", "--lora-alpha", "8", "--variants", "lora,lora@base=fp32,lora+ac@micro=2,sft+ac,lora+fp8",
-        "--fp8-min-features", "32",
+        "--fp8-min-features", "32", "--profile", "lora",
         "--json", str(out)])
     torch.set_num_threads(1)
     assert bench.main() == 0
-    printed = [json.loads(line[len("SUMMARY "):]) for line in capsys.readouterr().out.splitlines()
-               if line.startswith("SUMMARY ")]
+    text = capsys.readouterr().out
+    printed = [json.loads(line[len("SUMMARY "):]) for line in text.splitlines() if line.startswith("SUMMARY ")]
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     assert [r["variant"] for r in printed] == list(rows) == ["lora", "lora@base=fp32", "lora+ac@micro=2", "sft+ac",
                                                              "lora+fp8"]
@@ -43,6 +43,8 @@ def test_smoke_run_reports_lora_and_sft_variants(tmp_path, monkeypatch, capsys):
         assert r["doc_attention_seq"] < 80  # no document is longer than --max-len
         assert len(r["step_times_s"]) == 2 and all(map(torch.isfinite, torch.tensor(r["losses"])))
     lora, sft = rows["lora"], rows["sft+ac"]
+    # --profile: one more step of that variant under torch.profiler (the CPU has no device kernels)
+    assert lora["profile"]["wall_ms"] > 0 and "profile" not in sft and "profile of one lora step" in text
     # bf16 autocast: the frozen linears stored in bf16 unless base=fp32, with the same losses
     assert (lora["frozen_linear_dtype"], rows["lora@base=fp32"]["frozen_linear_dtype"]) == ("bfloat16", "float32")
     assert lora["losses"] == rows["lora@base=fp32"]["losses"]
