@@ -434,3 +434,8 @@ def test_glam_debug_trains_logs_router_stats_and_resumes_exactly(tmp_path):
     assert cli_main(["report", str(tmp_path / "whole"), str(tmp_path / "ac"), "--out", str(page)]) == 0
     assert "id='fig-routing'" in page.read_text()
     assert routing_figure([load_run(tmp_path / "whole")]).startswith(b"\x89PNG")
+    from llamatron.report import text_report
+
+    last = whole[8]
+    assert (f"aux loss {last['moe_aux_loss']:.3f}, dropped {100 * last['moe_dropped_fraction']:.1f}%"
+            in text_report([str(tmp_path / "whole")]))

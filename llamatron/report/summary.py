@@ -56,6 +56,7 @@ class Summary:
     eval_time_s: float = 0.0
     env: dict = field(default_factory=dict)  # the newest job's env row
     zero_shot: dict[str, tuple[int, float]] = field(default_factory=dict)  # task metric -> (step, last value)
+    routing: dict | None = None  # a mixture of experts' last train row with router statistics (moe_* keys)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -89,6 +90,7 @@ def summarize(run: Run, target: float | None = None) -> Summary:
     s.nonfinite, s.spikes, s.checkpoints = run.of("nonfinite"), run.of("grad_spike"), run.of("checkpoint")
     for row in run.of("zero_shot"):  # eval.tasks: one row per validation, a key per task metric
         s.zero_shot.update({k: (row["step"], v) for k, v in zero_shot_metrics(row).items()})
+    s.routing = next((r for r in reversed(run.of("train")) if isinstance(r.get("moe_aux_loss"), (int, float))), None)
     return s
 
 

@@ -42,6 +42,11 @@ def summary_rows(s: Summary) -> list[tuple[str, str]]:
         rows.append(("validation log perplexity (last)", f"{value:.4f} @ step {step}"))
         rows.append(("validation log perplexity (best)", f"{s.best_val[1]:.4f} @ step {s.best_val[0]}"))
     rows += [(f"zero-shot {k} (last)", f"{v:.4f} @ step {step}") for k, (step, v) in s.zero_shot.items()]
+    if s.routing is not None:  # a mixture of experts: its router's last log interval
+        r = s.routing
+        rows.append(("MoE router (last interval)", f"aux loss {r['moe_aux_loss']:.3f}, dropped "
+                     f"{100 * r.get('moe_dropped_fraction', 0.0):.1f}%, expert load {r.get('moe_min_load', 0.0):.2f}-"
+                     f"{r.get('moe_max_load', 0.0):.2f} x mean @ step {r['step']}"))
     if s.target is not None:
         reached = (f"step {s.target_step}, {_duration(s.time_to_target_s)} of training"
                    if s.target_step is not None else "not reached")
