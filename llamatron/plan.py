@@ -541,6 +541,7 @@ def workload_from_config(path: str, seq_len: int | None = None, global_batch: in
                          layers: int | None = None) -> Workload:
     """The model, sequence, batch, LoRA and FP8 keys of a config file or preset (`--config`)."""
     from llamatron.config import load_config, parse_config, resolve_model
+    from llamatron.data.sft import cached_document_tokens
 
     sets = [f"model.n_layers={layers}"] if layers is not None else []
     if seq_len is not None:
@@ -561,7 +562,8 @@ def workload_from_config(path: str, seq_len: int | None = None, global_batch: in
                     fp8_output=(cfg.train.fp8_include_output or "train.fp8_include_output" not in explicit)
                     and cfg.lora.rank == 0,  # LoRA's frozen output layer stays bf16
                     fp8_experts=cfg.train.fp8_experts,
-                    finetune=bool(cfg.finetune.data), optim=cfg.optim.name, config=path, sets=sets)
+                    finetune=bool(cfg.finetune.data), document_tokens=cached_document_tokens(cfg),
+                    optim=cfg.optim.name, config=path, sets=sets)
 
 
 def with_documents(w: Workload, tokens: float) -> Workload:
@@ -637,7 +639,9 @@ def _tokens_label(n: float) -> str:
 def render(p: Plan, top: int = 5, train_tokens: float = 1e12) -> str:
     hw, w = p.hardware, p.workload
     extras = [f"LoRA rank {w.lora.rank}" if w.lora is not None else "", "fine-tuning data" if w.finetune else "",
-              f"attention within documents of {w.document_tokens:,.0f} positions" if w.document_tokens else ""]
+              f"attention within documents of {w.document_tokens:,.0f} positions" if w.document_tokens else
+              "attention over whole sequences (the data is not tokenized yet: --document-tokens N, from a run's "
+              "log, costs it within documents)" if w.finetune else ""]
     source = (f"compute from {hw.calibration.describe()}" if hw.calibration is not None
               else "compute from the fitted model (no calibration table)")
     head = (f"plan for {p.model} ({p.args.n_layers} layers{''.join(', ' + x for x in extras if x)}), seq "

@@ -379,6 +379,28 @@ def test_validation_loss_through_the_trainer(tmp_path):
               progress=False, log=lambda *a: None)
 
 
+def test_plan_costs_attention_within_the_documents_of_tokenized_data(tmp_path, capsys):
+    """`llamatron plan --config` on a fine-tuning config: once a run has tokenized the data, the plan
+    costs attention within its packed documents (the figure the run's log gives); before, over whole
+    sequences, and it says so."""
+    from llamatron import plan
+    from llamatron.data.build import build_datasets
+
+    cfg_file = tmp_path / "ft.toml"
+    cfg_file.write_text(f'[model]\nsize = "debug"\n[data]\nseq_len = 128\ntokenizer = "{_tokenizer(tmp_path)}"\n'
+                        f'[finetune]\ndata = "{_boolq(tmp_path / "boolq.jsonl", repeat=4)}"\n'
+                        '[train]\nglobal_batch_size = 4\nmicro_batch_size = 1\n')
+    argv = ["plan", "--config", str(cfg_file), "--gpus", "1", "--gpu", "H200", "--top", "1"]
+    assert plan.workload_from_config(str(cfg_file)).document_tokens is None
+    assert main(argv) == 0
+    assert "attention over whole sequences (the data is not tokenized yet" in capsys.readouterr().out
+    train_data, _ = build_datasets(load_config(str(cfg_file)), 512, 4)  # what a run's start does
+    w = plan.workload_from_config(str(cfg_file))
+    assert w.document_tokens == train_data.document_tokens() < 128
+    assert main(argv) == 0
+    assert f"attention within documents of {w.document_tokens:,.0f} positions" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluating what fine-tuning made (`llamatron evaluate`, `llamatron eval`)
 

@@ -142,10 +142,32 @@ def build_sft_cache(source: str | Path, tokenizer, template: str = "auto", train
         raise LlamatronError(f"config key '{key}': {source}: no such file")
     template = resolve_template(template, tokenizer)
     prefix = cache_prefix(source, tokenizer, template, train_on_input, cache_dir)
-    if not all(Path(f"{prefix}_{kind}.{ext}").is_file() for kind in ("tokens", "mask") for ext in ("bin", "idx")):
+    if not _cache_complete(prefix):
         n = _write_cache(source, tokenizer, template, train_on_input, prefix)
         log(f"tokenized {n} fine-tuning examples of {source} into {prefix}_{{tokens,mask}}.bin/.idx")
     return SFTCache(IndexedDataset(f"{prefix}_tokens"), IndexedDataset(f"{prefix}_mask"), prefix)
+
+
+def _cache_complete(prefix: str) -> bool:
+    return all(Path(f"{prefix}_{kind}.{ext}").is_file() for kind in ("tokens", "mask") for ext in ("bin", "idx"))
+
+
+def cached_document_tokens(cfg) -> float | None:
+    """`SFTDataset.document_tokens` of a fine-tuning config's packed training data where it is tokenized
+    already (an earlier run made the cache), for `llamatron plan --config`; None where it is not (the
+    planner tokenizes nothing), without packing, or without fine-tuning data."""
+    from llamatron.tokenizer import load_tokenizer
+
+    ft = cfg.finetune
+    if not ft.data or not ft.packing or not Path(ft.data).is_file():
+        return None
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    prefix = cache_prefix(ft.data, tokenizer, resolve_template(ft.template, tokenizer), ft.train_on_input, ft.cache_dir)
+    if not _cache_complete(prefix):
+        return None
+    cache = SFTCache(IndexedDataset(f"{prefix}_tokens"), IndexedDataset(f"{prefix}_mask"), prefix)
+    return SFTDataset(cache, cfg.data.seq_len, True, cfg.data.seed, ft.too_long,
+                      packing_algorithm=ft.packing_algorithm).document_tokens()
 
 
 def _write_cache(source, tokenizer, template: str, train_on_input: bool, prefix: str) -> int:
