@@ -181,3 +181,24 @@ def test_capacity_block_with_fp8_experts_stays_one_compiled_graph():
         results.append([xg.grad] + [p.grad.clone() for p in block.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+def test_fp8_experts_on_a_gpu_without_fp8_grouped_gemms_is_one_line(monkeypatch):
+    """torchao's FP8 grouped GEMM needs compute capability 9.0 (FP8 linears run from 8.9): the trainer
+    says so at start, naming the key that keeps the experts in BF16; nothing to say when no expert
+    passes the width rule or FP8 experts are off."""
+    from llamatron.config import TrainConfig
+    from llamatron.errors import LlamatronError
+    from llamatron.transforms.fp8 import check_fp8_experts
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    args, gpu = registry.get("glam-126m-64e").args, torch.device("cuda")
+    train = TrainConfig(fp8="tensorwise", fp8_min_features=768)
+    with pytest.raises(LlamatronError, match=r"'train.fp8_experts'.*9.0 or newer; NVIDIA L40S has 8.9"):
+        check_fp8_experts(train, args, gpu)
+    check_fp8_experts(dataclasses.replace(train, fp8_min_features=1024), args, gpu)  # 768 wide: none convert
+    check_fp8_experts(dataclasses.replace(train, fp8_experts=False), args, gpu)
+    check_fp8_experts(train, registry.get("debug").args, gpu)  # a dense model: no experts
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_experts(train, args, gpu)

@@ -258,7 +258,7 @@ def fp8_counts(args, min_features: int = 1024, include_output: bool = False, exp
         layers = len(model.layers)
         converted = [(name, m) for name, m in model.layers.named_modules() if name and keep(m, f"layers.{name}")]
         output = [m for name, m in model.named_modules() if name == "output" and isinstance(m, nn.Linear) and keep(m, name)]
-        grouped = apply_fp8_experts(model.layers, min_features) if experts else []  # on a throwaway meta model
+        grouped = apply_fp8_experts(model.layers, min_features, load_kernels=False) if experts else []  # throwaway model
         share = getattr(args, "top_k", 0) / max(1, getattr(args, "n_experts", 1))
         active = share * sum(p.numel() for name in grouped for p in model.layers.get_submodule(name).parameters())
         _COUNTS[key] = Fp8Counts(sum(m.weight.numel() for _, m in converted) / layers,

@@ -43,7 +43,7 @@ from llamatron.train.metrics import MetricsWriter, ThroughputMeter, run_environm
 from llamatron.train.mlperf_log import MLPerfLog
 from llamatron.train.optim import build_optimizer, lr_at
 from llamatron.train.step import train_step
-from llamatron.transforms.fp8 import check_fp8, fp8_output, precompute_fp8_scales
+from llamatron.transforms.fp8 import check_fp8, check_fp8_experts, fp8_output, precompute_fp8_scales
 from llamatron.transforms.fp8_frozen import check_lora_fp8, fp8_frozen_linears
 from llamatron.transforms.lora import frozen_dtype
 from llamatron.transforms import weight_cast
@@ -122,6 +122,7 @@ class Trainer:
         self.dims.build_mesh(device.type)
         self.precision = Precision.choose(cfg.train.precision, device, self.dims.fsdp_enabled)
         self.family, self.args = resolve_model(cfg.model)
+        check_fp8_experts(cfg.train, self.args, device)
         self.accum = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dims.dp)
         self.config_yaml = dump_config(cfg)
         self.log(f"config (saved to {self.out_dir / 'config.yaml'}):\n{self.config_yaml}")

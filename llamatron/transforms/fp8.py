@@ -82,15 +82,39 @@ def fp8_module_filter(min_features: int, include_output: bool):
     return keep
 
 
-def apply_fp8_experts(model: nn.Module, min_features: int = 1024) -> list[str]:
+def apply_fp8_experts(model: nn.Module, min_features: int = 1024, load_kernels: bool = True) -> list[str]:
     """Turn on the FP8 grouped GEMMs of every module that offers them (`fp8_grouped_mm`) and whose
-    feature dimensions are multiples of 16 and at least `min_features`; returns their names."""
+    feature dimensions are multiples of 16 and at least `min_features`; returns their names.
+    `load_kernels=False`: only count them (the memory and step-time estimates), importing nothing."""
     names = []
     for name, m in model.named_modules():
         if hasattr(m, "fp8_grouped_mm") and all(d % 16 == 0 and d >= min_features for d in m.gemm_features):
             m.fp8_grouped_mm = True
             names.append(name)
+    if names and load_kernels and torch.cuda.is_available():
+        # Imported now, not first inside a compiled block; a torchao without it is a config error.
+        try:
+            import torchao.prototype.moe_training  # noqa: F401
+        except ImportError as e:
+            raise LlamatronError(f"config key 'train.fp8_experts': FP8 experts need torchao's "
+                                 f"prototype.moe_training (torchao 0.17 or newer): {e}; or set it to false") from e
     return names
+
+
+def check_fp8_experts(train, args, device: torch.device) -> None:
+    """torchao's FP8 grouped GEMM (`torch._scaled_grouped_mm`) runs on compute capability 9.0 and newer
+    (H100, H200, B200), not on the 8.9 GPUs FP8 linears run on; the CPU runs an emulation."""
+    if train.fp8 == "none" or not train.fp8_experts or device.type != "cuda":
+        return
+    from llamatron.parallel.memory import fp8_counts
+
+    if not fp8_counts(args, train.fp8_min_features).expert_names:
+        return  # no expert passes the width rule (or no experts): nothing to check
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (9, 0):
+        raise LlamatronError(f"config key 'train.fp8_experts': FP8 experts need compute capability 9.0 or newer; "
+                             f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]} (set it to false to keep "
+                             "them in BF16)")
 
 
 def apply_fp8(model: nn.Module, recipe: str, *, min_features: int = 1024, include_output: bool = False,
