@@ -390,9 +390,10 @@ def block_gemm_seconds(w: Workload, lay: Layout, hw: Hardware) -> dict[str, tupl
     """Each block product's (forward, backward) seconds on one rank per micro-batch, from the table:
     rows = the micro-batch's tokens / cp (x top-k, spread over E / ep experts), n / tp where TP splits
     it; weighted by the share of blocks that have it."""
-    f8 = w.fp8_layers()
-    experts = f8.expert_names if w.lora is None else frozenset()  # LoRA's frozen experts stay bf16
-    table, fp8 = hw.calibration, f8.block_names | experts if lay.fp8 else frozenset()
+    table, fp8 = hw.calibration, frozenset()
+    if lay.fp8:  # the FP8 layers are counted on a meta model, once per workload: only where asked
+        f8 = w.fp8_layers()
+        fp8 = f8.block_names | (f8.expert_names if w.lora is None else frozenset())  # LoRA's experts stay bf16
     tokens = lay.micro_batch * w.seq_len // lay.cp
     out = {}
     for g in w.shapes.gemms:
