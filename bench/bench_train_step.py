@@ -220,14 +220,15 @@ def profile_step(model, opt, dataset, args, device, amp, opts) -> dict:
     step = args.warmup + args.steps
     batches = [load_batch(dataset, micro_batch_indices(step, m, args.global_batch, args.micro_batch), device)
                for m in range(accum)]
-    torch.cuda.synchronize(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _: None)
+    sync(device)
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         train_step(model, opt, iter(batches), accum, lr=args.lr, device=device, precision=amp,
                    fused_cross_entropy=opts["fused_ce"], grad_clip=1.0, attention=opts["attention"])
         if opts.get("castonce") and amp.amp is not None:
             weight_cast.refresh(model.parts)
-        torch.cuda.synchronize(device)
+        sync(device)
         wall = time.perf_counter() - t0
     return profile_summary(prof, wall)
 

@@ -19,8 +19,9 @@
 # 3. issue 21: GLaM 126M-64E with static capacity routing and flex relative bias (64-key tiles), eager
 #    and compiled, profiled; its experts in FP8 (torchao's rowwise grouped GEMM), alone and with the
 #    768-wide linears, after the CUDA test of that GEMM against BF16
-# 4. issue 23: a new H200 calibration table (attention timed in windows at three call sizes), for
-#    llamatron/calibration/h200.json: the GPT-126M rows of docs/planner.md wait for it
+# 4. issue 23: a new H200 calibration table (attention timed in windows at three call sizes; GLaM's
+#    experts as one batched GEMM and its attention as flex runs it, compiled), for
+#    llamatron/calibration/h200.json: the GPT-126M and GLaM rows of docs/planner.md wait for it
 # 5. issue 22: the first async checkpoint save, its host buffers allocated in the background
 # 6. issue 22: the block linears' bf16 copies made once per step (train.cast_weights_once), and with
 #    the fp32 weight-gradient accumulation inside the GEMM (train.gradient_accumulation_fusion), against
@@ -49,7 +50,7 @@ run fp8experts_test 60 30 python -m pytest -q -p no:cacheprovider tests/test_gla
 run glam 180 90 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
     --global-batch 32 --variants fused-ce+adam,compile,compile+fp8-experts,compile+fp8-768 --profile compile \
     --steps 4 --warmup 2 --json "$OUT/glam.json"
-run calibrate 120 60 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 90
+run calibrate 170 90 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 140
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
     --json "$OUT/ckpt.json"
 run castonce 200 140 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 8 --micro-batch 1 \

@@ -113,6 +113,48 @@ def _other_model(command: str) -> bool:
     return any(n != "llama3.1-8b" for n in named) or "--set" in words
 
 
+def moe_rows() -> list[dict]:
+    """docs/bench's runs of a MoE family's proxy (bench_train_step.py --size glam-..., its `--set model.*`
+    applied), compiled BF16 ones: the planner's step (fitted and from the shipped H200 table) and the
+    memory estimate beside the measured step and peak."""
+    rows = []
+    for path in sorted((DOCS / "bench").glob("*.json")):
+        data = json.loads(path.read_text())
+        words = data.get("meta", {}).get("command", "").split()
+        named = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--size", "--model")]
+        if not named or registry.get(named[0]).family.name != "glam":
+            continue
+        sets = dict(words[i + 1].removeprefix("model.").split("=", 1) for i, w in enumerate(words[:-1]) if w == "--set")
+        for r in data["results"]:
+            if not r.get("compile") or r.get("fp8", "none") != "none":
+                continue
+            w = plan.workload(named[0], r["seq_len"], r["global_batch"], r["layers"] or None)
+            args = dataclasses.replace(w.args, **{k: type(getattr(w.args, k))(v) for k, v in sets.items()})
+            w = dataclasses.replace(w, args=args)
+            lay = plan.Layout(1, 1, 1, 1, 1, r["micro_batch"], False)
+            hw = plan.Hardware(1, memory_gib=139.0, fp8=True, fp8_speedup=plan.FP8_GEMM_SPEEDUP["H200"])
+            est = estimate_memory(args, r["seq_len"], r["micro_batch"], n_microbatches=r["global_batch"] // r["micro_batch"],
+                                  fused_cross_entropy=r["fused_ce"], compiled=True, native_gqa=True)
+            rows.append({"file": path.name, "variant": r["variant"], "model": named[0], "sets": sets,
+                         "layers": r["layers"], "micro": r["micro_batch"], "global": r["global_batch"],
+                         "step": r["step_time_s"], "fitted": plan.evaluate(w, lay, hw).step_s,
+                         "calibrated": plan.evaluate(w, lay, calibration.default_table("H200").apply(hw)).step_s,
+                         "peak": r["peak_mem_gib"], "estimate": est.total / GiB})
+    return rows
+
+
+def moe_table() -> list[str]:
+    lines = ["| run (docs/bench/, one H200) | model | layers | micro | global | measured step s | planned step s "
+             "(fitted) | error | calibrated step s | error | measured peak GiB | estimate GiB | estimate / measured |",
+             "|" + "---|" * 13]
+    for r in moe_rows():
+        model = r["model"] + "".join(f", {k}={v}" for k, v in r["sets"].items())
+        lines.append(f"| {r['file']} {r['variant']} | {model} | {r['layers']} | {r['micro']} | {r['global']} | "
+                     f"{r['step']:.3f} | {_step_cells(r['fitted'], r['step'])} | {_step_cells(r['calibrated'], r['step'])} | "
+                     f"{r['peak']:.1f} | {r['estimate']:.1f} | {r['estimate'] / r['peak']:.2f} |")
+    return lines
+
+
 def finetune_rows() -> list[dict]:
     """The fine-tuning benchmark's rows (bench/bench_finetune.py, full 8B, one H200): the trainer's
     memory estimate with today's model (the run printed the one of its day) and, for compiled runs,
@@ -207,6 +249,8 @@ def main() -> int:
     print("\n".join(performance_table()))
     print()
     print("\n".join(finetune_table()))
+    print()
+    print("\n".join(moe_table()))
     return 0
 
 

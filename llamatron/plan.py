@@ -401,9 +401,11 @@ def block_gemm_seconds(w: Workload, lay: Layout, hw: Hardware) -> dict[str, tupl
         rows = max(1, round(tokens * g.rows * (lay.ep if g.groups > 1 else 1) / g.groups))
         n = max(1, g.n // lay.tp) if g.tp_split else g.n
         speed = hw.fp8_speedup if g.name in fp8 else 1.0
-        fwd = g.share * groups * table.gemm("fwd", rows, g.k, n) / speed
-        bwd = g.share * groups * (table.gemm("dgrad", rows, g.k, n)
-                                  + (table.gemm("wgrad", rows, g.k, n) if w.lora is None else 0.0)) / speed
+        def time(op: str) -> float:  # experts: one batched GEMM over the local experts' rows
+            return table.grouped(op, groups, rows, g.k, n) if g.groups > 1 else table.gemm(op, rows, g.k, n)
+
+        fwd = g.share * time("fwd") / speed
+        bwd = g.share * (time("dgrad") + (time("wgrad") if w.lora is None else 0.0)) / speed
         out[g.name] = (fwd, bwd)
     return out
 

@@ -139,8 +139,12 @@ def test_every_single_gpu_run_within_10_percent_of_the_memory_estimate_as_docs_p
     for r in tables.finetune_rows():  # fine-tuning on one H200: memory, and the step where the planner models it
         assert r["estimate"] == pytest.approx(r["peak"], rel=0.10), r
         assert r["planned"] is None or r["planned"] == pytest.approx(r["step"], rel=0.03), r
+    moe = tables.moe_rows()  # MoE proxies: memory, and the fitted step (the calibrated one waits for a new table)
+    assert moe and all(r["estimate"] == pytest.approx(r["peak"], rel=0.10) for r in moe), moe
+    assert all(r["fitted"] == pytest.approx(r["step"], rel=0.10) for r in moe), moe
     doc = (DOCS / "planner.md").read_text()
-    assert all(line in doc for line in tables.bench_table() + tables.performance_table() + tables.finetune_table())
+    assert all(line in doc for line in tables.bench_table() + tables.performance_table() + tables.finetune_table()
+               + tables.moe_table())
 
 
 def test_full_8b_on_two_h200_uses_fsdp_as_the_docs_show_fits():
@@ -564,6 +568,57 @@ def test_calibrate_on_cpu_writes_the_table_the_planner_needs(cpu_table):
     t = calibration.load(cpu_table)
     for r in table["gemm"][:6]:  # a measured shape is read back as measured
         assert t.gemm(r["op"], r["m"], r["k"], r["n"]) == pytest.approx(r["seconds"])
+
+
+def test_calibration_times_glams_biased_attention_as_the_model_trains_it(tmp_path):
+    """GLaM's attention rows time what its blocks run: the flex path (CUDA's) computes the SDPA
+    reference's output (forward on the CPU: flex has no CPU backward), the reference's gradient reaches
+    the bias table, and a quick calibration of glam-debug writes its bias rows after the GEMMs."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 160, 16, requires_grad=True) for _ in range(3))
+    flex, table_f = measure._biased_attention(q.detach(), k.detach(), v.detach(), flex=True)
+    sdpa, table_s = measure._biased_attention(q, k, v, flex=False)
+    table_s.data.copy_(table_f.data)
+    torch.testing.assert_close(flex(), sdpa(), rtol=1e-4, atol=1e-5)
+    (grad,) = torch.autograd.grad(sdpa().square().sum(), table_s)
+    assert grad.abs().sum() > 0 and grad.shape == (32, 4)
+    out = tmp_path / "glam.json"
+    assert main(["plan", "--calibrate", "--quick", "--model", "glam-debug", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["attention"]
+    assert {r["mask"] for r in rows} == {"bias"} and all(r["bwd_seconds"] > 0 for r in rows)
+    assert len(rows) == len(measure.QUICK_SEQS) * len(measure.QUICK_ATTENTION_TOKENS)
+
+
+def test_calibration_times_the_experts_batched_gemm_and_the_planner_costs_them_by_it(tmp_path):
+    """A MoE model's table has its experts' products as one batched GEMM over E experts (what the
+    capacity path runs), read back as measured; the planner's expert time follows those rows, and a
+    table without them (the shipped ones before) costs E separate GEMMs as before."""
+    out = tmp_path / "glam.json"
+    assert main(["plan", "--calibrate", "--quick", "--model", "glam-debug", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    args = registry.get("glam-debug").args
+    wanted = {(args.n_experts, args.dim, args.expert_ffn_dim), (args.n_experts, args.expert_ffn_dim, args.dim)}
+    assert {(r["groups"], r["k"], r["n"]) for r in data["grouped"]} == wanted
+    assert {(r["op"], r["m"]) for r in data["grouped"]} == {
+        (op, m) for op in calibration.GEMM_OPS for m in measure.QUICK_GROUP_ROWS}
+    table = calibration.load(out)
+    for r in data["grouped"]:
+        assert table.grouped(r["op"], r["groups"], r["m"], r["k"], r["n"]) == pytest.approx(r["seconds"])
+    w = plan.workload("glam-debug", seq_len=128, global_batch=8)
+    lay = plan.Layout(1, 1, 1, 1, 1, 2, False)
+
+    def experts_ms(grouped_scale: float | None) -> float:
+        d = {key: rows for key, rows in data.items() if key != "grouped"}
+        if grouped_scale is not None:
+            d["grouped"] = [dict(r, seconds=r["seconds"] * grouped_scale) for r in data["grouped"]]
+        seconds = plan.block_gemm_seconds(w, lay, calibration.Table(d).apply(plan.Hardware(1)))
+        return sum(sum(seconds[name]) for name in ("feed_forward.experts.w1", "feed_forward.experts.w2"))
+
+    assert experts_ms(2.0) == pytest.approx(2 * experts_ms(1.0), rel=1e-9)
+    rows = 2 * 128 * args.top_k // args.n_experts
+    products = [(args.dim, args.expert_ffn_dim), (args.expert_ffn_dim, args.dim)]  # w1, w2 (equal in glam-debug)
+    separate = sum(args.n_experts * table.gemm(op, rows, k, n) for k, n in products for op in calibration.GEMM_OPS)
+    assert experts_ms(None) == pytest.approx(separate * w.shapes.gemms[-1].share, rel=1e-9)
 
 
 def test_the_planner_computes_from_the_table(cpu_table, tmp_path, capsys):

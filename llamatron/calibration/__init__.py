@@ -4,7 +4,8 @@
 A table is one JSON file (docs/planner.md, "Calibration tables", has the format): the device, torch
 version and date, then measurements, each with its shape and the median seconds of a few repeats after
 warm-up: GEMMs (forward, input gradient, weight gradient) at the models' block and output-layer shapes,
-SDPA forward and backward, element-wise copies and adds, a fused AdamW step, and, when measured under
+the MoE experts' batched GEMMs (`grouped`; absent from tables written before them), attention forward
+and backward, element-wise copies and adds, a fused AdamW step, and, when measured under
 torchrun, all-gather / reduce-scatter / all-to-all / point-to-point at a few sizes.
 
 The planner asks for shapes that were not measured, so a table interpolates: a GEMM's throughput is
@@ -39,6 +40,8 @@ SECTIONS = {
     "optimizer": ("params", "seconds"),
     "comm": ("op", "world", "bytes", "seconds"),
 }
+# Sections a table may lack (tables written before they were measured): the planner then falls back.
+OPTIONAL = {"grouped": ("op", "groups", "m", "k", "n", "seconds")}
 
 
 def default_table(gpu: str) -> Table | None:
@@ -70,14 +73,15 @@ def check(data, source: str) -> None:
 
     need(isinstance(data, dict), "(top level)", "expected a JSON object")
     need(data.get("format") == FORMAT, "format", f"expected {FORMAT!r}, got {data.get('format')!r}")
-    for section, keys in SECTIONS.items():
+    for section, keys in (SECTIONS | {k: v for k, v in OPTIONAL.items() if k in data}).items():
         rows = data.get(section)
         need(isinstance(rows, list), section, "expected a list of measurements")
         for i, row in enumerate(rows):
             need(isinstance(row, dict) and all(k in row for k in keys), f"{section}[{i}]",
                  f"expected the keys {', '.join(keys)}")
             for k in keys:
-                if k.endswith("seconds") or k in ("m", "k", "n", "bytes", "params", "batch", "heads", "seq", "head_dim"):
+                if k.endswith("seconds") or k in ("m", "k", "n", "groups", "bytes", "params", "batch", "heads", "seq",
+                                                  "head_dim"):
                     value = row[k]
                     need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
                          and math.isfinite(value), f"{section}[{i}].{k}", f"expected a positive number, got {value!r}")
@@ -136,6 +140,12 @@ class Table:
                     groups.setdefault((r["k"], r["n"]), []).append(r)
             self._gemm[op] = {kn: _rates(rows, lambda r: 2.0 * r["m"] * r["k"] * r["n"], lambda r: r["m"])
                               for kn, rows in groups.items()}
+        self._grouped: dict[str, dict[tuple[int, int, int], list[tuple[float, float]]]] = {}
+        for r in data.get("grouped", []):
+            self._grouped.setdefault(r["op"], {}).setdefault((r["groups"], r["k"], r["n"]), []).append(r)
+        for op, shapes in self._grouped.items():
+            shapes.update({gkn: _rates(rows, lambda r: 2.0 * r["groups"] * r["m"] * r["k"] * r["n"], lambda r: r["m"])
+                           for gkn, rows in shapes.items()})
 
     def describe(self) -> str:
         d = self.data
@@ -147,6 +157,17 @@ class Table:
         groups = self._gemm[op]
         near = min(groups, key=lambda kn: (abs(math.log(kn[0] / k)) + abs(math.log(kn[1] / n)), kn))
         return 2.0 * m * k * n / _interpolate(groups[near], math.log(m))
+
+    def grouped(self, op: str, groups: int, m: int, k: int, n: int) -> float:
+        """Seconds of `groups` experts' x [m, k] @ W [k, n] in one batched GEMM (fwd, dgrad or wgrad), from
+        the measured (experts, k, n) nearest in log scale, the rate interpolated in log m (rows per
+        expert); a table without such measurements: `groups` separate GEMMs of m rows."""
+        shapes = self._grouped.get(op)
+        if not shapes:
+            return groups * self.gemm(op, m, k, n)
+        near = min(shapes, key=lambda gkn: (abs(math.log(gkn[0] / groups)) + abs(math.log(gkn[1] / k))
+                                            + abs(math.log(gkn[2] / n)), gkn))
+        return 2.0 * groups * m * k * n / _interpolate(shapes[near], math.log(m))
 
     def attention(self, batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, mask: str) -> tuple[float, float]:
         """Seconds of SDPA forward and backward for `batch` x `heads` queries of seq_q over seq_k keys."""

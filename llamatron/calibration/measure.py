@@ -3,7 +3,9 @@ is built from, and write them as a table (llamatron/calibration/__init__.py read
 
 On CUDA in bf16 (timed with CUDA events), else on the CPU in fp32 (wall clock): GEMMs at the models'
 block and output-layer shapes, each at a ladder of row counts and tensor-parallel splits (forward,
-input gradient, weight gradient); SDPA forward and backward at a few sequence lengths and call sizes;
+input gradient, weight gradient); the MoE models' expert products as one batched GEMM over the experts
+at a ladder of rows per expert; attention forward and backward at a few sequence lengths and call sizes
+(GLaM's biased attention as its blocks run it on the device, compiled flex_attention on CUDA, last);
 element-wise copies and adds; one fused AdamW step. Under torchrun with several processes, also
 all-gather, reduce-scatter, all-to-all and ring send/receive at a few sizes (NCCL on GPUs, gloo on
 CPUs). Every timing is the median of REPEATS samples after WARMUP calls, on random (never all-zero)
@@ -43,8 +45,14 @@ MODELS = ("llama3.1-8b", "gpt-126m", "glam-126m-64e")  # the families' reference
 QUICK_MODELS = ("debug",)
 ROWS = (256, 1024, 4096, 8192, 16384, 32768, 65536)
 QUICK_ROWS = (32, 128)
+GROUP_ROWS = (128, 512, 2048, 8192)  # rows per expert of the MoE models' batched expert GEMMs
+QUICK_GROUP_ROWS = (8, 32)
 TP_SPLITS = (1, 2, 8)
 SEQS = (1024, 2048, 4096, 8192)
+# GLaM's biased attention on CUDA compiles per shape (tens of seconds each): its training length and the
+# call sizes of micro batches 8 and 32 only (micro 8 is bench_train_step's GLaM run, whose compilation
+# inductor's cache may keep).
+BIAS_SEQS, BIAS_TOKENS = (2048,), (16384, 65536)
 QUICK_SEQS = (64, 128)
 # batch x seq of the attention measurements: the old single size, and the rows of the models' micro-batches
 ATTENTION_TOKENS = (8192, 32768, 131072)
@@ -106,6 +114,47 @@ def gemm_shapes(models, quick: bool) -> list[tuple[int, int]]:
     return list(pairs)
 
 
+def grouped_shapes(models) -> list[tuple[int, int, int]]:
+    """(experts, k, n) of the MoE models' expert products (`Gemm.groups` > 1)."""
+    from llamatron.models import registry
+
+    out: dict[tuple[int, int, int], None] = {}
+    for name in models:
+        entry = registry.get(name)
+        for g in entry.family.shapes(entry.args).gemms:
+            if g.groups > 1:
+                out[(g.groups, g.k, g.n)] = None
+    return list(out)
+
+
+def measure_grouped(clock: Clock, dtype, shapes, rows, limit_bytes: float) -> list[dict]:
+    """The experts' products as the capacity path runs them: one batched matmul over [E, m, k] rows."""
+    out = []
+    size = torch.finfo(dtype).bits // 8
+    for m in rows:
+        for groups, k, n in shapes:
+            if clock.expired or groups * (m * k + k * n + m * n) * size * 2 > limit_bytes:
+                clock.skipped += 3
+                continue
+            try:
+                out += [dict(r, groups=groups) for r in _grouped(clock, dtype, groups, m, k, n)]
+            except torch.OutOfMemoryError:
+                clock.skipped += 3
+                torch.cuda.empty_cache()
+    return out
+
+
+def _grouped(clock: Clock, dtype, groups: int, m: int, k: int, n: int) -> list[dict]:
+    """y = x W (fwd), dx = dy W^T (dgrad), dW = x^T dy (wgrad), per expert, W as the experts hold it: [E, k, n]."""
+    x = torch.randn(groups, m, k, device=clock.device, dtype=dtype)
+    w = torch.randn(groups, k, n, device=clock.device, dtype=dtype)
+    dy = torch.randn(groups, m, n, device=clock.device, dtype=dtype)
+    y, dx, dw = torch.empty_like(dy), torch.empty_like(x), torch.empty_like(w)
+    ops = {"fwd": lambda: torch.bmm(x, w, out=y), "dgrad": lambda: torch.bmm(dy, w.transpose(1, 2), out=dx),
+           "wgrad": lambda: torch.bmm(x.transpose(1, 2), dy, out=dw)}
+    return [{"op": op, "m": m, "k": k, "n": n, "seconds": clock.time(fn)} for op, fn in ops.items()]
+
+
 def attention_shapes(models, quick: bool) -> list[tuple[int, int, str]]:
     from llamatron.models import registry
 
@@ -147,14 +196,26 @@ def _gemm(clock: Clock, dtype, m: int, k: int, n: int) -> list[dict]:
     return [{"op": op, "m": m, "k": k, "n": n, "seconds": clock.time(fn)} for op, fn in ops.items()]
 
 
+def _measure_all_attention(clock: Clock, dtype, models, quick: bool, limit: float, biased: bool = False) -> list[dict]:
+    """The models' causal attention shapes, or (`biased`) those with a bias: on CUDA those compile once per
+    (batch, seq) (`_biased_attention`), so only at BIAS_SEQS and BIAS_TOKENS."""
+    shapes = [s for s in attention_shapes(models, quick) if (s[2] == "bias") == biased]
+    if quick:
+        return measure_attention(clock, dtype, shapes, QUICK_SEQS, QUICK_ATTENTION_TOKENS, limit)
+    if biased and clock.device.type == "cuda":
+        return measure_attention(clock, dtype, shapes, BIAS_SEQS, BIAS_TOKENS, limit)
+    return measure_attention(clock, dtype, shapes, SEQS, ATTENTION_TOKENS, limit)
+
+
 def measure_attention(clock: Clock, dtype, shapes, seqs, calls, limit_bytes: float) -> list[dict]:
-    """SDPA at each (heads, head_dim, mask) and sequence, with `calls` rows (batch x seq) a call."""
+    """Attention at each (heads, head_dim, mask) and sequence, with `calls` rows (batch x seq) a call."""
     out = []
     for heads, head_dim, mask in shapes:
         for tokens in calls:
             for seq in seqs:
                 batch = max(1, tokens // seq)
-                if clock.expired or _attention_bytes(dtype, batch, heads, seq, head_dim, mask) > limit_bytes:
+                flex = mask == "bias" and clock.device.type == "cuda"
+                if clock.expired or _attention_bytes(dtype, batch, heads, seq, head_dim, mask, flex) > limit_bytes:
                     clock.skipped += 1
                     continue
                 try:
@@ -168,35 +229,55 @@ def measure_attention(clock: Clock, dtype, shapes, seqs, calls, limit_bytes: flo
     return out
 
 
-def _attention_bytes(dtype, batch: int, heads: int, seq: int, head_dim: int, mask: str) -> int:
-    """q, k, v, the output, its gradient and q, k, v's; with a bias, it, its masked copy and two
-    batch-wide S x S buffers of backward."""
+def _attention_bytes(dtype, batch: int, heads: int, seq: int, head_dim: int, mask: str, flex: bool = False) -> int:
+    """q, k, v, the output, its gradient and q, k, v's; with an SDPA bias, it, its masked copy and two
+    batch-wide S x S buffers of backward (flex makes none)."""
     size = torch.finfo(dtype).bits // 8
-    bias = 4 * batch * heads * seq * seq * size if mask == "bias" else 0
+    bias = 4 * batch * heads * seq * seq * size if mask == "bias" and not flex else 0
     return 8 * batch * heads * seq * head_dim * size + bias
 
 
 def _attention(clock: Clock, dtype, batch: int, heads: int, seq: int, head_dim: int, mask: str) -> tuple[float, float]:
-    """Seconds of SDPA's forward (recording for backward, as in training) and of its backward: windows of
-    forwards, and of forward + backward pairs."""
+    """Seconds of the attention's forward (recording for backward, as in training) and of its backward:
+    windows of forwards, and of forward + backward pairs. Causal: SDPA. With a bias: what GLaM trains
+    with on this device (`_biased_attention`)."""
     q, k, v = (torch.randn(batch, heads, seq, head_dim, device=clock.device, dtype=dtype, requires_grad=True)
                for _ in range(3))
     grad = torch.randn(batch, heads, seq, head_dim, device=clock.device, dtype=dtype)
     inputs = (q, k, v)
-    if mask == "bias":  # an additive mask with a gradient, as GLaM's relative position bias
-        bias = torch.randn(heads, seq, seq, device=clock.device, dtype=dtype, requires_grad=True)
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=clock.device).tril()
-        inputs += (bias,)
-
-    def forward():
-        if mask != "bias":
+    if mask == "bias":
+        forward, table = _biased_attention(q, k, v)
+        inputs += (table,)
+    else:
+        def forward():
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~causal, float("-inf")).unsqueeze(0))
 
     fwd = clock.time(forward)
     both = clock.time(lambda: torch.autograd.grad(forward(), inputs, grad))
     # Backward takes longer than forward; only the noise of two medians could make the difference <= 0.
     return fwd, max(both - fwd, 1e-3 * fwd)
+
+
+def _biased_attention(q, k, v, flex: bool | None = None):
+    """GLaM's causal attention with its T5 relative position bias (default buckets and distance), as
+    the model trains on this device (`flex` None: flex on CUDA): flex_attention with the bias table in
+    its score_mod and the table's gradient from the band (models/glam/attention.py; compiled on CUDA
+    with static shapes, so each (batch, seq) compiles once, in the timing's warm-up calls), else SDPA
+    with the [heads, S, S] bias looked up. Returns (forward, the bias table: a leaf with a gradient)."""
+    from llamatron.models.glam import attention as glam
+    from llamatron.models.glam.model import GLaMArgs, relative_position_bucket
+
+    args, seq = GLaMArgs(), q.shape[2]
+    table = torch.randn(args.rel_pos_buckets, q.shape[1], device=q.device, requires_grad=True)
+    distance = torch.arange(seq, device=q.device)
+    if q.is_cuda if flex is None else flex:
+        dist_bucket = relative_position_bucket(distance, args.rel_pos_buckets, args.rel_pos_max_distance)
+        band = glam.band_width(dist_bucket.cpu(), args.rel_pos_buckets)
+        block_mask = glam.causal_block_mask(seq, q.device)
+        return (lambda: glam.flex_attention_biased(q, k, v, table, dist_bucket, band, block_mask)), table
+    buckets = relative_position_bucket((distance[:, None] - distance[None, :]).clamp(min=0), args.rel_pos_buckets,
+                                       args.rel_pos_max_distance)
+    return (lambda: glam.sdpa_attention(q, k, v, table, buckets)), table
 
 
 def measure_elementwise(clock: Clock, dtype, sizes) -> list[dict]:
@@ -271,11 +352,17 @@ def run(out_path: str, models=None, quick: bool = False, budget_s: float = 150.0
         "models": list(models), "world_size": max((c["world"] for c in comm), default=1),
         "elementwise": measure_elementwise(clock, dtype, (4 << 20, 16 << 20) if quick else (256 << 20, 1 << 30)),
         "optimizer": measure_optimizer(clock, (1 << 18) if quick else (64 << 20)),
-        "attention": measure_attention(clock, dtype, attention_shapes(models, quick), QUICK_SEQS if quick else SEQS,
-                                       QUICK_ATTENTION_TOKENS if quick else ATTENTION_TOKENS, limit),
+        "attention": _measure_all_attention(clock, dtype, models, quick, limit),
         "gemm": measure_gemms(clock, dtype, pairs, rows, limit),
+        "grouped": measure_grouped(clock, dtype, grouped_shapes(models), QUICK_GROUP_ROWS if quick else GROUP_ROWS,
+                                   limit),
         "comm": comm,
     }
+    # Compiled last, if the budget has room: their compilation must not crowd out the GEMMs.
+    try:
+        table["attention"] += _measure_all_attention(clock, dtype, models, quick, limit, biased=True)
+    except Exception as e:  # noqa: BLE001 - a failed extra kernel must not lose the table measured so far
+        log(f"biased attention not measured ({type(e).__name__}: {str(e)[:300]}); the planner will use causal rows")
     table.update(skipped=clock.skipped, elapsed_s=round(time.monotonic() - start, 1))
     write_json(Path(out_path), table)
     return table
