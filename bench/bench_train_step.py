@@ -302,8 +302,9 @@ def main() -> int:
           f"micro batch {cli.micro_batch}; {precision}; {per_seq / 1e12:.2f} TFLOP per sequence "
           f"(NVIDIA recipe formula)", flush=True)
     results = []
+    variants = [parse_variant(v) for v in cli.variants.split(",")]  # a misspelt name fails before any run
     for gbs in batch_sizes:
-        for vname, opts, over in map(parse_variant, cli.variants.split(",")):
+        for vname, opts, over in variants:
             if device.type != "cuda" and opts["attention"] == "cudnn":
                 continue
             args = argparse.Namespace(**{**vars(cli), "global_batch": gbs, **over})
