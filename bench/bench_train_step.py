@@ -190,11 +190,60 @@ def run_variant(name, opts, margs, args, device, dataset):
     if args.profile == name and not getattr(args, "profiled", False):
         profile = profile_step(model, opt, dataset, args, device, amp, opts)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    moe = moe_breakdown(model.model, args, device, amp, opts, statistics.median(times)) if times else None
     del model, opt
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return times, losses, peak_mem, profile
+    return times, losses, peak_mem, profile, moe
+
+
+def moe_breakdown(model, args, device, amp, opts, step_s: float) -> dict | None:
+    """Where a MoE block's time goes, compiled as the variant runs (dynamo drops the profiler's named
+    ranges from compiled graphs): the first MoE layer's forward + backward on a micro-batch, and its
+    experts' alone on a full capacity buffer; the difference is routing, dispatch and combine, and its
+    share of the step counts every MoE block of every micro-batch. Capacity routing only (dropless
+    sizes depend on the data)."""
+    from llamatron.models.glam.routing import expert_capacity
+
+    moes = [b.feed_forward for b in model.layers.values() if getattr(b, "moe", False)]
+    if not moes or moes[0].capacity_factor <= 0 or moes[0].dispatch is not None:
+        return None
+    ff, dtype = moes[0], amp.amp or torch.float32
+    E, dim = ff.experts.w1.shape[0], ff.router.weight.shape[1]
+    rows = args.micro_batch * expert_capacity(args.seq_len, E, ff.capacity_factor)
+    x = torch.randn(args.micro_batch, args.seq_len, dim, device=device, dtype=dtype, requires_grad=True)
+    buf = torch.randn(E, rows, dim, device=device, dtype=dtype, requires_grad=True)
+    wrap = (lambda f: torch.compile(f, fullgraph=True)) if opts["compile"] else (lambda f: f)
+    block_ms = _fwd_bwd_ms(wrap(ff), x, device, amp)
+    experts_ms = _fwd_bwd_ms(wrap(ff.experts), buf, device, amp)
+    ff.last_stats = None  # these forwards are not training's: keep them out of the router statistics
+    for p in ff.parameters():
+        p.grad = None
+    accum = args.global_batch // args.micro_batch
+    route_ms = max(block_ms - experts_ms, 0.0)
+    return {"moe_layer_ms": block_ms, "experts_ms": experts_ms, "routing_dispatch_combine_ms": route_ms,
+            "moe_layers": len(moes), "routing_share_of_step": route_ms * 1e-3 * len(moes) * accum / step_s,
+            "experts_share_of_step": experts_ms * 1e-3 * len(moes) * accum / step_s}
+
+
+def _fwd_bwd_ms(fn, x, device, amp, warmup: int = 3, repeats: int = 10) -> float:
+    """Median milliseconds of fn(x)'s forward and backward (a random output gradient)."""
+    grad = None
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with amp.autocast(device):
+            y = fn(x)
+        grad = torch.randn_like(y) if grad is None else grad
+        y.backward(grad)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def categorize(kernel: str) -> str:
@@ -309,7 +358,7 @@ def main() -> int:
                 continue
             args = argparse.Namespace(**{**vars(cli), "global_batch": gbs, **over})
             try:
-                times, losses, mem, prof = run_variant(vname, opts, margs, args, device, dataset)
+                times, losses, mem, prof, moe = run_variant(vname, opts, margs, args, device, dataset)
             except torch.OutOfMemoryError:
                 print(f"{vname} (global batch {gbs}): out of memory", flush=True)
                 results.append({"variant": vname, "global_batch": gbs, "error": "OOM"})
@@ -332,6 +381,8 @@ def main() -> int:
             }
             if prof:
                 row["profile"] = prof
+            if moe:
+                row["moe"] = moe
             results.append(row)
             summary = {k: row[k] for k in ("variant", "micro_batch", "global_batch", "gqa", "step_time_s",
                                             "tokens_per_s", "mfu", "peak_mem_gib")}
@@ -340,6 +391,11 @@ def main() -> int:
             print(f"{vname:18s} gbs {gbs:3d} {med * 1e3:9.1f} ms {tps:10,.0f} tok/s {row['tflops_per_gpu']:7.1f} "
                   f"TFLOP/s MFU {mfu:>6s} mem {mem or 0:5.1f} GiB  loss {losses[0]:.4f} -> {losses[-1]:.4f}",
                   flush=True)
+            if moe:
+                print(f"{'':18s} MoE layer fwd+bwd {moe['moe_layer_ms']:.2f} ms: experts {moe['experts_ms']:.2f}, "
+                      f"routing/dispatch/combine {moe['routing_dispatch_combine_ms']:.2f} "
+                      f"({100 * moe['routing_share_of_step']:.1f}% of the step over {moe['moe_layers']} MoE layers; "
+                      f"experts {100 * moe['experts_share_of_step']:.1f}%)", flush=True)
 
     ok = [r for r in results if "error" not in r]
     print()

@@ -52,6 +52,11 @@ def test_smoke_run_of_a_glam_proxy_on_the_cpu(tmp_path, monkeypatch, capsys):
     assert "glam-debug x 2 layers model.n_experts=4" in capsys.readouterr().out
     (row,) = json.loads(out.read_text())["results"]
     assert row["model_sets"] == ["model.n_experts=4"] and row["tokens_per_s"] > 0
+    # The MoE layer's time split into its experts' and the rest (routing, dispatch, combine).
+    moe = row["moe"]
+    assert moe["moe_layers"] == 1 and moe["moe_layer_ms"] > 0 and moe["experts_ms"] > 0
+    assert moe["routing_dispatch_combine_ms"] == pytest.approx(max(moe["moe_layer_ms"] - moe["experts_ms"], 0.0))
+    assert moe["experts_share_of_step"] == pytest.approx(moe["experts_ms"] * 1e-3 * 2 / row["step_time_s"])
 
 
 def test_bad_setting_is_one_line_and_exit_2(monkeypatch, capsys):
