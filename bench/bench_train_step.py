@@ -222,7 +222,10 @@ def moe_breakdown(model, args, device, amp, opts, step_s: float) -> dict | None:
         p.grad = None
     accum = args.global_batch // args.micro_batch
     route_ms = max(block_ms - experts_ms, 0.0)
+    hidden = ff.experts.w1.shape[2]
+    experts_flop = 12.0 * E * rows * dim * hidden  # two products, forward + input and weight gradients
     return {"moe_layer_ms": block_ms, "experts_ms": experts_ms, "routing_dispatch_combine_ms": route_ms,
+            "experts_tflops": experts_flop / (experts_ms * 1e-3) / 1e12,
             "moe_layers": len(moes), "routing_share_of_step": route_ms * 1e-3 * len(moes) * accum / step_s,
             "experts_share_of_step": experts_ms * 1e-3 * len(moes) * accum / step_s}
 
@@ -392,7 +395,8 @@ def main() -> int:
                   f"TFLOP/s MFU {mfu:>6s} mem {mem or 0:5.1f} GiB  loss {losses[0]:.4f} -> {losses[-1]:.4f}",
                   flush=True)
             if moe:
-                print(f"{'':18s} MoE layer fwd+bwd {moe['moe_layer_ms']:.2f} ms: experts {moe['experts_ms']:.2f}, "
+                print(f"{'':18s} MoE layer fwd+bwd {moe['moe_layer_ms']:.2f} ms: experts {moe['experts_ms']:.2f} "
+                      f"({moe['experts_tflops']:.0f} TFLOP/s over the capacity buffer), "
                       f"routing/dispatch/combine {moe['routing_dispatch_combine_ms']:.2f} "
                       f"({100 * moe['routing_share_of_step']:.1f}% of the step over {moe['moe_layers']} MoE layers; "
                       f"experts {100 * moe['experts_share_of_step']:.1f}%)", flush=True)
