@@ -387,6 +387,7 @@ def main() -> int:
             if moe:
                 row["moe"] = moe
             results.append(row)
+            write_json(cli.json, name, results)
             summary = {k: row[k] for k in ("variant", "micro_batch", "global_batch", "gqa", "step_time_s",
                                             "tokens_per_s", "mfu", "peak_mem_gib")}
             print("SUMMARY " + json.dumps({**summary, "device": name, "torch": torch.__version__}), flush=True)
@@ -425,12 +426,20 @@ def main() -> int:
     for r in ok:
         if "profile" in r:
             print_profile(r["profile"], f"one {r['variant']} step, global batch {r['global_batch']}")
-    if cli.json:
-        meta = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                "command": " ".join(sys.argv)}
-        with open(cli.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+    write_json(cli.json, name, results)
     return 0
+
+
+def write_json(path: str | None, device_name: str, results: list[dict]) -> None:
+    """The results so far, whole or not at all (after every variant: a run cut short keeps what it measured)."""
+    if not path:
+        return
+    meta = {"device": device_name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "command": " ".join(sys.argv)}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
