@@ -8,7 +8,9 @@ other and timed (forward + backward of one block's attention).
 - flex+band:  what the model runs on CUDA (llamatron/models/glam/attention.py): flex_attention with
               the bias in a score_mod, the table's gradient from the band of near distances;
 - flex+atomics: flex_attention differentiating the captured bias itself (its backward scatters
-              every score's gradient into the table with atomic adds).
+              every score's gradient into the table with atomic adds);
+- and, timed only, causal SDPA without any bias: the floor (cuDNN's or flash's kernel) against which
+  the biased ways' cost is judged.
 Differences are the largest absolute ones against sdpa in fp32 (the same inputs), then bf16 timings.
 """
 
@@ -45,7 +47,13 @@ def flex_atomics(q, k, v, table, buckets, band, mask):
     return _atomics(q, k, v, table[buckets[: q.shape[2], 0]].t(), mask)
 
 
+def causal(q, k, v, table, buckets, band, mask):
+    """No bias at all: SDPA's causal kernel (cuDNN or flash), the floor any biased way is measured against."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) + 0 * table.sum()
+
+
 WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics}
+FLOOR = {"causal, no bias": causal}  # timed, not compared: it computes something else
 
 
 def inputs(args, dtype, seed=0):
@@ -89,7 +97,7 @@ def main() -> int:
                           for what, a, b in zip(("out", "dq", "dk", "dv", "dtable"), got, ref))
         print(f"fp32 {name:13s} vs sdpa: {diffs}")
     qkv, table, grad = inputs(args, torch.bfloat16)
-    for name, fn in WAYS.items():
+    for name, fn in {**WAYS, **FLOOR}.items():
         for _ in range(3):
             run(fn, qkv, table, grad, buckets, band, mask)
         times = []

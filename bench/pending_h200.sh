@@ -18,7 +18,8 @@
 #    best fit (the default since 2026-12-05)
 # 3. issue 21: GLaM 126M-64E with static capacity routing and flex relative bias (64-key tiles), eager
 #    and compiled, profiled; its experts in FP8 (torchao's rowwise grouped GEMM), alone and with the
-#    768-wide linears, after the CUDA test of that GEMM against BF16
+#    768-wide linears, after the CUDA test of that GEMM against BF16; then its attention alone: SDPA with
+#    the bias, flex with the band, flex with atomics, against causal SDPA without bias (the floor)
 # 4. issue 23: a new H200 calibration table (attention timed in windows at three call sizes; GLaM's
 #    experts as one batched GEMM and its attention as flex runs it, compiled), for
 #    llamatron/calibration/h200.json: the GPT-126M and GLaM rows of docs/planner.md wait for it
@@ -52,6 +53,7 @@ run fp8experts_test 60 30 python -m pytest -q -p no:cacheprovider tests/test_gla
 run glam 240 120 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
     --global-batch 128 --variants compile,compile+fp8-experts,compile+fp8-768,fused-ce+adam --profile compile \
     --steps 3 --warmup 2 --json "$OUT/glam.json"
+run glamattn 90 45 python bench/bench_glam_attention.py
 run calibrate 170 90 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 140
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
     --json "$OUT/ckpt.json"
@@ -60,5 +62,5 @@ run castonce 200 140 python bench/bench_train_step.py --layers 4 --seq-len 8192 
     --profile compile+cudnn+castonce+fusedwgrad --json "$OUT/castonce.json"
 run l8b_mbs16_fp8 120 70 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
     --steps 3 --warmup 2 --variants compile+fp8-all --json "$OUT/l8b_mbs16_fp8.json"
-grep -h "SUMMARY\|MoE layer\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-900
+grep -h "SUMMARY\|MoE layer\|forward + backward\| vs sdpa\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-900
 tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
