@@ -9,8 +9,9 @@ other and timed (forward + backward of one block's attention).
               the bias in a score_mod, the table's gradient from the band of near distances;
 - flex+atomics: flex_attention differentiating the captured bias itself (its backward scatters
               every score's gradient into the table with atomic adds);
-- and, timed only, causal SDPA without any bias: the floor (cuDNN's or flash's kernel) against which
-  the biased ways' cost is judged.
+- timed only: flex+band with the band's products in fp32 on the CUDA cores (before 2026-12-05; now
+  bf16 operands on the tensor cores with fp32 accumulation), and causal SDPA without any bias: the
+  floor (cuDNN's or flash's kernel) against which the biased ways' cost is judged.
 Differences are the largest absolute ones against sdpa in fp32 (the same inputs), then bf16 timings.
 """
 
@@ -54,6 +55,8 @@ def causal(q, k, v, table, buckets, band, mask):
 
 WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics}
 FLOOR = {"causal, no bias": causal}  # timed, not compared: it computes something else
+# Timed too: flex+band with the band's products on the CUDA cores (fp32 operands), as before 2026-12-05.
+BAND_FP32 = "flex+band, fp32 band"
 
 
 def inputs(args, dtype, seed=0):
@@ -97,7 +100,8 @@ def main() -> int:
                           for what, a, b in zip(("out", "dq", "dk", "dv", "dtable"), got, ref))
         print(f"fp32 {name:13s} vs sdpa: {diffs}")
     qkv, table, grad = inputs(args, torch.bfloat16)
-    for name, fn in {**WAYS, **FLOOR}.items():
+    for name, fn in {**WAYS, BAND_FP32: flex_band, **FLOOR}.items():
+        A.BAND_MATMUL = "fp32" if name == BAND_FP32 else "tensor_cores"  # read in backward: set around both
         for _ in range(3):
             run(fn, qkv, table, grad, buckets, band, mask)
         times = []
@@ -109,6 +113,12 @@ def main() -> int:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         print(f"bf16 {name:13s} forward + backward {statistics.median(times):7.2f} ms")
+    A.BAND_MATMUL = "tensor_cores"
+    got = run(flex_band, qkv, table, grad, buckets, band, mask)[-1]
+    A.BAND_MATMUL = "fp32"
+    want = run(flex_band, qkv, table, grad, buckets, band, mask)[-1]
+    print(f"bf16 table gradient, tensor-core band vs fp32 band: max |diff| {float((got - want).abs().max()):.2e} "
+          f"(of {float(want.abs().max()):.2e})")
     return 0
 
 

@@ -47,7 +47,8 @@ run zs8b 230 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
 run finetune 240 100 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,lora+compile@micro=4,lora+compile+fp8@micro=4 \
     --steps 4 --warmup 2 --budget-s 220 --profile lora+compile@micro=2 --json "$OUT/finetune.json"
-run fp8experts_test 60 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py
+run fp8experts_test 60 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py \
+    tests/test_glam.py::test_table_grad_from_tensor_core_band_products_equals_fp32_on_cuda
 # Global batch 128 (16 micro-batches): the fused AdamW over 1.9B parameters (~37 ms) is paid once a step,
 # as at Pax's 256, not once per 4 micro-batches. Eager last: it is the slowest and the least asked for.
 run glam 240 120 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \

@@ -278,6 +278,28 @@ def test_flex_relative_attention_equals_the_materialised_bias(seqlen):
         assert table.grad[-1].abs().max() > 0.1 * table.grad.abs().max()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core band products are CUDA's")
+def test_table_grad_from_tensor_core_band_products_equals_fp32_on_cuda(monkeypatch):
+    """bf16 q, k, v, output and gradient: the band's products with bf16 operands and fp32 accumulation
+    (`BAND_MATMUL = tensor_cores`, the CUDA default) give the table gradient of fp32 operands (the
+    products are exact in fp32; only their summation order differs)."""
+    from llamatron.models.glam import attention
+    from llamatron.models.glam.model import relative_position_bucket
+
+    torch.manual_seed(0)
+    B, H, S, D = 2, 12, 1000, 64
+    q, k, v, out, grad = (torch.randn(B, H, S, D, device="cuda").to(torch.bfloat16) for _ in range(5))
+    lse = torch.randn(B, H, S, device="cuda") + 6.0
+    table = torch.randn(32, H, device="cuda")
+    dist_bucket = relative_position_bucket(torch.arange(S, device="cuda"), 32, 128)
+    band = attention.band_width(dist_bucket.cpu(), 32)
+    monkeypatch.setattr(attention, "BAND_MATMUL", "fp32")
+    want = attention.table_grad(q, k, v, out, lse, grad, table, dist_bucket, band)
+    monkeypatch.setattr(attention, "BAND_MATMUL", "tensor_cores")
+    got = attention.table_grad(q, k, v, out, lse, grad, table, dist_bucket, band)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 def test_glam_forward_with_flex_attention_equals_sdpa():
     entry = registry.get("glam-debug")
     model = entry.family.build(entry.args)

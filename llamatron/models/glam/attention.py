@@ -21,6 +21,7 @@ queries against its own and the previous block of keys (W <= block): about W / S
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -113,12 +114,12 @@ def table_grad(q, k, v, out, lse, grad_out, table, dist_bucket, band: int) -> to
     pad = n * T - S
 
     def blocks(t):
-        return F.pad(t.float(), (0, 0, 0, pad)).view(B, H, n, T, D)
+        return F.pad(t, (0, 0, 0, pad)).view(B, H, n, T, D)
 
     def with_previous(t):  # [B, H, n, T, D] -> [B, H, n, 2T, D]: block i - 1 (zeros for 0), then block i
         return torch.cat([F.pad(t[:, :, :-1], (0, 0, 0, 0, 1, 0)), t], dim=3)
 
-    qb, ob, gb = blocks(q), blocks(out), blocks(grad_out)
+    qb, ob, gb = blocks(q), blocks(out), blocks(grad_out)  # the inputs' dtype: `band_products` upcasts
     kw, vw = with_previous(blocks(k)), with_previous(blocks(v))
     r = torch.arange(T, device=q.device)
     c = torch.arange(2 * T, device=q.device)
@@ -127,14 +128,30 @@ def table_grad(q, k, v, out, lse, grad_out, table, dist_bucket, band: int) -> to
     valid = (dist >= 0) & (dist < band) & ((i - 1) * T + c >= 0) & (i * T + r[:, None] < S)  # [n, T, 2T]
     bucket = dist_bucket[dist.clamp(0, band - 1)]  # [T, 2T]
     bias = table.detach().float()[bucket].permute(2, 0, 1).unsqueeze(1)  # [H, 1, T, 2T]
-    scores = (qb @ kw.transpose(-1, -2)) / math.sqrt(D) + bias
+    scores = band_products(qb, kw.transpose(-1, -2)) / math.sqrt(D) + bias
     lse_b = F.pad(lse.float(), (0, pad)).view(B, H, n, T, 1)
     p = torch.exp((scores - lse_b).masked_fill(~valid, float("-inf")))
-    dp = gb @ vw.transpose(-1, -2)
-    delta = (gb * ob).sum(-1, keepdim=True)
+    dp = band_products(gb, vw.transpose(-1, -2))
+    delta = (gb.float() * ob.float()).sum(-1, keepdim=True)
     ds = (p * (dp - delta)).sum((0, 2))  # [H, T, 2T]
     d_table = torch.zeros(table.shape, dtype=torch.float32, device=q.device)
     d_table = d_table.index_add(0, bucket.reshape(-1), ds.reshape(H, -1).t())
     # Every pair beyond the band is in the last bucket, and each row's dS sums to zero.
     d_table = torch.cat([d_table[:-1], -d_table[:-1].sum(0, keepdim=True)])
     return d_table.to(table.dtype)
+
+
+# How `table_grad` multiplies half-precision operands on CUDA: "tensor_cores" (bf16/fp16 operands, fp32
+# accumulation and result, as flash attention's own backward recomputes its scores) or "fp32" (upcast
+# first: the same products, exact in fp32 either way, summed in another order, at the CUDA cores'
+# ~1/10 of the rate). bench/bench_glam_attention.py times both.
+BAND_MATMUL = os.environ.get("LLAMATRON_GLAM_BAND_MATMUL", "tensor_cores")
+
+
+def band_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [..., m, k] @ b [..., k, n] in fp32 (`BAND_MATMUL`); the CPU and fp32 inputs upcast."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and BAND_MATMUL == "tensor_cores":
+        lead = a.shape[:-2]
+        y = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+        return y.view(*lead, a.shape[-2], b.shape[-1])
+    return a.float() @ b.float()
