@@ -401,11 +401,12 @@ def block_gemm_seconds(w: Workload, lay: Layout, hw: Hardware) -> dict[str, tupl
         rows = max(1, round(tokens * g.rows * (lay.ep if g.groups > 1 else 1) / g.groups))
         n = max(1, g.n // lay.tp) if g.tp_split else g.n
         speed = hw.fp8_speedup if g.name in fp8 else 1.0
-        def time(op: str) -> float:  # experts: one batched GEMM over the local experts' rows
+
+        def seconds(op: str, g=g, groups=groups, rows=rows, n=n) -> float:  # experts: one batched GEMM
             return table.grouped(op, groups, rows, g.k, n) if g.groups > 1 else table.gemm(op, rows, g.k, n)
 
-        fwd = g.share * time("fwd") / speed
-        bwd = g.share * (time("dgrad") + (time("wgrad") if w.lora is None else 0.0)) / speed
+        fwd = g.share * seconds("fwd") / speed
+        bwd = g.share * (seconds("dgrad") + (seconds("wgrad") if w.lora is None else 0.0)) / speed
         out[g.name] = (fwd, bwd)
     return out
 
