@@ -129,19 +129,8 @@ def grouped_shapes(models) -> list[tuple[int, int, int]]:
 
 def measure_grouped(clock: Clock, dtype, shapes, rows, limit_bytes: float) -> list[dict]:
     """The experts' products as the capacity path runs them: one batched matmul over [E, m, k] rows."""
-    out = []
-    size = torch.finfo(dtype).bits // 8
-    for m in rows:
-        for groups, k, n in shapes:
-            if clock.expired or groups * (m * k + k * n + m * n) * size * 2 > limit_bytes:
-                clock.skipped += 3
-                continue
-            try:
-                out += [dict(r, groups=groups) for r in _grouped(clock, dtype, groups, m, k, n)]
-            except torch.OutOfMemoryError:
-                clock.skipped += 3
-                torch.cuda.empty_cache()
-    return out
+    return _measure_products(clock, dtype, shapes, rows, limit_bytes,
+                             lambda g, m, k, n: [dict(r, groups=g) for r in _grouped(clock, dtype, g, m, k, n)])
 
 
 def _grouped(clock: Clock, dtype, groups: int, m: int, k: int, n: int) -> list[dict]:
@@ -167,18 +156,22 @@ def attention_shapes(models, quick: bool) -> list[tuple[int, int, str]]:
 
 
 def measure_gemms(clock: Clock, dtype, pairs, rows, limit_bytes: float) -> list[dict]:
+    return _measure_products(clock, dtype, [(1, k, n) for k, n in pairs], rows, limit_bytes,
+                             lambda g, m, k, n: _gemm(clock, dtype, m, k, n))
+
+
+def _measure_products(clock: Clock, dtype, shapes, rows, limit_bytes: float, timings) -> list[dict]:
+    """timings(groups, m, k, n) at every m of `rows` and (groups, k, n) of `shapes` whose buffers fit
+    `limit_bytes`, until the budget runs out; what is left out counts in `skipped` (3 a shape)."""
     out = []
     size = torch.finfo(dtype).bits // 8
     for m in rows:
-        for k, n in pairs:
-            if (m * k + k * n + m * n) * size * 2 > limit_bytes:
-                clock.skipped += 3
-                continue
-            if clock.expired:
+        for groups, k, n in shapes:
+            if clock.expired or groups * (m * k + k * n + m * n) * size * 2 > limit_bytes:
                 clock.skipped += 3
                 continue
             try:
-                out += _gemm(clock, dtype, m, k, n)
+                out += timings(groups, m, k, n)
             except torch.OutOfMemoryError:  # the estimate above missed the allocator's own needs
                 clock.skipped += 3
                 torch.cuda.empty_cache()
