@@ -254,8 +254,9 @@ def _attention(clock: Clock, dtype, batch: int, heads: int, seq: int, head_dim: 
 def _biased_attention(q, k, v, flex: bool | None = None):
     """GLaM's causal attention with its T5 relative position bias (default buckets and distance), as
     the model trains on this device (`flex` None: flex on CUDA): flex_attention with the bias table in
-    its score_mod and the table's gradient from the band (models/glam/attention.py; compiled on CUDA
-    with static shapes, so each (batch, seq) compiles once, in the timing's warm-up calls), else SDPA
+    its score_mod and the table's gradient from the band (models/glam/attention.py; flex compiled on
+    CUDA with static shapes, so each (batch, seq) compiles once, in the timing's warm-up calls; the
+    band's gradient eager here, where a compiled block fuses its element-wise work), else SDPA
     with the [heads, S, S] bias looked up. Returns (forward, the bias table: a leaf with a gradient)."""
     from llamatron.models.glam import attention as glam
     from llamatron.models.glam.model import GLaMArgs, relative_position_bucket
