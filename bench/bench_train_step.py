@@ -201,9 +201,10 @@ def run_variant(name, opts, margs, args, device, dataset):
 def moe_breakdown(model, args, device, amp, opts, step_s: float) -> dict | None:
     """Where a MoE block's time goes, compiled as the variant runs (dynamo drops the profiler's named
     ranges from compiled graphs): the first MoE layer's forward + backward on a micro-batch, and its
-    experts' alone on a full capacity buffer; the difference is routing, dispatch and combine, and its
-    share of the step counts every MoE block of every micro-batch. Capacity routing only (dropless
-    sizes depend on the data)."""
+    experts' alone on a full capacity buffer (batched matmul, as the layer runs them; and through the
+    grouped GEMM, for comparison); the difference is routing, dispatch and combine, and its share of
+    the step counts every MoE block of every micro-batch. Capacity routing only (dropless sizes
+    depend on the data)."""
     from llamatron.models.glam.routing import expert_capacity
 
     moes = [b.feed_forward for b in model.layers.values() if getattr(b, "moe", False)]
@@ -217,6 +218,12 @@ def moe_breakdown(model, args, device, amp, opts, step_s: float) -> dict | None:
     wrap = (lambda f: torch.compile(f, fullgraph=True)) if opts["compile"] else (lambda f: f)
     block_ms = _fwd_bwd_ms(wrap(ff), x, device, amp)
     experts_ms = _fwd_bwd_ms(wrap(ff.experts), buf, device, amp)
+    # The same rows through the grouped GEMM (the dropless path's kernel, equal groups): which kernel
+    # the capacity buffer should use.
+    counts = torch.full((E,), rows, device=device)
+    grouped = lambda b: ff.experts(b.view(E * rows, dim), counts)  # noqa: E731
+    # Not fullgraph: the grouped GEMM's support probe runs on the host (a graph break, once).
+    grouped_ms = _fwd_bwd_ms(torch.compile(grouped) if opts["compile"] else grouped, buf, device, amp)
     ff.last_stats = None  # these forwards are not training's: keep them out of the router statistics
     for p in ff.parameters():
         p.grad = None
@@ -226,6 +233,7 @@ def moe_breakdown(model, args, device, amp, opts, step_s: float) -> dict | None:
     experts_flop = 12.0 * E * rows * dim * hidden  # two products, forward + input and weight gradients
     return {"moe_layer_ms": block_ms, "experts_ms": experts_ms, "routing_dispatch_combine_ms": route_ms,
             "experts_tflops": experts_flop / (experts_ms * 1e-3) / 1e12,
+            "experts_grouped_mm_ms": grouped_ms, "experts_grouped_mm_tflops": experts_flop / (grouped_ms * 1e-3) / 1e12,
             "moe_layers": len(moes), "routing_share_of_step": route_ms * 1e-3 * len(moes) * accum / step_s,
             "experts_share_of_step": experts_ms * 1e-3 * len(moes) * accum / step_s}
 
@@ -397,7 +405,8 @@ def main() -> int:
                   flush=True)
             if moe:
                 print(f"{'':18s} MoE layer fwd+bwd {moe['moe_layer_ms']:.2f} ms: experts {moe['experts_ms']:.2f} "
-                      f"({moe['experts_tflops']:.0f} TFLOP/s over the capacity buffer), "
+                      f"({moe['experts_tflops']:.0f} TFLOP/s over the capacity buffer; grouped GEMM "
+                      f"{moe['experts_grouped_mm_ms']:.2f} ms, {moe['experts_grouped_mm_tflops']:.0f} TFLOP/s), "
                       f"routing/dispatch/combine {moe['routing_dispatch_combine_ms']:.2f} "
                       f"({100 * moe['routing_share_of_step']:.1f}% of the step over {moe['moe_layers']} MoE layers; "
                       f"experts {100 * moe['experts_share_of_step']:.1f}%)", flush=True)

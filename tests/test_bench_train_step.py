@@ -59,6 +59,7 @@ def test_smoke_run_of_a_glam_proxy_on_the_cpu(tmp_path, monkeypatch, capsys):
     assert moe["experts_share_of_step"] == pytest.approx(moe["experts_ms"] * 1e-3 * 2 / row["step_time_s"])
     # glam-debug: dim 64, expert width 64; 4 experts of capacity int(64 x 2 / 4) = 32 rows (one sequence)
     assert moe["experts_tflops"] == pytest.approx(12 * 4 * 32 * 64 * 64 / (moe["experts_ms"] * 1e-3) / 1e12)
+    assert moe["experts_grouped_mm_ms"] > 0
 
 
 def test_bad_setting_is_one_line_and_exit_2(monkeypatch, capsys):
