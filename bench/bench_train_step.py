@@ -36,6 +36,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
@@ -370,11 +371,17 @@ def main() -> int:
             args = argparse.Namespace(**{**vars(cli), "global_batch": gbs, **over})
             try:
                 times, losses, mem, prof, moe = run_variant(vname, opts, margs, args, device, dataset)
-            except torch.OutOfMemoryError:
-                print(f"{vname} (global batch {gbs}): out of memory", flush=True)
-                results.append({"variant": vname, "global_batch": gbs, "error": "OOM"})
+            except Exception as e:  # noqa: BLE001 - one failing variant (OOM, a compile error) must not end the run
+                error = "OOM" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {str(e)[:500]}"
+                if error != "OOM":
+                    traceback.print_exc()
+                print(f"{vname} (global batch {gbs}): {'out of memory' if error == 'OOM' else 'failed: ' + error}",
+                      flush=True)
+                results.append({"variant": vname, "global_batch": gbs, "error": error})
+                write_json(cli.json, name, results)
                 gc.collect()
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             med = statistics.median(times)
             tps = flops.tokens_per_second(cli.seq_len, gbs, med)
@@ -436,7 +443,7 @@ def main() -> int:
         if "profile" in r:
             print_profile(r["profile"], f"one {r['variant']} step, global batch {r['global_batch']}")
     write_json(cli.json, name, results)
-    return 0
+    return 1 if any(r.get("error", "OOM") != "OOM" for r in results) else 0  # a failure, not a size
 
 
 def write_json(path: str | None, device_name: str, results: list[dict]) -> None:

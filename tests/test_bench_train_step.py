@@ -68,3 +68,27 @@ def test_bad_setting_is_one_line_and_exit_2(monkeypatch, capsys):
     assert _bench().main() == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "config key 'model.n_expert'" in err
+
+
+def test_a_failing_variant_is_recorded_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    """A device run must not lose the variants after one that fails (a compile error, say): the failure
+    is a row of its own, the JSON keeps every row, and the exit status says something failed."""
+    bench = _bench()
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_train_step.py", "--size", "debug", "--layers", "1", "--seq-len", "32", "--micro-batch", "1",
+        "--global-batch", "1", "--steps", "1", "--warmup", "0", "--variants", "baseline,fused-ce", "--device", "cpu",
+        "--json", str(out)])
+    real = bench.run_variant
+
+    def run_variant(name, *args):
+        if name == "baseline":
+            raise RuntimeError("simulated compile failure")
+        return real(name, *args)
+
+    monkeypatch.setattr(bench, "run_variant", run_variant)
+    assert bench.main() == 1
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["variant"], r.get("error")) for r in rows] == [
+        ("baseline", "RuntimeError: simulated compile failure"), ("fused-ce", None)]
+    assert "baseline (global batch 1): failed: RuntimeError: simulated compile failure" in capsys.readouterr().out
