@@ -19,9 +19,10 @@ over all the requests, so that each batch shape has run once before the timed pa
 per-shape heuristics and the allocator's first growth on every side alike; compiled: the blocks' one
 dynamic-shape graph, then no recompile for any batch length); its time is reported apart as
 `warmup_s` and excluded from the throughput. (Until 2026-12-05 eager and HF warmed up on one batch
-only.) Per
-batch size: requests/s, model-input tokens/s, the ratio to the HF backend, the largest per-request
-log-likelihood difference, and one `SUMMARY {json}` line.
+only.) Each side prints a `ROW` line per batch size when it ends and rewrites `--json` with what has
+run so far; a side that fails is reported in one line and the rest still run (exit status 1). At the
+end, per batch size: requests/s, model-input tokens/s, the ratio to the HF backend, the largest
+per-request log-likelihood difference, and one `SUMMARY {json}` line.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import dataclasses
 import json
 import os
 import time
+import traceback
 
 import torch
 
@@ -128,31 +130,41 @@ def _largest_difference(a, b) -> float:
     return max(abs(x[0] - y[0]) for x, y in zip(a, b))
 
 
-def summarize(rows: dict[str, dict], bs: int, header: dict) -> dict:
-    """Print one batch size's rows (ratios to the HF backend) and return its SUMMARY record."""
+def summary_record(rows: dict[str, dict], bs: int, header: dict) -> dict:
+    """One batch size's SUMMARY record: each side's figures, its ratio to the HF backend, and the largest
+    per-request log-likelihood difference of every pair of sides."""
     hf = rows.get("lm-eval HF")
     summary = {**header, "batch_size": bs}
-    print(f"batch {bs}:")
     for name, r in rows.items():
-        ratio = r["requests_per_s"] / hf["requests_per_s"] if hf and r is not hf else None
-        warm = f"  (warm-up {r['warmup_s']:.1f} s, not counted)" if "warmup_s" in r else ""
-        print(f"  {name:<20} {r['seconds']:8.2f} s  {r['requests_per_s']:10.1f} requests/s  "
-              f"{r['tokens_per_s']:12,.0f} tokens/s" + (f"  {ratio:5.2f}x HF" if ratio else "") + warm)
         summary[name] = {k: round(v, 4) for k, v in r.items() if k != "scores"}
-        if ratio:
-            summary[name]["vs_hf"] = round(ratio, 4)
+        if hf and r is not hf:
+            summary[name]["vs_hf"] = round(r["requests_per_s"] / hf["requests_per_s"], 4)
     names = list(rows)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            d = _largest_difference(rows[a]["scores"], rows[b]["scores"])
-            flags = sum(x[1] != y[1] for x, y in zip(rows[a]["scores"], rows[b]["scores"]))
-            print(f"  max |ll difference| {a} vs {b}: {d:.3g}  (is_greedy differs on {flags})")
-            summary.setdefault("max_ll_difference", {})[f"{a} vs {b}"] = d
+            summary.setdefault("max_ll_difference", {})[f"{a} vs {b}"] = _largest_difference(rows[a]["scores"],
+                                                                                           rows[b]["scores"])
+    return summary
+
+
+def summarize(rows: dict[str, dict], bs: int, header: dict) -> dict:
+    """Print one batch size's rows (ratios to the HF backend) and return its SUMMARY record."""
+    summary = summary_record(rows, bs, header)
+    print(f"batch {bs}:")
+    for name, r in rows.items():
+        ratio = summary[name].get("vs_hf")
+        warm = f"  (warm-up {r['warmup_s']:.1f} s, not counted)" if "warmup_s" in r else ""
+        print(f"  {name:<20} {r['seconds']:8.2f} s  {r['requests_per_s']:10.1f} requests/s  "
+              f"{r['tokens_per_s']:12,.0f} tokens/s" + (f"  {ratio:5.2f}x HF" if ratio else "") + warm)
+    for pair, d in summary.get("max_ll_difference", {}).items():
+        a, b = pair.split(" vs ")
+        flags = sum(x[1] != y[1] for x, y in zip(rows[a]["scores"], rows[b]["scores"]))
+        print(f"  max |ll difference| {pair}: {d:.3g}  (is_greedy differs on {flags})")
     print("SUMMARY " + json.dumps(summary))
     return summary
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="llama3.1-8b", help="a named model (llama3.1-8b, gpt-126m, debug, gpt-debug)")
     ap.add_argument("--layers", type=int, default=None)
@@ -185,23 +197,42 @@ def main() -> None:
     print(f"{a.size}{f' ({a.layers} layers)' if a.layers else ''}, {len(reqs)} requests, {tokens:,} input tokens, "
           f"{a.dtype}, {header['device']}, torch {torch.__version__} (model built in {time.perf_counter() - t0:.0f} s)")
 
-    runs = {"llamatron eager": run_llamatron(model, reqs, sizes, device, tokens, compile=False)}
-    if not a.no_hf:
-        runs["lm-eval HF"] = run_hf(model, args, reqs, sizes, device, dtype, tokens)
-    if not a.no_compile:
-        runs["llamatron compiled"] = run_llamatron(model, reqs, sizes, device, tokens, compile=True)
-    if a.fp8:
+    def fp8_side():
         converted = quantize_for_scoring(model, a.fp8_min_features)
         print(f"FP8: {len(converted)} block linears score from FP8 copies")
-        runs["llamatron fp8" + ("" if a.no_compile else " compiled")] = run_llamatron(
-            model, reqs, sizes, device, tokens, compile=not a.no_compile)
+        return run_llamatron(model, reqs, sizes, device, tokens, compile=not a.no_compile)
+
+    sides = {"llamatron eager": lambda: run_llamatron(model, reqs, sizes, device, tokens, compile=False)}
+    if not a.no_hf:
+        sides["lm-eval HF"] = lambda: run_hf(model, args, reqs, sizes, device, dtype, tokens)
+    if not a.no_compile:
+        sides["llamatron compiled"] = lambda: run_llamatron(model, reqs, sizes, device, tokens, compile=True)
+    if a.fp8:
+        sides["llamatron fp8" + ("" if a.no_compile else " compiled")] = fp8_side
+    runs, failed = {}, []
+    for name, side in sides.items():  # each printed and written as it ends: a run cut short keeps them
+        try:
+            runs[name] = side()
+        except Exception as e:  # noqa: BLE001 - one failing side (a compile error) must not lose the others
+            traceback.print_exc()
+            print(f"{name}: failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
+            failed.append(name)
+            continue
+        for bs, r in runs[name].items():
+            print(f"ROW {name}, batch {bs}: {r['requests_per_s']:.1f} requests/s, {r['tokens_per_s']:,.0f} tokens/s",
+                  flush=True)
+        write_json(a.json, [summary_record({n: r[bs] for n, r in runs.items()}, bs, header) for bs in sizes])
     summaries = [summarize({name: r[bs] for name, r in runs.items()}, bs, header) for bs in sizes]
-    if a.json:
-        tmp = f"{a.json}.tmp{os.getpid()}"
+    write_json(a.json, summaries)
+    return 1 if failed else 0
+
+
+def write_json(path: str | None, summaries: list[dict]) -> None:
+    if path:
+        tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(summaries, f, indent=2)
-        os.replace(tmp, a.json)
-
+        os.replace(tmp, path)
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

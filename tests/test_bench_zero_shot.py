@@ -1,0 +1,56 @@
+"""bench/bench_zero_shot.py on the CPU: its rows and JSON, and a failing side that does not lose the others."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    if "bench_zero_shot" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_zero_shot", REPO / "bench" / "bench_zero_shot.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_zero_shot"]
+
+
+def _argv(out, *extra):
+    return ["bench_zero_shot.py", "--size", "debug", "--requests", "12", "--batch-sizes", "4", "--device", "cpu",
+            "--dtype", "fp32", "--no-compile", "--json", str(out), *extra]
+
+
+def test_smoke_rows_and_json_against_the_hf_backend(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval", reason="lm-eval (the test extra) is not installed")
+    out = tmp_path / "zs.json"
+    monkeypatch.setattr(sys, "argv", _argv(out))
+    torch.set_num_threads(1)
+    assert _bench().main() == 0
+    (record,) = json.loads(out.read_text())
+    assert record["batch_size"] == 4 and record["requests"] == 12
+    eager, hf = record["llamatron eager"], record["lm-eval HF"]
+    assert eager["vs_hf"] == pytest.approx(eager["requests_per_s"] / hf["requests_per_s"], rel=1e-3)
+    assert record["max_ll_difference"]["llamatron eager vs lm-eval HF"] < 1e-4  # the same weights, fp32
+    printed = capsys.readouterr().out
+    assert "ROW llamatron eager, batch 4:" in printed and "ROW lm-eval HF, batch 4:" in printed
+
+
+def test_a_failing_side_is_reported_and_the_others_kept(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "zs.json"
+    monkeypatch.setattr(sys, "argv", _argv(out))
+    bench = _bench()
+
+    def hf_fails(*args):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(bench, "run_hf", hf_fails)
+    torch.set_num_threads(1)
+    assert bench.main() == 1
+    (record,) = json.loads(out.read_text())
+    assert "llamatron eager" in record and "lm-eval HF" not in record
+    assert "lm-eval HF: failed: RuntimeError: simulated failure" in capsys.readouterr().out
