@@ -589,6 +589,15 @@ def test_calibration_times_glams_biased_attention_as_the_model_trains_it(tmp_pat
     assert len(rows) == len(measure.QUICK_SEQS) * len(measure.QUICK_ATTENTION_TOKENS)
 
 
+def test_calibration_begins_no_biased_attention_compile_it_has_no_time_for():
+    """On CUDA each biased attention shape compiles first (tens of seconds): with less than
+    BIAS_COMPILE_S of the budget left none is begun (a run killed past its budget loses the whole
+    table), and what is left out counts as skipped."""
+    clock = measure.Clock(torch.device("cuda"), budget_s=measure.BIAS_COMPILE_S - 1)
+    assert measure._measure_all_attention(clock, torch.bfloat16, ["glam-126m-64e"], False, 1e12, biased=True) == []
+    assert clock.skipped == len(measure.BIAS_TOKENS) * len(measure.BIAS_SEQS)
+
+
 def test_calibration_times_the_experts_batched_gemm_and_the_planner_costs_them_by_it(tmp_path):
     """A MoE model's table has its experts' products as one batched GEMM over E experts (what the
     capacity path runs), read back as measured; the planner's expert time follows those rows, and a
