@@ -20,8 +20,9 @@
 #    and compiled, profiled, each with its MoE layer split into experts and routing/dispatch/combine; its
 #    experts in FP8 (torchao's rowwise grouped GEMM), alone and with the 768-wide linears, after the CUDA
 #    tests of that GEMM and of the band's tensor-core products; then its attention alone: SDPA with the
-#    bias, flex with the band (tensor-core and fp32 band products), flex with atomics, against causal SDPA
-#    without bias (the floor)
+#    bias, flex with the band (tensor-core and fp32 band products), flex with atomics, cuDNN's causal
+#    kernel plus the band's correction (also in the full model: compile@glam_attention=cudnn_band), against
+#    causal SDPA without bias (the floor)
 # 4. issue 22: the first async checkpoint save, its host buffers allocated in the background
 # 5. issue 22: the block linears' bf16 copies made once per step (train.cast_weights_once), and with
 #    the fp32 weight-gradient accumulation inside the GEMM (train.gradient_accumulation_fusion), against
@@ -51,13 +52,15 @@ run zs8b 230 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2
 run finetune 240 100 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,lora+compile@micro=4,lora+compile+fp8@micro=4 \
     --steps 4 --warmup 2 --budget-s 220 --profile lora+compile@micro=2 --json "$OUT/finetune.json"
 run fp8experts_test 60 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py \
-    tests/test_glam.py::test_table_grad_from_tensor_core_band_products_equals_fp32_on_cuda
+    tests/test_glam.py::test_table_grad_from_tensor_core_band_products_equals_fp32_on_cuda \
+    tests/test_glam.py::test_band_corrected_attention_with_cudnn_on_cuda
 # Global batch 128 (16 micro-batches): the fused AdamW over 1.9B parameters (~37 ms) is paid once a step,
 # as at Pax's 256, not once per 4 micro-batches. Eager last: it is the slowest and the least asked for.
-run glam 240 120 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
-    --global-batch 128 --variants compile,compile+fp8-experts,compile+fp8-768,fused-ce+adam --profile compile \
+run glam 300 120 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
+    --global-batch 128 --variants compile,compile@glam_attention=cudnn_band,compile+fp8-experts,compile+fp8-768,fused-ce+adam \
+    --profile compile \
     --steps 3 --warmup 2 --json "$OUT/glam.json"
-run glamattn 90 45 python bench/bench_glam_attention.py
+run glamattn 150 60 python bench/bench_glam_attention.py
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
     --json "$OUT/ckpt.json"
 run castonce 240 150 python bench/bench_train_step.py --layers 8 --seq-len 8192 --global-batch 8 --micro-batch 2 \

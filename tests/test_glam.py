@@ -355,6 +355,96 @@ def test_flex_path_gradients_equal_the_sdpa_path(monkeypatch):
     assert results[0]["layers.1.attention.rel_bias.weight"].abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("seqlen", [300, 150, 40])  # several windows past the band (113); one; within it
+def test_band_corrected_attention_equals_the_materialised_bias(seqlen):
+    """The causal kernel without bias (torch's CPU flash attention here, cuDNN's on CUDA) plus the band's
+    correction: the output and the q, k, v and bias-table gradients of SDPA with the [H, S, S] bias."""
+    from llamatron.models.glam import attention
+    from llamatron.models.glam.band_attention import band_corrected_attention
+    from llamatron.models.glam.model import relative_position_bucket
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, seqlen, 8, requires_grad=True) for _ in range(3))
+    table = torch.randn(32, 3, requires_grad=True)
+    pos = torch.arange(max(seqlen, 256))
+    buckets = relative_position_bucket(pos[:, None] - pos[None, :], 32, 128)
+    band = attention.band_width(buckets[:, 0], 32)
+    want = attention.sdpa_attention(q, k, v, table, buckets)
+    grad = torch.randn_like(want)
+    got = band_corrected_attention(q, k, v, table, buckets[:, 0], band)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v, table), grad), torch.autograd.grad(want, (q, k, v, table), grad)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's attention kernel is CUDA's")
+def test_band_corrected_attention_with_cudnn_on_cuda():
+    """bf16 on the GPU: cuDNN's causal kernel plus the band's correction is as close to fp32 SDPA with the
+    materialised bias as flex_attention's path is (outputs and all four gradients)."""
+    from llamatron.models.glam import attention
+    from llamatron.models.glam.band_attention import band_corrected_attention
+    from llamatron.models.glam.model import relative_position_bucket
+
+    torch.manual_seed(0)
+    B, H, S, D = 2, 12, 1000, 64
+    q32, k32, v32 = (torch.randn(B, H, S, D, device="cuda") for _ in range(3))
+    table = torch.randn(32, H, device="cuda", requires_grad=True)
+    grad = torch.randn(B, H, S, D, device="cuda")
+    pos = torch.arange(S, device="cuda")
+    buckets = relative_position_bucket(pos[:, None] - pos[None, :], 32, 128)
+    band = attention.band_width(buckets[:, 0].cpu(), 32)
+
+    def outputs(fn, dtype):
+        q, k, v = (t.to(dtype).requires_grad_() for t in (q32, k32, v32))
+        out = fn(q, k, v)
+        return [out.float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v, table), grad.to(dtype)))]
+
+    want = outputs(lambda q, k, v: attention.sdpa_attention(q, k, v, table, buckets), torch.float32)
+    mask = attention.causal_block_mask(S, q32.device)
+    flex = outputs(lambda q, k, v: attention.flex_attention_biased(q, k, v, table, buckets[:, 0], band, mask),
+                   torch.bfloat16)
+    cudnn = outputs(lambda q, k, v: band_corrected_attention(q, k, v, table, buckets[:, 0], band), torch.bfloat16)
+    for name, w, f, c in zip(("out", "dq", "dk", "dv", "dtable"), want, flex, cudnn):
+        scale = float(w.abs().max())
+        assert float((c - w).abs().max()) <= 2 * float((f - w).abs().max()) + 1e-3 * scale, name
+
+
+def test_band_corrected_training_path_equals_the_sdpa_path(monkeypatch):
+    """GLaM's blocks with LLAMATRON_GLAM_ATTENTION=cudnn_band, eager and as one compiled graph: the losses
+    and every parameter's gradient of the SDPA path; an unknown kernel name is one line."""
+    import torch._dynamo
+
+    from llamatron.errors import LlamatronError
+    from llamatron.models.glam import attention
+
+    entry = registry.get("glam-debug")
+    model = entry.family.build(entry.args)
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        for block in model.layers.values():
+            block.attention.rel_bias.weight.normal_(0, 1.0)
+    tokens, labels = torch.randint(0, entry.args.vocab_size, (2, 2, 130))  # past the band of 113
+    results = []
+    for kernel, fast, compiled in (("flex", False, False), ("cudnn_band", True, False), ("cudnn_band", True, True)):
+        monkeypatch.setattr(attention, "TRAINING_KERNEL", kernel)
+        model.flex_attention = fast
+        model.zero_grad()
+        if compiled:
+            torch._dynamo.reset()
+            for block in model.layers.values():
+                block.compile(fullgraph=True, backend="aot_eager")
+        loss = model(tokens, labels)
+        loss.backward()
+        results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-6)
+        for name, want in results[0][1].items():
+            torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-7, msg=name)
+    monkeypatch.setattr(attention, "TRAINING_KERNEL", "cuDNN")
+    with pytest.raises(LlamatronError, match="LLAMATRON_GLAM_ATTENTION='cuDNN': expected one of flex, cudnn_band"):
+        attention.training_kernel()
+
+
 def test_parameter_counts_of_the_presets():
     def expected(a):
         attention = 4 * a.dim * a.dim + a.rel_pos_buckets * a.n_heads + 2 * a.dim  # + its two norms

@@ -1,4 +1,4 @@
-"""Causal self-attention with GLaM's T5 relative position bias, two ways that give the same numbers.
+"""Causal self-attention with GLaM's T5 relative position bias, ways that give the same numbers.
 
 - `sdpa_attention` (the reference, and the CPU path): the bias of every (query, key) pair looked up
   into a [heads, S, S] float mask for SDPA. It costs an [S, S] embedding lookup per block, its
@@ -8,6 +8,8 @@
   distance; no [S, S] tensor exists. The bias table's gradient is computed apart (`_TableGrad`),
   since flex's own gradient for a captured tensor scatters every score's gradient with atomics onto
   a few addresses (most distances share the last bucket).
+- `band_attention.band_corrected_attention` (CUDA with LLAMATRON_GLAM_ATTENTION=cudnn_band): the causal
+  kernel without any bias, corrected over the band where the bias differs from the last bucket's.
 
 The table's gradient without the full [S, S] score gradient dS: d table[b, h] is the sum of dS over
 the pairs whose distance falls in bucket b. Each softmax row's dS sums to zero (sum_kv P (dP - delta)
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as fa
 
+from llamatron.errors import LlamatronError
 from llamatron.models.attention_ops import compiled_on_cuda
 
 
@@ -106,39 +109,80 @@ class _TableGrad(torch.autograd.Function):
         return grad, d_table, None, None, None, None, None, None
 
 
+class Windows:
+    """The band of distances below `band` as windows: each block of T queries (T = the band rounded up to
+    16) against its own block of keys and the previous one, where all of its band lies."""
+
+    def __init__(self, q: torch.Tensor, dist_bucket: torch.Tensor, band: int):
+        self.B, self.H, self.S, self.D = q.shape
+        self.T = min(self.S, -(-band // 16) * 16)
+        self.n = -(-self.S // self.T)
+        self.pad = self.n * self.T - self.S
+        T, n, S = self.T, self.n, self.S
+        r = torch.arange(T, device=q.device)
+        c = torch.arange(2 * T, device=q.device)
+        i = torch.arange(n, device=q.device).view(n, 1, 1)
+        dist = T + r[:, None] - c[None, :]  # [T, 2T] query - key within a window
+        self.valid = (dist >= 0) & (dist < band) & ((i - 1) * T + c >= 0) & (i * T + r[:, None] < S)  # [n, T, 2T]
+        self.bucket = dist_bucket[dist.clamp(0, band - 1)]  # [T, 2T]
+
+    def blocks(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, H, S, D] -> [B, H, n, T, D] (zero rows past S); [B, H, S] (a log-sum-exp) -> [B, H, n, T, 1]."""
+        if t.dim() == 3:
+            return F.pad(t, (0, self.pad)).view(self.B, self.H, self.n, self.T, 1)
+        return F.pad(t, (0, 0, 0, self.pad)).view(self.B, self.H, self.n, self.T, self.D)
+
+    def with_previous(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, H, S, D] -> [B, H, n, 2T, D]: block i - 1 (zeros for 0), then block i."""
+        b = self.blocks(t)
+        return torch.cat([F.pad(b[:, :, :-1], (0, 0, 0, 0, 1, 0)), b], dim=3)
+
+    def unblock(self, b: torch.Tensor) -> torch.Tensor:
+        """[B, H, n, T, x] -> [B, H, S, x]."""
+        return b.reshape(self.B, self.H, self.n * self.T, -1)[:, :, : self.S]
+
+    def fold(self, w: torch.Tensor) -> torch.Tensor:
+        """A gradient over `with_previous`'s windows [B, H, n, 2T, D] -> over the keys [B, H, S, D]: each
+        block's own half, plus the next window's first half (where it was the previous block)."""
+        T = self.T
+        return self.unblock(w[:, :, :, T:] + F.pad(w[:, :, 1:, :T], (0, 0, 0, 0, 0, 1)))
+
+    def bias(self, table: torch.Tensor) -> torch.Tensor:
+        """[buckets, H] -> the bias of each window position, [H, 1, T, 2T] fp32."""
+        return table.detach().float()[self.bucket].permute(2, 0, 1).unsqueeze(1)
+
+    def table_grad(self, ds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """dS over the windows, summed over batch and blocks [H, T, 2T] (valid positions only) -> d table.
+        Every pair beyond the band is in the last bucket, and each row's dS sums to zero."""
+        d_table = torch.zeros(table.shape, dtype=torch.float32, device=ds.device)
+        d_table = d_table.index_add(0, self.bucket.reshape(-1), ds.reshape(self.H, -1).t())
+        return torch.cat([d_table[:-1], -d_table[:-1].sum(0, keepdim=True)]).to(table.dtype)
+
+
 def table_grad(q, k, v, out, lse, grad_out, table, dist_bucket, band: int) -> torch.Tensor:
     """d loss / d table [buckets, H] from the band of distances < band (module doc), in fp32."""
-    B, H, S, D = q.shape
-    T = min(S, -(-band // 16) * 16)  # a query block sees its band in its own block and the previous one
-    n = -(-S // T)
-    pad = n * T - S
-
-    def blocks(t):
-        return F.pad(t, (0, 0, 0, pad)).view(B, H, n, T, D)
-
-    def with_previous(t):  # [B, H, n, T, D] -> [B, H, n, 2T, D]: block i - 1 (zeros for 0), then block i
-        return torch.cat([F.pad(t[:, :, :-1], (0, 0, 0, 0, 1, 0)), t], dim=3)
-
-    qb, ob, gb = blocks(q), blocks(out), blocks(grad_out)  # the inputs' dtype: `band_products` upcasts
-    kw, vw = with_previous(blocks(k)), with_previous(blocks(v))
-    r = torch.arange(T, device=q.device)
-    c = torch.arange(2 * T, device=q.device)
-    i = torch.arange(n, device=q.device).view(n, 1, 1)
-    dist = T + r[:, None] - c[None, :]  # [T, 2T] query - key within a window
-    valid = (dist >= 0) & (dist < band) & ((i - 1) * T + c >= 0) & (i * T + r[:, None] < S)  # [n, T, 2T]
-    bucket = dist_bucket[dist.clamp(0, band - 1)]  # [T, 2T]
-    bias = table.detach().float()[bucket].permute(2, 0, 1).unsqueeze(1)  # [H, 1, T, 2T]
-    scores = band_products(qb, kw.transpose(-1, -2)) / math.sqrt(D) + bias
-    lse_b = F.pad(lse.float(), (0, pad)).view(B, H, n, T, 1)
-    p = torch.exp((scores - lse_b).masked_fill(~valid, float("-inf")))
+    w = Windows(q, dist_bucket, band)
+    qb, ob, gb = w.blocks(q), w.blocks(out), w.blocks(grad_out)  # the inputs' dtype: `band_products` upcasts
+    kw, vw = w.with_previous(k), w.with_previous(v)
+    scores = band_products(qb, kw.transpose(-1, -2)) / math.sqrt(w.D) + w.bias(table)
+    p = torch.exp((scores - w.blocks(lse.float())).masked_fill(~w.valid, float("-inf")))
     dp = band_products(gb, vw.transpose(-1, -2))
     delta = (gb.float() * ob.float()).sum(-1, keepdim=True)
-    ds = (p * (dp - delta)).sum((0, 2))  # [H, T, 2T]
-    d_table = torch.zeros(table.shape, dtype=torch.float32, device=q.device)
-    d_table = d_table.index_add(0, bucket.reshape(-1), ds.reshape(H, -1).t())
-    # Every pair beyond the band is in the last bucket, and each row's dS sums to zero.
-    d_table = torch.cat([d_table[:-1], -d_table[:-1].sum(0, keepdim=True)])
-    return d_table.to(table.dtype)
+    return w.table_grad((p * (dp - delta)).sum((0, 2)), table)
+
+
+# The kernel of GLaM's training attention on CUDA (and wherever `GLaM.flex_attention` is set): "flex"
+# (flex_attention with the bias in a score_mod) or "cudnn_band" (the causal kernel plus the band's
+# correction, band_attention.py). bench/bench_glam_attention.py times both.
+TRAINING_KERNELS = ("flex", "cudnn_band")
+TRAINING_KERNEL = os.environ.get("LLAMATRON_GLAM_ATTENTION", "flex")  # read once: compiled blocks guard on it
+
+
+def training_kernel() -> str:
+    if TRAINING_KERNEL not in TRAINING_KERNELS:
+        raise LlamatronError(f"LLAMATRON_GLAM_ATTENTION={TRAINING_KERNEL!r}: expected one of "
+                             f"{', '.join(TRAINING_KERNELS)}")
+    return TRAINING_KERNEL
 
 
 # How `table_grad` multiplies half-precision operands on CUDA: "tensor_cores" (bf16/fp16 operands, fp32
