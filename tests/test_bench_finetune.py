@@ -1,24 +1,17 @@
 """bench/bench_finetune.py's smoke path on the CPU: every line but the CUDA-only ones runs (the GPU
 figures in docs/performance.md come from the same code on the 8B)."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from llamatron.testing.bench import load_bench
 
 
 def _bench():
-    if "bench_finetune" not in sys.modules:  # its dataclass needs its module registered
-        spec = importlib.util.spec_from_file_location("bench_finetune", REPO / "bench" / "bench_finetune.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_finetune"]
+    return load_bench("bench_finetune")
 
 
 def test_smoke_run_reports_lora_and_sft_variants(tmp_path, monkeypatch, capsys):

@@ -2,26 +2,18 @@
 docs/moe.md) and its smoke path on the CPU."""
 
 import argparse
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from llamatron.errors import LlamatronError
-
-REPO = Path(__file__).resolve().parents[1]
+from llamatron.testing.bench import load_bench
 
 
 def _bench():
-    if "bench_train_step" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "bench" / "bench_train_step.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_train_step"]
+    return load_bench("bench_train_step")
 
 
 def _cli(size, layers, seq_len, sets):

@@ -1,23 +1,16 @@
 """bench/bench_zero_shot.py on the CPU: its rows and JSON, and a failing side that does not lose the others."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from llamatron.testing.bench import load_bench
 
 
 def _bench():
-    if "bench_zero_shot" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_zero_shot", REPO / "bench" / "bench_zero_shot.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_zero_shot"]
+    return load_bench("bench_zero_shot")
 
 
 def _argv(out, *extra):

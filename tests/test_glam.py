@@ -324,29 +324,40 @@ def _dense_flex(q, k, v, bias, block_mask):
     return torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1)
 
 
-def test_flex_path_gradients_equal_the_sdpa_path(monkeypatch):
-    # The CUDA training path's wiring on the CPU: q, k, v gradients from the attention call, the table's
-    # from the band (`_TableGrad`), nothing counted twice; eager and as one compiled graph.
-    import torch._dynamo
-
-    from llamatron.models.glam import attention
-
-    monkeypatch.setattr(attention, "_flex", lambda device: _dense_flex)
+def _glam_with_a_bias():
+    """glam-debug with its relative bias tables drawn (zero at init: made to matter), and a batch of
+    sequences past the band of 113."""
     entry = registry.get("glam-debug")
     model = entry.family.build(entry.args)
     model.init_weights(seed=0)
     with torch.no_grad():
         for block in model.layers.values():
             block.attention.rel_bias.weight.normal_(0, 1.0)
-    tokens, labels = torch.randint(0, entry.args.vocab_size, (2, 2, 130))  # past the band of 113
+    tokens, labels = torch.randint(0, entry.args.vocab_size, (2, 2, 130))
+    return model, tokens, labels
+
+
+def _compile_blocks(model):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    for block in model.layers.values():
+        block.compile(fullgraph=True, backend="aot_eager")
+
+
+def test_flex_path_gradients_equal_the_sdpa_path(monkeypatch):
+    # The CUDA training path's wiring on the CPU: q, k, v gradients from the attention call, the table's
+    # from the band (`_TableGrad`), nothing counted twice; eager and as one compiled graph.
+    from llamatron.models.glam import attention
+
+    monkeypatch.setattr(attention, "_flex", lambda device: _dense_flex)
+    model, tokens, labels = _glam_with_a_bias()
     results = []
     for flex, compiled in ((False, False), (True, False), (True, True)):
         model.flex_attention = flex
         model.zero_grad()
         if compiled:
-            torch._dynamo.reset()
-            for block in model.layers.values():
-                block.compile(fullgraph=True, backend="aot_eager")
+            _compile_blocks(model)
         model(tokens, labels).backward()
         results.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for got in results[1:]:
@@ -412,27 +423,17 @@ def test_band_corrected_attention_with_cudnn_on_cuda():
 def test_band_corrected_training_path_equals_the_sdpa_path(monkeypatch):
     """GLaM's blocks with LLAMATRON_GLAM_ATTENTION=cudnn_band, eager and as one compiled graph: the losses
     and every parameter's gradient of the SDPA path; an unknown kernel name is one line."""
-    import torch._dynamo
-
     from llamatron.errors import LlamatronError
     from llamatron.models.glam import attention
 
-    entry = registry.get("glam-debug")
-    model = entry.family.build(entry.args)
-    model.init_weights(seed=0)
-    with torch.no_grad():
-        for block in model.layers.values():
-            block.attention.rel_bias.weight.normal_(0, 1.0)
-    tokens, labels = torch.randint(0, entry.args.vocab_size, (2, 2, 130))  # past the band of 113
+    model, tokens, labels = _glam_with_a_bias()
     results = []
     for kernel, fast, compiled in (("flex", False, False), ("cudnn_band", True, False), ("cudnn_band", True, True)):
         monkeypatch.setattr(attention, "TRAINING_KERNEL", kernel)
         model.flex_attention = fast
         model.zero_grad()
         if compiled:
-            torch._dynamo.reset()
-            for block in model.layers.values():
-                block.compile(fullgraph=True, backend="aot_eager")
+            _compile_blocks(model)
         loss = model(tokens, labels)
         loss.backward()
         results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))

@@ -5,7 +5,6 @@ memory estimate against the measured peak of small CPU runs."""
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from llamatron.parallel.layout import Layout
 from llamatron.transforms.fp8_frozen import quantize_frozen_linears
 from llamatron.transforms.lora import frozen_dtype
 from llamatron.parallel.memory import estimate_memory, parameter_counts
+from llamatron.testing.bench import load_bench
 from llamatron.testing.compiled import inductor_partitioner
 from llamatron.train.optim import build_optimizer
 from llamatron.train.step import train_step
@@ -98,9 +98,7 @@ def test_the_kernel_ceiling_is_above_every_planned_and_measured_step():
     """bench/gemm_ceiling.py: the step's GEMMs and attention alone, from the shipped H200 table, give
     an MFU above the planner's (which adds element-wise work, the loss and the optimizer) and above
     every measured H200 run of that layout, and its GEMM rate is the table's for those shapes."""
-    spec = importlib.util.spec_from_file_location("gemm_ceiling", REPO / "bench" / "gemm_ceiling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("gemm_ceiling")
     path = REPO / "llamatron" / "calibration" / "h200.json"
     table = calibration.load(path)
     c = module.ceiling("llama3.1-8b", 4, 8192, 8, str(path), 989e12)
@@ -114,11 +112,7 @@ def test_the_kernel_ceiling_is_above_every_planned_and_measured_step():
 
 
 def _plan_vs_measured():
-    spec = importlib.util.spec_from_file_location("plan_vs_measured", REPO / "bench" / "plan_vs_measured.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("plan_vs_measured")
 
 
 def test_every_single_gpu_run_within_10_percent_of_the_memory_estimate_as_docs_planner_md_shows():
