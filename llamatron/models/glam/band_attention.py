@@ -43,20 +43,21 @@ def band_corrected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def _causal(q, k, v):
-    """The unbiased causal kernel: (output, log-sum-exp as the kernel keeps it, what its backward needs)."""
+    """The unbiased causal kernel: (output, log-sum-exp as the kernel keeps it, the tensors and the sizes
+    its backward needs besides: cuDNN's RNG state and sequence offsets, and its maximum lengths)."""
     if q.is_cuda:
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, True, False)
-        return out, lse, (seed, offset, cum_q, cum_k, max_q, max_k)
+        return out, lse, (seed, offset, cum_q, cum_k), (max_q, max_k)
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
-    return out, lse, None
+    return out, lse, (), ()
 
 
-def _causal_backward(grad, q, k, v, out, lse, state):
-    if state is not None:
-        seed, offset, cum_q, cum_k, max_q, max_k = state
+def _causal_backward(grad, q, k, v, out, lse, tensors, sizes):
+    if q.is_cuda:
+        seed, offset, cum_q, cum_k = tensors
         return aten._scaled_dot_product_cudnn_attention_backward(grad, q, k, v, out, lse, seed, offset, None,
-                                                                 cum_q, cum_k, max_q, max_k, 0.0, True)
+                                                                 cum_q, cum_k, *sizes, 0.0, True)
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse, 0.0, True)
 
 
@@ -69,7 +70,7 @@ def _delta(w: Windows, table: torch.Tensor) -> torch.Tensor:
 class _BandCorrected(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table, dist_bucket, band: int):
-        out_c, lse_c, state = _causal(q, k, v)
+        out_c, lse_c, kernel_tensors, kernel_sizes = _causal(q, k, v)
         w = Windows(q, dist_bucket, band)
         scale = 1.0 / math.sqrt(w.D)
         lse_b = w.blocks(lse_c.reshape(w.B, w.H, w.S).float())
@@ -79,14 +80,17 @@ class _BandCorrected(torch.autograd.Function):
         corrected = (w.blocks(out_c).float() + band_products(r.to(v.dtype), w.with_previous(v))) / z
         out = torch.empty_like(out_c).copy_(w.unblock(corrected))  # the causal kernel's layout, for its backward
         lse = (lse_b + torch.log(z)).reshape(w.B, w.H, -1)[:, :, : w.S].reshape(lse_c.shape).to(lse_c.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, table, dist_bucket)
-        ctx.band, ctx.state = band, state
+        # Every tensor through save_for_backward (torch.compile traces this function), sizes as attributes.
+        ctx.save_for_backward(q, k, v, out, lse, table, dist_bucket, *kernel_tensors)
+        ctx.band, ctx.kernel_sizes = band, kernel_sizes
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse, table, dist_bucket = ctx.saved_tensors
-        dq, dk, dv = _causal_backward(grad, q, k, v, out, lse, ctx.state)
+        q, k, v, out, lse, table, dist_bucket, *kernel_tensors = ctx.saved_tensors
+        if grad.stride() != out.stride():  # the kernel's backward reads dO in its output's layout
+            grad = torch.empty_like(out).copy_(grad)
+        dq, dk, dv = _causal_backward(grad, q, k, v, out, lse, kernel_tensors, ctx.kernel_sizes)
         w = Windows(q, dist_bucket, ctx.band)
         scale = 1.0 / math.sqrt(w.D)
         qb, gb, kw, vw = w.blocks(q), w.blocks(grad), w.with_previous(k), w.with_previous(v)
