@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -107,10 +108,24 @@ def bench_runs() -> dict[Run, dict]:
     return runs
 
 
-def _other_model(command: str) -> bool:
+def _command_model(command: str) -> tuple[list[str], list[str]]:
+    """A bench_train_step command's named sizes (--size / --model) and its --set values."""
     words = command.split()
     named = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--size", "--model")]
-    return any(n != "llama3.1-8b" for n in named) or "--set" in words
+    return named, [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--set"]
+
+
+def _other_model(command: str) -> bool:
+    named, sets = _command_model(command)
+    return any(n != "llama3.1-8b" for n in named) or bool(sets)
+
+
+def _bench_module(name: str):
+    """A script beside this one (also when a test loads this one by path)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module(name)
 
 
 def moe_rows() -> list[dict]:
@@ -120,22 +135,23 @@ def moe_rows() -> list[dict]:
     rows = []
     for path in sorted((DOCS / "bench").glob("*.json")):
         data = json.loads(path.read_text())
-        words = data.get("meta", {}).get("command", "").split()
-        named = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--size", "--model")]
+        named, sets = _command_model(data.get("meta", {}).get("command", ""))
         if not named or registry.get(named[0]).family.name != "glam":
             continue
-        sets = dict(words[i + 1].removeprefix("model.").split("=", 1) for i, w in enumerate(words[:-1]) if w == "--set")
         for r in data["results"]:
             if not r.get("compile") or r.get("fp8", "none") != "none":
                 continue
             w = plan.workload(named[0], r["seq_len"], r["global_batch"], r["layers"] or None)
-            args = dataclasses.replace(w.args, **{k: type(getattr(w.args, k))(v) for k, v in sets.items()})
+            # The model as the bench built it: its --set keys read as the trainer reads them.
+            args = _bench_module("bench_train_step").model_args(
+                argparse.Namespace(size=named[0], layers=r["layers"], seq_len=r["seq_len"], sets=sets))
             w = dataclasses.replace(w, args=args)
             lay = plan.Layout(1, 1, 1, 1, 1, r["micro_batch"], False)
             hw = plan.Hardware(1, memory_gib=139.0, fp8=True, fp8_speedup=plan.FP8_GEMM_SPEEDUP["H200"])
             est = estimate_memory(args, r["seq_len"], r["micro_batch"], n_microbatches=r["global_batch"] // r["micro_batch"],
                                   fused_cross_entropy=r["fused_ce"], compiled=True, native_gqa=True)
-            rows.append({"file": path.name, "variant": r["variant"], "model": named[0], "sets": sets,
+            rows.append({"file": path.name, "variant": r["variant"], "model": named[0],
+                         "sets": dict(x.removeprefix("model.").split("=", 1) for x in sets),
                          "layers": r["layers"], "micro": r["micro_batch"], "global": r["global_batch"],
                          "step": r["step_time_s"], "fitted": plan.evaluate(w, lay, hw).step_s,
                          "calibrated": plan.evaluate(w, lay, calibration.default_table("H200").apply(hw)).step_s,
@@ -159,12 +175,10 @@ def finetune_rows() -> list[dict]:
     """The fine-tuning benchmark's rows (bench/bench_finetune.py, full 8B, one H200): the trainer's
     memory estimate with today's model (the run printed the one of its day) and, for compiled runs,
     the planner's step from the shipped H200 table."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:  # bench_finetune, beside this script (also when a test loads it by path)
-        sys.path.insert(0, here)
     import torch
 
-    from bench_finetune import Variant, estimate, parse_variant
+    bench_finetune = _bench_module("bench_finetune")
+    Variant, estimate, parse_variant = bench_finetune.Variant, bench_finetune.estimate, bench_finetune.parse_variant
     from llamatron.config import LoraConfig
 
     table = calibration.default_table("H200")
