@@ -42,7 +42,9 @@ def _flex_atomics(q, k, v, bias, mask):
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + bias[h, torch.clamp(q_idx - kv_idx, min=0)]
 
-    return A.fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=mask)
+    # The model's tiles: the Hopper default for head dim 64 overflows shared memory with a bias score_mod.
+    options = A._HEAD_DIM_64_TILES if q.shape[-1] <= 64 else None
+    return A.fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, kernel_options=options)
 
 
 _atomics = torch.compile(_flex_atomics, dynamic=False)
@@ -125,7 +127,11 @@ def main() -> int:
     qkv, table, grad = inputs(args, torch.float32)
     ref = run(sdpa, qkv, table, grad, buckets, band, mask)
     for name in ("flex+band", "flex+atomics"):
-        got = run(WAYS[name], qkv, table, grad, buckets, band, mask)
+        try:
+            got = run(WAYS[name], qkv, table, grad, buckets, band, mask)
+        except Exception as e:  # noqa: BLE001 - report it and compare the others
+            print(f"fp32 {name}: failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
         diffs = ", ".join(f"{what} {float((a - b).abs().max()):.2e} (of {float(b.abs().max()):.2e})"
                           for what, a, b in zip(("out", "dq", "dk", "dv", "dtable"), got, ref))
         print(f"fp32 {name:13s} vs sdpa: {diffs}")
