@@ -9,9 +9,7 @@ other and timed (forward + backward of one block's attention).
               the bias in a score_mod, the table's gradient from the band of near distances;
 - flex+atomics: flex_attention differentiating the captured bias itself (its backward scatters
               every score's gradient into the table with atomic adds);
-- cudnn+band: cuDNN's causal kernel without bias plus the band's correction
-              (llamatron/models/glam/band_attention.py; bf16 only, compared with fp32 sdpa); it and
-              flex+band also compiled whole, as inside a compiled block;
+- flex+band, compiled: compiled whole, as inside a compiled block;
 - timed only: flex+band with the band's products in fp32 on the CUDA cores (before 2026-12-05; now
   bf16 operands on the tensor cores with fp32 accumulation), and causal SDPA without any bias: the
   floor (cuDNN's or flash's kernel) against which the biased ways' cost is judged.
@@ -26,7 +24,6 @@ import statistics
 import torch
 
 from llamatron.models.glam import attention as A
-from llamatron.models.glam.band_attention import band_corrected_attention
 from llamatron.models.glam.model import relative_position_bucket
 
 
@@ -59,19 +56,13 @@ def causal(q, k, v, table, buckets, band, mask):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) + 0 * table.sum()
 
 
-def cudnn_band(q, k, v, table, buckets, band, mask):
-    return band_corrected_attention(q, k, v, table, buckets[:, 0], band)
-
-
 # As in a compiled block, where inductor fuses the band's element-wise work (flex itself is compiled
 # either way).
 _flex_band_compiled = torch.compile(flex_band, dynamic=False)
-_cudnn_band_compiled = torch.compile(cudnn_band, dynamic=False)
 
 
 WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics}
-BF16_WAYS = {"cudnn+band": cudnn_band}  # cuDNN's kernel takes bf16 and fp16 only: compared in bf16
-COMPILED = {"flex+band, compiled": _flex_band_compiled, "cudnn+band, compiled": _cudnn_band_compiled}
+COMPILED = {"flex+band, compiled": _flex_band_compiled}
 FLOOR = {"causal, no bias": causal}  # timed, not compared: it computes something else
 # Timed too: flex+band with the band's products on the CUDA cores (fp32 operands), as before 2026-12-05.
 BAND_FP32 = "flex+band, fp32 band"
@@ -137,7 +128,7 @@ def main() -> int:
         print(f"fp32 {name:13s} vs sdpa: {diffs}")
     qkv, table, grad = inputs(args, torch.bfloat16)
     ref32 = run(sdpa, [t.detach().float().requires_grad_() for t in qkv], table, grad.float(), buckets, band, mask)
-    for name, fn in {"flex+band": flex_band, **BF16_WAYS, **COMPILED}.items():
+    for name, fn in {"flex+band": flex_band, **COMPILED}.items():
         try:
             got = run(fn, qkv, table, grad, buckets, band, mask)
         except Exception as e:  # noqa: BLE001 - report it and time the others
@@ -146,7 +137,7 @@ def main() -> int:
         diffs = ", ".join(f"{what} {float((a.float() - b).abs().max()):.2e} (of {float(b.abs().max()):.2e})"
                           for what, a, b in zip(("out", "dq", "dk", "dv", "dtable"), got, ref32))
         print(f"bf16 {name:13s} vs fp32 sdpa: {diffs}")
-    for name, fn in {**WAYS, **BF16_WAYS, **COMPILED, BAND_FP32: flex_band, **FLOOR}.items():
+    for name, fn in {**WAYS, **COMPILED, BAND_FP32: flex_band, **FLOOR}.items():
         A.BAND_MATMUL = "fp32" if name == BAND_FP32 else "tensor_cores"  # read in backward: set around both
         try:
             ms = time_ms(fn, qkv, table, grad, buckets, band, mask, args.iters)

@@ -48,7 +48,6 @@ from llamatron.errors import LlamatronError  # noqa: E402
 from llamatron.data.sampler import micro_batch_indices  # noqa: E402
 from llamatron.models.attention_ops import set_gqa_mode  # noqa: E402
 from llamatron.models import registry  # noqa: E402
-from llamatron.models.glam import attention as glam_attention  # noqa: E402
 from llamatron.parallel.layout import Layout  # noqa: E402
 from llamatron.parallel.parallelize import materialize  # noqa: E402
 from llamatron.runtime import Precision, load_batch  # noqa: E402
@@ -107,11 +106,8 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             over["micro_batch"] = int(value)
         elif key == "gqa" and value in ("auto", "native", "expand"):
             opts["gqa"] = value
-        elif key == "glam_attention" and value in glam_attention.TRAINING_KERNELS:
-            opts["glam_attention"] = value
         else:
-            raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand or "
-                             f"glam_attention={'|'.join(glam_attention.TRAINING_KERNELS)}")
+            raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N or gqa=auto|native|expand")
     return spec, opts, over
 
 
@@ -163,7 +159,6 @@ def build_layout(margs, opts, device) -> Layout:
 
 def run_variant(name, opts, margs, args, device, dataset):
     set_gqa_mode(opts.get("gqa", "auto"))  # read when the model is traced and run
-    glam_attention.TRAINING_KERNEL = opts.get("glam_attention", "flex")  # GLaM's training attention kernel
     model = build_layout(margs, opts, device)
     opt = build_optimizer(model.model, OptimConfig(fused=opts["fused_adam"]), device.type)
     amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)

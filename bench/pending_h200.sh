@@ -10,6 +10,9 @@
 # Together they need more than one call's 600 s: the first call runs what fits, in this order.
 # Measured on 2026-12-05 and no longer here: the CUDA tests of the fused loss and the staging buffers,
 # full SFT of the 8B, the GLaM 64B-64E proxy, LLaMA-2 at global batch 32, the 8B proxy at micro 16 in BF16.
+# Measured on an H100 on 2026-12-05 (docs/performance.md; still wanted on the H200, which the issues name):
+# zs8b, zsgpt, LoRA at micro 2 (bf16 and FP8), glam, glamattn, ckpt, castonce; fp8experts_test ran with
+# two failures since fixed (a test's CPU tensor; cuDNN + band, since removed).
 #
 # 1. issue 19: zero-shot scoring of the 8B, the shipped fast path (eager, compiled, and with --fp8: its
 #    block linears from FP8 copies) against lm-eval's HF backend (the 2x target waits on these rows)
@@ -20,9 +23,8 @@
 #    and compiled, profiled, each with its MoE layer split into experts and routing/dispatch/combine; its
 #    experts in FP8 (torchao's rowwise grouped GEMM), alone and with the 768-wide linears, after the CUDA
 #    tests of that GEMM and of the band's tensor-core products; then its attention alone: SDPA with the
-#    bias, flex with the band (tensor-core and fp32 band products), flex with atomics, cuDNN's causal
-#    kernel plus the band's correction (also in the full model: compile@glam_attention=cudnn_band), against
-#    causal SDPA without bias (the floor)
+#    bias, flex with the band (tensor-core and fp32 band products), flex with atomics, against causal
+#    SDPA without bias (the floor)
 # 4. issue 22: the first async checkpoint save, its host buffers allocated in the background
 # 5. issue 22: the block linears' bf16 copies made once per step (train.cast_weights_once), and with
 #    the fp32 weight-gradient accumulation inside the GEMM (train.gradient_accumulation_fusion), against
@@ -57,7 +59,7 @@ run fp8experts_test 60 30 python -m pytest -q -p no:cacheprovider tests/test_gla
 # Global batch 128 (16 micro-batches): the fused AdamW over 1.9B parameters (~37 ms) is paid once a step,
 # as at Pax's 256, not once per 4 micro-batches. Eager last: it is the slowest and the least asked for.
 run glam 300 120 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
-    --global-batch 128 --variants compile,compile@glam_attention=cudnn_band,compile+fp8-experts,compile+fp8-768,fused-ce+adam \
+    --global-batch 128 --variants compile,compile+fp8-experts,compile+fp8-768,fused-ce+adam \
     --profile compile \
     --steps 3 --warmup 2 --json "$OUT/glam.json"
 run glamattn 150 60 python bench/bench_glam_attention.py

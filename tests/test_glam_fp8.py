@@ -37,7 +37,7 @@ def _weights(k=32, n=48, E=len(COUNTS)):
 def _run(fn, x, w):
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     y = fn(xg, wg)
-    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
     return y.detach(), xg.grad, wg.grad
 
 

@@ -263,8 +263,7 @@ def _attention(clock: Clock, dtype, batch: int, heads: int, seq: int, head_dim: 
 
 def _biased_attention(q, k, v, flex: bool | None = None):
     """GLaM's causal attention with its T5 relative position bias (default buckets and distance), as
-    the model trains on this device (`flex` None: the fast path on CUDA, the kernel
-    LLAMATRON_GLAM_ATTENTION names, flex by default): flex_attention with the bias table in
+    the model trains on this device (`flex` None: the fast path on CUDA): flex_attention with the bias table in
     its score_mod and the table's gradient from the band (models/glam/attention.py; flex compiled on
     CUDA with static shapes, so each (batch, seq) compiles once, in the timing's warm-up calls; the
     band's gradient eager here, where a compiled block fuses its element-wise work), else SDPA
@@ -278,10 +277,6 @@ def _biased_attention(q, k, v, flex: bool | None = None):
     if q.is_cuda if flex is None else flex:
         dist_bucket = relative_position_bucket(distance, args.rel_pos_buckets, args.rel_pos_max_distance)
         band = glam.band_width(dist_bucket.cpu(), args.rel_pos_buckets)
-        if glam.training_kernel() == "cudnn_band":  # LLAMATRON_GLAM_ATTENTION: the model's choice
-            from llamatron.models.glam.band_attention import band_corrected_attention
-
-            return (lambda: band_corrected_attention(q, k, v, table, dist_bucket, band)), table
         block_mask = glam.causal_block_mask(seq, q.device)
         return (lambda: glam.flex_attention_biased(q, k, v, table, dist_bucket, band, block_mask)), table
     buckets = relative_position_bucket((distance[:, None] - distance[None, :]).clamp(min=0), args.rel_pos_buckets,

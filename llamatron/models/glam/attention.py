@@ -8,8 +8,6 @@
   distance; no [S, S] tensor exists. The bias table's gradient is computed apart (`_TableGrad`),
   since flex's own gradient for a captured tensor scatters every score's gradient with atomics onto
   a few addresses (most distances share the last bucket).
-- `band_attention.band_corrected_attention` (CUDA with LLAMATRON_GLAM_ATTENTION=cudnn_band): the causal
-  kernel without any bias, corrected over the band where the bias differs from the last bucket's.
 
 The table's gradient without the full [S, S] score gradient dS: d table[b, h] is the sum of dS over
 the pairs whose distance falls in bucket b. Each softmax row's dS sums to zero (sum_kv P (dP - delta)
@@ -29,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as fa
 
-from llamatron.errors import LlamatronError
 from llamatron.models.attention_ops import compiled_on_cuda
 
 
@@ -169,20 +166,6 @@ def table_grad(q, k, v, out, lse, grad_out, table, dist_bucket, band: int) -> to
     dp = band_products(gb, vw.transpose(-1, -2))
     delta = (gb.float() * ob.float()).sum(-1, keepdim=True)
     return w.table_grad((p * (dp - delta)).sum((0, 2)), table)
-
-
-# The kernel of GLaM's training attention on CUDA (and wherever `GLaM.flex_attention` is set): "flex"
-# (flex_attention with the bias in a score_mod) or "cudnn_band" (the causal kernel plus the band's
-# correction, band_attention.py). bench/bench_glam_attention.py times both.
-TRAINING_KERNELS = ("flex", "cudnn_band")
-TRAINING_KERNEL = os.environ.get("LLAMATRON_GLAM_ATTENTION", "flex")  # read once: compiled blocks guard on it
-
-
-def training_kernel() -> str:
-    if TRAINING_KERNEL not in TRAINING_KERNELS:
-        raise LlamatronError(f"LLAMATRON_GLAM_ATTENTION={TRAINING_KERNEL!r}: expected one of "
-                             f"{', '.join(TRAINING_KERNELS)}")
-    return TRAINING_KERNEL
 
 
 # How `table_grad` multiplies half-precision operands on CUDA: "tensor_cores" (bf16/fp16 operands, fp32

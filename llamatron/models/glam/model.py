@@ -29,9 +29,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from llamatron.loss import linear_cross_entropy
-from llamatron.models.glam.attention import (band_width, causal_block_mask, flex_attention_biased, sdpa_attention,
-                                             training_kernel)
-from llamatron.models.glam.band_attention import band_corrected_attention
+from llamatron.models.glam.attention import band_width, causal_block_mask, flex_attention_biased, sdpa_attention
 from llamatron.models.glam.experts import GroupedExperts
 from llamatron.models.glam.routing import dispatch_indices, gather_rows, route
 from llamatron.models.kv_cache import KVCache, LayerKV
@@ -122,8 +120,6 @@ class Attention(nn.Module):
         table = self.rel_bias(torch.arange(self.rel_bias.num_embeddings, device=x.device))
         if block_mask is None:
             out = sdpa_attention(q, k, v, table, buckets)
-        elif training_kernel() == "cudnn_band":
-            out = band_corrected_attention(q, k, v, table, buckets[:, 0], self.band)
         else:
             out = flex_attention_biased(q, k, v, table, buckets[:, 0], self.band, block_mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
