@@ -163,8 +163,8 @@ class TrainConfig:
     # A mixture of experts' grouped GEMMs in FP8 too (torchao's rowwise grouped recipe, whatever
     # train.fp8 names; H100-class GPUs), by the same fp8_min_features rule; false keeps them bf16.
     fp8_experts: bool = True
-    # bf16 autocast without FSDP or TP: the block linears' bf16 weight copies made once per optimizer
-    # step instead of by autocast in every micro-batch; the same numbers (transforms/weight_cast.py).
+    # bf16 autocast without FSDP or TP: the block linears' (and a MoE's experts') bf16 weight copies made
+    # once per optimizer step instead of in every micro-batch; the same numbers (transforms/weight_cast.py).
     cast_weights_once: bool = False
     # With cast_weights_once: each micro-batch's weight gradient accumulated into an fp32 buffer inside
     # the GEMM (Megatron's gradient_accumulation_fusion), not a bf16 product added into .grad after it.

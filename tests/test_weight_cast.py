@@ -102,3 +102,34 @@ def test_fused_gradients_of_the_other_families_equal_autocasts(size):
     assert all(want[n].abs().sum() > 0 for n in want if n.endswith(("router.weight", ".bias")))
     for n in want:
         assert torch.equal(got[n], want[n]), n
+
+
+def test_glam_experts_cast_once_give_autocasts_gradients():
+    """GLaM's experts (cast by hand in every micro-batch, as autocast would) from their bf16 copies:
+    two micro-batches' gradients bit for bit as before, the copies following the weights on refresh."""
+    from llamatron.models import registry
+
+    entry = registry.get("glam-debug")
+
+    def model():
+        m = entry.family.build(entry.args)
+        m.init_weights(seed=0)
+        return m
+
+    g = torch.Generator().manual_seed(1)
+    batches = [tuple(torch.randint(0, entry.args.vocab_size, (2, 32), generator=g) for _ in range(2)) for _ in range(2)]
+    want = _grads_after_backward(model(), batches)
+    m = model()
+    names = weight_cast.cast_weights_once([m], torch.bfloat16)
+    experts = [n for n in names if type(m.get_submodule(n)) is weight_cast.CastOnceExperts]
+    assert len(experts) == sum(b.moe for b in m.layers.values()) > 0
+    got = _grads_after_backward(m, batches)
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    ex = m.get_submodule(experts[0])
+    with torch.no_grad():
+        ex.w1.add_(1.0)
+    assert not torch.equal(ex.w1_copy, ex.w1.to(torch.bfloat16))
+    weight_cast.refresh([m])
+    assert torch.equal(ex.w1_copy, ex.w1.to(torch.bfloat16)) and torch.equal(ex.w2_copy, ex.w2.to(torch.bfloat16))

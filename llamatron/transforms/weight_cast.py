@@ -19,6 +19,10 @@ without that kernel (the CPU) the product is bf16 and added in fp32, which is au
 The buffers persist across steps: with one micro-batch per step they take memory that backward
 would otherwise free.
 
+A mixture of experts' weights (GLaM's `GroupedExperts`, [E, d, f] each, cast by hand in every
+micro-batch as autocast would) get the same bf16 copies (`CastOnceExperts`); their gradients still
+add into fp32 `.grad` per micro-batch.
+
 Not for FSDP (its mixed precision casts at the all-gather), tensor parallelism (DTensor weights), FP8
 layers (Float8Linear, not an exact nn.Linear) or LoRA's frozen bf16 bases (no fp32 weight to cast).
 """
@@ -27,6 +31,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from llamatron.models.glam.experts import GroupedExperts
 
 
 class _CachedCast(torch.autograd.Function):
@@ -90,6 +96,16 @@ class CastOnceLinear(nn.Linear):
         return nn.functional.linear(x, _CachedCast.apply(self.weight, self.weight_copy), self.bias)
 
 
+class CastOnceExperts(GroupedExperts):
+    """GroupedExperts whose w1, w2 come from their compute-dtype copies (`w1_copy`, `w2_copy`), unless
+    expert parallelism passes this rank's shards instead."""
+
+    def compute_weights(self, w1: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype):
+        if w1 is self.w1 and w2 is self.w2 and dtype == self.w1_copy.dtype:
+            return _CachedCast.apply(w1, self.w1_copy), _CachedCast.apply(w2, self.w2_copy)
+        return super().compute_weights(w1, w2, dtype)
+
+
 class WgradBuffers:
     """The fp32 weight-gradient buffers of a part's fused layers: zeroed before a step's first
     backward (`begin`), made the weights' `.grad` after its last (`attach`)."""
@@ -110,10 +126,11 @@ class WgradBuffers:
 def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bool = False) -> list[str]:
     """Make every trainable exact nn.Linear inside the parts' blocks a `CastOnceLinear` with its copy in
     `dtype`, from the current weights; `fuse_wgrad`: with an fp32 weight-gradient buffer each, driven
-    by the part's `wgrad_buffers` (train_step). Returns the module names converted."""
+    by the part's `wgrad_buffers` (train_step). Exact GroupedExperts become `CastOnceExperts` (copies
+    only). Returns the module names converted."""
     done = []
     for part in parts:
-        mods = []
+        mods, copies = [], []  # copies: (copy, weight), what `refresh` copies, found once rather than every step
         for name, mod in part.layers.named_modules():
             if type(mod) is nn.Linear and mod.weight.requires_grad and mod.weight.dtype != dtype:
                 mod.__class__ = CastOnceLinear
@@ -121,8 +138,15 @@ def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bo
                 if fuse_wgrad:
                     mod.register_buffer("main_grad", torch.zeros_like(mod.weight), persistent=False)
                 mods.append(mod)
+                copies.append((mod.weight_copy, mod.weight))
                 done.append(f"layers.{name}")
-        part.cast_once_linears = mods  # what `refresh` copies into, found once rather than every step
+            elif _casts_experts(mod, dtype):
+                mod.__class__ = CastOnceExperts
+                for w in ("w1", "w2"):
+                    mod.register_buffer(f"{w}_copy", torch.empty_like(getattr(mod, w), dtype=dtype), persistent=False)
+                    copies.append((getattr(mod, f"{w}_copy"), getattr(mod, w)))
+                done.append(f"layers.{name}")
+        part.cast_once_linears, part.cast_once_copies = mods, copies
         if fuse_wgrad and mods:
             part.wgrad_buffers = WgradBuffers(mods)
     refresh(parts)
@@ -132,6 +156,12 @@ def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bo
 @torch.no_grad()
 def refresh(parts: list[nn.Module]) -> None:
     """Copy the current weights into their compute-dtype copies (after loading, after each optimizer step)."""
-    mods = [m for part in parts for m in getattr(part, "cast_once_linears", ())]
-    if mods:
-        torch._foreach_copy_([m.weight_copy for m in mods], [m.weight for m in mods])
+    pairs = [pair for part in parts for pair in getattr(part, "cast_once_copies", ())]
+    if pairs:
+        torch._foreach_copy_([copy for copy, _ in pairs], [weight for _, weight in pairs])
+
+
+def _casts_experts(mod: nn.Module, dtype: torch.dtype) -> bool:
+    """Exact GroupedExperts with trainable weights not in `dtype`, not in FP8 (its own bf16 copies)."""
+    return (type(mod) is GroupedExperts and not mod.fp8_grouped_mm and mod.w1.requires_grad
+            and mod.w1.dtype != dtype)

@@ -166,6 +166,10 @@ class GroupedExperts(nn.Module):
         # Set by the FP8 transform (llamatron/transforms/fp8.py: `apply_fp8_experts`).
         self.fp8_grouped_mm = False
 
+    def compute_weights(self, w1: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype):
+        """The weights in the compute dtype (transforms/weight_cast.py's subclass: its copies made once per step)."""
+        return w1.to(dtype), w2.to(dtype)
+
     @property
     def gemm_features(self) -> tuple[int, int]:
         """The GEMMs' feature dimensions (model, hidden): what the FP8 filter judges."""
@@ -187,10 +191,8 @@ class GroupedExperts(nn.Module):
             return fp8_grouped_matmul(F.relu(fp8_grouped_matmul(x, w1, counts)), w2, counts)
         if torch.is_autocast_enabled(x.device.type):
             # Autocast does not cover _grouped_mm: cast by hand, as it would for a linear layer.
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
-        else:
-            w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        w1, w2 = self.compute_weights(w1, w2, x.dtype)
         if x.dim() == 3:
             return torch.bmm(F.relu(torch.bmm(x, w1)), w2)
         h = F.relu(grouped_matmul(x, w1, counts, grouped))
