@@ -74,8 +74,10 @@ VARIANTS = {
     # (train.gradient_accumulation_fusion): no bf16 product added into .grad after it.
     "compile+cudnn+castonce+fusedwgrad": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn",
                                               ac=False, castonce=True, fused_wgrad=True),
-    # The same for a model whose attention is not SDPA's (GLaM: flex with its bias); its experts' copies too.
+    # The same for a model whose attention is not SDPA's (GLaM: flex with its bias); its experts' too.
     "compile+castonce": dict(compile=True, fused_ce=True, fused_adam=True, attention="auto", ac=False, castonce=True),
+    "compile+castonce+fusedwgrad": dict(compile=True, fused_ce=True, fused_adam=True, attention="auto", ac=False,
+                                        castonce=True, fused_wgrad=True),
     # FP8 linear layers (torchao Float8Linear, llamatron/transforms/fp8.py) on top of the best BF16 variant.
     "compile+fp8-tensorwise": dict(compile=True, fused_ce=True, fused_adam=True, attention="cudnn", ac=False,
                                    fp8="tensorwise"),

@@ -12,8 +12,9 @@
 # scoring, LoRA with best-fit packing at micro 2, GLaM 126M-64E, its attention alone, the first async
 # save, the cast-once levers on the 8-layer proxy. The issues name the H200, so they are here again, after:
 # 1. issue 21: GLaM 126M-64E, compiled, at micro 8 and 16 (global batch 128), with its block linears' and
-#    experts' bf16 copies made once per step (compile+castonce: the H100 profile put the per-micro-batch
-#    weight casts and fp32 gradient adds at 17% of the step), profiled, each with its MoE layer split;
+#    experts' bf16 copies made once per step and their weight gradients accumulated in fp32 inside the
+#    GEMMs (compile+castonce+fusedwgrad: the H100 profile put the per-micro-batch weight casts and fp32
+#    gradient adds at 17% of the step), profiled, each with its MoE layer split;
 #    its experts in FP8; eager last
 # 2. issue 23: a new H200 calibration table (GLaM's experts as one batched GEMM and its attention as
 #    flex runs it), for llamatron/calibration/h200.json: docs/planner.md's GPT-126M and GLaM rows wait for it
@@ -37,8 +38,8 @@ run() {  # run NAME CAP MIN COMMAND...: at most CAP seconds, skipped when fewer 
 }
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 run glam 300 120 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
-    --global-batch 128 --variants compile,compile+castonce,compile@micro=16,compile+castonce@micro=16,compile+fp8-experts,fused-ce+adam \
-    --profile compile+castonce --steps 3 --warmup 2 --json "$OUT/glam.json"
+    --global-batch 128 --variants compile,compile+castonce+fusedwgrad,compile@micro=16,compile+castonce+fusedwgrad@micro=16,compile+castonce,compile+fp8-experts,fused-ce+adam \
+    --profile compile+castonce+fusedwgrad --steps 3 --warmup 2 --json "$OUT/glam.json"
 run calibrate 170 90 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 140
 run finetune 240 100 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,lora+compile@micro=4,lora+compile+fp8@micro=4 \
     --steps 4 --warmup 2 --budget-s 220 --profile lora+compile@micro=2 --json "$OUT/finetune.json"

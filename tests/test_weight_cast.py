@@ -104,9 +104,11 @@ def test_fused_gradients_of_the_other_families_equal_autocasts(size):
         assert torch.equal(got[n], want[n]), n
 
 
-def test_glam_experts_cast_once_give_autocasts_gradients():
-    """GLaM's experts (cast by hand in every micro-batch, as autocast would) from their bf16 copies:
-    two micro-batches' gradients bit for bit as before, the copies following the weights on refresh."""
+@pytest.mark.parametrize("fuse", [False, True], ids=["cast-once", "cast-once+fused-wgrad"])
+def test_glam_experts_cast_once_give_autocasts_gradients(fuse):
+    """GLaM's experts (cast by hand in every micro-batch, as autocast would) from their bf16 copies, and
+    their weight gradients accumulated in fp32 buffers (the capacity path's batched matmuls): two
+    micro-batches' gradients bit for bit as before, the copies following the weights on refresh."""
     from llamatron.models import registry
 
     entry = registry.get("glam-debug")
@@ -120,7 +122,7 @@ def test_glam_experts_cast_once_give_autocasts_gradients():
     batches = [tuple(torch.randint(0, entry.args.vocab_size, (2, 32), generator=g) for _ in range(2)) for _ in range(2)]
     want = _grads_after_backward(model(), batches)
     m = model()
-    names = weight_cast.cast_weights_once([m], torch.bfloat16)
+    names = weight_cast.cast_weights_once([m], torch.bfloat16, fuse_wgrad=fuse)
     experts = [n for n in names if type(m.get_submodule(n)) is weight_cast.CastOnceExperts]
     assert len(experts) == sum(b.moe for b in m.layers.values()) > 0
     got = _grads_after_backward(m, batches)
@@ -128,6 +130,9 @@ def test_glam_experts_cast_once_give_autocasts_gradients():
     for n in want:
         assert torch.equal(got[n], want[n]), n
     ex = m.get_submodule(experts[0])
+    if fuse:  # the buffers are the gradients, and the accumulation happened there
+        assert torch.equal(ex.w1_grad, want[f"{experts[0]}.w1"]) and torch.equal(ex.w2_grad, want[f"{experts[0]}.w2"])
+        assert ex.w1_grad.abs().sum() > 0
     with torch.no_grad():
         ex.w1.add_(1.0)
     assert not torch.equal(ex.w1_copy, ex.w1.to(torch.bfloat16))

@@ -20,8 +20,9 @@ The buffers persist across steps: with one micro-batch per step they take memory
 would otherwise free.
 
 A mixture of experts' weights (GLaM's `GroupedExperts`, [E, d, f] each, cast by hand in every
-micro-batch as autocast would) get the same bf16 copies (`CastOnceExperts`); their gradients still
-add into fp32 `.grad` per micro-batch.
+micro-batch as autocast would) get the same bf16 copies (`CastOnceExperts`) and, on the capacity
+path's batched matmuls, the same fp32 accumulation inside the GEMM (`torch.baddbmm(..., out_dtype=
+torch.float32)`); the dropless path's gradients reach their buffers after backward.
 
 Not for FSDP (its mixed precision casts at the all-gather), tensor parallelism (DTensor weights), FP8
 layers (Float8Linear, not an exact nn.Linear) or LoRA's frozen bf16 bases (no fp32 weight to cast).
@@ -30,6 +31,7 @@ layers (Float8Linear, not an exact nn.Linear) or LoRA's frozen bf16 bases (no fp
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llamatron.models.glam.experts import GroupedExperts
@@ -65,6 +67,66 @@ def _(main_grad, grad_out, x) -> None:
     return None
 
 
+@torch.library.custom_op("llamatron::accumulate_expert_wgrad", mutates_args=("main_grad",))
+def accumulate_expert_wgrad(main_grad: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    """main_grad [E, k, n] += x^T grad_out, expert by expert (x [E, m, k], grad_out [E, m, n]): fp32
+    inside the GEMM where the device has the kernel, else a product in the operands' dtype added in fp32
+    (autocast's arithmetic)."""
+    xt = x.transpose(1, 2)
+    mode = _fp32_accumulating_bmm(x.device) if x.dtype == torch.bfloat16 else None
+    if mode == "in_place":
+        torch.baddbmm(main_grad, xt, grad_out, out_dtype=torch.float32, out=main_grad)
+    elif mode == "new":
+        main_grad.copy_(torch.baddbmm(main_grad, xt, grad_out, out_dtype=torch.float32))
+    else:
+        main_grad.add_(torch.bmm(xt, grad_out))
+
+
+@accumulate_expert_wgrad.register_fake
+def _(main_grad, x, grad_out) -> None:
+    return None
+
+
+_FP32_BMM: dict[torch.device, str | None] = {}
+
+
+def _fp32_accumulating_bmm(device: torch.device) -> str | None:
+    """How `torch.baddbmm` takes bf16 operands with an fp32 output on this device, probed once:
+    "in_place" (into its own input), "new" (into a new tensor), None (no such kernel: the CPU)."""
+    if device.type != "cuda":
+        return None
+    if device not in _FP32_BMM:
+        a = torch.full((2, 16, 16), 0.5, dtype=torch.bfloat16, device=device)
+        acc = torch.zeros(2, 16, 16, device=device)
+        try:
+            torch.baddbmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _FP32_BMM[device] = "in_place" if bool((acc == 4.0).all()) else "new"
+        except (RuntimeError, TypeError, NotImplementedError):
+            try:
+                torch.baddbmm(acc, a, a, out_dtype=torch.float32)
+                _FP32_BMM[device] = "new"
+            except (RuntimeError, TypeError, NotImplementedError):
+                _FP32_BMM[device] = None
+    return _FP32_BMM[device]
+
+
+class _FusedWgradBmm(torch.autograd.Function):
+    """x @ W per expert from W's compute-dtype copy; backward: the input gradient from the copy, the
+    weight's accumulated into its fp32 buffer (none returned: `WgradBuffers.attach` makes it the `.grad`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, copy, main_grad):
+        ctx.save_for_backward(x, copy, main_grad)
+        return torch.bmm(x, copy)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, copy, main_grad = ctx.saved_tensors
+        grad = grad.contiguous()  # torch's batched GEMMs refuse some zero-stride gradients
+        accumulate_expert_wgrad(main_grad, x, grad)
+        return torch.bmm(grad, copy.transpose(1, 2)), None, None, None
+
+
 class _FusedWgradLinear(torch.autograd.Function):
     """x W^T + b from W's compute-dtype copy; backward: the input gradient from the copy, the weight's
     accumulated into its fp32 buffer (none returned: `WgradBuffers.attach` makes it the `.grad`)."""
@@ -98,7 +160,17 @@ class CastOnceLinear(nn.Linear):
 
 class CastOnceExperts(GroupedExperts):
     """GroupedExperts whose w1, w2 come from their compute-dtype copies (`w1_copy`, `w2_copy`), unless
-    expert parallelism passes this rank's shards instead."""
+    expert parallelism passes this rank's shards instead; with `w1_grad`, `w2_grad` buffers the capacity
+    path's weight gradients accumulate there inside the GEMM."""
+
+    def forward(self, x, counts=None, w1=None, w2=None, grouped=None):
+        fused = (w1 is None and w2 is None and x.dim() == 3 and "w1_grad" in self._buffers
+                 and torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type))
+        if not fused:
+            return super().forward(x, counts, w1, w2, grouped)
+        x = x.to(self.w1_copy.dtype)
+        h = F.relu(_FusedWgradBmm.apply(x, self.w1, self.w1_copy, self.w1_grad))
+        return _FusedWgradBmm.apply(h, self.w2, self.w2_copy, self.w2_grad)
 
     def compute_weights(self, w1: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype):
         if w1 is self.w1 and w2 is self.w2 and dtype == self.w1_copy.dtype:
@@ -110,45 +182,47 @@ class WgradBuffers:
     """The fp32 weight-gradient buffers of a part's fused layers: zeroed before a step's first
     backward (`begin`), made the weights' `.grad` after its last (`attach`)."""
 
-    def __init__(self, mods: list[CastOnceLinear]):
-        self.mods = mods
+    def __init__(self, pairs: list[tuple[nn.Parameter, torch.Tensor]]):
+        self.pairs = pairs  # (weight, its fp32 buffer)
 
     def begin(self) -> None:
-        torch._foreach_zero_([m.main_grad for m in self.mods])
+        torch._foreach_zero_([buffer for _, buffer in self.pairs])
 
     def attach(self) -> None:
-        for m in self.mods:
-            if m.weight.grad is not None:  # also used other than through forward (GLaM's router: F.linear)
-                m.main_grad.add_(m.weight.grad)
-            m.weight.grad = m.main_grad
+        for weight, buffer in self.pairs:
+            if weight.grad is not None:  # also used other than through the fused GEMM (GLaM's router: F.linear)
+                buffer.add_(weight.grad)
+            weight.grad = buffer
 
 
 def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bool = False) -> list[str]:
     """Make every trainable exact nn.Linear inside the parts' blocks a `CastOnceLinear` with its copy in
     `dtype`, from the current weights; `fuse_wgrad`: with an fp32 weight-gradient buffer each, driven
-    by the part's `wgrad_buffers` (train_step). Exact GroupedExperts become `CastOnceExperts` (copies
-    only). Returns the module names converted."""
+    by the part's `wgrad_buffers` (train_step). Exact GroupedExperts become `CastOnceExperts` likewise.
+    Returns the module names converted."""
     done = []
     for part in parts:
-        mods, copies = [], []  # copies: (copy, weight), what `refresh` copies, found once rather than every step
+        copies, grads = [], []  # (copy, weight): what `refresh` copies, found once; (weight, fp32 buffer)
         for name, mod in part.layers.named_modules():
             if type(mod) is nn.Linear and mod.weight.requires_grad and mod.weight.dtype != dtype:
                 mod.__class__ = CastOnceLinear
-                mod.register_buffer("weight_copy", torch.empty_like(mod.weight, dtype=dtype), persistent=False)
-                if fuse_wgrad:
-                    mod.register_buffer("main_grad", torch.zeros_like(mod.weight), persistent=False)
-                mods.append(mod)
-                copies.append((mod.weight_copy, mod.weight))
-                done.append(f"layers.{name}")
+                weights = {"weight": ("weight_copy", "main_grad")}
             elif _casts_experts(mod, dtype):
                 mod.__class__ = CastOnceExperts
-                for w in ("w1", "w2"):
-                    mod.register_buffer(f"{w}_copy", torch.empty_like(getattr(mod, w), dtype=dtype), persistent=False)
-                    copies.append((getattr(mod, f"{w}_copy"), getattr(mod, w)))
-                done.append(f"layers.{name}")
-        part.cast_once_linears, part.cast_once_copies = mods, copies
-        if fuse_wgrad and mods:
-            part.wgrad_buffers = WgradBuffers(mods)
+                weights = {"w1": ("w1_copy", "w1_grad"), "w2": ("w2_copy", "w2_grad")}
+            else:
+                continue
+            for w, (copy, grad) in weights.items():
+                weight = getattr(mod, w)
+                mod.register_buffer(copy, torch.empty_like(weight, dtype=dtype), persistent=False)
+                copies.append((getattr(mod, copy), weight))
+                if fuse_wgrad:
+                    mod.register_buffer(grad, torch.zeros_like(weight), persistent=False)
+                    grads.append((weight, getattr(mod, grad)))
+            done.append(f"layers.{name}")
+        part.cast_once_copies = copies
+        if grads:
+            part.wgrad_buffers = WgradBuffers(grads)
     refresh(parts)
     return done
 
