@@ -76,11 +76,8 @@ def test_only_trainable_exact_linears_in_the_blocks_are_converted():
     assert type(model.output) is nn.Linear  # the output layer: the fused loss casts it itself
 
 
-@pytest.mark.parametrize("size", ["gpt-debug", "glam-debug"])
-def test_fused_gradients_of_the_other_families_equal_autocasts(size):
-    """GPT (biased linears) and GLaM, whose router reads its weight directly (fp32 logits), not
-    through the layer's forward: its gradient comes from autograd and is added to the (empty) fused
-    buffer, not lost."""
+def _family(size: str, seqlen: int = 16):
+    """A registry model's builder (the same weights at every call) and two micro-batches of it."""
     from llamatron.models import registry
     from llamatron.parallel.parallelize import materialize
 
@@ -93,7 +90,16 @@ def test_fused_gradients_of_the_other_families_equal_autocasts(size):
         return model
 
     g = torch.Generator().manual_seed(1)
-    batches = [tuple(torch.randint(0, entry.args.vocab_size, (2, 16), generator=g) for _ in range(2)) for _ in range(2)]
+    return build, [tuple(torch.randint(0, entry.args.vocab_size, (2, seqlen), generator=g) for _ in range(2))
+                   for _ in range(2)]
+
+
+@pytest.mark.parametrize("size", ["gpt-debug", "glam-debug"])
+def test_fused_gradients_of_the_other_families_equal_autocasts(size):
+    """GPT (biased linears) and GLaM, whose router reads its weight directly (fp32 logits), not
+    through the layer's forward: its gradient comes from autograd and is added to the (empty) fused
+    buffer, not lost."""
+    build, batches = _family(size)
     want = _grads_after_backward(build(), batches)
     model = build()
     names = weight_cast.cast_weights_once([model], torch.bfloat16, fuse_wgrad=True)
@@ -109,19 +115,9 @@ def test_glam_experts_cast_once_give_autocasts_gradients(fuse):
     """GLaM's experts (cast by hand in every micro-batch, as autocast would) from their bf16 copies, and
     their weight gradients accumulated in fp32 buffers (the capacity path's batched matmuls): two
     micro-batches' gradients bit for bit as before, the copies following the weights on refresh."""
-    from llamatron.models import registry
-
-    entry = registry.get("glam-debug")
-
-    def model():
-        m = entry.family.build(entry.args)
-        m.init_weights(seed=0)
-        return m
-
-    g = torch.Generator().manual_seed(1)
-    batches = [tuple(torch.randint(0, entry.args.vocab_size, (2, 32), generator=g) for _ in range(2)) for _ in range(2)]
-    want = _grads_after_backward(model(), batches)
-    m = model()
+    build, batches = _family("glam-debug", seqlen=32)
+    want = _grads_after_backward(build(), batches)
+    m = build()
     names = weight_cast.cast_weights_once([m], torch.bfloat16, fuse_wgrad=fuse)
     experts = [n for n in names if type(m.get_submodule(n)) is weight_cast.CastOnceExperts]
     assert len(experts) == sum(b.moe for b in m.layers.values()) > 0
