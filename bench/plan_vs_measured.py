@@ -92,6 +92,8 @@ def bench_runs() -> dict[Run, dict]:
     runs: dict[Run, dict] = {}
     for path in sorted((DOCS / "bench").glob("*.json")):
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            continue  # zero-shot scoring's rows (a list): no training step
         gpu = "H200" if "H200" in data.get("meta", {}).get("device", "") else "H100"
         if _other_model(data.get("meta", {}).get("command", "")):
             continue  # another family's proxy (docs/moe.md), or its shapes changed by --set
@@ -135,37 +137,41 @@ def moe_rows() -> list[dict]:
     rows = []
     for path in sorted((DOCS / "bench").glob("*.json")):
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            continue  # zero-shot scoring's rows (a list)
         named, sets = _command_model(data.get("meta", {}).get("command", ""))
         if not named or registry.get(named[0]).family.name != "glam":
             continue
+        gpu = "H200" if "H200" in data["meta"].get("device", "") else "H100"
         for r in data["results"]:
-            if not r.get("compile") or r.get("fp8", "none") != "none":
-                continue
+            if not r.get("compile") or r.get("fp8", "none") != "none" or "fp8" in r["variant"] or "step_time_s" not in r:
+                continue  # eager, FP8 (linears or experts), or a variant that failed
             w = plan.workload(named[0], r["seq_len"], r["global_batch"], r["layers"] or None)
             # The model as the bench built it: its --set keys read as the trainer reads them.
             args = _bench_module("bench_train_step").model_args(
                 argparse.Namespace(size=named[0], layers=r["layers"], seq_len=r["seq_len"], sets=sets))
             w = dataclasses.replace(w, args=args)
             lay = plan.Layout(1, 1, 1, 1, 1, r["micro_batch"], False)
-            hw = plan.Hardware(1, memory_gib=139.0, fp8=True, fp8_speedup=plan.FP8_GEMM_SPEEDUP["H200"])
+            hw = plan.Hardware(1, memory_gib=139.0 if gpu == "H200" else 80.0, fp8=True, fp8_speedup=plan.FP8_GEMM_SPEEDUP[gpu])
+            table = calibration.default_table(gpu)
             est = estimate_memory(args, r["seq_len"], r["micro_batch"], n_microbatches=r["global_batch"] // r["micro_batch"],
                                   fused_cross_entropy=r["fused_ce"], compiled=True, native_gqa=True)
-            rows.append({"file": path.name, "variant": r["variant"], "model": named[0],
+            rows.append({"file": path.name, "variant": r["variant"], "model": named[0], "gpu": gpu,
                          "sets": dict(x.removeprefix("model.").split("=", 1) for x in sets),
                          "layers": r["layers"], "micro": r["micro_batch"], "global": r["global_batch"],
                          "step": r["step_time_s"], "fitted": plan.evaluate(w, lay, hw).step_s,
-                         "calibrated": plan.evaluate(w, lay, calibration.default_table("H200").apply(hw)).step_s,
+                         "calibrated": plan.evaluate(w, lay, table.apply(hw)).step_s if table is not None else None,
                          "peak": r["peak_mem_gib"], "estimate": est.total / GiB})
     return rows
 
 
 def moe_table() -> list[str]:
-    lines = ["| run (docs/bench/, one H200) | model | layers | micro | global | measured step s | planned step s "
+    lines = ["| run (docs/bench/) | GPU | model | layers | micro | global | measured step s | planned step s "
              "(fitted) | error | calibrated step s | error | measured peak GiB | estimate GiB | estimate / measured |",
-             "|" + "---|" * 13]
+             "|" + "---|" * 14]
     for r in moe_rows():
         model = r["model"] + "".join(f", {k}={v}" for k, v in r["sets"].items())
-        lines.append(f"| {r['file']} {r['variant']} | {model} | {r['layers']} | {r['micro']} | {r['global']} | "
+        lines.append(f"| {r['file']} {r['variant']} | {r['gpu']} | {model} | {r['layers']} | {r['micro']} | {r['global']} | "
                      f"{r['step']:.3f} | {_step_cells(r['fitted'], r['step'])} | {_step_cells(r['calibrated'], r['step'])} | "
                      f"{r['peak']:.1f} | {r['estimate']:.1f} | {r['estimate'] / r['peak']:.2f} |")
     return lines
