@@ -90,10 +90,7 @@ def bench_runs() -> dict[Run, dict]:
     """Each configuration of docs/bench's single-GPU rows: the files and variants, the measured step
     times (every file's) and peak."""
     runs: dict[Run, dict] = {}
-    for path in sorted((DOCS / "bench").glob("*.json")):
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            continue  # zero-shot scoring's rows (a list): no training step
+    for path, data in _training_runs():
         gpu = "H200" if "H200" in data.get("meta", {}).get("device", "") else "H100"
         if _other_model(data.get("meta", {}).get("command", "")):
             continue  # another family's proxy (docs/moe.md), or its shapes changed by --set
@@ -108,6 +105,14 @@ def bench_runs() -> dict[Run, dict]:
             entry["steps"].append(r["step_time_s"])
             entry["peaks"].append(r["peak_mem_gib"])
     return runs
+
+
+def _training_runs():
+    """docs/bench's JSON files of runs with a meta and results (not zero-shot scoring's lists of rows)."""
+    for path in sorted((DOCS / "bench").glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            yield path, data
 
 
 def _command_model(command: str) -> tuple[list[str], list[str]]:
@@ -135,16 +140,13 @@ def moe_rows() -> list[dict]:
     applied), compiled BF16 ones: the planner's step (fitted and from the shipped H200 table) and the
     memory estimate beside the measured step and peak."""
     rows = []
-    for path in sorted((DOCS / "bench").glob("*.json")):
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            continue  # zero-shot scoring's rows (a list)
+    for path, data in _training_runs():
         named, sets = _command_model(data.get("meta", {}).get("command", ""))
         if not named or registry.get(named[0]).family.name != "glam":
             continue
         gpu = "H200" if "H200" in data["meta"].get("device", "") else "H100"
         for r in data["results"]:
-            if not r.get("compile") or r.get("fp8", "none") != "none" or "fp8" in r["variant"] or "step_time_s" not in r:
+            if not r.get("compile") or "fp8" in r["variant"] or "step_time_s" not in r:
                 continue  # eager, FP8 (linears or experts), or a variant that failed
             w = plan.workload(named[0], r["seq_len"], r["global_batch"], r["layers"] or None)
             # The model as the bench built it: its --set keys read as the trainer reads them.

@@ -168,7 +168,23 @@ def accumulate_weight_grad(grad_w, dlogits: torch.Tensor, hc: torch.Tensor, seve
     return grad_w.float().add_(dlogits.t() @ hc)
 
 
+def accumulate_batched_weight_grad(grad_w: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    """grad_w [E, k, n] (fp32) += x^T grad_out per group (x [E, m, k], grad_out [E, m, n]), in place: a
+    mixture of experts' weights over micro-batches (transforms/weight_cast.py). bf16 operands on a GPU
+    that has the kernel: fp32 inside the GEMM; else a product in the operands' dtype added in fp32
+    (autocast's arithmetic)."""
+    xt = x.transpose(1, 2)
+    mode = _fp32_accumulating_bmm(x.device) if x.dtype == torch.bfloat16 else None
+    if mode == "in_place":
+        torch.baddbmm(grad_w, xt, grad_out, out_dtype=torch.float32, out=grad_w)
+    elif mode == "new":
+        grad_w.copy_(torch.baddbmm(grad_w, xt, grad_out, out_dtype=torch.float32))
+    else:
+        grad_w.add_(torch.bmm(xt, grad_out))
+
+
 _FP32_MM: dict[torch.device, str | None] = {}
+_FP32_BMM: dict[torch.device, str | None] = {}
 
 
 def _fp32_accumulating_mm(device: torch.device) -> str | None:
@@ -178,18 +194,28 @@ def _fp32_accumulating_mm(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
     if device not in _FP32_MM:
-        _FP32_MM[device] = _probe_fp32_mm(torch.full((16, 16), 0.5, dtype=torch.bfloat16, device=device))
+        _FP32_MM[device] = _probe_fp32_gemm(torch.mm, torch.addmm, (16, 16), device)
     return _FP32_MM[device]
 
 
-def _probe_fp32_mm(a: torch.Tensor) -> str | None:
+def _fp32_accumulating_bmm(device: torch.device) -> str | None:
+    """The same for `torch.bmm` / `torch.baddbmm`."""
+    if device.type != "cuda":
+        return None
+    if device not in _FP32_BMM:
+        _FP32_BMM[device] = _probe_fp32_gemm(torch.bmm, torch.baddbmm, (2, 16, 16), device)
+    return _FP32_BMM[device]
+
+
+def _probe_fp32_gemm(product, accumulate, shape: tuple[int, ...], device: torch.device) -> str | None:
+    a = torch.full(shape, 0.5, dtype=torch.bfloat16, device=device)
     unsupported = (RuntimeError, TypeError, NotImplementedError)
     try:
-        acc = torch.addmm(torch.mm(a, a, out_dtype=torch.float32), a, a, out_dtype=torch.float32)  # 8.0 everywhere
+        acc = accumulate(product(a, a, out_dtype=torch.float32), a, a, out_dtype=torch.float32)  # 8.0 everywhere
     except unsupported:
         return None
     try:
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        accumulate(acc, a, a, out_dtype=torch.float32, out=acc)
     except unsupported:
         return "new"
     return "in_place" if bool((acc == 12.0).all()) else "new"

@@ -69,45 +69,16 @@ def _(main_grad, grad_out, x) -> None:
 
 @torch.library.custom_op("llamatron::accumulate_expert_wgrad", mutates_args=("main_grad",))
 def accumulate_expert_wgrad(main_grad: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-    """main_grad [E, k, n] += x^T grad_out, expert by expert (x [E, m, k], grad_out [E, m, n]): fp32
-    inside the GEMM where the device has the kernel, else a product in the operands' dtype added in fp32
-    (autocast's arithmetic)."""
-    xt = x.transpose(1, 2)
-    mode = _fp32_accumulating_bmm(x.device) if x.dtype == torch.bfloat16 else None
-    if mode == "in_place":
-        torch.baddbmm(main_grad, xt, grad_out, out_dtype=torch.float32, out=main_grad)
-    elif mode == "new":
-        main_grad.copy_(torch.baddbmm(main_grad, xt, grad_out, out_dtype=torch.float32))
-    else:
-        main_grad.add_(torch.bmm(xt, grad_out))
+    """main_grad [E, k, n] += x^T grad_out, expert by expert, in fp32 inside the GEMM where the device has
+    the kernel; an opaque op that mutates its first argument, as `accumulate_wgrad`."""
+    from llamatron.loss import accumulate_batched_weight_grad
+
+    accumulate_batched_weight_grad(main_grad, x, grad_out)
 
 
 @accumulate_expert_wgrad.register_fake
 def _(main_grad, x, grad_out) -> None:
     return None
-
-
-_FP32_BMM: dict[torch.device, str | None] = {}
-
-
-def _fp32_accumulating_bmm(device: torch.device) -> str | None:
-    """How `torch.baddbmm` takes bf16 operands with an fp32 output on this device, probed once:
-    "in_place" (into its own input), "new" (into a new tensor), None (no such kernel: the CPU)."""
-    if device.type != "cuda":
-        return None
-    if device not in _FP32_BMM:
-        a = torch.full((2, 16, 16), 0.5, dtype=torch.bfloat16, device=device)
-        acc = torch.zeros(2, 16, 16, device=device)
-        try:
-            torch.baddbmm(acc, a, a, out_dtype=torch.float32, out=acc)
-            _FP32_BMM[device] = "in_place" if bool((acc == 4.0).all()) else "new"
-        except (RuntimeError, TypeError, NotImplementedError):
-            try:
-                torch.baddbmm(acc, a, a, out_dtype=torch.float32)
-                _FP32_BMM[device] = "new"
-            except (RuntimeError, TypeError, NotImplementedError):
-                _FP32_BMM[device] = None
-    return _FP32_BMM[device]
 
 
 class _FusedWgradBmm(torch.autograd.Function):

@@ -134,16 +134,6 @@ class Windows:
         b = self.blocks(t)
         return torch.cat([F.pad(b[:, :, :-1], (0, 0, 0, 0, 1, 0)), b], dim=3)
 
-    def unblock(self, b: torch.Tensor) -> torch.Tensor:
-        """[B, H, n, T, x] -> [B, H, S, x]."""
-        return b.reshape(self.B, self.H, self.n * self.T, -1)[:, :, : self.S]
-
-    def fold(self, w: torch.Tensor) -> torch.Tensor:
-        """A gradient over `with_previous`'s windows [B, H, n, 2T, D] -> over the keys [B, H, S, D]: each
-        block's own half, plus the next window's first half (where it was the previous block)."""
-        T = self.T
-        return self.unblock(w[:, :, :, T:] + F.pad(w[:, :, 1:, :T], (0, 0, 0, 0, 0, 1)))
-
     def bias(self, table: torch.Tensor) -> torch.Tensor:
         """[buckets, H] -> the bias of each window position, [H, 1, T, 2T] fp32."""
         return table.detach().float()[self.bucket].permute(2, 0, 1).unsqueeze(1)
