@@ -10,15 +10,18 @@ other and timed (forward + backward of one block's attention).
 - flex+atomics: flex_attention differentiating the captured bias itself (its backward scatters
               every score's gradient into the table with atomic adds);
 - flex+band, compiled: compiled whole, as inside a compiled block;
+- timed only, each checked against fp32 sdpa: flex+band with other tiles (flex's kernel options), with
+  the smaller "band" bias table (A.BIAS_TABLE), and as max-autotune picks;
 - timed only: flex+band with the band's products in fp32 on the CUDA cores (before 2026-12-05; now
-  bf16 operands on the tensor cores with fp32 accumulation), and causal SDPA without any bias: the
-  floor (cuDNN's or flash's kernel) against which the biased ways' cost is judged.
+  bf16 operands on the tensor cores with fp32 accumulation), and causal SDPA and flex without any
+  bias: the floors (cuDNN's or flash's kernel) against which the biased ways' cost is judged.
 Differences are the largest absolute ones against sdpa in fp32 (the same inputs), then bf16 timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 
 import torch
@@ -61,9 +64,49 @@ def causal(q, k, v, table, buckets, band, mask):
 _flex_band_compiled = torch.compile(flex_band, dynamic=False)
 
 
+def flex_causal(q, k, v, table, buckets, band, mask):
+    """flex with the causal block mask and no score_mod: the floor of flex's own kernels."""
+    return _flex_causal(q, k, v, mask) + 0 * table.sum()
+
+
+_flex_causal = torch.compile(lambda q, k, v, mask: A.fa.flex_attention(q, k, v, block_mask=mask), dynamic=False)
+
+
+def tuned(bias_table: str, options: dict | None, mode: str | None = None):
+    """flex+band with the bias table `bias_table` (A.BIAS_TABLE) and flex's kernel `options` (fwd_ and
+    bwd_ prefixed, as flex reads them; None: the model's), or `mode` (max-autotune tries flex's configs)."""
+    flex = torch.compile(functools.partial(A._flex_with_lse, options=options), dynamic=False, mode=mode)
+
+    def fn(q, k, v, table, buckets, band, mask):
+        A.BIAS_TABLE = bias_table
+        try:
+            return A.flex_attention_biased(q, k, v, table, buckets[:, 0], band, mask, flex=flex)
+        finally:
+            A.BIAS_TABLE = "full"
+    return fn
+
+
+_FWD_128 = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_stages": 2, "fwd_num_warps": 8}
+_FWD_64 = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 8}
+_BWD_64 = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+           "bwd_num_stages": 3, "bwd_num_warps": 4}
+_BWD_32 = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32,
+           "bwd_num_stages": 3, "bwd_num_warps": 4}
+# Flex's tiles and the bias table, each a candidate for the model's default (timed only; the bf16
+# comparison above checks the model's).
+TUNINGS = {
+    "band table": ("band", None),
+    "fwd 128x128 s2 w8": ("full", {**A._HEAD_DIM_64_TILES, **_FWD_128}),
+    "fwd 128x64 w8": ("full", _FWD_64),
+    "bwd 64/64": ("full", {**A._HEAD_DIM_64_TILES, **_BWD_64}),
+    "bwd 32/128": ("full", {**A._HEAD_DIM_64_TILES, **_BWD_32}),
+    "TMA": ("full", {**A._HEAD_DIM_64_TILES, "USE_TMA": True}),
+    "band table, max-autotune": ("band", None, "max-autotune-no-cudagraphs"),
+}
+
 WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics}
 COMPILED = {"flex+band, compiled": _flex_band_compiled}
-FLOOR = {"causal, no bias": causal}  # timed, not compared: it computes something else
+FLOOR = {"causal, no bias": causal, "flex causal, no bias": flex_causal}  # timed, not compared: it computes something else
 # Timed too: flex+band with the band's products on the CUDA cores (fp32 operands), as before 2026-12-05.
 BAND_FP32 = "flex+band, fp32 band"
 
@@ -146,6 +189,17 @@ def main() -> int:
             continue
         print(f"bf16 {name:13s} forward + backward {ms:7.2f} ms")
     A.BAND_MATMUL = "tensor_cores"
+    for name, (bias_table, options, *mode) in TUNINGS.items():
+        fn = tuned(bias_table, options, *mode)
+        try:
+            got = run(fn, qkv, table, grad, buckets, band, mask)
+            ms = time_ms(fn, qkv, table, grad, buckets, band, mask, args.iters)
+        except Exception as e:  # noqa: BLE001 - a tile that does not fit: report it, time the others
+            print(f"bf16 flex+band, {name}: failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        diffs = ", ".join(f"{what} {float((a.float() - b).abs().max()):.2e}"
+                          for what, a, b in zip(("out", "dq", "dk", "dv", "dtable"), got, ref32))
+        print(f"bf16 flex+band, {name}: forward + backward {ms:7.2f} ms (vs fp32 sdpa: {diffs})")
     got = run(flex_band, qkv, table, grad, buckets, band, mask)[-1]
     A.BAND_MATMUL = "fp32"
     want = run(flex_band, qkv, table, grad, buckets, band, mask)[-1]

@@ -48,6 +48,7 @@ from llamatron.errors import LlamatronError  # noqa: E402
 from llamatron.data.sampler import micro_batch_indices  # noqa: E402
 from llamatron.models.attention_ops import set_gqa_mode  # noqa: E402
 from llamatron.models import registry  # noqa: E402
+from llamatron.models.glam import attention as glam_attention  # noqa: E402
 from llamatron.parallel.layout import Layout  # noqa: E402
 from llamatron.parallel.parallelize import materialize  # noqa: E402
 from llamatron.runtime import Precision, load_batch  # noqa: E402
@@ -110,8 +111,11 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             over["micro_batch"] = int(value)
         elif key == "gqa" and value in ("auto", "native", "expand"):
             opts["gqa"] = value
+        elif key == "bias" and value in ("full", "band"):  # GLaM's relative-bias table for flex
+            opts["bias_table"] = value
         else:
-            raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N or gqa=auto|native|expand")
+            raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand "
+                             "or bias=full|band")
     return spec, opts, over
 
 
@@ -163,6 +167,7 @@ def build_layout(margs, opts, device) -> Layout:
 
 def run_variant(name, opts, margs, args, device, dataset):
     set_gqa_mode(opts.get("gqa", "auto"))  # read when the model is traced and run
+    glam_attention.BIAS_TABLE = opts.get("bias_table", glam_attention.BIAS_TABLE_DEFAULT)
     model = build_layout(margs, opts, device)
     opt = build_optimizer(model.model, OptimConfig(fused=opts["fused_adam"]), device.type)
     amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)

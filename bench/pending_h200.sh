@@ -37,9 +37,10 @@ run() {  # run NAME CAP MIN COMMAND...: at most CAP seconds, skipped when fewer 
     echo "$name: exit $? ($(left) s left)"
 }
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
-run glam 300 120 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
-    --global-batch 128 --variants compile,compile+castonce+fusedwgrad,compile@micro=16,compile+castonce+fusedwgrad@micro=16,compile+castonce,compile+fp8-experts,fused-ce+adam \
-    --profile compile+castonce+fusedwgrad --steps 3 --warmup 2 --json "$OUT/glam.json"
+run glam 330 120 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
+    --global-batch 128 --variants compile,compile+castonce+fusedwgrad,compile+castonce+fusedwgrad@micro=16,compile+castonce+fusedwgrad@micro=16@bias=band,compile@micro=16,compile+fp8-experts \
+    --profile compile+castonce+fusedwgrad@micro=16 --steps 3 --warmup 2 --json "$OUT/glam.json"
+run glamattn 200 60 python bench/bench_glam_attention.py
 run calibrate 170 90 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 140
 run finetune 240 100 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,lora+compile@micro=4,lora+compile+fp8@micro=4 \
     --steps 4 --warmup 2 --budget-s 220 --profile lora+compile@micro=2 --json "$OUT/finetune.json"
@@ -52,7 +53,6 @@ run zs8b 230 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
 run fp8experts_test 60 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py \
     tests/test_glam.py::test_table_grad_from_tensor_core_band_products_equals_fp32_on_cuda
-run glamattn 150 60 python bench/bench_glam_attention.py
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
     --json "$OUT/ckpt.json"
 grep -h "SUMMARY\|MoE layer\|forward + backward\| vs sdpa\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-900

@@ -278,6 +278,33 @@ def test_flex_relative_attention_equals_the_materialised_bias(seqlen):
         assert table.grad[-1].abs().max() > 0.1 * table.grad.abs().max()
 
 
+@pytest.mark.parametrize("bias_table", ["full", "band"])
+def test_flex_attention_biased_with_either_bias_table_gives_the_sdpa_output_and_table_gradient(monkeypatch,
+                                                                                                bias_table):
+    # "band": flex reads the bias less the last bucket's, zero from the band on (softmax is unchanged by
+    # a constant per row); the log-sum-exp handed to the band's recomputation is shifted back.
+    from llamatron.models.glam import attention
+    from llamatron.models.glam.model import relative_position_bucket
+
+    monkeypatch.setattr(attention, "BIAS_TABLE", bias_table)
+    torch.manual_seed(1)
+    B, H, S, D = 2, 3, 300, 8
+    q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
+    table = (3 * torch.randn(32, H)).requires_grad_()
+    pos = torch.arange(S)
+    buckets = relative_position_bucket(pos[:, None] - pos[None, :], 32, 128)
+    band = attention.band_width(buckets[:, 0], 32)
+    ref = attention.sdpa_attention(q, k, v, table, buckets)
+    grad_out = torch.randn_like(ref)
+    (want,) = torch.autograd.grad(ref, table, grad_out)
+    assert attention.bias_at_distances(table, buckets[:, 0], S, band).shape == \
+        (H, band + 1 if bias_table == "band" else S)
+    got = attention.flex_attention_biased(q, k, v, table, buckets[:, 0], band, attention.causal_block_mask(S, q.device))
+    got.backward(grad_out)  # flex has no CPU backward: q, k and v are constants here, the table is not
+    torch.testing.assert_close(got.detach(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(table.grad, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core band products are CUDA's")
 def test_table_grad_from_tensor_core_band_products_equals_fp32_on_cuda(monkeypatch):
     """bf16 q, k, v, output and gradient: the band's products with bf16 operands and fp32 accumulation

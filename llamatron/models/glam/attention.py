@@ -53,13 +53,16 @@ def causal_block_mask(seqlen: int, device: torch.device):
 _HEAD_DIM_64_TILES = {"BLOCK_M": 128, "BLOCK_N": 64}
 
 
-def _flex_with_lse(q, k, v, bias, block_mask):
-    """flex_attention adding bias[h, q - kv] (bias [H, S], fp32) -> (output, log-sum-exp [B, H, S])."""
-    options = _HEAD_DIM_64_TILES if q.is_cuda and q.shape[-1] <= 64 else None
+def _flex_with_lse(q, k, v, bias, block_mask, options=None):
+    """flex_attention adding bias[h, min(q - kv, n - 1)] (bias [H, n], fp32) -> (output, log-sum-exp
+    [B, H, S]); `options` flex's kernel options (default: `_HEAD_DIM_64_TILES` where they apply)."""
+    if options is None:
+        options = _HEAD_DIM_64_TILES if q.is_cuda and q.shape[-1] <= 64 else None
+    last = bias.shape[1] - 1
 
     def score_mod(score, b, h, q_idx, kv_idx):
         # Masked pairs of a partly masked block are computed too: keep their index in range.
-        return score + bias[h, torch.clamp(q_idx - kv_idx, min=0)]
+        return score + bias[h, torch.clamp(q_idx - kv_idx, min=0, max=last)]
 
     if hasattr(fa, "AuxRequest"):
         out, aux = fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
@@ -80,13 +83,32 @@ def band_width(dist_bucket: torch.Tensor, n_buckets: int) -> int:
     return int((dist_bucket < n_buckets - 1).sum())
 
 
+# The bias table flex reads: "full" (the bias at each of the S distances, [H, S]) or "band" (the bias
+# less the last bucket's, at the band's distances and one past it, [H, band + 1], zero from the band on:
+# softmax is unchanged by a constant added to a row, and the smaller table stays in the L1 cache).
+# bench/bench_glam_attention.py times both.
+BIAS_TABLE_DEFAULT = os.environ.get("LLAMATRON_GLAM_BIAS_TABLE", "full")
+BIAS_TABLE = BIAS_TABLE_DEFAULT
+
+
+def bias_at_distances(table: torch.Tensor, dist_bucket: torch.Tensor, seqlen: int, band: int) -> torch.Tensor:
+    """[buckets, H] -> the fp32 bias flex adds at each distance, [H, n] (`BIAS_TABLE`)."""
+    table = table.detach().float()
+    if BIAS_TABLE == "band":
+        return (table - table[-1])[dist_bucket[:min(seqlen, band + 1)]].t().contiguous()
+    return table[dist_bucket[:seqlen]].t().contiguous()
+
+
 def flex_attention_biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
-                          dist_bucket: torch.Tensor, band: int, block_mask) -> torch.Tensor:
-    """As `sdpa_attention`; dist_bucket [>= S] the bucket of each distance, band its `band_width`."""
-    seqlen = q.shape[2]
-    bias = table.detach().float()[dist_bucket[:seqlen]].t().contiguous()  # [H, S]
-    out, lse = _flex(q.device)(q, k, v, bias, block_mask)
-    return _TableGrad.apply(out, table, q.detach(), k.detach(), v.detach(), lse.detach(), dist_bucket, band)
+                          dist_bucket: torch.Tensor, band: int, block_mask, flex=None) -> torch.Tensor:
+    """As `sdpa_attention`; dist_bucket [>= S] the bucket of each distance, band its `band_width`;
+    `flex` a compiled `_flex_with_lse` with other kernel options (the benchmark's)."""
+    bias = bias_at_distances(table, dist_bucket, q.shape[2], band)
+    out, lse = (flex or _flex(q.device))(q, k, v, bias, block_mask)
+    # The log-sum-exp of the scores with that bias: the band's recomputation adds the same one.
+    shift = table.detach()[-1].float().view(1, -1, 1) if BIAS_TABLE == "band" else 0
+    return _TableGrad.apply(out, table, q.detach(), k.detach(), v.detach(), (lse + shift).detach(),
+                            dist_bucket, band)
 
 
 class _TableGrad(torch.autograd.Function):
