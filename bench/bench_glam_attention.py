@@ -9,7 +9,9 @@ other and timed (forward + backward of one block's attention).
               the bias in a score_mod, the table's gradient from the band of near distances;
 - flex+atomics: flex_attention differentiating the captured bias itself (its backward scatters
               every score's gradient into the table with atomic adds);
-- flex+band, compiled: compiled whole, as inside a compiled block;
+- split:      split_attention.py: the flash kernel beyond the band (no bias there, after a shift),
+              batched products within it, merged by their log-sum-exp;
+- flex+band, split, compiled: compiled whole, as inside a compiled block;
 - timed only, each checked against fp32 sdpa: flex+band with other tiles (flex's kernel options), with
   the smaller "band" bias table (A.BIAS_TABLE), and as max-autotune picks;
 - timed only: flex+band with the band's products in fp32 on the CUDA cores (before 2026-12-05; now
@@ -28,6 +30,7 @@ import torch
 
 from llamatron.models.glam import attention as A
 from llamatron.models.glam.model import relative_position_bucket
+from llamatron.models.glam.split_attention import split_attention
 
 
 def sdpa(q, k, v, table, buckets, band, mask):
@@ -104,8 +107,12 @@ TUNINGS = {
     "band table, max-autotune": ("band", None, "max-autotune-no-cudagraphs"),
 }
 
-WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics}
-COMPILED = {"flex+band, compiled": _flex_band_compiled}
+def split(q, k, v, table, buckets, band, mask):
+    return split_attention(q, k, v, table, buckets[:, 0], band)
+
+
+WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics, "split": split}
+COMPILED = {"flex+band, compiled": _flex_band_compiled, "split, compiled": torch.compile(split, dynamic=False)}
 FLOOR = {"causal, no bias": causal, "flex causal, no bias": flex_causal}  # timed, not compared: it computes something else
 # Timed too: flex+band with the band's products on the CUDA cores (fp32 operands), as before 2026-12-05.
 BAND_FP32 = "flex+band, fp32 band"
@@ -160,7 +167,7 @@ def main() -> int:
           f"band {band}")
     qkv, table, grad = inputs(args, torch.float32)
     ref = run(sdpa, qkv, table, grad, buckets, band, mask)
-    for name in ("flex+band", "flex+atomics"):
+    for name in ("flex+band", "flex+atomics", "split"):
         try:
             got = run(WAYS[name], qkv, table, grad, buckets, band, mask)
         except Exception as e:  # noqa: BLE001 - report it and compare the others
@@ -171,7 +178,7 @@ def main() -> int:
         print(f"fp32 {name:13s} vs sdpa: {diffs}")
     qkv, table, grad = inputs(args, torch.bfloat16)
     ref32 = run(sdpa, [t.detach().float().requires_grad_() for t in qkv], table, grad.float(), buckets, band, mask)
-    for name, fn in {"flex+band": flex_band, **COMPILED}.items():
+    for name, fn in {"flex+band": flex_band, "split": split, **COMPILED}.items():
         try:
             got = run(fn, qkv, table, grad, buckets, band, mask)
         except Exception as e:  # noqa: BLE001 - report it and time the others

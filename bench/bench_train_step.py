@@ -113,9 +113,11 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["gqa"] = value
         elif key == "bias" and value in ("full", "band"):  # GLaM's relative-bias table for flex
             opts["bias_table"] = value
+        elif key == "attn" and value in ("flex", "split"):  # GLaM's attention kernel
+            opts["glam_attention"] = value
         else:
-            raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand "
-                             "or bias=full|band")
+            raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
+                             "bias=full|band or attn=flex|split")
     return spec, opts, over
 
 
@@ -168,6 +170,7 @@ def build_layout(margs, opts, device) -> Layout:
 def run_variant(name, opts, margs, args, device, dataset):
     set_gqa_mode(opts.get("gqa", "auto"))  # read when the model is traced and run
     glam_attention.BIAS_TABLE = opts.get("bias_table", glam_attention.BIAS_TABLE_DEFAULT)
+    glam_attention.KERNEL = opts.get("glam_attention", glam_attention.KERNEL_DEFAULT)
     model = build_layout(margs, opts, device)
     opt = build_optimizer(model.model, OptimConfig(fused=opts["fused_adam"]), device.type)
     amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)

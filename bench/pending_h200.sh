@@ -11,7 +11,8 @@
 # Measured on an H100 on 2026-12-05 (docs/performance.md, "Measured on an H100"): the 8B's and GPT-126M's
 # scoring, LoRA with best-fit packing at micro 2, GLaM 126M-64E, its attention alone, the first async
 # save, the cast-once levers on the 8-layer proxy. The issues name the H200, so they are here again, after:
-# 1. issue 21: GLaM 126M-64E, compiled, at micro 8 and 16 (global batch 128), with its block linears' and
+# 1. issue 21: GLaM 126M-64E, compiled, at micro 8 and 16 (global batch 128), its attention split (the
+#    flash kernel beyond the band; split_attention.py) or flex with the band's bias table, with its block linears' and
 #    experts' bf16 copies made once per step and their weight gradients accumulated in fp32 inside the
 #    GEMMs (compile+castonce+fusedwgrad: the H100 profile put the per-micro-batch weight casts and fp32
 #    gradient adds at 17% of the step), profiled, each with its MoE layer split;
@@ -38,8 +39,8 @@ run() {  # run NAME CAP MIN COMMAND...: at most CAP seconds, skipped when fewer 
 }
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 run glam 330 120 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
-    --global-batch 128 --variants compile,compile+castonce+fusedwgrad,compile+castonce+fusedwgrad@micro=16,compile+castonce+fusedwgrad@micro=16@bias=band,compile@micro=16,compile+fp8-experts \
-    --profile compile+castonce+fusedwgrad@micro=16 --steps 3 --warmup 2 --json "$OUT/glam.json"
+    --global-batch 128 --variants compile,compile+castonce+fusedwgrad@micro=16@attn=split,compile+castonce+fusedwgrad@micro=16,compile+castonce+fusedwgrad,compile+castonce+fusedwgrad@micro=16@bias=band,compile@micro=16 \
+    --profile compile+castonce+fusedwgrad@micro=16@attn=split --steps 3 --warmup 2 --json "$OUT/glam.json"
 run glamattn 200 60 python bench/bench_glam_attention.py
 run calibrate 170 90 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 140
 run finetune 240 100 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,lora+compile@micro=4,lora+compile+fp8@micro=4 \

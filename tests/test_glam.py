@@ -305,6 +305,50 @@ def test_flex_attention_biased_with_either_bias_table_gives_the_sdpa_output_and_
     torch.testing.assert_close(table.grad, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("seqlen", [300, 256, 114, 113, 40])  # past the band (113), at it, within it
+def test_split_attention_equals_the_materialised_bias_with_every_gradient(seqlen):
+    # split_attention.py: the flash kernel beyond the band (here the CPU's flash op), batched products
+    # within it, merged by the log-sum-exp; its backward through the same kernels with the merged output.
+    from llamatron.models.glam import attention
+    from llamatron.models.glam.model import relative_position_bucket
+    from llamatron.models.glam.split_attention import split_attention
+
+    torch.manual_seed(2)
+    B, H, D = 2, 3, 8
+    q, k, v = (torch.randn(B, H, seqlen, D, requires_grad=True) for _ in range(3))
+    table = (3 * torch.randn(32, H)).requires_grad_()
+    pos = torch.arange(max(seqlen, 256))
+    buckets = relative_position_bucket(pos[:, None] - pos[None, :], 32, 128)
+    ref = attention.sdpa_attention(q, k, v, table, buckets)
+    grad_out = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (q, k, v, table), grad_out)
+    got = split_attention(q, k, v, table, buckets[:, 0], attention.band_width(buckets[:, 0], 32))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for name, g, w in zip(("q", "k", "v", "table"), torch.autograd.grad(got, (q, k, v, table), grad_out), want):
+        # The last bucket's gradient is minus the sum of the others': an absolute error of the largest's order.
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())),
+                                   msg=lambda m: f"d{name}: {m}")
+
+
+def test_split_attention_compiles_whole_and_gives_the_eager_numbers():
+    # In a compiled block: the autograd.Function with the flash ops and the window products in one graph.
+    from llamatron.models.glam import attention
+    from llamatron.models.glam.model import relative_position_bucket
+    from llamatron.models.glam.split_attention import split_attention
+
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 200, 8, requires_grad=True) for _ in range(3))
+    table = torch.randn(32, 2, requires_grad=True)
+    dist_bucket = relative_position_bucket(torch.arange(200), 32, 128)
+    band = attention.band_width(dist_bucket, 32)
+    compiled = torch.compile(split_attention, fullgraph=True, dynamic=False)
+    outs = [f(q, k, v, table, dist_bucket, band) for f in (split_attention, compiled)]
+    grads = [torch.autograd.grad(o, (q, k, v, table), torch.ones_like(o)) for o in outs]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core band products are CUDA's")
 def test_table_grad_from_tensor_core_band_products_equals_fp32_on_cuda(monkeypatch):
     """bf16 q, k, v, output and gradient: the band's products with bf16 operands and fp32 accumulation

@@ -83,6 +83,11 @@ def band_width(dist_bucket: torch.Tensor, n_buckets: int) -> int:
     return int((dist_bucket < n_buckets - 1).sum())
 
 
+# How the model runs it on CUDA: "flex" (`flex_attention_biased`) or "split" (split_attention.py: the
+# flash kernel beyond the band, batched products within it). bench/bench_glam_attention.py times both.
+KERNEL_DEFAULT = os.environ.get("LLAMATRON_GLAM_ATTENTION", "flex")
+KERNEL = KERNEL_DEFAULT
+
 # The bias table flex reads: "full" (the bias at each of the S distances, [H, S]) or "band" (the bias
 # less the last bucket's, at the band's distances and one past it, [H, band + 1], zero from the band on:
 # softmax is unchanged by a constant added to a row, and the smaller table stays in the L1 cache).

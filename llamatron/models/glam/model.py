@@ -29,7 +29,9 @@ from torch import nn
 from torch.profiler import record_function
 
 from llamatron.loss import linear_cross_entropy
-from llamatron.models.glam.attention import band_width, causal_block_mask, flex_attention_biased, sdpa_attention
+from llamatron.models.glam import attention
+from llamatron.models.glam.attention import band_width, causal_block_mask, sdpa_attention
+from llamatron.models.glam.split_attention import split_attention
 from llamatron.models.glam.experts import GroupedExperts
 from llamatron.models.glam.routing import dispatch_indices, gather_rows, route
 from llamatron.models.kv_cache import KVCache, LayerKV
@@ -85,6 +87,14 @@ def relative_position_bucket(distance: torch.Tensor, n_buckets: int, max_distanc
     return torch.where(n < exact, n, log.clamp(max=n_buckets - 1))
 
 
+def fast_relative_attention(q, k, v, table, dist_bucket, band: int, block_mask) -> torch.Tensor:
+    """The CUDA way (`attention.KERNEL`) to `sdpa_attention`'s numbers; the split way needs flash's
+    half-precision inputs, else flex."""
+    if attention.KERNEL == "split" and q.dtype in (torch.bfloat16, torch.float16):
+        return split_attention(q, k, v, table, dist_bucket, band)
+    return attention.flex_attention_biased(q, k, v, table, dist_bucket, band, block_mask)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -121,7 +131,7 @@ class Attention(nn.Module):
         if block_mask is None:
             out = sdpa_attention(q, k, v, table, buckets)
         else:
-            out = flex_attention_biased(q, k, v, table, buckets[:, 0], self.band, block_mask)
+            out = fast_relative_attention(q, k, v, table, buckets[:, 0], self.band, block_mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
     def _decode(self, q, k, v, buckets: torch.Tensor, cache: LayerKV) -> torch.Tensor:
