@@ -41,7 +41,7 @@ def _flash(q, k, v, scale: float):
     if q.is_cuda:
         out, lse, cq, ck, mq, mk, seed, offset, _ = aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, True, False, scale=scale)
-        return out, lse, (cq, ck, seed, offset), (mq, mk)
+        return out, lse[..., :q.shape[2]], (cq, ck, seed, offset), (mq, mk)  # kept to the queries, whatever its padding
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
     return out, lse, (), ()
 
