@@ -111,6 +111,8 @@ def split(q, k, v, table, buckets, band, mask):
     return split_attention(q, k, v, table, buckets[:, 0], band)
 
 
+# --quick: what decides the model's kernel.
+QUICK = {"split", "flex+band, compiled", "split, compiled", "causal, no bias", "flex causal, no bias", "band table"}
 WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics, "split": split}
 COMPILED = {"flex+band, compiled": _flex_band_compiled, "split, compiled": torch.compile(split, dynamic=False)}
 FLOOR = {"causal, no bias": causal, "flex causal, no bias": flex_causal}  # timed, not compared: it computes something else
@@ -158,7 +160,10 @@ def main() -> int:
     p.add_argument("--buckets", type=int, default=32)
     p.add_argument("--max-distance", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--quick", action="store_true",
+                   help="only the compiled ways, split, the floors and the band table (bf16; a short device call)")
     args = p.parse_args()
+    keep = (lambda name: name in QUICK) if args.quick else (lambda name: True)
     pos = torch.arange(args.seq_len, device="cuda")
     buckets = relative_position_bucket(pos[:, None] - pos[None, :], args.buckets, args.max_distance)
     band = A.band_width(buckets[:, 0], args.buckets)
@@ -166,8 +171,8 @@ def main() -> int:
     print(f"torch {torch.__version__}; batch {args.batch}, {args.heads} x {args.head_dim} heads, seq {args.seq_len}; "
           f"band {band}")
     qkv, table, grad = inputs(args, torch.float32)
-    ref = run(sdpa, qkv, table, grad, buckets, band, mask)
-    for name in ("flex+band", "flex+atomics", "split"):
+    ref = run(sdpa, qkv, table, grad, buckets, band, mask) if not args.quick else None
+    for name in ("flex+band", "flex+atomics", "split") if not args.quick else ():
         try:
             got = run(WAYS[name], qkv, table, grad, buckets, band, mask)
         except Exception as e:  # noqa: BLE001 - report it and compare the others
@@ -179,6 +184,8 @@ def main() -> int:
     qkv, table, grad = inputs(args, torch.bfloat16)
     ref32 = run(sdpa, [t.detach().float().requires_grad_() for t in qkv], table, grad.float(), buckets, band, mask)
     for name, fn in {"flex+band": flex_band, "split": split, **COMPILED}.items():
+        if not keep(name):
+            continue
         try:
             got = run(fn, qkv, table, grad, buckets, band, mask)
         except Exception as e:  # noqa: BLE001 - report it and time the others
@@ -188,6 +195,8 @@ def main() -> int:
                           for what, a, b in zip(("out", "dq", "dk", "dv", "dtable"), got, ref32))
         print(f"bf16 {name:13s} vs fp32 sdpa: {diffs}")
     for name, fn in {**WAYS, **COMPILED, BAND_FP32: flex_band, **FLOOR}.items():
+        if not keep(name):
+            continue
         A.BAND_MATMUL = "fp32" if name == BAND_FP32 else "tensor_cores"  # read in backward: set around both
         try:
             ms = time_ms(fn, qkv, table, grad, buckets, band, mask, args.iters)
@@ -197,6 +206,8 @@ def main() -> int:
         print(f"bf16 {name:13s} forward + backward {ms:7.2f} ms")
     A.BAND_MATMUL = "tensor_cores"
     for name, (bias_table, options, *mode) in TUNINGS.items():
+        if not keep(name):
+            continue
         fn = tuned(bias_table, options, *mode)
         try:
             got = run(fn, qkv, table, grad, buckets, band, mask)
@@ -207,6 +218,8 @@ def main() -> int:
         diffs = ", ".join(f"{what} {float((a.float() - b).abs().max()):.2e}"
                           for what, a, b in zip(("out", "dq", "dk", "dv", "dtable"), got, ref32))
         print(f"bf16 flex+band, {name}: forward + backward {ms:7.2f} ms (vs fp32 sdpa: {diffs})")
+    if args.quick:
+        return 0
     got = run(flex_band, qkv, table, grad, buckets, band, mask)[-1]
     A.BAND_MATMUL = "fp32"
     want = run(flex_band, qkv, table, grad, buckets, band, mask)[-1]
