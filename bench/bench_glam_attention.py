@@ -111,10 +111,23 @@ def split(q, k, v, table, buckets, band, mask):
     return split_attention(q, k, v, table, buckets[:, 0], band)
 
 
+def split_window(block: int):
+    """split with the band's windows in blocks of `block` queries (A.WINDOW_BLOCK), compiled."""
+    def fn(q, k, v, table, buckets, band, mask):
+        A.WINDOW_BLOCK = block
+        try:
+            return split_attention(q, k, v, table, buckets[:, 0], band)
+        finally:
+            A.WINDOW_BLOCK = None
+    return torch.compile(fn, dynamic=False)
+
+
 # --quick: what decides the model's kernel.
-QUICK = {"split", "flex+band, compiled", "split, compiled", "causal, no bias", "flex causal, no bias", "band table"}
+QUICK = {"flex+band, compiled", "split, compiled", "split, compiled, window 32", "split, compiled, window 64",
+         "causal, no bias"}
 WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics, "split": split}
-COMPILED = {"flex+band, compiled": _flex_band_compiled, "split, compiled": torch.compile(split, dynamic=False)}
+COMPILED = {"flex+band, compiled": _flex_band_compiled, "split, compiled": torch.compile(split, dynamic=False),
+            "split, compiled, window 32": split_window(32), "split, compiled, window 64": split_window(64)}
 FLOOR = {"causal, no bias": causal, "flex causal, no bias": flex_causal}  # timed, not compared: it computes something else
 # Timed too: flex+band with the band's products on the CUDA cores (fp32 operands), as before 2026-12-05.
 BAND_FP32 = "flex+band, fp32 band"

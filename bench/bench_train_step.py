@@ -115,9 +115,11 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["bias_table"] = value
         elif key == "attn" and value in ("flex", "split"):  # GLaM's attention kernel
             opts["glam_attention"] = value
+        elif key == "window" and value.isdigit():  # its band's query block
+            opts["glam_window_block"] = int(value)
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             "bias=full|band or attn=flex|split")
+                             "bias=full|band, attn=flex|split or window=N")
     return spec, opts, over
 
 
@@ -171,6 +173,7 @@ def run_variant(name, opts, margs, args, device, dataset):
     set_gqa_mode(opts.get("gqa", "auto"))  # read when the model is traced and run
     glam_attention.BIAS_TABLE = opts.get("bias_table", glam_attention.BIAS_TABLE_DEFAULT)
     glam_attention.KERNEL = opts.get("glam_attention", glam_attention.KERNEL_DEFAULT)
+    glam_attention.WINDOW_BLOCK = opts.get("glam_window_block", glam_attention.WINDOW_BLOCK_DEFAULT)
     model = build_layout(margs, opts, device)
     opt = build_optimizer(model.model, OptimConfig(fused=opts["fused_adam"]), device.type)
     amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)
@@ -325,7 +328,7 @@ def profile_summary(prof, wall: float) -> dict:
     busy = sum(buckets.values())
     buckets["idle (wall - kernels)"] = max(wall * 1e3 - busy, 0.0)
     return {"wall_ms": wall * 1e3, "buckets_ms": buckets, "ranges_ms": ranges,
-            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
+            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:40])}
 
 
 def print_profile(profile: dict, what: str) -> None:

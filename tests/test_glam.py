@@ -305,14 +305,16 @@ def test_flex_attention_biased_with_either_bias_table_gives_the_sdpa_output_and_
     torch.testing.assert_close(table.grad, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("seqlen", [300, 256, 114, 113, 40])  # past the band (113), at it, within it
-def test_split_attention_equals_the_materialised_bias_with_every_gradient(seqlen):
+@pytest.mark.parametrize("seqlen,window_block", [(300, None), (256, None), (114, None), (113, None), (40, None),
+                                                 (300, 32), (250, 64), (40, 16)])  # past the band (113), at it, within it
+def test_split_attention_equals_the_materialised_bias_with_every_gradient(monkeypatch, seqlen, window_block):
     # split_attention.py: the flash kernel beyond the band (here the CPU's flash op), batched products
     # within it, merged by the log-sum-exp; its backward through the same kernels with the merged output.
     from llamatron.models.glam import attention
     from llamatron.models.glam.model import relative_position_bucket
     from llamatron.models.glam.split_attention import split_attention
 
+    monkeypatch.setattr(attention, "WINDOW_BLOCK", window_block)  # None: one block of 128 keys before each
     torch.manual_seed(2)
     B, H, D = 2, 3, 8
     q, k, v = (torch.randn(B, H, seqlen, D, requires_grad=True) for _ in range(3))

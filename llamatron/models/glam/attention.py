@@ -134,21 +134,23 @@ class _TableGrad(torch.autograd.Function):
 
 
 class Windows:
-    """The band of distances below `band` as windows: each block of T queries (T = the band rounded up to
-    16) against its own block of keys and the previous one, where all of its band lies."""
+    """The band of distances below `band` as windows: each block of T queries (T = `WINDOW_BLOCK`, else the
+    band rounded up to 16) against its own block of keys and the P = ceil((band - 1) / T) before it,
+    where all of its band lies: smaller blocks, fewer keys outside the band ((P + 1) T per query)."""
 
     def __init__(self, q: torch.Tensor, dist_bucket: torch.Tensor, band: int):
         self.B, self.H, self.S, self.D = q.shape
-        self.T = min(self.S, -(-band // 16) * 16)
+        self.T = min(self.S, WINDOW_BLOCK or -(-band // 16) * 16)
         self.n = -(-self.S // self.T)
+        self.P = min(-(-(band - 1) // self.T), self.n - 1)  # no blocks before the first
         self.pad = self.n * self.T - self.S
-        T, n, S = self.T, self.n, self.S
+        T, P, n, S = self.T, self.P, self.n, self.S
         r = torch.arange(T, device=q.device)
-        c = torch.arange(2 * T, device=q.device)
+        c = torch.arange((P + 1) * T, device=q.device)
         i = torch.arange(n, device=q.device).view(n, 1, 1)
-        dist = T + r[:, None] - c[None, :]  # [T, 2T] query - key within a window
-        self.valid = (dist >= 0) & (dist < band) & ((i - 1) * T + c >= 0) & (i * T + r[:, None] < S)  # [n, T, 2T]
-        self.bucket = dist_bucket[dist.clamp(0, band - 1)]  # [T, 2T]
+        dist = P * T + r[:, None] - c[None, :]  # [T, (P + 1) T] query - key within a window
+        self.valid = (dist >= 0) & (dist < band) & ((i - P) * T + c >= 0) & (i * T + r[:, None] < S)
+        self.bucket = dist_bucket[dist.clamp(0, band - 1)]  # [T, (P + 1) T]
 
     def blocks(self, t: torch.Tensor) -> torch.Tensor:
         """[B, H, S, D] -> [B, H, n, T, D] (zero rows past S); [B, H, S] (a log-sum-exp) -> [B, H, n, T, 1]."""
@@ -157,16 +159,26 @@ class Windows:
         return F.pad(t, (0, 0, 0, self.pad)).view(self.B, self.H, self.n, self.T, self.D)
 
     def with_previous(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, H, S, D] -> [B, H, n, 2T, D]: block i - 1 (zeros for 0), then block i."""
+        """[B, H, S, D] -> [B, H, n, (P + 1) T, D]: blocks i - P .. i (zeros before 0)."""
         b = self.blocks(t)
-        return torch.cat([F.pad(b[:, :, :-1], (0, 0, 0, 0, 1, 0)), b], dim=3)
+        shifted = [F.pad(b[:, :, :-p], (0, 0, 0, 0, p, 0)) for p in range(self.P, 0, -1)]
+        return torch.cat([*shifted, b], dim=3)
+
+    def fold(self, t: torch.Tensor) -> torch.Tensor:
+        """A gradient over each window's keys [B, H, n, (P + 1) T, D] -> over the keys [B, H, S, D]
+        (`with_previous`'s adjoint)."""
+        T, P = self.T, self.P
+        out = t[:, :, :, P * T:]
+        for j in range(P):  # chunk j of window i is block i - P + j
+            out = out + F.pad(t[:, :, P - j:, j * T:(j + 1) * T], (0, 0, 0, 0, 0, P - j))
+        return out.reshape(self.B, self.H, self.n * T, -1)[:, :, :self.S]
 
     def bias(self, table: torch.Tensor) -> torch.Tensor:
-        """[buckets, H] -> the bias of each window position, [H, 1, T, 2T] fp32."""
+        """[buckets, H] -> the bias of each window position, [H, 1, T, (P + 1) T] fp32."""
         return table.detach().float()[self.bucket].permute(2, 0, 1).unsqueeze(1)
 
     def table_grad(self, ds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """dS over the windows, summed over batch and blocks [H, T, 2T] (valid positions only) -> d table.
+        """dS over the windows, summed over batch and blocks [H, T, (P + 1) T] (valid positions only) -> d table.
         Every pair beyond the band is in the last bucket, and each row's dS sums to zero."""
         d_table = torch.zeros(table.shape, dtype=torch.float32, device=ds.device)
         d_table = d_table.index_add(0, self.bucket.reshape(-1), ds.reshape(self.H, -1).t())
@@ -184,6 +196,11 @@ def table_grad(q, k, v, out, lse, grad_out, table, dist_bucket, band: int) -> to
     delta = (gb.float() * ob.float()).sum(-1, keepdim=True)
     return w.table_grad((p * (dp - delta)).sum((0, 2)), table)
 
+
+# The windows' block of queries (a multiple of 16; None: the band rounded up to 16, one block of keys
+# before each); bench/bench_glam_attention.py times 32, 64 and the default.
+WINDOW_BLOCK_DEFAULT = int(os.environ.get("LLAMATRON_GLAM_WINDOW_BLOCK", "0")) or None
+WINDOW_BLOCK = WINDOW_BLOCK_DEFAULT
 
 # How `table_grad` multiplies half-precision operands on CUDA: "tensor_cores" (bf16/fp16 operands, fp32
 # accumulation and result, as flash attention's own backward recomputes its scores) or "fp32" (upcast

@@ -6,9 +6,8 @@ and softmax is unchanged by a constant added to a whole row: with the bias less 
 
 - the far part (distance >= W) has no bias at all. Query i sees keys 0 .. i - W: causal attention of
   the queries W .. S-1 over the keys 0 .. S-1-W, the flash kernel's own case on shifted views;
-- the near part (distance < W) is the band: each block of T >= W queries against its own and the
-  previous block of keys (`attention.Windows`), dense batched products with the bias, about 2W / S of
-  the causal work;
+- the near part (distance < W) is the band: each block of T queries against its own and the blocks of
+  keys before it that the band reaches (`attention.Windows`), dense batched products with the bias;
 - out = (o_far e^lse_far + o_near e^lse_near) / (e^lse_far + e^lse_near), lse = logaddexp of the two.
 
 Backward: each part's gradient is the flash backward's formula dS = P (dP - rowsum(dO o out)) with the
@@ -56,7 +55,7 @@ def _flash_backward(grad, q, k, v, out, lse, tensors, sizes, scale: float):
 
 
 def _near_scores(w: Windows, q, k, table, scale: float) -> torch.Tensor:
-    """The band's scores with the (shifted) bias, fp32 [B, H, n, T, 2T], -inf off the band."""
+    """The band's scores with the (shifted) bias, fp32 [B, H, n, T, (P + 1) T], -inf off the band."""
     scores = band_products(w.blocks(q), w.with_previous(k).transpose(-1, -2)) * scale + w.bias(table)
     return scores.masked_fill(~w.valid, float("-inf"))
 
@@ -64,13 +63,6 @@ def _near_scores(w: Windows, q, k, table, scale: float) -> torch.Tensor:
 def _unblock(w: Windows, t: torch.Tensor) -> torch.Tensor:
     """[B, H, n, T, X] -> [B, H, S, X]."""
     return t.reshape(w.B, w.H, w.n * w.T, -1)[:, :, :w.S]
-
-
-def _fold_previous(w: Windows, t: torch.Tensor) -> torch.Tensor:
-    """A gradient over each window's keys [B, H, n, 2T, D] -> over the keys [B, H, S, D]: a window's
-    first half is the previous block's keys."""
-    prev, own = t[:, :, :, :w.T], t[:, :, :, w.T:]
-    return _unblock(w, own + F.pad(prev[:, :, 1:], (0, 0, 0, 0, 0, 1)))
 
 
 class _SplitAttention(torch.autograd.Function):
@@ -110,11 +102,11 @@ class _SplitAttention(torch.autograd.Function):
         gb = w.blocks(grad)
         dp = band_products(gb, w.with_previous(v).transpose(-1, -2))
         delta = w.blocks((grad.float() * out.float()).sum(-1))
-        ds = p * (dp - delta)  # fp32 [B, H, n, T, 2T]
+        ds = p * (dp - delta)  # fp32 [B, H, n, T, (P + 1) T]
         ds_lo = ds.to(q.dtype)
         dq = _unblock(w, band_products(ds_lo, w.with_previous(k))) * scale
-        dk = _fold_previous(w, band_products(ds_lo.transpose(-1, -2), w.blocks(q))) * scale
-        dv = _fold_previous(w, band_products(p.to(q.dtype).transpose(-1, -2), gb))
+        dk = w.fold(band_products(ds_lo.transpose(-1, -2), w.blocks(q))) * scale
+        dv = w.fold(band_products(p.to(q.dtype).transpose(-1, -2), gb))
         if S > band:
             dq_f, dk_f, dv_f = _flash_backward(
                 grad[:, :, band:], q[:, :, band:], k[:, :, :S - band], v[:, :, :S - band],
