@@ -170,6 +170,7 @@ def build_layout(margs, opts, device) -> Layout:
 
 
 def run_variant(name, opts, margs, args, device, dataset):
+    torch._dynamo.reset()  # each variant compiles afresh: the module switches below would hit the recompile limit
     set_gqa_mode(opts.get("gqa", "auto"))  # read when the model is traced and run
     glam_attention.BIAS_TABLE = opts.get("bias_table", glam_attention.BIAS_TABLE_DEFAULT)
     glam_attention.KERNEL = opts.get("glam_attention", glam_attention.KERNEL_DEFAULT)

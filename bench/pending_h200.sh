@@ -39,14 +39,14 @@ run() {  # run NAME CAP MIN COMMAND...: at most CAP seconds, skipped when fewer 
 }
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 run glamattn 110 50 python bench/bench_glam_attention.py --quick
-run glam 300 120 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
-    --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split@window=32,compile+castonce+fusedwgrad@attn=split@window=64,compile+castonce+fusedwgrad@attn=split,compile+castonce+fusedwgrad,compile@micro=8 \
-    --profile compile+castonce+fusedwgrad@attn=split@window=32 --steps 3 --warmup 2 --json "$OUT/glam.json"
+run glam 300 100 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
+    --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split,compile+castonce+fusedwgrad@attn=flex,compile+castonce+fusedwgrad@micro=8@attn=split \
+    --steps 3 --warmup 2 --json "$OUT/glam.json"
 # The calibration times GLaM's attention as the model runs it: the faster kernel of the GLaM run.
 export LLAMATRON_GLAM_ATTENTION=$(python - "$OUT/glam.json" <<'EOF' 2>/dev/null || echo flex
 import json, sys
 rows = {r["variant"]: r.get("step_time_s") for r in json.load(open(sys.argv[1]))["results"]}
-split, flex = (rows.get(f"compile+castonce+fusedwgrad{a}") for a in ("@attn=split", ""))
+split, flex = (rows.get(f"compile+castonce+fusedwgrad{a}") for a in ("@attn=split", "@attn=flex"))
 print("split" if split and (not flex or split < flex) else "flex")
 EOF
 )

@@ -265,10 +265,8 @@ def _biased_attention(q, k, v, flex: bool | None = None):
     """GLaM's causal attention with its T5 relative position bias (default buckets and distance), as
     the model trains on this device (`flex` None: the fast path on CUDA, `fast_relative_attention`): e.g.
     flex_attention with the bias table in its score_mod and the table's gradient from the band
-    (models/glam/attention.py; flex compiled on
-    CUDA with static shapes, so each (batch, seq) compiles once, in the timing's warm-up calls; the
-    band's gradient eager here, where a compiled block fuses its element-wise work), else SDPA
-    with the [heads, S, S] bias looked up. Returns (forward, the bias table: a leaf with a gradient)."""
+    (models/glam/attention.py), compiled whole with static shapes, so each (batch, seq) compiles once,
+    in the timing's warm-up calls; elsewhere SDPA with the [heads, S, S] bias looked up. Returns (forward, the bias table: a leaf with a gradient)."""
     from llamatron.models.glam import attention as glam
     from llamatron.models.glam.model import GLaMArgs, fast_relative_attention, relative_position_bucket
 
@@ -279,7 +277,13 @@ def _biased_attention(q, k, v, flex: bool | None = None):
         dist_bucket = relative_position_bucket(distance, args.rel_pos_buckets, args.rel_pos_max_distance)
         band = glam.band_width(dist_bucket.cpu(), args.rel_pos_buckets)
         block_mask = glam.causal_block_mask(seq, q.device)
-        return (lambda: fast_relative_attention(q, k, v, table, dist_bucket, band, block_mask)), table
+        # Compiled whole, as inside the model's compiled blocks (eager, the band's element-wise work
+        # took three times as long on an H100); a fresh cache per shape (a few shapes, each compiled once).
+        attention = fast_relative_attention
+        if q.is_cuda:
+            torch._dynamo.reset()
+            attention = torch.compile(fast_relative_attention, dynamic=False)
+        return (lambda: attention(q, k, v, table, dist_bucket, band, block_mask)), table
     buckets = relative_position_bucket((distance[:, None] - distance[None, :]).clamp(min=0), args.rel_pos_buckets,
                                        args.rel_pos_max_distance)
     return (lambda: glam.sdpa_attention(q, k, v, table, buckets)), table
