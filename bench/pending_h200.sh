@@ -42,15 +42,18 @@ run glamattn 110 50 python bench/bench_glam_attention.py --quick
 run glam 300 100 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
     --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split,compile+castonce+fusedwgrad@attn=flex,compile+castonce+fusedwgrad@micro=8@attn=split \
     --steps 3 --warmup 2 --json "$OUT/glam.json"
-# The calibration times GLaM's attention as the model runs it: the faster kernel of the GLaM run.
-export LLAMATRON_GLAM_ATTENTION=$(python - "$OUT/glam.json" <<'EOF' 2>/dev/null || echo flex
+# The calibration times GLaM's attention as the model runs it: the faster kernel of the GLaM run, where
+# it ran both (else the model's default).
+FASTER=$(python - "$OUT/glam.json" <<'EOF' 2>/dev/null
 import json, sys
 rows = {r["variant"]: r.get("step_time_s") for r in json.load(open(sys.argv[1]))["results"]}
 split, flex = (rows.get(f"compile+castonce+fusedwgrad{a}") for a in ("@attn=split", "@attn=flex"))
-print("split" if split and (not flex or split < flex) else "flex")
+if split and flex:
+    print("split" if split < flex else "flex")
 EOF
 )
-echo "GLaM attention for the calibration: $LLAMATRON_GLAM_ATTENTION"
+[ -n "$FASTER" ] && export LLAMATRON_GLAM_ATTENTION=$FASTER
+echo "GLaM attention for the calibration: ${LLAMATRON_GLAM_ATTENTION:-the default}"
 run calibrate 160 90 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 140
 run finetune 240 100 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,lora+compile@micro=4,lora+compile+fp8@micro=4 \
     --steps 4 --warmup 2 --budget-s 220 --profile lora+compile@micro=2 --json "$OUT/finetune.json"
