@@ -83,11 +83,12 @@ def band_width(dist_bucket: torch.Tensor, n_buckets: int) -> int:
     return int((dist_bucket < n_buckets - 1).sum())
 
 
-# How the model runs it on CUDA: "split" (split_attention.py: the flash kernel beyond the band, batched
-# products within it) or "flex" (`flex_attention_biased`). bench/bench_glam_attention.py times both: on
+# How the model runs it on CUDA: "flex" (`flex_attention_biased`) or "split" (split_attention.py: the
+# flash kernel beyond the band, batched products within it). bench/bench_glam_attention.py times both: on
 # an H100 split took 2.71-2.77 ms a block against flex's 2.84-2.89 (GLaM 126M, batch 8, compiled) and
-# GLaM 126M's step 0.5-1% less (docs/performance.md).
-KERNEL_DEFAULT = os.environ.get("LLAMATRON_GLAM_ATTENTION", "split")
+# GLaM 126M's step 0.5-1% less, for 17% more peak memory (54 against 46 GiB at micro 16;
+# docs/performance.md): flex stays the default.
+KERNEL_DEFAULT = os.environ.get("LLAMATRON_GLAM_ATTENTION", "flex")
 KERNEL = KERNEL_DEFAULT
 
 # The bias table flex reads: "full" (the bias at each of the S distances, [H, S]) or "band" (the bias
