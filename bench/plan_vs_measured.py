@@ -152,7 +152,8 @@ def moe_rows() -> list[dict]:
             # The model as the bench built it: its --set keys read as the trainer reads them.
             args = _bench_module("bench_train_step").model_args(
                 argparse.Namespace(size=named[0], layers=r["layers"], seq_len=r["seq_len"], sets=sets))
-            w = dataclasses.replace(w, args=args)
+            w = dataclasses.replace(w, args=args, cast_weights_once=bool(r.get("castonce")),
+                                    gradient_accumulation_fusion=bool(r.get("fused_wgrad")))
             lay = plan.Layout(1, 1, 1, 1, 1, r["micro_batch"], False)
             hw = plan.Hardware(1, memory_gib=139.0 if gpu == "H200" else 80.0, fp8=True, fp8_speedup=plan.FP8_GEMM_SPEEDUP[gpu])
             table = calibration.default_table(gpu)
@@ -163,7 +164,10 @@ def moe_rows() -> list[dict]:
                          "layers": r["layers"], "micro": r["micro_batch"], "global": r["global_batch"],
                          "step": r["step_time_s"], "fitted": plan.evaluate(w, lay, hw).step_s,
                          "calibrated": plan.evaluate(w, lay, table.apply(hw)).step_s if table is not None else None,
-                         "peak": r["peak_mem_gib"], "estimate": est.total / GiB})
+                         "peak": r["peak_mem_gib"], "estimate": est.total / GiB,
+                         # GLaM's attention kernel: the estimate models the default, flex (split's band
+                         # windows keep more; docs/moe.md)
+                         "attention": r.get("glam_attention", "flex")})
     return rows
 
 
@@ -173,6 +177,7 @@ def moe_table() -> list[str]:
              "|" + "---|" * 14]
     for r in moe_rows():
         model = r["model"] + "".join(f", {k}={v}" for k, v in r["sets"].items())
+        model += ", split attention" if r["attention"] == "split" else ""
         lines.append(f"| {r['file']} {r['variant']} | {r['gpu']} | {model} | {r['layers']} | {r['micro']} | {r['global']} | "
                      f"{r['step']:.3f} | {_step_cells(r['fitted'], r['step'])} | {_step_cells(r['calibrated'], r['step'])} | "
                      f"{r['peak']:.1f} | {r['estimate']:.1f} | {r['estimate'] / r['peak']:.2f} |")

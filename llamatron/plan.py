@@ -89,6 +89,10 @@ FP8_GEMM_SPEEDUP_DEFAULT = 1.44
 ELEMENTWISE_PER_SAVED_BYTE = 4.9
 LOSS_BYTES_PER_LOGIT = {True: 10, False: 20}
 PARAM_PASS_BYTES = 24
+# With train.cast_weights_once the casts run once per step (fp32 read, bf16 written: 6 bytes a parameter)
+# and each micro-batch adds its gradient in bf16 (18 of the 24); with train.gradient_accumulation_fusion
+# too the GEMM's epilogue reads and writes the fp32 accumulator instead (8).
+CAST_ONCE_BYTES, CAST_ONCE_MICRO_BYTES, FUSED_WGRAD_MICRO_BYTES = 6, 18, 8
 FUSED_LOSS_ROWS = 8192  # llamatron/loss.py's chunk
 
 
@@ -185,6 +189,8 @@ class Workload:
     # padding run one of them: the mask lets it attend to itself); None = one document per sequence.
     document_tokens: float | None = None
     compile: bool = True  # train.compile: what the step-time model was fitted to, and the memory it estimates
+    cast_weights_once: bool = False  # train.cast_weights_once: the weight casts once per step
+    gradient_accumulation_fusion: bool = False  # train.gradient_accumulation_fusion: fp32 accumulation in the GEMMs
     optim: str = "adamw"  # optim.name: the optimizer state's bytes per parameter
     config: str | None = None  # the config file or preset the --set lines go with
     sets: list[str] = field(default_factory=list)  # overrides that make the workload from it
@@ -448,8 +454,15 @@ def calibrated_compute(w: Workload, lay: Layout, hw: Hardware, m: int) -> float:
     output = chunks * (table.gemm("fwd", rows, args.dim, vocab) + table.gemm("dgrad", rows, args.dim, vocab)
                        + (table.gemm("wgrad", rows, args.dim, vocab) if trainable else 0.0)) / out_speed
     loss = tokens * vocab * LOSS_BYTES_PER_LOGIT[lay.fused_loss] / table.bandwidth()
-    params = PARAM_PASS_BYTES * stage.params / table.bandwidth()
-    return m * (stage.layers * block + output + loss + params)
+    return m * (stage.layers * block + output + loss) + parameter_passes(w, stage.params, m) / table.bandwidth()
+
+
+def parameter_passes(w: Workload, params: float, m: int) -> float:
+    """Bytes of the weight casts and the gradient accumulation in a step of `m` micro-batches."""
+    if not w.cast_weights_once:
+        return m * PARAM_PASS_BYTES * params
+    micro = FUSED_WGRAD_MICRO_BYTES if w.gradient_accumulation_fusion else CAST_ONCE_MICRO_BYTES
+    return CAST_ONCE_BYTES * params + m * micro * params
 
 
 def step_time(w: Workload, lay: Layout, hw: Hardware) -> dict[str, float]:
@@ -567,6 +580,8 @@ def workload_from_config(path: str, seq_len: int | None = None, global_batch: in
                     and cfg.lora.rank == 0,  # LoRA's frozen output layer stays bf16
                     fp8_experts=cfg.train.fp8_experts,
                     finetune=bool(cfg.finetune.data), document_tokens=cached_document_tokens(cfg),
+                    cast_weights_once=cfg.train.cast_weights_once,
+                    gradient_accumulation_fusion=cfg.train.gradient_accumulation_fusion,
                     optim=cfg.optim.name, config=path, sets=sets)
 
 
