@@ -9,20 +9,19 @@
 #   ONLY=calibrate bash bench/pending_h200.sh 150 /tmp/runs               # just these
 #
 # Measured on an H100 on 2026-12-05 (docs/performance.md, "Measured on an H100"): the 8B's and GPT-126M's
-# scoring, LoRA with best-fit packing at micro 2, GLaM 126M-64E, its attention alone, the first async
-# save, the cast-once levers on the 8-layer proxy. The issues name the H200, so they are here again, after:
-# 1. issue 21: GLaM 126M-64E, compiled, at micro 8 and 16 (global batch 128), its attention split (the
-#    flash kernel beyond the band; split_attention.py) or flex with the band's bias table, with its block linears' and
-#    experts' bf16 copies made once per step and their weight gradients accumulated in fp32 inside the
-#    GEMMs (compile+castonce+fusedwgrad: the H100 profile put the per-micro-batch weight casts and fp32
-#    gradient adds at 17% of the step), profiled, each with its MoE layer split;
-#    its experts in FP8; eager last
-# 2. issue 23: a new H200 calibration table (GLaM's experts as one batched GEMM and its attention as
-#    flex runs it), for llamatron/calibration/h200.json: docs/planner.md's GPT-126M and GLaM rows wait for it
+# scoring, LoRA with best-fit packing at micro 2, GLaM 126M-64E (micro 8 and 16, cast-once and the fused
+# weight gradient, flex and split attention), its attention alone, the first async save, the cast-once
+# levers on the 8-layer proxy, and a calibration table (llamatron/calibration/h100.json, whose GLaM
+# attention rows were timed eager: re-run it on an H100 too). The issues name the H200, so, in order:
+# 1. issue 23: a new H200 calibration table (GLaM's experts as one batched GEMM and its attention
+#    compiled, as its blocks run it), for llamatron/calibration/h200.json: docs/planner.md's GPT-126M and
+#    GLaM rows wait for it
+# 2. issue 21: GLaM's attention alone, then GLaM 126M-64E at micro 16 with cast-once and the fused weight
+#    gradient, split and flex attention, and at micro 8
 # 3. issue 20: LoRA of the 8B at seq 4096 with best-fit packing (bf16 and FP8 base layers, micro 2 and 4)
 # 4. issue 22: the cast-once levers on the 8-layer 8B proxy at micro 2; the 8B proxy at micro 16 in FP8
 # 5. issue 19: the 8B's and GPT-126M's scoring against lm-eval's HF backend
-# 6. the CUDA tests of GLaM's FP8 experts and band products, GLaM's attention alone, the first async save
+# 6. the CUDA tests of GLaM's FP8 experts and band products, the first async save
 TOTAL=${1:-560}
 OUT=${2:-${OUT:-h200-runs}}
 mkdir -p "$OUT"
@@ -38,23 +37,11 @@ run() {  # run NAME CAP MIN COMMAND...: at most CAP seconds, skipped when fewer 
     echo "$name: exit $? ($(left) s left)"
 }
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+run calibrate 160 90 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 140
 run glamattn 110 50 python bench/bench_glam_attention.py --quick
 run glam 300 100 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
-    --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split,compile+castonce+fusedwgrad@attn=flex,compile+castonce+fusedwgrad@micro=8@attn=split \
+    --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split,compile+castonce+fusedwgrad@attn=flex,compile+castonce+fusedwgrad@micro=8 \
     --steps 3 --warmup 2 --json "$OUT/glam.json"
-# The calibration times GLaM's attention as the model runs it: the faster kernel of the GLaM run, where
-# it ran both (else the model's default).
-FASTER=$(python - "$OUT/glam.json" <<'EOF' 2>/dev/null
-import json, sys
-rows = {r["variant"]: r.get("step_time_s") for r in json.load(open(sys.argv[1]))["results"]}
-split, flex = (rows.get(f"compile+castonce+fusedwgrad{a}") for a in ("@attn=split", "@attn=flex"))
-if split and flex:
-    print("split" if split < flex else "flex")
-EOF
-)
-[ -n "$FASTER" ] && export LLAMATRON_GLAM_ATTENTION=$FASTER
-echo "GLaM attention for the calibration: ${LLAMATRON_GLAM_ATTENTION:-the default}"
-run calibrate 160 90 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 140
 run finetune 240 100 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,lora+compile@micro=4,lora+compile+fp8@micro=4 \
     --steps 4 --warmup 2 --budget-s 220 --profile lora+compile@micro=2 --json "$OUT/finetune.json"
 run castonce 240 150 python bench/bench_train_step.py --layers 8 --seq-len 8192 --global-batch 8 --micro-batch 2 \
