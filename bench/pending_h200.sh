@@ -52,7 +52,8 @@ run l8b_mbs16_fp8 120 70 python bench/bench_train_step.py --layers 4 --seq-len 8
 run zs8b 230 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 --json "$OUT/zs8b.json"
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
 run fp8experts_test 60 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py \
-    tests/test_glam.py::test_table_grad_from_tensor_core_band_products_equals_fp32_on_cuda
+    tests/test_glam.py::test_table_grad_from_tensor_core_band_products_equals_fp32_on_cuda \
+    tests/test_glam.py::test_split_attention_in_bf16_on_cuda_is_as_close_to_fp32_as_flex
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
     --json "$OUT/ckpt.json"
 grep -h "SUMMARY\|MoE layer\|forward + backward\| vs sdpa\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-900
