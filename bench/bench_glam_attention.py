@@ -12,8 +12,8 @@ other and timed (forward + backward of one block's attention).
 - split:      split_attention.py: the flash kernel beyond the band (no bias there, after a shift),
               batched products within it, merged by their log-sum-exp;
 - flex+band, split, compiled: compiled whole, as inside a compiled block;
-- timed only, each checked against fp32 sdpa: flex+band with other tiles (flex's kernel options), with
-  the smaller "band" bias table (A.BIAS_TABLE), and as max-autotune picks;
+- timed only, each checked against fp32 sdpa: flex+band with other tiles (flex's kernel options), and
+  as max-autotune picks;
 - timed only: flex+band with the band's products in fp32 on the CUDA cores (before 2026-12-05; now
   bf16 operands on the tensor cores with fp32 accumulation), and causal SDPA and flex without any
   bias: the floors (cuDNN's or flash's kernel) against which the biased ways' cost is judged.
@@ -75,17 +75,13 @@ def flex_causal(q, k, v, table, buckets, band, mask):
 _flex_causal = torch.compile(lambda q, k, v, mask: A.fa.flex_attention(q, k, v, block_mask=mask), dynamic=False)
 
 
-def tuned(bias_table: str, options: dict | None, mode: str | None = None):
-    """flex+band with the bias table `bias_table` (A.BIAS_TABLE) and flex's kernel `options` (fwd_ and
-    bwd_ prefixed, as flex reads them; None: the model's), or `mode` (max-autotune tries flex's configs)."""
+def tuned(options: dict | None, mode: str | None = None):
+    """flex+band with flex's kernel `options` (fwd_ and bwd_ prefixed, as flex reads them; None: the
+    model's), or `mode` (max-autotune tries flex's configs)."""
     flex = torch.compile(functools.partial(A._flex_with_lse, options=options), dynamic=False, mode=mode)
 
     def fn(q, k, v, table, buckets, band, mask):
-        A.BIAS_TABLE = bias_table
-        try:
-            return A.flex_attention_biased(q, k, v, table, buckets[:, 0], band, mask, flex=flex)
-        finally:
-            A.BIAS_TABLE = "full"
+        return A.flex_attention_biased(q, k, v, table, buckets[:, 0], band, mask, flex=flex)
     return fn
 
 
@@ -95,39 +91,25 @@ _BWD_64 = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOC
            "bwd_num_stages": 3, "bwd_num_warps": 4}
 _BWD_32 = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32,
            "bwd_num_stages": 3, "bwd_num_warps": 4}
-# Flex's tiles and the bias table, each a candidate for the model's default (timed only; the bf16
+# Flex's tiles, each a candidate for the model's default (timed only; the bf16
 # comparison above checks the model's).
 TUNINGS = {
-    "band table": ("band", None),
-    "fwd 128x128 s2 w8": ("full", {**A._HEAD_DIM_64_TILES, **_FWD_128}),
-    "fwd 128x64 w8": ("full", _FWD_64),
-    "bwd 64/64": ("full", {**A._HEAD_DIM_64_TILES, **_BWD_64}),
-    "bwd 32/128": ("full", {**A._HEAD_DIM_64_TILES, **_BWD_32}),
-    "TMA": ("full", {**A._HEAD_DIM_64_TILES, "USE_TMA": True}),
-    "band table, max-autotune": ("band", None, "max-autotune-no-cudagraphs"),
+    "fwd 128x128 s2 w8": ({**A._HEAD_DIM_64_TILES, **_FWD_128},),
+    "fwd 128x64 w8": (_FWD_64,),
+    "bwd 64/64": ({**A._HEAD_DIM_64_TILES, **_BWD_64},),
+    "bwd 32/128": ({**A._HEAD_DIM_64_TILES, **_BWD_32},),
+    "TMA": ({**A._HEAD_DIM_64_TILES, "USE_TMA": True},),
+    "max-autotune": (None, "max-autotune-no-cudagraphs"),
 }
 
 def split(q, k, v, table, buckets, band, mask):
     return split_attention(q, k, v, table, buckets[:, 0], band)
 
 
-def split_window(block: int):
-    """split with the band's windows in blocks of `block` queries (A.WINDOW_BLOCK), compiled."""
-    def fn(q, k, v, table, buckets, band, mask):
-        A.WINDOW_BLOCK = block
-        try:
-            return split_attention(q, k, v, table, buckets[:, 0], band)
-        finally:
-            A.WINDOW_BLOCK = None
-    return torch.compile(fn, dynamic=False)
-
-
 # --quick: what decides the model's kernel.
-QUICK = {"flex+band, compiled", "split, compiled", "split, compiled, window 32", "split, compiled, window 64",
-         "causal, no bias"}
+QUICK = {"flex+band, compiled", "split, compiled", "causal, no bias"}
 WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics, "split": split}
-COMPILED = {"flex+band, compiled": _flex_band_compiled, "split, compiled": torch.compile(split, dynamic=False),
-            "split, compiled, window 32": split_window(32), "split, compiled, window 64": split_window(64)}
+COMPILED = {"flex+band, compiled": _flex_band_compiled, "split, compiled": torch.compile(split, dynamic=False)}
 FLOOR = {"causal, no bias": causal, "flex causal, no bias": flex_causal}  # timed, not compared: it computes something else
 # Timed too: flex+band with the band's products on the CUDA cores (fp32 operands), as before 2026-12-05.
 BAND_FP32 = "flex+band, fp32 band"
@@ -174,7 +156,7 @@ def main() -> int:
     p.add_argument("--max-distance", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--quick", action="store_true",
-                   help="only the compiled ways, split, the floors and the band table (bf16; a short device call)")
+                   help="only the compiled ways and the causal floor (bf16; a short device call)")
     args = p.parse_args()
     keep = (lambda name: name in QUICK) if args.quick else (lambda name: True)
     pos = torch.arange(args.seq_len, device="cuda")
@@ -218,10 +200,10 @@ def main() -> int:
             continue
         print(f"bf16 {name:13s} forward + backward {ms:7.2f} ms")
     A.BAND_MATMUL = "tensor_cores"
-    for name, (bias_table, options, *mode) in TUNINGS.items():
+    for name, args_ in TUNINGS.items():
         if not keep(name):
             continue
-        fn = tuned(bias_table, options, *mode)
+        fn = tuned(*args_)
         try:
             got = run(fn, qkv, table, grad, buckets, band, mask)
             ms = time_ms(fn, qkv, table, grad, buckets, band, mask, args.iters)

@@ -59,6 +59,9 @@ from llamatron.transforms.compile import apply_compile  # noqa: E402
 from llamatron.transforms import weight_cast  # noqa: E402
 from llamatron.transforms.fp8 import apply_fp8, apply_fp8_experts  # noqa: E402
 
+# GLaM's attention kernel of the variants that name none: the environment's (LLAMATRON_GLAM_ATTENTION) or flex.
+DEFAULT_GLAM_ATTENTION = glam_attention.KERNEL
+
 VARIANTS = {
     "baseline": dict(compile=False, fused_ce=False, fused_adam=False, attention="auto", ac=False),
     "fused-ce": dict(compile=False, fused_ce=True, fused_adam=False, attention="auto", ac=False),
@@ -111,15 +114,11 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             over["micro_batch"] = int(value)
         elif key == "gqa" and value in ("auto", "native", "expand"):
             opts["gqa"] = value
-        elif key == "bias" and value in ("full", "band"):  # GLaM's relative-bias table for flex
-            opts["bias_table"] = value
-        elif key == "attn" and value in ("flex", "split"):  # GLaM's attention kernel
+        elif key == "attn" and value in glam_attention.KERNELS:  # GLaM's attention kernel
             opts["glam_attention"] = value
-        elif key == "window" and value.isdigit():  # its band's query block
-            opts["glam_window_block"] = int(value)
         else:
-            raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             "bias=full|band, attn=flex|split or window=N")
+            raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand or "
+                             f"attn={'|'.join(glam_attention.KERNELS)}")
     return spec, opts, over
 
 
@@ -172,9 +171,7 @@ def build_layout(margs, opts, device) -> Layout:
 def run_variant(name, opts, margs, args, device, dataset):
     torch._dynamo.reset()  # each variant compiles afresh: the module switches below would hit the recompile limit
     set_gqa_mode(opts.get("gqa", "auto"))  # read when the model is traced and run
-    glam_attention.BIAS_TABLE = opts.get("bias_table", glam_attention.BIAS_TABLE_DEFAULT)
-    glam_attention.KERNEL = opts.get("glam_attention", glam_attention.KERNEL_DEFAULT)
-    glam_attention.WINDOW_BLOCK = opts.get("glam_window_block", glam_attention.WINDOW_BLOCK_DEFAULT)
+    glam_attention.KERNEL = opts.get("glam_attention", DEFAULT_GLAM_ATTENTION)
     model = build_layout(margs, opts, device)
     opt = build_optimizer(model.model, OptimConfig(fused=opts["fused_adam"]), device.type)
     amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)

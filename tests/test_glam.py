@@ -278,43 +278,24 @@ def test_flex_relative_attention_equals_the_materialised_bias(seqlen):
         assert table.grad[-1].abs().max() > 0.1 * table.grad.abs().max()
 
 
-@pytest.mark.parametrize("bias_table", ["full", "band"])
-def test_flex_attention_biased_with_either_bias_table_gives_the_sdpa_output_and_table_gradient(monkeypatch,
-                                                                                                bias_table):
-    # "band": flex reads the bias less the last bucket's, zero from the band on (softmax is unchanged by
-    # a constant per row); the log-sum-exp handed to the band's recomputation is shifted back.
+def test_an_unknown_glam_attention_kernel_is_one_clear_error(monkeypatch):
+    from llamatron.errors import LlamatronError
     from llamatron.models.glam import attention
-    from llamatron.models.glam.model import relative_position_bucket
 
-    monkeypatch.setattr(attention, "BIAS_TABLE", bias_table)
-    torch.manual_seed(1)
-    B, H, S, D = 2, 3, 300, 8
-    q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
-    table = (3 * torch.randn(32, H)).requires_grad_()
-    pos = torch.arange(S)
-    buckets = relative_position_bucket(pos[:, None] - pos[None, :], 32, 128)
-    band = attention.band_width(buckets[:, 0], 32)
-    ref = attention.sdpa_attention(q, k, v, table, buckets)
-    grad_out = torch.randn_like(ref)
-    (want,) = torch.autograd.grad(ref, table, grad_out)
-    assert attention.bias_at_distances(table, buckets[:, 0], S, band).shape == \
-        (H, band + 1 if bias_table == "band" else S)
-    got = attention.flex_attention_biased(q, k, v, table, buckets[:, 0], band, attention.causal_block_mask(S, q.device))
-    got.backward(grad_out)  # flex has no CPU backward: q, k and v are constants here, the table is not
-    torch.testing.assert_close(got.detach(), ref.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(table.grad, want, rtol=1e-4, atol=1e-5)
+    assert attention.kernel() in attention.KERNELS
+    monkeypatch.setattr(attention, "KERNEL", "cudnn_band")  # removed on 2026-12-05
+    with pytest.raises(LlamatronError, match=r"LLAMATRON_GLAM_ATTENTION='cudnn_band': expected one of flex, split"):
+        attention.kernel()
 
 
-@pytest.mark.parametrize("seqlen,window_block", [(300, None), (256, None), (114, None), (113, None), (40, None),
-                                                 (300, 32), (250, 64), (40, 16)])  # past the band (113), at it, within it
-def test_split_attention_equals_the_materialised_bias_with_every_gradient(monkeypatch, seqlen, window_block):
+@pytest.mark.parametrize("seqlen", [300, 256, 114, 113, 40])  # past the band (113), at it, within it
+def test_split_attention_equals_the_materialised_bias_with_every_gradient(seqlen):
     # split_attention.py: the flash kernel beyond the band (here the CPU's flash op), batched products
     # within it, merged by the log-sum-exp; its backward through the same kernels with the merged output.
     from llamatron.models.glam import attention
     from llamatron.models.glam.model import relative_position_bucket
     from llamatron.models.glam.split_attention import split_attention
 
-    monkeypatch.setattr(attention, "WINDOW_BLOCK", window_block)  # None: one block of 128 keys before each
     torch.manual_seed(2)
     B, H, D = 2, 3, 8
     q, k, v = (torch.randn(B, H, seqlen, D, requires_grad=True) for _ in range(3))

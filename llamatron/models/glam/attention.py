@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as fa
 
+from llamatron.errors import LlamatronError
 from llamatron.models.attention_ops import compiled_on_cuda
 
 
@@ -54,15 +55,14 @@ _HEAD_DIM_64_TILES = {"BLOCK_M": 128, "BLOCK_N": 64}
 
 
 def _flex_with_lse(q, k, v, bias, block_mask, options=None):
-    """flex_attention adding bias[h, min(q - kv, n - 1)] (bias [H, n], fp32) -> (output, log-sum-exp
-    [B, H, S]); `options` flex's kernel options (default: `_HEAD_DIM_64_TILES` where they apply)."""
+    """flex_attention adding bias[h, q - kv] (bias [H, S], fp32) -> (output, log-sum-exp [B, H, S]);
+    `options` flex's kernel options (default: `_HEAD_DIM_64_TILES` where they apply)."""
     if options is None:
         options = _HEAD_DIM_64_TILES if q.is_cuda and q.shape[-1] <= 64 else None
-    last = bias.shape[1] - 1
 
     def score_mod(score, b, h, q_idx, kv_idx):
         # Masked pairs of a partly masked block are computed too: keep their index in range.
-        return score + bias[h, torch.clamp(q_idx - kv_idx, min=0, max=last)]
+        return score + bias[h, torch.clamp(q_idx - kv_idx, min=0)]
 
     if hasattr(fa, "AuxRequest"):
         out, aux = fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
@@ -83,40 +83,29 @@ def band_width(dist_bucket: torch.Tensor, n_buckets: int) -> int:
     return int((dist_bucket < n_buckets - 1).sum())
 
 
-# How the model runs it on CUDA: "flex" (`flex_attention_biased`) or "split" (split_attention.py: the
-# flash kernel beyond the band, batched products within it). bench/bench_glam_attention.py times both: on
-# an H100 split took 2.71-2.77 ms a block against flex's 2.84-2.89 (GLaM 126M, batch 8, compiled) and
-# GLaM 126M's step 0.5-1% less, for 17% more peak memory (54 against 46 GiB at micro 16;
-# docs/performance.md): flex stays the default.
-KERNEL_DEFAULT = os.environ.get("LLAMATRON_GLAM_ATTENTION", "flex")
-KERNEL = KERNEL_DEFAULT
-
-# The bias table flex reads: "full" (the bias at each of the S distances, [H, S]) or "band" (the bias
-# less the last bucket's, at the band's distances and one past it, [H, band + 1], zero from the band on:
-# softmax is unchanged by a constant added to a row, and the smaller table stays in the L1 cache).
-# bench/bench_glam_attention.py times both.
-BIAS_TABLE_DEFAULT = os.environ.get("LLAMATRON_GLAM_BIAS_TABLE", "full")
-BIAS_TABLE = BIAS_TABLE_DEFAULT
+# How the model runs it on CUDA (`kernel()`): "flex" (`flex_attention_biased`) or "split"
+# (split_attention.py: the flash kernel beyond the band, batched products within it).
+# bench/bench_glam_attention.py times both: on an H100 split took 2.71-2.77 ms a block against flex's
+# 2.84-2.89 (GLaM 126M, batch 8, compiled) and GLaM 126M's step 0.5-1% less, for 17% more peak memory
+# (54 against 46 GiB at micro 16; docs/performance.md): flex stays the default.
+KERNELS = ("flex", "split")
+KERNEL = os.environ.get("LLAMATRON_GLAM_ATTENTION", "flex")  # compiled blocks guard on it
 
 
-def bias_at_distances(table: torch.Tensor, dist_bucket: torch.Tensor, seqlen: int, band: int) -> torch.Tensor:
-    """[buckets, H] -> the fp32 bias flex adds at each distance, [H, n] (`BIAS_TABLE`)."""
-    table = table.detach().float()
-    if BIAS_TABLE == "band":
-        return (table - table[-1])[dist_bucket[:min(seqlen, band + 1)]].t().contiguous()
-    return table[dist_bucket[:seqlen]].t().contiguous()
+def kernel() -> str:
+    if KERNEL not in KERNELS:
+        raise LlamatronError(f"LLAMATRON_GLAM_ATTENTION={KERNEL!r}: expected one of {', '.join(KERNELS)}")
+    return KERNEL
 
 
 def flex_attention_biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
                           dist_bucket: torch.Tensor, band: int, block_mask, flex=None) -> torch.Tensor:
     """As `sdpa_attention`; dist_bucket [>= S] the bucket of each distance, band its `band_width`;
     `flex` a compiled `_flex_with_lse` with other kernel options (the benchmark's)."""
-    bias = bias_at_distances(table, dist_bucket, q.shape[2], band)
+    seqlen = q.shape[2]
+    bias = table.detach().float()[dist_bucket[:seqlen]].t().contiguous()  # [H, S]
     out, lse = (flex or _flex(q.device))(q, k, v, bias, block_mask)
-    # The log-sum-exp of the scores with that bias: the band's recomputation adds the same one.
-    shift = table.detach()[-1].float().view(1, -1, 1) if BIAS_TABLE == "band" else 0
-    return _TableGrad.apply(out, table, q.detach(), k.detach(), v.detach(), (lse + shift).detach(),
-                            dist_bucket, band)
+    return _TableGrad.apply(out, table, q.detach(), k.detach(), v.detach(), lse.detach(), dist_bucket, band)
 
 
 class _TableGrad(torch.autograd.Function):
@@ -137,23 +126,21 @@ class _TableGrad(torch.autograd.Function):
 
 
 class Windows:
-    """The band of distances below `band` as windows: each block of T queries (T = `WINDOW_BLOCK`, else the
-    band rounded up to 16) against its own block of keys and the P = ceil((band - 1) / T) before it,
-    where all of its band lies: smaller blocks, fewer keys outside the band ((P + 1) T per query)."""
+    """The band of distances below `band` as windows: each block of T queries (T = the band rounded up to
+    16) against its own block of keys and the previous one, where all of its band lies."""
 
     def __init__(self, q: torch.Tensor, dist_bucket: torch.Tensor, band: int):
         self.B, self.H, self.S, self.D = q.shape
-        self.T = min(self.S, WINDOW_BLOCK or -(-band // 16) * 16)
+        self.T = min(self.S, -(-band // 16) * 16)
         self.n = -(-self.S // self.T)
-        self.P = min(-(-(band - 1) // self.T), self.n - 1)  # no blocks before the first
         self.pad = self.n * self.T - self.S
-        T, P, n, S = self.T, self.P, self.n, self.S
+        T, n, S = self.T, self.n, self.S
         r = torch.arange(T, device=q.device)
-        c = torch.arange((P + 1) * T, device=q.device)
+        c = torch.arange(2 * T, device=q.device)
         i = torch.arange(n, device=q.device).view(n, 1, 1)
-        dist = P * T + r[:, None] - c[None, :]  # [T, (P + 1) T] query - key within a window
-        self.valid = (dist >= 0) & (dist < band) & ((i - P) * T + c >= 0) & (i * T + r[:, None] < S)
-        self.bucket = dist_bucket[dist.clamp(0, band - 1)]  # [T, (P + 1) T]
+        dist = T + r[:, None] - c[None, :]  # [T, 2T] query - key within a window
+        self.valid = (dist >= 0) & (dist < band) & ((i - 1) * T + c >= 0) & (i * T + r[:, None] < S)  # [n, T, 2T]
+        self.bucket = dist_bucket[dist.clamp(0, band - 1)]  # [T, 2T]
 
     def blocks(self, t: torch.Tensor) -> torch.Tensor:
         """[B, H, S, D] -> [B, H, n, T, D] (zero rows past S); [B, H, S] (a log-sum-exp) -> [B, H, n, T, 1]."""
@@ -162,26 +149,26 @@ class Windows:
         return F.pad(t, (0, 0, 0, self.pad)).view(self.B, self.H, self.n, self.T, self.D)
 
     def with_previous(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, H, S, D] -> [B, H, n, (P + 1) T, D]: blocks i - P .. i (zeros before 0)."""
+        """[B, H, S, D] -> [B, H, n, 2T, D]: block i - 1 (zeros for 0), then block i."""
         b = self.blocks(t)
-        shifted = [F.pad(b[:, :, :-p], (0, 0, 0, 0, p, 0)) for p in range(self.P, 0, -1)]
-        return torch.cat([*shifted, b], dim=3)
+        return torch.cat([F.pad(b[:, :, :-1], (0, 0, 0, 0, 1, 0)), b], dim=3)
 
-    def fold(self, t: torch.Tensor) -> torch.Tensor:
-        """A gradient over each window's keys [B, H, n, (P + 1) T, D] -> over the keys [B, H, S, D]
-        (`with_previous`'s adjoint)."""
-        T, P = self.T, self.P
-        out = t[:, :, :, P * T:]
-        for j in range(P):  # chunk j of window i is block i - P + j
-            out = out + F.pad(t[:, :, P - j:, j * T:(j + 1) * T], (0, 0, 0, 0, 0, P - j))
-        return out.reshape(self.B, self.H, self.n * T, -1)[:, :, :self.S]
+    def unblock(self, b: torch.Tensor) -> torch.Tensor:
+        """[B, H, n, T, x] -> [B, H, S, x]."""
+        return b.reshape(self.B, self.H, self.n * self.T, -1)[:, :, : self.S]
+
+    def fold(self, w: torch.Tensor) -> torch.Tensor:
+        """A gradient over `with_previous`'s windows [B, H, n, 2T, D] -> over the keys [B, H, S, D]: each
+        block's own half, plus the next window's first half (where it was the previous block)."""
+        T = self.T
+        return self.unblock(w[:, :, :, T:] + F.pad(w[:, :, 1:, :T], (0, 0, 0, 0, 0, 1)))
 
     def bias(self, table: torch.Tensor) -> torch.Tensor:
-        """[buckets, H] -> the bias of each window position, [H, 1, T, (P + 1) T] fp32."""
+        """[buckets, H] -> the bias of each window position, [H, 1, T, 2T] fp32."""
         return table.detach().float()[self.bucket].permute(2, 0, 1).unsqueeze(1)
 
     def table_grad(self, ds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """dS over the windows, summed over batch and blocks [H, T, (P + 1) T] (valid positions only) -> d table.
+        """dS over the windows, summed over batch and blocks [H, T, 2T] (valid positions only) -> d table.
         Every pair beyond the band is in the last bucket, and each row's dS sums to zero."""
         d_table = torch.zeros(table.shape, dtype=torch.float32, device=ds.device)
         d_table = d_table.index_add(0, self.bucket.reshape(-1), ds.reshape(self.H, -1).t())
@@ -199,11 +186,6 @@ def table_grad(q, k, v, out, lse, grad_out, table, dist_bucket, band: int) -> to
     delta = (gb.float() * ob.float()).sum(-1, keepdim=True)
     return w.table_grad((p * (dp - delta)).sum((0, 2)), table)
 
-
-# The windows' block of queries (a multiple of 16; None: the band rounded up to 16, one block of keys
-# before each); bench/bench_glam_attention.py times 32, 64 and the default.
-WINDOW_BLOCK_DEFAULT = int(os.environ.get("LLAMATRON_GLAM_WINDOW_BLOCK", "0")) or None
-WINDOW_BLOCK = WINDOW_BLOCK_DEFAULT
 
 # How `table_grad` multiplies half-precision operands on CUDA: "tensor_cores" (bf16/fp16 operands, fp32
 # accumulation and result, as flash attention's own backward recomputes its scores) or "fp32" (upcast

@@ -6,8 +6,8 @@ and softmax is unchanged by a constant added to a whole row: with the bias less 
 
 - the far part (distance >= W) has no bias at all. Query i sees keys 0 .. i - W: causal attention of
   the queries W .. S-1 over the keys 0 .. S-1-W, the flash kernel's own case on shifted views;
-- the near part (distance < W) is the band: each block of T queries against its own and the blocks of
-  keys before it that the band reaches (`attention.Windows`), dense batched products with the bias;
+- the near part (distance < W) is the band: each block of T >= W queries against its own and the
+  previous block of keys (`attention.Windows`), dense batched products with the bias;
 - out = (o_far e^lse_far + o_near e^lse_near) / (e^lse_far + e^lse_near), lse = logaddexp of the two.
 
 Backward: each part's gradient is the flash backward's formula dS = P (dP - rowsum(dO o out)) with the
@@ -55,14 +55,15 @@ def _flash_backward(grad, q, k, v, out, lse, tensors, sizes, scale: float):
 
 
 def _near_scores(w: Windows, q, k, table, scale: float) -> torch.Tensor:
-    """The band's scores with the (shifted) bias, fp32 [B, H, n, T, (P + 1) T], -inf off the band."""
+    """The band's scores with the (shifted) bias, fp32 [B, H, n, T, 2T], -inf off the band."""
     scores = band_products(w.blocks(q), w.with_previous(k).transpose(-1, -2)) * scale + w.bias(table)
     return scores.masked_fill(~w.valid, float("-inf"))
 
 
-def _unblock(w: Windows, t: torch.Tensor) -> torch.Tensor:
-    """[B, H, n, T, X] -> [B, H, S, X]."""
-    return t.reshape(w.B, w.H, w.n * w.T, -1)[:, :, :w.S]
+def _shifted(table: torch.Tensor) -> torch.Tensor:
+    """The bias less the last bucket's: zero from the band on (the far part's, which flash adds none of)."""
+    table = table.detach().float()
+    return table - table[-1]
 
 
 class _SplitAttention(torch.autograd.Function):
@@ -70,14 +71,14 @@ class _SplitAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, table, dist_bucket, band: int):
         S, D = q.shape[2], q.shape[3]
         scale = 1.0 / math.sqrt(D)
-        shifted = table.detach().float() - table.detach().float()[-1]  # zero from the band on
+        shifted = _shifted(table)
         w = Windows(q, dist_bucket, band)
         s = _near_scores(w, q, k, shifted, scale)
         lse_near = torch.logsumexp(s, dim=-1, keepdim=True)
         lse_near = lse_near.masked_fill(torch.isinf(lse_near), 0.0)  # the padding rows past S
         p = torch.exp(s - lse_near).to(v.dtype)
-        out = _unblock(w, band_products(p, w.with_previous(v))).float()  # [B, H, S, D]
-        lse = _unblock(w, lse_near).squeeze(-1)  # [B, H, S]
+        out = w.unblock(band_products(p, w.with_previous(v))).float()  # [B, H, S, D]
+        lse = w.unblock(lse_near).squeeze(-1)  # [B, H, S]
         flash, sizes = (), ()
         if S > band:  # the far part: queries band .. S-1 over keys 0 .. S-1-band
             o_far, lse_far, flash, sizes = _flash(q[:, :, band:], k[:, :, :S - band], v[:, :, :S - band], scale)
@@ -96,15 +97,15 @@ class _SplitAttention(torch.autograd.Function):
         q, k, v, table, dist_bucket, out, lse, *flash = ctx.saved_tensors
         band, scale, S = ctx.band, ctx.scale, q.shape[2]
         grad = grad.contiguous()
-        shifted = table.detach().float() - table.detach().float()[-1]
+        shifted = _shifted(table)
         w = Windows(q, dist_bucket, band)
         p = torch.exp(_near_scores(w, q, k, shifted, scale) - w.blocks(lse))
         gb = w.blocks(grad)
         dp = band_products(gb, w.with_previous(v).transpose(-1, -2))
         delta = w.blocks((grad.float() * out.float()).sum(-1))
-        ds = p * (dp - delta)  # fp32 [B, H, n, T, (P + 1) T]
+        ds = p * (dp - delta)  # fp32 [B, H, n, T, 2T]
         ds_lo = ds.to(q.dtype)
-        dq = _unblock(w, band_products(ds_lo, w.with_previous(k))) * scale
+        dq = w.unblock(band_products(ds_lo, w.with_previous(k))) * scale
         dk = w.fold(band_products(ds_lo.transpose(-1, -2), w.blocks(q))) * scale
         dv = w.fold(band_products(p.to(q.dtype).transpose(-1, -2), gb))
         if S > band:
