@@ -10,7 +10,8 @@ other and timed (forward + backward of one block's attention).
 - flex+atomics: flex_attention differentiating the captured bias itself (its backward scatters
               every score's gradient into the table with atomic adds);
 - split:      split_attention.py: the flash kernel beyond the band (no bias there, after a shift),
-              batched products within it, merged by their log-sum-exp;
+              the memory-efficient kernel with the bias over the band's windows, merged by their
+              log-sum-exp;
 - flex+band, split, compiled: compiled whole, as inside a compiled block;
 - timed only, each checked against fp32 sdpa: flex+band with other tiles (flex's kernel options), and
   as max-autotune picks;
@@ -107,7 +108,7 @@ def split(q, k, v, table, buckets, band, mask):
 
 
 # --quick: what decides the model's kernel.
-QUICK = {"flex+band, compiled", "split, compiled", "causal, no bias"}
+QUICK = {"flex+band, compiled", "split", "split, compiled", "causal, no bias"}
 WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics, "split": split}
 COMPILED = {"flex+band, compiled": _flex_band_compiled, "split, compiled": torch.compile(split, dynamic=False)}
 FLOOR = {"causal, no bias": causal, "flex causal, no bias": flex_causal}  # timed, not compared: it computes something else

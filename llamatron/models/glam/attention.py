@@ -139,7 +139,8 @@ class Windows:
         c = torch.arange(2 * T, device=q.device)
         i = torch.arange(n, device=q.device).view(n, 1, 1)
         dist = T + r[:, None] - c[None, :]  # [T, 2T] query - key within a window
-        self.valid = (dist >= 0) & (dist < band) & ((i - 1) * T + c >= 0) & (i * T + r[:, None] < S)  # [n, T, 2T]
+        self.in_band = (dist >= 0) & (dist < band) & ((i - 1) * T + c >= 0)  # [n, T, 2T]
+        self.valid = self.in_band & (i * T + r[:, None] < S)  # and a query, not a padding row
         self.bucket = dist_bucket[dist.clamp(0, band - 1)]  # [T, 2T]
 
     def blocks(self, t: torch.Tensor) -> torch.Tensor:

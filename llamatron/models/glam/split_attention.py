@@ -7,12 +7,16 @@ and softmax is unchanged by a constant added to a whole row: with the bias less 
 - the far part (distance >= W) has no bias at all. Query i sees keys 0 .. i - W: causal attention of
   the queries W .. S-1 over the keys 0 .. S-1-W, the flash kernel's own case on shifted views;
 - the near part (distance < W) is the band: each block of T >= W queries against its own and the
-  previous block of keys (`attention.Windows`), dense batched products with the bias;
+  previous block of keys (`attention.Windows`), one attention call over all windows at once with
+  the bias as an additive mask (-inf off the band): on CUDA the memory-efficient kernel, which takes
+  a bias and gives its gradient, so the band's scores never leave the chip; on the CPU the same
+  formulas in fp32 (`_near_math`);
 - out = (o_far e^lse_far + o_near e^lse_near) / (e^lse_far + e^lse_near), lse = logaddexp of the two.
 
 Backward: each part's gradient is the flash backward's formula dS = P (dP - rowsum(dO o out)) with the
-merged output and log-sum-exp (as ring attention does per block): the flash backward kernel for the
-far part, the same products over the windows for the near part, whose dS also gives the bias table's
+merged output and log-sum-exp (as ring attention does per block), so each kernel's own backward
+computes it when given the merged output and log-sum-exp: the flash backward for the far part, the
+memory-efficient one for the windows, whose bias gradient (dS over the band) gives the bias table's
 gradient (`Windows.table_grad`). Exact in exact arithmetic; no term cancels.
 """
 
@@ -23,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from llamatron.models.glam.attention import Windows, band_products
+from llamatron.models.glam.attention import Windows
 
 aten = torch.ops.aten
 
@@ -54,16 +58,74 @@ def _flash_backward(grad, q, k, v, out, lse, tensors, sizes, scale: float):
                                                                     scale=scale)
 
 
-def _near_scores(w: Windows, q, k, table, scale: float) -> torch.Tensor:
-    """The band's scores with the (shifted) bias, fp32 [B, H, n, T, 2T], -inf off the band."""
-    scores = band_products(w.blocks(q), w.with_previous(k).transpose(-1, -2)) * scale + w.bias(table)
-    return scores.masked_fill(~w.valid, float("-inf"))
-
-
 def _shifted(table: torch.Tensor) -> torch.Tensor:
     """The bias less the last bucket's: zero from the band on (the far part's, which flash adds none of)."""
     table = table.detach().float()
     return table - table[-1]
+
+
+class _Near:
+    """The band's windows as one attention call: queries [B, H n, T, D] against keys and values
+    [B, H n, 2T, D] (block i - 1, then block i), the bias [B, H n, T, 2T] in the inputs' dtype, -inf off
+    the band (a padding row past S keeps its band, so that no row is all -inf)."""
+
+    def __init__(self, q: torch.Tensor, table: torch.Tensor, dist_bucket: torch.Tensor, band: int):
+        self.w = w = Windows(q, dist_bucket, band)
+        bias = w.bias(_shifted(table)).expand(w.H, w.n, w.T, 2 * w.T)
+        bias = bias.masked_fill(~w.in_band, float("-inf")).to(q.dtype)
+        self.bias = bias.view(1, w.H * w.n, w.T, 2 * w.T).expand(w.B, -1, -1, -1)
+
+    def queries(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, H, S, D] (or a log-sum-exp [B, H, S]) -> [B, H n, T, D] ([B, H n, T])."""
+        shape = (self.w.B, -1, self.w.T) if t.dim() == 3 else (self.w.B, -1, self.w.T, self.w.D)
+        return self.w.blocks(t).reshape(shape)
+
+    def keys(self, t: torch.Tensor) -> torch.Tensor:
+        return self.w.with_previous(t).reshape(self.w.B, -1, 2 * self.w.T, self.w.D)
+
+    def unblock(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, H n, T, x] -> [B, H, S, x]."""
+        return self.w.unblock(t.reshape(self.w.B, self.w.H, self.w.n, self.w.T, -1))
+
+    def fold(self, t: torch.Tensor) -> torch.Tensor:
+        """A gradient over the keys' windows [B, H n, 2T, D] -> [B, H, S, D]."""
+        return self.w.fold(t.reshape(self.w.B, self.w.H, self.w.n, 2 * self.w.T, -1))
+
+    def table_grad(self, d_bias: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """The bias's gradient [B, H n, T, 2T] (dS of the band) -> the table's."""
+        w = self.w
+        return w.table_grad(d_bias.sum(0, dtype=torch.float32).view(w.H, w.n, w.T, 2 * w.T).sum(1), table)
+
+
+def _near_math(q, k, v, bias, scale: float):
+    """The memory-efficient kernel's forward in fp32 -> (out, lse, the scores' probabilities)."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale + bias.float()
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    return (p @ v.float()).to(q.dtype), lse, p
+
+
+def _near_forward(q, k, v, bias, scale: float):
+    """-> (out, log-sum-exp [B, H n, >= T] fp32 (the kernel's rows are padded to 32), its rng state)."""
+    if q.is_cuda:
+        out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, False, scale=scale)
+        return out, lse, (seed, offset)
+    out, lse, _ = _near_math(q, k, v, bias, scale)
+    return out, lse, ()
+
+
+def _near_backward(grad, q, k, v, bias, out, lse, rng, scale: float):
+    """-> dq, dk, dv, d bias; `out` and `lse` the merged ones (the module doc)."""
+    if q.is_cuda:
+        seed, offset = rng
+        return aten._scaled_dot_product_efficient_attention_backward(
+            grad, q, k, v, bias, out, lse, seed, offset, 0.0, [True, True, True, True], False, scale=scale)
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale + bias.float()
+    p = torch.exp(s - lse[..., : q.shape[2]].unsqueeze(-1))
+    dp = grad.float() @ v.float().transpose(-1, -2)
+    ds = p * (dp - (grad.float() * out.float()).sum(-1, keepdim=True))
+    return ds @ k.float() * scale, ds.transpose(-1, -2) @ q.float() * scale, p.transpose(-1, -2) @ grad.float(), ds
 
 
 class _SplitAttention(torch.autograd.Function):
@@ -71,14 +133,10 @@ class _SplitAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, table, dist_bucket, band: int):
         S, D = q.shape[2], q.shape[3]
         scale = 1.0 / math.sqrt(D)
-        shifted = _shifted(table)
-        w = Windows(q, dist_bucket, band)
-        s = _near_scores(w, q, k, shifted, scale)
-        lse_near = torch.logsumexp(s, dim=-1, keepdim=True)
-        lse_near = lse_near.masked_fill(torch.isinf(lse_near), 0.0)  # the padding rows past S
-        p = torch.exp(s - lse_near).to(v.dtype)
-        out = w.unblock(band_products(p, w.with_previous(v))).float()  # [B, H, S, D]
-        lse = w.unblock(lse_near).squeeze(-1)  # [B, H, S]
+        near = _Near(q, table, dist_bucket, band)
+        o_near, lse_near, rng = _near_forward(near.queries(q), near.keys(k), near.keys(v), near.bias, scale)
+        out = near.unblock(o_near).float()  # [B, H, S, D]
+        lse = near.unblock(lse_near[..., : near.w.T].unsqueeze(-1)).squeeze(-1)  # [B, H, S]
         flash, sizes = (), ()
         if S > band:  # the far part: queries band .. S-1 over keys 0 .. S-1-band
             o_far, lse_far, flash, sizes = _flash(q[:, :, band:], k[:, :, :S - band], v[:, :, :S - band], scale)
@@ -88,26 +146,23 @@ class _SplitAttention(torch.autograd.Function):
             out = torch.cat([out[:, :, :band], merged], dim=2)
             lse = torch.cat([lse[:, :, :band], lse_both], dim=2)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, table, dist_bucket, out, lse, *flash)
-        ctx.band, ctx.scale, ctx.sizes = band, scale, sizes
+        ctx.save_for_backward(q, k, v, table, dist_bucket, out, lse, *rng, *flash)
+        ctx.band, ctx.scale, ctx.sizes, ctx.n_rng = band, scale, sizes, len(rng)
+        ctx.lse_rows = lse_near.shape[-1]
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, table, dist_bucket, out, lse, *flash = ctx.saved_tensors
+        q, k, v, table, dist_bucket, out, lse, *rest = ctx.saved_tensors
+        rng, flash = rest[: ctx.n_rng], rest[ctx.n_rng:]
         band, scale, S = ctx.band, ctx.scale, q.shape[2]
         grad = grad.contiguous()
-        shifted = _shifted(table)
-        w = Windows(q, dist_bucket, band)
-        p = torch.exp(_near_scores(w, q, k, shifted, scale) - w.blocks(lse))
-        gb = w.blocks(grad)
-        dp = band_products(gb, w.with_previous(v).transpose(-1, -2))
-        delta = w.blocks((grad.float() * out.float()).sum(-1))
-        ds = p * (dp - delta)  # fp32 [B, H, n, T, 2T]
-        ds_lo = ds.to(q.dtype)
-        dq = w.unblock(band_products(ds_lo, w.with_previous(k))) * scale
-        dk = w.fold(band_products(ds_lo.transpose(-1, -2), w.blocks(q))) * scale
-        dv = w.fold(band_products(p.to(q.dtype).transpose(-1, -2), gb))
+        near = _Near(q, table, dist_bucket, band)
+        lse_w = F.pad(near.queries(lse), (0, ctx.lse_rows - near.w.T))  # the kernel's padded rows
+        dq_w, dk_w, dv_w, d_bias = _near_backward(
+            near.queries(grad), near.queries(q), near.keys(k), near.keys(v), near.bias,
+            near.queries(out), lse_w.contiguous(), rng, scale)
+        dq, dk, dv = near.unblock(dq_w).float(), near.fold(dk_w.float()), near.fold(dv_w.float())
         if S > band:
             dq_f, dk_f, dv_f = _flash_backward(
                 grad[:, :, band:], q[:, :, band:], k[:, :, :S - band], v[:, :, :S - band],
@@ -115,5 +170,5 @@ class _SplitAttention(torch.autograd.Function):
             dq = dq + F.pad(dq_f.float(), (0, 0, band, 0))
             dk = dk + F.pad(dk_f.float(), (0, 0, 0, band))
             dv = dv + F.pad(dv_f.float(), (0, 0, 0, band))
-        d_table = w.table_grad(ds.sum((0, 2)), table)
+        d_table = near.table_grad(d_bias, table)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_table, None, None
