@@ -261,6 +261,12 @@ def _attention(clock: Clock, dtype, batch: int, heads: int, seq: int, head_dim: 
     return fwd, max(both - fwd, 1e-3 * fwd)
 
 
+def _glam_kernel() -> str:
+    from llamatron.models.glam import attention as glam
+
+    return glam.kernel()
+
+
 def _biased_attention(q, k, v, flex: bool | None = None):
     """GLaM's causal attention with its T5 relative position bias (default buckets and distance), as
     the model trains on this device (`flex` None: the fast path on CUDA, `fast_relative_attention`): e.g.
@@ -359,6 +365,7 @@ def run(out_path: str, models=None, quick: bool = False, budget_s: float = 150.0
         "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": str(dtype).removeprefix("torch."), "warmup": WARMUP, "repeats": REPEATS, "quick": quick,
         "models": list(models), "world_size": max((c["world"] for c in comm), default=1),
+        "glam_attention": _glam_kernel() if cuda else "sdpa",  # which way its biased rows time
         "elementwise": measure_elementwise(clock, dtype, (4 << 20, 16 << 20) if quick else (256 << 20, 1 << 30)),
         "optimizer": measure_optimizer(clock, (1 << 18) if quick else (64 << 20)),
         "attention": _measure_all_attention(clock, dtype, models, quick, limit),
