@@ -18,7 +18,8 @@ other and timed (forward + backward of one block's attention).
 - timed only: flex+band with the band's products in fp32 on the CUDA cores (before 2026-12-05; now
   bf16 operands on the tensor cores with fp32 accumulation), and causal SDPA and flex without any
   bias: the floors (cuDNN's or flash's kernel) against which the biased ways' cost is judged.
-Differences are the largest absolute ones against sdpa in fp32 (the same inputs), then bf16 timings.
+Differences are the largest absolute ones against sdpa in fp32 (the same inputs), then bf16 timings;
+`--profile WAY` then lists that way's kernels by time.
 """
 
 from __future__ import annotations
@@ -147,6 +148,19 @@ def time_ms(fn, qkv, table, grad, buckets, band, mask, iters: int) -> float:
     return statistics.median(times)
 
 
+def profile(fn, qkv, table, grad, buckets, band, mask, top: int = 12) -> None:
+    """One forward + backward under torch.profiler: the kernels by CUDA time (where a way's time goes)."""
+    run(fn, qkv, table, grad, buckets, band, mask)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run(fn, qkv, table, grad, buckets, band, mask)
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) / 1e3
+    print(f"profile of one call: {total:.2f} ms of kernels")
+    for e in events[:top]:
+        print(f"  {e.device_time_total / 1e3:7.3f} ms  x{e.count:<3d} {e.key[:110]}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -158,6 +172,8 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--quick", action="store_true",
                    help="only the compiled ways and the causal floor (bf16; a short device call)")
+    p.add_argument("--profile", default=None, metavar="WAY",
+                   help="then profile this way's kernels (e.g. 'split, compiled')")
     args = p.parse_args()
     keep = (lambda name: name in QUICK) if args.quick else (lambda name: True)
     pos = torch.arange(args.seq_len, device="cuda")
@@ -201,6 +217,8 @@ def main() -> int:
             continue
         print(f"bf16 {name:13s} forward + backward {ms:7.2f} ms")
     A.BAND_MATMUL = "tensor_cores"
+    if args.profile:
+        profile({**WAYS, **COMPILED, **FLOOR}[args.profile], qkv, table, grad, buckets, band, mask)
     for name, args_ in TUNINGS.items():
         if not keep(name):
             continue

@@ -119,6 +119,10 @@ def _near_backward(grad, q, k, v, bias, out, lse, rng, scale: float):
     """-> dq, dk, dv, d bias; `out` and `lse` the merged ones (the module doc)."""
     if q.is_cuda:
         seed, offset = rng
+        # The kernel reads the output as its forward wrote it, [B, T, heads, D] in memory: it is given
+        # the output's batch and head strides but not its row stride (an output laid out otherwise
+        # gives rowsum(dO o out) from the wrong rows: wrong dq, dk and bias gradient, right dv).
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
         return aten._scaled_dot_product_efficient_attention_backward(
             grad, q, k, v, bias, out, lse, seed, offset, 0.0, [True, True, True, True], False, scale=scale)
     s = (q.float() @ k.float().transpose(-1, -2)) * scale + bias.float()
