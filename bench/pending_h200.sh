@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-05, after the H100 runs of that day), in
+# The H200 measurements the code is waiting for (state of 2026-12-05, 23:30 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -11,13 +11,16 @@
 # Measured on an H100 on 2026-12-05 (docs/performance.md, "Measured on an H100"): the 8B's and GPT-126M's
 # scoring, LoRA with best-fit packing at micro 2, GLaM 126M-64E (micro 8 and 16, cast-once and the fused
 # weight gradient, flex and split attention), its attention alone, the first async save, the cast-once
-# levers on the 8-layer proxy, and a calibration table (llamatron/calibration/h100.json, whose GLaM
-# attention rows were timed eager: re-run it on an H100 too). The issues name the H200, so, in order:
-# 1. issue 23: a new H200 calibration table (GLaM's experts as one batched GEMM and its attention
-#    compiled, as its blocks run it), for llamatron/calibration/h200.json: docs/planner.md's GPT-126M and
+# levers on the 8-layer proxy, and the calibration table llamatron/calibration/h100.json (23:03 UTC, GLaM's
+# attention compiled). The issues name the H200, so, in order:
+# 1. issue 21: GLaM's attention alone, which also checks split attention's bf16 numbers against fp32 since
+#    the band moved into the memory-efficient kernel (the H100 run of 23:03 had wrong gradients, fixed
+#    after it), and profiles split
+# 2. issue 23: a new H200 calibration table (GLaM's experts as one batched GEMM and its attention
+#    compiled, split if 1 passed), for llamatron/calibration/h200.json: docs/planner.md's GPT-126M and
 #    GLaM rows wait for it
-# 2. issue 21: GLaM's attention alone, then GLaM 126M-64E at micro 16 with cast-once and the fused weight
-#    gradient, split and flex attention, and at micro 8
+#    then GLaM 126M-64E at micro 16 with cast-once and the fused weight gradient, split and flex
+#    attention, and at micro 8
 # 3. issue 20: LoRA of the 8B at seq 4096 with best-fit packing (bf16 and FP8 base layers, micro 2 and 4)
 # 4. issue 22: the cast-once levers on the 8-layer 8B proxy at micro 2; the 8B proxy at micro 16 in FP8
 # 5. issue 19: the 8B's and GPT-126M's scoring against lm-eval's HF backend
@@ -37,8 +40,11 @@ run() {  # run NAME CAP MIN COMMAND...: at most CAP seconds, skipped when fewer 
     echo "$name: exit $? ($(left) s left)"
 }
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+run glamattn 110 50 python bench/bench_glam_attention.py --quick --profile "split, compiled"
+# The calibration times GLaM's attention as the blocks will run it: split once its numbers are checked.
+grep -q "as close to fp32 as flex.*: yes" "$OUT/glamattn.log" 2>/dev/null && export LLAMATRON_GLAM_ATTENTION=split
 run calibrate 160 90 python -m llamatron plan --calibrate --out "$OUT/h200.json" --budget-s 140
-run glamattn 110 50 python bench/bench_glam_attention.py --quick
+unset LLAMATRON_GLAM_ATTENTION
 run glam 300 100 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
     --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split,compile+castonce+fusedwgrad@attn=flex,compile+castonce+fusedwgrad@micro=8 \
     --steps 3 --warmup 2 --json "$OUT/glam.json"
@@ -56,5 +62,5 @@ run fp8experts_test 60 30 python -m pytest -q -p no:cacheprovider tests/test_gla
     tests/test_glam.py::test_split_attention_in_bf16_on_cuda_is_as_close_to_fp32_as_flex
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
     --json "$OUT/ckpt.json"
-grep -h "SUMMARY\|MoE layer\|forward + backward\| vs sdpa\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-900
+grep -h "SUMMARY\|MoE layer\|forward + backward\| vs sdpa\|as close to fp32\|profile of one call\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-900
 tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
