@@ -10,7 +10,7 @@ and softmax is unchanged by a constant added to a whole row: with the bias less 
   previous block of keys (`attention.Windows`), one attention call over all windows at once with
   the bias as an additive mask (-inf off the band): on CUDA the memory-efficient kernel, which takes
   a bias and gives its gradient, so the band's scores never leave the chip; on the CPU the same
-  formulas in fp32 (`_near_math`);
+  formulas in fp32;
 - out = (o_far e^lse_far + o_near e^lse_near) / (e^lse_far + e^lse_near), lse = logaddexp of the two.
 
 Backward: each part's gradient is the flash backward's formula dS = P (dP - rowsum(dO o out)) with the
@@ -97,12 +97,9 @@ class _Near:
         return w.table_grad(d_bias.sum(0, dtype=torch.float32).view(w.H, w.n, w.T, 2 * w.T).sum(1), table)
 
 
-def _near_math(q, k, v, bias, scale: float):
-    """The memory-efficient kernel's forward in fp32 -> (out, lse, the scores' probabilities)."""
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale + bias.float()
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1))
-    return (p @ v.float()).to(q.dtype), lse, p
+def _scores(q, k, bias, scale: float) -> torch.Tensor:
+    """The CPU's stand-in for the memory-efficient kernel: its scores in fp32."""
+    return (q.float() @ k.float().transpose(-1, -2)) * scale + bias.float()
 
 
 def _near_forward(q, k, v, bias, scale: float):
@@ -111,8 +108,9 @@ def _near_forward(q, k, v, bias, scale: float):
         out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, 0.0, False, scale=scale)
         return out, lse, (seed, offset)
-    out, lse, _ = _near_math(q, k, v, bias, scale)
-    return out, lse, ()
+    s = _scores(q, k, bias, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    return (torch.exp(s - lse.unsqueeze(-1)) @ v.float()).to(q.dtype), lse, ()
 
 
 def _near_backward(grad, q, k, v, bias, out, lse, rng, scale: float):
@@ -125,8 +123,7 @@ def _near_backward(grad, q, k, v, bias, out, lse, rng, scale: float):
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
         return aten._scaled_dot_product_efficient_attention_backward(
             grad, q, k, v, bias, out, lse, seed, offset, 0.0, [True, True, True, True], False, scale=scale)
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale + bias.float()
-    p = torch.exp(s - lse[..., : q.shape[2]].unsqueeze(-1))
+    p = torch.exp(_scores(q, k, bias, scale) - lse[..., : q.shape[2]].unsqueeze(-1))
     dp = grad.float() @ v.float().transpose(-1, -2)
     ds = p * (dp - (grad.float() * out.float()).sum(-1, keepdim=True))
     return ds @ k.float() * scale, ds.transpose(-1, -2) @ q.float() * scale, p.transpose(-1, -2) @ grad.float(), ds
