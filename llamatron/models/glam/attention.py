@@ -84,10 +84,10 @@ def band_width(dist_bucket: torch.Tensor, n_buckets: int) -> int:
 
 
 # How the model runs it on CUDA (`kernel()`): "flex" (`flex_attention_biased`) or "split"
-# (split_attention.py: the flash kernel beyond the band, batched products within it).
-# bench/bench_glam_attention.py times both: on an H100 split took 2.71-2.77 ms a block against flex's
-# 2.84-2.89 (GLaM 126M, batch 8, compiled) and GLaM 126M's step 0.5-1% less, for 17% more peak memory
-# (54 against 46 GiB at micro 16; docs/performance.md): flex stays the default.
+# (split_attention.py: the flash kernel beyond the band, the memory-efficient kernel within it).
+# bench/bench_glam_attention.py times both: on an H100 split took 2.42 ms a block against flex's 2.76
+# (GLaM 126M, batch 8, compiled) and GLaM 126M's step 5.6% less, for 8% more peak memory at micro 16
+# (docs/moe.md); flex stays the default until split's CUDA numbers, fixed after that run, are checked.
 KERNELS = ("flex", "split")
 KERNEL = os.environ.get("LLAMATRON_GLAM_ATTENTION", "flex")  # compiled blocks guard on it
 
