@@ -153,7 +153,7 @@ def test_every_compiled_run_within_10_percent_of_its_gpus_calibrated_step():
     """With the shipped tables (h200.json, and h100.json measured on 2026-12-05, 23:03 UTC), the calibrated step of
     every compiled single-GPU 8B-proxy run of docs/bench with the fused loss is within 10% of the
     median measured step, BF16 or FP8 tensorwise (the planner's FP8 is the default recipe; rowwise runs
-    up to 10% slower and is shown, not held)."""
+    up to 11% slower and is shown, not held)."""
     tables = _plan_vs_measured()
     checked = set()
     for run, measured in tables.bench_runs().items():

@@ -159,10 +159,11 @@ class _SplitAttention(torch.autograd.Function):
         band, scale, S = ctx.band, ctx.scale, q.shape[2]
         grad = grad.contiguous()
         near = _Near(q, table, dist_bucket, band)
-        lse_w = F.pad(near.queries(lse), (0, ctx.lse_rows - near.w.T))  # the kernel's padded rows
+        # The kernel's padded rows, contiguous: it takes the log-sum-exp's batch and head strides only.
+        lse_w = F.pad(near.queries(lse), (0, ctx.lse_rows - near.w.T)).contiguous()
         dq_w, dk_w, dv_w, d_bias = _near_backward(
             near.queries(grad), near.queries(q), near.keys(k), near.keys(v), near.bias,
-            near.queries(out), lse_w.contiguous(), rng, scale)
+            near.queries(out), lse_w, rng, scale)
         dq, dk, dv = near.unblock(dq_w).float(), near.fold(dk_w.float()), near.fold(dv_w.float())
         if S > band:
             dq_f, dk_f, dv_f = _flash_backward(
