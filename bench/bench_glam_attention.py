@@ -12,7 +12,8 @@ other and timed (forward + backward of one block's attention).
 - split:      split_attention.py: the flash kernel beyond the band (no bias there, after a shift),
               the memory-efficient kernel with the bias over the band's windows, merged by their
               log-sum-exp;
-- flex+band, split, compiled: compiled whole, as inside a compiled block;
+- split_cudnn: the same with cuDNN's fused causal kernel beyond the band;
+- flex+band, split, split_cudnn, compiled: compiled whole, as inside a compiled block;
 - timed only, each checked against fp32 sdpa: flex+band with other tiles (flex's kernel options), and
   as max-autotune picks;
 - timed only: flex+band with the band's products in fp32 on the CUDA cores (before 2026-12-05; now
@@ -108,11 +109,23 @@ def split(q, k, v, table, buckets, band, mask):
     return split_attention(q, k, v, table, buckets[:, 0], band)
 
 
+def split_cudnn(q, k, v, table, buckets, band, mask):
+    return split_attention(q, k, v, table, buckets[:, 0], band, far="cudnn")
+
+
+def cudnn_causal(q, k, v, table, buckets, band, mask):
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 # --quick: what decides the model's kernel.
-QUICK = {"flex+band, compiled", "split", "split, compiled", "causal, no bias"}
-WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics, "split": split}
-COMPILED = {"flex+band, compiled": _flex_band_compiled, "split, compiled": torch.compile(split, dynamic=False)}
-FLOOR = {"causal, no bias": causal, "flex causal, no bias": flex_causal}  # timed, not compared: it computes something else
+QUICK = {"flex+band, compiled", "split", "split, compiled", "split_cudnn, compiled", "causal, no bias",
+         "cudnn causal, no bias"}
+WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics, "split": split,
+        "split_cudnn": split_cudnn}
+COMPILED = {"flex+band, compiled": _flex_band_compiled, "split, compiled": torch.compile(split, dynamic=False),
+            "split_cudnn, compiled": torch.compile(split_cudnn, dynamic=False)}
+FLOOR = {"causal, no bias": causal, "cudnn causal, no bias": cudnn_causal, "flex causal, no bias": flex_causal}  # timed, not compared: it computes something else
 # Timed too: flex+band with the band's products on the CUDA cores (fp32 operands), as before 2026-12-05.
 BAND_FP32 = "flex+band, fp32 band"
 
@@ -196,7 +209,7 @@ def main() -> int:
     qkv, table, grad = inputs(args, torch.bfloat16)
     ref32 = run(sdpa, [t.detach().float().requires_grad_() for t in qkv], table, grad.float(), buckets, band, mask)
     errors = {}
-    for name, fn in {"flex+band": flex_band, "split": split, **COMPILED}.items():
+    for name, fn in {"flex+band": flex_band, "split": split, "split_cudnn": split_cudnn, **COMPILED}.items():
         if not keep(name):
             continue
         try:
@@ -208,10 +221,12 @@ def main() -> int:
         diffs = ", ".join(f"{what} {e:.2e} (of {float(b.abs().max()):.2e})"
                           for what, e, b in zip(("out", "dq", "dk", "dv", "dtable"), errors[name], ref32))
         print(f"bf16 {name:13s} vs fp32 sdpa: {diffs}")
-    split_c, flex_c = errors.get("split, compiled"), errors.get("flex+band, compiled")
-    if split_c and flex_c:  # the CUDA test's rule (tests/test_glam.py); pending_h200.sh reads this line
-        ok = all(a <= 3 * b + 1e-3 for a, b in zip(split_c, flex_c))
-        print(f"split as close to fp32 as flex (each error within 3x flex's): {'yes' if ok else 'no'}")
+    flex_c = errors.get("flex+band, compiled")
+    for way in ("split", "split_cudnn"):  # the CUDA test's rule (tests/test_glam.py); pending_h200.sh reads this line
+        split_c = errors.get(f"{way}, compiled")
+        if split_c and flex_c:
+            ok = all(a <= 3 * b + 1e-3 for a, b in zip(split_c, flex_c))
+            print(f"{way} as close to fp32 as flex (each error within 3x flex's): {'yes' if ok else 'no'}")
     for name, fn in {**WAYS, **COMPILED, BAND_FP32: flex_band, **FLOOR}.items():
         if not keep(name):
             continue

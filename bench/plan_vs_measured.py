@@ -165,8 +165,9 @@ def moe_rows() -> list[dict]:
                          "step": r["step_time_s"], "fitted": plan.evaluate(w, lay, hw).step_s,
                          "calibrated": plan.evaluate(w, lay, table.apply(hw)).step_s if table is not None else None,
                          "peak": r["peak_mem_gib"], "estimate": est.total / GiB,
-                         # GLaM's attention kernel: the estimate models the default, flex (split's band
-                         # windows keep more; docs/moe.md)
+                         # GLaM's attention kernel (the runs before 2026-12-05 ran flex): the calibrated
+                         # step times the kernel the table's `glam_attention` names; the memory
+                         # estimate models flex's (the split ways' band windows keep more; docs/moe.md)
                          "attention": r.get("glam_attention", "flex")})
     return rows
 
@@ -177,7 +178,7 @@ def moe_table() -> list[str]:
              "|" + "---|" * 14]
     for r in moe_rows():
         model = r["model"] + "".join(f", {k}={v}" for k, v in r["sets"].items())
-        model += ", split attention" if r["attention"] == "split" else ""
+        model += f", {r['attention']} attention" if r["attention"] != "flex" else ""
         lines.append(f"| {r['file']} {r['variant']} | {r['gpu']} | {model} | {r['layers']} | {r['micro']} | {r['global']} | "
                      f"{r['step']:.3f} | {_step_cells(r['fitted'], r['step'])} | {_step_cells(r['calibrated'], r['step'])} | "
                      f"{r['peak']:.1f} | {r['estimate']:.1f} | {r['estimate'] / r['peak']:.2f} |")

@@ -83,13 +83,14 @@ def band_width(dist_bucket: torch.Tensor, n_buckets: int) -> int:
     return int((dist_bucket < n_buckets - 1).sum())
 
 
-# How the model runs it on CUDA (`kernel()`): "flex" (`flex_attention_biased`) or "split"
-# (split_attention.py: the flash kernel beyond the band, the memory-efficient kernel within it).
-# bench/bench_glam_attention.py times both: on an H100 split took 2.42 ms a block against flex's 2.76
-# (GLaM 126M, batch 8, compiled) and GLaM 126M's step 5.6% less, for 8% more peak memory at micro 16
-# (docs/moe.md); flex stays the default until split's CUDA numbers, fixed after that run, are checked.
-KERNELS = ("flex", "split")
-KERNEL = os.environ.get("LLAMATRON_GLAM_ATTENTION", "flex")  # compiled blocks guard on it
+# How the model runs it on CUDA (`kernel()`): "flex" (`flex_attention_biased`), "split" (split_attention.py:
+# the flash kernel beyond the band, the memory-efficient kernel within it) or "split_cudnn" (cuDNN's
+# fused causal kernel beyond the band). bench/bench_glam_attention.py checks each against fp32 and times
+# them: on an H100 on 2026-12-06 both splits' bf16 errors were within 1.7x flex's, GLaM 126M's attention
+# took 1.69 ms (split_cudnn), 2.08 (split) and 2.66 (flex) a block at batch 8, and its step at micro 16
+# 0.931 s, 0.998 and 1.071, split's for 4.1 GiB more peak memory (docs/moe.md).
+KERNELS = ("flex", "split", "split_cudnn")
+KERNEL = os.environ.get("LLAMATRON_GLAM_ATTENTION", "split_cudnn")  # compiled blocks guard on it
 
 
 def kernel() -> str:
@@ -141,8 +142,8 @@ class Windows:
         dist = T + r[:, None] - c[None, :]  # [T, 2T] query - key within a window
         self.in_band = (dist >= 0) & (dist < band) & ((i - 1) * T + c >= 0)  # [n, T, 2T]
         self.valid = self.in_band & (i * T + r[:, None] < S)  # and a query, not a padding row
-        self.bucket = dist_bucket[dist.clamp(0, band - 1)]  # [T, 2T]
-
+        self.W = min(band, T)  # the band's distances that a window holds (all of them unless S < band)
+        self.dist_bucket = dist_bucket
     def blocks(self, t: torch.Tensor) -> torch.Tensor:
         """[B, H, S, D] -> [B, H, n, T, D] (zero rows past S); [B, H, S] (a log-sum-exp) -> [B, H, n, T, 1]."""
         if t.dim() == 3:
@@ -166,9 +167,32 @@ class Windows:
 
     def bias(self, table: torch.Tensor) -> torch.Tensor:
         """[buckets, H] -> the bias of each window position, [H, 1, T, 2T] fp32."""
-        return table.detach().float()[self.bucket].permute(2, 0, 1).unsqueeze(1)
+        T = self.T
+        dist = T + torch.arange(T, device=table.device)[:, None] - torch.arange(2 * T, device=table.device)
+        bucket = self.dist_bucket[dist.clamp(0, self.W - 1)]  # [T, 2T]; off the band masked by the callers
+        return table.detach().float()[bucket].permute(2, 0, 1).unsqueeze(1)
+
+    def distance_sums(self, ds: torch.Tensor) -> torch.Tensor:
+        """Windows [..., T, 2T] -> [..., W] fp32: the sum over the rows at each distance d, at W - 1 - d.
+        Row r's entries at distances W-1 .. 0 (keys T + r - W + 1 .. T + r) start 2T + 1 further on in
+        memory than row r - 1's: flattened, rows 0 .. T-2 of the band are the first W columns of a
+        [T - 1, 2T + 1] view, the last row a slice. Views and one reduction: no copy, no scatter."""
+        T, W = self.T, self.W
+        start = T - W + 1
+        body = ds.flatten(-2)[..., start: start + (T - 1) * (2 * T + 1)].unflatten(-1, (T - 1, 2 * T + 1))
+        return body[..., :W].sum(-2, dtype=torch.float32) + ds[..., T - 1, 2 * T - W:].float()
 
     def table_grad(self, ds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """dS over the windows [B, H, n, T, 2T] (zero off the band and on padding rows) -> d table.
+        Summed along each distance's diagonal first (a plain reduction), then into its bucket: every
+        pair beyond the band is in the last bucket, and each row's dS sums to zero."""
+        by_distance = self.distance_sums(ds).sum((0, 2)).flip(-1)  # [H, W], distance 0 first
+        d_table = torch.zeros(table.shape, dtype=torch.float32, device=ds.device)
+        d_table = d_table.index_add(0, self.dist_bucket[: self.W], by_distance.t())
+        return torch.cat([d_table[:-1], -d_table[:-1].sum(0, keepdim=True)]).to(table.dtype)
+
+
+def table_grad(self, ds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """dS over the windows, summed over batch and blocks [H, T, 2T] (valid positions only) -> d table.
         Every pair beyond the band is in the last bucket, and each row's dS sums to zero."""
         d_table = torch.zeros(table.shape, dtype=torch.float32, device=ds.device)
@@ -185,7 +209,7 @@ def table_grad(q, k, v, out, lse, grad_out, table, dist_bucket, band: int) -> to
     p = torch.exp((scores - w.blocks(lse.float())).masked_fill(~w.valid, float("-inf")))
     dp = band_products(gb, vw.transpose(-1, -2))
     delta = (gb.float() * ob.float()).sum(-1, keepdim=True)
-    return w.table_grad((p * (dp - delta)).sum((0, 2)), table)
+    return w.table_grad(p * (dp - delta), table)
 
 
 # How `table_grad` multiplies half-precision operands on CUDA: "tensor_cores" (bf16/fp16 operands, fp32

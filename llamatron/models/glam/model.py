@@ -88,10 +88,11 @@ def relative_position_bucket(distance: torch.Tensor, n_buckets: int, max_distanc
 
 
 def fast_relative_attention(q, k, v, table, dist_bucket, band: int, block_mask) -> torch.Tensor:
-    """The CUDA way (`attention.KERNEL`) to `sdpa_attention`'s numbers; the split way needs flash's
-    half-precision inputs, else flex."""
-    if attention.kernel() == "split" and q.dtype in (torch.bfloat16, torch.float16):
-        return split_attention(q, k, v, table, dist_bucket, band)
+    """The CUDA way (`attention.KERNEL`) to `sdpa_attention`'s numbers; the split ways need the fused
+    kernels' half-precision inputs, else flex."""
+    way = attention.kernel()
+    if way.startswith("split") and q.dtype in (torch.bfloat16, torch.float16):
+        return split_attention(q, k, v, table, dist_bucket, band, far="cudnn" if way == "split_cudnn" else "flash")
     return attention.flex_attention_biased(q, k, v, table, dist_bucket, band, block_mask)
 
 

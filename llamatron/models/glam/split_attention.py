@@ -33,23 +33,33 @@ aten = torch.ops.aten
 
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
-                    dist_bucket: torch.Tensor, band: int) -> torch.Tensor:
+                    dist_bucket: torch.Tensor, band: int, far: str = "flash") -> torch.Tensor:
     """As `attention.sdpa_attention`: q, k, v [B, H, S, D], table [buckets, H], dist_bucket [>= S] the
-    bucket of each distance, band its `band_width`."""
-    return _SplitAttention.apply(q, k, v, table, dist_bucket, band)
+    bucket of each distance, band its `band_width`; `far` the far part's CUDA kernel, "flash" or
+    "cudnn" (the CPU has one)."""
+    return _SplitAttention.apply(q, k, v, table, dist_bucket, band, far)
 
 
-def _flash(q, k, v, scale: float):
-    """Causal flash attention -> (out, lse [B, H, S] fp32, the tensors and the sizes its backward needs)."""
+def _causal(q, k, v, scale: float, far: str):
+    """Causal attention without a bias -> (out, lse [B, H, S] fp32, what its backward needs)."""
+    if q.is_cuda and far == "cudnn":
+        out, lse, _, _, mq, mk, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, True, False, scale=scale)
+        return out, lse.squeeze(-1), ((seed, offset), (mq, mk))
     if q.is_cuda:
         out, lse, cq, ck, mq, mk, seed, offset, _ = aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, True, False, scale=scale)
-        return out, lse[..., :q.shape[2]], (cq, ck, seed, offset), (mq, mk)  # kept to the queries, whatever its padding
+        return out, lse[..., :q.shape[2]], ((cq, ck, seed, offset), (mq, mk))  # kept to the queries, whatever its padding
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-    return out, lse, (), ()
+    return out, lse, ((), ())
 
 
-def _flash_backward(grad, q, k, v, out, lse, tensors, sizes, scale: float):
+def _causal_backward(grad, q, k, v, out, lse, tensors, sizes, scale: float, far: str):
+    """`lse` [B, H, S] fp32, contiguous."""
+    if q.is_cuda and far == "cudnn":
+        (seed, offset), (mq, mk) = tensors, sizes
+        return aten._scaled_dot_product_cudnn_attention_backward(
+            grad, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, None, None, mq, mk, 0.0, True, scale=scale)
     if q.is_cuda:
         (cq, ck, seed, offset), (mq, mk) = tensors, sizes
         return aten._scaled_dot_product_flash_attention_backward(
@@ -94,7 +104,7 @@ class _Near:
     def table_grad(self, d_bias: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """The bias's gradient [B, H n, T, 2T] (dS of the band) -> the table's."""
         w = self.w
-        return w.table_grad(d_bias.sum(0, dtype=torch.float32).view(w.H, w.n, w.T, 2 * w.T).sum(1), table)
+        return w.table_grad(d_bias.view(w.B, w.H, w.n, w.T, 2 * w.T), table)
 
 
 def _scores(q, k, bias, scale: float) -> torch.Tensor:
@@ -131,7 +141,7 @@ def _near_backward(grad, q, k, v, bias, out, lse, rng, scale: float):
 
 class _SplitAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, table, dist_bucket, band: int):
+    def forward(ctx, q, k, v, table, dist_bucket, band: int, far: str):
         S, D = q.shape[2], q.shape[3]
         scale = 1.0 / math.sqrt(D)
         near = _Near(q, table, dist_bucket, band)
@@ -140,7 +150,8 @@ class _SplitAttention(torch.autograd.Function):
         lse = near.unblock(lse_near[..., : near.w.T].unsqueeze(-1)).squeeze(-1)  # [B, H, S]
         flash, sizes = (), ()
         if S > band:  # the far part: queries band .. S-1 over keys 0 .. S-1-band
-            o_far, lse_far, flash, sizes = _flash(q[:, :, band:], k[:, :, :S - band], v[:, :, :S - band], scale)
+            o_far, lse_far, (flash, sizes) = _causal(q[:, :, band:], k[:, :, :S - band], v[:, :, :S - band],
+                                                     scale, far)
             lse_both = torch.logaddexp(lse[:, :, band:], lse_far)
             merged = (out[:, :, band:] * torch.exp(lse[:, :, band:] - lse_both).unsqueeze(-1)
                       + o_far.float() * torch.exp(lse_far - lse_both).unsqueeze(-1))
@@ -148,7 +159,7 @@ class _SplitAttention(torch.autograd.Function):
             lse = torch.cat([lse[:, :, :band], lse_both], dim=2)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, table, dist_bucket, out, lse, *rng, *flash)
-        ctx.band, ctx.scale, ctx.sizes, ctx.n_rng = band, scale, sizes, len(rng)
+        ctx.band, ctx.scale, ctx.sizes, ctx.n_rng, ctx.far = band, scale, sizes, len(rng), far
         ctx.lse_rows = lse_near.shape[-1]
         return out
 
@@ -166,11 +177,11 @@ class _SplitAttention(torch.autograd.Function):
             near.queries(out), lse_w, rng, scale)
         dq, dk, dv = near.unblock(dq_w).float(), near.fold(dk_w.float()), near.fold(dv_w.float())
         if S > band:
-            dq_f, dk_f, dv_f = _flash_backward(
+            dq_f, dk_f, dv_f = _causal_backward(
                 grad[:, :, band:], q[:, :, band:], k[:, :, :S - band], v[:, :, :S - band],
-                out[:, :, band:], lse[:, :, band:].contiguous(), flash, ctx.sizes, scale)
+                out[:, :, band:], lse[:, :, band:].contiguous(), flash, ctx.sizes, scale, ctx.far)
             dq = dq + F.pad(dq_f.float(), (0, 0, band, 0))
             dk = dk + F.pad(dk_f.float(), (0, 0, 0, band))
             dv = dv + F.pad(dv_f.float(), (0, 0, 0, band))
         d_table = near.table_grad(d_bias, table)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_table, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_table, None, None, None
