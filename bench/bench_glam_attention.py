@@ -132,10 +132,12 @@ BAND_FP32 = "flex+band, fp32 band"
 
 def inputs(args, dtype, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    shape = (args.batch, args.heads, args.seq_len, args.head_dim)
-    qkv = [torch.randn(shape, device="cuda", dtype=dtype, generator=gen).requires_grad_() for _ in range(3)]
+    # q, k, v as the model lays them out: [B, S, H, D] in memory, seen as [B, H, S, D]
+    shape = (args.batch, args.seq_len, args.heads, args.head_dim)
+    qkv = [torch.randn(shape, device="cuda", dtype=dtype, generator=gen).transpose(1, 2).requires_grad_()
+           for _ in range(3)]
     table = torch.randn(args.buckets, args.heads, device="cuda", generator=gen).requires_grad_()
-    grad = torch.randn(shape, device="cuda", dtype=dtype, generator=gen)
+    grad = torch.randn(shape, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
     return qkv, table, grad
 
 

@@ -58,6 +58,7 @@ def _causal_backward(grad, q, k, v, out, lse, tensors, sizes, scale: float, far:
     """`lse` [B, H, S] fp32, contiguous."""
     if q.is_cuda and far == "cudnn":
         (seed, offset), (mq, mk) = tensors, sizes
+        grad, out = _layout_of(grad, q), _layout_of(out, q)
         return aten._scaled_dot_product_cudnn_attention_backward(
             grad, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, None, None, mq, mk, 0.0, True, scale=scale)
     if q.is_cuda:
@@ -66,6 +67,16 @@ def _causal_backward(grad, q, k, v, out, lse, tensors, sizes, scale: float, far:
             grad, q, k, v, out, lse, cq, ck, mq, mk, 0.0, True, seed, offset, scale=scale)
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse, 0.0, True,
                                                                     scale=scale)
+
+
+def _layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """t [B, H, S, D] dense in ref's order of dimensions in memory, the heads inside the rows
+    ([B, S, H, D], as the model's projections lay q, k and v out) or outside: cuDNN's backward is given
+    the output and its gradient in the layout its forward wrote the output in, that of q (an H100's
+    GLaM step trained off with the merged output [B, H, S, D] beside a q laid out [B, S, H, D])."""
+    if ref.stride(1) < ref.stride(2):
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t.contiguous()
 
 
 def _shifted(table: torch.Tensor) -> torch.Tensor:
