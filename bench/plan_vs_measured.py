@@ -160,6 +160,7 @@ def moe_rows() -> list[dict]:
             est = estimate_memory(args, r["seq_len"], r["micro_batch"], n_microbatches=r["global_batch"] // r["micro_batch"],
                                   fused_cross_entropy=r["fused_ce"], compiled=True, native_gqa=True)
             rows.append({"file": path.name, "variant": r["variant"], "model": named[0], "gpu": gpu,
+                         "date": data["meta"].get("date", ""),
                          "sets": dict(x.removeprefix("model.").split("=", 1) for x in sets),
                          "layers": r["layers"], "micro": r["micro_batch"], "global": r["global_batch"],
                          "step": r["step_time_s"], "fitted": plan.evaluate(w, lay, hw).step_s,

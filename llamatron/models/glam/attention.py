@@ -86,11 +86,11 @@ def band_width(dist_bucket: torch.Tensor, n_buckets: int) -> int:
 # How the model runs it on CUDA (`kernel()`): "flex" (`flex_attention_biased`), "split" (split_attention.py:
 # the flash kernel beyond the band, the memory-efficient kernel within it) or "split_cudnn" (cuDNN's
 # fused causal kernel beyond the band). bench/bench_glam_attention.py checks each against fp32 and times
-# them: on an H100 on 2026-12-06 GLaM 126M's attention took 1.69 ms (split_cudnn), 2.08 (split) and
-# 2.66 (flex) a block at batch 8, and its step at micro 16 0.931 s, 0.998 and 1.071 (the splits for
-# 4.1 GiB more peak memory: docs/moe.md). But split_cudnn's step trained off (its loss 3e-3 from the
-# others' after 5 steps, which agree within 4e-4): that benchmark's q, k, v were laid out [B, H, S, D],
-# the model's are [B, S, H, D]. Split is the default until split_cudnn is checked in the model's layout.
+# them: on an H100 on 2026-12-06 (q, k, v laid out as the model does) GLaM 126M's attention took 2.00 ms
+# (split_cudnn), 2.30 (split) and 2.76 (flex) a block at batch 8, its step at micro 16 0.919 s, 0.981 and
+# 1.071 (the splits for 4.1 GiB more peak memory: docs/moe.md). split_cudnn's attention matches fp32 as
+# split's does, but its step's loss ended 5 steps 2e-3 above the others' (which agree within 4e-4):
+# split is the default until bench/compare_glam_kernel_grads.py says why.
 KERNELS = ("flex", "split", "split_cudnn")
 KERNEL = os.environ.get("LLAMATRON_GLAM_ATTENTION", "split")  # compiled blocks guard on it
 

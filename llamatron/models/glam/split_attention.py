@@ -1,11 +1,11 @@
 """GLaM's relative-bias attention as two disjoint parts merged by their log-sum-exp, so that the bulk
-runs in the flash kernel, which takes no bias.
+runs in a fused causal kernel that takes no bias (flash's, or cuDNN's with `far="cudnn"`).
 
 Every distance from the band width W on is in T5's last bucket, so its bias is one constant per head,
 and softmax is unchanged by a constant added to a whole row: with the bias less the last bucket's,
 
 - the far part (distance >= W) has no bias at all. Query i sees keys 0 .. i - W: causal attention of
-  the queries W .. S-1 over the keys 0 .. S-1-W, the flash kernel's own case on shifted views;
+  the queries W .. S-1 over the keys 0 .. S-1-W, the fused kernels' own case on shifted views;
 - the near part (distance < W) is the band: each block of T >= W queries against its own and the
   previous block of keys (`attention.Windows`), one attention call over all windows at once with
   the bias as an additive mask (-inf off the band): on CUDA the memory-efficient kernel, which takes
@@ -15,7 +15,7 @@ and softmax is unchanged by a constant added to a whole row: with the bias less 
 
 Backward: each part's gradient is the flash backward's formula dS = P (dP - rowsum(dO o out)) with the
 merged output and log-sum-exp (as ring attention does per block), so each kernel's own backward
-computes it when given the merged output and log-sum-exp: the flash backward for the far part, the
+computes it when given the merged output and log-sum-exp: the fused backward for the far part, the
 memory-efficient one for the windows, whose bias gradient (dS over the band) gives the bias table's
 gradient (`Windows.table_grad`). Exact in exact arithmetic; no term cancels.
 """
@@ -71,9 +71,10 @@ def _causal_backward(grad, q, k, v, out, lse, tensors, sizes, scale: float, far:
 
 def _layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """t [B, H, S, D] dense in ref's order of dimensions in memory, the heads inside the rows
-    ([B, S, H, D], as the model's projections lay q, k and v out) or outside: cuDNN's backward is given
-    the output and its gradient in the layout its forward wrote the output in, that of q (an H100's
-    GLaM step trained off with the merged output [B, H, S, D] beside a q laid out [B, S, H, D])."""
+    ([B, S, H, D], as the model's projections lay q, k and v out) or outside: cuDNN's backward gets the
+    output and its gradient as SDPA's own autograd hands them over, in the layout its forward wrote the
+    output in, that of q (the memory-efficient kernel's backward read a merged output of another layout
+    wrongly; whether cuDNN's would is untested, the copy costs little)."""
     if ref.stride(1) < ref.stride(2):
         return t.transpose(1, 2).contiguous().transpose(1, 2)
     return t.contiguous()
