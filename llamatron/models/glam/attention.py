@@ -146,6 +146,8 @@ class Windows:
         self.valid = self.in_band & (i * T + r[:, None] < S)  # and a query, not a padding row
         self.W = min(band, T)  # the band's distances that a window holds (all of them unless S < band)
         self.dist_bucket = dist_bucket
+        self.bucket = dist_bucket[dist.clamp(0, self.W - 1)]  # [T, 2T]; off the band masked by the users
+
     def blocks(self, t: torch.Tensor) -> torch.Tensor:
         """[B, H, S, D] -> [B, H, n, T, D] (zero rows past S); [B, H, S] (a log-sum-exp) -> [B, H, n, T, 1]."""
         if t.dim() == 3:
@@ -169,10 +171,7 @@ class Windows:
 
     def bias(self, table: torch.Tensor) -> torch.Tensor:
         """[buckets, H] -> the bias of each window position, [H, 1, T, 2T] fp32."""
-        T = self.T
-        dist = T + torch.arange(T, device=table.device)[:, None] - torch.arange(2 * T, device=table.device)
-        bucket = self.dist_bucket[dist.clamp(0, self.W - 1)]  # [T, 2T]; off the band masked by the callers
-        return table.detach().float()[bucket].permute(2, 0, 1).unsqueeze(1)
+        return table.detach().float()[self.bucket].permute(2, 0, 1).unsqueeze(1)
 
     def distance_sums(self, ds: torch.Tensor) -> torch.Tensor:
         """Windows [..., T, 2T] -> [..., W] fp32: the sum over the rows at each distance d, at W - 1 - d.
@@ -191,14 +190,6 @@ class Windows:
         by_distance = self.distance_sums(ds).sum((0, 2)).flip(-1)  # [H, W], distance 0 first
         d_table = torch.zeros(table.shape, dtype=torch.float32, device=ds.device)
         d_table = d_table.index_add(0, self.dist_bucket[: self.W], by_distance.t())
-        return torch.cat([d_table[:-1], -d_table[:-1].sum(0, keepdim=True)]).to(table.dtype)
-
-
-def table_grad(self, ds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """dS over the windows, summed over batch and blocks [H, T, 2T] (valid positions only) -> d table.
-        Every pair beyond the band is in the last bucket, and each row's dS sums to zero."""
-        d_table = torch.zeros(table.shape, dtype=torch.float32, device=ds.device)
-        d_table = d_table.index_add(0, self.bucket.reshape(-1), ds.reshape(self.H, -1).t())
         return torch.cat([d_table[:-1], -d_table[:-1].sum(0, keepdim=True)]).to(table.dtype)
 
 
