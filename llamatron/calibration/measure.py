@@ -5,7 +5,7 @@ On CUDA in bf16 (timed with CUDA events), else on the CPU in fp32 (wall clock): 
 block and output-layer shapes, each at a ladder of row counts and tensor-parallel splits (forward,
 input gradient, weight gradient); the MoE models' expert products as one batched GEMM over the experts
 at a ladder of rows per expert; attention forward and backward at a few sequence lengths and call sizes
-(GLaM's biased attention as its blocks run it on the device, compiled flex_attention on CUDA, last);
+(GLaM's biased attention as its blocks run it on the device, compiled, `attention.KERNEL` on CUDA, last);
 element-wise copies and adds; one fused AdamW step. Under torchrun with several processes, also
 all-gather, reduce-scatter, all-to-all and ring send/receive at a few sizes (NCCL on GPUs, gloo on
 CPUs). Every timing is the median of REPEATS samples after WARMUP calls, on random (never all-zero)
@@ -269,9 +269,9 @@ def _glam_kernel() -> str:
 
 def _biased_attention(q, k, v, flex: bool | None = None):
     """GLaM's causal attention with its T5 relative position bias (default buckets and distance), as
-    the model trains on this device (`flex` None: the fast path on CUDA, `fast_relative_attention`): e.g.
-    flex_attention with the bias table in its score_mod and the table's gradient from the band
-    (models/glam/attention.py), compiled whole with static shapes, so each (batch, seq) compiles once,
+    the model trains on this device (`flex` None: the fast path on CUDA, `fast_relative_attention`,
+    whichever kernel `attention.KERNEL` names: split attention by default, or flex_attention with the
+    bias table in its score_mod), compiled whole with static shapes, so each (batch, seq) compiles once,
     in the timing's warm-up calls; elsewhere SDPA with the [heads, S, S] bias looked up. Returns (forward, the bias table: a leaf with a gradient)."""
     from llamatron.models.glam import attention as glam
     from llamatron.models.glam.model import GLaMArgs, fast_relative_attention, relative_position_bucket
