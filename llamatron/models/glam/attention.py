@@ -89,8 +89,9 @@ def band_width(dist_bucket: torch.Tensor, n_buckets: int) -> int:
 # them: on an H100 on 2026-12-06 (q, k, v laid out as the model does) GLaM 126M's attention took 2.00 ms
 # (split_cudnn), 2.30 (split) and 2.76 (flex) a block at batch 8, its step at micro 16 0.919 s, 0.981 and
 # 1.071 (the splits for 4.1 GiB more peak memory: docs/moe.md). split_cudnn's attention matches fp32 as
-# split's does, but its step's loss ended 5 steps 2e-3 above the others' (which agree within 4e-4):
-# split is the default until bench/compare_glam_kernel_grads.py says why.
+# split's does, but its step's loss ended 5 steps 1.7-2.9e-3 above the others' (which end within 4e-4 of
+# each other, though 1.5e-3 apart at step 3): split is the default until
+# bench/compare_glam_kernel_grads.py compares the model's gradients under each.
 KERNELS = ("flex", "split", "split_cudnn")
 KERNEL = os.environ.get("LLAMATRON_GLAM_ATTENTION", "split")  # compiled blocks guard on it
 
