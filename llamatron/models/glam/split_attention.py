@@ -73,8 +73,10 @@ def _layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """t [B, H, S, D] dense in ref's order of dimensions in memory, the heads inside the rows
     ([B, S, H, D], as the model's projections lay q, k and v out) or outside: cuDNN's backward gets the
     output and its gradient as SDPA's own autograd hands them over, in the layout its forward wrote the
-    output in, that of q (the memory-efficient kernel's backward read a merged output of another layout
-    wrongly; whether cuDNN's would is untested, the copy costs little)."""
+    output in, that of q. Besides, torch's cuDNN binding (aten/src/ATen/native/cudnn/MHA.cpp) caches
+    the backward's graph by q, k and v's sizes and strides alone, with the strides of the output, its
+    gradient and the log-sum-exp baked into it: those must be a function of q's, or a later call could
+    run a graph built for another layout."""
     if ref.stride(1) < ref.stride(2):
         return t.transpose(1, 2).contiguous().transpose(1, 2)
     return t.contiguous()
