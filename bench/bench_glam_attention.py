@@ -61,7 +61,7 @@ def flex_atomics(q, k, v, table, buckets, band, mask):
 
 
 def causal(q, k, v, table, buckets, band, mask):
-    """No bias at all: SDPA's causal kernel (cuDNN or flash), the floor any biased way is measured against."""
+    """No bias at all: SDPA's causal kernel (its own choice), the floor any biased way is measured against."""
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) + 0 * table.sum()
 
 
@@ -114,8 +114,9 @@ def split_cudnn(q, k, v, table, buckets, band, mask):
 
 
 def cudnn_causal(q, k, v, table, buckets, band, mask):
+    """`causal` in cuDNN's kernel (SDPA picks flash's for these shapes): split_cudnn's floor."""
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return causal(q, k, v, table, buckets, band, mask)
 
 
 # --quick: what decides the model's kernel.

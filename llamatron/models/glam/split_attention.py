@@ -77,9 +77,12 @@ def _layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     the backward's graph by q, k and v's sizes and strides alone, with the strides of the output, its
     gradient and the log-sum-exp baked into it: those must be a function of q's, or a later call could
     run a graph built for another layout."""
-    if ref.stride(1) < ref.stride(2):
-        return t.transpose(1, 2).contiguous().transpose(1, 2)
-    return t.contiguous()
+    return _heads_inside(t) if ref.stride(1) < ref.stride(2) else t.contiguous()
+
+
+def _heads_inside(t: torch.Tensor) -> torch.Tensor:
+    """t [B, heads, rows, D] laid out [B, rows, heads, D] in memory (a copy unless it is already)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _shifted(table: torch.Tensor) -> torch.Tensor:
@@ -144,7 +147,7 @@ def _near_backward(grad, q, k, v, bias, out, lse, rng, scale: float):
         # The kernel reads the output as its forward wrote it, [B, T, heads, D] in memory: it is given
         # the output's batch and head strides but not its row stride (an output laid out otherwise
         # gives rowsum(dO o out) from the wrong rows: wrong dq, dk and bias gradient, right dv).
-        out = out.transpose(1, 2).contiguous().transpose(1, 2)
+        out = _heads_inside(out)
         return aten._scaled_dot_product_efficient_attention_backward(
             grad, q, k, v, bias, out, lse, seed, offset, 0.0, [True, True, True, True], False, scale=scale)
     p = torch.exp(_scores(q, k, bias, scale) - lse[..., : q.shape[2]].unsqueeze(-1))
