@@ -1,4 +1,4 @@
-"""GLaM's relative-bias attention on one GPU: the three ways to train the T5 bias, checked against each
+"""GLaM's relative-bias attention on one GPU: the ways to train the T5 bias, checked against each
 other and timed (forward + backward of one block's attention).
 
     python bench/bench_glam_attention.py                      # GLaM 126M: batch 8, 12 x 64 heads, seq 2048
@@ -13,7 +13,9 @@ other and timed (forward + backward of one block's attention).
               the memory-efficient kernel with the bias over the band's windows, merged by their
               log-sum-exp;
 - split_cudnn: the same with cuDNN's fused causal kernel beyond the band;
-- flex+band, split, split_cudnn, compiled: compiled whole, as inside a compiled block;
+- split_triton: cuDNN's beyond the band, band_kernel.py's Triton kernels within it (the bias looked up
+              in the kernel, the two parts merged there);
+- flex+band, split, split_cudnn, split_triton, compiled: compiled whole, as inside a compiled block;
 - timed only, each checked against fp32 sdpa: flex+band with other tiles (flex's kernel options), and
   as max-autotune picks;
 - timed only: flex+band with the band's products in fp32 on the CUDA cores (before 2026-12-05; now
@@ -113,6 +115,10 @@ def split_cudnn(q, k, v, table, buckets, band, mask):
     return split_attention(q, k, v, table, buckets[:, 0], band, far="cudnn")
 
 
+def split_triton(q, k, v, table, buckets, band, mask):
+    return split_attention(q, k, v, table, buckets[:, 0], band, far="cudnn", near="triton")
+
+
 def cudnn_causal(q, k, v, table, buckets, band, mask):
     """`causal` in cuDNN's kernel (SDPA picks flash's for these shapes): split_cudnn's floor."""
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
@@ -120,12 +126,13 @@ def cudnn_causal(q, k, v, table, buckets, band, mask):
 
 
 # --quick: what decides the model's kernel.
-QUICK = {"flex+band, compiled", "split", "split, compiled", "split_cudnn, compiled", "causal, no bias",
+QUICK = {"flex+band, compiled", "split", "split, compiled", "split_cudnn, compiled", "split_triton, compiled", "causal, no bias",
          "cudnn causal, no bias"}
 WAYS = {"sdpa": sdpa, "flex+band": flex_band, "flex+atomics": flex_atomics, "split": split,
-        "split_cudnn": split_cudnn}
+        "split_cudnn": split_cudnn, "split_triton": split_triton}
 COMPILED = {"flex+band, compiled": _flex_band_compiled, "split, compiled": torch.compile(split, dynamic=False),
-            "split_cudnn, compiled": torch.compile(split_cudnn, dynamic=False)}
+            "split_cudnn, compiled": torch.compile(split_cudnn, dynamic=False),
+            "split_triton, compiled": torch.compile(split_triton, dynamic=False)}
 FLOOR = {"causal, no bias": causal, "cudnn causal, no bias": cudnn_causal, "flex causal, no bias": flex_causal}  # timed, not compared: it computes something else
 # Timed too: flex+band with the band's products on the CUDA cores (fp32 operands), as before 2026-12-05.
 BAND_FP32 = "flex+band, fp32 band"
@@ -212,7 +219,8 @@ def main() -> int:
     qkv, table, grad = inputs(args, torch.bfloat16)
     ref32 = run(sdpa, [t.detach().float().requires_grad_() for t in qkv], table, grad.float(), buckets, band, mask)
     errors = {}
-    for name, fn in {"flex+band": flex_band, "split": split, "split_cudnn": split_cudnn, **COMPILED}.items():
+    for name, fn in {"flex+band": flex_band, "split": split, "split_cudnn": split_cudnn, "split_triton": split_triton,
+                     **COMPILED}.items():
         if not keep(name):
             continue
         try:
@@ -225,7 +233,7 @@ def main() -> int:
                           for what, e, b in zip(("out", "dq", "dk", "dv", "dtable"), errors[name], ref32))
         print(f"bf16 {name:13s} vs fp32 sdpa: {diffs}")
     flex_c = errors.get("flex+band, compiled")
-    for way in ("split", "split_cudnn"):  # the CUDA test's rule (tests/test_glam.py); pending_h200.sh reads this line
+    for way in ("split", "split_cudnn", "split_triton"):  # the CUDA test's rule (tests/test_glam.py); pending_h200.sh reads this line
         split_c = errors.get(f"{way}, compiled")
         if split_c and flex_c:
             ok = all(a <= 3 * b + 1e-3 for a, b in zip(split_c, flex_c))

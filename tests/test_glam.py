@@ -333,9 +333,9 @@ def test_split_attention_compiles_whole_and_gives_the_eager_numbers():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels of split attention are CUDA's")
-@pytest.mark.parametrize("far", ["flash", "cudnn"])
+@pytest.mark.parametrize("far, near", [("flash", "efficient"), ("cudnn", "efficient"), ("cudnn", "triton")])
 @pytest.mark.parametrize("heads_inside", [False, True])  # q, k, v [B, H, S, D] in memory, or [B, S, H, D] (the model's)
-def test_split_attention_in_bf16_on_cuda_is_as_close_to_fp32_as_flex(far, heads_inside):
+def test_split_attention_in_bf16_on_cuda_is_as_close_to_fp32_as_flex(far, near, heads_inside):
     """CUDA's fused kernels (bf16 only) for the far part: split's output and gradients against the fp32
     materialised bias no further off than flex's (on an H100 with flash: out 1.3e-2 against 7.9e-3,
     dq 2.1e-2 against 1.7e-2, of 3-6)."""
@@ -358,7 +358,8 @@ def test_split_attention_in_bf16_on_cuda_is_as_close_to_fp32_as_flex(far, heads_
         return [out.detach().float(), *(g.float() for g in torch.autograd.grad(out, xs, grad.to(dtype)))]
 
     want = run(lambda q, k, v, t: attention.sdpa_attention(q, k, v, t, buckets), torch.float32)
-    split = run(lambda q, k, v, t: split_attention(q, k, v, t, buckets[:, 0], band, far=far), torch.bfloat16)
+    split = run(lambda q, k, v, t: split_attention(q, k, v, t, buckets[:, 0], band, far=far, near=near),
+                torch.bfloat16)
     flex = run(lambda q, k, v, t: attention.flex_attention_biased(
         q, k, v, t, buckets[:, 0], band, attention.causal_block_mask(S, q.device)), torch.bfloat16)
     for name, w, a, b in zip(("out", "dq", "dk", "dv", "dtable"), want, split, flex):

@@ -84,15 +84,16 @@ def band_width(dist_bucket: torch.Tensor, n_buckets: int) -> int:
 
 
 # How the model runs it on CUDA (`kernel()`): "flex" (`flex_attention_biased`), "split" (split_attention.py:
-# the flash kernel beyond the band, the memory-efficient kernel within it) or "split_cudnn" (cuDNN's
-# fused causal kernel beyond the band). bench/bench_glam_attention.py checks each against fp32 and times
+# the flash kernel beyond the band, the memory-efficient kernel within it), "split_cudnn" (cuDNN's
+# fused causal kernel beyond the band) or "split_triton" (cuDNN's beyond the band, band_kernel.py's
+# Triton kernels within it, head dims 16-128 of a power of 2). bench/bench_glam_attention.py checks each against fp32 and times
 # them: on an H100 on 2026-12-06 (q, k, v laid out as the model does) GLaM 126M's attention took 2.00 ms
 # (split_cudnn), 2.30 (split) and 2.76 (flex) a block at batch 8, its step at micro 16 0.919 s, 0.981 and
 # 1.071 (the splits for 4.1 GiB more peak memory: docs/moe.md). split_cudnn's attention matches fp32 as
 # split's does, but its step's loss ended 5 steps 1.7-2.9e-3 above the others' (which end within 4e-4 of
 # each other, though 1.5e-3 apart at step 3): split is the default until
 # bench/compare_glam_kernel_grads.py compares the model's gradients under each.
-KERNELS = ("flex", "split", "split_cudnn")
+KERNELS = ("flex", "split", "split_cudnn", "split_triton")
 KERNEL = os.environ.get("LLAMATRON_GLAM_ATTENTION", "split")  # compiled blocks guard on it
 
 
@@ -189,9 +190,15 @@ class Windows:
         Summed along each distance's diagonal first (a plain reduction), then into its bucket: every
         pair beyond the band is in the last bucket, and each row's dS sums to zero."""
         by_distance = self.distance_sums(ds).sum((0, 2)).flip(-1)  # [H, W], distance 0 first
-        d_table = torch.zeros(table.shape, dtype=torch.float32, device=ds.device)
-        d_table = d_table.index_add(0, self.dist_bucket[: self.W], by_distance.t())
-        return torch.cat([d_table[:-1], -d_table[:-1].sum(0, keepdim=True)]).to(table.dtype)
+        return table_grad_by_distance(by_distance, table, self.dist_bucket)
+
+
+def table_grad_by_distance(by_distance: torch.Tensor, table: torch.Tensor, dist_bucket: torch.Tensor) -> torch.Tensor:
+    """dS summed at each distance of the band [H, W] (distance 0 first) -> d table [buckets, H] (module
+    doc: each distance into its bucket, the last bucket minus the others' sum)."""
+    d_table = torch.zeros(table.shape, dtype=torch.float32, device=by_distance.device)
+    d_table = d_table.index_add(0, dist_bucket[: by_distance.shape[1]], by_distance.float().t())
+    return torch.cat([d_table[:-1], -d_table[:-1].sum(0, keepdim=True)]).to(table.dtype)
 
 
 def table_grad(q, k, v, out, lse, grad_out, table, dist_bucket, band: int) -> torch.Tensor:

@@ -92,7 +92,10 @@ def fast_relative_attention(q, k, v, table, dist_bucket, band: int, block_mask) 
     kernels' half-precision inputs, else flex."""
     way = attention.kernel()
     if way.startswith("split") and q.dtype in (torch.bfloat16, torch.float16):
-        return split_attention(q, k, v, table, dist_bucket, band, far="cudnn" if way == "split_cudnn" else "flash")
+        d = q.shape[-1]
+        near = "triton" if way == "split_triton" and 16 <= d <= 128 and d & (d - 1) == 0 else "efficient"
+        return split_attention(q, k, v, table, dist_bucket, band, far="flash" if way == "split" else "cudnn",
+                               near=near)
     return attention.flex_attention_biased(q, k, v, table, dist_bucket, band, block_mask)
 
 

@@ -27,16 +27,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from llamatron.models.glam.attention import Windows
+from llamatron.models.glam.attention import Windows, table_grad_by_distance
 
 aten = torch.ops.aten
 
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
-                    dist_bucket: torch.Tensor, band: int, far: str = "flash") -> torch.Tensor:
+                    dist_bucket: torch.Tensor, band: int, far: str = "flash", near: str = "efficient") -> torch.Tensor:
     """As `attention.sdpa_attention`: q, k, v [B, H, S, D], table [buckets, H], dist_bucket [>= S] the
     bucket of each distance, band its `band_width`; `far` the far part's CUDA kernel, "flash" or
-    "cudnn" (the CPU has one)."""
+    "cudnn" (the CPU has one); `near` the band's, "efficient" (the memory-efficient kernel) or "triton"
+    (band_kernel.py's, merged there with the far part: needs Triton, and a head dim of 16 to 128, a
+    power of 2)."""
+    if near == "triton":
+        return _SplitTriton.apply(q, k, v, table, dist_bucket, band, far)
     return _SplitAttention.apply(q, k, v, table, dist_bucket, band, far)
 
 
@@ -202,3 +206,44 @@ class _SplitAttention(torch.autograd.Function):
             dv = dv + F.pad(dv_f.float(), (0, 0, 0, band))
         d_table = near.table_grad(d_bias, table)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_table, None, None, None
+
+
+def _bias_by_distance(table: torch.Tensor, dist_bucket: torch.Tensor, band: int, width: int) -> torch.Tensor:
+    """[buckets, H] -> the shifted bias at each distance below `band`, [H, width] fp32 (zeros after)."""
+    by_distance = _shifted(table)[dist_bucket[:band]].t()
+    return F.pad(by_distance, (0, width - band)).contiguous()
+
+
+class _SplitTriton(torch.autograd.Function):
+    """The far part as `_SplitAttention`'s, the band in band_kernel.py's kernels, which merge the two."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, dist_bucket, band: int, far: str):
+        from llamatron.models.glam import band_kernel
+
+        S, band = q.shape[2], min(band, q.shape[2])
+        scale = 1.0 / math.sqrt(q.shape[3])
+        bias = _bias_by_distance(table, dist_bucket, band, band_kernel.slot_width(band))
+        o_far, lse_far, state, sizes = q.new_empty(0), q.new_empty(0, dtype=torch.float32), (), ()
+        if S > band:
+            o_far, lse_far, (state, sizes) = _causal(q[:, :, band:], k[:, :, :S - band], v[:, :, :S - band], scale, far)
+        out, lse = band_kernel.band_forward(q, k, v, bias, o_far, lse_far, band, scale)
+        ctx.save_for_backward(q, k, v, table, dist_bucket, bias, out, lse, *state)
+        ctx.band, ctx.scale, ctx.sizes, ctx.far = band, scale, sizes, far
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from llamatron.models.glam import band_kernel
+
+        q, k, v, table, dist_bucket, bias, out, lse, *state = ctx.saved_tensors
+        band, scale, S = ctx.band, ctx.scale, q.shape[2]
+        grad = _layout_of(grad, q)
+        delta = (grad.float() * out.float()).sum(-1)  # [B, H, S], contiguous
+        far = (q.new_empty(0),) * 3
+        if S > band:
+            far = _causal_backward(grad[:, :, band:], q[:, :, band:], k[:, :, :S - band], v[:, :, :S - band],
+                                   out[:, :, band:], lse[:, :, band:].contiguous(), state, ctx.sizes, scale, ctx.far)
+        dq, dk, dv, ds = band_kernel.band_backward(grad, q, k, v, lse, delta, bias, *far[:3], band, scale)
+        d_table = table_grad_by_distance(ds.sum((0, 2))[:, :band], table, dist_bucket)
+        return dq, dk, dv, d_table, None, None, None
