@@ -184,6 +184,21 @@ def profile(fn, qkv, table, grad, buckets, band, mask, top: int = 12) -> None:
         print(f"  {e.device_time_total / 1e3:7.3f} ms  x{e.count:<3d} {e.key[:110]}")
 
 
+def tile_options(args, qkv, table, grad, buckets, band, mask) -> None:
+    """split_triton compiled with other tiles and launch options of band_kernel.py's kernels."""
+    from llamatron.models.glam import band_kernel
+
+    default = dict(band_kernel.TILES)
+    for blk, warps, stages in ((64, 4, 2), (64, 8, 3), (64, 4, 4), (32, 4, 3), (128, 8, 3), (128, 4, 2)):
+        band_kernel.TILES.update(BLK=blk, num_warps=warps, num_stages=stages)
+        try:
+            ms = time_ms(COMPILED["split_triton, compiled"], qkv, table, grad, buckets, band, mask, args.iters)
+            print(f"bf16 split_triton, tiles {blk} warps {warps} stages {stages} forward + backward {ms:7.2f} ms")
+        except Exception as e:  # noqa: BLE001 - a tile that does not fit the shared memory
+            print(f"bf16 split_triton, tiles {blk} warps {warps} stages {stages}: failed: {type(e).__name__}: {str(e)[:200]}")
+    band_kernel.TILES.update(default)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -249,6 +264,7 @@ def main() -> int:
             continue
         print(f"bf16 {name:13s} forward + backward {ms:7.2f} ms")
     A.BAND_MATMUL = "tensor_cores"
+    tile_options(args, qkv, table, grad, buckets, band, mask)
     if args.profile:
         profile({**WAYS, **COMPILED, **FLOOR}[args.profile], qkv, table, grad, buckets, band, mask)
     for name, args_ in TUNINGS.items():

@@ -86,15 +86,15 @@ def band_width(dist_bucket: torch.Tensor, n_buckets: int) -> int:
 # How the model runs it on CUDA (`kernel()`): "flex" (`flex_attention_biased`), "split" (split_attention.py:
 # the flash kernel beyond the band, the memory-efficient kernel within it), "split_cudnn" (cuDNN's
 # fused causal kernel beyond the band) or "split_triton" (cuDNN's beyond the band, band_kernel.py's
-# Triton kernels within it, head dims 16-128 of a power of 2). bench/bench_glam_attention.py checks each against fp32 and times
-# them: on an H100 on 2026-12-06 (q, k, v laid out as the model does) GLaM 126M's attention took 2.00 ms
-# (split_cudnn), 2.30 (split) and 2.76 (flex) a block at batch 8, its step at micro 16 0.919 s, 0.981 and
-# 1.071 (the splits for 4.1 GiB more peak memory: docs/moe.md). split_cudnn's attention matches fp32 as
-# split's does, but its step's loss ended 5 steps 1.7-2.9e-3 above the others' (which end within 4e-4 of
-# each other, though 1.5e-3 apart at step 3): split is the default until
-# bench/compare_glam_kernel_grads.py compares the model's gradients under each.
+# Triton kernels within it, head dims 16-128 of a power of 2; the memory-efficient kernel where Triton
+# is missing). bench/bench_glam_attention.py checks each against fp32 and times them, and
+# bench/compare_glam_kernel_grads.py compares the model's gradients under each. On an H100 on
+# 2026-12-06 GLaM 126M's step at micro 16 took 0.876 s with split_triton, 0.916 with split_cudnn, 0.98
+# with split and 1.07 with flex (docs/moe.md); split_triton's attention is as close to fp32 as flex's
+# (its table gradient closer: fp32 dS), its model gradients lie nearest flex's, and it keeps no more
+# memory than flex.
 KERNELS = ("flex", "split", "split_cudnn", "split_triton")
-KERNEL = os.environ.get("LLAMATRON_GLAM_ATTENTION", "split")  # compiled blocks guard on it
+KERNEL = os.environ.get("LLAMATRON_GLAM_ATTENTION", "split_triton")  # compiled blocks guard on it
 
 
 def kernel() -> str:

@@ -11,10 +11,10 @@ inputs and the merge around it are copies and element-wise passes of their own. 
   touches (3 for W = 113);
 - the forward merges the band's output with the far part's by their log-sum-exps as it writes it (one
   pass: no fp32 copy of either);
-- the backward adds the far part's dq, dk and dv to the band's as it writes them, and writes each
-  row's dS by distance ([B, H, S, 128] fp32, one plain store per pair of the band: a row's pairs are
-  at distinct distances), whose sum over batch and rows is the table's gradient by distance
-  (`attention.table_grad_by_distance`).
+- the backward adds the far part's dq, dk and dv to the band's as it writes them, and sums each
+  block of queries' dS at each distance (through a scratch [B, H, S, 128] fp32 that each block writes
+  its rows to by distance and reads back: a row's pairs are at distinct distances), whose sum over
+  the blocks is the table's gradient by distance (`attention.table_grad_by_distance`).
 
 The kernels are torch custom ops (opaque to dynamo, shapes from their fake implementations), launched on
 CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, the tests).
@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 64  # queries and keys per tile (D = 64 at GLaM's shapes: 3 tiles of keys per block of queries)
+# Queries and keys per tile (64 at GLaM's shapes: 3 tiles of keys per block of queries for W = 113),
+# and Triton's launch options: bench/bench_glam_attention.py times others.
+TILES = {"BLK": 64, "num_warps": 4, "num_stages": 3}
 
 
 def slot_width(band: int) -> int:
@@ -90,10 +92,10 @@ def _forward(Q, K, V, BIAS, OF, LSEF, OUT, LSE,
 
 
 @triton.jit
-def _backward_dq(Q, K, V, G, LSE, DELTA, BIAS, DQF, DQ, DS,
+def _backward_dq(Q, K, V, G, LSE, DELTA, BIAS, DQF, DQ, DS, PART,
                  sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sgb, sgh, sgs, sfb, sfh, sfs, sdb, sdh, sds,
                  H, S, W, scale, HAS_FAR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr):
-    """dq of a block of queries (plus the far part's), and its rows' dS by distance."""
+    """dq of a block of queries (plus the far part's), and the sum of its rows' dS at each distance."""
     m0 = tl.program_id(0) * BLK
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -114,6 +116,14 @@ def _backward_dq(Q, K, V, G, LSE, DELTA, BIAS, DQF, DQ, DS,
         dq += tl.dot(ds.to(k.dtype), k)
         # A row's pairs of the band are at distinct distances: plain stores, no two to one address.
         tl.store(DS + (bh * S + rows[:, None]) * WP + rows[:, None] - cols[None, :], ds, mask=in_band)
+    # Summed over the block's rows at each distance (written just now by this program: after a barrier
+    # its threads see each other's stores), one partial sum per block: no atomics, the same sum each run.
+    tl.debug_barrier()
+    dist = tl.arange(0, WP)
+    band = (dist[None, :] < W) & (rows[:, None] - dist[None, :] >= 0) & live[:, None]
+    by_distance = tl.sum(tl.load(DS + (bh * S + rows[:, None]) * WP + dist[None, :], mask=band, other=0.0,
+                                 cache_modifier=".cg"), 0)  # from L2, where the stores went
+    tl.store(PART + (bh * tl.num_programs(0) + tl.program_id(0)) * WP + dist, by_distance)
     dq = dq * scale
     if HAS_FAR:
         far = (rows >= W) & live
@@ -170,8 +180,8 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 def _launch_args(q, band: int):
     B, H, S, D = q.shape
-    grid = (triton.cdiv(S, BLOCK), B * H)
-    return grid, dict(H=H, S=S, W=band, WP=slot_width(band), D=D, BLK=BLOCK)
+    grid = (triton.cdiv(S, TILES["BLK"]), B * H)
+    return grid, dict(H=H, S=S, W=band, WP=slot_width(band), D=D, **TILES)
 
 
 @torch.library.custom_op("llamatron::glam_band_forward", mutates_args=())
@@ -202,23 +212,25 @@ def band_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   dv_far: torch.Tensor, band: int, scale: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv (the far part's added: its dq for the queries band .., dk and dv for the keys
-    0 .. S-1-band) and dS by distance [B, H, S, slot_width(band)] fp32 (zero off the
-    band). lse and delta = rowsum(grad o out) [B, H, S] fp32, contiguous, of the merged output."""
+    0 .. S-1-band) and dS summed at each distance [H, slot_width(band)] fp32, distance 0 first (zero
+    from `band` on). lse and delta = rowsum(grad o out) [B, H, S] fp32, contiguous, of the merged
+    output."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    ds = torch.zeros((*q.shape[:3], slot_width(band)), dtype=torch.float32, device=q.device)
+    grid, meta = _launch_args(q, band)
+    ds = torch.empty((*q.shape[:3], slot_width(band)), dtype=torch.float32, device=q.device)  # scratch
+    part = torch.empty((*q.shape[:2], grid[0], slot_width(band)), dtype=torch.float32, device=q.device)
     has_far = dq_far.numel() > 0
     if not has_far:
         dq_far = dk_far = dv_far = q
-    grid, meta = _launch_args(q, band)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad))
-    _backward_dq[grid](q, k, v, grad, lse, delta, bias, dq_far, dq, ds, *common, *_strides(dq_far), *_strides(dq),
+    _backward_dq[grid](q, k, v, grad, lse, delta, bias, dq_far, dq, ds, part, *common, *_strides(dq_far), *_strides(dq),
                        scale=scale, HAS_FAR=has_far, **meta)
     _backward_dkdv[grid](q, k, v, grad, lse, delta, bias, dk_far, dv_far, dk, dv, *common, *_strides(dk_far),
                          *_strides(dv_far), *_strides(dk), *_strides(dv), scale=scale, HAS_FAR=has_far, **meta)
-    return dq, dk, dv, ds
+    return dq, dk, dv, part.sum((0, 2))
 
 
 @band_backward.register_fake
 def _(grad, q, k, v, lse, delta, bias, dq_far, dk_far, dv_far, band, scale):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty((*q.shape[:3], slot_width(band)), dtype=torch.float32))
+            q.new_empty((q.shape[1], slot_width(band)), dtype=torch.float32))

@@ -19,6 +19,7 @@ micro-batches like the cross-entropy.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import zlib
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from llamatron.models.glam.split_attention import split_attention
 from llamatron.models.glam.experts import GroupedExperts
 from llamatron.models.glam.routing import dispatch_indices, gather_rows, route
 from llamatron.models.kv_cache import KVCache, LayerKV
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # split_triton's band kernels (CUDA torch ships it)
 
 
 @dataclass
@@ -93,7 +96,8 @@ def fast_relative_attention(q, k, v, table, dist_bucket, band: int, block_mask) 
     way = attention.kernel()
     if way.startswith("split") and q.dtype in (torch.bfloat16, torch.float16):
         d = q.shape[-1]
-        near = "triton" if way == "split_triton" and 16 <= d <= 128 and d & (d - 1) == 0 else "efficient"
+        triton_fits = HAS_TRITON and 16 <= d <= 128 and d & (d - 1) == 0
+        near = "triton" if way == "split_triton" and triton_fits else "efficient"
         return split_attention(q, k, v, table, dist_bucket, band, far="flash" if way == "split" else "cudnn",
                                near=near)
     return attention.flex_attention_biased(q, k, v, table, dist_bucket, band, block_mask)

@@ -10,7 +10,8 @@ and softmax is unchanged by a constant added to a whole row: with the bias less 
   previous block of keys (`attention.Windows`), one attention call over all windows at once with
   the bias as an additive mask (-inf off the band): on CUDA the memory-efficient kernel, which takes
   a bias and gives its gradient, so the band's scores never leave the chip; on the CPU the same
-  formulas in fp32;
+  formulas in fp32. Or (`near="triton"`, `_SplitTriton`) band_kernel.py's kernels, which read q, k
+  and v in place, look the bias up themselves and merge the two parts as they write;
 - out = (o_far e^lse_far + o_near e^lse_near) / (e^lse_far + e^lse_near), lse = logaddexp of the two.
 
 Backward: each part's gradient is the flash backward's formula dS = P (dP - rowsum(dO o out)) with the
@@ -74,14 +75,15 @@ def _causal_backward(grad, q, k, v, out, lse, tensors, sizes, scale: float, far:
 
 
 def _layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """t [B, H, S, D] dense in ref's order of dimensions in memory, the heads inside the rows
-    ([B, S, H, D], as the model's projections lay q, k and v out) or outside: cuDNN's backward gets the
-    output and its gradient as SDPA's own autograd hands them over, in the layout its forward wrote the
-    output in, that of q. Besides, torch's cuDNN binding (aten/src/ATen/native/cudnn/MHA.cpp) caches
+    """t [B, H, S, D] with ref's strides (a copy unless it has them): cuDNN's backward gets the output
+    and its gradient laid out as q is, as SDPA's own autograd hands them over (its forward writes the
+    output in q's layout). Besides, torch's cuDNN binding (aten/src/ATen/native/cudnn/MHA.cpp) caches
     the backward's graph by q, k and v's sizes and strides alone, with the strides of the output, its
     gradient and the log-sum-exp baked into it: those must be a function of q's, or a later call could
     run a graph built for another layout."""
-    return _heads_inside(t) if ref.stride(1) < ref.stride(2) else t.contiguous()
+    if t.stride() == ref.stride():
+        return t
+    return torch.empty_strided(ref.shape, ref.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _heads_inside(t: torch.Tensor) -> torch.Tensor:
@@ -244,6 +246,6 @@ class _SplitTriton(torch.autograd.Function):
         if S > band:
             far = _causal_backward(grad[:, :, band:], q[:, :, band:], k[:, :, :S - band], v[:, :, :S - band],
                                    out[:, :, band:], lse[:, :, band:].contiguous(), state, ctx.sizes, scale, ctx.far)
-        dq, dk, dv, ds = band_kernel.band_backward(grad, q, k, v, lse, delta, bias, *far[:3], band, scale)
-        d_table = table_grad_by_distance(ds.sum((0, 2))[:, :band], table, dist_bucket)
+        dq, dk, dv, by_distance = band_kernel.band_backward(grad, q, k, v, lse, delta, bias, *far[:3], band, scale)
+        d_table = table_grad_by_distance(by_distance[:, :band], table, dist_bucket)
         return dq, dk, dv, d_table, None, None, None
