@@ -684,6 +684,10 @@ def render(p: Plan, top: int = 5, train_tokens: float = 1e12) -> str:
     for i, e in enumerate(p.ranked[:top], 1):
         lines.append(f"#{i}: {config}" + " ".join(f"--set {s}" for s in check_overrides(p, e)))
     lines.append("")
+    if hw.calibration is not None and hw.calibration.missing:
+        lines.append(f"note: {hw.calibration.source} has no {', '.join(sorted(hw.calibration.missing))} attention "
+                     "timings: that attention is planned at causal attention's speed (re-run `llamatron plan "
+                     "--calibrate` with the model to time it)")
     lines.append("(estimates: memory from llamatron/parallel/memory.py, step time from the cost model in "
                  "llamatron/plan.py; see docs/planner.md)")
     return "\n".join(lines)

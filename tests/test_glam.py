@@ -366,6 +366,38 @@ def test_split_attention_in_bf16_on_cuda_is_as_close_to_fp32_as_flex(far, near, 
         assert float((a - w).abs().max()) <= 3 * float((b - w).abs().max()) + 1e-3, name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels of split attention are CUDA's")
+def test_split_ways_compiled_one_after_another_in_one_process_keep_their_gradients():
+    """torch caches cuDNN's backward graph by q, k and v's strides alone: split_cudnn and then
+    split_triton, both compiled, in one process, in the model's layout (on an H200 on 2026-12-06 a
+    slice of the output handed to cuDNN as it was gave split_triton dq and dk 30% off after
+    split_cudnn had run: `split_attention._layout_of`)."""
+    from llamatron.models.glam import attention
+    from llamatron.models.glam.model import relative_position_bucket
+    from llamatron.models.glam.split_attention import split_attention
+
+    torch.manual_seed(0)
+    B, H, S, D = 2, 4, 1024, 64
+    q, k, v, grad = (torch.randn(B, S, H, D, device="cuda").transpose(1, 2) for _ in range(4))
+    table = torch.randn(32, H, device="cuda")
+    pos = torch.arange(S, device="cuda")
+    buckets = relative_position_bucket(pos[:, None] - pos[None, :], 32, 128)
+    band = attention.band_width(buckets[:, 0].cpu(), 32)
+
+    def run(fn, dtype):
+        xs = [t.to(dtype).requires_grad_() for t in (q, k, v)] + [table.clone().requires_grad_()]
+        out = fn(*xs)
+        return [out.detach().float(), *(g.float() for g in torch.autograd.grad(out, xs, grad.to(dtype)))]
+
+    want = run(lambda q, k, v, t: attention.sdpa_attention(q, k, v, t, buckets), torch.float32)
+    for near in ("efficient", "triton"):
+        torch._dynamo.reset()
+        way = torch.compile(lambda q, k, v, t: split_attention(q, k, v, t, buckets[:, 0], band, far="cudnn", near=near),
+                            dynamic=False)
+        for name, got, w in zip(("out", "dq", "dk", "dv", "dtable"), run(way, torch.bfloat16), want):
+            assert float((got - w).abs().max()) <= 0.03 * float(w.abs().max()), (near, name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core band products are CUDA's")
 def test_table_grad_from_tensor_core_band_products_equals_fp32_on_cuda(monkeypatch):
     """bf16 q, k, v, output and gradient: the band's products with bf16 operands and fp32 accumulation

@@ -75,15 +75,17 @@ def _causal_backward(grad, q, k, v, out, lse, tensors, sizes, scale: float, far:
 
 
 def _layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """t [B, H, S, D] with ref's strides (a copy unless it has them): cuDNN's backward gets the output
-    and its gradient laid out as q is, as SDPA's own autograd hands them over (its forward writes the
-    output in q's layout). Besides, torch's cuDNN binding (aten/src/ATen/native/cudnn/MHA.cpp) caches
+    """t [B, H, S, D] dense in ref's order of dimensions in memory, the heads inside the rows
+    ([B, S, H, D], as the model's projections lay q, k and v out) or outside: cuDNN's backward gets the
+    output and its gradient as SDPA's own autograd hands them over, in the layout its forward wrote the
+    output in, that of q. Besides, torch's cuDNN binding (aten/src/ATen/native/cudnn/MHA.cpp) caches
     the backward's graph by q, k and v's sizes and strides alone, with the strides of the output, its
     gradient and the log-sum-exp baked into it: those must be a function of q's, or a later call could
-    run a graph built for another layout."""
-    if t.stride() == ref.stride():
-        return t
-    return torch.empty_strided(ref.shape, ref.stride(), dtype=t.dtype, device=t.device).copy_(t)
+    run a graph built for another layout. Dense, they are: handing over a slice as it is (its batch
+    stride that of the whole) was tried on 2026-12-06, and compiled, where inductor may lay a copy out
+    densely in the same order, split_cudnn's graph then gave split_triton wrong dq and dk in one
+    process (an H200, the attention benchmark; right dv: the graph read the output's rows wrongly)."""
+    return _heads_inside(t) if ref.stride(1) < ref.stride(2) else t.contiguous()
 
 
 def _heads_inside(t: torch.Tensor) -> torch.Tensor:
