@@ -43,6 +43,13 @@ def _tile(ptr, rows, d, S, sb, sh, ss, b, h):
 
 
 @triton.jit
+def _row_stats(LSE, DELTA, bh, S, rows):
+    """The merged log-sum-exp and rowsum(dO o out) of rows `rows` of head bh ([B H, S] fp32)."""
+    live = rows < S
+    return tl.load(LSE + bh * S + rows, mask=live, other=0.0), tl.load(DELTA + bh * S + rows, mask=live, other=0.0)
+
+
+@triton.jit
 def _scores(q, k, rows, cols, bias_ptr, h, S, W, WP: tl.constexpr, scale):
     """q [M, D] against k [N, D] -> (scores [M, N] fp32, -inf off the band, in_band)."""
     dist = rows[:, None] - cols[None, :]
@@ -104,8 +111,7 @@ def _backward_dq(Q, K, V, G, LSE, DELTA, BIAS, DQF, DQ, DS, PART,
     live = rows < S
     q = _tile(Q, rows, d, S, sqb, sqh, sqs, b, h)
     g = _tile(G, rows, d, S, sgb, sgh, sgs, b, h)
-    lse = tl.load(LSE + bh * S + rows, mask=live, other=0.0)
-    delta = tl.load(DELTA + bh * S + rows, mask=live, other=0.0)
+    lse, delta = _row_stats(LSE, DELTA, bh, S, rows)
     dq = tl.zeros([BLK, D], tl.float32)
     for n0 in range(tl.maximum(m0 - W + 1, 0) // BLK * BLK, m0 + BLK, BLK):
         cols = n0 + tl.arange(0, BLK)
@@ -154,8 +160,7 @@ def _backward_dkdv(Q, K, V, G, LSE, DELTA, BIAS, DKF, DVF, DK, DV,
         rows = m0 + tl.arange(0, BLK)
         q = _tile(Q, rows, d, S, sqb, sqh, sqs, b, h)
         g = _tile(G, rows, d, S, sgb, sgh, sgs, b, h)
-        lse = tl.load(LSE + bh * S + rows, mask=rows < S, other=0.0)
-        delta = tl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
+        lse, delta = _row_stats(LSE, DELTA, bh, S, rows)
         s, in_band = _scores(q, k, rows, cols, BIAS, h, S, W, WP, scale)
         p = tl.exp(s - lse[:, None])
         dv += tl.dot(tl.trans(p.to(g.dtype)), g)
