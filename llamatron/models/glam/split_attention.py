@@ -243,7 +243,7 @@ class _SplitTriton(torch.autograd.Function):
         q, k, v, table, dist_bucket, bias, out, lse, *state = ctx.saved_tensors
         band, scale, S = ctx.band, ctx.scale, q.shape[2]
         grad = _layout_of(grad, q)
-        delta = (grad.float() * out.float()).sum(-1)  # [B, H, S], contiguous
+        delta = (grad.float() * out.float()).sum(-1).contiguous()  # [B, H, S], as the kernels index it
         far = (q.new_empty(0),) * 3
         if S > band:
             far = _causal_backward(grad[:, :, band:], q[:, :, band:], k[:, :, :S - band], v[:, :, :S - band],
