@@ -15,7 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-CASES = [(300, False), (256, True), (114, False), (113, True), (40, False)]  # past the band (113), at it, within it
+# (sequence, q/k/v laid out [B, S, H, D], head dim): past the band (113), at it, within it; GLaM 64B's heads
+CASES = [(300, False, 16), (256, True, 16), (114, False, 16), (113, True, 16), (40, False, 16), (200, True, 128)]
 
 SCRIPT = r"""
 import json, sys, torch
@@ -24,9 +25,9 @@ from llamatron.models.glam.model import relative_position_bucket
 from llamatron.models.glam.split_attention import split_attention
 
 results = []
-for seqlen, heads_inside in json.loads(sys.argv[1]):
+for seqlen, heads_inside, D in json.loads(sys.argv[1]):
     torch.manual_seed(seqlen)
-    B, H, D = 2, 3, 16
+    B, H = 2, 3
     q, k, v = (torch.randn(B, H, seqlen, D) for _ in range(3))
     if heads_inside:  # [B, S, H, D] in memory, as the model's projections lay them out
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
@@ -59,13 +60,13 @@ def interpreted():
     return dict(zip(CASES, json.loads(proc.stdout.strip().splitlines()[-1])))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"S{s}{'-heads-inside' if h else ''}" for s, h in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"S{s}-D{d}{'-heads-inside' if h else ''}" for s, h, d in CASES])
 def test_triton_band_kernels_give_the_materialised_bias_and_every_gradient(interpreted, case):
     errors = interpreted[case]
     for name in ("out", "q", "k", "v", "table"):
         err, scale = errors[name]
         # The table's last bucket is minus the others' sum: an error of the largest gradient's order.
         assert err <= 1e-5 * max(1.0, scale), f"{name}: {err:.2e} of {scale:.2e}"
-    seqlen, heads_inside = case
+    seqlen, heads_inside, _ = case
     # The output is written in q's layout (cuDNN's backward and the next GEMM take it as it is).
     assert (errors["layout"][1] < errors["layout"][2]) == heads_inside
