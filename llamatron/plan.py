@@ -684,13 +684,29 @@ def render(p: Plan, top: int = 5, train_tokens: float = 1e12) -> str:
     for i, e in enumerate(p.ranked[:top], 1):
         lines.append(f"#{i}: {config}" + " ".join(f"--set {s}" for s in check_overrides(p, e)))
     lines.append("")
-    if hw.calibration is not None and hw.calibration.missing:
-        lines.append(f"note: {hw.calibration.source} has no {', '.join(sorted(hw.calibration.missing))} attention "
-                     "timings: that attention is planned at causal attention's speed (re-run `llamatron plan "
-                     "--calibrate` with the model to time it)")
+    lines += calibration_notes(hw.calibration)
     lines.append("(estimates: memory from llamatron/parallel/memory.py, step time from the cost model in "
                  "llamatron/plan.py; see docs/planner.md)")
     return "\n".join(lines)
+
+
+def calibration_notes(table) -> list[str]:
+    """What the plan's table could not time as the model runs: attention it has no rows of, and GLaM's
+    biased attention timed with another kernel than the one its blocks run now."""
+    if table is None:
+        return []
+    notes = []
+    if table.missing:
+        notes.append(f"note: {table.source} has no {', '.join(sorted(table.missing))} attention timings: that "
+                     "attention is planned at causal attention's speed (re-run `llamatron plan --calibrate` with "
+                     "the model to time it)")
+    from llamatron.models.glam import attention as glam_attention
+
+    timed = table.data.get("glam_attention")
+    if "bias" in table.used - table.missing and timed not in (None, glam_attention.KERNEL):
+        notes.append(f"note: {table.source} timed GLaM's biased attention as {timed}; its blocks now run "
+                     f"{glam_attention.KERNEL} on CUDA (re-run `llamatron plan --calibrate` to time that)")
+    return notes
 
 
 # Memory torch reports per device (GiB), for --gpu without --gpu-memory-gib: 80 GB parts, and the

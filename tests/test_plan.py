@@ -650,10 +650,11 @@ def test_calibration_begins_no_biased_attention_compile_it_has_no_time_for():
     assert clock.skipped == len(measure.BIAS_TOKENS) * len(measure.BIAS_SEQS)
 
 
-def test_calibration_leaves_the_biased_attention_its_time_and_the_plan_says_when_a_table_lacks_it(tmp_path):
+def test_calibration_leaves_the_biased_attention_its_time_and_the_plan_says_when_a_table_lacks_it(monkeypatch):
     """The GEMM sweep stops early enough for GLaM's compiled biased shapes (a 65 s run on an H200 on
     2026-12-06 spent it all on GEMMs), at most half the budget; and a table without rows of the
-    attention a model needs plans it at causal speed and says so under the plan."""
+    attention a model needs plans it at causal speed and says so under the plan, as it says when its
+    GLaM rows timed another kernel than the blocks run."""
     assert measure.bias_reserve(["glam-126m-64e"], False, True, 300.0) == measure.BIAS_COMPILE_S * len(measure.BIAS_TOKENS)
     assert measure.bias_reserve(["llama3.1-8b", "glam-126m-64e"], False, True, 60.0) == 30.0
     assert measure.bias_reserve(["llama3.1-8b", "gpt-126m"], False, True, 140.0) == 0.0
@@ -664,7 +665,13 @@ def test_calibration_leaves_the_biased_attention_its_time_and_the_plan_says_when
     data["attention"] = [r for r in data["attention"] if r["mask"] != "bias"]
     without = plan.plan("glam-126m-64e", calibration.Table(data, "cut.json").apply(hw), 2048, 128)
     assert "note: cut.json has no bias attention timings" in plan.render(without)
-    assert "note:" not in with_bias
+    assert "attention timings" not in with_bias
+    # h100.json timed split_cudnn: a plan says so while the blocks run another kernel, and not after.
+    assert ("timed GLaM's biased attention as split_cudnn" in with_bias) == (glam_attention.KERNEL != "split_cudnn")
+    monkeypatch.setattr(glam_attention, "KERNEL", data["glam_attention"])
+    again = plan.render(plan.plan("glam-126m-64e", calibration.Table(
+        json.loads((Path(calibration.__file__).parent / "h100.json").read_text()), "h100.json").apply(hw), 2048, 128))
+    assert "note:" not in again
     llama = plan.plan("llama3.1-8b", calibration.Table(data, "cut.json").apply(hw), 8192, 16, layers=4)
     assert "note:" not in plan.render(llama)
 

@@ -133,6 +133,7 @@ class Table:
     def __init__(self, data: dict, source: str = "table"):
         self.data, self.source = data, source
         self.missing: set[str] = set()  # attention masks asked for that the table has no rows of
+        self.used: set[str] = set()  # attention masks asked for
         self._gemm: dict[str, dict[tuple[int, int], list[tuple[float, float]]]] = {}
         for op in GEMM_OPS:
             groups: dict[tuple[int, int], list[dict]] = {}
@@ -173,6 +174,7 @@ class Table:
     def attention(self, batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, mask: str) -> tuple[float, float]:
         """Seconds of SDPA forward and backward for `batch` x `heads` queries of seq_q over seq_k keys."""
         rows = [r for r in self.data["attention"] if r["mask"] == mask]
+        self.used.add(mask)
         if not rows:  # e.g. a run whose budget ended before GLaM's biased shapes: planned at causal speed
             self.missing.add(mask)
             rows = self.data["attention"]
