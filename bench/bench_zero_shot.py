@@ -14,7 +14,8 @@ tensors `llamatron convert --to hf` writes), in the same dtype.
 
 Order: llamatron eager at every batch size, then the HF backend, then compiled (compiling is in place
 and cannot be undone), then with --fp8 the same model with its block linears scoring from FP8 copies
-(`llamatron evaluate --fp8`: converted in place, last). Every side warms up on one untimed pass
+(`llamatron evaluate --fp8`: converted in place, last; the blocks compiled for the bf16 side compile
+afresh, and a FP8 side that scores exactly as bf16 is reported failed). Every side warms up on one untimed pass
 over all the requests, so that each batch shape has run once before the timed pass (cuBLAS's
 per-shape heuristics and the allocator's first growth on every side alike; compiled: the blocks' one
 dynamic-shape graph, then no recompile for any batch length); its time is reported apart as
@@ -31,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 import traceback
 
@@ -94,14 +96,32 @@ def _row(scores, seconds: float, n: int, tokens: int, **extra) -> dict:
             **extra}
 
 
-def run_llamatron(model, reqs, sizes, device, tokens: int, compile: bool) -> dict[int, dict]:
-    """{batch size: row}: a full untimed pass first (compiled: the compile, then every length once)."""
+def run_llamatron(model, reqs, sizes, device, tokens: int, compile: bool, profile: bool = False) -> dict[int, dict]:
+    """{batch size: row}: a full untimed pass first (compiled: the compile, then every length once).
+    `profile`: then one more pass at the largest batch size under torch.profiler (where the time goes)."""
     out = {}
     for bs in sizes:
         _, warmup = timed(lambda: loglikelihoods(model, reqs, bs, device, compile=compile), device)
         scores, seconds = timed(lambda: loglikelihoods(model, reqs, bs, device, compile=compile), device)
         out[bs] = _row(scores, seconds, len(reqs), tokens, warmup_s=warmup)
+    if profile and device.type == "cuda":
+        out[max(sizes)]["profile"] = profile_pass(lambda: loglikelihoods(model, reqs, max(sizes), device,
+                                                                         compile=compile))
     return out
+
+
+def profile_pass(fn) -> dict:
+    """One scoring pass under torch.profiler: device time by kernel bucket and the top kernels
+    (bench_train_step.py's summary), printed and returned."""
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+    from bench_train_step import print_profile, profile_summary
+
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        _, wall = timed(fn, torch.device("cuda"))
+    summary = profile_summary(prof, wall)
+    print_profile(summary, "one scoring pass")
+    return summary
 
 
 def run_hf(model, args, reqs, sizes, device, dtype, tokens: int) -> dict[int, dict]:
@@ -136,7 +156,7 @@ def summary_record(rows: dict[str, dict], bs: int, header: dict) -> dict:
     hf = rows.get("lm-eval HF")
     summary = {**header, "batch_size": bs}
     for name, r in rows.items():
-        summary[name] = {k: round(v, 4) for k, v in r.items() if k != "scores"}
+        summary[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if k != "scores"}
         if hf and r is not hf:
             summary[name]["vs_hf"] = round(r["requests_per_s"] / hf["requests_per_s"], 4)
     names = list(rows)
@@ -178,6 +198,8 @@ def main() -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip lm-eval's HF backend")
     ap.add_argument("--fp8", action="store_true", help="then score with FP8 block linears (H100-class GPUs)")
     ap.add_argument("--fp8-min-features", type=int, default=1024)
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one more pass of the last llamatron side at the largest batch size")
     ap.add_argument("--json", default=None, help="write the SUMMARY records here")
     a = ap.parse_args()
     sizes = [int(s) for s in a.batch_sizes.split(",") if s.strip()]
@@ -198,15 +220,22 @@ def main() -> int:
           f"{a.dtype}, {header['device']}, torch {torch.__version__} (model built in {time.perf_counter() - t0:.0f} s)")
 
     def fp8_side():
-        converted = quantize_for_scoring(model, a.fp8_min_features)
+        converted = quantize_for_scoring(model, a.fp8_min_features)  # compiled blocks compile afresh
         print(f"FP8: {len(converted)} block linears score from FP8 copies")
-        return run_llamatron(model, reqs, sizes, device, tokens, compile=not a.no_compile)
+        rows = run_llamatron(model, reqs, sizes, device, tokens, compile=not a.no_compile, profile=a.profile)
+        bf16 = runs.get("llamatron compiled") or runs.get("llamatron eager")
+        if bf16 and all(rows[bs]["scores"] == bf16[bs]["scores"] for bs in sizes):
+            # FP8 rounds differently from bf16: identical scores mean its GEMMs never ran (torch 2.11's
+            # cached graphs did that to this side's rows of 2026-12-05).
+            raise RuntimeError("the FP8 side scored exactly as bf16: its FP8 layers did not run")
+        return rows
 
     sides = {"llamatron eager": lambda: run_llamatron(model, reqs, sizes, device, tokens, compile=False)}
     if not a.no_hf:
         sides["lm-eval HF"] = lambda: run_hf(model, args, reqs, sizes, device, dtype, tokens)
     if not a.no_compile:
-        sides["llamatron compiled"] = lambda: run_llamatron(model, reqs, sizes, device, tokens, compile=True)
+        sides["llamatron compiled"] = lambda: run_llamatron(model, reqs, sizes, device, tokens, compile=True,
+                                                            profile=a.profile and not a.fp8)
     if a.fp8:
         sides["llamatron fp8" + ("" if a.no_compile else " compiled")] = fp8_side
     runs, failed = {}, []

@@ -47,11 +47,12 @@ run castonce 240 150 python bench/bench_train_step.py --layers 8 --seq-len 8192 
     --json "$OUT/castonce.json"
 run l8b_mbs16_fp8 120 70 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
     --steps 3 --warmup 2 --variants compile+fp8-all --json "$OUT/l8b_mbs16_fp8.json"
-run zs8b 230 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 --json "$OUT/zs8b.json"
+run zs8b 250 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 --profile \
+    --json "$OUT/zs8b.json"
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
 run fp8experts_test 90 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py \
     tests/test_glam.py -k "on_cuda or as_close_to_fp32 or one_after_another"
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
     --json "$OUT/ckpt.json"
-grep -h "^split\|^way\|SUMMARY\|MoE layer\|forward + backward\| vs sdpa\|as close to fp32\|profile of one call\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-900
+grep -h "^ROW\|FP8\|^split\|^way\|SUMMARY\|MoE layer\|forward + backward\| vs sdpa\|as close to fp32\|profile of one call\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-900
 tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"

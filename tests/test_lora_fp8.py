@@ -196,3 +196,23 @@ def test_fsdp_over_two_ranks_runs_the_frozen_layers_in_fp8(tmp_path):
     for step in (1, 2, 3):
         assert fp8[("train", step)][0] == pytest.approx(ref[("train", step)][0], rel=2e-2), step
     assert [fp8[("train", s)] for s in (1, 2, 3)] != [bf16[("train", s)] for s in (1, 2, 3)]
+
+
+def test_scoring_in_fp8_returns_compiled_blocks_to_eager_and_scores_without_autograd():
+    """quantize_for_scoring on a model whose blocks were compiled for scoring: the compiled code (which
+    may keep running the replaced layers) is dropped, so the next compile traces the FP8 layers; under
+    no_grad an FP8 copy gives the forward GEMM alone, equal to the autograd path's output."""
+    from llamatron.transforms.compile import compile_for_eval
+    from llamatron.transforms.fp8_frozen import quantize_for_scoring
+
+    model = Transformer(SIZES["debug"]).bfloat16()
+    model.init_weights(seed=3)
+    assert compile_for_eval(model) == len(model.layers)
+    converted = quantize_for_scoring(model, 16)
+    assert converted and all(b._compiled_call_impl is None for b in model.layers.values())
+    assert compile_for_eval(model) == len(model.layers)  # compiled afresh on the next scoring
+    base = model.get_submodule(converted[0]).fp8_base
+    x = torch.randn(2, 3, base.w8.shape[1], generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        plain = base(x)
+    assert torch.equal(plain, base(x.requires_grad_()).detach())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 # The backend every block compiles with. Tests swap in inductor's partitioner without its code
@@ -35,3 +36,18 @@ def compile_for_eval(model: nn.Module) -> int:
             block.compile(dynamic=True, fullgraph=True)
         count += getattr(block, "_compiled_call_impl", None) is not None
     return count
+
+
+def drop_compiled(model: nn.Module) -> int:
+    """Return `model`'s compiled blocks to eager and clear dynamo's caches: after a transform swaps
+    modules inside a compiled block (FP8 scoring's copies), the cached graphs may keep running the old
+    ones (torch 2.11 on CUDA did: its FP8 rows scored exactly as bf16), so the next `compile_for_eval`
+    must trace the blocks afresh. Returns how many blocks were compiled."""
+    layers = getattr(model, "layers", None)
+    blocks = [b for b in (layers.values() if isinstance(layers, nn.ModuleDict) else ())
+              if getattr(b, "_compiled_call_impl", None) is not None]
+    for block in blocks:
+        block._compiled_call_impl = None
+    if blocks:
+        torch._dynamo.reset()
+    return len(blocks)

@@ -83,7 +83,10 @@ class FP8FrozenWeight(nn.Module):
         self.out_dtype = torch.bfloat16
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        out = _FrozenFP8Linear.apply(x, self.w8, self.w8_t, self.w_inv, self.out_dtype)
+        if torch.is_grad_enabled():
+            out = _FrozenFP8Linear.apply(x, self.w8, self.w8_t, self.w_inv, self.out_dtype)
+        else:  # scoring: the forward GEMM alone, nothing saved
+            out = _output(x, self.w8, self.w_inv, self.out_dtype)
         return out if bias is None else out + bias.to(out.dtype)
 
 
@@ -157,9 +160,13 @@ def quantize_frozen_linears(model: nn.Module, min_features: int) -> list[str]:
 def quantize_for_scoring(model: nn.Module, min_features: int = 1024) -> list[str]:
     """Evaluation in FP8 (`llamatron evaluate --fp8`): every weight is frozen for scoring, so each
     eligible block linear gets its FP8 copies once and scores from them (the output layer stays bf16,
-    as in training's tensorwise recipe without it). Returns the names converted."""
+    as in training's tensorwise recipe without it). Blocks compiled before are returned to eager (the
+    next scoring compiles them with their FP8 layers). Returns the names converted."""
+    from llamatron.transforms.compile import drop_compiled
+
     for p in model.parameters():
         p.requires_grad_(False)
+    drop_compiled(model)
     return quantize_frozen_linears(model, min_features)
 
 
