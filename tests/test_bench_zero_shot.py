@@ -47,3 +47,19 @@ def test_a_failing_side_is_reported_and_the_others_kept(tmp_path, monkeypatch, c
     (record,) = json.loads(out.read_text())
     assert "llamatron eager" in record and "lm-eval HF" not in record
     assert "lm-eval HF: failed: RuntimeError: simulated failure" in capsys.readouterr().out
+
+
+def test_the_fp8_side_scores_differently_from_bf16_or_is_reported_failed(tmp_path, monkeypatch, capsys):
+    """FP8 rounds differently from bf16, so the FP8 side's scores differ from the bf16 side's; a side
+    whose FP8 layers never ran (identical scores: the cached compiled graphs of 2026-12-05) fails."""
+    out = tmp_path / "zs.json"
+    monkeypatch.setattr(sys, "argv", _argv(out, "--no-hf", "--fp8", "--fp8-min-features", "16", "--dtype", "bf16"))
+    torch.set_num_threads(1)
+    bench = _bench()
+    assert bench.main() == 0
+    (record,) = json.loads(out.read_text())
+    assert record["max_ll_difference"]["llamatron eager vs llamatron fp8"] > 0
+    bench = _bench()
+    monkeypatch.setattr(bench, "quantize_for_scoring", lambda model, min_features: ["layers.0.attention.wq"])
+    assert bench.main() == 1
+    assert "the FP8 side scored exactly as bf16" in capsys.readouterr().out
