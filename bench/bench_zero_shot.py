@@ -14,8 +14,9 @@ tensors `llamatron convert --to hf` writes), in the same dtype.
 
 Order: llamatron eager at every batch size, then the HF backend, then compiled (compiling is in place
 and cannot be undone), then with --fp8 the same model with its block linears scoring from FP8 copies
-(`llamatron evaluate --fp8`: converted in place, last; the blocks compiled for the bf16 side compile
-afresh, and a FP8 side that scores exactly as bf16 is reported failed). Every side warms up on one untimed pass
+(`llamatron evaluate --fp8`: converted in place, last, once per recipe given; the blocks compiled for
+the bf16 side compile afresh, and a FP8 side that scores exactly as bf16 is reported failed; `--profile`
+profiles the last side's largest batch). Every side warms up on one untimed pass
 over all the requests, so that each batch shape has run once before the timed pass (cuBLAS's
 per-shape heuristics and the allocator's first growth on every side alike; compiled: the blocks' one
 dynamic-shape graph, then no recompile for any batch length); its time is reported apart as
@@ -196,7 +197,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights of every model")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled llamatron run")
     ap.add_argument("--no-hf", action="store_true", help="skip lm-eval's HF backend")
-    ap.add_argument("--fp8", action="store_true", help="then score with FP8 block linears (H100-class GPUs)")
+    ap.add_argument("--fp8", nargs="?", const="rowwise", default=None, metavar="RECIPES",
+                    help="then score with FP8 block linears (H100-class GPUs), per recipe in turn: rowwise "
+                         "(the default), tensorwise, or both comma-separated")
     ap.add_argument("--fp8-min-features", type=int, default=1024)
     ap.add_argument("--profile", action="store_true",
                     help="profile one more pass of the last llamatron side at the largest batch size")
@@ -219,10 +222,10 @@ def main() -> int:
     print(f"{a.size}{f' ({a.layers} layers)' if a.layers else ''}, {len(reqs)} requests, {tokens:,} input tokens, "
           f"{a.dtype}, {header['device']}, torch {torch.__version__} (model built in {time.perf_counter() - t0:.0f} s)")
 
-    def fp8_side():
-        converted = quantize_for_scoring(model, a.fp8_min_features)  # compiled blocks compile afresh
-        print(f"FP8: {len(converted)} block linears score from FP8 copies")
-        rows = run_llamatron(model, reqs, sizes, device, tokens, compile=not a.no_compile, profile=a.profile)
+    def fp8_side(recipe: str, last: bool):
+        converted = quantize_for_scoring(model, a.fp8_min_features, recipe)  # compiled blocks compile afresh
+        print(f"FP8 {recipe}: {len(converted)} block linears score from FP8 copies")
+        rows = run_llamatron(model, reqs, sizes, device, tokens, compile=not a.no_compile, profile=a.profile and last)
         bf16 = runs.get("llamatron compiled") or runs.get("llamatron eager")
         if bf16 and all(rows[bs]["scores"] == bf16[bs]["scores"] for bs in sizes):
             # FP8 rounds differently from bf16: identical scores mean its GEMMs never ran (torch 2.11's
@@ -230,14 +233,16 @@ def main() -> int:
             raise RuntimeError("the FP8 side scored exactly as bf16: its FP8 layers did not run")
         return rows
 
+    recipes = [r for r in (a.fp8 or "").split(",") if r]
     sides = {"llamatron eager": lambda: run_llamatron(model, reqs, sizes, device, tokens, compile=False)}
     if not a.no_hf:
         sides["lm-eval HF"] = lambda: run_hf(model, args, reqs, sizes, device, dtype, tokens)
     if not a.no_compile:
         sides["llamatron compiled"] = lambda: run_llamatron(model, reqs, sizes, device, tokens, compile=True,
-                                                            profile=a.profile and not a.fp8)
-    if a.fp8:
-        sides["llamatron fp8" + ("" if a.no_compile else " compiled")] = fp8_side
+                                                            profile=a.profile and not recipes)
+    for i, recipe in enumerate(recipes):
+        name = "llamatron fp8" + ("" if recipe == "tensorwise" else f" {recipe}") + ("" if a.no_compile else " compiled")
+        sides[name] = lambda recipe=recipe, last=i == len(recipes) - 1: fp8_side(recipe, last)
     runs, failed = {}, []
     for name, side in sides.items():  # each printed and written as it ends: a run cut short keeps them
         try:

@@ -109,8 +109,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block for scoring (default: on CUDA, off on the CPU; one process only)")
-    p.add_argument("--fp8", action="store_true",
-                   help="score with the block linears' GEMMs in FP8 (tensorwise; H100-class GPUs; one process)")
+    p.add_argument("--fp8", nargs="?", const="rowwise", default=None, choices=("rowwise", "tensorwise"),
+                   help="score with the block linears' GEMMs in FP8, scaled per row (the default) or per tensor "
+                        "(H100-class GPUs; one process)")
     p.add_argument("--fp8-min-features", type=int, default=1024, help="smaller linears stay bf16 under --fp8")
     p.add_argument("--output", default=None, help="results JSON (default: RUN/zero_shot_step_N.json)")
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",

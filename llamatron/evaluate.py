@@ -143,13 +143,13 @@ def _load_layout(path, cfg, device, precision: str, tp: int):
     return layout, prec
 
 
-def _fp8_scoring(model, min_features: int) -> None:
+def _fp8_scoring(model, min_features: int, recipe: str) -> None:
     from llamatron.parallel.layout import Layout
     from llamatron.transforms.fp8_frozen import quantize_for_scoring
 
     if isinstance(model, Layout):
         raise LlamatronError("--fp8: scores in one process only (the FP8 copies need whole weights on one rank)")
-    if not quantize_for_scoring(model, min_features):
+    if not quantize_for_scoring(model, min_features, recipe):
         raise LlamatronError(f"--fp8: no block linear of at least --fp8-min-features {min_features} features "
                              "(both dimensions multiples of 16)")
 
@@ -298,10 +298,11 @@ def evaluate(checkpoint, tasks: str, tokenizer: str | None = None, data_dir: str
              files: list[str] = (), prompt: str = "harness", limit: int | None = None, batch_size: int = 8,
              device: str = "auto", include_path: str | None = None, add_bos: bool = False,
              harness_defaults: bool = True, bootstrap_iters: int = 1000, tp: int = 1,
-             compile: bool | None = None, fp8: bool = False, fp8_min_features: int = 1024) -> dict:
+             compile: bool | None = None, fp8: bool | str = False, fp8_min_features: int = 1024) -> dict:
     """What `llamatron evaluate` runs: inputs are checked first, then the model is loaded once.
     `compile` (None: on CUDA): the blocks compiled for scoring, in one process (`loglikelihoods`).
-    `fp8`: the block linears of at least `fp8_min_features` score from FP8 copies (one process)."""
+    `fp8`: the block linears of at least `fp8_min_features` score from FP8 copies (one process), scaled
+    per row (True or "rowwise") or per tensor ("tensorwise")."""
     from llamatron.eval.tasks import PROMPTS, Scorer, get_task, read_jsonl, run_task
     from llamatron.parallel.layout import Layout
     from llamatron.runtime import select_device
@@ -319,7 +320,7 @@ def evaluate(checkpoint, tasks: str, tokenizer: str | None = None, data_dir: str
     dev = select_device(device)
     model, precision = load_model(checkpoint, dev, tp=tp)
     if fp8:
-        _fp8_scoring(model, fp8_min_features)
+        _fp8_scoring(model, fp8_min_features, "rowwise" if fp8 is True else fp8)
     vocab = (model.model if isinstance(model, Layout) else model).args.vocab_size
     if tok.vocab_size > vocab:
         raise LlamatronError(f"tokenizer {tok.name}: {tok.vocab_size} tokens, more than the model's vocabulary "

@@ -1,5 +1,6 @@
-"""The two FP8 primitives llamatron's own FP8 GEMMs share (the fused loss's output layer, LoRA's frozen
-base layers): a tensor cast to FP8 with one dynamic scale, and `torch._scaled_mm` on such operands.
+"""The FP8 primitives llamatron's own FP8 GEMMs share (the fused loss's output layer, LoRA's frozen
+base layers, FP8 scoring): a tensor cast to FP8 with one dynamic scale or one per row, and
+`torch._scaled_mm` on such operands.
 torchao's `Float8Linear` does the same for trainable layers; these are for GEMMs it does not cover.
 """
 
@@ -17,7 +18,18 @@ def to_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[t
     return (x.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
 
 
+def to_fp8_rowwise(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, k] with one dynamic scale per row (torchao's rowwise recipe), and the inverse scales
+    [rows, 1] in fp32. A row's largest magnitude is a reduction along the row only, which compile fuses
+    with the cast (and with the kernel making x) rather than a pass over the whole tensor first."""
+    fmax = torch.finfo(dtype).max
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = fmax / amax
+    return (x.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
+
+
 def fp8_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
            out_dtype: torch.dtype) -> torch.Tensor:
-    """a @ b for FP8 a (row-major) and b (column-major), as torch._scaled_mm takes them."""
+    """a @ b for FP8 a (row-major) and b (column-major), as torch._scaled_mm takes them; the inverse
+    scales are scalars (tensorwise) or a_inv [m, 1] and b_inv [1, n] (rowwise)."""
     return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)

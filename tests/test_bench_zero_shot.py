@@ -58,8 +58,8 @@ def test_the_fp8_side_scores_differently_from_bf16_or_is_reported_failed(tmp_pat
     bench = _bench()
     assert bench.main() == 0
     (record,) = json.loads(out.read_text())
-    assert record["max_ll_difference"]["llamatron eager vs llamatron fp8"] > 0
+    assert record["max_ll_difference"]["llamatron eager vs llamatron fp8 rowwise"] > 0
     bench = _bench()
-    monkeypatch.setattr(bench, "quantize_for_scoring", lambda model, min_features: ["layers.0.attention.wq"])
+    monkeypatch.setattr(bench, "quantize_for_scoring", lambda model, min_features, recipe: ["layers.0.attention.wq"])
     assert bench.main() == 1
     assert "the FP8 side scored exactly as bf16" in capsys.readouterr().out

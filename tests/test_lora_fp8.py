@@ -216,3 +216,28 @@ def test_scoring_in_fp8_returns_compiled_blocks_to_eager_and_scores_without_auto
     with torch.no_grad():
         plain = base(x)
     assert torch.equal(plain, base(x.requires_grad_()).detach())
+
+
+def test_rowwise_scoring_weight_is_the_product_of_per_row_fp8_operands():
+    """FP8 scoring's default recipe: E4M3 with a scale per input row (token) and per weight row (output
+    feature); closer to the exact product than one scale per tensor when rows differ in magnitude."""
+    from llamatron.transforms.fp8_frozen import FP8RowwiseScoringWeight, quantize_for_scoring
+
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randn(48, 64, generator=gen) * torch.logspace(-2, 0, 48).unsqueeze(1)).bfloat16()
+    x = (torch.randn(3, 5, 64, generator=gen) * torch.logspace(-1, 1, 5).view(1, 5, 1)).bfloat16()
+    base = FP8RowwiseScoringWeight(w)
+    assert base.w8.dtype == torch.float8_e4m3fn and base.w_inv.shape == (1, 48) and not base.state_dict()
+    out = base(x)
+
+    def rowwise(t):
+        fmax = torch.finfo(torch.float8_e4m3fn).max
+        scale = fmax / t.abs().amax(-1, keepdim=True).float()
+        return (t.float() * scale).clamp(-fmax, fmax).to(torch.float8_e4m3fn).float() / scale
+
+    torch.testing.assert_close(out.float(), rowwise(x) @ rowwise(w).t(), rtol=1e-2, atol=1e-3)
+    exact = x.float() @ w.float().t()
+    tensorwise = FP8FrozenWeight(w)(x).float()
+    assert (out.float() - exact).norm() < (tensorwise - exact).norm()
+    with pytest.raises(LlamatronError, match="--fp8-recipe 'blockwise'"):
+        quantize_for_scoring(Transformer(SIZES["debug"]), 16, "blockwise")
