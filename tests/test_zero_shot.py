@@ -739,8 +739,9 @@ def test_cli_evaluate_under_torchrun_equals_single_process(extra, hf, tok_path, 
 
 @needs_hf
 def test_cli_evaluate_in_fp8_scores_close_to_bf16_and_refuses_several_processes(hf, tok_path, data, tmp_path, capsys):
-    """--fp8: the block linears score from FP8 copies (emulated on the CPU): the same items, log
-    perplexity within a few percent of the plain run's and not equal to it; with several processes
+    """--fp8: the block linears score from FP8 copies (emulated on the CPU), per row or (--fp8
+    tensorwise) per tensor: the same items, log perplexity within a few percent of the plain run's and
+    not equal to it; with several processes
     it is refused in one line."""
     args = ["evaluate", "--checkpoint", str(hf.ckpt), "--tokenizer", str(tok_path), "--data-dir", str(data),
             "--tasks", "lambada,boolq", "--batch-size", "2", "--device", "cpu", "--no-compile"]
@@ -750,6 +751,10 @@ def test_cli_evaluate_in_fp8_scores_close_to_bf16_and_refuses_several_processes(
     assert fp8["lambada"]["count"] == plain["lambada"]["count"] and fp8["boolq"]["count"] == plain["boolq"]["count"]
     a, b = (r["lambada"]["metrics"]["perplexity"]["value"] for r in (plain, fp8))
     assert a != b and math.log(b) == pytest.approx(math.log(a), rel=0.05)
+    # --fp8 is rowwise; tensorwise (one scale per tensor) rounds otherwise, as close
+    assert main(args + ["--fp8", "tensorwise", "--fp8-min-features", "16", "--output", str(tmp_path / "t.json")]) == 0
+    c = json.loads((tmp_path / "t.json").read_text())["lambada"]["metrics"]["perplexity"]["value"]
+    assert c not in (a, b) and math.log(c) == pytest.approx(math.log(a), rel=0.05)
     capsys.readouterr()
     assert main(args + ["--fp8", "--nproc-per-node", "2"]) == 2
     assert "--fp8: scores in one process only" in capsys.readouterr().err
