@@ -273,7 +273,9 @@ def _fwd_bwd_ms(fn, x, device, amp, warmup: int = 3, repeats: int = 10) -> float
 
 def categorize(kernel: str) -> str:
     k = kernel.lower()
-    if any(s in k for s in ("fmha", "flash", "cudnn", "attention", "sdpa", "fprop", "dgrad_")) and "gemm" not in k:
+    # "_band_": GLaM's band kernels in Triton (models/glam/band_kernel.py)
+    attention = ("fmha", "flash", "cudnn", "attention", "sdpa", "fprop", "dgrad_", "_band_")
+    if any(s in k for s in attention) and "gemm" not in k:
         return "attention"
     if any(s in k for s in ("gemm", "nvjet", "xmma", "cutlass", "sm90", "matmul", "cublas")):
         return "gemm"

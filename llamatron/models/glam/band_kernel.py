@@ -60,7 +60,7 @@ def _scores(q, k, rows, cols, bias_ptr, h, S, W, WP: tl.constexpr, scale):
 
 
 @triton.jit
-def _forward(Q, K, V, BIAS, OF, LSEF, OUT, LSE,
+def _band_forward(Q, K, V, BIAS, OF, LSEF, OUT, LSE,
              sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sfb, sfh, sfs, slb, slh, sls, sob, soh, sos,
              H, S, W, scale, HAS_FAR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr):
     m0 = tl.program_id(0) * BLK
@@ -99,7 +99,7 @@ def _forward(Q, K, V, BIAS, OF, LSEF, OUT, LSE,
 
 
 @triton.jit
-def _backward_dq(Q, K, V, G, LSE, DELTA, BIAS, DQF, DQ, DS, PART,
+def _band_backward_dq(Q, K, V, G, LSE, DELTA, BIAS, DQF, DQ, DS, PART,
                  sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sgb, sgh, sgs, sfb, sfh, sfs, sdb, sdh, sds,
                  H, S, W, scale, HAS_FAR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr):
     """dq of a block of queries (plus the far part's), and the sum of its rows' dS at each distance."""
@@ -140,7 +140,7 @@ def _backward_dq(Q, K, V, G, LSE, DELTA, BIAS, DQF, DQ, DS, PART,
 
 
 @triton.jit
-def _backward_dkdv(Q, K, V, G, LSE, DELTA, BIAS, DKF, DVF, DK, DV,
+def _band_backward_dkdv(Q, K, V, G, LSE, DELTA, BIAS, DKF, DVF, DK, DV,
                    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sgb, sgh, sgs,
                    skfb, skfh, skfs, svfb, svfh, svfs, sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
                    H, S, W, scale, HAS_FAR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr):
@@ -200,7 +200,7 @@ def band_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     has_far = o_far.numel() > 0
     o_far, lse_far = (o_far, lse_far) if has_far else (q, lse)  # pointers never read
     grid, meta = _launch_args(q, band)
-    _forward[grid](q, k, v, bias, o_far, lse_far, out, lse, *_strides(q), *_strides(k), *_strides(v),
+    _band_forward[grid](q, k, v, bias, o_far, lse_far, out, lse, *_strides(q), *_strides(k), *_strides(v),
                    *_strides(o_far), *lse_far.stride()[:3], *_strides(out), scale=scale, HAS_FAR=has_far,
                    **meta)
     return out, lse
@@ -228,9 +228,9 @@ def band_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     if not has_far:
         dq_far = dk_far = dv_far = q
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad))
-    _backward_dq[grid](q, k, v, grad, lse, delta, bias, dq_far, dq, ds, part, *common, *_strides(dq_far), *_strides(dq),
+    _band_backward_dq[grid](q, k, v, grad, lse, delta, bias, dq_far, dq, ds, part, *common, *_strides(dq_far), *_strides(dq),
                        scale=scale, HAS_FAR=has_far, **meta)
-    _backward_dkdv[grid](q, k, v, grad, lse, delta, bias, dk_far, dv_far, dk, dv, *common, *_strides(dk_far),
+    _band_backward_dkdv[grid](q, k, v, grad, lse, delta, bias, dk_far, dv_far, dk, dv, *common, *_strides(dk_far),
                          *_strides(dv_far), *_strides(dk), *_strides(dv), scale=scale, HAS_FAR=has_far, **meta)
     return dq, dk, dv, part.sum((0, 2))
 
