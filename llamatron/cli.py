@@ -252,7 +252,12 @@ def cmd_train(args) -> int:
     finally:
         restore()
     print_summary(result)
-    return REQUEUE_EXIT_CODE if result.preempted else 0
+    code = REQUEUE_EXIT_CODE if result.preempted else 0
+    from llamatron.runtime import env_world_size
+
+    if env_world_size() > 1:  # a rank under torchrun: the run (process group included) has ended
+        leave_torchrun_rank(code)
+    return code
 
 
 def _train_torchrun(args, cfg) -> int:
@@ -316,7 +321,12 @@ def cmd_demo(args) -> int:
     cfg = load_config(args.config, overrides)
     result = train(cfg)
     print_summary(result)
-    return REQUEUE_EXIT_CODE if result.preempted else 0
+    code = REQUEUE_EXIT_CODE if result.preempted else 0
+    from llamatron.runtime import env_world_size
+
+    if env_world_size() > 1:  # a rank under torchrun: the run (process group included) has ended
+        leave_torchrun_rank(code)
+    return code
 
 
 def cmd_preprocess(args) -> int:
@@ -388,6 +398,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def leave_torchrun_rank(code: int) -> None:
+    """End a rank under torchrun, its work written, without the interpreter's teardown: there, threads
+    of libraries the run loaded (Arrow's, under `datasets`) aborted ranks after their work was done
+    ("terminate called without an active exception", in CI under `evaluate` and `train`;
+    huggingface/datasets#7566), and torchrun then failed the job."""
+    import logging
+
+    logging.shutdown()  # os._exit runs no atexit hooks: the log handlers are flushed and closed here
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def cmd_evaluate(args) -> int:
     import torch.distributed as dist
 
@@ -412,12 +435,7 @@ def cmd_evaluate(args) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if env_world_size() > 1:
-        # A rank under torchrun leaves without the interpreter's teardown, where threads of libraries
-        # lm-eval loads (Arrow's, under `datasets`) aborted a rank after its work was done ("terminate
-        # called without an active exception", CI; huggingface/datasets#7566): everything is written.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        leave_torchrun_rank(0)
     return 0
 
 
