@@ -241,7 +241,8 @@ def main() -> int:
         sides["llamatron compiled"] = lambda: run_llamatron(model, reqs, sizes, device, tokens, compile=True,
                                                             profile=a.profile and not recipes)
     for i, recipe in enumerate(recipes):
-        name = "llamatron fp8" + ("" if recipe == "tensorwise" else f" {recipe}") + ("" if a.no_compile else " compiled")
+        name = " ".join(["llamatron fp8"] + ([] if recipe == "tensorwise" else [recipe])
+                        + ([] if a.no_compile else ["compiled"]))
         sides[name] = lambda recipe=recipe, last=i == len(recipes) - 1: fp8_side(recipe, last)
     runs, failed = {}, []
     for name, side in sides.items():  # each printed and written as it ends: a run cut short keeps them

@@ -201,8 +201,8 @@ def band_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     o_far, lse_far = (o_far, lse_far) if has_far else (q, lse)  # pointers never read
     grid, meta = _launch_args(q, band)
     _band_forward[grid](q, k, v, bias, o_far, lse_far, out, lse, *_strides(q), *_strides(k), *_strides(v),
-                   *_strides(o_far), *lse_far.stride()[:3], *_strides(out), scale=scale, HAS_FAR=has_far,
-                   **meta)
+                        *_strides(o_far), *lse_far.stride()[:3], *_strides(out), scale=scale, HAS_FAR=has_far,
+                        **meta)
     return out, lse
 
 
@@ -228,10 +228,10 @@ def band_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     if not has_far:
         dq_far = dk_far = dv_far = q
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad))
-    _band_backward_dq[grid](q, k, v, grad, lse, delta, bias, dq_far, dq, ds, part, *common, *_strides(dq_far), *_strides(dq),
-                       scale=scale, HAS_FAR=has_far, **meta)
+    _band_backward_dq[grid](q, k, v, grad, lse, delta, bias, dq_far, dq, ds, part, *common, *_strides(dq_far),
+                            *_strides(dq), scale=scale, HAS_FAR=has_far, **meta)
     _band_backward_dkdv[grid](q, k, v, grad, lse, delta, bias, dk_far, dv_far, dk, dv, *common, *_strides(dk_far),
-                         *_strides(dv_far), *_strides(dk), *_strides(dv), scale=scale, HAS_FAR=has_far, **meta)
+                              *_strides(dv_far), *_strides(dk), *_strides(dv), scale=scale, HAS_FAR=has_far, **meta)
     return dq, dk, dv, part.sum((0, 2))
 
 
