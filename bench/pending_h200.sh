@@ -1,24 +1,27 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-06, 03:50 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-06, 05:40 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
 #
-#   bash bench/pending_h200.sh 540 /tmp/runs && cp /tmp/runs.tgz $OUT/   # carry lm-eval's wheels (docs/performance.md)
-#   SKIP=glam,calibrate bash bench/pending_h200.sh 540 /tmp/runs          # a second call: the runs the first did not reach
-#   ONLY=calibrate bash bench/pending_h200.sh 150 /tmp/runs               # just these
+#   bash bench/pending_h200.sh 540 $OUT/runs        # with .whl carried: installed first (below)
+#   SKIP=glam,calibrate bash bench/pending_h200.sh 540 $OUT/runs    # a second call: the runs the first did not reach
+#   ONLY=calibrate,zs8b bash bench/pending_h200.sh 300 $OUT/runs    # just these
 #
-# Measured on 2026-12-06 (docs/performance.md): split_triton (GLaM's band in Triton kernels) on an H100
-# and an H200, GLaM 126M-64E on the H200 at micro 8, 16 and 32, and the H200 calibration table, whose
-# 65 s budget ran out before GLaM's biased attention. So, in order:
-# 1. issue 23: the H200 table again with its full budget (the GEMM sweep now leaves the biased shapes
-#    their time), for llamatron/calibration/h200.json (on an H100: h100.json, timing split_triton)
-# 2. issue 21: GLaM's attention alone, every way in one process (split_cudnn then split_triton compiled:
-#    the cuDNN graph cache of 2026-12-06), then GLaM 126M-64E again at micro 16 and 32
-# 3. issue 20: LoRA of the 8B at seq 4096 with best-fit packing (bf16 and FP8 base layers, micro 2 and 4)
-# 4. issue 22: the cast-once levers on the 8-layer 8B proxy at micro 2; the 8B proxy at micro 16 in FP8
-# 5. issue 19: the 8B's and GPT-126M's scoring against lm-eval's HF backend
-# 6. the CUDA tests of GLaM's kernels, the first async save
+# The device image lacks lm-eval (the HF backend's side), dill and torchao: fetched here into .whl (git
+# ignores it) by `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation
+# cp --platform manylinux_2_28_x86_64 --platform any -d .whl lm_eval==0.4.13 dill torchao==0.17.0`, carried.
+#
+# Measured on an H100 on 2026-12-06 (docs/performance.md): the 8B's FP8 scoring (rowwise 2.02x lm-eval's HF
+# backend at batch 128), the H100 table timing split_triton, GLaM 126M-64E with split_triton and its
+# profile. The H200 has not run since 02:57. So, in order:
+# 1. issue 23: the H200 table with its full budget (the GEMM sweep now leaves the biased shapes their
+#    time), for llamatron/calibration/h200.json (on an H100 it replaces h100.json)
+# 2. issue 19: the 8B's scoring against lm-eval's HF backend, bf16 and FP8 (both recipes), on the H200
+# 3. issue 21: GLaM's attention alone, every way in one process, then GLaM 126M-64E at micro 16 and 32
+# 4. issue 20: LoRA of the 8B at seq 4096 with best-fit packing (bf16 and FP8 base layers, micro 2 and 4)
+# 5. issue 22: the cast-once levers on the 8-layer 8B proxy at micro 2; the 8B proxy at micro 16 in FP8
+# 6. GPT-126M's scoring, the CUDA tests of GLaM's kernels, the first async save
 TOTAL=${1:-560}
 OUT=${2:-${OUT:-h200-runs}}
 mkdir -p "$OUT"
@@ -33,9 +36,15 @@ run() {  # run NAME CAP MIN COMMAND...: at most CAP seconds, skipped when fewer 
     timeout "$r" "$@" > "$OUT/$name.log" 2>&1
     echo "$name: exit $? ($(left) s left)"
 }
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 # The calibration times GLaM's attention as the blocks run it by default (attention.KERNEL).
 run calibrate 170 120 python -m llamatron plan --calibrate --out "$OUT/calibration.json" --budget-s 150
+run zs8b 250 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 tensorwise,rowwise --profile \
+    --json "$OUT/zs8b.json"
 run glamattn 150 50 python bench/bench_glam_attention.py --quick --profile "split_triton, compiled"
 run glam 240 100 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
     --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split_triton,compile+castonce+fusedwgrad@attn=split_triton@micro=32 \
@@ -47,8 +56,6 @@ run castonce 240 150 python bench/bench_train_step.py --layers 8 --seq-len 8192 
     --json "$OUT/castonce.json"
 run l8b_mbs16_fp8 120 70 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
     --steps 3 --warmup 2 --variants compile+fp8-all --json "$OUT/l8b_mbs16_fp8.json"
-run zs8b 250 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 tensorwise,rowwise --profile \
-    --json "$OUT/zs8b.json"
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
 run fp8experts_test 90 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py \
     tests/test_glam.py -k "on_cuda or as_close_to_fp32 or one_after_another"
