@@ -161,16 +161,16 @@ def gather_frozen_linears(model: nn.Module, min_features: int) -> list[str]:
 
 
 @torch.no_grad()
-def quantize_frozen_linears(model: nn.Module, min_features: int) -> list[str]:
+def quantize_frozen_linears(model: nn.Module, min_features: int, copy=FP8FrozenWeight) -> list[str]:
     """Give every frozen nn.Linear of `model` that FP8 GEMMs can take (both dimensions multiples of 16
-    and at least `min_features`; not the output layer) its FP8 copies, from its current weight: call
-    it after the weights are loaded. Returns the clean names of the layers converted."""
+    and at least `min_features`; not the output layer) its FP8 copies (`copy`, made from its current
+    weight): call it after the weights are loaded. Returns the clean names of the layers converted."""
     done = []
     for name, mod in _eligible_frozen(model, min_features):
         if type(mod.weight.data) is not torch.Tensor:  # a DTensor shard
             raise LlamatronError(f"config key 'train.fp8': LoRA's FP8 base layers need whole weights on one "
                                  f"rank; {name} is sharded (no FSDP or tensor parallelism with LoRA and FP8)")
-        mod.fp8_base = FP8FrozenWeight(mod.weight)
+        mod.fp8_base = copy(mod.weight)
         if type(mod) is nn.Linear:
             mod.__class__ = FP8FrozenLinear
         done.append(name)
@@ -195,15 +195,8 @@ def quantize_for_scoring(model: nn.Module, min_features: int = 1024, recipe: str
     for p in model.parameters():
         p.requires_grad_(False)
     drop_compiled(model)
-    if recipe == "tensorwise":
-        return quantize_frozen_linears(model, min_features)
-    done = []
-    for name, mod in _eligible_frozen(model, min_features):
-        mod.fp8_base = FP8RowwiseScoringWeight(mod.weight)
-        if type(mod) is nn.Linear:
-            mod.__class__ = FP8FrozenLinear
-        done.append(name)
-    return done
+    copy = FP8FrozenWeight if recipe == "tensorwise" else FP8RowwiseScoringWeight
+    return quantize_frozen_linears(model, min_features, copy)
 
 
 def fp8_frozen_linears(parts: list[nn.Module], cfg, fsdp: bool) -> int:

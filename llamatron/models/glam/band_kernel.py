@@ -61,8 +61,8 @@ def _scores(q, k, rows, cols, bias_ptr, h, S, W, WP: tl.constexpr, scale):
 
 @triton.jit
 def _band_forward(Q, K, V, BIAS, OF, LSEF, OUT, LSE,
-             sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sfb, sfh, sfs, slb, slh, sls, sob, soh, sos,
-             H, S, W, scale, HAS_FAR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr):
+                  sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sfb, sfh, sfs, slb, slh, sls, sob, soh, sos,
+                  H, S, W, scale, HAS_FAR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr):
     m0 = tl.program_id(0) * BLK
     b, h = tl.program_id(1) // H, tl.program_id(1) % H
     rows = m0 + tl.arange(0, BLK)
@@ -100,8 +100,8 @@ def _band_forward(Q, K, V, BIAS, OF, LSEF, OUT, LSE,
 
 @triton.jit
 def _band_backward_dq(Q, K, V, G, LSE, DELTA, BIAS, DQF, DQ, DS, PART,
-                 sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sgb, sgh, sgs, sfb, sfh, sfs, sdb, sdh, sds,
-                 H, S, W, scale, HAS_FAR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr):
+                      sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sgb, sgh, sgs, sfb, sfh, sfs, sdb, sdh, sds,
+                      H, S, W, scale, HAS_FAR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr):
     """dq of a block of queries (plus the far part's), and the sum of its rows' dS at each distance."""
     m0 = tl.program_id(0) * BLK
     bh = tl.program_id(1)
@@ -141,9 +141,9 @@ def _band_backward_dq(Q, K, V, G, LSE, DELTA, BIAS, DQF, DQ, DS, PART,
 
 @triton.jit
 def _band_backward_dkdv(Q, K, V, G, LSE, DELTA, BIAS, DKF, DVF, DK, DV,
-                   sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sgb, sgh, sgs,
-                   skfb, skfh, skfs, svfb, svfh, svfs, sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
-                   H, S, W, scale, HAS_FAR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr):
+                        sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sgb, sgh, sgs,
+                        skfb, skfh, skfs, svfb, svfh, svfs, sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
+                        H, S, W, scale, HAS_FAR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr):
     """dk and dv of a block of keys (plus the far part's, for its keys 0 .. S-1-W): the band's queries
     after them."""
     n0 = tl.program_id(0) * BLK
