@@ -199,7 +199,8 @@ def main() -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip lm-eval's HF backend")
     ap.add_argument("--fp8", nargs="?", const="rowwise", default=None, metavar="RECIPES",
                     help="then score with FP8 block linears (H100-class GPUs), per recipe in turn: rowwise "
-                         "(the default), tensorwise, or both comma-separated")
+                         "(the default), tensorwise, or both comma-separated; RECIPE+multikernel compiles that "
+                         "side with inductor's triton.multi_kernel (long-row reductions may run in one pass)")
     ap.add_argument("--fp8-min-features", type=int, default=1024)
     ap.add_argument("--profile", action="store_true",
                     help="profile one more pass of the last llamatron side at the largest batch size")
@@ -222,10 +223,15 @@ def main() -> int:
     print(f"{a.size}{f' ({a.layers} layers)' if a.layers else ''}, {len(reqs)} requests, {tokens:,} input tokens, "
           f"{a.dtype}, {header['device']}, torch {torch.__version__} (model built in {time.perf_counter() - t0:.0f} s)")
 
-    def fp8_side(recipe: str, last: bool):
+    def fp8_side(spec: str, last: bool):
+        recipe, _, knob = spec.partition("+")
         converted = quantize_for_scoring(model, a.fp8_min_features, recipe)  # compiled blocks compile afresh
-        print(f"FP8 {recipe}: {len(converted)} block linears score from FP8 copies")
-        rows = run_llamatron(model, reqs, sizes, device, tokens, compile=not a.no_compile, profile=a.profile and last)
+        print(f"FP8 {spec}: {len(converted)} block linears score from FP8 copies")
+        # multi_kernel lets inductor try a one-pass (persistent) reduction over rows up to 16x longer than
+        # its default limit of 1024 (the SwiGLU output's per-token amax spans 14,336) and keep the faster.
+        with torch._inductor.config.patch({"triton.multi_kernel": 1} if knob == "multikernel" else {}):
+            rows = run_llamatron(model, reqs, sizes, device, tokens, compile=not a.no_compile,
+                                 profile=a.profile and last)
         bf16 = runs.get("llamatron compiled") or runs.get("llamatron eager")
         if bf16 and all(rows[bs]["scores"] == bf16[bs]["scores"] for bs in sizes):
             # FP8 rounds differently from bf16: identical scores mean its GEMMs never ran (torch 2.11's
@@ -241,7 +247,7 @@ def main() -> int:
         sides["llamatron compiled"] = lambda: run_llamatron(model, reqs, sizes, device, tokens, compile=True,
                                                             profile=a.profile and not recipes)
     for i, recipe in enumerate(recipes):
-        name = " ".join(["llamatron fp8"] + ([] if recipe == "tensorwise" else [recipe])
+        name = " ".join(["llamatron fp8"] + ([] if recipe == "tensorwise" else [recipe.replace("+", " ")])
                         + ([] if a.no_compile else ["compiled"]))
         sides[name] = lambda recipe=recipe, last=i == len(recipes) - 1: fp8_side(recipe, last)
     runs, failed = {}, []
