@@ -36,6 +36,7 @@ import os
 import sys
 import time
 import traceback
+from unittest import mock
 
 import torch
 
@@ -43,6 +44,7 @@ from llamatron.eval.loglikelihood import loglikelihoods
 from llamatron.models import registry
 from llamatron.parallel.parallelize import materialize
 from llamatron.runtime import device_name, select_device
+from llamatron.transforms import compile as compile_options
 from llamatron.transforms.fp8_frozen import quantize_for_scoring
 
 
@@ -199,8 +201,8 @@ def main() -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip lm-eval's HF backend")
     ap.add_argument("--fp8", nargs="?", const="rowwise", default=None, metavar="RECIPES",
                     help="then score with FP8 block linears (H100-class GPUs), per recipe in turn: rowwise "
-                         "(the default), tensorwise, or both comma-separated; RECIPE+multikernel compiles that "
-                         "side with inductor's triton.multi_kernel (long-row reductions may run in one pass)")
+                         "(the default), tensorwise, or both comma-separated; RECIPE+nomultikernel compiles that "
+                         "side without inductor's triton.multi_kernel (long-row reductions always looped)")
     ap.add_argument("--fp8-min-features", type=int, default=1024)
     ap.add_argument("--profile", action="store_true",
                     help="profile one more pass of the last llamatron side at the largest batch size")
@@ -227,9 +229,9 @@ def main() -> int:
         recipe, _, knob = spec.partition("+")
         converted = quantize_for_scoring(model, a.fp8_min_features, recipe)  # compiled blocks compile afresh
         print(f"FP8 {spec}: {len(converted)} block linears score from FP8 copies")
-        # multi_kernel lets inductor try a one-pass (persistent) reduction over rows up to 16x longer than
-        # its default limit of 1024 (the SwiGLU output's per-token amax spans 14,336) and keep the faster.
-        with torch._inductor.config.patch({"triton.multi_kernel": 1} if knob == "multikernel" else {}):
+        # The scoring compile's multi_kernel (one-pass reductions over long rows) off, to measure it.
+        options = {} if knob == "nomultikernel" else compile_options.EVAL_INDUCTOR_OPTIONS
+        with mock.patch.object(compile_options, "EVAL_INDUCTOR_OPTIONS", options):
             rows = run_llamatron(model, reqs, sizes, device, tokens, compile=not a.no_compile,
                                  profile=a.profile and last)
         bf16 = runs.get("llamatron compiled") or runs.get("llamatron eager")

@@ -43,7 +43,7 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 # The calibration times GLaM's attention as the blocks run it by default (attention.KERNEL).
 run calibrate 170 120 python -m llamatron plan --calibrate --out "$OUT/calibration.json" --budget-s 150
-run zs8b 250 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 rowwise,rowwise+multikernel --profile \
+run zs8b 250 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 rowwise+nomultikernel,rowwise --profile \
     --json "$OUT/zs8b.json"
 run glamattn 150 50 python bench/bench_glam_attention.py --quick --profile "split_triton, compiled"
 run glam 240 100 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \

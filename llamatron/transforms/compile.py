@@ -9,6 +9,12 @@ from torch import nn
 # generation (llamatron/testing/compiled.py): the same saved tensors, in a fraction of the time.
 BACKEND = "inductor"
 
+# Inductor options of the scoring compile. multi_kernel lets a row reduction up to 16x longer than
+# inductor's one-pass limit (1,024) be generated both ways, one pass and looped, and keeps whichever
+# runs faster: the per-token amax of FP8 scoring's SwiGLU output spans 14,336 values, and in one pass
+# its kernel took 206 ms of the 8B's 2.7 s scoring pass on an H100, looped 273 ms (docs/performance.md).
+EVAL_INDUCTOR_OPTIONS = {"triton.multi_kernel": 1}
+
 
 def apply_compile(model: nn.Module) -> None:
     """torch.compile each block (`model.layers`) separately: the blocks are identical, so one compiled
@@ -33,7 +39,7 @@ def compile_for_eval(model: nn.Module) -> int:
     count = 0
     for block in layers.values():
         if getattr(block, "_compiled_call_impl", None) is None and getattr(block, "compile_fullgraph", True):
-            block.compile(dynamic=True, fullgraph=True)
+            block.compile(dynamic=True, fullgraph=True, options=dict(EVAL_INDUCTOR_OPTIONS))
         count += getattr(block, "_compiled_call_impl", None) is not None
     return count
 
