@@ -14,7 +14,8 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     python bench/bench_train_step.py --model gpt-5b --layers 4 --seq-len 2048       # GPT 5B proxy
     python bench/bench_train_step.py --model llama2-7b --layers 4 --seq-len 4096    # LLaMA-2 7B proxy
     # several variants in one process; NAME@micro=N sets a variant's micro batch, NAME@gqa=expand its
-    # grouped-query attention (native: SDPA enable_gqa, expand: K/V repeated; llamatron/models/attention_ops.py)
+    # grouped-query attention (native: SDPA enable_gqa, expand: K/V repeated; llamatron/models/attention_ops.py),
+    # NAME@mk=1 compiles with inductor's triton.multi_kernel
     python bench/bench_train_step.py --global-batch 16 --variants \
         compile+cudnn@micro=8@gqa=expand,compile+cudnn@micro=8,compile+fp8-tensorwise@micro=4
 
@@ -116,9 +117,11 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["gqa"] = value
         elif key == "attn" and value in glam_attention.KERNELS:  # GLaM's attention kernel
             opts["glam_attention"] = value
+        elif key == "mk" and value in ("0", "1"):  # inductor's triton.multi_kernel (one-pass long reductions)
+            opts["multi_kernel"] = int(value)
         else:
-            raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand or "
-                             f"attn={'|'.join(glam_attention.KERNELS)}")
+            raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
+                             f"attn={'|'.join(glam_attention.KERNELS)} or mk=0|1")
     return spec, opts, over
 
 
@@ -169,6 +172,12 @@ def build_layout(margs, opts, device) -> Layout:
 
 
 def run_variant(name, opts, margs, args, device, dataset):
+    # Compiling happens in the first steps, so the variant's inductor options hold around all of it.
+    with torch._inductor.config.patch({"triton.multi_kernel": opts.get("multi_kernel", 0)}):
+        return _run_variant(name, opts, margs, args, device, dataset)
+
+
+def _run_variant(name, opts, margs, args, device, dataset):
     torch._dynamo.reset()  # each variant compiles afresh: the module switches below would hit the recompile limit
     set_gqa_mode(opts.get("gqa", "auto"))  # read when the model is traced and run
     glam_attention.KERNEL = opts.get("glam_attention", DEFAULT_GLAM_ATTENTION)

@@ -18,6 +18,7 @@
 # 1. issue 23: the H200 table with its full budget (the GEMM sweep now leaves the biased shapes their
 #    time), for llamatron/calibration/h200.json (on an H100 it replaces h100.json)
 # 2. issue 19: the 8B's scoring against lm-eval's HF backend, bf16 and FP8 (both recipes), on the H200
+#    then issue 22: the 4-layer 8B proxy in BF16 and FP8, each with and without inductor's multi_kernel
 # 3. issue 21: GLaM's attention alone, every way in one process, then GLaM 126M-64E at micro 16 and 32
 # 4. issue 20: LoRA of the 8B at seq 4096 with best-fit packing (bf16 and FP8 base layers, micro 2 and 4)
 # 5. issue 22: the cast-once levers on the 8-layer 8B proxy at micro 2; the 8B proxy at micro 16 in FP8
@@ -45,6 +46,9 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 run calibrate 170 120 python -m llamatron plan --calibrate --out "$OUT/calibration.json" --budget-s 150
 run zs8b 250 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 rowwise+nomultikernel,rowwise --profile \
     --json "$OUT/zs8b.json"
+run mk 330 200 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --steps 4 --warmup 2 \
+    --variants compile+cudnn@micro=8,compile+cudnn@micro=8@mk=1,compile+fp8-all@micro=4,compile+fp8-all@micro=4@mk=1 \
+    --json "$OUT/mk.json"
 run glamattn 150 50 python bench/bench_glam_attention.py --quick --profile "split_triton, compiled"
 run glam 240 100 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
     --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split_triton,compile+castonce+fusedwgrad@attn=split_triton@micro=32 \
