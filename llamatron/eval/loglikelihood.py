@@ -110,7 +110,7 @@ def _lengths(layout: Layout, rows: list[list[int]], device) -> dict:
     protocol's optional padding lengths: GLaM routes without the padding), else nothing."""
     if "lengths" not in inspect.signature(layout.model.forward).parameters:
         return {}
-    return {"lengths": _to_device([len(r) for r in rows], device)}
+    return {"lengths": torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)}
 
 
 def _selects_logits(layout: Layout) -> bool:
@@ -128,37 +128,24 @@ def _compiles(layout: Layout, device, compile: bool | None) -> bool:
     return bool(compile) and layout.dims.world_size == 1
 
 
-def _to_device(rows, device) -> torch.Tensor:
-    """A host-built index tensor on `device` without waiting for the device: a plain copy from pageable
-    memory synchronizes the stream (the GPU drained before every batch's forward could be queued);
-    from pinned memory it is queued like a kernel, so the host builds the next batch meanwhile."""
-    t = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.long)
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def _score_batch(layout, batch: list[tuple[list[int], int, list[list[int]]]], device, precision, select: bool,
-                 multiple: int) -> torch.Tensor:
+                 multiple: int) -> list[list[tuple[float, bool]]]:
     """One forward, then a batched fp32 log-softmax over the scored positions only, and per-request
-    sums and greedy misses on the device: [2, requests] (fp64), read by `_unpack`, whose host copy
-    waits for the device (so the caller reads it once later batches are queued). An entry is one
-    model input, its continuation length and the continuations of the requests sharing that input
-    (`_shared`)."""
+    sums and greedy flags on the device: one host copy per batch. An entry is one model input, its
+    continuation length and the continuations of the requests sharing that input (`_shared`)."""
     rows = [inp for inp, _, _ in batch]
     # Padded to the longest row only (a multiple of tp): rows of a batch are of nearly one length
     # (sorted), and rounding each batch up to 8 tokens ran ~4% more tokens through the blocks.
-    tokens = _to_device(padded_tokens(rows, layout.dims.tp), device)
+    tokens = padded_tokens(rows, layout.dims.tp)
     # (row, position) of every scored token, built on the host in one go; each request reads its
     # input's rows of those: (scored row, slot in the request) and its target token.
     where = [(i, len(inp) - n + j) for i, (inp, n, _) in enumerate(batch) for j in range(n)]
-    row, col = _to_device(where, device).unbind(1)
+    row, col = torch.tensor(where, dtype=torch.long, device=device).unbind(1)
     first = list(itertools.accumulate((n for _, n, _ in batch), initial=0))
     reads = [(first[i] + j, j, t) for i, (_, _, conts) in enumerate(batch) for cont in conts for j, t in enumerate(cont)]
-    scored, slot, target = _to_device(reads, device).unbind(1)
+    scored, slot, target = torch.tensor(reads, dtype=torch.long, device=device).unbind(1)
     requests = [n for _, n, conts in batch for _ in conts]
-    request = _to_device([r for r, n in enumerate(requests) for _ in range(n)], device)
-    lengths = _lengths(layout, rows, device)
+    request = torch.tensor([r for r, n in enumerate(requests) for _ in range(n)], dtype=torch.long, device=device)
     with (precision or Precision(None, None)).autocast(device):
         if select:
             # The scored rows padded too (repeats of the last): the output GEMM's row count stays
@@ -166,9 +153,9 @@ def _score_batch(layout, batch: list[tuple[list[int], int, list[list[int]]]], de
             # CPU's kernels for fewer than 4 rows round differently).
             at = torch.stack((row, col), 1)
             at = torch.cat((at, at[-1:].expand(-len(at) % multiple, 2)))
-            logits = layout.model(tokens, logits_at=at, **lengths)[: len(row)]
+            logits = layout.model(tokens.to(device), logits_at=at, **_lengths(layout, rows, device))[: len(row)]
         else:
-            logits = plain(layout.model(tokens, **lengths))[row, col]
+            logits = plain(layout.model(tokens.to(device), **_lengths(layout, rows, device)))[row, col]
     logp = torch.log_softmax(logits.float(), dim=-1)
     values = torch.stack((logp[scored, target], (logp.argmax(-1)[scored] != target).float()))
     # Each token to its own cell, then a sum per request, in fp64: the padding cells and the
@@ -176,13 +163,8 @@ def _score_batch(layout, batch: list[tuple[list[int], int, list[list[int]]]], de
     # visible. Not index_add: its CUDA atomics add in a different order from run to run.
     table = torch.zeros(2, len(requests), max(requests), dtype=torch.float64, device=logp.device)
     table[:, request, slot] = values.double()
-    return table.sum(-1)
-
-
-def _unpack(sums: torch.Tensor, batch) -> list[list[tuple[float, bool]]]:
-    """`_score_batch`'s [2, requests] as (log-likelihood, is_greedy) per request, grouped per entry."""
-    totals, misses = sums.tolist()
-    scores = iter([(s, m == 0) for s, m in zip(totals, misses)])
+    sums, misses = table.sum(-1).tolist()
+    scores = iter([(s, m == 0) for s, m in zip(sums, misses)])
     return [[next(scores) for _ in conts] for _, _, conts in batch]
 
 
@@ -231,19 +213,13 @@ def loglikelihoods(model, requests: Sequence[Request], batch_size: int, device, 
     was_training = layout.training
     layout.train(False)
     mine: dict[int, list[tuple[float, bool]]] = {}
-    queued = []
     # Every data-parallel rank runs the same number of forwards (FSDP gathers need all of them); one
-    # with no batch left scores a copy of the first and drops it. Results are read one batch late:
-    # reading waits for the device, which then already holds the next batch's work.
+    # with no batch left scores a copy of the first and drops it.
     for b in range(rank, len(batches) + (-len(batches)) % dp, dp):
         idx = batches[b] if b < len(batches) else batches[0][:1]
-        batch = [entries[i] for i in idx]
-        queued.append((idx if b < len(batches) else [], batch,
-                       _score_batch(layout, batch, device, precision, select, multiple)))
-        if len(queued) > 1:
-            _read(queued.pop(0), mine)
-    for done in queued:
-        _read(done, mine)
+        scores = _score_batch(layout, [entries[i] for i in idx], device, precision, select, multiple)
+        if b < len(batches):
+            mine.update(zip(idx, scores))
     layout.train(was_training)
     if dp > 1:
         mine = _gather(mine, layout.dims)
@@ -252,11 +228,6 @@ def loglikelihoods(model, requests: Sequence[Request], batch_size: int, device, 
         for i, score in zip(idx, mine[e]):
             results[i] = score
     return results
-
-
-def _read(done, mine: dict) -> None:
-    idx, batch, sums = done
-    mine.update(zip(idx, _unpack(sums, batch)))
 
 
 def _gather(mine: dict, dims) -> dict:
