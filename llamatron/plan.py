@@ -443,7 +443,7 @@ def calibrated_compute(w: Workload, lay: Layout, hw: Hardware, m: int) -> float:
     attn_f, attn_b = document_attention(w, table.attention(lay.micro_batch, heads, w.seq_len // lay.cp, w.seq_len,
                                                            shapes.head_dim, shapes.attention_mask))
     saved = w.family.activation_bytes_per_token(args, 2, 2, Saving(tp=lay.tp)) * tokens / lay.tp
-    elementwise = ELEMENTWISE_PER_SAVED_BYTE * saved / table.bandwidth()
+    elementwise = (w.family.elementwise_per_saved_byte or ELEMENTWISE_PER_SAVED_BYTE) * saved / table.bandwidth()
     block = fwd + bwd + attn_f + attn_b + elementwise
     if lay.activation_checkpointing:
         block += fwd + attn_f + elementwise / 3

@@ -146,15 +146,18 @@ def test_every_single_gpu_run_within_10_percent_of_the_memory_estimate_as_docs_p
     # against 0.76-1.34, is issue 23's open miss: the fitted model has no term for the biased attention's
     # or the experts' speed.
     assert all(r["fitted"] == pytest.approx(r["step"], rel=0.10) for r in moe if r["model"] == "glam-64b-64e"), moe
-    # GLaM 126M-64E on an H100 from h100.json (2026-12-06, 04:35 UTC, timing split_triton), for the runs
-    # of the kernel that table timed since its day: +14.1% and +15.1%, over issue 23's 10% (docs/planner.md:
-    # against the profiled step, the element-wise term, fitted on the 8B's blocks, is 100 ms of the 130
-    # over). The H200 table of 2026-12-06 has no biased attention rows (its budget ran out), so its GLaM
-    # rows are planned at causal speed and shown, not held.
-    table = json.loads((Path(calibration.__file__).parent / "h100.json").read_text())
-    h100 = [r for r in moe if r["gpu"] == "H100" and r["date"] >= table["date"][:10]
-            and r["attention"] == table["glam_attention"]]
-    assert len(h100) >= 2 and all(r["calibrated"] == pytest.approx(r["step"], rel=0.16) for r in h100), h100
+    # GLaM 126M-64E from each GPU's table, for the runs of the kernel that table timed since its day
+    # (h100.json of 2026-12-06 04:35 UTC, h200.json of 06:34, both timing split_triton): within 10%
+    # with GLaM's own element-wise factor (models/glam/cost.py: fitted on the H100's profile; the H200
+    # rows are the check: +1.8% to +8.9%).
+    checked = set()
+    for gpu in ("H100", "H200"):
+        table = json.loads((Path(calibration.__file__).parent / f"{gpu.lower()}.json").read_text())
+        runs = [r for r in moe if r["gpu"] == gpu and r["model"] == "glam-126m-64e"
+                and r["date"] >= table["date"][:10] and r["attention"] == table["glam_attention"]]
+        assert all(r["calibrated"] == pytest.approx(r["step"], rel=0.10) for r in runs), runs
+        checked |= {gpu} if len(runs) >= 2 else set()
+    assert checked == {"H100", "H200"}
     doc = (DOCS / "planner.md").read_text()
     assert all(line in doc for line in tables.bench_table() + tables.performance_table() + tables.finetune_table()
                + tables.moe_table())

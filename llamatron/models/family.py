@@ -141,6 +141,10 @@ class Family:
     tp_whole_ends: Callable[[Any], int] = lambda args: 0
     tp_splits_vocab: bool = True
     sequence_parallel: bool = True
+    # The planner's calibrated element-wise traffic per byte a block saves for backward (None: the
+    # constant fitted on Llama's blocks, plan.ELEMENTWISE_PER_SAVED_BYTE), where a family's blocks
+    # do a different amount of element-wise work per saved byte.
+    elementwise_per_saved_byte: float | None = None
 
     def build(self, args) -> nn.Module:
         """The model on the current default device (build under `torch.device("meta")` and materialise)."""

@@ -58,4 +58,5 @@ FAMILY = Family(
     tp_whole_ends=lambda args: (args.vocab_size + 1) * args.dim,
     tp_splits_vocab=False,
     sequence_parallel=False,
+    elementwise_per_saved_byte=cost.ELEMENTWISE_PER_SAVED_BYTE,
 )

@@ -20,6 +20,15 @@ from __future__ import annotations
 from llamatron.models.family import BlockShapes, Gemm, Saving
 from llamatron.models.glam.model import GLaMArgs
 
+# The planner's calibrated element-wise traffic per byte a block saves for backward (Llama's blocks:
+# 4.9, llamatron/plan.py). GLaM's saved bytes are mostly the MoE blocks' gathered inputs and expert
+# hidden states, which take one ReLU and a gather each, not Llama's norm / rotary / SwiGLU chains.
+# Fitted on the H100 profile of GLaM 126M-64E (micro 16, split_triton attention, 2026-12-06,
+# docs/bench/h100_glam126m_split_triton_profile.json): element-wise 197 ms, of which ~71 ms the loss and
+# the weight passes as planned, leaves 126 ms where 4.9 planned 229 ms: 4.9 x 126 / 229 = 2.7. Checked
+# on the H200 (its own table and runs, not fitted): docs/planner.md.
+ELEMENTWISE_PER_SAVED_BYTE = 2.7
+
 
 def flops_per_token(args: GLaMArgs, seq_len: int) -> float:
     L, M, d, S = args.n_layers, args.n_moe_layers, args.dim, seq_len
