@@ -40,6 +40,7 @@ from unittest import mock
 
 import torch
 
+from llamatron.eval import loglikelihood
 from llamatron.eval.loglikelihood import loglikelihoods
 from llamatron.models import registry
 from llamatron.parallel.parallelize import materialize
@@ -202,7 +203,8 @@ def main() -> int:
     ap.add_argument("--fp8", nargs="?", const="rowwise", default=None, metavar="RECIPES",
                     help="then score with FP8 block linears (H100-class GPUs), per recipe in turn: rowwise "
                          "(the default), tensorwise, or both comma-separated; RECIPE+nomultikernel compiles that "
-                         "side without inductor's triton.multi_kernel (long-row reductions always looped)")
+                         "side without inductor's triton.multi_kernel (long-row reductions always looped), "
+                         "RECIPE+pad8 pads each batch's width to a multiple of 8 tokens (as until 2026-12-06)")
     ap.add_argument("--fp8-min-features", type=int, default=1024)
     ap.add_argument("--profile", action="store_true",
                     help="profile one more pass of the last llamatron side at the largest batch size")
@@ -229,9 +231,12 @@ def main() -> int:
         recipe, _, knob = spec.partition("+")
         converted = quantize_for_scoring(model, a.fp8_min_features, recipe)  # compiled blocks compile afresh
         print(f"FP8 {spec}: {len(converted)} block linears score from FP8 copies")
-        # The scoring compile's multi_kernel (one-pass reductions over long rows) off, to measure it.
+        # The scoring compile's multi_kernel (one-pass reductions over long rows) off, or the batches'
+        # width aligned to 8 tokens, to measure what each does.
         options = {} if knob == "nomultikernel" else compile_options.EVAL_INDUCTOR_OPTIONS
-        with mock.patch.object(compile_options, "EVAL_INDUCTOR_OPTIONS", options):
+        width = 8 if knob == "pad8" else loglikelihood.WIDTH_MULTIPLE
+        with mock.patch.object(compile_options, "EVAL_INDUCTOR_OPTIONS", options), \
+                mock.patch.object(loglikelihood, "WIDTH_MULTIPLE", width):
             rows = run_llamatron(model, reqs, sizes, device, tokens, compile=not a.no_compile,
                                  profile=a.profile and last)
         bf16 = runs.get("llamatron compiled") or runs.get("llamatron eager")

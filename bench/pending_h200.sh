@@ -44,7 +44,7 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 # The calibration times GLaM's attention as the blocks run it by default (attention.KERNEL).
 run calibrate 170 120 python -m llamatron plan --calibrate --out "$OUT/calibration.json" --budget-s 150
-run zs8b 250 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 rowwise --profile \
+run zs8b 250 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 rowwise+pad8,rowwise --profile \
     --json "$OUT/zs8b.json"
 run mk 330 200 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --steps 4 --warmup 2 \
     --variants compile+cudnn@micro=8,compile+cudnn@micro=8@mk=1,compile+fp8-all@micro=4,compile+fp8-all@micro=4@mk=1 \
