@@ -79,7 +79,7 @@ def planned_step(run: Run, calibrated: bool = False) -> float | None:
     if not run.compiled or not run.fused_loss or (calibrated and table is None):
         return None
     w = plan.workload(run.model, run.seq, run.global_batch, run.layers or None)
-    w = dataclasses.replace(w, fp8_output=run.fp8_output)
+    w = dataclasses.replace(w, fp8_output=run.fp8_output, fp8=None if run.fp8 == "none" else run.fp8)
     hw = plan.Hardware(1, memory_gib=139.0 if run.gpu == "H200" else 80.0, fp8=True,
                        fp8_speedup=plan.FP8_GEMM_SPEEDUP[run.gpu])
     lay = plan.Layout(1, 1, 1, 1, 1, run.micro, False, fp8=run.fp8 != "none")

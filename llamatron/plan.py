@@ -79,6 +79,11 @@ OPTIMIZER_S_PER_PARAM = 11.6e-12
 # On the H100 "FP8 everywhere" gave 1.28x (micro 4): g = 1.35. Other FP8 GPUs: the H200's figure.
 FP8_GEMM_SPEEDUP = {"H100": 1.35, "H800": 1.35, "H200": 1.44}
 FP8_GEMM_SPEEDUP_DEFAULT = 1.44
+# train.fp8=rowwise against that (tensorwise) speedup: its casts take a scale per row and column of
+# every operand, forward and backward, and its GEMMs scale per row. Fitted on the H100's two rowwise
+# runs (docs/planner.md: 4 layers at micro 2 and 8 layers at micro 1, 2.012 s and 1.867 s against
+# tensorwise's 1.846 s and 1.682 s); other GPUs: the same ratio.
+FP8_ROWWISE_RELATIVE_SPEEDUP = 0.84
 # Calibrated compute (docs/planner.md, "The calibrated model"): bytes of element-wise traffic per byte a
 # block saves for backward, fitted to the H200 profile of the 8B proxy (docs/performance.md: 241 ms of
 # element-wise work at micro 4, of which 41 ms the loss and ~43 ms the weight casts and gradient
@@ -329,7 +334,7 @@ def memory_of(w: Workload, lay: Layout) -> MemoryEstimate:
     return estimate_memory(w.args, w.seq_len, lay.micro_batch, dp_replicate=lay.dp_replicate, dp_shard=lay.dp_shard,
                            tp=lay.tp, pp=lay.pp, cp=lay.cp, ep=lay.ep, pp_schedule=lay.schedule, n_microbatches=m,
                            bf16=True, activation_checkpointing=lay.activation_checkpointing,
-                           fused_cross_entropy=lay.fused_loss, lora=w.lora, fp8="tensorwise" if lay.fp8 else "none",
+                           fused_cross_entropy=lay.fused_loss, lora=w.lora, fp8=_recipe(w) if lay.fp8 else "none",
                            fp8_min_features=w.fp8_min_features, fp8_include_output=w.fp8_output and lay.fused_loss,
                            compiled=w.compile, native_gqa=True, optim=w.optim)
 
@@ -385,11 +390,22 @@ def fitted_compute(w: Workload, lay: Layout, hw: Hardware) -> float:
     per_token = flops.flops_per_token(args, attended, w.lora)  # LoRA: no weight gradients of the frozen base
     block_per_token = flops.flops_per_token(args, attended) - 6 * args.vocab_size * args.dim
     recompute = block_per_token / 3 if lay.activation_checkpointing else 0.0
-    fp8 = _fp8_flops_per_token(w, lay) * (1 - 1 / hw.fp8_speedup)
+    fp8 = _fp8_flops_per_token(w, lay) * (1 - 1 / fp8_speedup(w, hw))
     whole = (lay.tp - 1) * _tp_whole_flops_per_token(w, lay) if lay.tp > 1 else 0.0
     x = lay.micro_batch * seq_len / lay.cp
     eff = EFF_MAX * x / (x + EFF_HALF)
     return w.global_batch * seq_len * (per_token + recompute - fp8 + whole) / hw.gpus / (hw.peak_flops * eff)
+
+
+def _recipe(w: Workload) -> str:
+    """The FP8 recipe of the workload's FP8 layouts: the config's, or tensorwise (the default) where the
+    planner enumerates FP8 off and on."""
+    return w.fp8 if w.fp8 not in (None, "none") else "tensorwise"
+
+
+def fp8_speedup(w: Workload, hw: Hardware) -> float:
+    """How much faster the GEMMs FP8 converts run, by the workload's recipe."""
+    return hw.fp8_speedup * (FP8_ROWWISE_RELATIVE_SPEEDUP if _recipe(w) == "rowwise" else 1.0)
 
 
 def block_gemm_seconds(w: Workload, lay: Layout, hw: Hardware) -> dict[str, tuple[float, float]]:
@@ -406,7 +422,7 @@ def block_gemm_seconds(w: Workload, lay: Layout, hw: Hardware) -> dict[str, tupl
         groups = g.groups // lay.ep if g.groups > 1 else 1
         rows = max(1, round(tokens * g.rows * (lay.ep if g.groups > 1 else 1) / g.groups))
         n = max(1, g.n // lay.tp) if g.tp_split else g.n
-        speed = hw.fp8_speedup if g.name in fp8 else 1.0
+        speed = fp8_speedup(w, hw) if g.name in fp8 else 1.0
 
         def seconds(op: str, g=g, groups=groups, rows=rows, n=n) -> float:  # experts: one batched GEMM
             return table.grouped(op, groups, rows, g.k, n) if g.groups > 1 else table.gemm(op, rows, g.k, n)
@@ -450,7 +466,7 @@ def calibrated_compute(w: Workload, lay: Layout, hw: Hardware, m: int) -> float:
     rows = min(tokens, FUSED_LOSS_ROWS) if lay.fused_loss else tokens
     chunks = tokens / rows
     vocab = max(1, args.vocab_size // (lay.tp if w.family.tp_splits_vocab else 1))  # GLaM: whole logits per rank
-    out_speed = hw.fp8_speedup if (lay.fp8 and lay.fused_loss and w.fp8_layers().output) else 1.0
+    out_speed = fp8_speedup(w, hw) if (lay.fp8 and lay.fused_loss and w.fp8_layers().output) else 1.0
     output = chunks * (table.gemm("fwd", rows, args.dim, vocab) + table.gemm("dgrad", rows, args.dim, vocab)
                        + (table.gemm("wgrad", rows, args.dim, vocab) if trainable else 0.0)) / out_speed
     loss = tokens * vocab * LOSS_BYTES_PER_LOGIT[lay.fused_loss] / table.bandwidth()
@@ -617,7 +633,7 @@ def check_overrides(p: Plan, est: Estimate) -> list[str]:
     from llamatron.config import load_config, validate_config
 
     w = p.workload
-    sets = p.base_overrides() + est.layout.overrides(w.fp8 if w.fp8 not in (None, "none") else "tensorwise", w.fp8_output)
+    sets = p.base_overrides() + est.layout.overrides(_recipe(w), w.fp8_output)
     validate_config(load_config(p.workload.config, sets + ["data.mock=true"]), p.hardware.gpus)
     return sets
 

@@ -164,19 +164,19 @@ def test_every_single_gpu_run_within_10_percent_of_the_memory_estimate_as_docs_p
 
 
 def test_every_compiled_run_within_10_percent_of_its_gpus_calibrated_step():
-    """With the shipped tables (h200.json, and h100.json measured on 2026-12-06, 00:26 UTC), the calibrated step of
+    """With the shipped tables (h200.json and h100.json, both measured on 2026-12-06), the calibrated step of
     every compiled single-GPU 8B-proxy run of docs/bench with the fused loss is within 10% of the
-    median measured step, BF16 or FP8 tensorwise (the planner's FP8 is the default recipe; rowwise runs
-    slower, -9.8% on that table and -11.3% on the one before, and is shown, not held)."""
+    median measured step, BF16 or FP8 of either recipe (rowwise planned with its own, smaller speedup:
+    plan.FP8_ROWWISE_RELATIVE_SPEEDUP; with tensorwise's it was -11.0%)."""
     tables = _plan_vs_measured()
     checked = set()
     for run, measured in tables.bench_runs().items():
         planned = tables.planned_step(run, calibrated=True)
-        if planned is None or run.fp8 == "rowwise":
+        if planned is None:
             continue
         assert planned == pytest.approx(statistics.median(measured["steps"]), rel=0.10), (run, measured["names"])
-        checked.add(run.gpu)
-    assert checked == {"H100", "H200"}
+        checked.add((run.gpu, run.fp8))
+    assert {("H100", "none"), ("H200", "none"), ("H100", "tensorwise"), ("H100", "rowwise")} <= checked
 
 
 @pytest.mark.parametrize("fusion", [False, True])
@@ -446,6 +446,20 @@ def test_fp8_experts_are_costed_in_fp8():
     lay = next(e.layout for e in plan.plan(w, H200_FP8).ranked if e.layout.fp8)
     on, off = plan.evaluate(w, lay, H200_FP8), plan.evaluate(dataclasses.replace(w, fp8_experts=False), lay, H200_FP8)
     assert on.step_s < off.step_s and on.memory_gib == off.memory_gib
+
+
+def test_a_rowwise_config_plans_its_own_slower_fp8_and_keeps_its_recipe():
+    """train.fp8=rowwise in the config: its FP8 layouts run the GEMMs at the rowwise speedup (slower
+    than tensorwise's, faster than BF16), and the printed --set line keeps rowwise."""
+    w = plan.workload("llama3.1-8b", seq_len=8192, global_batch=16, layers=4)
+    lay = plan.Layout(1, 1, 1, 1, 1, 4, False, fp8=True)
+    bf16 = plan.evaluate(w, dataclasses.replace(lay, fp8=False), H200_FP8).step_s
+    tensorwise = plan.evaluate(dataclasses.replace(w, fp8="tensorwise"), lay, H200_FP8).step_s
+    rowwise_w = dataclasses.replace(w, fp8="rowwise")
+    assert tensorwise < plan.evaluate(rowwise_w, lay, H200_FP8).step_s < bf16
+    p = plan.plan(rowwise_w, H200_FP8)
+    assert p.ranked and all(e.layout.fp8 for e in p.ranked)
+    assert "train.fp8=rowwise" in plan.check_overrides(p, p.ranked[0])
 
 
 def test_fp8_option_pins_it(capsys):
