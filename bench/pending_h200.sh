@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-06, 05:40 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-06, 07:10 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -12,17 +12,15 @@
 # ignores it) by `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation
 # cp --platform manylinux_2_28_x86_64 --platform any -d .whl lm_eval==0.4.13 dill torchao==0.17.0`, carried.
 #
-# Measured on an H100 on 2026-12-06 (docs/performance.md): the 8B's FP8 scoring (rowwise 2.02x lm-eval's HF
-# backend at batch 128), the H100 table timing split_triton, GLaM 126M-64E with split_triton and its
-# profile. The H200 has not run since 02:57. So, in order:
-# 1. issue 23: the H200 table with its full budget (the GEMM sweep now leaves the biased shapes their
-#    time), for llamatron/calibration/h200.json (on an H100 it replaces h100.json)
-# 2. issue 19: the 8B's scoring against lm-eval's HF backend, bf16 and FP8 (both recipes), on the H200
-#    then issue 22: the 4-layer 8B proxy in BF16 and FP8, each with and without inductor's multi_kernel
-# 3. issue 21: GLaM's attention alone, every way in one process, then GLaM 126M-64E at micro 16 and 32
-# 4. issue 20: LoRA of the 8B at seq 4096 with best-fit packing (bf16 and FP8 base layers, micro 2 and 4)
-# 5. issue 22: the cast-once levers on the 8-layer 8B proxy at micro 2; the 8B proxy at micro 16 in FP8
-# 6. GPT-126M's scoring, the CUDA tests of GLaM's kernels, the first async save
+# Measured on 2026-12-06 (docs/performance.md, "Measured on 2026-12-06, 06:22-06:53 UTC"): on the H200 the
+# table (calibrate), the 8B's FP8 scoring with multi_kernel (2.01x at batch 128, 1.98x at 32), GPT 126M's
+# scoring, GLaM 126M at micro 16 and 32 (glam) and the cast-once levers (castonce); on an H100 multi_kernel
+# in training (mk: no gain). So, in order:
+# 1. issue 19: the 8B's scoring with the batches padded to their longest row (the default since 06:55)
+#    beside the 8-token alignment it replaced, in one process (zs8b); GPT 126M's scoring again (zsgpt)
+# 2. issue 22: the 8B proxy at micro 16 in FP8; the CUDA tests of GLaM's FP8 experts; an async save
+# 3. issue 21: GLaM's attention alone, every way in one process; issue 20: LoRA of the 8B at seq 4096
+# 4. what ran at 06:22-06:41 again, where a repeat on another card is wanted
 TOTAL=${1:-560}
 OUT=${2:-${OUT:-h200-runs}}
 mkdir -p "$OUT"
@@ -42,28 +40,28 @@ if ls .whl/*.whl > /dev/null 2>&1; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
-# The calibration times GLaM's attention as the blocks run it by default (attention.KERNEL).
-run calibrate 170 120 python -m llamatron plan --calibrate --out "$OUT/calibration.json" --budget-s 150
 run zs8b 250 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 rowwise+pad8,rowwise --profile \
     --json "$OUT/zs8b.json"
-run mk 330 200 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --steps 4 --warmup 2 \
-    --variants compile+cudnn@micro=8,compile+cudnn@micro=8@mk=1,compile+fp8-all@micro=4,compile+fp8-all@micro=4@mk=1 \
-    --json "$OUT/mk.json"
-run glamattn 150 50 python bench/bench_glam_attention.py --quick --profile "split_triton, compiled"
-run glam 240 100 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
-    --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split_triton,compile+castonce+fusedwgrad@attn=split_triton@micro=32 \
-    --steps 3 --warmup 2 --json "$OUT/glam.json"
-run finetune 240 100 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,lora+compile@micro=4,lora+compile+fp8@micro=4 \
-    --steps 4 --warmup 2 --budget-s 220 --profile lora+compile@micro=2 --json "$OUT/finetune.json"
-run castonce 240 150 python bench/bench_train_step.py --layers 8 --seq-len 8192 --global-batch 8 --micro-batch 2 \
-    --steps 4 --warmup 2 --variants compile+cudnn,compile+cudnn+castonce,compile+cudnn+castonce+fusedwgrad \
-    --json "$OUT/castonce.json"
+run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
 run l8b_mbs16_fp8 120 70 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
     --steps 3 --warmup 2 --variants compile+fp8-all --json "$OUT/l8b_mbs16_fp8.json"
-run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
 run fp8experts_test 90 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py \
     tests/test_glam.py -k "on_cuda or as_close_to_fp32 or one_after_another"
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
     --json "$OUT/ckpt.json"
+run glamattn 150 50 python bench/bench_glam_attention.py --quick --profile "split_triton, compiled"
+run finetune 240 100 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,lora+compile@micro=4,lora+compile+fp8@micro=4 \
+    --steps 4 --warmup 2 --budget-s 220 --profile lora+compile@micro=2 --json "$OUT/finetune.json"
+# The calibration times GLaM's attention as the blocks run it by default (attention.KERNEL).
+run calibrate 170 120 python -m llamatron plan --calibrate --out "$OUT/calibration.json" --budget-s 150
+run glam 240 100 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
+    --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split_triton,compile+castonce+fusedwgrad@attn=split_triton@micro=32 \
+    --steps 3 --warmup 2 --json "$OUT/glam.json"
+run castonce 240 150 python bench/bench_train_step.py --layers 8 --seq-len 8192 --global-batch 8 --micro-batch 2 \
+    --steps 4 --warmup 2 --variants compile+cudnn,compile+cudnn+castonce,compile+cudnn+castonce+fusedwgrad \
+    --json "$OUT/castonce.json"
+run mk 330 200 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --steps 4 --warmup 2 \
+    --variants compile+cudnn@micro=8,compile+cudnn@micro=8@mk=1,compile+fp8-all@micro=4,compile+fp8-all@micro=4@mk=1 \
+    --json "$OUT/mk.json"
 grep -h "^ROW\|FP8\|^split\|^way\|SUMMARY\|MoE layer\|forward + backward\| vs sdpa\|as close to fp32\|profile of one call\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-900
 tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
