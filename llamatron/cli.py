@@ -252,12 +252,7 @@ def cmd_train(args) -> int:
     finally:
         restore()
     print_summary(result)
-    code = REQUEUE_EXIT_CODE if result.preempted else 0
-    from llamatron.runtime import env_world_size
-
-    if env_world_size() > 1:  # a rank under torchrun: the run (process group included) has ended
-        leave_torchrun_rank(code)
-    return code
+    return _run_ended(result)
 
 
 def _train_torchrun(args, cfg) -> int:
@@ -321,12 +316,7 @@ def cmd_demo(args) -> int:
     cfg = load_config(args.config, overrides)
     result = train(cfg)
     print_summary(result)
-    code = REQUEUE_EXIT_CODE if result.preempted else 0
-    from llamatron.runtime import env_world_size
-
-    if env_world_size() > 1:  # a rank under torchrun: the run (process group included) has ended
-        leave_torchrun_rank(code)
-    return code
+    return _run_ended(result)
 
 
 def cmd_preprocess(args) -> int:
@@ -396,6 +386,16 @@ def cmd_eval(args) -> int:
     print(f"checkpoint {path}, data {args.data}: {num} windows of {seq_len} tokens")
     print(f"validation log perplexity: {val:.4f}")
     return 0
+
+
+def _run_ended(result) -> int:
+    """The exit status of a run (the requeue code when pre-empted); a rank under torchrun leaves here."""
+    from llamatron.runtime import env_world_size
+
+    code = REQUEUE_EXIT_CODE if result.preempted else 0
+    if env_world_size() > 1:  # a rank under torchrun: the run (process group included) has ended
+        leave_torchrun_rank(code)
+    return code
 
 
 def leave_torchrun_rank(code: int) -> None:

@@ -12,19 +12,21 @@ import torch
 def to_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """x scaled so its largest magnitude is `dtype`'s largest finite value, saturated and cast; and the
     inverse scale (fp32 scalar), which `fp8_mm` takes (torchao's tensorwise dynamic scaling)."""
-    fmax = torch.finfo(dtype).max
-    amax = x.abs().amax().float().clamp(min=1e-12)
-    scale = fmax / amax
-    return (x.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
+    return _scaled_cast(x, x.abs().amax(), dtype)
 
 
 def to_fp8_rowwise(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """x [rows, k] with one dynamic scale per row (torchao's rowwise recipe), and the inverse scales
     [rows, 1] in fp32. A row's largest magnitude is a reduction along the row only, which compile fuses
     with the cast (and with the kernel making x) rather than a pass over the whole tensor first."""
+    return _scaled_cast(x, x.abs().amax(dim=-1, keepdim=True), dtype)
+
+
+def _scaled_cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x scaled so that `amax` (broadcast over x) meets `dtype`'s largest finite value, saturated and
+    cast; and the inverse scale in fp32."""
     fmax = torch.finfo(dtype).max
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    scale = fmax / amax
+    scale = fmax / amax.float().clamp(min=1e-12)
     return (x.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
 
 

@@ -239,5 +239,5 @@ def test_rowwise_scoring_weight_is_the_product_of_per_row_fp8_operands():
     exact = x.float() @ w.float().t()
     tensorwise = FP8FrozenWeight(w)(x).float()
     assert (out.float() - exact).norm() < (tensorwise - exact).norm()
-    with pytest.raises(LlamatronError, match="--fp8-recipe 'blockwise'"):
+    with pytest.raises(LlamatronError, match="--fp8 'blockwise'"):
         quantize_for_scoring(Transformer(SIZES["debug"]), 16, "blockwise")

@@ -191,7 +191,7 @@ def quantize_for_scoring(model: nn.Module, min_features: int = 1024, recipe: str
     from llamatron.transforms.compile import drop_compiled
 
     if recipe not in SCORING_RECIPES:
-        raise LlamatronError(f"--fp8-recipe {recipe!r}: expected one of {', '.join(SCORING_RECIPES)}")
+        raise LlamatronError(f"--fp8 {recipe!r}: expected one of {', '.join(SCORING_RECIPES)}")
     for p in model.parameters():
         p.requires_grad_(False)
     drop_compiled(model)
