@@ -52,8 +52,15 @@ run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --sa
 run glamattn 150 50 python bench/bench_glam_attention.py --quick --profile "split_triton, compiled"
 run finetune 240 100 python bench/bench_finetune.py --variants lora+compile@micro=2,lora+compile+fp8@micro=2,lora+compile@micro=4,lora+compile+fp8@micro=4 \
     --steps 4 --warmup 2 --budget-s 220 --profile lora+compile@micro=2 --json "$OUT/finetune.json"
-# The calibration times GLaM's attention as the blocks run it by default (attention.KERNEL).
-run calibrate 170 120 python -m llamatron plan --calibrate --out "$OUT/calibration.json" --budget-s 150
+# The calibration times GLaM's biased attention with each kernel its blocks can run, the default first.
+run calibrate 190 120 python -m llamatron plan --calibrate --out "$OUT/calibration.json" --budget-s 170
+# GLaM 126M with each attention kernel on this tree's code, in one process (issue 23's rows per kernel).
+run glamkernels 330 200 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
+    --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split_triton,compile+castonce+fusedwgrad@attn=split_cudnn,compile+castonce+fusedwgrad@attn=split,compile+castonce+fusedwgrad@attn=flex \
+    --steps 3 --warmup 2 --json "$OUT/glamkernels.json"
+# Issue 22: BF16 and FP8 at micro 16 (the planner's first choice) side by side (H200 only: 112 GiB in BF16).
+run l8b_mbs16 260 150 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
+    --steps 3 --warmup 2 --variants compile+cudnn,compile+fp8-all --json "$OUT/l8b_mbs16.json"
 run glam 240 100 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
     --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split_triton,compile+castonce+fusedwgrad@attn=split_triton@micro=32 \
     --steps 3 --warmup 2 --json "$OUT/glam.json"

@@ -14,6 +14,7 @@ measured step time and peak (`torch.cuda.max_memory_allocated`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -157,20 +158,40 @@ def moe_rows() -> list[dict]:
             lay = plan.Layout(1, 1, 1, 1, 1, r["micro_batch"], False)
             hw = plan.Hardware(1, memory_gib=139.0 if gpu == "H200" else 80.0, fp8=True, fp8_speedup=plan.FP8_GEMM_SPEEDUP[gpu])
             table = calibration.default_table(gpu)
+            # GLaM's attention kernel (the runs before 2026-12-05 ran flex): planned with that kernel's
+            # rows of the table (its default's where it timed no other); the memory estimate models
+            # flex's (split_triton keeps as much, the split ways' band windows more: docs/moe.md).
+            kernel = r.get("glam_attention", "flex")
+            with _glam_kernel(kernel):
+                fitted = plan.evaluate(w, lay, hw).step_s
+                calibrated = plan.evaluate(w, lay, table.apply(hw)).step_s if table is not None else None
             est = estimate_memory(args, r["seq_len"], r["micro_batch"], n_microbatches=r["global_batch"] // r["micro_batch"],
                                   fused_cross_entropy=r["fused_ce"], compiled=True, native_gqa=True)
             rows.append({"file": path.name, "variant": r["variant"], "model": named[0], "gpu": gpu,
                          "date": data["meta"].get("date", ""),
                          "sets": dict(x.removeprefix("model.").split("=", 1) for x in sets),
                          "layers": r["layers"], "micro": r["micro_batch"], "global": r["global_batch"],
-                         "step": r["step_time_s"], "fitted": plan.evaluate(w, lay, hw).step_s,
-                         "calibrated": plan.evaluate(w, lay, table.apply(hw)).step_s if table is not None else None,
-                         "peak": r["peak_mem_gib"], "estimate": est.total / GiB,
-                         # GLaM's attention kernel (the runs before 2026-12-05 ran flex): the calibrated
-                         # step times the kernel the table's `glam_attention` names; the memory
-                         # estimate models flex's (the split ways' band windows keep more; docs/moe.md)
-                         "attention": r.get("glam_attention", "flex")})
+                         "step": r["step_time_s"], "fitted": fitted, "calibrated": calibrated,
+                         "peak": r["peak_mem_gib"], "estimate": est.total / GiB, "attention": kernel,
+                         "timed": table is not None and bool(table.data["attention"]) and _timed(table, kernel)})
     return rows
+
+
+@contextlib.contextmanager
+def _glam_kernel(kernel: str):
+    """GLaM's blocks (and so the planner's shapes) set to run `kernel`, as the run did."""
+    from llamatron.models.glam import attention
+
+    saved, attention.KERNEL = attention.KERNEL, kernel
+    try:
+        yield
+    finally:
+        attention.KERNEL = saved
+
+
+def _timed(table, kernel: str) -> bool:
+    """Whether the table has biased rows of this kernel (else the plan read its default's)."""
+    return any(table.kernel_of(r) == kernel for r in table.data["attention"] if r["mask"] == "bias")
 
 
 def moe_table() -> list[str]:

@@ -457,7 +457,8 @@ def calibrated_compute(w: Workload, lay: Layout, hw: Hardware, m: int) -> float:
     fwd, bwd = sum(f for f, _ in gemms), sum(b for _, b in gemms)
     heads = max(1, shapes.heads // lay.tp)
     attn_f, attn_b = document_attention(w, table.attention(lay.micro_batch, heads, w.seq_len // lay.cp, w.seq_len,
-                                                           shapes.head_dim, shapes.attention_mask))
+                                                           shapes.head_dim, shapes.attention_mask,
+                                                           shapes.attention_kernel))
     saved = w.family.activation_bytes_per_token(args, 2, 2, Saving(tp=lay.tp)) * tokens / lay.tp
     elementwise = (w.family.elementwise_per_saved_byte or ELEMENTWISE_PER_SAVED_BYTE) * saved / table.bandwidth()
     block = fwd + bwd + attn_f + attn_b + elementwise
@@ -716,12 +717,10 @@ def calibration_notes(table) -> list[str]:
         notes.append(f"note: {table.source} has no {', '.join(sorted(table.missing))} attention timings: that "
                      "attention is planned at causal attention's speed (re-run `llamatron plan --calibrate` with "
                      "the model to time it)")
-    from llamatron.models.glam import attention as glam_attention
-
-    timed = table.data.get("glam_attention")
-    if "bias" in table.used - table.missing and timed not in (None, glam_attention.KERNEL):
-        notes.append(f"note: {table.source} timed GLaM's biased attention as {timed}; its blocks now run "
-                     f"{glam_attention.KERNEL} on CUDA (re-run `llamatron plan --calibrate` to time that)")
+    for mask, kernel in sorted(table.other_kernel):
+        timed = sorted({str(table.kernel_of(r)) for r in table.data["attention"] if r["mask"] == mask})
+        notes.append(f"note: {table.source} timed GLaM's biased attention as {', '.join(timed)}; its blocks now run "
+                     f"{kernel} on CUDA (re-run `llamatron plan --calibrate` to time that)")
     return notes
 
 

@@ -655,6 +655,7 @@ def test_calibration_times_glams_biased_attention_as_the_model_trains_it(tmp_pat
     assert main(["plan", "--calibrate", "--quick", "--model", "glam-debug", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["attention"]
     assert {r["mask"] for r in rows} == {"bias"} and all(r["bwd_seconds"] > 0 for r in rows)
+    assert {r["kernel"] for r in rows} == {"sdpa"}  # the CPU's way, named in each row
     assert len(rows) == len(measure.QUICK_SEQS) * len(measure.QUICK_ATTENTION_TOKENS)
 
 
@@ -664,7 +665,41 @@ def test_calibration_begins_no_biased_attention_compile_it_has_no_time_for():
     table), and what is left out counts as skipped."""
     clock = measure.Clock(torch.device("cuda"), budget_s=measure.BIAS_COMPILE_S - 1)
     assert measure._measure_all_attention(clock, torch.bfloat16, ["glam-126m-64e"], False, 1e12, biased=True) == []
-    assert clock.skipped == len(measure.BIAS_TOKENS) * len(measure.BIAS_SEQS)
+    assert clock.skipped == len(glam_attention.KERNELS) * len(measure.BIAS_TOKENS) * len(measure.BIAS_SEQS)
+
+
+def test_calibration_times_every_glam_kernel_the_default_first_and_the_plan_reads_the_runs_own(monkeypatch):
+    """On CUDA the biased shapes are timed with each kernel GLaM's blocks can run (the default first:
+    a short budget keeps its rows), each row naming its kernel, the default restored after; a plan
+    reads the rows of the kernel its blocks run, and a kernel the table did not time is planned with
+    the default's rows and said so under the plan."""
+    asked = []
+
+    def fake(clock, dtype, shapes, seqs, calls, limit):
+        asked.append((glam_attention.KERNEL, calls[0]))
+        return [{"batch": calls[0] // seqs[0], "heads": 12, "seq": seqs[0], "head_dim": 64, "mask": "bias",
+                 "fwd_seconds": 1e-3, "bwd_seconds": 2e-3}]
+
+    monkeypatch.setattr(measure, "measure_attention", fake)
+    monkeypatch.setattr(glam_attention, "KERNEL", "split")
+    rows = measure._measure_all_attention(measure.Clock(torch.device("cuda"), budget_s=1e4), torch.bfloat16,
+                                          ["glam-126m-64e"], False, 1e12, biased=True)
+    assert [k for k, _ in asked[::len(measure.BIAS_TOKENS)]] == ["split", "flex", "split_cudnn", "split_triton"]
+    assert [r["kernel"] for r in rows] == [k for k, _ in asked] and glam_attention.KERNEL == "split"
+    # A table whose flex rows are twice split_triton's: each kernel's plan reads its own.
+    data = json.loads((Path(calibration.__file__).parent / "h100.json").read_text())
+    bias = [r for r in data["attention"] if r["mask"] == "bias"]
+    data["attention"] += [{**r, "kernel": "flex", "fwd_seconds": 2 * r["fwd_seconds"], "bwd_seconds": 2 * r["bwd_seconds"]}
+                          for r in bias]
+    hw = plan.Hardware(1, memory_gib=80.0)
+    steps, notes = {}, {}
+    for kernel in ("split_triton", "flex", "split"):
+        monkeypatch.setattr(glam_attention, "KERNEL", kernel)
+        p = plan.plan("glam-126m-64e", calibration.Table(data, "two.json").apply(hw), 2048, 128)
+        steps[kernel], notes[kernel] = p.ranked[0].step_s, plan.render(p)
+    assert steps["flex"] > steps["split_triton"] == steps["split"]
+    assert "note:" not in notes["split_triton"] + notes["flex"]
+    assert "two.json timed GLaM's biased attention as flex, split_triton; its blocks now run split" in notes["split"]
 
 
 def test_calibration_leaves_the_biased_attention_its_time_and_the_plan_says_when_a_table_lacks_it(monkeypatch):

@@ -134,6 +134,8 @@ class Table:
         self.data, self.source = data, source
         self.missing: set[str] = set()  # attention masks asked for that the table has no rows of
         self.used: set[str] = set()  # attention masks asked for
+        # Kernels asked for a mask that the table timed with other kernels only: (mask, kernel asked).
+        self.other_kernel: set[tuple[str, str]] = set()
         self._gemm: dict[str, dict[tuple[int, int], list[tuple[float, float]]]] = {}
         for op in GEMM_OPS:
             groups: dict[tuple[int, int], list[dict]] = {}
@@ -171,13 +173,28 @@ class Table:
                                             + abs(math.log(gkn[2] / n)), gkn))
         return 2.0 * groups * m * k * n / _interpolate(shapes[near], math.log(m))
 
-    def attention(self, batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, mask: str) -> tuple[float, float]:
-        """Seconds of SDPA forward and backward for `batch` x `heads` queries of seq_q over seq_k keys."""
+    def kernel_of(self, row: dict) -> str | None:
+        """The kernel a biased attention row timed: its own `kernel`, or (tables before rows had one) the
+        table's `glam_attention`; None for a causal row (SDPA's own choice)."""
+        return row.get("kernel", self.data.get("glam_attention")) if row["mask"] == "bias" else None
+
+    def attention(self, batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, mask: str,
+                  kernel: str | None = None) -> tuple[float, float]:
+        """Seconds of SDPA forward and backward for `batch` x `heads` queries of seq_q over seq_k keys;
+        `kernel`: the rows of that kernel where the table timed several for the mask (GLaM's biased
+        attention), else those of the table's default kernel (and `other_kernel` says so)."""
         rows = [r for r in self.data["attention"] if r["mask"] == mask]
         self.used.add(mask)
         if not rows:  # e.g. a run whose budget ended before GLaM's biased shapes: planned at causal speed
             self.missing.add(mask)
             rows = self.data["attention"]
+        elif kernel is not None and mask == "bias":
+            timed = {self.kernel_of(r) for r in rows}
+            if kernel not in timed:
+                self.other_kernel.add((mask, kernel))
+                default = self.data.get("glam_attention")
+                kernel = default if default in timed else sorted(timed, key=str)[0]
+            rows = [r for r in rows if self.kernel_of(r) == kernel]
         d = min((r["head_dim"] for r in rows), key=lambda x: (abs(math.log(x / head_dim)), x))
         by_size: dict[int, list[dict]] = {}
         for r in rows:

@@ -197,17 +197,34 @@ def _measure_all_attention(clock: Clock, dtype, models, quick: bool, limit: floa
     """The models' causal attention shapes, or (`biased`) those with a bias: on CUDA those compile once per
     (batch, seq) (`_biased_attention`), so only at BIAS_SEQS and BIAS_TOKENS."""
     shapes = [s for s in attention_shapes(models, quick) if (s[2] == "bias") == biased]
-    if quick:
-        return measure_attention(clock, dtype, shapes, QUICK_SEQS, QUICK_ATTENTION_TOKENS, limit)
-    if biased and clock.device.type == "cuda":  # a shape is begun only with time left to compile it
-        out = []
-        for tokens in BIAS_TOKENS:
-            if clock.left() < BIAS_COMPILE_S:
-                clock.skipped += len(shapes) * len(BIAS_SEQS)
-                continue
-            out += measure_attention(clock, dtype, shapes, BIAS_SEQS, (tokens,), limit)
-        return out
-    return measure_attention(clock, dtype, shapes, SEQS, ATTENTION_TOKENS, limit)
+    cuda = clock.device.type == "cuda"
+    if biased and cuda and not quick:
+        return _measure_biased_kernels(clock, dtype, shapes, limit)
+    rows = measure_attention(clock, dtype, shapes, *((QUICK_SEQS, QUICK_ATTENTION_TOKENS) if quick
+                                                     else (SEQS, ATTENTION_TOKENS)), limit)
+    kernel = _glam_kernel() if cuda else "sdpa"  # the way `_biased_attention` ran the biased rows
+    return [{**r, "kernel": kernel} if r["mask"] == "bias" else r for r in rows]
+
+
+def _measure_biased_kernels(clock: Clock, dtype, shapes, limit: float) -> list[dict]:
+    """The biased shapes with each CUDA kernel GLaM's blocks can run (`attention.KERNELS`), the default
+    first, so that the planner costs a run of any of them by its own rows; a shape is begun only with
+    time left to compile it (what is not reached counts as skipped, and plans fall back to the default's)."""
+    from llamatron.models.glam import attention as glam
+
+    default = glam.kernel()
+    out = []
+    try:
+        for kernel in (default, *(k for k in glam.KERNELS if k != default)):
+            glam.KERNEL = kernel  # what fast_relative_attention dispatches on
+            for tokens in BIAS_TOKENS:
+                if clock.left() < BIAS_COMPILE_S:
+                    clock.skipped += len(shapes) * len(BIAS_SEQS)
+                    continue
+                out += [{**r, "kernel": kernel} for r in measure_attention(clock, dtype, shapes, BIAS_SEQS, (tokens,), limit)]
+    finally:
+        glam.KERNEL = default
+    return out
 
 
 def measure_attention(clock: Clock, dtype, shapes, seqs, calls, limit_bytes: float) -> list[dict]:

@@ -74,6 +74,9 @@ class BlockShapes:
     kv_heads: int
     head_dim: int
     attention_mask: str = "causal"  # causal (is_causal) or bias (an additive float mask: slower kernels)
+    # The kernel that computes a biased mask on CUDA (GLaM: attention.KERNEL), whose calibration rows
+    # the planner reads where a table timed several; None: the mask's only way.
+    attention_kernel: str | None = None
 
     def moe_rows(self) -> float:
         """Rows each token sends to experts per block (the mean over blocks): what all-to-all moves."""

@@ -18,6 +18,7 @@ quote MoE MFU); the relative position bias and routing arithmetic are not counte
 from __future__ import annotations
 
 from llamatron.models.family import BlockShapes, Gemm, Saving
+from llamatron.models.glam import attention
 from llamatron.models.glam.model import GLaMArgs
 
 # The planner's calibrated element-wise traffic per byte a block saves for backward (Llama's blocks:
@@ -93,4 +94,4 @@ def shapes(args: GLaMArgs) -> BlockShapes:
         Gemm("feed_forward.experts.w1", d, args.expert_ffn_dim, rows=args.top_k, share=moe, groups=E, tp_split=False),
         Gemm("feed_forward.experts.w2", args.expert_ffn_dim, d, rows=args.top_k, share=moe, groups=E, tp_split=False))
     return BlockShapes(tuple(g for g in gemms if g.share > 0), args.n_heads, args.n_heads, args.head_dim,
-                       attention_mask="bias")
+                       attention_mask="bias", attention_kernel=attention.KERNEL)
