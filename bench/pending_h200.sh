@@ -58,6 +58,10 @@ run calibrate 190 120 python -m llamatron plan --calibrate --out "$OUT/calibrati
 run glamkernels 330 200 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
     --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split_triton,compile+castonce+fusedwgrad@attn=split_cudnn,compile+castonce+fusedwgrad@attn=split,compile+castonce+fusedwgrad@attn=flex \
     --steps 3 --warmup 2 --json "$OUT/glamkernels.json"
+# The per-kernel rows at other micro-batches (out of sample for the step), the fastest and slowest kernels.
+run glamkernels_mb 330 200 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
+    --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split_triton,compile+castonce+fusedwgrad@attn=flex,compile+castonce+fusedwgrad@attn=split_triton@micro=32,compile+castonce+fusedwgrad@attn=flex@micro=32 \
+    --steps 3 --warmup 2 --json "$OUT/glamkernels_mb.json"
 # Issue 22: BF16 and FP8 at micro 16 (the planner's first choice) side by side (H200 only: 112 GiB in BF16).
 run l8b_mbs16 260 150 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
     --steps 3 --warmup 2 --variants compile+cudnn,compile+fp8-all --json "$OUT/l8b_mbs16.json"

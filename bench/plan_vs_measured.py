@@ -160,7 +160,7 @@ def moe_rows() -> list[dict]:
             table = calibration.default_table(gpu)
             # GLaM's attention kernel (the runs before 2026-12-05 ran flex): planned with that kernel's
             # rows of the table (its default's where it timed no other); the memory estimate models
-            # flex's (split_triton keeps as much, the split ways' band windows more: docs/moe.md).
+            # flex's (split_triton keeps as much, split's and split_cudnn's band 5% more: docs/moe.md).
             kernel = r.get("glam_attention", "flex")
             with _glam_kernel(kernel):
                 fitted = plan.evaluate(w, lay, hw).step_s
@@ -173,7 +173,9 @@ def moe_rows() -> list[dict]:
                          "layers": r["layers"], "micro": r["micro_batch"], "global": r["global_batch"],
                          "step": r["step_time_s"], "fitted": fitted, "calibrated": calibrated,
                          "peak": r["peak_mem_gib"], "estimate": est.total / GiB, "attention": kernel,
-                         "timed": table is not None and bool(table.data["attention"]) and _timed(table, kernel)})
+                         "timed": table is not None and _timed(table, kernel),
+                         # a run of code this tree no longer has (its note says which): shown, not held
+                         "superseded": r.get("superseded")})
     return rows
 
 
@@ -200,8 +202,10 @@ def moe_table() -> list[str]:
              "|" + "---|" * 14]
     for r in moe_rows():
         model = r["model"] + "".join(f", {k}={v}" for k, v in r["sets"].items())
-        model += f", {r['attention']} attention" if r["attention"] != "flex" else ""
-        lines.append(f"| {r['file']} {r['variant']} | {r['gpu']} | {model} | {r['layers']} | {r['micro']} | {r['global']} | "
+        model += f", {r['attention']} attention"
+        model += "" if r["timed"] else " (the table's default kernel's rows)"
+        run = f"{r['file']} {r['variant']}" + (" (code since replaced)" if r["superseded"] else "")
+        lines.append(f"| {run} | {r['gpu']} | {model} | {r['layers']} | {r['micro']} | {r['global']} | "
                      f"{r['step']:.3f} | {_step_cells(r['fitted'], r['step'])} | {_step_cells(r['calibrated'], r['step'])} | "
                      f"{r['peak']:.1f} | {r['estimate']:.1f} | {r['estimate'] / r['peak']:.2f} |")
     return lines
