@@ -55,6 +55,7 @@ SEQS = (1024, 2048, 4096, 8192)
 BIAS_SEQS, BIAS_TOKENS = (2048,), (16384, 65536)
 BIAS_COMPILE_S = 45.0  # budget left to begin one: its compilation must not run past --budget-s
 HOLD_MAX_S = 0.05  # the longest the GPU waits for the host to queue a window
+HOST_BOUND = 0.5  # a call whose launch takes over this share of its GPU time is timed with the GPU held
 SLEEP_CYCLES_PER_S = 2.0e9  # torch.cuda._sleep spins on the SM clock (H100 / H200: 1.6-2.0 GHz): at least the hold
 QUICK_SEQS = (64, 128)
 # batch x seq of the attention measurements: the old single size, and the rows of the models' micro-batches
@@ -88,11 +89,15 @@ class Clock:
         if self.device.type == "cuda":
             once = self._window(fn, 1)
             inner = max(1, min(1000, int(WINDOW_S / max(once, 1e-6))))
-            # The GPU then waits while the host queues each window (1.5 times the host's launch time),
-            # so that a call the host is slower to launch than the GPU to run (GLaM's compiled attention
-            # at batch 8 on an H100: 2.4 ms a call timed without this) is timed by its kernels, as in a
-            # training step, where the host runs ahead.
-            self._hold_s = min(HOLD_MAX_S, 1.5 * self._launch_s * inner)
+            # A call the host is about as slow to launch as the GPU to run (GLaM's compiled attention at
+            # batch 8 on an H100: 2.4 ms a call timed back to back, 1.5 ms of kernels; the smallest
+            # GEMMs): the GPU then waits while the host queues each window (1.5 times its launch time),
+            # so that the window times the kernels, as in a training step, where the host runs ahead.
+            # Not the others: the pause would let the GPU cool, and their back-to-back rate is the
+            # sustained one of a step (on 2026-12-06 a pause before every window made the large GEMMs
+            # read 3-8% faster than that).
+            if self._launch_s > HOST_BOUND * once:
+                self._hold_s = min(HOLD_MAX_S, 1.5 * self._launch_s * inner)
         return statistics.median(self._window(fn, inner) for _ in range(REPEATS))
 
     def _window(self, fn, calls: int) -> float:
