@@ -33,7 +33,8 @@ def ceiling(model: str, layers: int | None, seq_len: int, micro: int, table_path
     for op in ("fwd", "dgrad", "wgrad"):
         gemm_s += chunks * table.gemm(op, FUSED_LOSS_ROWS, args.dim, args.vocab_size)
         gemm_flops += 2 * tokens * args.dim * args.vocab_size
-    fwd, bwd = table.attention(micro, shapes.heads, seq_len, seq_len, shapes.head_dim, shapes.attention_mask)
+    fwd, bwd = table.attention(micro, shapes.heads, seq_len, seq_len, shapes.head_dim, shapes.attention_mask,
+                               shapes.attention_kernel)
     step_flops = micro * flops.flops_per_sequence(args, seq_len)
     seconds = gemm_s + args.n_layers * (fwd + bwd)
     return {"gemm_tflops": gemm_flops / gemm_s / 1e12, "gemm_share_of_peak": gemm_flops / gemm_s / peak,
