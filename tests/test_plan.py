@@ -666,6 +666,16 @@ def test_calibration_begins_no_biased_attention_compile_it_has_no_time_for():
     assert clock.skipped == len(glam_attention.KERNELS) * len(measure.BIAS_TOKENS) * len(measure.BIAS_SEQS)
 
 
+def test_calibration_holds_the_gpu_only_while_the_host_queues_a_host_bound_window():
+    """A call the host launches about as slowly as the GPU runs it gets the GPU held for 1.5 times the
+    window's launch time (capped), so the window times its kernels; a GPU-bound call none, so its
+    windows stay back to back at the step's sustained rate."""
+    assert measure.hold_seconds(2.4e-3, 1.5e-3, 3) == pytest.approx(1.5 * 2.4e-3 * 3)  # GLaM's batch-8 attention
+    assert measure.hold_seconds(12e-6, 20e-6, 250) == pytest.approx(1.5 * 12e-6 * 250)  # the shortest GEMMs
+    assert measure.hold_seconds(15e-6, 1.2e-3, 4) == 0.0  # a large GEMM: the host is far ahead
+    assert measure.hold_seconds(1.0, 1.5, 1000) == measure.HOLD_MAX_S
+
+
 def test_calibration_times_every_glam_kernel_the_default_first_and_the_plan_reads_the_runs_own(monkeypatch):
     """On CUDA the biased shapes are timed with each kernel GLaM's blocks can run (the default first:
     a short budget keeps its rows), each row naming its kernel, the default restored after; a plan

@@ -89,15 +89,7 @@ class Clock:
         if self.device.type == "cuda":
             once = self._window(fn, 1)
             inner = max(1, min(1000, int(WINDOW_S / max(once, 1e-6))))
-            # A call the host is about as slow to launch as the GPU to run (GLaM's compiled attention at
-            # batch 8 on an H100: 2.4 ms a call timed back to back, 1.5 ms of kernels; the smallest
-            # GEMMs): the GPU then waits while the host queues each window (1.5 times its launch time),
-            # so that the window times the kernels, as in a training step, where the host runs ahead.
-            # Not the others: the pause would let the GPU cool, and their back-to-back rate is the
-            # sustained one of a step (on 2026-12-06 a pause before every window made the large GEMMs
-            # read 3-8% faster than that).
-            if self._launch_s > HOST_BOUND * once:
-                self._hold_s = min(HOLD_MAX_S, 1.5 * self._launch_s * inner)
+            self._hold_s = hold_seconds(self._launch_s, once, inner)
         return statistics.median(self._window(fn, inner) for _ in range(REPEATS))
 
     def _window(self, fn, calls: int) -> float:
@@ -117,6 +109,19 @@ class Clock:
         for _ in range(calls):
             fn()
         return (time.perf_counter() - t) / calls
+
+
+def hold_seconds(launch_s: float, gpu_s: float, calls: int) -> float:
+    """How long the GPU waits before a window of `calls` calls, each `launch_s` of host time to queue and
+    `gpu_s` of kernels. A call the host is about as slow to launch as the GPU to run (GLaM's compiled
+    attention at batch 8 on an H100: 2.4 ms a call timed back to back, 1.5 ms of kernels; the smallest
+    GEMMs): 1.5 times the window's launch time, so that the window times the kernels, as in a training
+    step, where the host runs ahead. Not the others: the pause would let the GPU cool, and their
+    back-to-back rate is the sustained one of a step (on 2026-12-06 a pause before every window made the
+    large GEMMs read 3-8% faster than that)."""
+    if launch_s <= HOST_BOUND * gpu_s:
+        return 0.0
+    return min(HOLD_MAX_S, 1.5 * launch_s * calls)
 
 
 def gemm_shapes(models, quick: bool) -> list[tuple[int, int]]:
