@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-06, 07:10 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-06, 09:55 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -12,15 +12,15 @@
 # ignores it) by `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation
 # cp --platform manylinux_2_28_x86_64 --platform any -d .whl lm_eval==0.4.13 dill torchao==0.17.0`, carried.
 #
-# Measured on 2026-12-06 (docs/performance.md, "Measured on 2026-12-06, 06:22-06:53 UTC"): on the H200 the
-# table (calibrate), the 8B's FP8 scoring with multi_kernel (2.01x at batch 128, 1.98x at 32), GPT 126M's
-# scoring, GLaM 126M at micro 16 and 32 (glam) and the cast-once levers (castonce); on an H100 multi_kernel
-# in training (mk: no gain). So, in order:
-# 1. issue 19: the 8B's scoring with the batches padded to their longest row (the default since 06:55)
+# Measured on 2026-12-06 (docs/performance.md, "Measured on 2026-12-06, 08:22-08:48 UTC"): GLaM 126M with
+# each attention kernel on both GPUs (glamkernels; glamkernels_mb on the H100), the 8B proxy at micro 16 in
+# BF16 and FP8 on the H200 (l8b_mbs16, 1.34x), the H100's table with every GLaM kernel (calibrate). So, in order:
+# 1. issue 23: the H200's table with every GLaM kernel and this tree's clock (`ONLY=calibrate`, ~80 s): copy
+#    calibration.json to llamatron/calibration/h200.json, re-make docs/planner.md's tables (plan_vs_measured.py)
+# 2. issue 19: the 8B's scoring with the batches padded to their longest row (the default since 06:55)
 #    beside the 8-token alignment it replaced, in one process (zs8b); GPT 126M's scoring again (zsgpt)
-# 2. issue 22: the 8B proxy at micro 16 in FP8; the CUDA tests of GLaM's FP8 experts; an async save
-# 3. issue 21: GLaM's attention alone, every way in one process; issue 20: LoRA of the 8B at seq 4096
-# 4. what ran at 06:22-06:41 again, where a repeat on another card is wanted
+# 3. issue 22: the CUDA tests of GLaM's FP8 experts; an async save
+# 4. issue 21: GLaM's attention alone, every way in one process; issue 20: LoRA of the 8B at seq 4096
 TOTAL=${1:-560}
 OUT=${2:-${OUT:-h200-runs}}
 mkdir -p "$OUT"
