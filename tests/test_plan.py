@@ -697,8 +697,9 @@ def test_calibration_times_every_glam_kernel_the_default_first_and_the_plan_read
     # A table whose flex rows are twice split_triton's: each kernel's plan reads its own.
     data = json.loads((Path(calibration.__file__).parent / "h100.json").read_text())
     bias = [r for r in data["attention"] if r["mask"] == "bias" and r["kernel"] == "split_triton"]
-    data["attention"] = [r for r in data["attention"] if r["mask"] != "bias"] + bias + [{**r, "kernel": "flex", "fwd_seconds": 2 * r["fwd_seconds"], "bwd_seconds": 2 * r["bwd_seconds"]}
-                          for r in bias]
+    flex = [{**r, "kernel": "flex", "fwd_seconds": 2 * r["fwd_seconds"], "bwd_seconds": 2 * r["bwd_seconds"]}
+            for r in bias]
+    data["attention"] = [r for r in data["attention"] if r["mask"] != "bias"] + bias + flex
     hw = plan.Hardware(1, memory_gib=80.0)
     steps, notes = {}, {}
     for kernel in ("split_triton", "flex", "split"):
