@@ -173,7 +173,7 @@ def moe_rows() -> list[dict]:
                          "layers": r["layers"], "micro": r["micro_batch"], "global": r["global_batch"],
                          "step": r["step_time_s"], "fitted": fitted, "calibrated": calibrated,
                          "peak": r["peak_mem_gib"], "estimate": est.total / GiB, "attention": kernel,
-                         "timed": table is not None and _timed(table, kernel),
+                         "timed": table is not None and kernel in table.kernels("bias"),
                          # a run of code this tree no longer has (its note says which): shown, not held
                          "superseded": r.get("superseded")})
     return rows
@@ -189,11 +189,6 @@ def _glam_kernel(kernel: str):
         yield
     finally:
         attention.KERNEL = saved
-
-
-def _timed(table, kernel: str) -> bool:
-    """Whether the table has biased rows of this kernel (else the plan read its default's)."""
-    return any(table.kernel_of(r) == kernel for r in table.data["attention"] if r["mask"] == "bias")
 
 
 def moe_table() -> list[str]:

@@ -718,7 +718,7 @@ def calibration_notes(table) -> list[str]:
                      "attention is planned at causal attention's speed (re-run `llamatron plan --calibrate` with "
                      "the model to time it)")
     for mask, kernel in sorted(table.other_kernel):
-        timed = sorted({str(table.kernel_of(r)) for r in table.data["attention"] if r["mask"] == mask})
+        timed = sorted(map(str, table.kernels(mask)))
         notes.append(f"note: {table.source} timed GLaM's biased attention as {', '.join(timed)}; its blocks now run "
                      f"{kernel} on CUDA (re-run `llamatron plan --calibrate` to time that)")
     return notes

@@ -178,6 +178,10 @@ class Table:
         table's `glam_attention`; None for a causal row (SDPA's own choice)."""
         return row.get("kernel", self.data.get("glam_attention")) if row["mask"] == "bias" else None
 
+    def kernels(self, mask: str) -> set:
+        """The kernels the table timed attention of this mask with."""
+        return {self.kernel_of(r) for r in self.data["attention"] if r["mask"] == mask}
+
     def attention(self, batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, mask: str,
                   kernel: str | None = None) -> tuple[float, float]:
         """Seconds of SDPA forward and backward for `batch` x `heads` queries of seq_q over seq_k keys;
@@ -189,7 +193,7 @@ class Table:
             self.missing.add(mask)
             rows = self.data["attention"]
         elif kernel is not None and mask == "bias":
-            timed = {self.kernel_of(r) for r in rows}
+            timed = self.kernels(mask)
             if kernel not in timed:
                 self.other_kernel.add((mask, kernel))
                 default = self.data.get("glam_attention")

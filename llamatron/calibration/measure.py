@@ -243,7 +243,8 @@ def _measure_biased_kernels(clock: Clock, dtype, shapes, limit: float) -> list[d
                 if clock.left() < BIAS_COMPILE_S:
                     clock.skipped += len(shapes) * len(BIAS_SEQS)
                     continue
-                out += [{**r, "kernel": kernel} for r in measure_attention(clock, dtype, shapes, BIAS_SEQS, (tokens,), limit)]
+                rows = measure_attention(clock, dtype, shapes, BIAS_SEQS, (tokens,), limit)
+                out += [{**r, "kernel": kernel} for r in rows]
     finally:
         glam.KERNEL = default
     return out
