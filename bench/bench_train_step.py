@@ -334,10 +334,15 @@ def profile_summary(prof, wall: float) -> dict:
     # the device (the backward runs outside the ranges and lands in the kernel buckets only).
     ranges = {evt.key: getattr(evt, "device_time_total", 0) / 1e3 for evt in prof.key_averages()
               if evt.key.startswith("moe.")}
+    # The eager ops that launched device time (the optimizer's foreach kernels, the loss's copies, autograd's
+    # gradient sums): which line of code a kernel bucket comes from. Nested ops count in each.
+    ops = {evt.key: getattr(evt, "device_time_total", 0) / 1e3 for evt in prof.key_averages()
+           if evt.device_type == torch.autograd.DeviceType.CPU and evt.key.startswith("aten::")}
     busy = sum(buckets.values())
     buckets["idle (wall - kernels)"] = max(wall * 1e3 - busy, 0.0)
     return {"wall_ms": wall * 1e3, "buckets_ms": buckets, "ranges_ms": ranges,
-            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:40])}
+            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:40]),
+            "top_ops_ms": dict(sorted(((k, v) for k, v in ops.items() if v > 0), key=lambda kv: -kv[1])[:25])}
 
 
 def print_profile(profile: dict, what: str) -> None:
@@ -348,6 +353,9 @@ def print_profile(profile: dict, what: str) -> None:
         print(f"  range {k:18s} {v:8.1f} ms (forward, device)")
     print("  top kernels:")
     for k, v in profile["top_kernels_ms"].items():
+        print(f"    {v:8.1f} ms  {k}")
+    print("  top eager ops (device time of their kernels):")
+    for k, v in profile.get("top_ops_ms", {}).items():
         print(f"    {v:8.1f} ms  {k}")
 
 
