@@ -22,6 +22,10 @@ IGNORE_INDEX = -100
 # gradients, one scale per tensor. The gradient softmax - one_hot lies in [-1, 1], so it needs no amax:
 # a fixed power-of-two scale puts 1 at 2^15 (E5M2 holds up to 57344) and keeps values down to ~1e-9.
 _DLOGITS_SCALE = 2.0**15
+# Chunks per FP8 weight-gradient GEMM: each GEMM's fp32 product is added into the accumulator, a 6 GB
+# pass for the 128K x 4096 weight (2.7 ms on an H100, 14 of them in a micro-batch of 65,536 tokens at
+# one chunk each); two chunks' gradients side by side halve the adds for one more chunk of E5M2 alive.
+FP8_WGRAD_CHUNKS = 2
 
 
 def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,11 +80,11 @@ def _loss_and_grad_e5m2_eager(logits, labels):
     return loss, grad.mul_(_DLOGITS_SCALE).to(torch.float8_e5m2)
 
 
-def _transposed(x: torch.Tensor) -> torch.Tensor:
-    """x.t() laid out row-major. Compiled, a tiled copy: eager's copy of a 1-byte [8192, 128256] chunk ran
-    at a tenth of the bandwidth (9.8 ms against 0.9 on an H100; writing it from the loss's own kernel
-    took 2.1 ms and changed its rounding)."""
-    return x.t().contiguous()
+def _transposed(*chunks: torch.Tensor) -> torch.Tensor:
+    """The chunks, stacked by rows, transposed and laid out row-major. Compiled, one tiled copy: eager's
+    copy of a 1-byte [8192, 128256] chunk ran at a tenth of the bandwidth (9.8 ms against 0.9 on an
+    H100; writing it from the loss's own kernel took 2.1 ms and changed its rounding)."""
+    return torch.cat(chunks).t().contiguous()
 
 
 _compiled: dict = {}
@@ -107,44 +111,68 @@ def _to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return x8, x8.t().contiguous(), inv
 
 
+def _chunks(h, weight, labels, chunk_size: int, need_w: bool, dtype: torch.dtype):
+    """The summed loss, the hidden states' gradient and the weight's (None: not needed), chunk by chunk."""
+    loss_and_grad = _loss_and_grad_fn(h.device)
+    weight = weight.to(dtype)  # under autocast the bf16 copy the GEMMs read
+    grad_h, grad_w = torch.empty_like(h), None
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        loss, dlogits = loss_and_grad(h[rows] @ weight.t(), labels[rows])
+        total += loss
+        grad_h[rows] = dlogits @ weight
+        if need_w:
+            grad_w = accumulate_weight_grad(grad_w, dlogits, h[rows], several=h.shape[0] > chunk_size)
+    return total, grad_h, grad_w
+
+
+def _fp8_chunks(h, weight, labels, chunk_size: int, need_w: bool):
+    """The same with the three GEMMs in FP8. Hopper's FP8 GEMMs take A row-major and B column-major
+    only, so each operand is cast in the layout its GEMMs read: W [V, d] (its .t() is B of h @ W^T) and
+    W^T [d, V] (B of dlogits @ W); each group of FP8_WGRAD_CHUNKS chunks of hidden states with one
+    scale, row-major (A of the logits) and transposed (B of the weight gradient); the chunks' E5M2
+    gradients, token-major side by side, are A of one weight-gradient GEMM per group."""
+    to_e4m3 = _compiled_on_cuda(_to_e4m3, _to_e4m3, h.device)
+    loss_and_grad = _loss_and_grad_fn(h.device, fp8=True)
+    transposed = _compiled_on_cuda(_transposed, _transposed, h.device)
+    w8, w8_t, w_inv = to_e4m3(weight)
+    g_inv = torch.tensor(1.0 / _DLOGITS_SCALE, device=h.device)
+    grad_h, grad_w = torch.empty_like(h), None
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    group = FP8_WGRAD_CHUNKS * chunk_size
+    for first in range(0, h.shape[0], group):
+        h8, h8_t, h_inv = to_e4m3(h[first : first + group])
+        grads = []
+        for start in range(0, h8.shape[0], chunk_size):
+            rows = slice(first + start, first + start + chunk_size)
+            logits = fp8_mm(h8[start : start + chunk_size], h_inv, w8.t(), w_inv, h.dtype)
+            loss, g8 = loss_and_grad(logits, labels[rows])  # E5M2, scaled
+            del logits  # before the group's transposed gradients are made
+            total += loss
+            grad_h[rows] = fp8_mm(g8, g_inv, w8_t.t(), w_inv, h.dtype)
+            if need_w:
+                grads.append(g8)
+        if need_w:
+            g8_t = transposed(*grads)
+            grads.clear()  # the group's gradients, once copied: no more alive at the GEMM than one chunk's did
+            gw = fp8_mm(g8_t, g_inv, h8_t.t(), h_inv, torch.float32)
+            grad_w = gw if grad_w is None else grad_w.add_(gw)
+    return total, grad_h, grad_w
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, chunk_size, fp8):
-        n = h.shape[0]
+    def forward(ctx, h, weight, labels, chunk_size, fp8, dtype):
         # A frozen output layer (LoRA) needs no weight gradient: one GEMM of three saved.
         need_w = ctx.needs_input_grad[1]
-        loss_and_grad = _loss_and_grad_fn(h.device, fp8)
-        to_e4m3 = _compiled_on_cuda(_to_e4m3, _to_e4m3, h.device)
-        transposed = _compiled_on_cuda(_transposed, _transposed, h.device)
-        grad_h = torch.empty_like(h)
-        grad_w = None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
         if fp8:
-            # Hopper's FP8 GEMMs take A row-major and B column-major only, so each operand comes in the
-            # layout its GEMMs read: W [V, d] (its .t() is B of h @ W^T) and W^T [d, V] (B of dlogits @ W).
-            w8, w8_t, w_inv = to_e4m3(weight)
-            g_inv = torch.tensor(1.0 / _DLOGITS_SCALE, device=h.device)
-        for start in range(0, n, chunk_size):
-            hc = h[start : start + chunk_size]
-            if fp8:
-                h8, h8_t, h_inv = to_e4m3(hc)
-                logits = fp8_mm(h8, h_inv, w8.t(), w_inv, h.dtype)
-                loss, g8 = loss_and_grad(logits, labels[start : start + chunk_size])  # E5M2, scaled
-                total += loss
-                grad_h[start : start + chunk_size] = fp8_mm(g8, g_inv, w8_t.t(), w_inv, h.dtype)
-                if need_w:  # its A is the gradient token-major
-                    gw = fp8_mm(transposed(g8), g_inv, h8_t.t(), h_inv, torch.float32)
-                    grad_w = gw if grad_w is None else grad_w.add_(gw)
-                continue
-            logits = hc @ weight.t()
-            loss, dlogits = loss_and_grad(logits, labels[start : start + chunk_size])
-            total += loss
-            grad_h[start : start + chunk_size] = dlogits @ weight
-            if need_w:
-                grad_w = accumulate_weight_grad(grad_w, dlogits, hc, several=n > chunk_size)
+            total, grad_h, grad_w = _fp8_chunks(h, weight, labels, chunk_size, need_w)
+        else:
+            total, grad_h, grad_w = _chunks(h, weight, labels, chunk_size, need_w, dtype)
         ctx.save_for_backward(grad_h, grad_w)
         # The mean over valid tokens; all valid (pretraining) it is the division by n as before.
-        n = _valid_count(labels, n)
+        n = _valid_count(labels, h.shape[0])
         ctx.n = n
         ctx.weight_dtype = weight.dtype
         return total / n
@@ -153,8 +181,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_out / ctx.n
+        # In the weight's own dtype (fp32 under autocast): the fp32 accumulator is not rounded to bf16 and
+        # cast back, two passes over the 128K x 4096 gradient per micro-batch.
         grad_w = None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype)
-        return grad_h * scale.to(grad_h.dtype), grad_w, None, None, None
+        return grad_h * scale.to(grad_h.dtype), grad_w, None, None, None, None
 
 
 def accumulate_weight_grad(grad_w, dlogits: torch.Tensor, hc: torch.Tensor, several: bool) -> torch.Tensor:
@@ -256,14 +286,13 @@ def linear_cross_entropy(
         chunk_size = 8192 if h.is_cuda else max(1, (16 << 20) // (4 * weight.shape[0]))
     h2 = h.reshape(-1, h.shape[-1])
     lab = labels.reshape(-1)
-    if torch.is_autocast_enabled(h.device.type):
-        dtype = torch.get_autocast_dtype(h.device.type)
-        h2, w = h2.to(dtype), weight.to(dtype)
-    else:
-        w = weight
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+    h2 = h2.to(dtype)
     if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
         with torch.autocast(h.device.type, enabled=False):
-            return _FusedLinearCrossEntropy.apply(h2, w, lab, chunk_size, fp8)
+            # The weight as it is (fp32 under autocast): cast inside, its gradient returned in fp32.
+            return _FusedLinearCrossEntropy.apply(h2, weight, lab, chunk_size, fp8, dtype)
+    w = weight.to(dtype)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, h2.shape[0], chunk_size):
         logits = (h2[start : start + chunk_size] @ w.t()).float()

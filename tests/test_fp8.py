@@ -143,18 +143,23 @@ def test_fp8_composes_with_fsdp_all_gather_and_checkpointing(tmp_path):
             assert g2 == pytest.approx(g1, rel=1e-3)
 
 
-def test_fp8_fused_cross_entropy_tracks_the_exact_one():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_fp8_fused_cross_entropy_tracks_the_exact_one(device):
+    """Three chunks: a weight-gradient GEMM over two (loss.FP8_WGRAD_CHUNKS) and one over the last, added.
+    On CUDA (compiled casts, transposes and loss kernel) as on the CPU (eager)."""
     from llamatron.loss import linear_cross_entropy
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(96, 128, generator=g).requires_grad_()
-    w = (0.05 * torch.randn(512, 128, generator=g)).requires_grad_()
-    labels = torch.randint(0, 512, (96,), generator=g)
+    h = torch.randn(96, 128, generator=g).to(device).requires_grad_()
+    w = (0.05 * torch.randn(512, 128, generator=g)).to(device).requires_grad_()
+    labels = torch.randint(0, 512, (96,), generator=g).to(device)
     exact = linear_cross_entropy(h, w, labels)
     exact.backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
-    fp8 = linear_cross_entropy(h, w, labels, chunk_size=32, fp8=True)  # three chunks: accumulation too
+    fp8 = linear_cross_entropy(h, w, labels, chunk_size=32, fp8=True)
     fp8.backward()
     assert fp8.item() != exact.item()
     assert fp8.item() == pytest.approx(exact.item(), rel=1e-3)

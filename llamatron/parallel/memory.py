@@ -44,8 +44,8 @@ the most (the first pipeline stage for activations, the embedding; the last for 
   only their inputs (r d) plus one block recomputed; under pipeline parallelism (1F1B) the first stage
   holds pp micro-batches in flight (interleaved: pp + (pp-1)/v-ish; counted as pp), GPipe all of them.
   LoRA adds each adapter's rank-wide hidden state (and with dropout the dropped input and its mask).
-  Beyond the blocks: the final norm's input and normalised output, and the output layer's input
-  gradient (fused loss) or input (plain loss);
+  Beyond the blocks: the final norm's input and normalised output (compiled, it keeps only the input for
+  backward), and the output layer's input gradient (fused loss) or input (plain loss);
 - logits: the loss's buffers at their peak. The fused cross-entropy (llamatron/loss.py): one chunk of
   8192 rows of logits and their gradient, the output weight's gradient (one chunk's product; over
   several chunks an fp32 accumulator, made from the first bf16 product beside the second), and the
@@ -365,7 +365,9 @@ def estimate_memory(
     if pp == 1:  # the rank with the output layer is also the one with the most activations
         head = ((4 + residual) / stp + compute) * args.dim * tokens  # final norm; the output's (gathered) input
         activations += head
-        saved += head + _loss_saved(args, tokens, vtp, compute, fused, fp8_output)
+        # Compiled (train.compile compiles the final norm too), the norm keeps its input, not its fp32 output.
+        norm_out = 4 / stp * args.dim * tokens if compiled else 0.0
+        saved += head - norm_out + _loss_saved(args, tokens, vtp, compute, fused, fp8_output)
         if not (bf16_base and counts.last_linear_frozen):  # a frozen bf16 output weight is used as it is
             working += _output_copy(args, vtp, compute, bf16, fused, fp8_output, fsdp)
         if n_microbatches == 1:
@@ -438,13 +440,14 @@ def _loss_saved(args, tokens: float, tp: int, compute: int, fused: bool, fp8_out
 
 def _output_copy(args, tp: int, compute: int, bf16: bool, fused: bool, fp8_output: bool, fsdp: bool) -> float:
     """The output weight in the compute dtype while the loss runs (autocast's cast or FSDP's gathered
-    copy); its FP8 copies (and their transpose) in the fused FP8 loss. An unfused FP8 output layer is a
-    Float8Linear, which casts its fp32 weight per GEMM instead."""
+    copy); in the fused FP8 loss its FP8 copies (and their transpose), cast from the weight as it is
+    (FSDP's gathered copy besides). An unfused FP8 output layer is a Float8Linear, which casts its fp32
+    weight per GEMM instead."""
     if not bf16:
         return 0.0
     out = args.vocab_size * args.dim / tp
     if fp8_output:
-        return out * (compute + 2) if fused else (compute * out if fsdp else 0.0)
+        return out * (2 + (compute if fsdp else 0)) if fused else (compute * out if fsdp else 0.0)
     return compute * out
 
 
