@@ -64,6 +64,26 @@ def chunk_ways(logits, labels, repeats: int) -> dict:
     return out
 
 
+def _wgrad_add(acc, g8_t, g_inv, h8_t, h_inv):
+    return acc + L.fp8_mm(g8_t, g_inv, h8_t.t(), h_inv, torch.float32)
+
+
+def wgrad_ways(g8_t, h8_t, repeats: int) -> dict:
+    """One chunk's output-weight gradient added into the fp32 accumulator: cuBLAS's FP8 GEMM then an add
+    (llamatron.loss's), against the sum compiled with max-autotune (a Triton GEMM may take the add as
+    its epilogue)."""
+    one = torch.ones((), device=g8_t.device)
+    acc = torch.zeros(g8_t.shape[0], h8_t.shape[0], device=g8_t.device)
+    tuned = torch.compile(_wgrad_add, mode="max-autotune-no-cudagraphs", dynamic=False)
+    ways = {"gemm_then_add": lambda: acc.add_(L.fp8_mm(g8_t, one, h8_t.t(), one, torch.float32)),
+            "gemm_only": lambda: L.fp8_mm(g8_t, one, h8_t.t(), one, torch.float32),
+            "max_autotune_sum": lambda: tuned(acc, g8_t, one, h8_t, one)}
+    out = {name: median_ms(fn, repeats) for name, fn in ways.items()}
+    a, b = tuned(acc, g8_t, one, h8_t, one), acc + L.fp8_mm(g8_t, one, h8_t.t(), one, torch.float32)
+    out["max_autotune_rel_diff"] = float((a - b).abs().max() / b.abs().max())
+    return out
+
+
 def layer(h, w, labels, fp8: bool, repeats: int) -> tuple[float, dict]:
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
 
@@ -83,6 +103,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--wgrad", action="store_true", help="also time the weight gradient's add (max-autotune: slow)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -90,6 +111,12 @@ def main() -> None:
     logits = (4 * torch.randn(8192, args.vocab, device="cuda", generator=g)).bfloat16()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
               "chunk_ms": chunk_ways(logits, labels[:8192], args.repeats)}
+    if args.wgrad:
+        grad_only = torch.compile(L._loss_and_grad_e5m2, dynamic=False)
+        g8_t = L._transposed(grad_only(logits, labels[:8192])[1])
+        h8_t = L.to_fp8(torch.randn(args.dim, 8192, device="cuda", generator=g))[0]
+        result["wgrad_ms"] = wgrad_ways(g8_t, h8_t, args.repeats)
+        del g8_t, h8_t
     del logits
     h = torch.randn(args.tokens, args.dim, device="cuda", generator=g, dtype=torch.bfloat16)
     w = (0.02 * torch.randn(args.vocab, args.dim, device="cuda", generator=g)).bfloat16()

@@ -170,11 +170,12 @@ def test_every_compiled_run_within_10_percent_of_its_gpus_calibrated_step():
     checked = set()
     for run, measured in tables.bench_runs().items():
         planned = tables.planned_step(run, calibrated=True)
-        if planned is None:
+        if planned is None or run.superseded:  # the FP8 output layer's runs before 2026-12-06: shown, not held
             continue
         assert planned == pytest.approx(statistics.median(measured["steps"]), rel=0.10), (run, measured["names"])
         checked.add((run.gpu, run.fp8))
-    assert {("H100", "none"), ("H200", "none"), ("H100", "tensorwise"), ("H100", "rowwise")} <= checked
+    assert {("H100", "none"), ("H200", "none"), ("H100", "tensorwise"), ("H100", "rowwise"), ("H200", "tensorwise")} <= checked
+    assert any(run.fp8_output and not run.superseded for run in tables.bench_runs())
 
 
 @pytest.mark.parametrize("fusion", [False, True])
