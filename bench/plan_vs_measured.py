@@ -167,6 +167,8 @@ def moe_rows() -> list[dict]:
             with _glam_kernel(kernel):
                 fitted = plan.evaluate(w, lay, hw).step_s
                 calibrated = plan.evaluate(w, lay, table.apply(hw)).step_s if table is not None else None
+            # A kernel the table did not time: the rows that stood in, and the table whose ratio scaled them.
+            stand_in = table.other_kernel.get(("bias", kernel)) if table is not None else None
             est = estimate_memory(args, r["seq_len"], r["micro_batch"], n_microbatches=r["global_batch"] // r["micro_batch"],
                                   fused_cross_entropy=r["fused_ce"], compiled=True, native_gqa=True)
             rows.append({"file": path.name, "variant": r["variant"], "model": named[0], "gpu": gpu,
@@ -175,7 +177,7 @@ def moe_rows() -> list[dict]:
                          "layers": r["layers"], "micro": r["micro_batch"], "global": r["global_batch"],
                          "step": r["step_time_s"], "fitted": fitted, "calibrated": calibrated,
                          "peak": r["peak_mem_gib"], "estimate": est.total / GiB, "attention": kernel,
-                         "timed": table is not None and kernel in table.kernels("bias"),
+                         "timed": table is not None and kernel in table.kernels("bias"), "stand_in": stand_in,
                          # a run of code this tree no longer has (its note says which): shown, not held
                          "superseded": r.get("superseded")})
     return rows
@@ -200,7 +202,9 @@ def moe_table() -> list[str]:
     for r in moe_rows():
         model = r["model"] + "".join(f", {k}={v}" for k, v in r["sets"].items())
         model += f", {r['attention']} attention"
-        model += "" if r["timed"] else " (the table's default kernel's rows)"
+        if not r["timed"] and r["stand_in"]:
+            base, peer = r["stand_in"]
+            model += f" (the table's {base} rows" + (f" x {peer}'s {r['attention']} / {base} ratio)" if peer else ")")
         run = f"{r['file']} {r['variant']}" + (" (code since replaced)" if r["superseded"] else "")
         lines.append(f"| {run} | {r['gpu']} | {model} | {r['layers']} | {r['micro']} | {r['global']} | "
                      f"{r['step']:.3f} | {_step_cells(r['fitted'], r['step'])} | {_step_cells(r['calibrated'], r['step'])} | "

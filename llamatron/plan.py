@@ -735,10 +735,11 @@ def calibration_notes(table) -> list[str]:
         notes.append(f"note: {table.source} has no {', '.join(sorted(table.missing))} attention timings: that "
                      "attention is planned at causal attention's speed (re-run `llamatron plan --calibrate` with "
                      "the model to time it)")
-    for mask, kernel in sorted(table.other_kernel):
+    for (mask, kernel), (base, peer) in sorted(table.other_kernel.items()):
         timed = sorted(map(str, table.kernels(mask)))
+        scaled = f"{base}'s rows times {peer}'s {kernel} / {base} ratio" if peer else f"{base}'s rows"
         notes.append(f"note: {table.source} timed GLaM's biased attention as {', '.join(timed)}; its blocks now run "
-                     f"{kernel} on CUDA (re-run `llamatron plan --calibrate` to time that)")
+                     f"{kernel} on CUDA, planned from {scaled} (re-run `llamatron plan --calibrate` to time that)")
     return notes
 
 

@@ -134,8 +134,10 @@ class Table:
         self.data, self.source = data, source
         self.missing: set[str] = set()  # attention masks asked for that the table has no rows of
         self.used: set[str] = set()  # attention masks asked for
-        # Kernels asked for a mask that the table timed with other kernels only: (mask, kernel asked).
-        self.other_kernel: set[tuple[str, str]] = set()
+        # Kernels asked for a mask that the table timed with other kernels only: (mask, kernel asked) -> (the
+        # kernel whose rows stood in, the table whose ratio of the two scaled them; None: unscaled).
+        self.other_kernel: dict[tuple[str, str], tuple[str, str | None]] = {}
+        self._peers: list[Table] | None = None
         self._gemm: dict[str, dict[tuple[int, int], list[tuple[float, float]]]] = {}
         for op in GEMM_OPS:
             groups: dict[tuple[int, int], list[dict]] = {}
@@ -186,19 +188,39 @@ class Table:
                   kernel: str | None = None) -> tuple[float, float]:
         """Seconds of SDPA forward and backward for `batch` x `heads` queries of seq_q over seq_k keys;
         `kernel`: the rows of that kernel where the table timed several for the mask (GLaM's biased
-        attention), else those of the table's default kernel (and `other_kernel` says so)."""
+        attention). A kernel the table did not time: its default kernel's rows, times that kernel's
+        ratio to the default at this call in another shipped table that timed both (kernels are the same
+        code on every GPU of a kind, and their ratios travel: flex against split_triton made GLaM 126M's
+        step 1.22x on an H100, 1.23x on an H200); `other_kernel` says which."""
         rows = [r for r in self.data["attention"] if r["mask"] == mask]
         self.used.add(mask)
+        call = (batch, heads, seq_q, seq_k, head_dim)
         if not rows:  # e.g. a run whose budget ended before GLaM's biased shapes: planned at causal speed
             self.missing.add(mask)
-            rows = self.data["attention"]
-        elif kernel is not None and mask == "bias":
-            timed = self.kernels(mask)
-            if kernel not in timed:
-                self.other_kernel.add((mask, kernel))
-                default = self.data.get("glam_attention")
-                kernel = default if default in timed else sorted(timed, key=str)[0]
-            rows = [r for r in rows if self.kernel_of(r) == kernel]
+            return self._attention_from(self.data["attention"], *call)
+        if kernel is None or mask != "bias":
+            return self._attention_from(rows, *call)
+        timed = self.kernels(mask)
+        if kernel in timed:
+            return self._attention_from([r for r in rows if self.kernel_of(r) == kernel], *call)
+        default = self.data.get("glam_attention")
+        base = default if default in timed else sorted(timed, key=str)[0]
+        fwd, bwd = self._attention_from([r for r in rows if self.kernel_of(r) == base], *call)
+        peer = next((t for t in self.peers() if {kernel, base} <= t.kernels(mask)), None)
+        self.other_kernel[(mask, kernel)] = (base, peer.source if peer is not None else None)
+        if peer is None:
+            return fwd, bwd
+        (kf, kb), (bf, bb) = (peer.attention(*call, mask, k) for k in (kernel, base))
+        return fwd * kf / bf, bwd * kb / bb
+
+    def peers(self) -> list[Table]:
+        """The other shipped tables (llamatron/calibration/*.json), by name: where a kernel's ratio is read."""
+        if self._peers is None:
+            self._peers = [load(p) for p in sorted(DIR.glob("*.json")) if p.name != self.source]
+        return self._peers
+
+    def _attention_from(self, rows: list[dict], batch: int, heads: int, seq_q: int, seq_k: int,
+                        head_dim: int) -> tuple[float, float]:
         d = min((r["head_dim"] for r in rows), key=lambda x: (abs(math.log(x / head_dim)), x))
         by_size: dict[int, list[dict]] = {}
         for r in rows:
