@@ -101,8 +101,8 @@ def bench_runs() -> dict[Run, dict]:
                 continue  # fine-tuning rows: `finetune_table`
             gqa = r.get("gqa", "expand")
             run = Run(gpu, "llama3.1-8b", r["layers"], r["seq_len"], r["micro_batch"], r["global_batch"], r["compile"],
-                      r["fused_ce"], r.get("fp8", "none"), r.get("fp8_output", False), "native" if gqa == "auto" else gqa,
-                      bool(r.get("superseded")))
+                      r["fused_ce"], r.get("fp8", "none"), r.get("fp8_output", False),
+                      "native" if gqa == "auto" else gqa, bool(r.get("superseded")))
             entry = runs.setdefault(run, {"names": [], "steps": [], "peaks": []})
             entry["names"].append(f"{path.name} {r['variant']}")
             entry["steps"].append(r["step_time_s"])
@@ -272,8 +272,11 @@ def bench_table() -> list[str]:
     lines = ["| run (docs/bench/) | GPU | layers | micro | global | mode | measured step s | planned step s (fitted) | "
              "error | calibrated step s | error | measured peak GiB | estimate GiB | estimate / measured |",
              "|" + "---|" * 14]
-    order = sorted(bench_runs().items(), key=lambda kv: (not kv[0].compiled, kv[0].fp8 != "none", kv[0].gpu, kv[0].layers,
-                                                         kv[0].micro, kv[0].global_batch, kv[0].fp8_output, kv[0].superseded))
+    def key(kv):
+        r = kv[0]
+        return not r.compiled, r.fp8 != "none", r.gpu, r.layers, r.micro, r.global_batch, r.fp8_output, r.superseded
+
+    order = sorted(bench_runs().items(), key=key)
     for run, e in order:
         measured = sorted(e["steps"])[len(e["steps"]) // 2]
         steps = " | ".join(_step_cells(planned_step(run, calibrated), measured) for calibrated in (False, True))

@@ -175,7 +175,8 @@ def test_every_compiled_run_within_10_percent_of_its_gpus_calibrated_step():
             continue
         assert planned == pytest.approx(statistics.median(measured["steps"]), rel=0.10), (run, measured["names"])
         checked.add((run.gpu, run.fp8))
-    assert {("H100", "none"), ("H200", "none"), ("H100", "tensorwise"), ("H100", "rowwise"), ("H200", "tensorwise")} <= checked
+    assert {("H100", "none"), ("H200", "none"), ("H100", "tensorwise"), ("H100", "rowwise"),
+            ("H200", "tensorwise")} <= checked
     assert any(run.fp8_output and not run.superseded for run in tables.bench_runs())
 
 

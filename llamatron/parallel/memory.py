@@ -365,8 +365,7 @@ def estimate_memory(
     if pp == 1:  # the rank with the output layer is also the one with the most activations
         head = ((4 + residual) / stp + compute) * args.dim * tokens  # final norm; the output's (gathered) input
         activations += head
-        # Compiled (train.compile compiles the final norm too), the norm keeps its input, not its fp32 output.
-        norm_out = 4 / stp * args.dim * tokens if compiled else 0.0
+        norm_out = 4 / stp * args.dim * tokens if compiled else 0.0  # compiled, the final norm keeps its input only
         saved += head - norm_out + _loss_saved(args, tokens, vtp, compute, fused, fp8_output)
         if not (bf16_base and counts.last_linear_frozen):  # a frozen bf16 output weight is used as it is
             working += _output_copy(args, vtp, compute, bf16, fused, fp8_output, fsdp)
