@@ -335,8 +335,9 @@ def profile_summary(prof, wall: float) -> dict:
     ranges = {evt.key: getattr(evt, "device_time_total", 0) / 1e3 for evt in prof.key_averages()
               if evt.key.startswith("moe.")}
     # The eager ops that launched device time (the optimizer's foreach kernels, the loss's copies, autograd's
-    # gradient sums): which line of code a kernel bucket comes from. Nested ops count in each.
-    ops = {evt.key: getattr(evt, "device_time_total", 0) / 1e3 for evt in prof.key_averages()
+    # gradient sums): which line of code a kernel bucket comes from. Each op's own kernels (self time): the
+    # totals with children counted some kernels many times over in a cast-once step (an H100, 2026-12-06).
+    ops = {evt.key: getattr(evt, "self_device_time_total", 0) / 1e3 for evt in prof.key_averages()
            if evt.device_type == torch.autograd.DeviceType.CPU and evt.key.startswith("aten::")}
     busy = sum(buckets.values())
     buckets["idle (wall - kernels)"] = max(wall * 1e3 - busy, 0.0)
