@@ -61,6 +61,7 @@ from typing import Any
 
 from llamatron import flops
 from llamatron.errors import LlamatronError
+from llamatron.loss import FP8_WGRAD_CHUNKS
 from llamatron.models.family import Saving
 from llamatron.parallel.memory import STATE_BYTES, GiB, MemoryEstimate, compiles_whole, estimate_memory, fp8_counts, parameter_counts
 
@@ -105,8 +106,8 @@ FUSED_LOSS_ROWS = 8192  # llamatron/loss.py's chunk
 # The fused loss's FP8 output layer (llamatron/loss.py) besides the BF16 loss's passes: each chunk's E5M2
 # gradient copied token-major (1 byte read, 1 written per logit), and each weight-gradient GEMM after a
 # micro-batch's first adding its fp32 product into the accumulator (12 bytes per output weight); one GEMM
-# per FP8_WGRAD_CHUNKS chunks.
-FP8_LOSS_BYTES_PER_LOGIT, FP8_WGRAD_ADD_BYTES, FP8_WGRAD_CHUNKS = 2, 12, 2
+# per loss.FP8_WGRAD_CHUNKS chunks.
+FP8_LOSS_BYTES_PER_LOGIT, FP8_WGRAD_ADD_BYTES = 2, 12
 # Its three GEMMs' FP8 speedup (tensorwise E4M3 x E4M3 and E5M2 x E4M3 at 8,192 x 4,096 x 128,256): what
 # makes the calibrated model give the layer's time bench/bench_fp8_loss.py measured (H100, 2026-12-06,
 # 65,536 tokens: 203-204 ms in FP8 against 321 in BF16, which the model gives as 315), its passes
