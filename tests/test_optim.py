@@ -111,3 +111,38 @@ def test_memory_estimate_counts_8bit_moments():
     # Matrices at 2 x (1 + 4/256) bytes; the norms' 2 x 4096 x 32 + 4096 vectors at 8.
     assert eight.optimizer / 2**30 == pytest.approx(2.03125 * 8.03e9 / 2**30, rel=0.01)
     assert plain.total - eight.total == pytest.approx(plain.optimizer - eight.optimizer)
+
+
+def _two_steps(fused: bool, grad_clip: float):
+    """Two train_steps of the debug model with torch's AdamW (fused or not), from the same weights."""
+    from llamatron.train.step import train_step
+
+    torch.manual_seed(0)
+    model = Transformer(SIZES["debug"])
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, fused=fused), "cpu")
+    g = torch.Generator().manual_seed(1)
+    norms = []
+    for _ in range(2):
+        tokens = torch.randint(0, model.args.vocab_size, (2, 17), generator=g)
+        batch = [(tokens[:, :-1], tokens[:, 1:])]
+        _, norm = train_step(model, opt, batch, 1, lr=1e-2, device=torch.device("cpu"), grad_clip=grad_clip)
+        norms.append(float(norm))
+    return model, opt, norms
+
+
+def test_fused_adamw_takes_the_clip_inside_its_step():
+    """With torch's fused AdamW the clip's scaling is its `grad_scale` (no pass of its own): the same
+    update as clipping the gradients first (the foreach AdamW, which clips them), within one rounding,
+    and bit-equal where nothing is clipped; the scale is gone after the step."""
+    from llamatron.train.optim import folds_clip
+
+    for clip in (0.05, 1e6):  # clipping in both steps; never clipping
+        plain, _, plain_norms = _two_steps(False, clip)
+        fused, opt, fused_norms = _two_steps(True, clip)
+        assert folds_clip([opt], [p for p in fused.parameters()]) and not hasattr(opt, "grad_scale")
+        assert fused_norms == pytest.approx(plain_norms, rel=1e-5)
+        assert clip != 0.05 or plain_norms[0] > 0.05 * 10  # the clip is active
+        for a, b in zip(plain.parameters(), fused.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    unfused = build_optimizer(plain, OptimConfig(fused=False), "cpu")
+    assert not folds_clip([unfused], [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -39,6 +40,33 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
         return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+
+
+def folds_clip(optimizers, grads) -> bool:
+    """Whether the clip's scaling can run inside the optimizers' own kernels: torch's fused Adam and
+    AdamW divide every gradient by their `grad_scale` as they read it (GradScaler's unscaling), so a
+    clip by that factor costs no pass of its own over the fp32 gradients (one read and one write
+    of 4 bytes a parameter: ~7 ms for 1.9B parameters on an H100). Plain gradients only: a DTensor
+    update takes no plain scale tensor beside its shards."""
+    from torch.distributed.tensor import DTensor
+
+    return all(type(opt) in (torch.optim.Adam, torch.optim.AdamW) and all(g.get("fused") for g in opt.param_groups)
+               for opt in optimizers) and not any(isinstance(g, DTensor) for g in grads)
+
+
+@contextmanager
+def clip_in_step(optimizers, total_norm: torch.Tensor, max_norm: float):
+    """The optimizers' steps taken inside divide each gradient by max(1, (total_norm + 1e-6) / max_norm):
+    the factor torch's clip_grad_norm_ multiplies by, inverted (not bit-equal where it clips: one
+    rounding of a division instead of a multiplication; equal where it does not, the factor being 1)."""
+    scale = torch.clamp((total_norm.float() + 1e-6) / max_norm, min=1.0)
+    for opt in optimizers:
+        opt.grad_scale = scale
+    try:
+        yield
+    finally:
+        for opt in optimizers:
+            del opt.grad_scale
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -4,13 +4,14 @@ gradient norm and clipping, then the update unless the guard says no."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 
 import torch
 
 from llamatron.parallel.layout import Layout, plain
 from llamatron.parallel.reduce import clip_grad_norm_, sum_over
 from llamatron.runtime import Precision, attention_backend
-from llamatron.train.optim import set_lr
+from llamatron.train.optim import clip_in_step, folds_clip, set_lr
 
 
 def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accum: int, *,
@@ -21,8 +22,8 @@ def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, tor
     """One optimizer step over `accum` micro-batches. Returns (loss, grad norm) as device tensors,
     unread, so the step never waits for the GPU.
 
-    before_update(loss, grad_norm), if given, runs once the gradients are reduced and clipped; when
-    it returns False the optimizer step is not taken and the gradients are dropped.
+    before_update(loss, grad_norm), if given, runs once the gradients are reduced and clipped (with
+    torch's fused AdamW the clip's scaling happens inside its step: `optim.folds_clip`); when it returns False the optimizer step is not taken and the gradients are dropped.
 
     model: a module or a `Layout`; optimizer: one optimizer or a list, one per part. The loss is
     this rank's (None on a pipeline stage without the loss); `global_mean_loss` reduces it.
@@ -54,11 +55,14 @@ def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, tor
                                          layout.fused_loss(fused_cross_entropy), shares)
     for buffers in wgrad:
         buffers.attach()
-    grad_norm = clip_grad_norm_(layout.parameters(), grad_clip, layout.dims, duplicates=layout.tied_copies())
-    update = before_update is None or before_update(loss_sum, grad_norm)
+    params = list(layout.parameters())
+    fold = grad_clip > 0 and folds_clip(optimizers, [p.grad for p in params if p.grad is not None])
+    grad_norm = clip_grad_norm_(params, 0.0 if fold else grad_clip, layout.dims, duplicates=layout.tied_copies())
+    if before_update is None or before_update(loss_sum, grad_norm):
+        with clip_in_step(optimizers, grad_norm, grad_clip) if fold else nullcontext():
+            for opt in optimizers:
+                opt.step()
     for opt in optimizers:
-        if update:
-            opt.step()
         opt.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
 
