@@ -15,7 +15,8 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     python bench/bench_train_step.py --model llama2-7b --layers 4 --seq-len 4096    # LLaMA-2 7B proxy
     # several variants in one process; NAME@micro=N sets a variant's micro batch, NAME@gqa=expand its
     # grouped-query attention (native: SDPA enable_gqa, expand: K/V repeated; llamatron/models/attention_ops.py),
-    # NAME@mk=1 compiles with inductor's triton.multi_kernel, NAME@inductor.KEY=VALUE with any inductor config
+    # NAME@mk=1 compiles with inductor's triton.multi_kernel, NAME@inductor.KEY=VALUE with any inductor config,
+    # NAME@tune=1 runs with torch's TunableOp (each GEMM shape's cuBLASLt kernels timed in the warm-up)
     python bench/bench_train_step.py --global-batch 16 --variants \
         compile+cudnn@micro=8@gqa=expand,compile+cudnn@micro=8,compile+fp8-tensorwise@micro=4
 
@@ -119,11 +120,13 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["glam_attention"] = value
         elif key == "mk" and value in ("0", "1"):  # inductor's triton.multi_kernel (one-pass long reductions)
             opts["multi_kernel"] = int(value)
+        elif key == "tune" and value in ("0", "1"):  # torch's TunableOp: every GEMM shape's cuBLASLt kernel timed
+            opts["tune_gemms"] = int(value)
         elif key.startswith("inductor.") and value:  # any inductor config key, e.g. inductor.triton.tile_reductions=1
             opts.setdefault("inductor", {})[key.removeprefix("inductor.")] = int(value) if value.isdigit() else value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             f"attn={'|'.join(glam_attention.KERNELS)}, mk=0|1 or inductor.KEY=VALUE")
+                             f"attn={'|'.join(glam_attention.KERNELS)}, mk=0|1, tune=0|1 or inductor.KEY=VALUE")
     return spec, opts, over
 
 
@@ -175,8 +178,18 @@ def build_layout(margs, opts, device) -> Layout:
 
 def run_variant(name, opts, margs, args, device, dataset):
     # Compiling happens in the first steps, so the variant's inductor options hold around all of it.
-    with torch._inductor.config.patch({"triton.multi_kernel": opts.get("multi_kernel", 0), **opts.get("inductor", {})}):
-        return _run_variant(name, opts, margs, args, device, dataset)
+    tune = bool(opts.get("tune_gemms")) and device.type == "cuda"
+    if tune:  # each GEMM shape tuned at its first call (in the warm-up steps), then its fastest kernel used
+        torch.cuda.tunable.enable(True)
+        torch.cuda.tunable.tuning_enable(True)
+        torch.cuda.tunable.set_max_tuning_duration(10)
+    try:
+        with torch._inductor.config.patch({"triton.multi_kernel": opts.get("multi_kernel", 0), **opts.get("inductor", {})}):
+            return _run_variant(name, opts, margs, args, device, dataset)
+    finally:
+        if tune:
+            print(f"{name}: TunableOp tuned {len(torch.cuda.tunable.get_results())} GEMM shapes", flush=True)
+            torch.cuda.tunable.enable(False)
 
 
 def _run_variant(name, opts, margs, args, device, dataset):
