@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-06, 11:15 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-06, 14:00 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -17,8 +17,10 @@
 # BF16 and FP8 on the H200 (l8b_mbs16, 1.34x), the H100's table with every GLaM kernel (calibrate). So, in order:
 # 1. issue 23: the H200's table with every GLaM kernel and this tree's clock (`ONLY=calibrate`, ~80 s): copy
 #    calibration.json to llamatron/calibration/h200.json, re-make docs/planner.md's tables (plan_vs_measured.py)
-# 1b. issue 22: the 8B proxy's BF16 (micro 8) and FP8 (micro 4, 8, 16) steps with the FP8 loss of 2026-12-06
-#    10:51 (compiled transposes, grouped weight gradient), in one process (fp8loss, ~4 min): the FP8 / BF16 ratio
+# 1b. issue 22: llamatron and TorchTitan side by side on the H200 with this tree's code (sbs, ~7 min; needs
+#    .peers carried: bench/side_by_side.sh), or llamatron's side alone (fp8loss, ~4 min): the 8B proxy's BF16
+#    (micro 8) and FP8 (micro 4, 8, 16) steps, the FP8 / BF16 ratio. On an H100 (2026-12-06 13:46, micro 4 / 2):
+#    BF16 1.01x TorchTitan, FP8 1.43x TorchTitan's FP8, FP8 micro 8 1.41x BF16 micro 4.
 # 2. issue 19: the 8B's scoring with the batches padded to their longest row (the default since 06:55)
 #    beside the 8-token alignment it replaced, in one process (zs8b); GPT 126M's scoring again (zsgpt)
 # 3. issue 22: the CUDA tests of GLaM's FP8 experts; an async save
@@ -48,6 +50,8 @@ run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 
 run fp8loss 330 240 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
     --warmup 2 --variants compile+cudnn+castonce+fusedwgrad,compile+fp8-all,compile+fp8-all@micro=16,compile+fp8-all@micro=4 \
     --json "$OUT/fp8loss.json"
+[ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+fp8-all@micro=8,compile+fp8-all@micro=16 \
+    run sbs 480 420 bash bench/side_by_side.sh "$OUT/sbs" 8 4
 run fp8experts_test 90 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py \
     tests/test_glam.py -k "on_cuda or as_close_to_fp32 or one_after_another"
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
@@ -77,5 +81,5 @@ run castonce 240 150 python bench/bench_train_step.py --layers 8 --seq-len 8192 
 run mk 330 200 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --steps 4 --warmup 2 \
     --variants compile+cudnn@micro=8,compile+cudnn@micro=8@mk=1,compile+fp8-all@micro=4,compile+fp8-all@micro=4@mk=1 \
     --json "$OUT/mk.json"
-grep -h "^ROW\|FP8\|^split\|^way\|SUMMARY\|MoE layer\|forward + backward\| vs sdpa\|as close to fp32\|profile of one call\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-900
+grep -h "^ROW\|^TITAN\|FP8\|^split\|^way\|SUMMARY\|MoE layer\|forward + backward\| vs sdpa\|as close to fp32\|profile of one call\|^wrote \|prealloc:\|passed\|failed\|out of memory\|Error" "$OUT"/*.log 2>/dev/null | cut -c1-900
 tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
