@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bench_fp8_loss import median_ms  # the script beside this one: CUDA-event medians after warm-up
 
 
 class Separate(nn.Module):
@@ -38,20 +39,6 @@ class Fused(nn.Module):
         q, k, v = self.wqkv(x).split(self.sizes, dim=-1)
         gate, up = self.w13(x).chunk(2, dim=-1)
         return q, k, v, F.silu(gate) * up
-
-
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def time_module(module: nn.Module, rows: int, dim: int, repeats: int) -> float:
