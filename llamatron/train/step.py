@@ -22,8 +22,9 @@ def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, tor
     """One optimizer step over `accum` micro-batches. Returns (loss, grad norm) as device tensors,
     unread, so the step never waits for the GPU.
 
-    before_update(loss, grad_norm), if given, runs once the gradients are reduced and clipped (with
-    torch's fused AdamW the clip's scaling happens inside its step: `optim.folds_clip`); when it returns False the optimizer step is not taken and the gradients are dropped.
+    before_update(loss, grad_norm), if given, runs once the gradients are reduced and their norm taken
+    (the clip scales them then, or, with torch's fused AdamW, inside its step: `optim.folds_clip`);
+    when it returns False the optimizer step is not taken and the gradients are dropped.
 
     model: a module or a `Layout`; optimizer: one optimizer or a list, one per part. The loss is
     this rank's (None on a pipeline stage without the loss); `global_mean_loss` reduces it.
