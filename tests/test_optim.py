@@ -139,10 +139,10 @@ def test_fused_adamw_takes_the_clip_inside_its_step():
     for clip in (0.05, 1e6):  # clipping in both steps; never clipping
         plain, _, plain_norms = _two_steps(False, clip)
         fused, opt, fused_norms = _two_steps(True, clip)
-        assert folds_clip([opt], []) and not hasattr(opt, "grad_scale")
+        assert folds_clip([opt]) and not hasattr(opt, "grad_scale")
         assert fused_norms == pytest.approx(plain_norms, rel=1e-5)
         assert clip != 0.05 or plain_norms[0] > 0.05 * 10  # the clip is active
         for a, b in zip(plain.parameters(), fused.parameters()):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     unfused = build_optimizer(plain, OptimConfig(fused=False), "cpu")
-    assert not folds_clip([unfused], [])
+    assert not folds_clip([unfused])

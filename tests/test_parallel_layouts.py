@@ -150,6 +150,31 @@ def test_checkpoint_resharding_fsdp_to_tp_to_one_process(reference, tmp_path):
     assert sd["output.weight"].dtype == torch.bfloat16 and sd["output.weight"].shape == (512, 64)
 
 
+CLIP = "optim.grad_clip=0.02"  # below the debug model's gradient norm at every step: the clip always scales
+
+
+@pytest.fixture(scope="module")
+def clipped_reference(tmp_path_factory):
+    """One process, for-each AdamW: the clip scales the gradients in a pass of its own, then the step."""
+    tmp = tmp_path_factory.mktemp("clipped_reference")
+    out = tmp / "run"
+    train(load_config(str(_config(tmp)), [f"train.out_dir={out}", CLIP, "optim.fused=false"]), progress=False,
+          log=lambda *_: None)
+    return out
+
+
+@pytest.mark.parametrize("name", ["fsdp", "tp_sp", "pp_1f1b"])
+def test_fused_adamw_takes_the_clip_in_parallel_layouts(name, clipped_reference, tmp_path):
+    """Fused AdamW with the clip's factor as its grad_scale (train_step), over DTensor parameters (FSDP,
+    TP) and with an optimizer per pipeline stage, trains as one process clipping the gradients first."""
+    n, overrides = LAYOUTS[name]
+    out = tmp_path / "run"
+    torchrun(n, _config(tmp_path), out, *overrides, CLIP, "optim.fused=true")
+    want = _trajectory(clipped_reference)
+    assert all(want[("train", s)][1] > 0.02 * 5 for s in (1, 2, 3))  # clipped at every step, by 5x or more
+    _assert_same(_trajectory(out), want, steps=(1, 2, 3))
+
+
 @pytest.mark.slow  # three CPU runs, two under torchrun, with torchao's step compiled in each process
 def test_8bit_adamw_under_fsdp_and_its_resume_in_another_layout_refused(tmp_path):
     """optim.name = adamw8bit over 2 FSDP ranks: each rank's shards quantized in its own blocks (and

@@ -56,9 +56,9 @@ def train_step(model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, tor
                                          layout.fused_loss(fused_cross_entropy), shares)
     for buffers in wgrad:
         buffers.attach()
-    params = list(layout.parameters())
-    fold = grad_clip > 0 and folds_clip(optimizers, [p.grad for p in params if p.grad is not None])
-    grad_norm = clip_grad_norm_(params, 0.0 if fold else grad_clip, layout.dims, duplicates=layout.tied_copies())
+    fold = grad_clip > 0 and folds_clip(optimizers)
+    grad_norm = clip_grad_norm_(layout.parameters(), 0.0 if fold else grad_clip, layout.dims,
+                                duplicates=layout.tied_copies())
     if before_update is None or before_update(loss_sum, grad_norm):
         with clip_in_step(optimizers, grad_norm, grad_clip) if fold else nullcontext():
             for opt in optimizers:
