@@ -16,6 +16,7 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     # several variants in one process; NAME@micro=N sets a variant's micro batch, NAME@gqa=expand its
     # grouped-query attention (native: SDPA enable_gqa, expand: K/V repeated; llamatron/models/attention_ops.py),
     # NAME@mk=1 compiles with inductor's triton.multi_kernel, NAME@inductor.KEY=VALUE with any inductor config,
+    # NAME@res=bf16 keeps the residual stream in bf16 under autocast (train.bf16_residual),
     # NAME@tune=1 runs with torch's TunableOp (each GEMM shape's cuBLASLt kernels timed in the warm-up)
     python bench/bench_train_step.py --global-batch 16 --variants \
         compile+cudnn@micro=8@gqa=expand,compile+cudnn@micro=8,compile+fp8-tensorwise@micro=4
@@ -58,6 +59,7 @@ from llamatron.train.optim import build_optimizer  # noqa: E402
 from llamatron.train.step import train_step  # noqa: E402
 from llamatron.transforms.checkpointing import apply_activation_checkpointing  # noqa: E402
 from llamatron.transforms.compile import apply_compile  # noqa: E402
+from llamatron.transforms.residual import apply_bf16_residual  # noqa: E402
 from llamatron.transforms import weight_cast  # noqa: E402
 from llamatron.transforms.fp8 import apply_fp8, apply_fp8_experts  # noqa: E402
 
@@ -120,13 +122,15 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["glam_attention"] = value
         elif key == "mk" and value in ("0", "1"):  # inductor's triton.multi_kernel (one-pass long reductions)
             opts["multi_kernel"] = int(value)
+        elif key == "res" and value in ("fp32", "bf16"):  # the residual stream's dtype under autocast
+            opts["bf16_residual"] = value == "bf16"
         elif key == "tune" and value in ("0", "1"):  # torch's TunableOp: every GEMM shape's cuBLASLt kernel timed
             opts["tune_gemms"] = int(value)
         elif key.startswith("inductor.") and value:  # any inductor config key, e.g. inductor.triton.tile_reductions=1
             opts.setdefault("inductor", {})[key.removeprefix("inductor.")] = int(value) if value.isdigit() else value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             f"attn={'|'.join(glam_attention.KERNELS)}, mk=0|1, tune=0|1 or inductor.KEY=VALUE")
+                             f"attn={'|'.join(glam_attention.KERNELS)}, mk=0|1, res=fp32|bf16, tune=0|1 or inductor.KEY=VALUE")
     return spec, opts, over
 
 
@@ -166,6 +170,8 @@ def build_layout(margs, opts, device) -> Layout:
                               min_features=opts.get("fp8_min", 1024))
     if opts.get("fp8_experts"):
         converted = apply_fp8_experts(model, opts["fp8_experts"])
+    if opts.get("bf16_residual"):
+        apply_bf16_residual(model)
     if opts["ac"]:
         apply_activation_checkpointing(model)
     if opts["compile"]:
@@ -338,13 +344,16 @@ def profile_summary(prof, wall: float) -> dict:
     bench_finetune.py's)."""
     buckets: dict[str, float] = {}
     top: dict[str, float] = {}
+    calls: dict[str, int] = {}
     for evt in prof.key_averages():
         dev_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
         if dev_us <= 0 or evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         cat = categorize(evt.key)
         buckets[cat] = buckets.get(cat, 0.0) + dev_us / 1e3
-        top[evt.key[:90]] = top.get(evt.key[:90], 0.0) + dev_us / 1e3
+        # Whole names (inductor's end in a number that tells its kernels apart in TORCH_LOGS=output_code).
+        top[evt.key[:200]] = top.get(evt.key[:200], 0.0) + dev_us / 1e3
+        calls[evt.key[:200]] = calls.get(evt.key[:200], 0) + evt.count
     # Named ranges of the model (GLaM's moe.route / moe.experts / moe.combine): their forward time on
     # the device (the backward runs outside the ranges and lands in the kernel buckets only).
     ranges = {evt.key: getattr(evt, "device_time_total", 0) / 1e3 for evt in prof.key_averages()
@@ -358,6 +367,7 @@ def profile_summary(prof, wall: float) -> dict:
     buckets["idle (wall - kernels)"] = max(wall * 1e3 - busy, 0.0)
     return {"wall_ms": wall * 1e3, "buckets_ms": buckets, "ranges_ms": ranges,
             "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:40]),
+            "top_kernel_calls": {k: calls[k] for k in sorted(top, key=lambda k: -top[k])[:40]},
             "top_ops_ms": dict(sorted(((k, v) for k, v in ops.items() if v > 0), key=lambda kv: -kv[1])[:25])}
 
 

@@ -59,6 +59,7 @@ class Run:
     fp8_output: bool
     gqa: str  # expand (every docs/bench run predates native GQA) or native
     superseded: bool = False  # a run of code this tree no longer has (its JSON's note says which): shown, not held
+    bf16_residual: bool = False  # the residual stream in bf16 (train.bf16_residual): fewer bytes kept
 
 
 def _args(run: Run):
@@ -70,7 +71,7 @@ def _args(run: Run):
 def estimate_gib(run: Run) -> float:
     est = estimate_memory(_args(run), run.seq, run.micro, n_microbatches=run.global_batch // run.micro,
                           fused_cross_entropy=run.fused_loss, fp8=run.fp8, fp8_include_output=run.fp8_output,
-                          compiled=run.compiled, native_gqa=run.gqa == "native")
+                          compiled=run.compiled, native_gqa=run.gqa == "native", bf16_residual=run.bf16_residual)
     return est.total / GiB
 
 
@@ -102,7 +103,7 @@ def bench_runs() -> dict[Run, dict]:
             gqa = r.get("gqa", "expand")
             run = Run(gpu, "llama3.1-8b", r["layers"], r["seq_len"], r["micro_batch"], r["global_batch"], r["compile"],
                       r["fused_ce"], r.get("fp8", "none"), r.get("fp8_output", False),
-                      "native" if gqa == "auto" else gqa, bool(r.get("superseded")))
+                      "native" if gqa == "auto" else gqa, bool(r.get("superseded")), bool(r.get("bf16_residual")))
             entry = runs.setdefault(run, {"names": [], "steps": [], "peaks": []})
             entry["names"].append(f"{path.name} {r['variant']}")
             entry["steps"].append(r["step_time_s"])

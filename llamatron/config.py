@@ -169,6 +169,9 @@ class TrainConfig:
     # With cast_weights_once: each micro-batch's weight gradient accumulated into an fp32 buffer inside
     # the GEMM (Megatron's gradient_accumulation_fusion), not a bf16 product added into .grad after it.
     gradient_accumulation_fusion: bool = False
+    # bf16 autocast over fp32 weights (one GPU, no FSDP): the residual stream between blocks in bf16, as
+    # Megatron and FSDP's bf16 gather keep it, not fp32 (transforms/residual.py).
+    bf16_residual: bool = False
     attention_backend: str = "auto"  # SDPA kernel: auto (torch's choice), cudnn, flash, efficient, math
     deterministic: bool = False  # torch deterministic algorithms (slower)
     out_dir: str = "runs/default"

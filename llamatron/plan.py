@@ -211,6 +211,7 @@ class Workload:
     compile: bool = True  # train.compile: what the step-time model was fitted to, and the memory it estimates
     cast_weights_once: bool = False  # train.cast_weights_once: the weight casts once per step
     gradient_accumulation_fusion: bool = False  # train.gradient_accumulation_fusion: fp32 accumulation in the GEMMs
+    bf16_residual: bool = False  # train.bf16_residual: the residual stream in bf16 (its saved bytes)
     optim: str = "adamw"  # optim.name: the optimizer state's bytes per parameter
     config: str | None = None  # the config file or preset the --set lines go with
     sets: list[str] = field(default_factory=list)  # overrides that make the workload from it
@@ -351,7 +352,7 @@ def memory_of(w: Workload, lay: Layout) -> MemoryEstimate:
                            bf16=True, activation_checkpointing=lay.activation_checkpointing,
                            fused_cross_entropy=lay.fused_loss, lora=w.lora, fp8=_recipe(w) if lay.fp8 else "none",
                            fp8_min_features=w.fp8_min_features, fp8_include_output=w.fp8_output and lay.fused_loss,
-                           compiled=w.compile, native_gqa=True, optim=w.optim)
+                           compiled=w.compile, native_gqa=True, optim=w.optim, bf16_residual=w.bf16_residual)
 
 
 @dataclass(frozen=True)
@@ -618,7 +619,7 @@ def workload_from_config(path: str, seq_len: int | None = None, global_batch: in
                     finetune=bool(cfg.finetune.data), document_tokens=cached_document_tokens(cfg),
                     cast_weights_once=cfg.train.cast_weights_once,
                     gradient_accumulation_fusion=cfg.train.gradient_accumulation_fusion,
-                    optim=cfg.optim.name, config=path, sets=sets)
+                    bf16_residual=cfg.train.bf16_residual, optim=cfg.optim.name, config=path, sets=sets)
 
 
 def with_documents(w: Workload, tokens: float) -> Workload:

@@ -151,3 +151,17 @@ def test_memory_estimate_8b_fsdp():
     pp = estimate_memory(a, 8192, 1, pp=4, n_microbatches=8, fsdp=False)
     assert pp.weights < estimate_memory(a, 8192, 1, fsdp=False).weights / 3
     assert block_parameters(a) * 32 + 2 * a.vocab_size * a.dim + a.dim == n
+
+
+def test_memory_estimate_of_a_bf16_residual_stream():
+    """train.bf16_residual on one GPU under autocast: the stream's bytes as under FSDP's bf16 gather, 2 a
+    value rather than 4, in what each block keeps and in the final norm's input; under FSDP no change."""
+    from llamatron.models.family import Saving
+    from llamatron.models.llama import FAMILY
+
+    a = SIZES["llama3.1-8b"]
+    fp32, bf16 = (estimate_memory(a, 8192, 1, fsdp=False, bf16_residual=r) for r in (False, True))
+    per_token = FAMILY.activation_bytes_per_token(a, 4, 2, Saving()) - FAMILY.activation_bytes_per_token(a, 2, 2, Saving())
+    assert per_token > 0
+    assert fp32.activations - bf16.activations == pytest.approx(32 * 8192 * per_token + 8192 * 2 * a.dim)
+    assert estimate_memory(a, 8192, 1, dp_shard=2, bf16_residual=True).total == estimate_memory(a, 8192, 1, dp_shard=2).total

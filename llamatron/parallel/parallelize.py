@@ -23,6 +23,7 @@ from llamatron.parallel.fsdp import apply_fsdp
 from llamatron.transforms.checkpointing import apply_activation_checkpointing
 from llamatron.transforms.compile import apply_compile
 from llamatron.transforms.fp8 import apply_fp8, fp8_output
+from llamatron.transforms.residual import apply_bf16_residual
 
 # Wrappers that insert a level into parameter names; checkpoints and seeds use the clean names.
 _WRAPPER_PREFIXES = re.compile(r"(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")
@@ -80,6 +81,8 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
             from llamatron.parallel.expert_parallel import apply_expert_parallel
 
             experts = apply_expert_parallel(part, dims.submesh("ep"))
+        if train.bf16_residual:
+            apply_bf16_residual(part)
         if train.activation_checkpointing:
             apply_activation_checkpointing(part, train.activation_checkpointing_layers)
         if train.compile:
