@@ -322,19 +322,16 @@ def estimate_memory(
     optim: str = "adamw",
     bf16_residual: bool = False,
 ) -> MemoryEstimate:
-    """Peak bytes per rank for one training step of the given layout (the largest over ranks).
-    `lora`: the `[lora]` section (rank 0 or None: full training); `fp8`: train.fp8; `compiled`:
-    train.compile (the blocks compiled by inductor); `native_gqa`: SDPA's enable_gqa path
-    (llamatron/models/attention_ops.py: the CUDA default); `optim`: optim.name; `bf16_residual`:
-    train.bf16_residual (the residual stream in bf16 under autocast, as FSDP's bf16 gather has it)."""
-    if fsdp is None:
-        fsdp = dp_replicate * dp_shard * cp > 1
+    """Peak bytes per rank for one training step of the given layout (the largest over ranks). `lora`: the
+    `[lora]` section (rank 0 or None: full training); `fp8`: train.fp8; `compiled`: train.compile (blocks
+    compiled by inductor); `native_gqa`: SDPA's enable_gqa path (models/attention_ops.py: CUDA's default);
+    `optim`: optim.name; `bf16_residual`: train.bf16_residual (transforms/residual.py)."""
+    fsdp = dp_replicate * dp_shard * cp > 1 if fsdp is None else fsdp
     shard = dp_shard * cp if fsdp else 1
     layers = args.n_layers // pp
     counts = parameter_counts(args, lora)
     compute = 2 if bf16 else 4
-    # FSDP casts parameters to bf16, and so the embedding's output; autocast keeps fp32 ones (transforms/residual.py)
-    residual = 2 if bf16 and (fsdp or bf16_residual) else 4
+    residual = 2 if bf16 and (fsdp or bf16_residual) else 4  # autocast over fp32 weights: an fp32 stream
     expert_fsdp = ep > 1 and (dp_shard // ep > 1 or dp_replicate > 1)  # llamatron/parallel/dims.py's expert_fsdp
     vtp, stp, whole = _tp_splits(args, tp)
     weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, expert_fsdp, fsdp, compute, bf16,

@@ -5,9 +5,10 @@ every block's residual sum after it: `x + attention(...)` adds a bf16 product to
 residual then costs 4 bytes a value in every kernel that reads or writes it (the residual adds, the
 norms forward and backward, their gradients) and in what backward keeps. Megatron keeps the stream in
 bf16 unless `--fp32-residual-connection`; FSDP's bf16 gather here does too (its embedding is bf16). This
-casts the embeddings' outputs to the autocast dtype, so the blocks receive and add in bf16; the norms
-still take their statistics in fp32. Without autocast (fp32 runs, FSDP's mixed precision) it does
-nothing: the output is already in the compute dtype.
+casts the embeddings' and the blocks' outputs to the autocast dtype, so the blocks receive and add in
+bf16; the norms still take their statistics in fp32. Without autocast (fp32 runs, FSDP's mixed
+precision) it does nothing: the outputs are already in the compute dtype. Measured on an H100: -1.2% a
+step in BF16, -2.5% in FP8 (docs/performance.md).
 """
 
 from __future__ import annotations
