@@ -89,10 +89,9 @@ def main() -> None:
         print("ROW", json.dumps(row), flush=True)
         results.append(row)
     print("tuned entries:", len(torch.cuda.tunable.get_results()))
-    if args.json:
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": "bench/bench_gemm_tuning.py"}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+    from bench_train_step import write_json  # written whole or not at all, with the date and command
+
+    write_json(args.json, torch.cuda.get_device_name(), results)
 
 
 if __name__ == "__main__":
