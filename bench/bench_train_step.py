@@ -17,6 +17,7 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     # grouped-query attention (native: SDPA enable_gqa, expand: K/V repeated; llamatron/models/attention_ops.py),
     # NAME@mk=1 compiles with inductor's triton.multi_kernel, NAME@inductor.KEY=VALUE with any inductor config,
     # NAME@res=bf16 keeps the residual stream in bf16 under autocast (train.bf16_residual),
+    # NAME@sdpa=fa4 runs SDPA on another kernel (train.attention_backend: cudnn, flash, fa4, ...),
     # NAME@tune=1 runs with torch's TunableOp (each GEMM shape's cuBLASLt kernels timed in the warm-up)
     python bench/bench_train_step.py --global-batch 16 --variants \
         compile+cudnn@micro=8@gqa=expand,compile+cudnn@micro=8,compile+fp8-tensorwise@micro=4
@@ -46,7 +47,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 from llamatron import flops  # noqa: E402
-from llamatron.config import OptimConfig, parse_config, resolve_model  # noqa: E402
+from llamatron.config import ATTENTION_BACKENDS, OptimConfig, parse_config, resolve_model  # noqa: E402
 from llamatron.errors import LlamatronError  # noqa: E402
 from llamatron.data.sampler import micro_batch_indices  # noqa: E402
 from llamatron.models.attention_ops import set_gqa_mode  # noqa: E402
@@ -120,6 +121,8 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["gqa"] = value
         elif key == "attn" and value in glam_attention.KERNELS:  # GLaM's attention kernel
             opts["glam_attention"] = value
+        elif key == "sdpa" and value in ATTENTION_BACKENDS:  # SDPA's kernel (train.attention_backend)
+            opts["attention"] = value
         elif key == "mk" and value in ("0", "1"):  # inductor's triton.multi_kernel (one-pass long reductions)
             opts["multi_kernel"] = int(value)
         elif key == "res" and value in ("fp32", "bf16"):  # the residual stream's dtype under autocast
@@ -130,7 +133,7 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts.setdefault("inductor", {})[key.removeprefix("inductor.")] = int(value) if value.isdigit() else value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             f"attn={'|'.join(glam_attention.KERNELS)}, mk=0|1, res=fp32|bf16, tune=0|1 or inductor.KEY=VALUE")
+                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, tune=0|1 or inductor.KEY=VALUE")
     return spec, opts, over
 
 
@@ -424,7 +427,7 @@ def main() -> int:
     variants = [parse_variant(v) for v in cli.variants.split(",")]  # a misspelt name fails before any run
     for gbs in batch_sizes:
         for vname, opts, over in variants:
-            if device.type != "cuda" and opts["attention"] == "cudnn":
+            if device.type != "cuda" and opts["attention"] in ("cudnn", "fa4"):
                 continue
             args = argparse.Namespace(**{**vars(cli), "global_batch": gbs, **over})
             try:

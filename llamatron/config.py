@@ -135,6 +135,7 @@ def _validate_optim(optim: OptimConfig) -> None:
 
 
 FP8_RECIPES = ("none", "tensorwise", "rowwise")
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "fa4", "efficient", "math")
 
 
 @dataclass
@@ -172,7 +173,7 @@ class TrainConfig:
     # bf16 autocast over fp32 weights (one GPU, no FSDP): the residual stream between blocks in bf16, as
     # Megatron and FSDP's bf16 gather keep it, not fp32 (transforms/residual.py).
     bf16_residual: bool = False
-    attention_backend: str = "auto"  # SDPA kernel: auto (torch's choice), cudnn, flash, efficient, math
+    attention_backend: str = "auto"  # SDPA kernel: auto (torch's choice), cudnn, flash, fa4, efficient, math
     deterministic: bool = False  # torch deterministic algorithms (slower)
     out_dir: str = "runs/default"
     log_every: int = 1
@@ -202,8 +203,8 @@ def _validate_train(train: TrainConfig) -> None:
     _need(train.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {train.device!r}")
     _need(train.precision in ("auto", "bf16", "fp32"), "train.precision",
           f"must be auto, bf16 or fp32, got {train.precision!r}")
-    _need(train.attention_backend in ("auto", "cudnn", "flash", "efficient", "math"), "train.attention_backend",
-          f"must be auto, cudnn, flash, efficient or math, got {train.attention_backend!r}")
+    _need(train.attention_backend in ATTENTION_BACKENDS, "train.attention_backend",
+          f"must be one of {', '.join(ATTENTION_BACKENDS)}, got {train.attention_backend!r}")
     _need(train.log_every > 0, "train.log_every", f"must be positive, got {train.log_every}")
     _need(train.threads is None or train.threads > 0, "train.threads", f"must be positive, got {train.threads}")
     _need(train.nonfinite in ("stop", "skip"), "train.nonfinite", f"must be stop or skip, got {train.nonfinite!r}")

@@ -7,6 +7,8 @@ GPUs, gloo on CPUs) through torchrun's env:// rendezvous.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -85,18 +87,64 @@ class Precision:
 
 def attention_backend(name: str):
     """A context that pins scaled_dot_product_attention to one kernel (forward and backward), e.g.
-    cuDNN, which on Hopper runs about twice as fast as the flash backend; "auto" leaves torch's choice."""
+    cuDNN, which on Hopper runs about twice as fast as the flash backend; "auto" leaves torch's choice.
+    "fa4": torch's flash backend with FlashAttention 4's kernels (`flash-attn-4`, CuTe DSL) put in
+    its place through torch's own registry (`activate_flash_attention_impl`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if name == "auto":
         return contextlib.nullcontext()
+    if name == "fa4":
+        activate_fa4()
     backend = {
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "flash": SDPBackend.FLASH_ATTENTION,
+        "fa4": SDPBackend.FLASH_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "math": SDPBackend.MATH,
     }[name]
     return sdpa_kernel([backend])
+
+
+# The name llamatron's FA4 registration has in torch's flash attention registry.
+FA4_IMPL = "FA4-llamatron"
+
+
+def fa4_unavailable_reason(device: torch.device) -> str | None:
+    """Why FlashAttention 4 cannot run on `device` here, or None if it can."""
+    if importlib.util.find_spec("torch.nn.attention._fa4") is None:
+        return f"torch {torch.__version__} has no FA4 slot in its flash attention registry (torch >= 2.10 has)"
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+        return "the flash-attn-4 package is not installed (pip install flash-attn-4)"
+    if device.type != "cuda":
+        return f"FA4's kernels run on NVIDIA GPUs only; this run's device is {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in (9, 10):
+        return f"FA4 runs on compute capability 9.0 or 10.x (H100, H200, B200); {torch.cuda.get_device_name(device)} has {major}.{minor}"
+    return None
+
+
+def check_attention_backend(name: str, device: torch.device) -> None:
+    """At start, one line if `train.attention_backend` cannot run here (fa4 without its package, torch
+    slot or GPU), rather than an error inside the first compiled step."""
+    reason = fa4_unavailable_reason(device) if name == "fa4" else None
+    if reason:
+        raise LlamatronError(f"config key 'train.attention_backend': fa4 asked for, but {reason}")
+
+
+def activate_fa4() -> None:
+    """Put FA4's kernels behind torch's flash attention ops, once per process: from then on every
+    flash SDPA call of the process, compiled or eager, runs them. Through torch's own FA4 slot, with
+    the kernels' module llamatron.models.fa4_kernels (it adapts their return values to the slot)."""
+    from torch.nn import attention
+    from torch.nn.attention import _fa4  # torch's FA4 slot: its registration takes the kernels' module
+
+    if attention.current_flash_attention_impl() == FA4_IMPL:
+        return
+    attention.register_flash_attention_impl(
+        FA4_IMPL, register_fn=functools.partial(_fa4.register_flash_attention_fa4,
+                                                module_path="llamatron.models.fa4_kernels"))
+    attention.activate_flash_attention_impl(FA4_IMPL)
 
 
 def init_distributed(device: torch.device, world_size: int) -> bool:

@@ -118,6 +118,7 @@ class Trainer:
 
         # Layout, model family and precision
         check_fp8(cfg.train.fp8, device)
+        runtime.check_attention_backend(cfg.train.attention_backend, device)
         self.dims = ParallelDims.from_config(cfg.parallel, world_size)
         self.dims.build_mesh(device.type)
         self.precision = Precision.choose(cfg.train.precision, device, self.dims.fsdp_enabled)
