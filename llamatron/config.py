@@ -171,8 +171,9 @@ class TrainConfig:
     # the GEMM (Megatron's gradient_accumulation_fusion), not a bf16 product added into .grad after it.
     gradient_accumulation_fusion: bool = False
     # bf16 autocast over fp32 weights (one GPU, no FSDP): the residual stream between blocks in bf16, as
-    # Megatron and FSDP's bf16 gather keep it, not fp32 (transforms/residual.py).
-    bf16_residual: bool = False
+    # Megatron and FSDP's bf16 gather keep it, not fp32 (transforms/residual.py). On by default since its
+    # 2,000-step convergence check (docs/performance.md); false keeps the fp32 stream.
+    bf16_residual: bool = True
     attention_backend: str = "auto"  # SDPA kernel: auto (torch's choice), cudnn, flash, fa4, efficient, math
     deterministic: bool = False  # torch deterministic algorithms (slower)
     out_dir: str = "runs/default"

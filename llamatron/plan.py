@@ -211,7 +211,7 @@ class Workload:
     compile: bool = True  # train.compile: what the step-time model was fitted to, and the memory it estimates
     cast_weights_once: bool = False  # train.cast_weights_once: the weight casts once per step
     gradient_accumulation_fusion: bool = False  # train.gradient_accumulation_fusion: fp32 accumulation in the GEMMs
-    bf16_residual: bool = False  # train.bf16_residual: the residual stream in bf16 (its saved bytes)
+    bf16_residual: bool = True  # train.bf16_residual (the default): the residual stream in bf16 (its saved bytes)
     optim: str = "adamw"  # optim.name: the optimizer state's bytes per parameter
     config: str | None = None  # the config file or preset the --set lines go with
     sets: list[str] = field(default_factory=list)  # overrides that make the workload from it

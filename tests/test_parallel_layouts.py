@@ -209,10 +209,10 @@ def compiled_reference(tmp_path_factory):
 
 
 def _graphs(out: str) -> list[tuple[int, int]]:
-    """Each rank's compiled graphs with attention (blocks) and without (the final norm), by rank
+    """Each rank's compiled graphs with attention (blocks) and of the final norm, by rank
     (compiled_probe.py's last line)."""
     found = {int(r): (int(b), int(o)) for r, b, o in re.findall(r"compiled_probe rank (\d+): (\d+) block graphs, "
-                                                                 r"(\d+) other", out)}
+                                                                 r"(\d+) norm", out)}
     return [found[r] for r in sorted(found)]
 
 
@@ -230,5 +230,5 @@ def test_compiled_layouts_train_like_one_compiled_process(tmp_path, compiled_ref
     # Every rank compiled its blocks, and the final norm where it has it (PP: the last stage only).
     graphs = _graphs(log)
     assert len(graphs) == n and all(blocks > 0 for blocks, _ in graphs), log[-3000:]
-    assert [other > 0 for _, other in graphs] == ([False, True] if name.startswith("pp") else [True] * n)
+    assert [norm > 0 for _, norm in graphs] == ([False, True] if name.startswith("pp") else [True] * n)
     _assert_same(_trajectory(out), compiled_reference, steps=(1, 2, 3))

@@ -95,11 +95,11 @@ def test_cast_weights_once_computes_what_autocast_computes(tmp_path, monkeypatch
 
 
 def test_bf16_residual_trains_beside_the_fp32_stream(tmp_path):
-    """train.bf16_residual under bf16 autocast: the run's losses part from the fp32 stream's by bf16
-    rounding only; without autocast (fp32) the option changes nothing."""
+    """train.bf16_residual (the default) under bf16 autocast: the run's losses part from the fp32
+    stream's (false) by bf16 rounding only; without autocast (fp32) the option changes nothing."""
     bf16 = ["train.precision=bf16"]
-    for name, extra in (("fp32_stream", bf16), ("bf16_stream", [*bf16, "train.bf16_residual=true"]),
-                        ("fp32", []), ("fp32_flag", ["train.bf16_residual=true"])):
+    for name, extra in (("fp32_stream", [*bf16, "train.bf16_residual=false"]), ("bf16_stream", bf16),
+                        ("fp32", []), ("fp32_flag", ["train.bf16_residual=false"])):
         train(_cfg(tmp_path / name, 4, extra), progress=False, log=lambda *_: None)
     want, got = _losses(tmp_path / "fp32_stream"), _losses(tmp_path / "bf16_stream")
     assert got != want and all(abs(got[s] - want[s]) <= 0.02 * want[s] for s in want)

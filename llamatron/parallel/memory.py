@@ -331,7 +331,7 @@ def estimate_memory(
     layers = args.n_layers // pp
     counts = parameter_counts(args, lora)
     compute = 2 if bf16 else 4
-    residual = 2 if bf16 and (fsdp or bf16_residual) else 4  # autocast over fp32 weights: an fp32 stream
+    stream, residual = _stream_bytes(bf16, fsdp, bf16_residual, compiled)
     expert_fsdp = ep > 1 and (dp_shard // ep > 1 or dp_replicate > 1)  # llamatron/parallel/dims.py's expert_fsdp
     vtp, stp, whole = _tp_splits(args, tp)
     weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, expert_fsdp, fsdp, compute, bf16,
@@ -355,7 +355,7 @@ def estimate_memory(
     in_flight = 1 if pp == 1 else (n_microbatches if pp_schedule == "gpipe" else min(pp, n_microbatches))
     n_ckpt = (layers if checkpointed_layers is None else min(checkpointed_layers, layers)) if activation_checkpointing else 0
     casts_kept = 0.0 if fsdp else working * (layers - n_ckpt) / layers  # of the blocks not checkpointed
-    kept_acts, activations, working = _checkpointed(per_block * in_flight, residual * args.dim * tokens / stp * in_flight,
+    kept_acts, activations, working = _checkpointed(per_block * in_flight, stream * args.dim * tokens / stp * in_flight,
                                                     layers, n_ckpt, working, compiled and not fsdp)
     logits = _loss_bytes(args, tokens, vtp, compute, fused, fp8_output, autocast=bf16 and not fsdp)
     saved, reused = kept_acts + casts_kept, 0.0
@@ -363,7 +363,7 @@ def estimate_memory(
     # family whose args name no FFN width: 4 d, the usual).
     backward = 3 * compute * getattr(args, "ffn_dim", 4 * args.dim) * tokens / tp
     if pp == 1:  # the rank with the output layer is also the one with the most activations
-        head = ((4 + residual) / stp + compute) * args.dim * tokens  # final norm; the output's (gathered) input
+        head = ((4 + stream) / stp + compute) * args.dim * tokens  # final norm; the output's (gathered) input
         activations += head
         norm_out = 4 / stp * args.dim * tokens if compiled else 0.0  # compiled, the final norm keeps its input only
         saved += head - norm_out + _loss_saved(args, tokens, vtp, compute, fused, fp8_output)
@@ -388,6 +388,15 @@ def _checkpointed(per_block: float, block_input: float, layers: int, n_ckpt: int
     if n_ckpt and compiled_casts:
         working -= working * (n_ckpt - 1) / layers
     return kept, kept + (per_block if n_ckpt else 0.0), working
+
+
+def _stream_bytes(bf16: bool, fsdp: bool, bf16_residual: bool, compiled: bool) -> tuple[int, int]:
+    """Bytes a value of the residual stream between blocks (fp32 under autocast over fp32 weights
+    unless train.bf16_residual; bf16 with FSDP's bf16 weights), and of what a block keeps of it: eager,
+    the norms also keep their fp32 upcasts of a bf16 stream (measured: tests/test_plan.py), so only
+    compiled blocks and FSDP's keep 2 bytes."""
+    stream = 2 if bf16 and (fsdp or bf16_residual) else 4
+    return stream, stream if fsdp or compiled else 4
 
 
 def _per_token(args, counts: ParameterCounts, lora, residual: int, compute: int, saving: Saving, cp: int = 1) -> float:
