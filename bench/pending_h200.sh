@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-06, 16:10 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-06, 17:40 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -21,9 +21,10 @@
 #    .peers carried: bench/side_by_side.sh), or llamatron's side alone (fp8loss, ~4 min): the 8B proxy's BF16
 #    (micro 8) and FP8 (micro 4, 8, 16) steps, the FP8 / BF16 ratio. On an H100 (2026-12-06 13:46, micro 4 / 2):
 #    BF16 1.01x TorchTitan, FP8 1.43x TorchTitan's FP8, FP8 micro 8 1.41x BF16 micro 4.
-#    Both also run each side with train.bf16_residual (`@res=bf16`), which on an H100 (2026-12-06 15:57) took
-#    1.2-1.3% off the BF16 step and 2.5% off FP8's. Its 2,000-step convergence check (both precisions) is
-#    still to run: `sh bench/fp8_convergence.sh OUT --set train.bf16_residual=true` (docs/performance.md).
+#    train.bf16_residual (`@res=bf16`; the default since its convergence check, 2026-12-06 17:07) took 1.2-1.3%
+#    off the BF16 step and 2.5% off FP8's on an H100; fp8loss runs each side with and without it. FA4 attention
+#    (`@sdpa=fa4`, another 1.1-2.1% on an H100) needs flash-attn-4 and the CuTe DSL, too large for one call's
+#    carry: docs/performance.md ("Measured on 2026-12-06, 17:01-17:33") says how it travelled in two halves.
 # 2. issue 19: the 8B's scoring with the batches padded to their longest row (the default since 06:55)
 #    beside the 8-token alignment it replaced, in one process (zs8b); GPT 126M's scoring again (zsgpt)
 # 3. issue 22: the CUDA tests of GLaM's FP8 experts; an async save
@@ -53,7 +54,7 @@ run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 
 run fp8loss 330 240 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
     --warmup 2 --variants compile+cudnn+castonce+fusedwgrad,compile+fp8-all,compile+fp8-all@micro=16,compile+fp8-all@micro=4,compile+cudnn+castonce+fusedwgrad@res=bf16,compile+fp8-all@res=bf16 \
     --json "$OUT/fp8loss.json"
-[ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+cudnn+castonce+fusedwgrad@micro=8@res=bf16,compile+fp8-all@micro=8@res=bf16 \
+[ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+fp8-all@micro=8@res=bf16,compile+cudnn+castonce+fusedwgrad@micro=8 \
     run sbs 480 420 bash bench/side_by_side.sh "$OUT/sbs" 8 4
 run fp8experts_test 90 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py \
     tests/test_glam.py -k "on_cuda or as_close_to_fp32 or one_after_another"

@@ -60,6 +60,7 @@ class Run:
     gqa: str  # expand (every docs/bench run predates native GQA) or native
     superseded: bool = False  # a run of code this tree no longer has (its JSON's note says which): shown, not held
     bf16_residual: bool = False  # the residual stream in bf16 (train.bf16_residual): fewer bytes kept
+    fa4: bool = False  # attention on FlashAttention 4's kernels (train.attention_backend=fa4): not modelled
 
 
 def _args(run: Run):
@@ -82,7 +83,8 @@ def planned_step(run: Run, calibrated: bool = False) -> float | None:
     if not run.compiled or not run.fused_loss or (calibrated and table is None):
         return None
     w = plan.workload(run.model, run.seq, run.global_batch, run.layers or None)
-    w = dataclasses.replace(w, fp8_output=run.fp8_output, fp8=None if run.fp8 == "none" else run.fp8)
+    w = dataclasses.replace(w, fp8_output=run.fp8_output, fp8=None if run.fp8 == "none" else run.fp8,
+                            bf16_residual=run.bf16_residual)
     hw = plan.Hardware(1, memory_gib=139.0 if run.gpu == "H200" else 80.0, fp8=True,
                        fp8_speedup=plan.FP8_GEMM_SPEEDUP[run.gpu])
     lay = plan.Layout(1, 1, 1, 1, 1, run.micro, False, fp8=run.fp8 != "none")
@@ -103,7 +105,8 @@ def bench_runs() -> dict[Run, dict]:
             gqa = r.get("gqa", "expand")
             run = Run(gpu, "llama3.1-8b", r["layers"], r["seq_len"], r["micro_batch"], r["global_batch"], r["compile"],
                       r["fused_ce"], r.get("fp8", "none"), r.get("fp8_output", False),
-                      "native" if gqa == "auto" else gqa, bool(r.get("superseded")), bool(r.get("bf16_residual")))
+                      "native" if gqa == "auto" else gqa, bool(r.get("superseded")), bool(r.get("bf16_residual")),
+                      r.get("attention") == "fa4")
             entry = runs.setdefault(run, {"names": [], "steps": [], "peaks": []})
             entry["names"].append(f"{path.name} {r['variant']}")
             entry["steps"].append(r["step_time_s"])
