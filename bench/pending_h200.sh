@@ -47,15 +47,25 @@ if ls .whl/*.whl > /dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# FlashAttention 4 (flash-attn-4 and NVIDIA's CuTe DSL, 69 MB as xz: more than one call carries): an
+# earlier call on the same warm machine left the first half in /tmp (`cp .fa4a/fa4part.aa /tmp/`, carrying
+# .fa4a), this one carries .fa4b. How the halves are made: docs/performance.md ("Measured on 2026-12-06,
+# 17:01-17:33"). Where it is there, the side by side also runs llamatron on FA4 (`@sdpa=fa4`).
+if [ -f /tmp/fa4part.aa ] && [ -f .fa4b/fa4part.ab ]; then
+    mkdir -p /tmp/fa4site && cat /tmp/fa4part.aa .fa4b/fa4part.ab | xz -dc -T8 | tar xf - -C /tmp/fa4site \
+        && export PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+FA4_VARIANTS=$(python3 -c "import flash_attn.cute.interface" > /dev/null 2>&1 \
+    && echo ",compile+cudnn+castonce+fusedwgrad@micro=8@res=bf16@sdpa=fa4,compile+fp8-all@micro=8@res=bf16@sdpa=fa4")
 run zs8b 250 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 rowwise+pad8,rowwise --profile \
     --json "$OUT/zs8b.json"
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
 run fp8loss 330 240 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
     --warmup 2 --variants compile+cudnn+castonce+fusedwgrad,compile+fp8-all,compile+fp8-all@micro=16,compile+fp8-all@micro=4,compile+cudnn+castonce+fusedwgrad@res=bf16,compile+fp8-all@res=bf16 \
     --json "$OUT/fp8loss.json"
-[ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+fp8-all@micro=8@res=bf16,compile+cudnn+castonce+fusedwgrad@micro=8 \
-    run sbs 480 420 bash bench/side_by_side.sh "$OUT/sbs" 8 4
+[ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+fp8-all@micro=8@res=bf16,compile+cudnn+castonce+fusedwgrad@micro=8$FA4_VARIANTS \
+    run sbs 570 420 bash bench/side_by_side.sh "$OUT/sbs" 8 4
 run fp8experts_test 90 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py \
     tests/test_glam.py -k "on_cuda or as_close_to_fp32 or one_after_another"
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \
