@@ -232,3 +232,17 @@ def test_compiled_layouts_train_like_one_compiled_process(tmp_path, compiled_ref
     assert len(graphs) == n and all(blocks > 0 for blocks, _ in graphs), log[-3000:]
     assert [norm > 0 for _, norm in graphs] == ([False, True] if name.startswith("pp") else [True] * n)
     _assert_same(_trajectory(out), compiled_reference, steps=(1, 2, 3))
+
+
+def test_pipeline_stages_pass_the_bf16_residual_stream_under_autocast(tmp_path):
+    """Under bf16 autocast (no FSDP) the blocks hand on a bf16 stream (train.bf16_residual, the default):
+    the pipeline's stages, which learn the shapes and dtypes they exchange from a first forward (here the
+    validation at step 0, eval's own pass), send and receive it, activations and gradients, and train as
+    one process does within bf16 rounding."""
+    config, out = _config(tmp_path), tmp_path / "pp"
+    bf16 = ["train.precision=bf16", "train.steps=3"]
+    torchrun(2, config, out, *bf16, "parallel.pp=2", "parallel.pp_virtual_stages=2")
+    train(load_config(str(config), [f"train.out_dir={tmp_path / 'one'}", *bf16]), progress=False, log=lambda *_: None)
+    got, want = _trajectory(out), _trajectory(tmp_path / "one")
+    for key in [("eval", 0), *[("train", s) for s in (1, 2, 3)]]:
+        assert got[key][0] == pytest.approx(want[key][0], rel=2e-3), key
