@@ -1,14 +1,16 @@
 """Causal grouped-query attention alone, forward and forward + backward, with each SDPA kernel in one
 process: the step's attention at a model's shape, and how close each kernel's outputs and gradients
-are to cuDNN's.
+are to the first one's (cuDNN's by default).
 
     python bench/bench_attention.py                                  # Llama 3.1 8B: 32 heads, 8 KV heads, 128, seq 8192
     python bench/bench_attention.py --batch 8 --kernels cudnn,flash,fa4-direct,fa4 --json out.json
 
 Kernels are those of `train.attention_backend` (llamatron/runtime.py): cudnn, flash (torch's FA2),
 fa4 (FlashAttention 4's kernels behind torch's flash ops; once on, for the rest of the process, so it
-runs last), efficient; and fa4-direct, FA4's own `flash_attn_func` (no torch registry needed). TFLOP/s count the work a causal kernel does (half the square), forward 4·b·h·s²·d/2,
-backward 2.5 times that; medians of CUDA-event timings after warm-up, on random normal inputs.
+runs last), efficient; and fa4-direct, FA4's own `flash_attn_func` (no torch registry needed). The
+first kernel listed is the reference the others' outputs and gradients are compared with. TFLOP/s
+count the work a causal kernel does (half the square), forward 4·b·h·s²·d/2, backward 2.5 times that;
+medians of CUDA-event timings after warm-up, on random normal inputs.
 """
 
 from __future__ import annotations
