@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,22 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench_fp8_loss import median_ms  # noqa: E402
 from bench_train_step import write_json  # noqa: E402
 from llamatron.runtime import attention_backend, fa4_unavailable_reason  # noqa: E402
-
-
-def timed(fn, iters: int, warmup: int) -> float:
-    """Median milliseconds of fn over iters calls after warmup calls."""
-    times = []
-    for i in range(warmup + iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def attend(kernel: str, q, k, v):
@@ -69,8 +55,8 @@ def run_kernel(kernel: str, q, k, v, dout, iters: int, warmup: int):
         return out, torch.autograd.grad(out, (q, k, v), dout)
 
     with torch.no_grad():
-        fwd_ms = timed(forward, iters, warmup)
-    both_ms = timed(forward_backward, iters, warmup)
+        fwd_ms = median_ms(forward, iters, warmup)
+    both_ms = median_ms(forward_backward, iters, warmup)
     out, grads = forward_backward()
     return fwd_ms, both_ms, out.detach(), [g.detach() for g in grads]
 
