@@ -18,6 +18,7 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     # NAME@mk=1 compiles with inductor's triton.multi_kernel, NAME@inductor.KEY=VALUE with any inductor config,
     # NAME@res=bf16 keeps the residual stream in bf16 under autocast (train.bf16_residual),
     # NAME@sdpa=fa4 runs SDPA on another kernel (train.attention_backend: cudnn, flash, fa4, ...),
+    # NAME@fp8loss=inductor makes the FP8 loss's gradients as before llamatron/loss_kernels.py,
     # NAME@tune=1 runs with torch's TunableOp (each GEMM shape's cuBLASLt kernels timed in the warm-up)
     python bench/bench_train_step.py --global-batch 16 --variants \
         compile+cudnn@micro=8@gqa=expand,compile+cudnn@micro=8,compile+fp8-tensorwise@micro=4
@@ -47,6 +48,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 from llamatron import flops  # noqa: E402
+from llamatron import loss as fused_loss  # noqa: E402
 from llamatron.config import ATTENTION_BACKENDS, OptimConfig, parse_config, resolve_model  # noqa: E402
 from llamatron.errors import LlamatronError  # noqa: E402
 from llamatron.data.sampler import micro_batch_indices  # noqa: E402
@@ -127,13 +129,15 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["multi_kernel"] = int(value)
         elif key == "res" and value in ("fp32", "bf16"):  # the residual stream's dtype under autocast
             opts["bf16_residual"] = value == "bf16"
+        elif key == "fp8loss" and value in ("triton", "inductor"):  # who makes the FP8 loss's gradients
+            opts["fp8_loss_kernels"] = value
         elif key == "tune" and value in ("0", "1"):  # torch's TunableOp: every GEMM shape's cuBLASLt kernel timed
             opts["tune_gemms"] = int(value)
         elif key.startswith("inductor.") and value:  # any inductor config key, e.g. inductor.triton.tile_reductions=1
             opts.setdefault("inductor", {})[key.removeprefix("inductor.")] = int(value) if value.isdigit() else value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, tune=0|1 or inductor.KEY=VALUE")
+                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor, tune=0|1 or inductor.KEY=VALUE")
     return spec, opts, over
 
 
@@ -205,6 +209,7 @@ def _run_variant(name, opts, margs, args, device, dataset):
     torch._dynamo.reset()  # each variant compiles afresh: the module switches below would hit the recompile limit
     set_gqa_mode(opts.get("gqa", "auto"))  # read when the model is traced and run
     glam_attention.KERNEL = opts.get("glam_attention", DEFAULT_GLAM_ATTENTION)
+    fused_loss.FP8_LOSS_KERNELS = opts.get("fp8_loss_kernels", "triton")
     model = build_layout(margs, opts, device)
     opt = build_optimizer(model.model, OptimConfig(fused=opts["fused_adam"]), device.type)
     amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)

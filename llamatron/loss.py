@@ -26,6 +26,9 @@ _DLOGITS_SCALE = 2.0**15
 # pass for the 128K x 4096 weight (2.7 ms on an H100, 14 of them in a micro-batch of 65,536 tokens at
 # one chunk each); two chunks' gradients side by side halve the adds for one more chunk of E5M2 alive.
 FP8_WGRAD_CHUNKS = 2
+# Who makes the FP8 loss's gradients on CUDA: "triton" (llamatron/loss_kernels.py) or "inductor" (the
+# compiled loss and a transposing copy, as before them; bench/bench_train_step.py's NAME@fp8loss=...).
+FP8_LOSS_KERNELS = "triton"
 
 
 def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,13 +83,6 @@ def _loss_and_grad_e5m2_eager(logits, labels):
     return loss, grad.mul_(_DLOGITS_SCALE).to(torch.float8_e5m2)
 
 
-def _transposed(*chunks: torch.Tensor) -> torch.Tensor:
-    """The chunks, stacked by rows, transposed and laid out row-major. Compiled, one tiled copy: eager's
-    copy of a 1-byte [8192, 128256] chunk ran at a tenth of the bandwidth (9.8 ms against 0.9 on an
-    H100; writing it from the loss's own kernel took 2.1 ms and changed its rounding)."""
-    return torch.cat(chunks).t().contiguous()
-
-
 _compiled: dict = {}
 
 
@@ -127,15 +123,39 @@ def _chunks(h, weight, labels, chunk_size: int, need_w: bool, dtype: torch.dtype
     return total, grad_h, grad_w
 
 
+def _triton_loss_and_grad(logits, labels, transposed, first):
+    from llamatron.loss_kernels import loss_and_grad_e5m2
+
+    return loss_and_grad_e5m2(logits, labels, _DLOGITS_SCALE, transposed, first)
+
+
+def _fp8_loss_and_grad(device: torch.device):
+    """(logits, labels, transposed, first) -> (summed loss, E5M2 scaled gradient), the gradient also
+    written token-major into `transposed`'s columns first.. (when given). On CUDA by llamatron's own
+    Triton kernels (`llamatron.loss_kernels`, both layouts from one pass) unless FP8_LOSS_KERNELS says
+    "inductor" (the compiled loss, then a copy); elsewhere eagerly."""
+    if device.type == "cuda" and FP8_LOSS_KERNELS == "triton":
+        return _triton_loss_and_grad
+    loss_and_grad = _loss_and_grad_fn(device, fp8=True)
+
+    def run(logits, labels, transposed, first):
+        loss, g8 = loss_and_grad(logits, labels)
+        if transposed is not None:
+            transposed[:, first : first + g8.shape[0]].copy_(g8.t())
+        return loss, g8
+
+    return run
+
+
 def _fp8_chunks(h, weight, labels, chunk_size: int, need_w: bool):
     """The same with the three GEMMs in FP8. Hopper's FP8 GEMMs take A row-major and B column-major
-    only, so each operand is cast in the layout its GEMMs read: W [V, d] (its .t() is B of h @ W^T) and
+    only, so each operand is made in the layout its GEMMs read: W [V, d] (its .t() is B of h @ W^T) and
     W^T [d, V] (B of dlogits @ W); each group of FP8_WGRAD_CHUNKS chunks of hidden states with one
-    scale, row-major (A of the logits) and transposed (B of the weight gradient); the chunks' E5M2
-    gradients, token-major side by side, are A of one weight-gradient GEMM per group."""
+    scale, row-major (A of the logits) and transposed (B of the weight gradient); each chunk's E5M2
+    gradient row-major (A of its input gradient) and token-major into the group's [V, rows] (A of one
+    weight-gradient GEMM per group)."""
     to_e4m3 = _compiled_on_cuda(_to_e4m3, _to_e4m3, h.device)
-    loss_and_grad = _loss_and_grad_fn(h.device, fp8=True)
-    transposed = _compiled_on_cuda(_transposed, _transposed, h.device)
+    loss_and_grad = _fp8_loss_and_grad(h.device)
     w8, w8_t, w_inv = to_e4m3(weight)
     g_inv = torch.tensor(1.0 / _DLOGITS_SCALE, device=h.device)
     grad_h, grad_w = torch.empty_like(h), None
@@ -143,19 +163,15 @@ def _fp8_chunks(h, weight, labels, chunk_size: int, need_w: bool):
     group = FP8_WGRAD_CHUNKS * chunk_size
     for first in range(0, h.shape[0], group):
         h8, h8_t, h_inv = to_e4m3(h[first : first + group])
-        grads = []
+        g8_t = torch.empty((weight.shape[0], h8.shape[0]), dtype=torch.float8_e5m2, device=h.device) if need_w else None
         for start in range(0, h8.shape[0], chunk_size):
             rows = slice(first + start, first + start + chunk_size)
             logits = fp8_mm(h8[start : start + chunk_size], h_inv, w8.t(), w_inv, h.dtype)
-            loss, g8 = loss_and_grad(logits, labels[rows])  # E5M2, scaled
-            del logits  # before the group's transposed gradients are made
+            loss, g8 = loss_and_grad(logits, labels[rows], g8_t, start)  # E5M2, scaled
+            del logits
             total += loss
             grad_h[rows] = fp8_mm(g8, g_inv, w8_t.t(), w_inv, h.dtype)
-            if need_w:
-                grads.append(g8)
         if need_w:
-            g8_t = transposed(*grads)
-            grads.clear()  # the group's gradients, once copied: no more alive at the GEMM than one chunk's did
             gw = fp8_mm(g8_t, g_inv, h8_t.t(), h_inv, torch.float32)
             grad_w = gw if grad_w is None else grad_w.add_(gw)
     return total, grad_h, grad_w

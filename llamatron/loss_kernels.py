@@ -1,0 +1,134 @@
+"""The FP8 fused loss's softmax gradient in Triton kernels of its own (`llamatron.loss`, CUDA).
+
+For each chunk of logits [R, V] (bf16, V = 128,256 for Llama 3.1) the FP8 output layer needs the loss,
+and the gradient softmax - one_hot scaled and cast to E5M2 twice: row-major (A of the input-gradient
+GEMM) and token-major (A of the weight-gradient GEMM; Hopper's FP8 GEMMs read both operands along the
+reduced dimension, here the tokens). Compiled by inductor that was one reduction kernel over the chunk,
+then a copy transposing the group's gradients: on an H100 2.84 + 0.86 ms a chunk, 59 ms of a step of the
+8B proxy at micro 8. Here, three kernels, each over tiles of rows x vocabulary:
+
+- `_row_stats`: the running max and sum of exponentials of each row over a slice of the vocabulary
+  (a 2-D grid: 8,192 rows alone are too few programs to keep every SM reading);
+- `_combine`: each row's log-sum-exp from its slices, and its loss lse - x[label];
+- `_grad`: the tile's gradient, written both ways from the same registers: the transposed store
+  goes through shared memory in tiles, not as a strided byte per token.
+
+The logits are read twice and the E5M2 gradient written twice: ~6.3 GB a chunk, against ~8.4 before.
+The E5M2 cast rounds by arithmetic of its own (`_to_e5m2`), to nearest with ties to even as torch's
+cast does, and so the same on the GPU and under Triton's CPU interpreter, whose own float-to-FP8 cast
+does not round (the tests run the kernels there).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llamatron.loss import IGNORE_INDEX
+
+# Rows x columns per tile of the gradient, and columns per slice of the statistics' grid:
+# bench/bench_fp8_loss.py times the kernels.
+TILE_ROWS, TILE_COLS, SLICE_COLS = 64, 128, 4096
+
+
+@triton.jit
+def _row_stats(X, PART_M, PART_S, R, V, stride_x, SLICE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """PART_M, PART_S [slices, R]: max and sum of exp(x - max) of rows over the program's slice."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    first = tl.program_id(1) * SLICE
+    m = tl.full([BM], float("-inf"), tl.float32)
+    s = tl.zeros([BM], tl.float32)
+    base = X + rows[:, None].to(tl.int64) * stride_x
+    for start in range(first, first + SLICE, BN):
+        cols = start + tl.arange(0, BN)
+        mask = (rows < R)[:, None] & (cols < V)[None, :]
+        x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet: no inf - inf
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+        m = m_new
+    out = tl.program_id(1) * R + rows
+    tl.store(PART_M + out, m, mask=rows < R)
+    tl.store(PART_S + out, s, mask=rows < R)
+
+
+@triton.jit
+def _combine(X, LABELS, PART_M, PART_S, LSE, ROW_LOSS, R, stride_x, SLICES, IGNORE: tl.constexpr,
+             SP: tl.constexpr, BR: tl.constexpr):
+    """LSE [R]: each row's log-sum-exp from its slices; ROW_LOSS [R]: lse - x[label] (0 if ignored)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    live = rows < R
+    slices = tl.arange(0, SP)
+    at = slices[:, None] * R + rows[None, :]
+    mask = (slices < SLICES)[:, None] & live[None, :]
+    pm = tl.load(PART_M + at, mask=mask, other=float("-inf"))
+    ps = tl.load(PART_S + at, mask=mask, other=0.0)
+    m = tl.max(pm, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    lse = m_safe + tl.log(tl.sum(ps * tl.exp(pm - m_safe[None, :]), 0))
+    label = tl.load(LABELS + rows, mask=live, other=IGNORE)
+    valid = live & (label != IGNORE)
+    target = tl.load(X + rows.to(tl.int64) * stride_x + tl.where(valid, label, 0), mask=valid, other=0.0)
+    tl.store(LSE + rows, lse, mask=live)
+    tl.store(ROW_LOSS + rows, tl.where(valid, lse - target.to(tl.float32), 0.0), mask=live)
+
+
+@triton.jit
+def _to_e5m2(x):
+    """x (fp32, |x| < 57344) in E5M2, rounded to nearest, ties to even, as torch's cast: first to a
+    value E5M2 holds exactly, in fp32 (its mantissa rounded to 2 bits; below 2^-14, E5M2's subnormals,
+    to a multiple of 2^-16 by adding and subtracting 2^23), then exactly to fp16, of which E5M2 is the
+    top byte."""
+    a = tl.abs(x)
+    bits = a.to(tl.int32, bitcast=True)
+    normal = ((bits + 0xFFFFF + ((bits >> 21) & 1)) & -0x200000).to(tl.float32, bitcast=True)
+    subnormal = ((a * 65536.0 + 8388608.0) - 8388608.0) * (1.0 / 65536.0)
+    r = tl.where(a < 6.103515625e-05, subnormal, normal)
+    half = tl.where(x < 0, -r, r).to(tl.float16).to(tl.int16, bitcast=True)
+    return (half >> 8).to(tl.int8).to(tl.float8e5, bitcast=True)
+
+
+@triton.jit
+def _grad(X, LABELS, LSE, G, GT, R, V, stride_x, stride_g, stride_gt, gt_first, scale,
+          IGNORE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WRITE_T: tl.constexpr):
+    """G [R, V] = E5M2((softmax - one_hot) * scale), zero in ignored rows; with WRITE_T the same into
+    GT [V, >= gt_first + R] at columns gt_first.. (token-major)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rows < R)[:, None] & (cols < V)[None, :]
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    lse = tl.load(LSE + rows, mask=rows < R, other=0.0)
+    label = tl.load(LABELS + rows, mask=rows < R, other=IGNORE)
+    p = tl.exp(x - lse[:, None])
+    p = tl.where(cols[None, :] == label[:, None], p - 1.0, p)
+    g8 = _to_e5m2(tl.where((label != IGNORE)[:, None], p, 0.0) * scale)
+    tl.store(G + rows[:, None].to(tl.int64) * stride_g + cols[None, :], g8, mask=mask)
+    if WRITE_T:
+        at = cols[:, None].to(tl.int64) * stride_gt + (gt_first + rows)[None, :]
+        tl.store(GT + at, tl.trans(g8), mask=tl.trans(mask))
+
+
+def loss_and_grad_e5m2(logits: torch.Tensor, labels: torch.Tensor, scale: float,
+                       transposed: torch.Tensor | None = None, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of logits [R, V] (row-major) against labels [R] (IGNORE_INDEX: no loss,
+    no gradient), and (softmax - one_hot) * scale in E5M2 [R, V]; with `transposed` [V, N] (E5M2,
+    row-major) the gradient also goes, transposed, into its columns first..first + R."""
+    R, V = logits.shape
+    assert logits.stride(1) == 1 and labels.is_contiguous()
+    slices = triton.cdiv(V, SLICE_COLS)
+    part_m = torch.empty((slices, R), dtype=torch.float32, device=logits.device)
+    part_s = torch.empty_like(part_m)
+    _row_stats[(triton.cdiv(R, TILE_ROWS), slices)](
+        logits, part_m, part_s, R, V, logits.stride(0), SLICE=SLICE_COLS, BM=TILE_ROWS, BN=TILE_COLS)
+    lse = torch.empty(R, dtype=torch.float32, device=logits.device)
+    row_loss = torch.empty_like(lse)
+    _combine[(triton.cdiv(R, 128),)](
+        logits, labels, part_m, part_s, lse, row_loss, R, logits.stride(0), slices, IGNORE=IGNORE_INDEX,
+        SP=triton.next_power_of_2(slices), BR=128)
+    grad = torch.empty((R, V), dtype=torch.float8_e5m2, device=logits.device)
+    gt = grad if transposed is None else transposed
+    _grad[(triton.cdiv(R, TILE_ROWS), triton.cdiv(V, TILE_COLS))](
+        logits, labels, lse, grad, gt, R, V, logits.stride(0), grad.stride(0), gt.stride(0), first, scale,
+        IGNORE=IGNORE_INDEX, BM=TILE_ROWS, BN=TILE_COLS, WRITE_T=transposed is not None)
+    return row_loss.sum(), grad
