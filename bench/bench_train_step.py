@@ -19,6 +19,7 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     # NAME@res=bf16 keeps the residual stream in bf16 under autocast (train.bf16_residual),
     # NAME@sdpa=fa4 runs SDPA on another kernel (train.attention_backend: cudnn, flash, fa4, ...),
     # NAME@fp8loss=inductor makes the FP8 loss's gradients as before llamatron/loss_kernels.py,
+    # NAME@wgradchunks=N puts N of the FP8 loss's chunks in each of its weight-gradient GEMMs (default 2),
     # NAME@tune=1 runs with torch's TunableOp (each GEMM shape's cuBLASLt kernels timed in the warm-up)
     python bench/bench_train_step.py --global-batch 16 --variants \
         compile+cudnn@micro=8@gqa=expand,compile+cudnn@micro=8,compile+fp8-tensorwise@micro=4
@@ -131,13 +132,15 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["bf16_residual"] = value == "bf16"
         elif key == "fp8loss" and value in ("triton", "inductor"):  # who makes the FP8 loss's gradients
             opts["fp8_loss_kernels"] = value
+        elif key == "wgradchunks" and value.isdigit():  # chunks of the FP8 loss per weight-gradient GEMM
+            opts["fp8_wgrad_chunks"] = int(value)
         elif key == "tune" and value in ("0", "1"):  # torch's TunableOp: every GEMM shape's cuBLASLt kernel timed
             opts["tune_gemms"] = int(value)
         elif key.startswith("inductor.") and value:  # any inductor config key, e.g. inductor.triton.tile_reductions=1
             opts.setdefault("inductor", {})[key.removeprefix("inductor.")] = int(value) if value.isdigit() else value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor, tune=0|1 or inductor.KEY=VALUE")
+                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor, wgradchunks=N, tune=0|1 or inductor.KEY=VALUE")
     return spec, opts, over
 
 
@@ -210,6 +213,7 @@ def _run_variant(name, opts, margs, args, device, dataset):
     set_gqa_mode(opts.get("gqa", "auto"))  # read when the model is traced and run
     glam_attention.KERNEL = opts.get("glam_attention", DEFAULT_GLAM_ATTENTION)
     fused_loss.FP8_LOSS_KERNELS = opts.get("fp8_loss_kernels", "triton")
+    fused_loss.FP8_WGRAD_CHUNKS = opts.get("fp8_wgrad_chunks", 2)
     model = build_layout(margs, opts, device)
     opt = build_optimizer(model.model, OptimConfig(fused=opts["fused_adam"]), device.type)
     amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)
