@@ -64,7 +64,7 @@ run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 
 run fp8loss 330 240 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
     --warmup 2 --variants compile+cudnn+castonce+fusedwgrad,compile+fp8-all,compile+fp8-all@micro=16,compile+fp8-all@micro=4,compile+cudnn+castonce+fusedwgrad@res=bf16,compile+fp8-all@res=bf16 \
     --json "$OUT/fp8loss.json"
-[ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+fp8-all@micro=8@res=bf16$FA4_VARIANTS \
+[ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+fp8-all@micro=8@res=bf16,compile+fp8-all@micro=8@res=bf16@fp8loss=inductor$FA4_VARIANTS \
     run sbs 570 420 bash bench/side_by_side.sh "$OUT/sbs" 8 4
 run fp8experts_test 90 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py \
     tests/test_glam.py -k "on_cuda or as_close_to_fp32 or one_after_another"

@@ -50,7 +50,8 @@ the most (the first pipeline stage for activations, the embedding; the last for 
   8192 rows of logits and their gradient, the output weight's gradient (one chunk's product; over
   several chunks an fp32 accumulator, made from the first bf16 product beside the second), and the
   hidden states cast to the compute dtype; FP8 (`train.fp8_include_output`): bf16 logits, their E5M2
-  gradient and its transpose, fp32 weight gradients. The plain loss: the whole logits' fp32
+  gradient, and the token-major gradient of a group of loss.FP8_WGRAD_CHUNKS chunks; fp32 weight
+  gradients. The plain loss: the whole logits' fp32
   log-softmax and, as its backward starts, the NLL's and log-softmax's fp32 gradients;
 - backward: the first block's backward, once the loss's buffers are gone (its FFN's three gradients;
   with one micro-batch per step the output weight's new gradient): the total takes it or the loss's
@@ -68,6 +69,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llamatron.loss import FP8_WGRAD_CHUNKS
 from llamatron.models.family import Saving
 
 GiB = 2**30
@@ -430,8 +432,9 @@ def _loss_bytes(args, tokens: float, tp: int, compute: int, fused: bool, fp8_out
     rows = min(tokens, FUSED_LOSS_ROWS)
     several = tokens > rows
     cast = compute * tokens * args.dim if autocast else 0.0
-    if fp8_output:  # bf16 logits, their E5M2 gradient and its transposed copy; fp32 weight gradients
-        return cast + rows * vocab * (compute + 2) + 4 * vocab * args.dim * (2 if several else 1)
+    if fp8_output:  # bf16 logits and their E5M2 gradient, the group's token-major one; fp32 weight gradients
+        group = min(tokens, FP8_WGRAD_CHUNKS * rows)
+        return cast + rows * vocab * (compute + 1) + group * vocab + 4 * vocab * args.dim * (2 if several else 1)
     grad_w = (2 * compute + 4) if several and compute != 4 else compute
     return cast + 2 * rows * vocab * compute + grad_w * vocab * args.dim
 
