@@ -6,7 +6,9 @@ reads it token-major), and the whole layer forward + backward, FP8 (each way) ag
 
 Ways of making one chunk's E5M2 gradient, row-major and transposed, from bf16 logits [8192, 128256]:
   triton       llamatron.loss_kernels (the default): both layouts written by the gradient's kernel; also
-               with each tiling of --tiles (rows x columns per tile x columns per statistics slice)
+               with each tiling of --tiles (rows x columns per tile x columns per statistics slice);
+               triton_fp32t transposes the fp32 tile, triton_copy writes row-major and copies (inductor),
+               triton_rowmajor_only writes no transposed gradient (the kernels' floor)
   inductor     the loss and gradient compiled (one kernel), then a compiled transposing copy (the way
                before 2026-12-06 19:xx)
   none         the compiled loss and gradient only, row-major (inductor's floor)
@@ -47,17 +49,27 @@ def median_ms(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def _triton(logits, labels, tiles=None):
-    """loss_kernels' way with the tiling `tiles` (rows, columns, slice columns) for this call."""
+def _triton(logits, labels, tiles=None, transpose="fp8"):
+    """loss_kernels' way with the tiling `tiles` (rows, columns, slice columns) for this call; transpose:
+    "fp8" (the E5M2 tile transposed), "fp32" (the fp32 tile, cast after), "copy" (the row-major
+    gradient, then inductor's transposing copy), "none" (row-major only)."""
     saved = K.TILE_ROWS, K.TILE_COLS, K.SLICE_COLS
     if tiles:
         K.TILE_ROWS, K.TILE_COLS, K.SLICE_COLS = tiles
     try:
         gt = torch.empty(logits.shape[1], logits.shape[0], dtype=torch.float8_e5m2, device=logits.device)
-        loss, g8 = K.loss_and_grad_e5m2(logits, labels, L._DLOGITS_SCALE, gt, 0)
+        if transpose in ("copy", "none"):
+            loss, g8 = K.loss_and_grad_e5m2(logits, labels, L._DLOGITS_SCALE)
+            if transpose == "copy":
+                _copy(gt, g8)
+        else:
+            loss, g8 = K.loss_and_grad_e5m2(logits, labels, L._DLOGITS_SCALE, gt, 0, transpose_fp32=transpose == "fp32")
         return loss, g8, gt
     finally:
         K.TILE_ROWS, K.TILE_COLS, K.SLICE_COLS = saved
+
+
+_copy = torch.compile(L._copy_transposed, dynamic=False)
 
 
 def chunk_ways(logits, labels, repeats: int, tilings: list[tuple[int, int, int]]) -> dict:
@@ -65,14 +77,21 @@ def chunk_ways(logits, labels, repeats: int, tilings: list[tuple[int, int, int]]
     transposed = torch.compile(_transposed, dynamic=False)
     ways = {
         "triton": lambda: _triton(logits, labels),
+        "triton_fp32t": lambda: _triton(logits, labels, transpose="fp32"),
+        "triton_copy": lambda: _triton(logits, labels, transpose="copy"),
+        "triton_rowmajor_only": lambda: _triton(logits, labels, transpose="none"),
         "inductor": lambda: transposed(grad_only(logits, labels)[1]),
         "none": lambda: grad_only(logits, labels),
     }
     ways.update({f"triton_{r}x{c}x{sl}": (lambda t=(r, c, sl): _triton(logits, labels, t)) for r, c, sl in tilings})
+    ways.update({f"triton_rowmajor_{r}x{c}x{sl}": (lambda t=(r, c, sl): _triton(logits, labels, t, "none"))
+                 for r, c, sl in tilings})
     out = {name: median_ms(fn, repeats) for name, fn in ways.items()}
     ref_loss, ref = grad_only(logits, labels)
     loss, g8, gt = _triton(logits, labels)
     out["triton_transposed_exact"] = bool(torch.equal(gt.view(torch.uint8), g8.t().contiguous().view(torch.uint8)))
+    gt32 = _triton(logits, labels, transpose="fp32")[2]
+    out["triton_fp32t_transposed_exact"] = bool(torch.equal(gt32.view(torch.uint8), gt.view(torch.uint8)))
     out["triton_vs_inductor_bits_equal_fraction"] = float((g8.view(torch.uint8) == ref.view(torch.uint8)).float().mean())
     out["triton_vs_inductor_max_abs_diff"] = float((g8.float() - ref.float()).abs().max())
     out["triton_vs_inductor_loss_rel"] = float((loss - ref_loss).abs() / ref_loss)
@@ -119,7 +138,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--wgrad", action="store_true", help="also time the weight gradient's add (max-autotune: slow)")
-    p.add_argument("--tiles", default="128x64x4096,64x128x8192,32x256x4096,128x128x4096",
+    p.add_argument("--tiles", default="128x64x4096,32x256x4096,64x64x4096",
                    help="other tilings of the Triton kernels to time, ROWSxCOLSxSLICE, comma-separated")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -142,11 +161,12 @@ def main() -> None:
     result["cast_with_transpose_equals_cast_alone"] = bool(torch.equal(both, alone))
     bf16_ms, bf16 = layer(h, w, labels, False, args.repeats)
     fp8_ms, fp8 = layer(h, w, labels, True, args.repeats)
-    L.FP8_LOSS_KERNELS = "inductor"
-    fp8_inductor_ms, fp8_inductor = layer(h, w, labels, True, args.repeats)
+    result["layer_ms"] = {"bf16": bf16_ms, "fp8": fp8_ms}
+    for mode in ("triton-fp32t", "triton-copy", "inductor"):
+        L.FP8_LOSS_KERNELS = mode
+        result["layer_ms"][f"fp8_{mode}"], fp8_inductor = layer(h, w, labels, True, args.repeats)
     L.FP8_LOSS_KERNELS = "triton"
     cos = torch.nn.functional.cosine_similarity
-    result["layer_ms"] = {"bf16": bf16_ms, "fp8": fp8_ms, "fp8_inductor": fp8_inductor_ms}
     for name, other in (("fp8_vs_bf16", bf16), ("fp8_vs_fp8_inductor", fp8_inductor)):
         result[name] = {"loss_rel": abs(fp8["loss"] - other["loss"]) / other["loss"],
                         **{f"cos_{k}": float(cos(fp8[k].float().flatten(), other[k].float().flatten(), dim=0))

@@ -130,7 +130,7 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["multi_kernel"] = int(value)
         elif key == "res" and value in ("fp32", "bf16"):  # the residual stream's dtype under autocast
             opts["bf16_residual"] = value == "bf16"
-        elif key == "fp8loss" and value in ("triton", "inductor"):  # who makes the FP8 loss's gradients
+        elif key == "fp8loss" and value in ("triton", "triton-fp32t", "triton-copy", "inductor"):  # who makes the FP8 loss's gradients
             opts["fp8_loss_kernels"] = value
         elif key == "wgradchunks" and value.isdigit():  # chunks of the FP8 loss per weight-gradient GEMM
             opts["fp8_wgrad_chunks"] = int(value)
@@ -140,7 +140,7 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts.setdefault("inductor", {})[key.removeprefix("inductor.")] = int(value) if value.isdigit() else value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor, wgradchunks=N, tune=0|1 or inductor.KEY=VALUE")
+                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|triton-fp32t|triton-copy|inductor, wgradchunks=N, tune=0|1 or inductor.KEY=VALUE")
     return spec, opts, over
 
 

@@ -93,7 +93,8 @@ def _to_e5m2(x):
 def _grad(X, LABELS, LSE, G, GT, R, V, stride_x, stride_g, stride_gt, gt_first, scale,
           IGNORE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WRITE_T: tl.constexpr):
     """G [R, V] = E5M2((softmax - one_hot) * scale), zero in ignored rows; with WRITE_T the same into
-    GT [V, >= gt_first + R] at columns gt_first.. (token-major)."""
+    GT [V, >= gt_first + R] at columns gt_first.. (token-major): 1 transposes the E5M2 tile, 2 the
+    fp32 tile before its cast."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (rows < R)[:, None] & (cols < V)[None, :]
@@ -102,15 +103,18 @@ def _grad(X, LABELS, LSE, G, GT, R, V, stride_x, stride_g, stride_gt, gt_first, 
     label = tl.load(LABELS + rows, mask=rows < R, other=IGNORE)
     p = tl.exp(x - lse[:, None])
     p = tl.where(cols[None, :] == label[:, None], p - 1.0, p)
-    g8 = _to_e5m2(tl.where((label != IGNORE)[:, None], p, 0.0) * scale)
+    g = tl.where((label != IGNORE)[:, None], p, 0.0) * scale
+    g8 = _to_e5m2(g)
     tl.store(G + rows[:, None].to(tl.int64) * stride_g + cols[None, :], g8, mask=mask)
-    if WRITE_T:
+    if WRITE_T != 0:
         at = cols[:, None].to(tl.int64) * stride_gt + (gt_first + rows)[None, :]
-        tl.store(GT + at, tl.trans(g8), mask=tl.trans(mask))
+        gt = tl.trans(g8) if WRITE_T == 1 else _to_e5m2(tl.trans(g))
+        tl.store(GT + at, gt, mask=tl.trans(mask))
 
 
 def loss_and_grad_e5m2(logits: torch.Tensor, labels: torch.Tensor, scale: float,
-                       transposed: torch.Tensor | None = None, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                       transposed: torch.Tensor | None = None, first: int = 0,
+                       transpose_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed cross-entropy of logits [R, V] (row-major) against labels [R] (IGNORE_INDEX: no loss,
     no gradient), and (softmax - one_hot) * scale in E5M2 [R, V]; with `transposed` [V, N] (E5M2,
     row-major) the gradient also goes, transposed, into its columns first..first + R."""
@@ -130,5 +134,5 @@ def loss_and_grad_e5m2(logits: torch.Tensor, labels: torch.Tensor, scale: float,
     gt = grad if transposed is None else transposed
     _grad[(triton.cdiv(R, TILE_ROWS), triton.cdiv(V, TILE_COLS))](
         logits, labels, lse, grad, gt, R, V, logits.stride(0), grad.stride(0), gt.stride(0), first, scale,
-        IGNORE=IGNORE_INDEX, BM=TILE_ROWS, BN=TILE_COLS, WRITE_T=transposed is not None)
+        IGNORE=IGNORE_INDEX, BM=TILE_ROWS, BN=TILE_COLS, WRITE_T=0 if transposed is None else 2 if transpose_fp32 else 1)
     return row_loss.sum(), grad
