@@ -19,7 +19,7 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     # NAME@res=bf16 keeps the residual stream in bf16 under autocast (train.bf16_residual),
     # NAME@sdpa=fa4 runs SDPA on another kernel (train.attention_backend: cudnn, flash, fa4, ...),
     # NAME@fp8loss=inductor makes the FP8 loss's gradients as before llamatron/loss_kernels.py,
-    # NAME@wgradchunks=N puts N of the FP8 loss's chunks in each of its weight-gradient GEMMs (default 2),
+    # NAME@wgradchunks=N puts N of the FP8 loss's chunks in each of its weight-gradient GEMMs (default 4),
     # NAME@tune=1 runs with torch's TunableOp (each GEMM shape's cuBLASLt kernels timed in the warm-up)
     python bench/bench_train_step.py --global-batch 16 --variants \
         compile+cudnn@micro=8@gqa=expand,compile+cudnn@micro=8,compile+fp8-tensorwise@micro=4
@@ -67,6 +67,8 @@ from llamatron.transforms.residual import apply_bf16_residual  # noqa: E402
 from llamatron.transforms import weight_cast  # noqa: E402
 from llamatron.transforms.fp8 import apply_fp8, apply_fp8_experts  # noqa: E402
 
+# The FP8 loss's kernels and chunks per weight-gradient GEMM of the variants that name none (llamatron.loss's).
+FP8_LOSS_DEFAULTS = fused_loss.FP8_LOSS_KERNELS, fused_loss.FP8_WGRAD_CHUNKS
 # GLaM's attention kernel of the variants that name none: the environment's (LLAMATRON_GLAM_ATTENTION) or flex.
 DEFAULT_GLAM_ATTENTION = glam_attention.KERNEL
 
@@ -130,7 +132,7 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["multi_kernel"] = int(value)
         elif key == "res" and value in ("fp32", "bf16"):  # the residual stream's dtype under autocast
             opts["bf16_residual"] = value == "bf16"
-        elif key == "fp8loss" and value in ("triton", "triton-fp32t", "triton-copy", "inductor"):  # who makes the FP8 loss's gradients
+        elif key == "fp8loss" and value in ("triton", "inductor"):  # who makes the FP8 loss's gradients
             opts["fp8_loss_kernels"] = value
         elif key == "wgradchunks" and value.isdigit():  # chunks of the FP8 loss per weight-gradient GEMM
             opts["fp8_wgrad_chunks"] = int(value)
@@ -140,7 +142,7 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts.setdefault("inductor", {})[key.removeprefix("inductor.")] = int(value) if value.isdigit() else value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|triton-fp32t|triton-copy|inductor, wgradchunks=N, tune=0|1 or inductor.KEY=VALUE")
+                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor, wgradchunks=N, tune=0|1 or inductor.KEY=VALUE")
     return spec, opts, over
 
 
@@ -212,8 +214,8 @@ def _run_variant(name, opts, margs, args, device, dataset):
     torch._dynamo.reset()  # each variant compiles afresh: the module switches below would hit the recompile limit
     set_gqa_mode(opts.get("gqa", "auto"))  # read when the model is traced and run
     glam_attention.KERNEL = opts.get("glam_attention", DEFAULT_GLAM_ATTENTION)
-    fused_loss.FP8_LOSS_KERNELS = opts.get("fp8_loss_kernels", "triton")
-    fused_loss.FP8_WGRAD_CHUNKS = opts.get("fp8_wgrad_chunks", 2)
+    fused_loss.FP8_LOSS_KERNELS = opts.get("fp8_loss_kernels", FP8_LOSS_DEFAULTS[0])
+    fused_loss.FP8_WGRAD_CHUNKS = opts.get("fp8_wgrad_chunks", FP8_LOSS_DEFAULTS[1])
     model = build_layout(margs, opts, device)
     opt = build_optimizer(model.model, OptimConfig(fused=opts["fused_adam"]), device.type)
     amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)

@@ -23,13 +23,12 @@ IGNORE_INDEX = -100
 # a fixed power-of-two scale puts 1 at 2^15 (E5M2 holds up to 57344) and keeps values down to ~1e-9.
 _DLOGITS_SCALE = 2.0**15
 # Chunks per FP8 weight-gradient GEMM: each GEMM's fp32 product is added into the accumulator, a 6 GB
-# pass for the 128K x 4096 weight (2.7 ms on an H100, 14 of them in a micro-batch of 65,536 tokens at
-# one chunk each); two chunks' gradients side by side halve the adds for one more chunk of E5M2 alive.
-FP8_WGRAD_CHUNKS = 2
-# Who makes the FP8 loss's gradients on CUDA: "triton" (llamatron/loss_kernels.py, both layouts from the
-# E5M2 tile), "triton-fp32t" (the transposed one from the fp32 tile), "triton-copy" (the kernels'
-# row-major gradient, then a compiled transposing copy) or "inductor" (the compiled loss and the copy, as
-# before the kernels); bench/bench_train_step.py's NAME@fp8loss=....
+# pass for the 128K x 4096 weight (2.7 ms on an H100). Four chunks' token-major gradients side by side
+# (4.2 GB of E5M2 at 8,192-row chunks) leave one add in a micro-batch of 65,536 tokens, against three
+# with two chunks: the 8B proxy's FP8 step 0.5% faster for 1.1 GiB more at its peak (H100, 2026-12-06).
+FP8_WGRAD_CHUNKS = 4
+# Who makes the FP8 loss and its gradient on CUDA: "triton" (llamatron/loss_kernels.py) or "inductor"
+# (the compiled loss, as before them; bench/bench_train_step.py's NAME@fp8loss=inductor).
 FP8_LOSS_KERNELS = "triton"
 
 
@@ -132,26 +131,21 @@ def _copy_transposed(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src.t())
 
 
-def _triton_loss_and_grad(logits, labels, transposed, first):
+def _loss_and_grad_e5m2_triton(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from llamatron.loss_kernels import loss_and_grad_e5m2
 
-    if FP8_LOSS_KERNELS == "triton-copy" and transposed is not None:
-        loss, g8 = loss_and_grad_e5m2(logits, labels, _DLOGITS_SCALE)
-        _compiled_on_cuda(_copy_transposed, _copy_transposed, logits.device)(
-            transposed[:, first : first + g8.shape[0]], g8)
-        return loss, g8
-    return loss_and_grad_e5m2(logits, labels, _DLOGITS_SCALE, transposed, first,
-                              transpose_fp32=FP8_LOSS_KERNELS == "triton-fp32t")
+    return loss_and_grad_e5m2(logits, labels, _DLOGITS_SCALE)
 
 
 def _fp8_loss_and_grad(device: torch.device):
     """(logits, labels, transposed, first) -> (summed loss, E5M2 scaled gradient), the gradient also
-    written token-major into `transposed`'s columns first.. (when given). On CUDA by llamatron's own
-    Triton kernels (`llamatron.loss_kernels`) unless FP8_LOSS_KERNELS says "inductor" (the compiled
-    loss, then a compiled copy); elsewhere eagerly."""
-    if device.type == "cuda" and FP8_LOSS_KERNELS != "inductor":
-        return _triton_loss_and_grad
-    loss_and_grad = _loss_and_grad_fn(device, fp8=True)
+    copied token-major into `transposed`'s columns first.. (when given). The loss and gradient on CUDA
+    from llamatron's own Triton kernels (`llamatron.loss_kernels`) unless FP8_LOSS_KERNELS says
+    "inductor" (the compiled loss), the copy compiled; elsewhere both eager."""
+    if device.type == "cuda" and FP8_LOSS_KERNELS == "triton":
+        loss_and_grad = _loss_and_grad_e5m2_triton
+    else:
+        loss_and_grad = _loss_and_grad_fn(device, fp8=True)
     copy_transposed = _compiled_on_cuda(_copy_transposed, _copy_transposed, device)
 
     def run(logits, labels, transposed, first):

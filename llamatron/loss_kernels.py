@@ -1,19 +1,21 @@
-"""The FP8 fused loss's softmax gradient in Triton kernels of its own (`llamatron.loss`, CUDA).
+"""The FP8 fused loss's cross-entropy and E5M2 softmax gradient in Triton kernels of its own
+(`llamatron.loss`, CUDA).
 
-For each chunk of logits [R, V] (bf16, V = 128,256 for Llama 3.1) the FP8 output layer needs the loss,
-and the gradient softmax - one_hot scaled and cast to E5M2 twice: row-major (A of the input-gradient
-GEMM) and token-major (A of the weight-gradient GEMM; Hopper's FP8 GEMMs read both operands along the
-reduced dimension, here the tokens). Compiled by inductor that was one reduction kernel over the chunk,
-then a copy transposing the group's gradients: on an H100 2.84 + 0.86 ms a chunk, 59 ms of a step of the
-8B proxy at micro 8. Here, three kernels, each over tiles of rows x vocabulary:
+For each chunk of logits [R, V] (bf16, V = 128,256 for Llama 3.1) the FP8 output layer needs the loss
+and the gradient softmax - one_hot, scaled and cast to E5M2. Compiled by inductor that is one kernel
+with a row per program: 2.71 ms a chunk of 8,192 rows on an H100. Here, three kernels, over tiles of
+rows x vocabulary, 2.27 ms:
 
 - `_row_stats`: the running max and sum of exponentials of each row over a slice of the vocabulary
-  (a 2-D grid: 8,192 rows alone are too few programs to keep every SM reading);
+  (a 2-D grid: 8,192 rows alone are too few programs to keep every SM reading): 0.87 ms, 2.4 TB/s;
 - `_combine`: each row's log-sum-exp from its slices, and its loss lse - x[label];
-- `_grad`: the tile's gradient, written both ways from the same registers: the transposed store
-  goes through shared memory in tiles, not as a strided byte per token.
+- `_grad`: each tile's gradient.
 
-The logits are read twice and the E5M2 gradient written twice: ~6.3 GB a chunk, against ~8.4 before.
+The token-major copy that the weight gradient's FP8 GEMM reads stays inductor's transposing copy
+(`loss._copy_transposed`): written from `_grad`'s tiles too (`tl.trans` of the E5M2 tile, or of the
+fp32 tile before its cast), the chunk took 5.65 and 4.25 ms against 3.20 with the copy
+(docs/performance.md, "The FP8 loss's gradient in Triton kernels").
+
 The E5M2 cast rounds by arithmetic of its own (`_to_e5m2`), to nearest with ties to even as torch's
 cast does, and so the same on the GPU and under Triton's CPU interpreter, whose own float-to-FP8 cast
 does not round (the tests run the kernels there).
@@ -90,11 +92,9 @@ def _to_e5m2(x):
 
 
 @triton.jit
-def _grad(X, LABELS, LSE, G, GT, R, V, stride_x, stride_g, stride_gt, gt_first, scale,
-          IGNORE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WRITE_T: tl.constexpr):
-    """G [R, V] = E5M2((softmax - one_hot) * scale), zero in ignored rows; with WRITE_T the same into
-    GT [V, >= gt_first + R] at columns gt_first.. (token-major): 1 transposes the E5M2 tile, 2 the
-    fp32 tile before its cast."""
+def _grad(X, LABELS, LSE, G, R, V, stride_x, stride_g, scale,
+          IGNORE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """G [R, V] = E5M2((softmax - one_hot) * scale), zero in ignored rows."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (rows < R)[:, None] & (cols < V)[None, :]
@@ -103,21 +103,13 @@ def _grad(X, LABELS, LSE, G, GT, R, V, stride_x, stride_g, stride_gt, gt_first, 
     label = tl.load(LABELS + rows, mask=rows < R, other=IGNORE)
     p = tl.exp(x - lse[:, None])
     p = tl.where(cols[None, :] == label[:, None], p - 1.0, p)
-    g = tl.where((label != IGNORE)[:, None], p, 0.0) * scale
-    g8 = _to_e5m2(g)
+    g8 = _to_e5m2(tl.where((label != IGNORE)[:, None], p, 0.0) * scale)
     tl.store(G + rows[:, None].to(tl.int64) * stride_g + cols[None, :], g8, mask=mask)
-    if WRITE_T != 0:
-        at = cols[:, None].to(tl.int64) * stride_gt + (gt_first + rows)[None, :]
-        gt = tl.trans(g8) if WRITE_T == 1 else _to_e5m2(tl.trans(g))
-        tl.store(GT + at, gt, mask=tl.trans(mask))
 
 
-def loss_and_grad_e5m2(logits: torch.Tensor, labels: torch.Tensor, scale: float,
-                       transposed: torch.Tensor | None = None, first: int = 0,
-                       transpose_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_and_grad_e5m2(logits: torch.Tensor, labels: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed cross-entropy of logits [R, V] (row-major) against labels [R] (IGNORE_INDEX: no loss,
-    no gradient), and (softmax - one_hot) * scale in E5M2 [R, V]; with `transposed` [V, N] (E5M2,
-    row-major) the gradient also goes, transposed, into its columns first..first + R."""
+    no gradient), and (softmax - one_hot) * scale in E5M2 [R, V], row-major."""
     R, V = logits.shape
     assert logits.stride(1) == 1 and labels.is_contiguous()
     slices = triton.cdiv(V, SLICE_COLS)
@@ -131,8 +123,7 @@ def loss_and_grad_e5m2(logits: torch.Tensor, labels: torch.Tensor, scale: float,
         logits, labels, part_m, part_s, lse, row_loss, R, logits.stride(0), slices, IGNORE=IGNORE_INDEX,
         SP=triton.next_power_of_2(slices), BR=128)
     grad = torch.empty((R, V), dtype=torch.float8_e5m2, device=logits.device)
-    gt = grad if transposed is None else transposed
     _grad[(triton.cdiv(R, TILE_ROWS), triton.cdiv(V, TILE_COLS))](
-        logits, labels, lse, grad, gt, R, V, logits.stride(0), grad.stride(0), gt.stride(0), first, scale,
-        IGNORE=IGNORE_INDEX, BM=TILE_ROWS, BN=TILE_COLS, WRITE_T=0 if transposed is None else 2 if transpose_fp32 else 1)
+        logits, labels, lse, grad, R, V, logits.stride(0), grad.stride(0), scale,
+        IGNORE=IGNORE_INDEX, BM=TILE_ROWS, BN=TILE_COLS)
     return row_loss.sum(), grad
