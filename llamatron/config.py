@@ -147,6 +147,10 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available), cuda, cpu
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), bf16, fp32
     compile: bool = False  # torch.compile each transformer block
+    # With compile: inductor's coordinate-descent tuning of the kernels it generates (block sizes timed
+    # as they compile): the 8B proxy's FP8 step 1.0-1.7% faster on an H100, about 100 s more compile
+    # (docs/performance.md); its BF16 effect not measured yet.
+    compile_tuning: bool = False
     activation_checkpointing: bool = False
     # With activation_checkpointing: how many transformer blocks (per pipeline stage) to checkpoint,
     # spread evenly; None = all. Fewer blocks: less recomputation, more activation memory.
@@ -195,6 +199,8 @@ def _validate_train(train: TrainConfig) -> None:
     _need(train.fp8_min_features >= 0, "train.fp8_min_features", f"must be >= 0, got {train.fp8_min_features}")
     _need(not train.fp8_all_gather or train.fp8 == "tensorwise", "train.fp8_all_gather",
           f"FP8 all-gather needs train.fp8 = tensorwise, got {train.fp8!r}")
+    _need(train.compile or not train.compile_tuning, "train.compile_tuning",
+          "tunes the compiled blocks' kernels: needs train.compile = true")
     _need(train.cast_weights_once or not train.gradient_accumulation_fusion, "train.gradient_accumulation_fusion",
           "needs train.cast_weights_once (it accumulates the gradients of the layers that one converts)")
     _need(not (train.fp8_all_gather and train.fp8_include_output), "train.fp8_include_output",

@@ -58,6 +58,7 @@ def test_every_preset_passes_validation(preset):
         (["data.seq_len=4096"], "exceeds the model's max_seq_len"),
         (["optim.min_lr=1", "optim.lr=0.1"], "'optim.min_lr'"),
         (["steps=3"], "expected section.key=value"),
+        (["train.compile_tuning=true"], "'train.compile_tuning'"),
     ],
 )
 def test_config_errors_name_the_key(overrides, needle):
@@ -76,3 +77,25 @@ def test_unknown_key_in_file_names_file(tmp_path):
 def test_missing_data_rejected():
     with pytest.raises(LlamatronError, match="data.train"):
         load_config(None, [])
+
+
+def test_compile_tuning_tunes_every_compiled_block_and_the_final_norm(monkeypatch):
+    """train.compile_tuning passes inductor's coordinate-descent tuning to each block's compile and the
+    final norm's; without it the compiles take no options (a test backend may not accept any)."""
+    import torch
+    from torch import nn
+
+    from llamatron.transforms import compile as compile_transform
+
+    cfg = load_config(None, ["model.size=debug", "data.mock=true", "train.compile=true", "train.compile_tuning=true"])
+    family, args = resolve_model(cfg.model)
+    calls = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
+    for tuning in (True, False):
+        calls.clear()
+        with torch.device("meta"):
+            model = family.build(args)
+        compile_transform.apply_compile(model, tuning=tuning)
+        assert len(calls) == args.n_layers + 1  # every block, then the final norm
+        expected = {"coordinate_descent_tuning": True} if tuning else None
+        assert all(kw.get("options") == expected for _, kw in calls), calls

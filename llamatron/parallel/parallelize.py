@@ -86,7 +86,7 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
         if train.activation_checkpointing:
             apply_activation_checkpointing(part, train.activation_checkpointing_layers)
         if train.compile:
-            apply_compile(part)
+            apply_compile(part, tuning=train.compile_tuning)
         if dims.fsdp_enabled:
             # Pipelining runs several micro-batches' forwards before their backwards: keep the
             # gathered parameters rather than gather them again for every micro-batch.

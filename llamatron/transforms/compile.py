@@ -14,20 +14,26 @@ BACKEND = "inductor"
 # runs faster: the per-token amax of FP8 scoring's SwiGLU output spans 14,336 values, and in one pass
 # its kernel took 206 ms of the 8B's 2.7 s scoring pass on an H100, looped 273 ms (docs/performance.md).
 EVAL_INDUCTOR_OPTIONS = {"triton.multi_kernel": 1}
+# Inductor options of train.compile_tuning: the generated kernels' block sizes timed at compile. Not
+# max-autotune, which also tries Triton GEMM templates: its FP8 GEMMs ran at half cuBLAS's speed on an
+# H100 (docs/performance.md).
+TUNING_OPTIONS = {"coordinate_descent_tuning": True}
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, tuning: bool = False) -> None:
     """torch.compile each block (`model.layers`) separately: the blocks are identical, so one compiled
     graph is reused for all of them, and compile time does not grow with depth. The final norm too:
     eager, it is about ten passes over the [tokens, dim] activations in fp32 forward and backward, once
-    per micro-batch; compiled, one kernel each way."""
+    per micro-batch; compiled, one kernel each way. `tuning` (train.compile_tuning): inductor times
+    block sizes for each kernel it generates (its coordinate-descent tuning)."""
+    extra = {"options": dict(TUNING_OPTIONS)} if tuning else {}
     for block in model.layers.values():
         # A block may say it cannot be one graph (GLaM's MoE blocks: data-dependent token counts);
         # it is then compiled with graph breaks around those operations.
-        block.compile(fullgraph=getattr(block, "compile_fullgraph", True), backend=BACKEND)
+        block.compile(fullgraph=getattr(block, "compile_fullgraph", True), backend=BACKEND, **extra)
     norm = getattr(model, "norm", None)
     if isinstance(norm, nn.Module):
-        norm.compile(fullgraph=True, backend=BACKEND)
+        norm.compile(fullgraph=True, backend=BACKEND, **extra)
 
 
 def compile_for_eval(model: nn.Module) -> int:
