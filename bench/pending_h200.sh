@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-06, 17:40 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-06, 20:45 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -25,6 +25,9 @@
 #    off the BF16 step and 2.5% off FP8's on an H100; fp8loss runs each side with and without it. FA4 attention
 #    (`@sdpa=fa4`, another 1.1-2.1% on an H100) needs flash-attn-4 and the CuTe DSL, too large for one call's
 #    carry: docs/performance.md ("Measured on 2026-12-06, 17:01-17:33") says how it travelled in two halves.
+#    The FP8 loss's Triton kernels (2026-12-06 20:32-20:37, H100: -0.7% on the FP8 step, with four chunks a weight-gradient GEMM)
+#    run against the loss as before
+#    (`@fp8loss=inductor`) in the same side by side.
 # 2. issue 19: the 8B's scoring with the batches padded to their longest row (the default since 06:55)
 #    beside the 8-token alignment it replaced, in one process (zs8b); GPT 126M's scoring again (zsgpt)
 # 3. issue 22: the CUDA tests of GLaM's FP8 experts; an async save
