@@ -25,8 +25,14 @@ from llamatron import loss as L
 from llamatron import loss_kernels as K
 
 
+_copy = torch.compile(L._copy_transposed, dynamic=False)
+
+
 def _transposed(g8):
-    return g8.t().contiguous()
+    """g8 token-major, by llamatron.loss's compiled transposing copy, as the FP8 loss makes it."""
+    gt = torch.empty(g8.shape[1], g8.shape[0], dtype=g8.dtype, device=g8.device)
+    _copy(gt, g8)
+    return gt
 
 
 def _cast_only(x):
@@ -55,24 +61,17 @@ def _triton(logits, labels, tiles=None, copy=True):
         K.TILE_ROWS, K.TILE_COLS, K.SLICE_COLS = tiles
     try:
         loss, g8 = K.loss_and_grad_e5m2(logits, labels, L._DLOGITS_SCALE)
-        gt = torch.empty(logits.shape[1], logits.shape[0], dtype=torch.float8_e5m2, device=logits.device)
-        if copy:
-            _copy(gt, g8)
-        return loss, g8, gt
+        return loss, g8, (_transposed(g8) if copy else None)
     finally:
         K.TILE_ROWS, K.TILE_COLS, K.SLICE_COLS = saved
 
 
-_copy = torch.compile(L._copy_transposed, dynamic=False)
-
-
 def chunk_ways(logits, labels, repeats: int, tilings: list[tuple[int, int, int]]) -> dict:
     grad_only = torch.compile(L._loss_and_grad_e5m2, dynamic=False)
-    transposed = torch.compile(_transposed, dynamic=False)
     ways = {
         "triton": lambda: _triton(logits, labels),
         "triton_rowmajor_only": lambda: _triton(logits, labels, copy=False),
-        "inductor": lambda: transposed(grad_only(logits, labels)[1]),
+        "inductor": lambda: _transposed(grad_only(logits, labels)[1]),
         "none": lambda: grad_only(logits, labels),
     }
     ways.update({f"triton_{r}x{c}x{sl}": (lambda t=(r, c, sl): _triton(logits, labels, t)) for r, c, sl in tilings})
