@@ -20,7 +20,8 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     # NAME@sdpa=fa4 runs SDPA on another kernel (train.attention_backend: cudnn, flash, fa4, ...),
     # NAME@fp8loss=inductor makes the FP8 loss's gradients as before llamatron/loss_kernels.py,
     # NAME@wgradchunks=N puts N of the FP8 loss's chunks in each of its weight-gradient GEMMs (default 4),
-    # NAME@tune=1 runs with torch's TunableOp (each GEMM shape's cuBLASLt kernels timed in the warm-up)
+    # NAME@tune=1 runs with torch's TunableOp (each GEMM shape's cuBLASLt kernels timed in the warm-up),
+    # NAME@ctune=1 compiles with train.compile_tuning (inductor's coordinate-descent tuning of the blocks' kernels)
     python bench/bench_train_step.py --global-batch 16 --variants \
         compile+cudnn@micro=8@gqa=expand,compile+cudnn@micro=8,compile+fp8-tensorwise@micro=4
 
@@ -136,13 +137,15 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["fp8_loss_kernels"] = value
         elif key == "wgradchunks" and value.isdigit():  # chunks of the FP8 loss per weight-gradient GEMM
             opts["fp8_wgrad_chunks"] = int(value)
+        elif key == "ctune" and value in ("0", "1"):  # train.compile_tuning
+            opts["compile_tuning"] = value == "1"
         elif key == "tune" and value in ("0", "1"):  # torch's TunableOp: every GEMM shape's cuBLASLt kernel timed
             opts["tune_gemms"] = int(value)
         elif key.startswith("inductor.") and value:  # any inductor config key, e.g. inductor.triton.tile_reductions=1
             opts.setdefault("inductor", {})[key.removeprefix("inductor.")] = int(value) if value.isdigit() else value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor, wgradchunks=N, tune=0|1 or inductor.KEY=VALUE")
+                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor, wgradchunks=N, ctune=0|1, tune=0|1 or inductor.KEY=VALUE")
     return spec, opts, over
 
 
@@ -187,7 +190,7 @@ def build_layout(margs, opts, device) -> Layout:
     if opts["ac"]:
         apply_activation_checkpointing(model)
     if opts["compile"]:
-        apply_compile(model)
+        apply_compile(model, tuning=opts.get("compile_tuning", False))
     materialize(model, device, seed=0)
     layout = Layout.single(model)
     layout.fp8_output = "output" in converted

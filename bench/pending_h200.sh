@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-06, 20:45 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-06, 22:05 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -25,9 +25,10 @@
 #    off the BF16 step and 2.5% off FP8's on an H100; fp8loss runs each side with and without it. FA4 attention
 #    (`@sdpa=fa4`, another 1.1-2.1% on an H100) needs flash-attn-4 and the CuTe DSL, too large for one call's
 #    carry: docs/performance.md ("Measured on 2026-12-06, 17:01-17:33") says how it travelled in two halves.
-#    The FP8 loss's Triton kernels (2026-12-06 20:32-20:37, H100: -0.7% on the FP8 step, with four chunks a weight-gradient GEMM)
-#    run against the loss as before
-#    (`@fp8loss=inductor`) in the same side by side.
+#    The FP8 loss's Triton kernels (2026-12-06 20:32-20:37, H100: -0.7% on the FP8 step, with four chunks a
+#    weight-gradient GEMM) are the default and in the side by side. Then `ctune` and `ctune_l8` (~10 min, a
+#    call of their own): train.compile_tuning on both precisions (-1.0 to -1.7% on FP8 on an H100, BF16 not
+#    measured yet) and on the 8-layer proxy.
 # 2. issue 19: the 8B's scoring with the batches padded to their longest row (the default since 06:55)
 #    beside the 8-token alignment it replaced, in one process (zs8b); GPT 126M's scoring again (zsgpt)
 # 3. issue 22: the CUDA tests of GLaM's FP8 experts; an async save
@@ -59,16 +60,24 @@ if [ -f /tmp/fa4part.aa ] && [ -f .fa4b/fa4part.ab ]; then
         && export PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
-FA4_VARIANTS=$(python3 -c "import flash_attn.cute.interface" > /dev/null 2>&1 \
-    && echo ",compile+cudnn+castonce+fusedwgrad@micro=8@res=bf16@sdpa=fa4,compile+fp8-all@micro=8@res=bf16@sdpa=fa4")
+HAVE_FA4=$(python3 -c "import flash_attn.cute.interface" > /dev/null 2>&1 && echo 1)
+FA4_VARIANTS=${HAVE_FA4:+,compile+cudnn+castonce+fusedwgrad@micro=8@res=bf16@sdpa=fa4,compile+fp8-all@micro=8@res=bf16@sdpa=fa4}
+SDPA=${HAVE_FA4:+@sdpa=fa4}  # the tuned runs on the faster attention where it is there
 run zs8b 250 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 rowwise+pad8,rowwise --profile \
     --json "$OUT/zs8b.json"
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
 run fp8loss 330 240 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
     --warmup 2 --variants compile+cudnn+castonce+fusedwgrad,compile+fp8-all,compile+fp8-all@micro=16,compile+fp8-all@micro=4,compile+cudnn+castonce+fusedwgrad@res=bf16,compile+fp8-all@res=bf16 \
     --json "$OUT/fp8loss.json"
-[ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+fp8-all@micro=8@res=bf16,compile+fp8-all@micro=8@res=bf16@fp8loss=inductor$FA4_VARIANTS \
+[ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+fp8-all@micro=8@res=bf16$FA4_VARIANTS \
     run sbs 570 420 bash bench/side_by_side.sh "$OUT/sbs" 8 4
+# train.compile_tuning (`@ctune=1`, ~100 s more compile a variant) on both sides, the untuned BF16 again after them:
+# the FP8 / BF16 ratio with the tuning, and the 8-layer proxy's micro 2 (issue 22's 68%) with it.
+run ctune 400 300 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
+    --warmup 2 --variants compile+cudnn+castonce+fusedwgrad@res=bf16$SDPA@ctune=1,compile+fp8-all@res=bf16$SDPA@ctune=1,compile+cudnn+castonce+fusedwgrad@res=bf16$SDPA \
+    --json "$OUT/ctune.json"
+run ctune_l8 200 150 python bench/bench_train_step.py --layers 8 --seq-len 8192 --global-batch 8 --micro-batch 2 --steps 4 \
+    --warmup 2 --variants compile+cudnn+castonce+fusedwgrad@res=bf16$SDPA@ctune=1 --json "$OUT/ctune_l8.json"
 run fp8experts_test 90 30 python -m pytest -q -p no:cacheprovider tests/test_glam_fp8.py \
     tests/test_glam.py -k "on_cuda or as_close_to_fp32 or one_after_another"
 run ckpt 150 100 python bench/bench_checkpoint.py --layers 2 --seq-len 8192 --saves 2 --modes async \

@@ -42,8 +42,9 @@ def _row_stats(X, PART_M, PART_S, R, V, stride_x, SLICE: tl.constexpr, BM: tl.co
     m = tl.full([BM], float("-inf"), tl.float32)
     s = tl.zeros([BM], tl.float32)
     base = X + rows[:, None].to(tl.int64) * stride_x
-    for start in range(first, first + SLICE, BN):
-        cols = start + tl.arange(0, BN)
+    # Constant bounds: Triton 3.6's interpreter (torch 2.11's) cannot take a program id in range().
+    for offset in range(0, SLICE, BN):
+        cols = first + offset + tl.arange(0, BN)
         mask = (rows < R)[:, None] & (cols < V)[None, :]
         x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, 1))

@@ -84,3 +84,14 @@ def test_a_failing_variant_is_recorded_and_the_others_still_run(tmp_path, monkey
     assert [(r["variant"], r.get("error")) for r in rows] == [
         ("baseline", "RuntimeError: simulated compile failure"), ("fused-ce", None)]
     assert "baseline (global batch 1): failed: RuntimeError: simulated compile failure" in capsys.readouterr().out
+
+
+def test_variant_conditions_set_the_trainer_options_they_name():
+    """NAME@KEY=VALUE: a variant's options (what build_layout and the step read) and its micro batch."""
+    bench = _bench()
+    label, opts, over = bench.parse_variant("compile+fp8-all@micro=8@res=bf16@sdpa=fa4@ctune=1")
+    assert label == "compile+fp8-all@micro=8@res=bf16@sdpa=fa4@ctune=1" and over == {"micro_batch": 8}
+    assert (opts["fp8"], opts["bf16_residual"], opts["attention"], opts["compile_tuning"]) == ("tensorwise", True, "fa4", True)
+    assert "compile_tuning" not in bench.parse_variant("compile+fp8-all")[1]
+    with pytest.raises(SystemExit, match=r"ctune=0\|1"):
+        bench.parse_variant("compile@ctune=yes")
