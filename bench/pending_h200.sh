@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-06, 22:05 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-06, 22:50 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -12,26 +12,16 @@
 # ignores it) by `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation
 # cp --platform manylinux_2_28_x86_64 --platform any -d .whl lm_eval==0.4.13 dill torchao==0.17.0`, carried.
 #
-# Measured on 2026-12-06 (docs/performance.md, "Measured on 2026-12-06, 08:22-08:48 UTC"): GLaM 126M with
-# each attention kernel on both GPUs (glamkernels; glamkernels_mb on the H100), the 8B proxy at micro 16 in
-# BF16 and FP8 on the H200 (l8b_mbs16, 1.34x), the H100's table with every GLaM kernel (calibrate). So, in order:
-# 1. issue 23: the H200's table with every GLaM kernel and this tree's clock (`ONLY=calibrate`, ~80 s): copy
-#    calibration.json to llamatron/calibration/h200.json, re-make docs/planner.md's tables (plan_vs_measured.py)
-# 1b. issue 22: llamatron and TorchTitan side by side on the H200 with this tree's code (sbs, ~7 min; needs
-#    .peers carried: bench/side_by_side.sh), or llamatron's side alone (fp8loss, ~4 min): the 8B proxy's BF16
-#    (micro 8) and FP8 (micro 4, 8, 16) steps, the FP8 / BF16 ratio. On an H100 (2026-12-06 13:46, micro 4 / 2):
-#    BF16 1.01x TorchTitan, FP8 1.43x TorchTitan's FP8, FP8 micro 8 1.41x BF16 micro 4.
-#    train.bf16_residual (`@res=bf16`; the default since its convergence check, 2026-12-06 17:07) took 1.2-1.3%
-#    off the BF16 step and 2.5% off FP8's on an H100; fp8loss runs each side with and without it. FA4 attention
-#    (`@sdpa=fa4`, another 1.1-2.1% on an H100) needs flash-attn-4 and the CuTe DSL, too large for one call's
-#    carry: docs/performance.md ("Measured on 2026-12-06, 17:01-17:33") says how it travelled in two halves.
-#    The FP8 loss's Triton kernels (2026-12-06 20:32-20:37, H100: -0.7% on the FP8 step, with four chunks a
-#    weight-gradient GEMM) are the default and in the side by side. Then `ctune` and `ctune_l8` (~10 min, a
-#    call of their own): train.compile_tuning on both precisions (-1.0 to -1.7% on FP8 on an H100, BF16 not
-#    measured yet) and on the 8-layer proxy.
+# Measured on 2026-12-06 21:58-22:23 (docs/performance.md, "Measured on 2026-12-06, 21:58-22:23 UTC", one H200):
+# sbs (BF16 1.005x TorchTitan, FP8 micro 4 1.354x TorchTitan's FP8, FP8 1.48x BF16 at micro 8), ctune and
+# ctune_l8 (train.compile_tuning: FP8 micro 8 -0.6 to -1.2%, BF16 and FP8 micro 4 nothing), fp8experts_test
+# (passed), calibrate (its table ranked micro 4 first: not shipped, docs/bench/h200_calibration_not_shipped.json).
+# Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
+# 1. issue 22: a kernel for SwiGLU's backward with its E5M2 casts (2.0 TB/s now) and the loss's gradient tile
+#    (32 x 256 ran 4% faster on the H200), then `ONLY=sbs` again: FP8 is 1.48x BF16 (1.49-1.50x with FA4 and the tuning)
 # 2. issue 19: the 8B's scoring with the batches padded to their longest row (the default since 06:55)
 #    beside the 8-token alignment it replaced, in one process (zs8b); GPT 126M's scoring again (zsgpt)
-# 3. issue 22: the CUDA tests of GLaM's FP8 experts; an async save
+# 3. issue 22: an async save (ckpt); the calibration again on a cool GPU (calibrate)
 # 4. issue 21: GLaM's attention alone, every way in one process; issue 20: LoRA of the 8B at seq 4096
 TOTAL=${1:-560}
 OUT=${2:-${OUT:-h200-runs}}
