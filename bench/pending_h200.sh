@@ -19,6 +19,8 @@
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
 # 1. issue 22: a kernel for SwiGLU's backward with its E5M2 casts (2.0 TB/s now) and the loss's gradient tile
 #    (32 x 256 ran 4% faster on the H200), then `ONLY=sbs` again: FP8 is 1.48x BF16 (1.49-1.50x with FA4 and the tuning)
+# 1b. issue 22: BF16 and FP8 at micro 16 with the trainer's defaults (l8b_mbs16, ~4 min): on the code of
+#    2026-12-05 FP8 ran 2% faster at micro 16 than at 8, and micro 16 is the planner's first choice
 # 2. issue 19: the 8B's scoring with the batches padded to their longest row (the default since 06:55)
 #    beside the 8-token alignment it replaced, in one process (zs8b); GPT 126M's scoring again (zsgpt)
 # 3. issue 22: an async save (ckpt); the calibration again on a cool GPU (calibrate)
@@ -87,7 +89,7 @@ run glamkernels_mb 330 200 python bench/bench_train_step.py --size glam-126m-64e
     --steps 3 --warmup 2 --json "$OUT/glamkernels_mb.json"
 # Issue 22: BF16 and FP8 at micro 16 (the planner's first choice) side by side (H200 only: 112 GiB in BF16).
 run l8b_mbs16 260 150 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
-    --steps 3 --warmup 2 --variants compile+cudnn,compile+fp8-all --json "$OUT/l8b_mbs16.json"
+    --steps 3 --warmup 2 --variants compile+cudnn+castonce+fusedwgrad@res=bf16,compile+fp8-all@res=bf16 --json "$OUT/l8b_mbs16.json"
 run glam 240 100 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
     --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split_triton,compile+castonce+fusedwgrad@attn=split_triton@micro=32 \
     --steps 3 --warmup 2 --json "$OUT/glam.json"
