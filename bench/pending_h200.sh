@@ -19,7 +19,7 @@
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
 # 1. issue 22: a kernel for SwiGLU's backward with its E5M2 casts (2.0 TB/s now) and the loss's gradient tile
 #    (32 x 256 ran 4% faster on the H200), then `ONLY=sbs` again: FP8 is 1.48x BF16 (1.49-1.50x with FA4 and the tuning)
-# 1b. issue 22: BF16 and FP8 at micro 16 with the trainer's defaults (l8b_mbs16, ~4 min): on the code of
+# 1b. issue 22: BF16 and FP8 at micro 16 as the side by side runs them (l8b_mbs16, ~4 min): on the code of
 #    2026-12-05 FP8 ran 2% faster at micro 16 than at 8, and micro 16 is the planner's first choice
 # 2. issue 19: the 8B's scoring with the batches padded to their longest row (the default since 06:55)
 #    beside the 8-token alignment it replaced, in one process (zs8b); GPT 126M's scoring again (zsgpt)
