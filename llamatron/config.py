@@ -148,8 +148,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), bf16, fp32
     compile: bool = False  # torch.compile each transformer block
     # With compile: inductor's coordinate-descent tuning of the kernels it generates (block sizes timed
-    # as they compile): the 8B proxy's FP8 step 1.0-1.7% faster on an H100, about 100 s more compile
-    # (docs/performance.md); its BF16 effect not measured yet.
+    # as they compile): the 8B proxy's FP8 step at micro 8 0.6-1.7% faster (H100, H200), nothing at FP8
+    # micro 4 or in BF16 (H200), about 100 s more compile (docs/performance.md).
     compile_tuning: bool = False
     activation_checkpointing: bool = False
     # With activation_checkpointing: how many transformer blocks (per pipeline stage) to checkpoint,
