@@ -165,6 +165,10 @@ class TrainConfig:
     # (docs/performance.md); false keeps the 128K-way softmax's inputs in bf16.
     fp8_include_output: bool | None = None
     fp8_all_gather: bool = False  # FSDP gathers weights in FP8 (tensorwise only): half the traffic
+    # Tensorwise FP8 without fp8_all_gather or LoRA: each SwiGLU feed-forward's gate and up projections
+    # and its activation in one function whose backward makes their E5M2 gradients in llamatron's own
+    # kernels (transforms/fp8_swiglu.py) instead of torchao's casts compiled by inductor.
+    fp8_fused_swiglu: bool = False
     # A mixture of experts' grouped GEMMs in FP8 too (torchao's rowwise grouped recipe, whatever
     # train.fp8 names; H100-class GPUs), by the same fp8_min_features rule; false keeps them bf16.
     fp8_experts: bool = True

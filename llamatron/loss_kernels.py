@@ -88,7 +88,8 @@ def _to_e5m2(x):
     normal = ((bits + 0xFFFFF + ((bits >> 21) & 1)) & -0x200000).to(tl.float32, bitcast=True)
     subnormal = ((a * 65536.0 + 8388608.0) - 8388608.0) * (1.0 / 65536.0)
     r = tl.where(a < 6.103515625e-05, subnormal, normal)
-    half = tl.where(x < 0, -r, r).to(tl.float16).to(tl.int16, bitcast=True)
+    negative = x.to(tl.int32, bitcast=True) < 0  # the sign bit: -0.0 stays -0.0, as torch's cast keeps it
+    half = tl.where(negative, -r, r).to(tl.float16).to(tl.int16, bitcast=True)
     return (half >> 8).to(tl.int8).to(tl.float8e5, bitcast=True)
 
 

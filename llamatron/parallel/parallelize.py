@@ -67,7 +67,8 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
             # Before everything else: TP, compile and FSDP must see the Float8Linear modules.
             converted = apply_fp8(part, train.fp8, min_features=train.fp8_min_features,
                                   include_output=fp8_output(train, dims.tp, dims.pp, lora=False),
-                                  fsdp_all_gather=train.fp8_all_gather, experts=train.fp8_experts)
+                                  fsdp_all_gather=train.fp8_all_gather, experts=train.fp8_experts,
+                                  fused_swiglu=train.fp8_fused_swiglu and dims.tp == 1)
             fp8_loss = fp8_loss or "output" in converted
         if dims.tp > 1:
             frozen = {n for n, p in part.named_parameters() if not p.requires_grad}

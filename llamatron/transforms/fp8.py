@@ -68,11 +68,12 @@ def fp8_output(train, tp: int, pp: int, lora: bool) -> bool:
     return train.fp8 == "tensorwise" and train.fused_cross_entropy and tp == 1 and pp == 1 and not train.fp8_all_gather
 
 
-def fp8_module_filter(min_features: int, include_output: bool):
-    """The filter torchao calls with (module, fully qualified name): True converts the layer."""
+def fp8_module_filter(min_features: int, include_output: bool, skip: frozenset[str] = frozenset()):
+    """The filter torchao calls with (module, fully qualified name): True converts the layer. `skip`:
+    layers already in FP8 another way (`FP8SwiGLU`'s projections)."""
 
     def keep(module: nn.Module, fqn: str) -> bool:
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or fqn in skip:
             return False
         if fqn == "output" and not include_output:
             return False
@@ -118,9 +119,13 @@ def check_fp8_experts(train, args, device: torch.device) -> None:
 
 
 def apply_fp8(model: nn.Module, recipe: str, *, min_features: int = 1024, include_output: bool = False,
-              fsdp_all_gather: bool = False, experts: bool = True) -> list[str]:
+              fsdp_all_gather: bool = False, experts: bool = True, fused_swiglu: bool = False) -> list[str]:
     """Convert `model`'s eligible linear layers in place (and, with `experts`, its grouped experts:
     `apply_fp8_experts`); returns the names of those converted.
+
+    fused_swiglu (tensorwise, without fsdp_all_gather): the SwiGLU feed-forwards' gate and up
+    projections as `FP8SwiGLU` (transforms/fp8_swiglu.py), whose backward makes their E5M2 gradients in
+    kernels of its own; their down projections stay torchao's.
 
     fsdp_all_gather (tensorwise only): FSDP2 gathers the weights already cast to FP8, halving the
     all-gather traffic against BF16; needs `precompute_fp8_scales` after each optimizer step.
@@ -139,10 +144,15 @@ def apply_fp8(model: nn.Module, recipe: str, *, min_features: int = 1024, includ
         if fsdp_all_gather:
             raise LlamatronError("config key 'train.fp8_all_gather': FP8 all-gather works with the tensorwise recipe only")
         config = Float8LinearConfig.from_recipe_name(recipe)
-    keep = fp8_module_filter(min_features, include_output)
+    fused = []
+    if fused_swiglu and recipe == "tensorwise" and not fsdp_all_gather:
+        from llamatron.transforms.fp8_swiglu import apply_fp8_swiglu
+
+        fused = apply_fp8_swiglu(model, min_features)
+    keep = fp8_module_filter(min_features, include_output, frozenset(fused))
     converted = [name for name, m in model.named_modules() if keep(m, name)]
     convert_to_float8_training(model, config=config, module_filter_fn=keep)
-    return converted + (apply_fp8_experts(model, min_features) if experts else [])
+    return converted + fused + (apply_fp8_experts(model, min_features) if experts else [])
 
 
 def precompute_fp8_scales(model: nn.Module) -> None:

@@ -1,0 +1,133 @@
+"""The SwiGLU feed-forward's gate and up projections in FP8 with their backward in llamatron's own
+kernels (`train.fp8_fused_swiglu`, with `train.fp8 = tensorwise`).
+
+torchao's `Float8Linear` makes each linear's E5M2 gradient from a bf16 tensor that autograd hands it:
+for w1 and w3 those are da and db of h = silu(a) * b, which compile turns into an amax pass over dh, a
+and b and a kernel writing both gradients in both layouts, two of them a byte at a stride (2.0-2.5
+TB/s, 56 ms of the 8B proxy's 1.34 s FP8 step on an H200; docs/performance.md). Here the two
+projections and the SwiGLU are one autograd function whose backward gets dh and makes the four E5M2
+operands directly (`llamatron.swiglu_kernels` on CUDA), then runs the four FP8 GEMMs itself.
+
+The recipe is torchao's tensorwise one: E4M3 inputs and weights, E5M2 gradients, one dynamic scale per
+tensor, fp32 accumulation in the backward GEMMs, the same E4M3 and E5M2 values (tests/test_fp8_swiglu.py);
+the weight gradients come out in the weights' dtype (fp32 master weights: no bf16 product cast back).
+The down projection (w2) stays a `Float8Linear`. Parameter names are unchanged (`feed_forward.w1.weight`, ...), so checkpoints are the
+same either way.
+
+Applied on one device or under FSDP (whose unsharded weights are plain tensors in forward); not with
+tensor parallelism, FP8 all-gather (torchao's weights) or LoRA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamatron.fp8_gemm import fp8_mm, to_fp8
+
+
+@torch.library.custom_op("llamatron::swiglu_grad_e5m2", mutates_args=())
+def swiglu_grad_e5m2(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For h = silu(a) * b ([M, N] bf16) and dh = g: da and db in E5M2 with one scale each, row-major
+    [M, N] and token-major [N, M], and their inverse scales [2] (fp32)."""
+    if g.is_cuda:
+        from llamatron.swiglu_kernels import swiglu_grad_e5m2 as kernels
+
+        da8, db8, da8_t, db8_t, scales = kernels(g.contiguous(), a.contiguous(), b.contiguous())
+        return da8, db8, da8_t, db8_t, scales.reciprocal()
+    da, db = swiglu_grads(g, a, b)
+    da8, da_inv = to_fp8(da, torch.float8_e5m2)
+    db8, db_inv = to_fp8(db, torch.float8_e5m2)
+    return da8, db8, da8.t().contiguous(), db8.t().contiguous(), torch.stack([da_inv, db_inv])
+
+
+@swiglu_grad_e5m2.register_fake
+def _(g, a, b):
+    m, n = g.shape
+    e5m2 = torch.float8_e5m2
+    return (g.new_empty((m, n), dtype=e5m2), g.new_empty((m, n), dtype=e5m2), g.new_empty((n, m), dtype=e5m2),
+            g.new_empty((n, m), dtype=e5m2), g.new_empty(2, dtype=torch.float32))
+
+
+def swiglu_grads(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """da and db of h = silu(a) * b, rounded where eager autograd rounds them (the kernels' reference)."""
+    a32 = a.float()
+    e = 1 + torch.exp(-a32)
+    sig = 1 / e
+    db = (g.float() * (a32 / e).to(a.dtype).float()).to(a.dtype)
+    da = ((g.float() * b.float()).to(a.dtype).float() * sig * (1 + a32 * (1 - sig))).to(a.dtype)
+    return da, db
+
+
+def _col_major(x8: torch.Tensor) -> torch.Tensor:
+    """x8 [r, c] laid out column-major, as `_scaled_mm` takes its second operand."""
+    return x8.t().contiguous().t()
+
+
+class _FP8GateUp(torch.autograd.Function):
+    """silu(x w1^T) * (x w3^T) for x [..., d] (bf16), w1 and w3 [N, d], the GEMMs in FP8."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w3):
+        x2 = x.reshape(-1, x.shape[-1])
+        x8, x_inv = to_fp8(x2)
+        w1_8, w1_inv = to_fp8(w1)  # from the weights' own dtype, as torchao casts them under autocast
+        w3_8, w3_inv = to_fp8(w3)
+        a = fp8_mm(x8, x_inv, w1_8.t(), w1_inv, x.dtype)
+        b = fp8_mm(x8, x_inv, w3_8.t(), w3_inv, x.dtype)
+        ctx.save_for_backward(x8, x_inv, w1_8, w1_inv, w3_8, w3_inv, a, b)
+        ctx.weight_dtype = w1.dtype
+        return (F.silu(a) * b).view(*x.shape[:-1], a.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dh):
+        x8, x_inv, w1_8, w1_inv, w3_8, w3_inv, a, b = ctx.saved_tensors
+        da8, db8, da8_t, db8_t, inv = torch.ops.llamatron.swiglu_grad_e5m2(dh.reshape(a.shape), a, b)
+        dx = fp8_mm(da8, inv[0], _col_major(w1_8), w1_inv, dh.dtype)
+        dx = dx + fp8_mm(db8, inv[1], _col_major(w3_8), w3_inv, dh.dtype)
+        x8_cols = _col_major(x8)
+        dw1 = fp8_mm(da8_t, inv[0], x8_cols, x_inv, ctx.weight_dtype)
+        dw3 = fp8_mm(db8_t, inv[1], x8_cols, x_inv, ctx.weight_dtype)
+        return dx.view(*dh.shape[:-1], dx.shape[-1]), dw1, dw3
+
+
+class FP8SwiGLU(nn.Module):
+    """A SwiGLU feed-forward, w2(silu(w1 x) * w3 x), with w1 and w3 in `_FP8GateUp`: the same
+    submodules and parameter names as the module it replaces."""
+
+    def __init__(self, ffn: nn.Module):
+        super().__init__()
+        for name, child in ffn.named_children():  # the order of the original's parameters
+            self.add_module(name, child)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            h = _FP8GateUp.apply(x.to(dtype), self.w1.weight, self.w3.weight)
+        return self.w2(h)
+
+
+def _eligible(ffn: nn.Module, min_features: int) -> bool:
+    """A bias-free SwiGLU feed-forward whose gate and up projections FP8 would convert."""
+    from llamatron.models.llama.model import FeedForward
+
+    if type(ffn) is not FeedForward:
+        return False
+    return all(type(m) is nn.Linear and m.bias is None and min(m.weight.shape) >= min_features
+               and m.weight.shape[0] % 16 == 0 and m.weight.shape[1] % 16 == 0 for m in (ffn.w1, ffn.w3))
+
+
+def apply_fp8_swiglu(model: nn.Module, min_features: int = 1024) -> list[str]:
+    """Replace each eligible SwiGLU feed-forward of `model` by `FP8SwiGLU`, in place; returns the names
+    of the gate and up projections it now runs (torchao's conversion must then leave them alone)."""
+    names = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if _eligible(child, min_features):
+                setattr(module, child_name, FP8SwiGLU(child))
+                full = f"{name}.{child_name}" if name else child_name
+                names += [f"{full}.w1", f"{full}.w3"]
+    return names
