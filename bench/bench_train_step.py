@@ -23,6 +23,7 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     # NAME@tune=1 runs with torch's TunableOp (each GEMM shape's cuBLASLt kernels timed in the warm-up),
     # NAME@ctune=1 compiles with train.compile_tuning (inductor's coordinate-descent tuning of the blocks' kernels),
     # NAME@swiglu=1 runs FP8's SwiGLU gate and up projections in train.fp8_fused_swiglu's function
+    # (swiglu=copy: its token-major gradients by inductor's transposing copies, not the cast kernel)
     python bench/bench_train_step.py --global-batch 16 --variants \
         compile+cudnn@micro=8@gqa=expand,compile+cudnn@micro=8,compile+fp8-tensorwise@micro=4
 
@@ -140,15 +141,15 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["fp8_wgrad_chunks"] = int(value)
         elif key == "ctune" and value in ("0", "1"):  # train.compile_tuning
             opts["compile_tuning"] = value == "1"
-        elif key == "swiglu" and value in ("0", "1"):  # train.fp8_fused_swiglu
-            opts["fp8_fused_swiglu"] = value == "1"
+        elif key == "swiglu" and value in ("0", "1", "copy"):  # train.fp8_fused_swiglu (copy: transposed by inductor)
+            opts["fp8_fused_swiglu"] = value
         elif key == "tune" and value in ("0", "1"):  # torch's TunableOp: every GEMM shape's cuBLASLt kernel timed
             opts["tune_gemms"] = int(value)
         elif key.startswith("inductor.") and value:  # any inductor config key, e.g. inductor.triton.tile_reductions=1
             opts.setdefault("inductor", {})[key.removeprefix("inductor.")] = int(value) if value.isdigit() else value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor, wgradchunks=N, ctune=0|1, swiglu=0|1, tune=0|1 or inductor.KEY=VALUE")
+                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor, wgradchunks=N, ctune=0|1, swiglu=0|1|copy, tune=0|1 or inductor.KEY=VALUE")
     return spec, opts, over
 
 
@@ -185,9 +186,13 @@ def build_layout(margs, opts, device) -> Layout:
     converted = []
     if opts.get("fp8"):
         converted = apply_fp8(model, opts["fp8"], include_output=opts.get("fp8_output", False),
-                              min_features=opts.get("fp8_min", 1024), fused_swiglu=opts.get("fp8_fused_swiglu", False))
+                              min_features=opts.get("fp8_min", 1024), fused_swiglu=opts.get("fp8_fused_swiglu", "0") != "0")
     if opts.get("fp8_experts"):
         converted = apply_fp8_experts(model, opts["fp8_experts"])
+    if opts.get("fp8_fused_swiglu", "0") != "0":
+        from llamatron.transforms import fp8_swiglu
+
+        fp8_swiglu.TRANSPOSE_IN_KERNEL = opts["fp8_fused_swiglu"] != "copy"  # read as backward is traced
     if opts.get("bf16_residual"):
         apply_bf16_residual(model)
     if opts["ac"]:

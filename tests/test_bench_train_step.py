@@ -95,3 +95,6 @@ def test_variant_conditions_set_the_trainer_options_they_name():
     assert "compile_tuning" not in bench.parse_variant("compile+fp8-all")[1]
     with pytest.raises(SystemExit, match=r"ctune=0\|1"):
         bench.parse_variant("compile@ctune=yes")
+    assert bench.parse_variant("compile+fp8-all@swiglu=copy")[1]["fp8_fused_swiglu"] == "copy"
+    with pytest.raises(SystemExit, match=r"swiglu=0\|1\|copy"):
+        bench.parse_variant("compile+fp8-all@swiglu=yes")

@@ -58,9 +58,14 @@ def test_fused_feed_forward_is_torchaos_recipe():
         assert torch.equal(g1[name].bfloat16(), g0[name].bfloat16().float().bfloat16()) or _rel(g1[name], g0[name]) < 4e-3
 
 
-def test_fused_feed_forward_compiles():
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_fused_feed_forward_compiles(in_kernel, monkeypatch):
     """Compiled (inductor, the trainer's way) it runs the custom op in backward and stays within FP8's
-    rounding of the eager function (compile's fp32 SwiGLU moves a few E4M3 values by a step)."""
+    rounding of the eager function (compile's fp32 SwiGLU moves a few E4M3 values by a step), with
+    the token-major gradients from the op or from inductor's copies."""
+    from llamatron.transforms import fp8_swiglu
+
+    monkeypatch.setattr(fp8_swiglu, "TRANSPOSE_IN_KERNEL", in_kernel)
     torch.manual_seed(1)
     base = FeedForward(64, 128)
     x = torch.randn(2, 32, 64).bfloat16()
@@ -132,7 +137,7 @@ for name, grad in (("da", a.grad), ("db", b.grad)):
     ref, inv = to_fp8(grad, torch.float8_e5m2)
     out[name] = (ref, inv)
 da8, db8, da8_t, db8_t, scales = K.swiglu_grad_e5m2(g, a.detach(), b.detach())
-rows_only = K.swiglu_grad_e5m2(g, a.detach(), b.detach(), transposed=False)
+rows_only = K.swiglu_grad_e5m2(g, a.detach(), b.detach(), False)
 same = lambda x, y: torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
 print(json.dumps({
     "da": same(da8, out["da"][0]), "db": same(db8, out["db"][0]),
@@ -165,8 +170,8 @@ def test_kernels_on_cuda_track_the_reference():
     a = (3 * torch.randn(1000, 768, device="cuda")).bfloat16()
     b = torch.randn(1000, 768, device="cuda").bfloat16()
     g = torch.randn(1000, 768, device="cuda").bfloat16()
-    got = torch.ops.llamatron.swiglu_grad_e5m2(g, a, b)
-    ref = torch.ops.llamatron.swiglu_grad_e5m2(g.cpu(), a.cpu(), b.cpu())
+    got = torch.ops.llamatron.swiglu_grad_e5m2(g, a, b, True)
+    ref = torch.ops.llamatron.swiglu_grad_e5m2(g.cpu(), a.cpu(), b.cpu(), True)
     for x, y in zip(got[:4], ref[:4]):
         assert (x.cpu().view(torch.uint8) == y.view(torch.uint8)).float().mean() > 0.999
     assert torch.allclose(got[4].cpu(), ref[4], rtol=1e-2)

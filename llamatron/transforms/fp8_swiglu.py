@@ -27,28 +27,39 @@ from torch import nn
 from llamatron.fp8_gemm import fp8_mm, to_fp8
 
 
+# Where the token-major copies of da and db are written: by the cast kernel from its tiles (True), or by
+# inductor's transposing copies of the row-major ones in the compiled backward (False; as the FP8 loss
+# does, llamatron.loss._copy_transposed). bench/bench_fp8_swiglu.py times both.
+TRANSPOSE_IN_KERNEL = True
+
+
 @torch.library.custom_op("llamatron::swiglu_grad_e5m2", mutates_args=())
-def swiglu_grad_e5m2(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[
+def swiglu_grad_e5m2(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transposed: bool) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For h = silu(a) * b ([M, N] bf16) and dh = g: da and db in E5M2 with one scale each, row-major
-    [M, N] and token-major [N, M], and their inverse scales [2] (fp32)."""
+    [M, N], with `transposed` token-major [N, M] too (else empty), and their inverse scales [2] (fp32)."""
     if g.is_cuda:
         from llamatron.swiglu_kernels import swiglu_grad_e5m2 as kernels
 
-        da8, db8, da8_t, db8_t, scales = kernels(g.contiguous(), a.contiguous(), b.contiguous())
+        da8, db8, da8_t, db8_t, scales = kernels(g.contiguous(), a.contiguous(), b.contiguous(), transposed)
+        if not transposed:
+            da8_t = db8_t = da8.new_empty(0)
         return da8, db8, da8_t, db8_t, scales.reciprocal()
     da, db = swiglu_grads(g, a, b)
     da8, da_inv = to_fp8(da, torch.float8_e5m2)
     db8, db_inv = to_fp8(db, torch.float8_e5m2)
-    return da8, db8, da8.t().contiguous(), db8.t().contiguous(), torch.stack([da_inv, db_inv])
+    empty = da8.new_empty(0)
+    da8_t, db8_t = (da8.t().contiguous(), db8.t().contiguous()) if transposed else (empty, empty.clone())
+    return da8, db8, da8_t, db8_t, torch.stack([da_inv, db_inv])
 
 
 @swiglu_grad_e5m2.register_fake
-def _(g, a, b):
+def _(g, a, b, transposed):
     m, n = g.shape
     e5m2 = torch.float8_e5m2
-    return (g.new_empty((m, n), dtype=e5m2), g.new_empty((m, n), dtype=e5m2), g.new_empty((n, m), dtype=e5m2),
-            g.new_empty((n, m), dtype=e5m2), g.new_empty(2, dtype=torch.float32))
+    shape_t = (n, m) if transposed else (0,)
+    return (g.new_empty((m, n), dtype=e5m2), g.new_empty((m, n), dtype=e5m2), g.new_empty(shape_t, dtype=e5m2),
+            g.new_empty(shape_t, dtype=e5m2), g.new_empty(2, dtype=torch.float32))
 
 
 def swiglu_grads(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +95,10 @@ class _FP8GateUp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         x8, x_inv, w1_8, w1_inv, w3_8, w3_inv, a, b = ctx.saved_tensors
-        da8, db8, da8_t, db8_t, inv = torch.ops.llamatron.swiglu_grad_e5m2(dh.reshape(a.shape), a, b)
+        in_kernel = TRANSPOSE_IN_KERNEL
+        da8, db8, da8_t, db8_t, inv = torch.ops.llamatron.swiglu_grad_e5m2(dh.reshape(a.shape), a, b, in_kernel)
+        if not in_kernel:  # compiled: inductor's tiled transposing copies
+            da8_t, db8_t = da8.t().contiguous(), db8.t().contiguous()
         dx = fp8_mm(da8, inv[0], _col_major(w1_8), w1_inv, dh.dtype)
         dx = dx + fp8_mm(db8, inv[1], _col_major(w3_8), w3_inv, dh.dtype)
         x8_cols = _col_major(x8)
