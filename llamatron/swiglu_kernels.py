@@ -11,7 +11,8 @@ stride: 2.3 + 4.7 ms a micro-batch of 65,536 x 14,336 on an H200, 2.0-2.5 TB/s. 
 - `_amax`: the largest |da| and |db| of each block of the flat tensors, into a small buffer whose
   maximum (torch) gives the two scales;
 - `_cast`: each tile's da and db, scaled and cast, row-major; and with TRANSPOSED, token-major too
-  (else the caller copies them: bench/bench_fp8_swiglu.py times both).
+  (else the caller copies them: bench/bench_fp8_swiglu.py times both). Its tile and warps are timed
+  once per shape on the GPU (`triton.autotune`).
 
 da and db are rounded to bf16 where eager autograd rounds them (dh * b, silu(a), and the two results),
 so the E5M2 values are exactly those of eager torchao on the bf16 gradients (tests/test_swiglu_kernels.py,
@@ -26,10 +27,13 @@ import triton.language as tl
 
 from llamatron.loss_kernels import _to_e5m2
 
-# Elements per program of the amax pass; rows x columns per tile of the cast.
+# Elements per program of the amax pass; rows x columns per tile of the cast where it is not tuned (the
+# CPU interpreter: tests). On CUDA the cast's tile and warps are timed once per shape (`_cast_tuned`).
 AMAX_BLOCK = 8192
 TILE_ROWS, TILE_COLS = 64, 128
 E5M2_MAX = 57344.0
+_CAST_CONFIGS = [triton.Config({"BM": bm, "BN": bn}, num_warps=w)
+                 for bm, bn, w in ((32, 128, 4), (64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8), (32, 256, 8), (128, 128, 8))]
 
 
 @triton.jit
@@ -85,12 +89,15 @@ def _cast(G, A, B, SCALES, DA, DB, DAT, DBT, M, N, TRANSPOSED: tl.constexpr, BM:
         tl.store(DBT + at_t, db8, mask=mask)
 
 
+_cast_tuned = triton.autotune(_CAST_CONFIGS, key=["M", "N", "TRANSPOSED"])(_cast)
+
+
 def swiglu_grad_scales(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[2] fp32: the E5M2 scales of da and db (E5M2's largest finite value over each's amax)."""
     n = g.numel()
     programs = triton.cdiv(n, AMAX_BLOCK)
     part = torch.empty((programs, 2), dtype=torch.float32, device=g.device)
-    _amax[(programs,)](g, a, b, part, n, BLOCK=AMAX_BLOCK)
+    _amax[(programs,)](g, a, b, part, n, BLOCK=AMAX_BLOCK, num_warps=8)
     return E5M2_MAX / part.amax(0).clamp(min=1e-12)
 
 
@@ -104,6 +111,9 @@ def swiglu_grad_e5m2(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpos
     db8 = torch.empty_like(da8)
     da8_t = torch.empty((N, M), dtype=torch.float8_e5m2, device=g.device) if transposed else da8
     db8_t = torch.empty_like(da8_t) if transposed else db8
-    _cast[(triton.cdiv(M, TILE_ROWS), triton.cdiv(N, TILE_COLS))](
-        g, a, b, scales, da8, db8, da8_t, db8_t, M, N, TRANSPOSED=transposed, BM=TILE_ROWS, BN=TILE_COLS)
+    args = (g, a, b, scales, da8, db8, da8_t, db8_t, M, N)
+    if g.is_cuda:
+        _cast_tuned[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))](*args, TRANSPOSED=transposed)
+    else:
+        _cast[(triton.cdiv(M, TILE_ROWS), triton.cdiv(N, TILE_COLS))](*args, TRANSPOSED=transposed, BM=TILE_ROWS, BN=TILE_COLS)
     return da8, db8, (da8_t if transposed else None), (db8_t if transposed else None), scales
