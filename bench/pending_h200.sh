@@ -17,8 +17,10 @@
 # ctune_l8 (train.compile_tuning: FP8 micro 8 -0.6 to -1.2%, BF16 and FP8 micro 4 nothing), fp8experts_test
 # (passed), calibrate (its table ranked micro 4 first: not shipped, docs/bench/h200_calibration_not_shipped.json).
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
-# 1. issue 22: a kernel for SwiGLU's backward with its E5M2 casts (2.0 TB/s now) and the loss's gradient tile
-#    (32 x 256 ran 4% faster on the H200), then `ONLY=sbs` again: FP8 is 1.48x BF16 (1.49-1.50x with FA4 and the tuning)
+# 1. issue 22: SwiGLU's backward with its E5M2 casts in llamatron's kernels (`train.fp8_fused_swiglu`, written
+#    2026-12-07, not yet run on a GPU: swiglu, ~7 min: its CUDA tests, the kernels against inductor's, and the
+#    FP8 step with it both ways beside the default FP8 and BF16 in one process), then `ONLY=sbs` again
+#    (FP8 is 1.48x BF16, 1.49-1.50x with FA4 and the tuning; the sbs runs the fused FP8 where EXTRA names it)
 # 1b. issue 22: BF16 and FP8 at micro 16 as the side by side runs them (l8b_mbs16, ~4 min): on the code of
 #    2026-12-05 FP8 ran 2% faster at micro 16 than at 8, and micro 16 is the planner's first choice
 # 2. issue 19: the 8B's scoring with the batches padded to their longest row (the default since 06:55)
@@ -55,6 +57,11 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 HAVE_FA4=$(python3 -c "import flash_attn.cute.interface" > /dev/null 2>&1 && echo 1)
 FA4_VARIANTS=${HAVE_FA4:+,compile+cudnn+castonce+fusedwgrad@micro=8@res=bf16@sdpa=fa4,compile+fp8-all@micro=8@res=bf16@sdpa=fa4}
 SDPA=${HAVE_FA4:+@sdpa=fa4}  # the tuned runs on the faster attention where it is there
+run swiglu_test 60 30 python -m pytest -q -x -p no:cacheprovider tests/test_fp8_swiglu.py -k cuda
+run swiglu_kernels 90 60 python bench/bench_fp8_swiglu.py --repeats 10 --json "$OUT/swiglu_kernels.json"
+run swiglu 420 300 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
+    --warmup 2 --variants compile+fp8-all@res=bf16@swiglu=1,compile+fp8-all@res=bf16,compile+cudnn+castonce+fusedwgrad@res=bf16,compile+fp8-all@res=bf16@swiglu=copy \
+    --profile compile+fp8-all@res=bf16@swiglu=1 --json "$OUT/swiglu.json"
 run zs8b 250 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 rowwise+pad8,rowwise --profile \
     --json "$OUT/zs8b.json"
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
