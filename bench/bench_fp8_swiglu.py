@@ -16,15 +16,19 @@ call are in the JSON, with its bandwidth.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llamatron import swiglu_kernels as K
-from llamatron.fp8_gemm import to_fp8
-from llamatron.loss import _copy_transposed
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench_fp8_loss import median_ms  # noqa: E402
+from bench_train_step import write_json  # noqa: E402
+from llamatron import swiglu_kernels as K  # noqa: E402
+from llamatron.fp8_gemm import to_fp8  # noqa: E402
+from llamatron.loss import _copy_transposed  # noqa: E402
 
 
 def _inductor_way(g, a, b):
@@ -39,20 +43,6 @@ def _inductor_way(g, a, b):
         x8, inv = to_fp8(x, torch.float8_e5m2)
         out += [x8, x8.t().contiguous(), inv]
     return out
-
-
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -85,11 +75,12 @@ def main() -> None:
         "amax_only": lambda: K.swiglu_grad_scales(g, a, b),
     }
     gbytes = {"inductor": 16, "triton": 16, "triton_copy": 18, "triton_rowmajor_only": 14, "amax_only": 6}
-    results = {}
+    results = []
     for name, fn in ways.items():
         ms = median_ms(fn, args.repeats)
-        moved = gbytes.get(name, 16) * M * N / 1e9  # the least each way must read and write
-        results[name] = {"ms": round(ms, 4), "gb": round(moved, 2), "tb_per_s": round(moved / ms, 3)}
+        moved = gbytes[name] * M * N / 1e9  # the least each way must read and write
+        results.append({"way": name, "tokens": M, "hidden": N, "ms": round(ms, 4), "gb": round(moved, 2),
+                        "tb_per_s": round(moved / ms, 3)})
         print(f"{name:24s} {ms:8.3f} ms  {moved / ms:6.2f} TB/s (of {moved:.1f} GB)", flush=True)
     ref = compiled(g, a, b)
     got = K.swiglu_grad_e5m2(g, a, b)
@@ -100,10 +91,8 @@ def main() -> None:
     print("bits equal to inductor's:", agree)
     chosen = {str(key): str(config) for key, config in K._cast_tuned.cache.items()}
     print("tiles chosen:", chosen)
-    if args.json:
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": M, "hidden": N}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results, "bits_equal_to_inductor": agree, "tiles": chosen}, f, indent=1)
+    results.append({"bits_equal_to_inductor": agree, "tiles_chosen": chosen})
+    write_json(args.json, torch.cuda.get_device_name(), results)
 
 
 if __name__ == "__main__":
