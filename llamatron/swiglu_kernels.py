@@ -14,7 +14,8 @@ stride: 2.3 + 4.7 ms a micro-batch of 65,536 x 14,336 on an H200, 2.0-2.5 TB/s. 
   (else the caller copies them: bench/bench_fp8_swiglu.py times both). Its tile and warps are timed
   once per shape on the GPU (`triton.autotune`).
 
-da and db are rounded to bf16 where eager autograd rounds them (dh * b, silu(a), and the two results),
+da and db are rounded to the activations' dtype (bf16 under autocast) where eager autograd rounds them
+(dh * b, silu(a), and the two results),
 so the E5M2 values are exactly those of eager torchao on the bf16 gradients (tests/test_swiglu_kernels.py,
 under Triton's CPU interpreter).
 """
@@ -45,31 +46,43 @@ def _bf16(x):
 
 
 @triton.jit
-def _grads(g, a, b):
-    """da, db (fp32, each rounded to bf16 as eager's kernels round them) for h = silu(a) * b."""
+def _round(x, DTYPE: tl.constexpr):
+    """x (fp32) rounded to the activations' precision: 1 bf16, 2 fp16, 0 none (fp32)."""
+    if DTYPE == 1:
+        x = _bf16(x)
+    elif DTYPE == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _grads(g, a, b, DTYPE: tl.constexpr):
+    """da, db (fp32, each rounded to the activations' dtype where eager's kernels round them) for
+    h = silu(a) * b."""
     e = 1.0 + tl.exp(-a)
     sig = 1.0 / e
-    db = _bf16(g * _bf16(a / e))  # silu(a) as torch's kernel computes it
-    gb = _bf16(g * b)
-    da = _bf16(gb * sig * (1.0 + a * (1.0 - sig)))  # torch's silu_backward, in its order
+    db = _round(g * _round(a / e, DTYPE), DTYPE)  # silu(a) as torch's kernel computes it
+    gb = _round(g * b, DTYPE)
+    da = _round(gb * sig * (1.0 + a * (1.0 - sig)), DTYPE)  # torch's silu_backward, in its order
     return da, db
 
 
 @triton.jit
-def _amax(G, A, B, PART, n, BLOCK: tl.constexpr):
+def _amax(G, A, B, PART, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """PART [programs, 2]: the largest |da| and |db| over the program's block of the flat tensors."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
-    da, db = _grads(g, a, b)
+    da, db = _grads(g, a, b, DTYPE)
     tl.store(PART + tl.program_id(0) * 2, tl.max(tl.abs(da), 0))
     tl.store(PART + tl.program_id(0) * 2 + 1, tl.max(tl.abs(db), 0))
 
 
 @triton.jit
-def _cast(G, A, B, SCALES, DA, DB, DAT, DBT, M, N, TRANSPOSED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _cast(G, A, B, SCALES, DA, DB, DAT, DBT, M, N, DTYPE: tl.constexpr, TRANSPOSED: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr):
     """DA, DB [M, N] = E5M2(da * SCALES[0]), E5M2(db * SCALES[1]); with TRANSPOSED also DAT, DBT [N, M]."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -78,7 +91,7 @@ def _cast(G, A, B, SCALES, DA, DB, DAT, DBT, M, N, TRANSPOSED: tl.constexpr, BM:
     g = tl.load(G + at, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(A + at, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + at, mask=mask, other=0.0).to(tl.float32)
-    da, db = _grads(g, a, b)
+    da, db = _grads(g, a, b, DTYPE)
     da8 = _to_e5m2(tl.minimum(tl.maximum(da * tl.load(SCALES), -E5M2_MAX), E5M2_MAX))
     db8 = _to_e5m2(tl.minimum(tl.maximum(db * tl.load(SCALES + 1), -E5M2_MAX), E5M2_MAX))
     tl.store(DA + at, da8, mask=mask)
@@ -89,7 +102,8 @@ def _cast(G, A, B, SCALES, DA, DB, DAT, DBT, M, N, TRANSPOSED: tl.constexpr, BM:
         tl.store(DBT + at_t, db8, mask=mask)
 
 
-_cast_tuned = triton.autotune(_CAST_CONFIGS, key=["M", "N", "TRANSPOSED"])(_cast)
+_cast_tuned = triton.autotune(_CAST_CONFIGS, key=["M", "N", "DTYPE", "TRANSPOSED"])(_cast)
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def swiglu_grad_scales(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -97,23 +111,24 @@ def swiglu_grad_scales(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tor
     n = g.numel()
     programs = triton.cdiv(n, AMAX_BLOCK)
     part = torch.empty((programs, 2), dtype=torch.float32, device=g.device)
-    _amax[(programs,)](g, a, b, part, n, BLOCK=AMAX_BLOCK, num_warps=8)
+    _amax[(programs,)](g, a, b, part, n, DTYPE=_DTYPES[a.dtype], BLOCK=AMAX_BLOCK, num_warps=8)
     return E5M2_MAX / part.amax(0).clamp(min=1e-12)
 
 
 def swiglu_grad_e5m2(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transposed: bool = True):
-    """For g, a, b [M, N] contiguous bf16: (da8, db8, da8_t, db8_t, scales), the E5M2 gradients
+    """For g, a, b [M, N] contiguous, of one dtype (bf16, fp16 or fp32): (da8, db8, da8_t, db8_t, scales), the E5M2 gradients
     row-major [M, N] and (with `transposed`, else None) token-major [N, M], and their two scales."""
     assert g.is_contiguous() and a.is_contiguous() and b.is_contiguous() and g.shape == a.shape == b.shape
+    assert g.dtype == a.dtype == b.dtype
     M, N = g.shape
     scales = swiglu_grad_scales(g, a, b)
     da8 = torch.empty((M, N), dtype=torch.float8_e5m2, device=g.device)
     db8 = torch.empty_like(da8)
     da8_t = torch.empty((N, M), dtype=torch.float8_e5m2, device=g.device) if transposed else da8
     db8_t = torch.empty_like(da8_t) if transposed else db8
-    args = (g, a, b, scales, da8, db8, da8_t, db8_t, M, N)
+    args = (g, a, b, scales, da8, db8, da8_t, db8_t, M, N, _DTYPES[a.dtype], transposed)
     if g.is_cuda:
-        _cast_tuned[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))](*args, TRANSPOSED=transposed)
+        _cast_tuned[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))](*args)
     else:
-        _cast[(triton.cdiv(M, TILE_ROWS), triton.cdiv(N, TILE_COLS))](*args, TRANSPOSED=transposed, BM=TILE_ROWS, BN=TILE_COLS)
+        _cast[(triton.cdiv(M, TILE_ROWS), triton.cdiv(N, TILE_COLS))](*args, BM=TILE_ROWS, BN=TILE_COLS)
     return da8, db8, (da8_t if transposed else None), (db8_t if transposed else None), scales
