@@ -203,6 +203,9 @@ def _validate_train(train: TrainConfig) -> None:
     _need(train.fp8_min_features >= 0, "train.fp8_min_features", f"must be >= 0, got {train.fp8_min_features}")
     _need(not train.fp8_all_gather or train.fp8 == "tensorwise", "train.fp8_all_gather",
           f"FP8 all-gather needs train.fp8 = tensorwise, got {train.fp8!r}")
+    _need(not train.fp8_fused_swiglu or (train.fp8 == "tensorwise" and not train.fp8_all_gather), "train.fp8_fused_swiglu",
+          f"needs train.fp8 = tensorwise without train.fp8_all_gather, got fp8 = {train.fp8!r}, "
+          f"fp8_all_gather = {str(train.fp8_all_gather).lower()}")
     _need(train.compile or not train.compile_tuning, "train.compile_tuning",
           "tunes the compiled blocks' kernels: needs train.compile = true")
     _need(train.cast_weights_once or not train.gradient_accumulation_fusion, "train.gradient_accumulation_fusion",

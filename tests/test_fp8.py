@@ -37,6 +37,18 @@ def test_fp8_all_gather_needs_tensorwise():
     validate_config(cfg)
 
 
+def test_fused_swiglu_needs_tensorwise_without_all_gather():
+    cfg = Config()
+    cfg.data.mock = True
+    cfg.train.fp8_fused_swiglu = True
+    for recipe, all_gather in (("none", False), ("rowwise", False), ("tensorwise", True)):
+        cfg.train.fp8, cfg.train.fp8_all_gather = recipe, all_gather
+        with pytest.raises(LlamatronError, match="train.fp8_fused_swiglu.*tensorwise"):
+            validate_config(cfg)
+    cfg.train.fp8, cfg.train.fp8_all_gather = "tensorwise", False
+    validate_config(cfg)
+
+
 def test_fp8_with_tensor_parallel_is_refused():
     cfg = Config()
     cfg.train.fp8 = "tensorwise"
