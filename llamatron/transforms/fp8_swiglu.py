@@ -11,8 +11,8 @@ operands directly (`llamatron.swiglu_kernels` on CUDA), then runs the four FP8 G
 The recipe is torchao's tensorwise one: E4M3 inputs and weights, E5M2 gradients, one dynamic scale per
 tensor, fp32 accumulation in the backward GEMMs, the same E4M3 and E5M2 values (tests/test_fp8_swiglu.py);
 the weight gradients come out in the weights' dtype (fp32 master weights: no bf16 product cast back).
-The down projection (w2) stays a `Float8Linear`. Parameter names are unchanged (`feed_forward.w1.weight`, ...), so checkpoints are the
-same either way.
+The down projection (w2) stays a `Float8Linear`. Parameter names are unchanged
+(`feed_forward.w1.weight`, ...), so checkpoints are the same either way.
 
 Applied on one device or under FSDP (whose unsharded weights are plain tensors in forward); not with
 tensor parallelism, FP8 all-gather (torchao's weights) or LoRA.
@@ -36,8 +36,9 @@ TRANSPOSE_IN_KERNEL = True
 @torch.library.custom_op("llamatron::swiglu_grad_e5m2", mutates_args=())
 def swiglu_grad_e5m2(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transposed: bool) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For h = silu(a) * b ([M, N] bf16) and dh = g: da and db in E5M2 with one scale each, row-major
-    [M, N], with `transposed` token-major [N, M] too (else empty), and their inverse scales [2] (fp32)."""
+    """For h = silu(a) * b (a, b [M, N] in the activations' dtype) and dh = g: da and db in E5M2 with one
+    scale each, row-major [M, N], with `transposed` token-major [N, M] too (else empty), and their inverse
+    scales [2] (fp32). The Triton kernels on CUDA; elsewhere the same values from torch ops."""
     if g.is_cuda:
         from llamatron.swiglu_kernels import swiglu_grad_e5m2 as kernels
 
