@@ -186,7 +186,8 @@ def build_layout(margs, opts, device) -> Layout:
     converted = []
     if opts.get("fp8"):
         converted = apply_fp8(model, opts["fp8"], include_output=opts.get("fp8_output", False),
-                              min_features=opts.get("fp8_min", 1024), fused_swiglu=opts.get("fp8_fused_swiglu", "0") != "0")
+                              min_features=opts.get("fp8_min", 1024),
+                              fused_swiglu=opts.get("fp8_fused_swiglu", "0") != "0")
     if opts.get("fp8_experts"):
         converted = apply_fp8_experts(model, opts["fp8_experts"])
     if opts.get("fp8_fused_swiglu", "0") != "0":

@@ -363,6 +363,8 @@ def _validate_finetune(cfg: "Config") -> None:
             _need(not cfg.train.fp8_include_output, "train.fp8_include_output",
                   "not with LoRA: the frozen output layer's GEMMs stay bf16 in the fused loss")
             _need(lora.base_dtype != "fp32", "lora.base_dtype", "LoRA with train.fp8 needs bf16 base weights (auto or bf16)")
+            _need(not cfg.train.fp8_fused_swiglu, "train.fp8_fused_swiglu",
+                  "not with LoRA: its frozen base layers run their FP8 GEMMs their own way (transforms/fp8_frozen.py)")
     _need(lora.peft_out is None or lora.rank > 0, "lora.peft_out", "exporting an adapter needs lora.rank > 0")
 
 

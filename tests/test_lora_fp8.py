@@ -113,6 +113,7 @@ def test_lora_with_fp8_trains_checkpoints_and_resumes(tmp_path):
     (["train.fp8=rowwise"], "train.fp8.*tensorwise recipe only"),
     (["train.fp8=tensorwise", "train.fp8_include_output=true"], "train.fp8_include_output.*not with LoRA"),
     (["train.fp8=tensorwise", "lora.base_dtype=fp32"], "lora.base_dtype.*needs bf16 base weights"),
+    (["train.fp8=tensorwise", "train.fp8_fused_swiglu=true"], "train.fp8_fused_swiglu.*not with LoRA"),
 ])
 def test_config_refuses_what_lora_fp8_cannot_run(tmp_path, extra, match):
     with pytest.raises(LlamatronError, match=match):
