@@ -184,16 +184,16 @@ def build_layout(margs, opts, device) -> Layout:
     with torch.device("meta"):
         model = registry.family_of(margs).build(margs)
     converted = []
+    swiglu = opts.get("fp8_fused_swiglu", "0")  # "1", or "copy": the token-major gradients by inductor's copies
     if opts.get("fp8"):
         converted = apply_fp8(model, opts["fp8"], include_output=opts.get("fp8_output", False),
-                              min_features=opts.get("fp8_min", 1024),
-                              fused_swiglu=opts.get("fp8_fused_swiglu", "0") != "0")
+                              min_features=opts.get("fp8_min", 1024), fused_swiglu=swiglu != "0")
     if opts.get("fp8_experts"):
         converted = apply_fp8_experts(model, opts["fp8_experts"])
-    if opts.get("fp8_fused_swiglu", "0") != "0":
+    if swiglu != "0":
         from llamatron.transforms import fp8_swiglu
 
-        fp8_swiglu.TRANSPOSE_IN_KERNEL = opts["fp8_fused_swiglu"] != "copy"  # read as backward is traced
+        fp8_swiglu.TRANSPOSE_IN_KERNEL = swiglu != "copy"  # read as backward is traced
     if opts.get("bf16_residual"):
         apply_bf16_residual(model)
     if opts["ac"]:

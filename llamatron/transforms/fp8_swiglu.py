@@ -43,15 +43,15 @@ def swiglu_grad_e5m2(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpos
         from llamatron.swiglu_kernels import swiglu_grad_e5m2 as kernels
 
         da8, db8, da8_t, db8_t, scales = kernels(g.contiguous(), a.contiguous(), b.contiguous(), transposed)
-        if not transposed:
-            da8_t = db8_t = da8.new_empty(0)
-        return da8, db8, da8_t, db8_t, scales.reciprocal()
-    da, db = swiglu_grads(g, a, b)
-    da8, da_inv = to_fp8(da, torch.float8_e5m2)
-    db8, db_inv = to_fp8(db, torch.float8_e5m2)
-    empty = da8.new_empty(0)
-    da8_t, db8_t = (da8.t().contiguous(), db8.t().contiguous()) if transposed else (empty, empty.clone())
-    return da8, db8, da8_t, db8_t, torch.stack([da_inv, db_inv])
+        inv = scales.reciprocal()
+    else:
+        da, db = swiglu_grads(g, a, b)
+        (da8, da_inv), (db8, db_inv) = to_fp8(da, torch.float8_e5m2), to_fp8(db, torch.float8_e5m2)
+        inv = torch.stack([da_inv, db_inv])
+        da8_t, db8_t = (da8.t().contiguous(), db8.t().contiguous()) if transposed else (None, None)
+    if not transposed:  # two empty tensors: a custom op's outputs may not alias each other
+        da8_t, db8_t = da8.new_empty(0), da8.new_empty(0)
+    return da8, db8, da8_t, db8_t, inv
 
 
 @swiglu_grad_e5m2.register_fake
