@@ -16,7 +16,8 @@ stride: 2.3 + 4.7 ms a micro-batch of 65,536 x 14,336 on an H200, 2.0-2.5 TB/s. 
 
 da and db are rounded to the activations' dtype where eager autograd rounds them (dh * b, silu(a), and
 the two results), so the E5M2 values are exactly those of eager torchao on the bf16 gradients
-(tests/test_fp8_swiglu.py, under Triton's CPU interpreter). The GPU's exp differs from the CPU's in the
+(tests/test_fp8_swiglu.py, under Triton's CPU interpreter). Both roundings are the GPU's conversions on
+CUDA (`loss_kernels.HARDWARE_CASTS`), and arithmetic giving the same bits in the interpreter. The GPU's exp differs from the CPU's in the
 last bit now and then, and so, rarely, does an E5M2 value.
 """
 
@@ -26,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llamatron import loss_kernels
 from llamatron.loss_kernels import _to_e5m2
 
 # Elements per program of the amax pass; rows x columns per tile of the cast where it is not tuned (the
@@ -33,56 +35,59 @@ from llamatron.loss_kernels import _to_e5m2
 AMAX_BLOCK = 8192
 TILE_ROWS, TILE_COLS = 64, 128
 E5M2_MAX = 57344.0
+_E5M2_MAX = tl.constexpr(E5M2_MAX)  # the kernels' copy: a compiled kernel reads constexpr globals only
 _CAST_CONFIGS = [triton.Config({"BM": bm, "BN": bn}, num_warps=w) for bm, bn, w in (
     (32, 128, 4), (64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8), (32, 256, 8), (128, 128, 8))]
 
 
 @triton.jit
-def _bf16(x):
-    """x (fp32) rounded to bf16's precision, to nearest with ties to even, as torch's cast, by integer
-    arithmetic: Triton's CPU interpreter truncates in its own cast."""
+def _bf16(x, HW_CAST: tl.constexpr):
+    """x (fp32) rounded to bf16's precision, to nearest with ties to even, as torch's cast: the GPU's
+    conversion (HW_CAST), else integer arithmetic (Triton's CPU interpreter truncates in its own cast)."""
+    if HW_CAST:
+        return x.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
     bits = x.to(tl.int32, bitcast=True)
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _round(x, DTYPE: tl.constexpr):
+def _round(x, DTYPE: tl.constexpr, HW_CAST: tl.constexpr):
     """x (fp32) rounded to the activations' precision: 1 bf16, 2 fp16, 0 none (fp32)."""
     if DTYPE == 1:
-        x = _bf16(x)
+        x = _bf16(x, HW_CAST)
     elif DTYPE == 2:
         x = x.to(tl.float16).to(tl.float32)
     return x
 
 
 @triton.jit
-def _grads(g, a, b, DTYPE: tl.constexpr):
+def _grads(g, a, b, DTYPE: tl.constexpr, HW_CAST: tl.constexpr):
     """da, db (fp32, each rounded to the activations' dtype where eager's kernels round them) for
     h = silu(a) * b."""
     e = 1.0 + tl.exp(-a)
     sig = 1.0 / e
-    db = _round(g * _round(a / e, DTYPE), DTYPE)  # silu(a) as torch's kernel computes it
-    gb = _round(g * b, DTYPE)
-    da = _round(gb * sig * (1.0 + a * (1.0 - sig)), DTYPE)  # torch's silu_backward, in its order
+    db = _round(g * _round(a / e, DTYPE, HW_CAST), DTYPE, HW_CAST)  # silu(a) as torch's kernel computes it
+    gb = _round(g * b, DTYPE, HW_CAST)
+    da = _round(gb * sig * (1.0 + a * (1.0 - sig)), DTYPE, HW_CAST)  # torch's silu_backward, in its order
     return da, db
 
 
 @triton.jit
-def _amax(G, A, B, PART, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _amax(G, A, B, PART, n, DTYPE: tl.constexpr, HW_CAST: tl.constexpr, BLOCK: tl.constexpr):
     """PART [programs, 2]: the largest |da| and |db| over the program's block of the flat tensors."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
-    da, db = _grads(g, a, b, DTYPE)
+    da, db = _grads(g, a, b, DTYPE, HW_CAST)
     tl.store(PART + tl.program_id(0) * 2, tl.max(tl.abs(da), 0))
     tl.store(PART + tl.program_id(0) * 2 + 1, tl.max(tl.abs(db), 0))
 
 
 @triton.jit
 def _cast(G, A, B, SCALES, DA, DB, DAT, DBT, M, N, DTYPE: tl.constexpr, TRANSPOSED: tl.constexpr,
-          BM: tl.constexpr, BN: tl.constexpr):
+          HW_CAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """DA, DB [M, N] = E5M2(da * SCALES[0]), E5M2(db * SCALES[1]); with TRANSPOSED also DAT, DBT [N, M]."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -91,9 +96,9 @@ def _cast(G, A, B, SCALES, DA, DB, DAT, DBT, M, N, DTYPE: tl.constexpr, TRANSPOS
     g = tl.load(G + at, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(A + at, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + at, mask=mask, other=0.0).to(tl.float32)
-    da, db = _grads(g, a, b, DTYPE)
-    da8 = _to_e5m2(tl.minimum(tl.maximum(da * tl.load(SCALES), -E5M2_MAX), E5M2_MAX))
-    db8 = _to_e5m2(tl.minimum(tl.maximum(db * tl.load(SCALES + 1), -E5M2_MAX), E5M2_MAX))
+    da, db = _grads(g, a, b, DTYPE, HW_CAST)
+    da8 = _to_e5m2(tl.minimum(tl.maximum(da * tl.load(SCALES), -_E5M2_MAX), _E5M2_MAX), HW_CAST)
+    db8 = _to_e5m2(tl.minimum(tl.maximum(db * tl.load(SCALES + 1), -_E5M2_MAX), _E5M2_MAX), HW_CAST)
     tl.store(DA + at, da8, mask=mask)
     tl.store(DB + at, db8, mask=mask)
     if TRANSPOSED:
@@ -102,8 +107,12 @@ def _cast(G, A, B, SCALES, DA, DB, DAT, DBT, M, N, DTYPE: tl.constexpr, TRANSPOS
         tl.store(DBT + at_t, db8, mask=mask)
 
 
-_cast_tuned = triton.autotune(_CAST_CONFIGS, key=["M", "N", "DTYPE", "TRANSPOSED"])(_cast)
+_cast_tuned = triton.autotune(_CAST_CONFIGS, key=["M", "N", "DTYPE", "TRANSPOSED", "HW_CAST"])(_cast)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _hw_cast(x: torch.Tensor) -> bool:
+    return x.is_cuda and loss_kernels.HARDWARE_CASTS
 
 
 def swiglu_grad_scales(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -111,7 +120,7 @@ def swiglu_grad_scales(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tor
     n = g.numel()
     programs = triton.cdiv(n, AMAX_BLOCK)
     part = torch.empty((programs, 2), dtype=torch.float32, device=g.device)
-    _amax[(programs,)](g, a, b, part, n, DTYPE=_DTYPES[a.dtype], BLOCK=AMAX_BLOCK, num_warps=8)
+    _amax[(programs,)](g, a, b, part, n, DTYPE=_DTYPES[a.dtype], HW_CAST=_hw_cast(g), BLOCK=AMAX_BLOCK, num_warps=8)
     return E5M2_MAX / part.amax(0).clamp(min=1e-12)
 
 
@@ -126,7 +135,7 @@ def swiglu_grad_e5m2(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpos
     db8 = torch.empty_like(da8)
     da8_t = torch.empty((N, M), dtype=torch.float8_e5m2, device=g.device) if transposed else da8
     db8_t = torch.empty_like(da8_t) if transposed else db8
-    args = (g, a, b, scales, da8, db8, da8_t, db8_t, M, N, _DTYPES[a.dtype], transposed)
+    args = (g, a, b, scales, da8, db8, da8_t, db8_t, M, N, _DTYPES[a.dtype], transposed, _hw_cast(g))
     if g.is_cuda:
         _cast_tuned[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))](*args)
     else:
