@@ -7,7 +7,8 @@ reads it token-major), and the whole layer forward + backward, FP8 (both ways) a
 Ways of making one chunk's E5M2 gradient, row-major and transposed, from bf16 logits [8192, 128256]:
   triton       llamatron.loss's: the loss and row-major gradient by llamatron.loss_kernels, then inductor's
                transposing copy; also with each tiling of --tiles (rows x columns per tile x columns per
-               statistics slice); triton_rowmajor_only: the kernels alone
+               statistics slice); triton_rowmajor_only: the kernels alone; ..._arith: with the E5M2 cast
+               by the CPU interpreter's arithmetic instead of the GPU's conversion
   inductor     the loss and gradient compiled (one kernel), then the same copy (the way before the kernels)
   none         the compiled loss and gradient only, row-major (inductor's floor)
 Medians of CUDA-event timings after warm-up; never on zeros (random logits and hidden states).
@@ -53,17 +54,20 @@ def median_ms(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def _triton(logits, labels, tiles=None, copy=True):
+def _triton(logits, labels, tiles=None, copy=True, hardware_casts=True):
     """loss_kernels' way with the tiling `tiles` (rows, columns, slice columns) for this call, then (copy)
-    inductor's transposing copy, as llamatron.loss runs them."""
-    saved = K.TILE_ROWS, K.TILE_COLS, K.SLICE_COLS
-    if tiles:
+    inductor's transposing copy, as llamatron.loss runs them; hardware_casts=False: the E5M2 cast by the
+    interpreter's arithmetic."""
+    saved = K.TILE_ROWS, K.TILE_COLS, K.SLICE_COLS, K.TUNE_GRAD, K.HARDWARE_CASTS
+    K.HARDWARE_CASTS = hardware_casts
+    if tiles:  # this tiling for both kernels, the gradient's not timed per shape
         K.TILE_ROWS, K.TILE_COLS, K.SLICE_COLS = tiles
+        K.TUNE_GRAD = False
     try:
         loss, g8 = K.loss_and_grad_e5m2(logits, labels, L._DLOGITS_SCALE)
         return loss, g8, (_transposed(g8) if copy else None)
     finally:
-        K.TILE_ROWS, K.TILE_COLS, K.SLICE_COLS = saved
+        K.TILE_ROWS, K.TILE_COLS, K.SLICE_COLS, K.TUNE_GRAD, K.HARDWARE_CASTS = saved
 
 
 def chunk_ways(logits, labels, repeats: int, tilings: list[tuple[int, int, int]]) -> dict:
@@ -71,6 +75,7 @@ def chunk_ways(logits, labels, repeats: int, tilings: list[tuple[int, int, int]]
     ways = {
         "triton": lambda: _triton(logits, labels),
         "triton_rowmajor_only": lambda: _triton(logits, labels, copy=False),
+        "triton_rowmajor_only_arith": lambda: _triton(logits, labels, copy=False, hardware_casts=False),
         "inductor": lambda: _transposed(grad_only(logits, labels)[1]),
         "none": lambda: grad_only(logits, labels),
     }
@@ -78,10 +83,13 @@ def chunk_ways(logits, labels, repeats: int, tilings: list[tuple[int, int, int]]
     out = {name: median_ms(fn, repeats) for name, fn in ways.items()}
     ref_loss, ref = grad_only(logits, labels)
     loss, g8, gt = _triton(logits, labels)
+    out["hardware_cast_equals_arithmetic"] = bool(torch.equal(
+        g8.view(torch.uint8), _triton(logits, labels, copy=False, hardware_casts=False)[1].view(torch.uint8)))
     out["triton_transposed_exact"] = bool(torch.equal(gt.view(torch.uint8), g8.t().contiguous().view(torch.uint8)))
     out["triton_vs_inductor_bits_equal_fraction"] = float((g8.view(torch.uint8) == ref.view(torch.uint8)).float().mean())
     out["triton_vs_inductor_max_abs_diff"] = float((g8.float() - ref.float()).abs().max())
     out["triton_vs_inductor_loss_rel"] = float((loss - ref_loss).abs() / ref_loss)
+    out["grad_tile_chosen"] = {str(key): str(config) for key, config in K._grad_tuned.cache.items()}
     return out
 
 

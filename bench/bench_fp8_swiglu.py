@@ -8,6 +8,7 @@ ways of making da and db in E5M2, row-major and token-major, from dh, a and b [M
   triton        llamatron.swiglu_kernels: the amax pass, then the cast writing both layouts
   triton_copy   the same kernels writing row-major only, then inductor's transposing copy of each
   amax_only     the kernels' amax pass alone
+  triton_arith  `triton` with the roundings by the interpreter's arithmetic instead of the GPU's conversions
 The cast kernel's tile is timed per shape (triton.autotune); the JSON names the ones it chose.
 Medians of CUDA-event timings after warm-up; never on zeros (random inputs). Each way's bytes moved per
 call are in the JSON, with its bandwidth.
@@ -26,6 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench_fp8_loss import median_ms  # noqa: E402
 from bench_train_step import write_json  # noqa: E402
+from llamatron import loss_kernels  # noqa: E402
 from llamatron import swiglu_kernels as K  # noqa: E402
 from llamatron.fp8_gemm import to_fp8  # noqa: E402
 from llamatron.loss import _copy_transposed  # noqa: E402
@@ -67,14 +69,23 @@ def main() -> None:
         copy(db8_t, db8)
         return da8, db8, da8_t, db8_t, scales
 
+    def arithmetic_casts():
+        loss_kernels.HARDWARE_CASTS = False
+        try:
+            return K.swiglu_grad_e5m2(g, a, b)
+        finally:
+            loss_kernels.HARDWARE_CASTS = True
+
     ways = {
         "inductor": lambda: compiled(g, a, b),
         "triton": lambda: K.swiglu_grad_e5m2(g, a, b),
         "triton_copy": triton_copy,
         "triton_rowmajor_only": lambda: K.swiglu_grad_e5m2(g, a, b, transposed=False),
         "amax_only": lambda: K.swiglu_grad_scales(g, a, b),
+        "triton_arith": arithmetic_casts,
     }
-    gbytes = {"inductor": 16, "triton": 16, "triton_copy": 18, "triton_rowmajor_only": 14, "amax_only": 6}
+    gbytes = {"inductor": 16, "triton": 16, "triton_copy": 18, "triton_rowmajor_only": 14, "amax_only": 6,
+              "triton_arith": 16}
     results = []
     for name, fn in ways.items():
         ms = median_ms(fn, args.repeats)
@@ -88,6 +99,9 @@ def main() -> None:
         name: float((x.view(torch.uint8) == y.view(torch.uint8)).float().mean())
         for name, x, y in (("da", got[0], ref[0]), ("db", got[1], ref[3]), ("da_t", got[2], ref[1]), ("db_t", got[3], ref[4]))
     }
+    arith = arithmetic_casts()
+    agree["hardware_casts_equal_arithmetic"] = all(torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+                                                    for x, y in zip(got[:4], arith[:4]))
     print("bits equal to inductor's:", agree)
     chosen = {str(key): str(config) for key, config in K._cast_tuned.cache.items()}
     print("tiles chosen:", chosen)

@@ -57,8 +57,12 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 HAVE_FA4=$(python3 -c "import flash_attn.cute.interface" > /dev/null 2>&1 && echo 1)
 FA4_VARIANTS=${HAVE_FA4:+,compile+cudnn+castonce+fusedwgrad@micro=8@res=bf16@sdpa=fa4,compile+fp8-all@micro=8@res=bf16@sdpa=fa4}
 SDPA=${HAVE_FA4:+@sdpa=fa4}  # the tuned runs on the faster attention where it is there
-run swiglu_test 60 30 python -m pytest -q -x -p no:cacheprovider tests/test_fp8_swiglu.py -k cuda
+run swiglu_test 90 30 python -m pytest -q -p no:cacheprovider tests/test_fp8_swiglu.py tests/test_fp8.py \
+    tests/test_triton_kernels_compile.py -k "cuda or tracks_the_exact or hardware or statistics"
 run swiglu_kernels 90 60 python bench/bench_fp8_swiglu.py --repeats 10 --json "$OUT/swiglu_kernels.json"
+# The FP8 loss's gradient tile timed per shape (loss_kernels.TUNE_GRAD, 2026-12-07) against the fixed tilings.
+run loss_kernels 90 40 python bench/bench_fp8_loss.py --tiles 64x128x4096,32x256x4096 --repeats 10 \
+    --json "$OUT/loss_kernels.json"
 run swiglu 420 300 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
     --warmup 2 --variants compile+fp8-all@res=bf16@swiglu=1,compile+fp8-all@res=bf16,compile+cudnn+castonce+fusedwgrad@res=bf16,compile+fp8-all@res=bf16@swiglu=copy \
     --profile compile+fp8-all@res=bf16@swiglu=1 --json "$OUT/swiglu.json"
