@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-06, 22:50 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-07, 04:10 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -18,8 +18,10 @@
 # (passed), calibrate (its table ranked micro 4 first: not shipped, docs/bench/h200_calibration_not_shipped.json).
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
 # 1. issue 22: SwiGLU's backward with its E5M2 casts in llamatron's kernels (`train.fp8_fused_swiglu`, written
-#    2026-12-07, not yet run on a GPU: swiglu, ~7 min: its CUDA tests, the kernels against inductor's, and the
-#    FP8 step with it both ways beside the default FP8 and BF16 in one process), then `ONLY=sbs` again
+#    2026-12-07, not yet run on a GPU), and the kernels' casts by the GPU's conversions (`loss_kernels.HARDWARE_CASTS`,
+#    02:24-04:10; the loss gradient's tile timed per shape): `ONLY=swiglu_test,swiglu_kernels,loss_kernels,swiglu`,
+#    ~8 min: the CUDA tests, the kernels against inductor's and against their arithmetic casts (bits compared),
+#    the FP8 step with the fused SwiGLU both ways beside the default FP8 and BF16 in one process; then `ONLY=sbs` again
 #    (FP8 is 1.48x BF16, 1.49-1.50x with FA4 and the tuning; the sbs runs the fused FP8 where EXTRA names it)
 # 1b. issue 22: BF16 and FP8 at micro 16 as the side by side runs them (l8b_mbs16, ~4 min): on the code of
 #    2026-12-05 FP8 ran 2% faster at micro 16 than at 8, and micro 16 is the planner's first choice
