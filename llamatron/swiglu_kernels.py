@@ -17,8 +17,8 @@ stride: 2.3 + 4.7 ms a micro-batch of 65,536 x 14,336 on an H200, 2.0-2.5 TB/s. 
 da and db are rounded to the activations' dtype where eager autograd rounds them (dh * b, silu(a), and
 the two results), so the E5M2 values are exactly those of eager torchao on the bf16 gradients
 (tests/test_fp8_swiglu.py, under Triton's CPU interpreter). Both roundings are the GPU's conversions on
-CUDA (`loss_kernels.HARDWARE_CASTS`), and arithmetic giving the same bits in the interpreter. The GPU's exp differs from the CPU's in the
-last bit now and then, and so, rarely, does an E5M2 value.
+CUDA (`loss_kernels.HARDWARE_CASTS`), and arithmetic giving the same bits in the interpreter. The GPU's
+exp differs from the CPU's in the last bit now and then, and so, rarely, does an E5M2 value.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def swiglu_grad_scales(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tor
     n = g.numel()
     programs = triton.cdiv(n, AMAX_BLOCK)
     part = torch.empty((programs, 2), dtype=torch.float32, device=g.device)
-    _amax[(programs,)](g, a, b, part, n, DTYPE=_DTYPES[a.dtype], HW_CAST=_hw_cast(g), BLOCK=AMAX_BLOCK, num_warps=8)
+    _amax[(programs,)](g, a, b, part, n, DTYPE=_DTYPES[a.dtype], HW_CAST=_hw_cast(g), BLOCK=AMAX_BLOCK,
+                       num_warps=8)
     return E5M2_MAX / part.amax(0).clamp(min=1e-12)
 
 
