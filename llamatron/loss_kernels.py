@@ -121,6 +121,11 @@ def _grad(X, LABELS, LSE, G, R, V, stride_x, stride_g, scale,
 _grad_tuned = triton.autotune(_GRAD_CONFIGS, key=["R", "V", "HW_CAST"])(_grad)
 
 
+def hardware_casts(x: torch.Tensor) -> bool:
+    """Whether the kernels' casts on x's device are the GPU's conversions (HW_CAST)."""
+    return x.is_cuda and HARDWARE_CASTS
+
+
 def loss_and_grad_e5m2(logits: torch.Tensor, labels: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed cross-entropy of logits [R, V] (row-major) against labels [R] (IGNORE_INDEX: no loss,
     no gradient), and (softmax - one_hot) * scale in E5M2 [R, V], row-major."""
@@ -138,7 +143,7 @@ def loss_and_grad_e5m2(logits: torch.Tensor, labels: torch.Tensor, scale: float)
         SP=triton.next_power_of_2(slices), BR=128)
     grad = torch.empty((R, V), dtype=torch.float8_e5m2, device=logits.device)
     args = (logits, labels, lse, grad, R, V, logits.stride(0), grad.stride(0), scale, IGNORE_INDEX,
-            logits.is_cuda and HARDWARE_CASTS)
+            hardware_casts(logits))
     if logits.is_cuda and TUNE_GRAD:
         _grad_tuned[lambda meta: (triton.cdiv(R, meta["BM"]), triton.cdiv(V, meta["BN"]))](*args)
     else:

@@ -27,8 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamatron import loss_kernels
-from llamatron.loss_kernels import _to_e5m2
+from llamatron.loss_kernels import _to_e5m2, hardware_casts
 
 # Elements per program of the amax pass; rows x columns per tile of the cast where it is not tuned (the
 # CPU interpreter: tests). On CUDA the cast's tile and warps are timed once per shape (`_cast_tuned`).
@@ -111,16 +110,12 @@ _cast_tuned = triton.autotune(_CAST_CONFIGS, key=["M", "N", "DTYPE", "TRANSPOSED
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _hw_cast(x: torch.Tensor) -> bool:
-    return x.is_cuda and loss_kernels.HARDWARE_CASTS
-
-
 def swiglu_grad_scales(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[2] fp32: the E5M2 scales of da and db (E5M2's largest finite value over each's amax)."""
     n = g.numel()
     programs = triton.cdiv(n, AMAX_BLOCK)
     part = torch.empty((programs, 2), dtype=torch.float32, device=g.device)
-    _amax[(programs,)](g, a, b, part, n, DTYPE=_DTYPES[a.dtype], HW_CAST=_hw_cast(g), BLOCK=AMAX_BLOCK,
+    _amax[(programs,)](g, a, b, part, n, DTYPE=_DTYPES[a.dtype], HW_CAST=hardware_casts(g), BLOCK=AMAX_BLOCK,
                        num_warps=8)
     return E5M2_MAX / part.amax(0).clamp(min=1e-12)
 
@@ -136,7 +131,7 @@ def swiglu_grad_e5m2(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpos
     db8 = torch.empty_like(da8)
     da8_t = torch.empty((N, M), dtype=torch.float8_e5m2, device=g.device) if transposed else da8
     db8_t = torch.empty_like(da8_t) if transposed else db8
-    args = (g, a, b, scales, da8, db8, da8_t, db8_t, M, N, _DTYPES[a.dtype], transposed, _hw_cast(g))
+    args = (g, a, b, scales, da8, db8, da8_t, db8_t, M, N, _DTYPES[a.dtype], transposed, hardware_casts(g))
     if g.is_cuda:
         _cast_tuned[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))](*args)
     else:
