@@ -35,23 +35,24 @@ TRANSPOSE_IN_KERNEL = True
 
 @torch.library.custom_op("llamatron::swiglu_grad_e5m2", mutates_args=())
 def swiglu_grad_e5m2(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transposed: bool) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For h = silu(a) * b (a, b [M, N] in the activations' dtype) and dh = g: da and db in E5M2 with one
     scale each, row-major [M, N], with `transposed` token-major [N, M] too (else empty), and their inverse
-    scales [2] (fp32). The Triton kernels on CUDA; elsewhere the same values from torch ops."""
+    scales (two 0-d fp32 tensors). The Triton kernels on CUDA; elsewhere the same values from torch ops."""
     if g.is_cuda:
         from llamatron.swiglu_kernels import swiglu_grad_e5m2 as kernels
 
         da8, db8, da8_t, db8_t, scales = kernels(g.contiguous(), a.contiguous(), b.contiguous(), transposed)
-        inv = scales.reciprocal()
+        # Two 0-d tensors, not one [2]: inductor's _scaled_mm lowering (torch 2.11) fails its size check
+        # on a scale that is an element of another output (found on the H200, 2026-12-07).
+        da_inv, db_inv = (s.clone() for s in scales.reciprocal().unbind(0))
     else:
         da, db = swiglu_grads(g, a, b)
         (da8, da_inv), (db8, db_inv) = to_fp8(da, torch.float8_e5m2), to_fp8(db, torch.float8_e5m2)
-        inv = torch.stack([da_inv, db_inv])
         da8_t, db8_t = (da8.t().contiguous(), db8.t().contiguous()) if transposed else (None, None)
     if not transposed:  # two empty tensors: a custom op's outputs may not alias each other
         da8_t, db8_t = da8.new_empty(0), da8.new_empty(0)
-    return da8, db8, da8_t, db8_t, inv
+    return da8, db8, da8_t, db8_t, da_inv, db_inv
 
 
 @swiglu_grad_e5m2.register_fake
@@ -60,7 +61,7 @@ def _(g, a, b, transposed):
     e5m2 = torch.float8_e5m2
     shape_t = (n, m) if transposed else (0,)
     return (g.new_empty((m, n), dtype=e5m2), g.new_empty((m, n), dtype=e5m2), g.new_empty(shape_t, dtype=e5m2),
-            g.new_empty(shape_t, dtype=e5m2), g.new_empty(2, dtype=torch.float32))
+            g.new_empty(shape_t, dtype=e5m2), g.new_empty((), dtype=torch.float32), g.new_empty((), dtype=torch.float32))
 
 
 def swiglu_grads(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,14 +98,15 @@ class _FP8GateUp(torch.autograd.Function):
     def backward(ctx, dh):
         x8, x_inv, w1_8, w1_inv, w3_8, w3_inv, a, b = ctx.saved_tensors
         in_kernel = TRANSPOSE_IN_KERNEL
-        da8, db8, da8_t, db8_t, inv = torch.ops.llamatron.swiglu_grad_e5m2(dh.reshape(a.shape), a, b, in_kernel)
+        da8, db8, da8_t, db8_t, da_inv, db_inv = torch.ops.llamatron.swiglu_grad_e5m2(dh.reshape(a.shape), a, b,
+                                                                                    in_kernel)
         if not in_kernel:  # compiled: inductor's tiled transposing copies
             da8_t, db8_t = da8.t().contiguous(), db8.t().contiguous()
-        dx = fp8_mm(da8, inv[0], _col_major(w1_8), w1_inv, dh.dtype)
-        dx = dx + fp8_mm(db8, inv[1], _col_major(w3_8), w3_inv, dh.dtype)
+        dx = fp8_mm(da8, da_inv, _col_major(w1_8), w1_inv, dh.dtype)
+        dx = dx + fp8_mm(db8, db_inv, _col_major(w3_8), w3_inv, dh.dtype)
         x8_cols = _col_major(x8)
-        dw1 = fp8_mm(da8_t, inv[0], x8_cols, x_inv, ctx.weight_dtype)
-        dw3 = fp8_mm(db8_t, inv[1], x8_cols, x_inv, ctx.weight_dtype)
+        dw1 = fp8_mm(da8_t, da_inv, x8_cols, x_inv, ctx.weight_dtype)
+        dw3 = fp8_mm(db8_t, db_inv, x8_cols, x_inv, ctx.weight_dtype)
         return dx.view(*dh.shape[:-1], dx.shape[-1]), dw1, dw3
 
 
