@@ -100,8 +100,10 @@ def main() -> None:
         for name, x, y in (("da", got[0], ref[0]), ("db", got[1], ref[3]), ("da_t", got[2], ref[1]), ("db_t", got[3], ref[4]))
     }
     arith = arithmetic_casts()
-    agree["hardware_casts_equal_arithmetic"] = all(
-        torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(got[:4], arith[:4]))
+    # The share of equal bytes per tensor (a bool said only "not all" on the H200, 2026-12-07), and the scales.
+    agree["hardware_casts_vs_arithmetic"] = [float((x.view(torch.uint8) == y.view(torch.uint8)).float().mean())
+                                             for x, y in zip(got[:4], arith[:4])]
+    agree["hardware_casts_vs_arithmetic_scales_equal"] = bool(torch.equal(got[4], arith[4]))
     print("bits equal to inductor's:", agree)
     chosen = {str(key): str(config) for key, config in K._cast_tuned.cache.items()}
     print("tiles chosen:", chosen)
