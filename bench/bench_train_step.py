@@ -18,7 +18,8 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     # NAME@mk=1 compiles with inductor's triton.multi_kernel, NAME@inductor.KEY=VALUE with any inductor config,
     # NAME@res=bf16 keeps the residual stream in bf16 under autocast (train.bf16_residual),
     # NAME@sdpa=fa4 runs SDPA on another kernel (train.attention_backend: cudnn, flash, fa4, ...),
-    # NAME@fp8loss=inductor makes the FP8 loss's gradients as before llamatron/loss_kernels.py,
+    # NAME@fp8loss=inductor makes the FP8 loss's gradients as before llamatron/loss_kernels.py (fp8loss=arith:
+    # with its kernels as they were on 2026-12-06, casts by integer arithmetic and the fixed 64 x 128 tile),
     # NAME@wgradchunks=N puts N of the FP8 loss's chunks in each of its weight-gradient GEMMs (default 4),
     # NAME@tune=1 runs with torch's TunableOp (each GEMM shape's cuBLASLt kernels timed in the warm-up),
     # NAME@ctune=1 compiles with train.compile_tuning (inductor's coordinate-descent tuning of the blocks' kernels),
@@ -135,7 +136,7 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["multi_kernel"] = int(value)
         elif key == "res" and value in ("fp32", "bf16"):  # the residual stream's dtype under autocast
             opts["bf16_residual"] = value == "bf16"
-        elif key == "fp8loss" and value in ("triton", "inductor"):  # who makes the FP8 loss's gradients
+        elif key == "fp8loss" and value in ("triton", "inductor", "arith"):  # who makes the FP8 loss's gradients
             opts["fp8_loss_kernels"] = value
         elif key == "wgradchunks" and value.isdigit():  # chunks of the FP8 loss per weight-gradient GEMM
             opts["fp8_wgrad_chunks"] = int(value)
@@ -149,7 +150,7 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts.setdefault("inductor", {})[key.removeprefix("inductor.")] = int(value) if value.isdigit() else value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor, wgradchunks=N, ctune=0|1, swiglu=0|1|copy, tune=0|1 or inductor.KEY=VALUE")
+                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor|arith, wgradchunks=N, ctune=0|1, swiglu=0|1|copy, tune=0|1 or inductor.KEY=VALUE")
     return spec, opts, over
 
 
@@ -226,7 +227,12 @@ def _run_variant(name, opts, margs, args, device, dataset):
     torch._dynamo.reset()  # each variant compiles afresh: the module switches below would hit the recompile limit
     set_gqa_mode(opts.get("gqa", "auto"))  # read when the model is traced and run
     glam_attention.KERNEL = opts.get("glam_attention", DEFAULT_GLAM_ATTENTION)
-    fused_loss.FP8_LOSS_KERNELS = opts.get("fp8_loss_kernels", FP8_LOSS_DEFAULTS[0])
+    kernels = opts.get("fp8_loss_kernels", FP8_LOSS_DEFAULTS[0])
+    fused_loss.FP8_LOSS_KERNELS = "triton" if kernels == "arith" else kernels
+    if kernels == "arith" or "llamatron.loss_kernels" in sys.modules:  # Triton's kernels: Linux x86-64 only
+        from llamatron import loss_kernels
+
+        loss_kernels.HARDWARE_CASTS = loss_kernels.TUNE_GRAD = kernels != "arith"  # SwiGLU's kernels read the first too
     fused_loss.FP8_WGRAD_CHUNKS = opts.get("fp8_wgrad_chunks", FP8_LOSS_DEFAULTS[1])
     model = build_layout(margs, opts, device)
     opt = build_optimizer(model.model, OptimConfig(fused=opts["fused_adam"]), device.type)

@@ -86,6 +86,27 @@ def test_a_failing_variant_is_recorded_and_the_others_still_run(tmp_path, monkey
     assert "baseline (global batch 1): failed: RuntimeError: simulated compile failure" in capsys.readouterr().out
 
 
+def test_fp8loss_arith_runs_the_loss_kernels_as_they_were_and_the_next_variant_as_now(tmp_path, monkeypatch):
+    """@fp8loss=arith: the kernels' casts by arithmetic and their fixed tile (the code of 2026-12-06), for
+    an A/B in one process; the variant after it gets the defaults back."""
+    from llamatron import loss_kernels
+
+    bench, seen = _bench(), []
+    monkeypatch.setattr(sys, "argv", [
+        "bench_train_step.py", "--size", "debug", "--layers", "1", "--seq-len", "32", "--micro-batch", "1",
+        "--global-batch", "1", "--steps", "1", "--warmup", "0", "--variants", "baseline@fp8loss=arith,baseline",
+        "--device", "cpu", "--json", str(tmp_path / "rows.json")])
+    real = bench.build_layout
+
+    def build_layout(*args):
+        seen.append((bench.fused_loss.FP8_LOSS_KERNELS, loss_kernels.HARDWARE_CASTS, loss_kernels.TUNE_GRAD))
+        return real(*args)
+
+    monkeypatch.setattr(bench, "build_layout", build_layout)
+    assert bench.main() == 0
+    assert seen == [("triton", False, False), ("triton", True, True)]
+
+
 def test_variant_conditions_set_the_trainer_options_they_name():
     """NAME@KEY=VALUE: a variant's options (what build_layout and the step read) and its micro batch."""
     bench = _bench()
