@@ -31,12 +31,14 @@ def _scaled_cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tup
 
 
 def fp8_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
-           out_dtype: torch.dtype) -> torch.Tensor:
+           out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     """a @ b for FP8 a (row-major) and b (column-major), as torch._scaled_mm takes them; the inverse
-    scales are scalars (tensorwise) or a_inv [m, 1] and b_inv [1, n] (rowwise).
+    scales are scalars (tensorwise) or a_inv [m, 1] and b_inv [1, n] (rowwise). `fast_accum`: the
+    tensor cores' own accumulation, without cuBLAS's periodic promotion to fp32 (faster; torchao's
+    `Float8Linear` uses it for its forward GEMM, not for the two gradients').
     On the CPU (tests) the operands are upcast and multiplied in fp32: the same exact products and fp32
     sums as torch's CPU `_scaled_mm`, summed in another order, and 100-400x faster (its CPU kernel took
     87 ms for a 512 x 64 x 64 product; tests/test_fp8_gemm.py)."""
     if a.device.type == "cpu":
         return ((a.float() @ b.float()) * (a_inv * b_inv)).to(out_dtype)
-    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
+    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)

@@ -30,6 +30,10 @@ FP8_WGRAD_CHUNKS = 4
 # Who makes the FP8 loss and its gradient on CUDA: "triton" (llamatron/loss_kernels.py) or "inductor"
 # (the compiled loss, as before them; bench/bench_train_step.py's NAME@fp8loss=inductor).
 FP8_LOSS_KERNELS = "triton"
+# The logits' FP8 GEMM with the tensor cores' fast accumulation, as torchao's Float8Linear runs every
+# forward GEMM (K = 4096 here). Off: the FP8 output layer converged without it (docs/performance.md);
+# bench/bench_train_step.py's NAME@fastaccum=1 times it, and a convergence run must pass before it is on.
+FP8_LOGITS_FAST_ACCUM = False
 
 
 def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +180,7 @@ def _fp8_chunks(h, weight, labels, chunk_size: int, need_w: bool):
         g8_t = torch.empty((weight.shape[0], h8.shape[0]), dtype=torch.float8_e5m2, device=h.device) if need_w else None
         for start in range(0, h8.shape[0], chunk_size):
             rows = slice(first + start, first + start + chunk_size)
-            logits = fp8_mm(h8[start : start + chunk_size], h_inv, w8.t(), w_inv, h.dtype)
+            logits = fp8_mm(h8[start : start + chunk_size], h_inv, w8.t(), w_inv, h.dtype, FP8_LOGITS_FAST_ACCUM)
             loss, g8 = loss_and_grad(logits, labels[rows], g8_t, start)  # E5M2, scaled
             del logits
             total += loss

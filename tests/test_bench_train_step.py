@@ -117,5 +117,6 @@ def test_variant_conditions_set_the_trainer_options_they_name():
     with pytest.raises(SystemExit, match=r"ctune=0\|1"):
         bench.parse_variant("compile@ctune=yes")
     assert bench.parse_variant("compile+fp8-all@swiglu=copy")[1]["fp8_fused_swiglu"] == "copy"
+    assert bench.parse_variant("compile+fp8-all@fastaccum=1")[1]["fp8_logits_fast_accum"] is True
     with pytest.raises(SystemExit, match=r"swiglu=0\|1\|copy"):
         bench.parse_variant("compile+fp8-all@swiglu=yes")

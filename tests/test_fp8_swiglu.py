@@ -58,6 +58,27 @@ def test_fused_feed_forward_is_torchaos_recipe():
         assert torch.equal(g1[name].bfloat16(), g0[name].bfloat16().float().bfloat16()) or _rel(g1[name], g0[name]) < 4e-3
 
 
+def test_fused_feed_forward_accumulates_as_torchaos_gemms(monkeypatch):
+    """Fast accumulation where torchao's Float8LinearConfig has it (the forward GEMM), not in the four
+    gradient GEMMs: on the GPU the forward without it was slower than torchao's (H100, 2026-12-07)."""
+    from llamatron.transforms import fp8_swiglu
+    from torchao.float8 import Float8LinearConfig
+
+    calls, real = [], fp8_swiglu.fp8_mm
+
+    def fp8_mm(*args, fast_accum=False):
+        calls.append(fast_accum)
+        return real(*args, fast_accum=fast_accum)
+
+    monkeypatch.setattr(fp8_swiglu, "fp8_mm", fp8_mm)
+    torch.manual_seed(0)
+    _ffn_run(FeedForward(64, 128), torch.randn(2, 8, 64), fused=True)
+    config = Float8LinearConfig()
+    grads = config.gemm_config_grad_input.use_fast_accum, config.gemm_config_grad_weight.use_fast_accum
+    assert calls == [config.gemm_config_output.use_fast_accum] * 2 + [grads[0]] * 2 + [grads[1]] * 2
+    assert calls[0] and not calls[2]
+
+
 @pytest.mark.parametrize("in_kernel", [True, False])
 def test_fused_feed_forward_compiles(in_kernel, monkeypatch):
     """Compiled (inductor, the trainer's way) it runs the custom op in backward and stays within FP8's

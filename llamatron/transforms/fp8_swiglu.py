@@ -88,8 +88,10 @@ class _FP8GateUp(torch.autograd.Function):
         x8, x_inv = to_fp8(x2)
         w1_8, w1_inv = to_fp8(w1)  # from the weights' own dtype, as torchao casts them under autocast
         w3_8, w3_inv = to_fp8(w3)
-        a = fp8_mm(x8, x_inv, w1_8.t(), w1_inv, x.dtype)
-        b = fp8_mm(x8, x_inv, w3_8.t(), w3_inv, x.dtype)
+        # Fast accumulation in forward only, as torchao's recipe (Float8LinearConfig.gemm_config_output).
+        # Without it the two GEMMs ran slower than torchao's and the fused step 1.3% slower (H100, 2026-12-07).
+        a = fp8_mm(x8, x_inv, w1_8.t(), w1_inv, x.dtype, fast_accum=True)
+        b = fp8_mm(x8, x_inv, w3_8.t(), w3_inv, x.dtype, fast_accum=True)
         ctx.save_for_backward(x8, x_inv, w1_8, w1_inv, w3_8, w3_inv, a, b)
         ctx.weight_dtype = w1.dtype
         return (F.silu(a) * b).view(*x.shape[:-1], a.shape[-1])
