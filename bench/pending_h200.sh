@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-07, 04:10 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-07, 06:40 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -17,13 +17,14 @@
 # ctune_l8 (train.compile_tuning: FP8 micro 8 -0.6 to -1.2%, BF16 and FP8 micro 4 nothing), fp8experts_test
 # (passed), calibrate (its table ranked micro 4 first: not shipped, docs/bench/h200_calibration_not_shipped.json).
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
-# 1. issue 22: SwiGLU's backward with its E5M2 casts in llamatron's kernels (`train.fp8_fused_swiglu`, written
-#    2026-12-07, not yet run on a GPU), and the kernels' casts by the GPU's conversions (`loss_kernels.HARDWARE_CASTS`,
-#    02:24-04:10; the loss gradient's tile timed per shape): `ONLY=swiglu_test,swiglu,swiglu_kernels,loss_kernels,swiglu_copy`,
-#    ~9 min: the CUDA tests, the FP8 step with the fused SwiGLU beside the default FP8 and BF16 in one process,
-#    then the kernels against inductor's and against their arithmetic casts (bits compared), then the fused
-#    SwiGLU with inductor's transposing copies; then `ONLY=sbs` again (FP8 is 1.48x BF16, 1.49-1.50x with FA4
-#    and the tuning)
+# 1. issue 22 (state of 2026-12-07 06:40): `ONLY=swiglu_test,swiglu,swiglu_rev,swiglu_kernels,loss_kernels`, ~10 min.
+#    Measured 06:03-06:35 (docs/performance.md, "Measured on 2026-12-07"): the kernels on an H200; the fused
+#    SwiGLU's step on an H100, 1.3% slower than torchao's, its forward GEMMs then without torchao's fast
+#    accumulation (now with it). Left: the FP8 step with the fused SwiGLU (`@swiglu=1`), with the loss's
+#    kernels as on 2026-12-06 (`@fp8loss=arith`: what the hardware casts and the tuned tile gave), with the
+#    FP8 logits' fast accumulation (`@fastaccum=1`), beside the default FP8 and BF16, in one process and
+#    again in the reverse order. Whichever pays becomes the default (the fast accumulation after a
+#    convergence run), then `ONLY=sbs` again (FP8 is 1.48x BF16, 1.49-1.50x with FA4 and the tuning)
 # 1b. issue 22: BF16 and FP8 at micro 16 as the side by side runs them (l8b_mbs16, ~4 min): on the code of
 #    2026-12-05 FP8 ran 2% faster at micro 16 than at 8, and micro 16 is the planner's first choice
 # 2. issue 19: the 8B's scoring with the batches padded to their longest row (the default since 06:55)
@@ -64,14 +65,15 @@ run swiglu_test 90 30 python -m pytest -q -p no:cacheprovider tests/test_fp8_swi
     tests/test_triton_kernels_compile.py -k "cuda or tracks_the_exact or hardware or statistics"
 # The step first (what decides the default), the kernels after it with what is left.
 run swiglu 330 240 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
-    --warmup 2 --variants compile+fp8-all@res=bf16@swiglu=1,compile+fp8-all@res=bf16,compile+cudnn+castonce+fusedwgrad@res=bf16 \
+    --warmup 2 --variants compile+fp8-all@res=bf16@swiglu=1,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@fp8loss=arith,compile+fp8-all@res=bf16@fastaccum=1,compile+cudnn+castonce+fusedwgrad@res=bf16 \
     --profile compile+fp8-all@res=bf16@swiglu=1 --json "$OUT/swiglu.json"
+run swiglu_rev 300 200 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
+    --warmup 2 --variants compile+cudnn+castonce+fusedwgrad@res=bf16,compile+fp8-all@res=bf16@fastaccum=1,compile+fp8-all@res=bf16@fp8loss=arith,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@swiglu=1 \
+    --json "$OUT/swiglu_rev.json"
 run swiglu_kernels 90 60 python bench/bench_fp8_swiglu.py --repeats 10 --json "$OUT/swiglu_kernels.json"
 # The FP8 loss's gradient tile timed per shape (loss_kernels.TUNE_GRAD, 2026-12-07) against the fixed tilings.
 run loss_kernels 90 40 python bench/bench_fp8_loss.py --tiles 64x128x4096,32x256x4096 --repeats 10 \
     --json "$OUT/loss_kernels.json"
-run swiglu_copy 150 100 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
-    --warmup 2 --variants compile+fp8-all@res=bf16@swiglu=copy,compile+fp8-all@res=bf16@swiglu=1 --json "$OUT/swiglu_copy.json"
 run zs8b 250 120 python bench/bench_zero_shot.py --size llama3.1-8b --requests 2000 --batch-sizes 32,128 --fp8 rowwise+pad8,rowwise --profile \
     --json "$OUT/zs8b.json"
 run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 --batch-sizes 32,128 --json "$OUT/zsgpt.json"
