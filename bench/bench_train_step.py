@@ -23,7 +23,8 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     # NAME@fastaccum=1 runs the FP8 logits' GEMM with fast accumulation (llamatron.loss.FP8_LOGITS_FAST_ACCUM),
     # NAME@wgradchunks=N puts N of the FP8 loss's chunks in each of its weight-gradient GEMMs (default 4),
     # NAME@tune=1 runs with torch's TunableOp (each GEMM shape's cuBLASLt kernels timed in the warm-up),
-    # NAME@ctune=1 compiles with train.compile_tuning (inductor's coordinate-descent tuning of the blocks' kernels),
+    # NAME@ctune=1 compiles with train.compile_tuning (inductor's coordinate-descent tuning of the blocks' kernels;
+    # the trainer's default with FP8 since 2026-12-07, so compile+fp8-all@res=bf16@ctune=1 is its default FP8 step),
     # NAME@swiglu=1 runs FP8's SwiGLU gate and up projections in train.fp8_fused_swiglu's function
     # (swiglu=copy: its token-major gradients by inductor's transposing copies, not the cast kernel)
     python bench/bench_train_step.py --global-batch 16 --variants \

@@ -149,8 +149,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block
     # With compile: inductor's coordinate-descent tuning of the kernels it generates (block sizes timed
     # as they compile): the 8B proxy's FP8 step at micro 8 0.6-1.7% faster (H100, H200), nothing at FP8
-    # micro 4 or in BF16 (H200), about 100 s more compile (docs/performance.md).
-    compile_tuning: bool = False
+    # micro 4 or in BF16 (H200), about 100 s more compile (docs/performance.md). None: on where it paid,
+    # FP8 training (not LoRA's frozen FP8 bases, not measured); off in BF16.
+    compile_tuning: bool | None = None
     activation_checkpointing: bool = False
     # With activation_checkpointing: how many transformer blocks (per pipeline stage) to checkpoint,
     # spread evenly; None = all. Fewer blocks: less recomputation, more activation memory.
@@ -167,7 +168,8 @@ class TrainConfig:
     fp8_all_gather: bool = False  # FSDP gathers weights in FP8 (tensorwise only): half the traffic
     # Tensorwise FP8 without fp8_all_gather or LoRA: each SwiGLU feed-forward's gate and up projections
     # and its activation in one function whose backward makes their E5M2 gradients in llamatron's own
-    # kernels (transforms/fp8_swiglu.py) instead of torchao's casts compiled by inductor.
+    # kernels (transforms/fp8_swiglu.py) instead of torchao's casts compiled by inductor. Opt-in: its
+    # step ran 0.5-0.6% slower than the default's (H100, docs/performance.md).
     fp8_fused_swiglu: bool = False
     # A mixture of experts' grouped GEMMs in FP8 too (torchao's rowwise grouped recipe, whatever
     # train.fp8 names; H100-class GPUs), by the same fp8_min_features rule; false keeps them bf16.

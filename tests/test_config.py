@@ -79,6 +79,24 @@ def test_missing_data_rejected():
         load_config(None, [])
 
 
+@pytest.mark.parametrize(
+    "sets, lora, expected",
+    [
+        ([], False, False),  # BF16: the tuning gained nothing there, only ~100 s of compile
+        (["train.fp8=tensorwise"], False, True),  # FP8 training: the step it was measured to speed up
+        (["train.fp8=rowwise"], False, True),
+        (["train.fp8=tensorwise"], True, False),  # LoRA's frozen FP8 bases: not measured
+        (["train.fp8=tensorwise", "train.compile_tuning=false"], False, False),  # said: kept
+        (["train.compile_tuning=true"], False, True),
+    ],
+)
+def test_compile_tuning_unset_is_on_for_fp8_training_only(sets, lora, expected):
+    from llamatron.transforms.compile import compile_tuning
+
+    cfg = load_config(None, ["model.size=debug", "data.mock=true", "train.compile=true", *sets])
+    assert compile_tuning(cfg.train, lora=lora) is expected
+
+
 def test_compile_tuning_tunes_every_compiled_block_and_the_final_norm(monkeypatch):
     """train.compile_tuning passes inductor's coordinate-descent tuning to each block's compile and the
     final norm's; without it the compiles take no options (a test backend may not accept any)."""
@@ -99,3 +117,21 @@ def test_compile_tuning_tunes_every_compiled_block_and_the_final_norm(monkeypatc
         assert len(calls) == args.n_layers + 1  # every block, then the final norm
         expected = {"coordinate_descent_tuning": True} if tuning else None
         assert all(kw.get("options") == expected for _, kw in calls), calls
+
+
+@pytest.mark.parametrize("fp8, expected", [("none", False), ("tensorwise", True)])
+def test_the_trainers_layout_compiles_with_the_tuning_its_setting_resolves_to(monkeypatch, fp8, expected):
+    """parallelize hands apply_compile what compile_tuning resolves train.compile_tuning (unset) to."""
+    import torch
+
+    from llamatron.parallel import parallelize as layout_module
+    from llamatron.parallel.dims import ParallelDims
+
+    cfg = load_config(None, ["model.size=debug", "data.mock=true", "train.compile=true", f"train.fp8={fp8}"])
+    family, args = resolve_model(cfg.model)
+    seen = []
+    monkeypatch.setattr(layout_module, "apply_compile", lambda part, tuning: seen.append(tuning))
+    with torch.device("meta"):
+        model = family.build(args)
+    layout_module.parallelize(model, family, cfg.train, ParallelDims())
+    assert seen == [expected]

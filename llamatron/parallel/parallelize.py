@@ -21,7 +21,7 @@ from llamatron.models.family import Family
 from llamatron.parallel.dims import ParallelDims
 from llamatron.parallel.fsdp import apply_fsdp
 from llamatron.transforms.checkpointing import apply_activation_checkpointing
-from llamatron.transforms.compile import apply_compile
+from llamatron.transforms.compile import apply_compile, compile_tuning
 from llamatron.transforms.fp8 import apply_fp8, fp8_output
 from llamatron.transforms.residual import apply_bf16_residual
 
@@ -87,7 +87,7 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
         if train.activation_checkpointing:
             apply_activation_checkpointing(part, train.activation_checkpointing_layers)
         if train.compile:
-            apply_compile(part, tuning=train.compile_tuning)
+            apply_compile(part, tuning=compile_tuning(train, lora_fp8))
         if dims.fsdp_enabled:
             # Pipelining runs several micro-batches' forwards before their backwards: keep the
             # gathered parameters rather than gather them again for every micro-batch.
