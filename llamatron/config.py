@@ -148,9 +148,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), bf16, fp32
     compile: bool = False  # torch.compile each transformer block
     # With compile: inductor's coordinate-descent tuning of the kernels it generates (block sizes timed
-    # as they compile): the 8B proxy's FP8 step at micro 8 0.6-1.7% faster (H100, H200), nothing at FP8
-    # micro 4 or in BF16 (H200), about 100 s more compile (docs/performance.md). None: on where it paid,
-    # FP8 training (not LoRA's frozen FP8 bases, not measured); off in BF16.
+    # as they compile): the 8B proxy's FP8 step at micro 8 0.6-1.7% faster (H100, H200), at micro 4
+    # 0.9-1.1% (H100; 0.0% on the H200), nothing in BF16 (H200); about 100 s more compile
+    # (docs/performance.md). None: on where it paid, FP8 training (not LoRA's frozen FP8 bases, not
+    # measured); off in BF16.
     compile_tuning: bool | None = None
     activation_checkpointing: bool = False
     # With activation_checkpointing: how many transformer blocks (per pipeline stage) to checkpoint,
