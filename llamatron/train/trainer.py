@@ -43,6 +43,7 @@ from llamatron.train.metrics import MetricsWriter, ThroughputMeter, run_environm
 from llamatron.train.mlperf_log import MLPerfLog
 from llamatron.train.optim import build_optimizer, lr_at
 from llamatron.train.step import train_step
+from llamatron.transforms.compile import compile_tuning
 from llamatron.transforms.fp8 import check_fp8, check_fp8_experts, fp8_output, precompute_fp8_scales
 from llamatron.transforms.fp8_frozen import check_lora_fp8, fp8_frozen_linears
 from llamatron.transforms.lora import frozen_dtype
@@ -409,6 +410,9 @@ class Trainer:
         )
         mode = "compiled" if train.compile else "eager"
         self.log(f"memory estimate per rank ({mode} count; llamatron/parallel/memory.py): {est.describe()}")
+        if train.compile and compile_tuning(train, lora=bool(cfg.lora.rank)):
+            self.log("compile: inductor times its kernels' block sizes as it compiles (train.compile_tuning, "
+                     "unset: on for FP8 training): about 100 s more before the first steps run at speed")
         capacity = runtime.device_memory(self.device)
         if capacity and est.total > capacity:  # the run will most likely die of OOM: say so before it does
             self.log(f"warning: the memory estimate per rank, {est.total / 2**30:.1f} GiB, exceeds the "
