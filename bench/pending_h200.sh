@@ -17,7 +17,7 @@
 # ctune_l8 (train.compile_tuning: FP8 micro 8 -0.6 to -1.2%, BF16 and FP8 micro 4 nothing), fp8experts_test
 # (passed), calibrate (its table ranked micro 4 first: not shipped, docs/bench/h200_calibration_not_shipped.json).
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
-# 1. issue 22 (state of 2026-12-07 08:30): `ONLY=sbs bash bench/pending_h200.sh 595 $OUT/runs` on an H200, alone in
+# 1. issue 22 (state of 2026-12-07 08:30): `ONLY=sbs bash bench/pending_h200.sh 585 $OUT/runs` on an H200, alone in
 #    its call (the tuning adds ~200 s of compile; ~10 min), carrying .whl and .peers: the side
 #    by side with the new FP8 default (train.compile_tuning on for FP8: -1.2 to -1.6% on an H100 at 08:10,
 #    -0.6 to -1.2% on the H200 of 2026-12-06, where FP8 was 1.48x BF16 untuned). It decides 1.5x.
@@ -88,7 +88,7 @@ run fp8loss 330 240 python bench/bench_train_step.py --layers 4 --seq-len 8192 -
     --warmup 2 --variants compile+cudnn+castonce+fusedwgrad,compile+fp8-all,compile+fp8-all@micro=16,compile+fp8-all@micro=4,compile+cudnn+castonce+fusedwgrad@res=bf16,compile+fp8-all@res=bf16 \
     --json "$OUT/fp8loss.json"
 [ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+fp8-all@micro=8@res=bf16@ctune=1$FA4_VARIANTS \
-    run sbs 595 420 bash bench/side_by_side.sh "$OUT/sbs" 8 4
+    run sbs 585 420 bash bench/side_by_side.sh "$OUT/sbs" 8 4
 # train.compile_tuning (`@ctune=1`, ~100 s more compile a variant) on both sides, the untuned BF16 again after them:
 # the FP8 / BF16 ratio with the tuning, and the 8-layer proxy's micro 2 (issue 22's 68%) with it.
 run ctune 400 300 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
