@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-07, 08:30 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-07, 09:30 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -17,18 +17,13 @@
 # ctune_l8 (train.compile_tuning: FP8 micro 8 -0.6 to -1.2%, BF16 and FP8 micro 4 nothing), fp8experts_test
 # (passed), calibrate (its table ranked micro 4 first: not shipped, docs/bench/h200_calibration_not_shipped.json).
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
-# 1. issue 22 (state of 2026-12-07 08:30): `ONLY=sbs bash bench/pending_h200.sh 585 $OUT/runs` on an H200, alone in
-#    its call (the tuning adds ~200 s of compile; ~10 min), carrying .whl and .peers: the side
-#    by side with the new FP8 default (train.compile_tuning on for FP8: -1.2 to -1.6% on an H100 at 08:10,
-#    -0.6 to -1.2% on the H200 of 2026-12-06, where FP8 was 1.48x BF16 untuned). It decides 1.5x.
-#    Measured 08:10-08:20 on an H100 (docs/performance.md, "Measured on 2026-12-07, 08:10-08:20"): the
-#    fused SwiGLU 0.5-0.6% slower (opt-in), the FP8 loss kernels' hardware casts 0.6% faster (kept), the
-#    FP8 logits' fast accumulation -0.3 to -1.0% (opt-in until 1a).
-# 1a. issue 22: the FP8 logits' fast accumulation through the 2,000-step convergence check (~10 min on an
-#    H100; the corpus built first as in docs/performance.md, "Convergence: FP8 against BF16"): the same
-#    FP8 run twice, the second with `python -c "import sys, llamatron.loss as l; l.FP8_LOGITS_FAST_ACCUM =
-#    True; from llamatron.cli import main; sys.exit(main(sys.argv[1:]))" train --config
-#    bench/fp8_convergence.toml --set train.fp8=tensorwise ...`; within 1.5% of BF16: make it the default.
+# 1. issue 22 (state of 2026-12-07 09:30): `ONLY=sbs bash bench/pending_h200.sh 585 $OUT/runs` on an H200, alone in
+#    its call (the tuning adds ~200 s of compile; ~10 min), carrying .whl and .peers: the side by side with
+#    the FP8 default of 09:30 (train.compile_tuning on for FP8: -1.2 to -1.6% on an H100 at 08:10, -0.6 to
+#    -1.2% on the H200 of 2026-12-06, where FP8 was 1.48x BF16 untuned; the logits' GEMM fast-accumulated:
+#    -0.3 to -1.0% more on the H100). It decides 1.5x.
+#    Done at 09:21 on an H100 (docs/performance.md, "Measured on 2026-12-07, 09:21-09:28"): the 2,000-step
+#    convergence of that FP8 default, `bash bench/fp8_default_convergence.sh $OUT/conv` (-0.88% / -1.18%).
 # 1b. issue 22: BF16 and FP8 at micro 16 as the side by side runs them (l8b_mbs16, ~4 min): on the code of
 #    2026-12-05 FP8 ran 2% faster at micro 16 than at 8, and micro 16 is the planner's first choice
 # 2. issue 19: the 8B's scoring with the batches padded to their longest row (the default since 06:55)
@@ -72,10 +67,10 @@ run swiglu_test 90 30 python -m pytest -q -p no:cacheprovider tests/test_fp8_swi
     tests/test_triton_kernels_compile.py -k "cuda or tracks_the_exact or hardware or statistics"
 # The step first (what decides the default), the kernels after it with what is left.
 run swiglu 330 240 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
-    --warmup 2 --variants compile+fp8-all@res=bf16@swiglu=1,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@fp8loss=arith,compile+fp8-all@res=bf16@fastaccum=1,$BF16_STEP \
+    --warmup 2 --variants compile+fp8-all@res=bf16@swiglu=1,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@fp8loss=arith,compile+fp8-all@res=bf16@fastaccum=0,$BF16_STEP \
     --profile compile+fp8-all@res=bf16@swiglu=1 --json "$OUT/swiglu.json"
 run swiglu_rev 300 200 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
-    --warmup 2 --variants $BF16_STEP,compile+fp8-all@res=bf16@fastaccum=1,compile+fp8-all@res=bf16@fp8loss=arith,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@swiglu=1 \
+    --warmup 2 --variants $BF16_STEP,compile+fp8-all@res=bf16@fastaccum=0,compile+fp8-all@res=bf16@fp8loss=arith,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@swiglu=1 \
     --json "$OUT/swiglu_rev.json"
 run swiglu_kernels 90 60 python bench/bench_fp8_swiglu.py --repeats 10 --json "$OUT/swiglu_kernels.json"
 # The FP8 loss's gradient tile timed per shape (loss_kernels.TUNE_GRAD, 2026-12-07) against the fixed tilings.

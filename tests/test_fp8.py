@@ -183,6 +183,27 @@ def test_fp8_fused_cross_entropy_tracks_the_exact_one(device, monkeypatch):
     assert cos(gw.flatten(), w.grad.flatten(), dim=0) > 0.999
 
 
+def test_fp8_loss_fast_accumulates_the_logits_gemm_only(monkeypatch):
+    """The logits' GEMM with the tensor cores' fast accumulation (the default since its 2,000-step
+    convergence check, docs/performance.md), the two gradient GEMMs without, as torchao's recipe has it."""
+    from llamatron import loss
+
+    calls, real = [], loss.fp8_mm
+
+    def fp8_mm(a, a_inv, b, b_inv, out_dtype, fast_accum=False):
+        calls.append((out_dtype, fast_accum))
+        return real(a, a_inv, b, b_inv, out_dtype, fast_accum)
+
+    monkeypatch.setattr(loss, "fp8_mm", fp8_mm)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 128, generator=g).requires_grad_()
+    w = (0.05 * torch.randn(256, 128, generator=g)).requires_grad_()
+    loss.linear_cross_entropy(h, w, torch.randint(0, 256, (64,), generator=g), chunk_size=32, fp8=True).backward()
+    # Per chunk: logits (fast) then the input gradient; one weight-gradient GEMM for the group, in fp32.
+    assert calls == [(torch.float32, True), (torch.float32, False)] * 2 + [(torch.float32, False)]
+    assert loss.FP8_LOGITS_FAST_ACCUM
+
+
 def test_fp8_output_layer_goes_through_the_fused_loss():
     args = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab_size=512, max_seq_len=64)
     tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(1))
