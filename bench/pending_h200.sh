@@ -21,7 +21,10 @@
 #    its call (the tuning adds ~200 s of compile; ~10 min), carrying .whl and .peers: the side by side with
 #    the FP8 default of 09:30 (train.compile_tuning on for FP8: -1.2 to -1.6% on an H100 at 08:10, -0.6 to
 #    -1.2% on the H200 of 2026-12-06, where FP8 was 1.48x BF16 untuned; the logits' GEMM fast-accumulated:
-#    -0.3 to -1.0% more on the H100). It decides 1.5x.
+#    -0.3 to -1.0% more on the H100). It decides 1.5x. With less device time left (~6 min with the start),
+#    the ratio alone: `timeout 365 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16
+#    --steps 4 --warmup 2 --variants compile+cudnn+castonce+fusedwgrad@micro=8@res=bf16,compile+fp8-all@micro=8@res=bf16@ctune=1
+#    --json $OUT/h200_fp8_default_ratio.json` (torchao installed from .whl as below).
 #    Done at 09:21 on an H100 (docs/performance.md, "Measured on 2026-12-07, 09:21-09:28"): the 2,000-step
 #    convergence of that FP8 default, `bash bench/fp8_default_convergence.sh $OUT/conv` (-0.88% / -1.18%).
 # 1b. issue 22: BF16 and FP8 at micro 16 as the side by side runs them (l8b_mbs16, ~4 min): on the code of
