@@ -177,6 +177,7 @@ class TrainConfig:
     fp8_experts: bool = True
     # bf16 autocast without FSDP or TP: the block linears' (and a MoE's experts') bf16 weight copies made
     # once per optimizer step instead of in every micro-batch; the same numbers (transforms/weight_cast.py).
+    # With tensorwise train.fp8 the FP8 layers keep E4M3 copies the same way (transforms/fp8_weight_cast.py).
     cast_weights_once: bool = False
     # With cast_weights_once: each micro-batch's weight gradient accumulated into an fp32 buffer inside
     # the GEMM (Megatron's gradient_accumulation_fusion), not a bf16 product added into .grad after it.
@@ -211,6 +212,9 @@ def _validate_train(train: TrainConfig) -> None:
           f"fp8_all_gather = {str(train.fp8_all_gather).lower()}")
     _need(train.compile or not train.compile_tuning, "train.compile_tuning",
           "tunes the compiled blocks' kernels: needs train.compile = true")
+    _need(not (train.cast_weights_once and train.fp8 == "rowwise"), "train.cast_weights_once",
+          "casts tensorwise FP8 weights once; rowwise FP8 layers cast in every micro-batch "
+          "(set train.fp8 = tensorwise, or cast_weights_once = false)")
     _need(train.cast_weights_once or not train.gradient_accumulation_fusion, "train.gradient_accumulation_fusion",
           "needs train.cast_weights_once (it accumulates the gradients of the layers that one converts)")
     _need(not (train.fp8_all_gather and train.fp8_include_output), "train.fp8_include_output",

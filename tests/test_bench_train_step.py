@@ -118,5 +118,8 @@ def test_variant_conditions_set_the_trainer_options_they_name():
         bench.parse_variant("compile@ctune=yes")
     assert bench.parse_variant("compile+fp8-all@swiglu=copy")[1]["fp8_fused_swiglu"] == "copy"
     assert bench.parse_variant("compile+fp8-all@fastaccum=1")[1]["fp8_logits_fast_accum"] is True
+    cast = bench.parse_variant("compile+fp8-all@castonce=1@fusedwgrad=1")[1]
+    assert cast["castonce"] is True and cast["fused_wgrad"] is True
+    assert bench.parse_variant("compile+cudnn+castonce+fusedwgrad@fusedwgrad=0")[1]["fused_wgrad"] is False
     with pytest.raises(SystemExit, match=r"swiglu=0\|1\|copy"):
         bench.parse_variant("compile+fp8-all@swiglu=yes")

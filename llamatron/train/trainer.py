@@ -385,7 +385,8 @@ class Trainer:
         if cfg.optim.name == "adamw8bit":
             fsdp_note += " (AdamW with 8-bit moments, torchao)"
         if self.weight_casts:
-            fsdp_note += f" ({self.weight_casts} block linears' bf16 weight copies made once per step)"
+            copies = "E4M3" if train.fp8 == "tensorwise" else "bf16"
+            fsdp_note += f" ({self.weight_casts} block linears' {copies} weight copies made once per step)"
         self.log(
             f"model {cfg.model.size}: {self.layout.n_params:,} parameters, {self.args.n_layers} layers; device "
             f"{self.device_name}; precision {precision.compute}{fsdp_note}; global batch {train.global_batch_size} = "

@@ -24,8 +24,12 @@ micro-batch as autocast would) get the same bf16 copies (`CastOnceExperts`) and,
 path's batched matmuls, the same fp32 accumulation inside the GEMM (`torch.baddbmm(..., out_dtype=
 torch.float32)`); the dropless path's gradients reach their buffers after backward.
 
-Not for FSDP (its mixed precision casts at the all-gather), tensor parallelism (DTensor weights), FP8
-layers (Float8Linear, not an exact nn.Linear) or LoRA's frozen bf16 bases (no fp32 weight to cast).
+Tensorwise FP8 layers (torchao's Float8Linear) keep an E4M3 copy instead, made once per step the same
+way (transforms/fp8_weight_cast.py), and with `fuse_wgrad` add their bf16 weight gradients into the same
+kind of fp32 buffers.
+
+Not for FSDP (its mixed precision casts at the all-gather), tensor parallelism (DTensor weights), rowwise
+FP8 layers or LoRA's frozen bf16 bases (no fp32 weight to cast).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamatron.models.glam.experts import GroupedExperts
+from llamatron.transforms import fp8_weight_cast
 
 
 class _CachedCast(torch.autograd.Function):
@@ -169,12 +174,21 @@ class WgradBuffers:
 def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bool = False) -> list[str]:
     """Make every trainable exact nn.Linear inside the parts' blocks a `CastOnceLinear` with its copy in
     `dtype`, from the current weights; `fuse_wgrad`: with an fp32 weight-gradient buffer each, driven
-    by the part's `wgrad_buffers` (train_step). Exact GroupedExperts become `CastOnceExperts` likewise.
-    Returns the module names converted."""
+    by the part's `wgrad_buffers` (train_step). Exact GroupedExperts become `CastOnceExperts`, and
+    tensorwise Float8Linears `CastOnceFloat8Linear` (their copies in E4M3), likewise. Returns the module
+    names converted."""
     done = []
     for part in parts:
         copies, grads = [], []  # (copy, weight): what `refresh` copies, found once; (weight, fp32 buffer)
+        fp8 = []  # (E4M3 copy, scale, weight) of the tensorwise FP8 layers (transforms/fp8_weight_cast.py)
         for name, mod in part.layers.named_modules():
+            if fp8_weight_cast.castable(mod):
+                triple, grad = fp8_weight_cast.convert(mod, fuse_wgrad)
+                fp8.append(triple)
+                if grad is not None:
+                    grads.append((mod.weight, grad))
+                done.append(f"layers.{name}")
+                continue
             if type(mod) is nn.Linear and mod.weight.requires_grad and mod.weight.dtype != dtype:
                 mod.__class__ = CastOnceLinear
                 weights = {"weight": ("weight_copy", "main_grad")}
@@ -191,7 +205,7 @@ def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bo
                     mod.register_buffer(grad, torch.zeros_like(weight), persistent=False)
                     grads.append((weight, getattr(mod, grad)))
             done.append(f"layers.{name}")
-        part.cast_once_copies = copies
+        part.cast_once_copies, part.cast_once_fp8 = copies, fp8
         if grads:
             part.wgrad_buffers = WgradBuffers(grads)
     refresh(parts)
@@ -204,6 +218,7 @@ def refresh(parts: list[nn.Module]) -> None:
     pairs = [pair for part in parts for pair in getattr(part, "cast_once_copies", ())]
     if pairs:
         torch._foreach_copy_([copy for copy, _ in pairs], [weight for _, weight in pairs])
+    fp8_weight_cast.refresh([triple for part in parts for triple in getattr(part, "cast_once_fp8", ())])
 
 
 def _casts_experts(mod: nn.Module, dtype: torch.dtype) -> bool:
