@@ -9,7 +9,7 @@
 #   echo /.peers/ >> .git/info/exclude; mkdir -p .peers; cp -r ../shared/peers/torchtitan .peers/
 # llamatron's variants (with the trainer's defaults: the bf16 residual stream, and for FP8 the tuned compile,
 # `@ctune=1`, train.compile_tuning's default with FP8 since 2026-12-07; EXTRA_VARIANTS adds others, e.g.
-# NAME@sdpa=fa4 where flash-attn-4 is installed) run in one process (bench/bench_train_step.py, medians of its timed steps); each
+# NAME@sdpa=fa4 where flash-attn-4 is installed; FP8_OPTS replaces the FP8 variant's `@ctune=1`) run in one process (bench/bench_train_step.py, medians of its timed steps); each
 # TorchTitan run is its own process (run.sh), read as the mean `tps` of its steps 6-10 (its README).
 # TorchTitan counts FLOPs as llamatron does (81.90 TFLOP a sequence), so its `mfu` compares directly.
 set -u
@@ -18,7 +18,7 @@ PEER=${PEER:-.peers/torchtitan}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --steps 4 --warmup 2 \
-    --variants "compile+cudnn+castonce+fusedwgrad@micro=$BF16_MICRO@res=bf16,compile+fp8-all@micro=$FP8_MICRO@res=bf16@ctune=1${EXTRA_VARIANTS:+,$EXTRA_VARIANTS}" \
+    --variants "compile+cudnn+castonce+fusedwgrad@micro=$BF16_MICRO@res=bf16,compile+fp8-all@micro=$FP8_MICRO@res=bf16${FP8_OPTS:-@ctune=1}${EXTRA_VARIANTS:+,$EXTRA_VARIANTS}" \
     --json "$OUT/llamatron.json" > "$OUT/llamatron.log" 2>&1
 echo "llamatron: exit $?"
 FP8="--model.converters quantize.linear.float8 --quantize.linear.float8.recipe_name tensorwise"
