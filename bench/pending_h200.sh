@@ -17,6 +17,11 @@
 # ctune_l8 (train.compile_tuning: FP8 micro 8 -0.6 to -1.2%, BF16 and FP8 micro 4 nothing), fp8experts_test
 # (passed), calibrate (its table ranked micro 4 first: not shipped, docs/bench/h200_calibration_not_shipped.json).
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
+# 0. issue 22 (2026-12-07 12:00): FP8 weights cast once per step (train.cast_weights_once with tensorwise FP8,
+#    bench @castonce=1, @fusedwgrad=1; built, bit-exact on the CPU, not yet run on a GPU): `ONLY=fp8castonce_test,fp8castonce`
+#    (~8 min, H100 or H200) times it beside the default at micro 8 and 4 and runs its CUDA test. If it pays,
+#    the side by side's FP8 runs take it: `FP8_OPTS=@ctune=1@castonce=1` before item 1's command (and the
+#    EXTRA_VARIANTS of its micro 8 likewise; pending_h200.sh reads both).
 # 1. issue 22 (state of 2026-12-07 09:30): `ONLY=sbs bash bench/pending_h200.sh 585 $OUT/runs` on an H200, alone in
 #    its call (the tuning adds ~200 s of compile; ~10 min), carrying .whl and .peers: the side by side with
 #    the FP8 default of 09:30 (train.compile_tuning on for FP8: -1.2 to -1.6% on an H100 at 08:10, -0.6 to
@@ -66,6 +71,10 @@ SDPA=${HAVE_FA4:+@sdpa=fa4}  # the tuned runs on the faster attention where it i
 # An H100 (80 GB) cannot hold BF16 at micro 8: there the BF16 row of item 1 runs at micro 4.
 BF16_STEP=compile+cudnn+castonce+fusedwgrad@res=bf16
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H100 && BF16_STEP=$BF16_STEP@micro=4
+run fp8castonce_test 120 60 python -m pytest -q -p no:cacheprovider tests/test_fp8_weight_cast.py -k "cuda or trainer"
+run fp8castonce 440 300 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
+    --warmup 2 --variants compile+fp8-all@res=bf16@castonce=1@fusedwgrad=1,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@castonce=1,compile+fp8-all@res=bf16@micro=4,compile+fp8-all@res=bf16@micro=4@castonce=1@fusedwgrad=1 \
+    --json "$OUT/fp8castonce.json"
 run swiglu_test 90 30 python -m pytest -q -p no:cacheprovider tests/test_fp8_swiglu.py tests/test_fp8.py \
     tests/test_triton_kernels_compile.py -k "cuda or tracks_the_exact or hardware or statistics"
 # The step first (what decides the default), the kernels after it with what is left.
@@ -85,7 +94,7 @@ run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 
 run fp8loss 330 240 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
     --warmup 2 --variants compile+cudnn+castonce+fusedwgrad,compile+fp8-all,compile+fp8-all@micro=16,compile+fp8-all@micro=4,compile+cudnn+castonce+fusedwgrad@res=bf16,compile+fp8-all@res=bf16 \
     --json "$OUT/fp8loss.json"
-[ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+fp8-all@micro=8@res=bf16@ctune=1$FA4_VARIANTS \
+[ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+fp8-all@micro=8@res=bf16${FP8_OPTS:-@ctune=1}$FA4_VARIANTS \
     run sbs 585 420 bash bench/side_by_side.sh "$OUT/sbs" 8 4
 # train.compile_tuning (`@ctune=1`, ~100 s more compile a variant) on both sides, the untuned BF16 again after them:
 # the FP8 / BF16 ratio with the tuning, and the 8-layer proxy's micro 2 (issue 22's 68%) with it.
