@@ -85,8 +85,8 @@ def cast_once_class() -> type:
 
 
 def castable(mod: nn.Module) -> bool:
-    """A trainable `Float8Linear` (torchao) with dynamic tensorwise weight scaling and a plain weight
-    (not FSDP's FP8 all-gather wrapper)."""
+    """A trainable `Float8Linear` (torchao) with dynamic tensorwise weight scaling, scales not rounded to
+    powers of two (llamatron's tensorwise config) and a plain weight (not FSDP's FP8 all-gather wrapper)."""
     if "torchao.float8" not in sys.modules:  # no FP8 layer without torchao imported: none to import here
         return False
     from torchao.float8.config import ScalingGranularity, ScalingType
@@ -97,7 +97,8 @@ def castable(mod: nn.Module) -> bool:
     casts = (mod.config.cast_config_weight, mod.config.cast_config_weight_for_grad_input)
     return (all(c.scaling_granularity is ScalingGranularity.TENSORWISE and c.scaling_type is ScalingType.DYNAMIC
                 for c in casts)
-            and not mod.config.enable_fsdp_float8_all_gather and type(mod.weight.data) is torch.Tensor)
+            and not mod.config.round_scales_to_power_of_2 and not mod.config.enable_fsdp_float8_all_gather
+            and type(mod.weight.data) is torch.Tensor)
 
 
 def convert(mod: nn.Module, fuse_wgrad: bool) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]:
