@@ -137,7 +137,8 @@ def test_the_trainer_casts_fp8_weights_once_and_trains_as_without(tmp_path):
         rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
         return [r["loss"] for r in rows if r["kind"] == "train"], lines
 
-    want, _ = run("each", 4)
+    want, lines = run("each", 4, "train.cast_weights_once=false")
+    assert not any("weight copies made once per step" in line for line in lines)
     once = ["train.cast_weights_once=true", "train.gradient_accumulation_fusion=true"]
     got, lines = run("once", 4, *once)
     assert got == want and len(set(want)) == 4
@@ -146,3 +147,20 @@ def test_the_trainer_casts_fp8_weights_once_and_trains_as_without(tmp_path):
     assert run("split", 4, *once)[0] == want
     with pytest.raises(LlamatronError, match="'train.cast_weights_once': casts tensorwise"):
         run("rowwise", 1, "train.fp8=rowwise", "train.cast_weights_once=true")
+
+
+def test_the_compiled_refresh_casts_bit_for_bit_as_eager():
+    """CUDA refreshes with one compiled function over every weight; compiled here on the CPU, its E4M3
+    copies and scales are eager's (torchao's arithmetic) bit for bit."""
+    torch.manual_seed(0)
+    weights = [torch.randn(256, 128) * 0.02, torch.randn(64, 128)]
+
+    def buffers():
+        return [torch.empty_like(w, dtype=torch.float8_e4m3fn) for w in weights], [torch.ones(()) for _ in weights]
+
+    (eager, eager_scales), (compiled, compiled_scales) = buffers(), buffers()
+    fp8_weight_cast._cast_all(eager, eager_scales, weights)
+    torch.compile(fp8_weight_cast._cast_all, dynamic=False)(compiled, compiled_scales, weights)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and a.float().abs().max() == 448.0
+    assert all(torch.equal(a, b) for a, b in zip(eager_scales, compiled_scales))
