@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-07, 09:30 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-07, 13:20 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -17,19 +17,17 @@
 # ctune_l8 (train.compile_tuning: FP8 micro 8 -0.6 to -1.2%, BF16 and FP8 micro 4 nothing), fp8experts_test
 # (passed), calibrate (its table ranked micro 4 first: not shipped, docs/bench/h200_calibration_not_shipped.json).
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
-# 0. issue 22 (2026-12-07 12:00): FP8 weights cast once per step (train.cast_weights_once with tensorwise FP8,
-#    bench @castonce=1, @fusedwgrad=1; built, bit-exact on the CPU, not yet run on a GPU): `ONLY=fp8castonce_test,fp8castonce`
-#    (~8 min, H100 or H200) times it beside the default at micro 8 and 4 and runs its CUDA test. If it pays,
-#    the side by side's FP8 runs take it: `FP8_OPTS=@ctune=1@castonce=1` before item 1's command (and the
-#    EXTRA_VARIANTS of its micro 8 likewise; pending_h200.sh reads both).
-# 1. issue 22 (state of 2026-12-07 09:30): `ONLY=sbs bash bench/pending_h200.sh 585 $OUT/runs` on an H200, alone in
+# 0. Done 2026-12-07 13:09-13:16 on an H200 (docs/performance.md, "Measured on 2026-12-07, 13:09-13:16 UTC"):
+#    FP8's default 1.502x BF16 on the medians (1.489-1.513x pair by pair); FP8 weights cast once per step
+#    (`@castonce=1`) 0.25% slower at micro 8, opt-in. `ONLY=fp8castonce_test,fp8castonce` (~8 min) times it at
+#    micro 8 and 4 again (micro 4 not yet measured) and runs its CUDA test; `FP8_OPTS=@ctune=1@castonce=1`
+#    would give the side by side's FP8 runs it.
+# 1. issue 22 (state of 2026-12-07 13:20; the FP8 / BF16 ratio measured alone at 13:09, item 0):
+#    `ONLY=sbs bash bench/pending_h200.sh 585 $OUT/runs` on an H200, alone in
 #    its call (the tuning adds ~200 s of compile; ~10 min), carrying .whl and .peers: the side by side with
-#    the FP8 default of 09:30 (train.compile_tuning on for FP8: -1.2 to -1.6% on an H100 at 08:10, -0.6 to
-#    -1.2% on the H200 of 2026-12-06, where FP8 was 1.48x BF16 untuned; the logits' GEMM fast-accumulated:
-#    -0.3 to -1.0% more on the H100). It decides 1.5x. With less device time left (~6 min with the start),
-#    the ratio alone: `timeout 365 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16
-#    --steps 4 --warmup 2 --variants compile+cudnn+castonce+fusedwgrad@micro=8@res=bf16,compile+fp8-all@micro=8@res=bf16@ctune=1
-#    --json $OUT/h200_fp8_default_ratio.json` (torchao installed from .whl as below).
+#    the FP8 default of 09:30 (train.compile_tuning on for FP8, the logits' GEMM fast-accumulated), so that
+#    both of issue 22's FP8 ratios (1.5x BF16, 1.35x TorchTitan's FP8) come from one run, with TorchTitan's
+#    BF16 beside them again.
 #    Done at 09:21 on an H100 (docs/performance.md, "Measured on 2026-12-07, 09:21-09:28"): the 2,000-step
 #    convergence of that FP8 default, `bash bench/fp8_default_convergence.sh $OUT/conv` (-0.88% / -1.18%).
 # 1b. issue 22: BF16 and FP8 at micro 16 as the side by side runs them (l8b_mbs16, ~4 min): on the code of
