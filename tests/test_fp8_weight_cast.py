@@ -29,8 +29,7 @@ def _model(recipe="tensorwise", device="cpu", compile_blocks=False):
 
 
 def _grads(model, device="cpu", steps=(0,)):
-    """Loss and gradients of each step (its own two micro-batches) over two micro-batches (lr 0: the
-    weights stay)."""
+    """Loss and gradients of each step, each over its own two micro-batches (lr 0: the weights stay)."""
     out = []
 
     class Keep(torch.optim.SGD):

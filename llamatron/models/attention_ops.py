@@ -62,8 +62,9 @@ _COMPILED: dict = {}
 
 
 def compiled_on_cuda(fn, device: torch.device):
-    """`fn` (a flex_attention call) compiled once, with static shapes, on CUDA, where flex_attention
-    is fast compiled and a slow reference implementation eager; `fn` itself elsewhere. Made once per
+    """`fn` (a flex_attention call, or another function that is fast only compiled: the FP8 weight
+    copies' refresh) compiled once, with static shapes, on CUDA, where flex_attention is fast compiled
+    and a slow reference implementation eager; `fn` itself elsewhere. Made once per
     function, outside any compiled or checkpointed block (made inside one, torch.compile refuses the
     side effect)."""
     if device.type != "cuda":

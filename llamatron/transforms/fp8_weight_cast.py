@@ -29,6 +29,8 @@ import sys
 import torch
 from torch import nn
 
+from llamatron.models.attention_ops import compiled_on_cuda
+
 
 @torch.library.custom_op("llamatron::add_into", mutates_args=("main_grad",))
 def add_into(main_grad: torch.Tensor, grad: torch.Tensor) -> None:
@@ -128,21 +130,12 @@ def _cast_all(copies: list[torch.Tensor], scales: list[torch.Tensor], weights: l
         copy.copy_(to_fp8_saturated(weight.to(torch.float32) * s, copy.dtype))
 
 
-_compiled_cast_all = None
-
-
 @torch.no_grad()
 def refresh(triples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
     """Cast the current weights into their FP8 copies: one compiled function over all of them on CUDA
     (an amax pass and a cast pass per weight, ~9 bytes a parameter; eager's abs, max, scale, clamp and
     convert would be ~33), eager elsewhere."""
-    global _compiled_cast_all
     if not triples:
         return
     copies, scales, weights = (list(t) for t in zip(*triples))
-    fn = _cast_all
-    if weights[0].device.type == "cuda":
-        if _compiled_cast_all is None:
-            _compiled_cast_all = torch.compile(_cast_all, dynamic=False)
-        fn = _compiled_cast_all
-    fn(copies, scales, weights)
+    compiled_on_cuda(_cast_all, weights[0].device)(copies, scales, weights)
