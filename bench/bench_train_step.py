@@ -28,6 +28,7 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     # the trainer's default with FP8 since 2026-12-07, so compile+fp8-all@res=bf16@ctune=1 is its default FP8 step),
     # NAME@castonce=1 casts the weights once per step (train.cast_weights_once: bf16 copies, and E4M3 ones
     # for tensorwise FP8 layers), NAME@fusedwgrad=1 with train.gradient_accumulation_fusion too,
+    # NAME@outer=0 leaves the embedding and output layer out of those (transforms/outer_weights.py, in since 2026-12-07),
     # NAME@swiglu=1 runs FP8's SwiGLU gate and up projections in train.fp8_fused_swiglu's function
     # (swiglu=copy: its token-major gradients by inductor's transposing copies, not the cast kernel)
     python bench/bench_train_step.py --global-batch 16 --variants \
@@ -149,6 +150,8 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["fp8_wgrad_chunks"] = int(value)
         elif key in ("castonce", "fusedwgrad") and value in ("0", "1"):  # train.cast_weights_once (FP8 layers too),
             opts["fused_wgrad" if key == "fusedwgrad" else key] = value == "1"  # train.gradient_accumulation_fusion
+        elif key == "outer" and value in ("0", "1"):  # cast-once's embedding and output layer (outer_weights.py)
+            opts["outer"] = value == "1"
         elif key == "ctune" and value in ("0", "1"):  # train.compile_tuning
             opts["compile_tuning"] = value == "1"
         elif key == "swiglu" and value in ("0", "1", "copy"):  # train.fp8_fused_swiglu (copy: transposed by inductor)
@@ -159,7 +162,7 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts.setdefault("inductor", {})[key.removeprefix("inductor.")] = int(value) if value.isdigit() else value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor|arith, fastaccum=0|1, wgradchunks=N, castonce=0|1, fusedwgrad=0|1, ctune=0|1, swiglu=0|1|copy, tune=0|1 or inductor.KEY=VALUE")
+                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor|arith, fastaccum=0|1, wgradchunks=N, castonce=0|1, fusedwgrad=0|1, outer=0|1, ctune=0|1, swiglu=0|1|copy, tune=0|1 or inductor.KEY=VALUE")
     return spec, opts, over
 
 
@@ -249,7 +252,7 @@ def _run_variant(name, opts, margs, args, device, dataset):
     amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)
     castonce = bool(opts.get("castonce")) and amp.amp is not None  # needs autocast (not the CPU's fp32)
     if castonce:
-        weight_cast.cast_weights_once(model.parts, amp.amp, bool(opts.get("fused_wgrad")))
+        weight_cast.cast_weights_once(model.parts, amp.amp, bool(opts.get("fused_wgrad")), opts.get("outer", True))
     accum = args.global_batch // args.micro_batch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -11,6 +11,7 @@ no recomputation, the logits kept in the compute dtype (bf16) and only one chunk
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from llamatron.fp8_gemm import fp8_mm, to_fp8
 
@@ -35,6 +36,41 @@ FP8_LOSS_KERNELS = "triton"
 # convergence check ended 0.9% (training) and 1.2% (validation) below BF16 with it, 0.3% / 0.5% without
 # (docs/performance.md). bench/bench_train_step.py's NAME@fastaccum=0 times it off.
 FP8_LOGITS_FAST_ACCUM = True
+
+
+class KeptOutputWeight:
+    """An output weight's operands kept from one optimizer step to the next (train.cast_weights_once:
+    transforms/outer_weights.py): its compute-dtype copy, or its E4M3 copies for the FP8 loss, made at
+    the first micro-batch that needs them and dropped at `invalidate` (the weights changed); and, with
+    gradient-accumulation fusion, `main_grad`, the fp32 buffer the loss adds the weight's gradient into
+    instead of returning it to autograd."""
+
+    def __init__(self, main_grad: torch.Tensor | None = None):
+        self.main_grad = main_grad
+        self.copies: dict = {}
+
+    def copy(self, kind, make):
+        if kind not in self.copies:
+            self.copies[kind] = make()
+        return self.copies[kind]
+
+    def invalidate(self) -> None:
+        self.copies.clear()
+
+
+# weight -> its KeptOutputWeight; by identity, and gone with the weight.
+_KEPT = WeakIdKeyDictionary()
+
+
+def keep_output_weight(weight: torch.Tensor, main_grad: torch.Tensor | None = None) -> KeptOutputWeight:
+    """From now on the loss takes `weight`'s operands from copies kept between `invalidate` calls."""
+    _KEPT[weight] = kept = KeptOutputWeight(main_grad)
+    return kept
+
+
+def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    kept = _KEPT.get(weight)
+    return weight.to(dtype) if kept is None else kept.copy(dtype, lambda: weight.to(dtype))
 
 
 def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +152,7 @@ def _to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def _chunks(h, weight, labels, chunk_size: int, need_w: bool, dtype: torch.dtype):
     """The summed loss, the hidden states' gradient and the weight's (None: not needed), chunk by chunk."""
     loss_and_grad = _loss_and_grad_fn(h.device)
-    weight = weight.to(dtype)  # under autocast the bf16 copy the GEMMs read
+    weight = _in_dtype(weight, dtype)  # under autocast the bf16 copy the GEMMs read
     grad_h, grad_w = torch.empty_like(h), None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, h.shape[0], chunk_size):
@@ -171,7 +207,8 @@ def _fp8_chunks(h, weight, labels, chunk_size: int, need_w: bool):
     weight-gradient GEMM per group)."""
     to_e4m3 = _compiled_on_cuda(_to_e4m3, _to_e4m3, h.device)
     loss_and_grad = _fp8_loss_and_grad(h.device)
-    w8, w8_t, w_inv = to_e4m3(weight)
+    kept = _KEPT.get(weight)
+    w8, w8_t, w_inv = to_e4m3(weight) if kept is None else kept.copy("e4m3", lambda: to_e4m3(weight))
     g_inv = torch.tensor(1.0 / _DLOGITS_SCALE, device=h.device)
     grad_h, grad_w = torch.empty_like(h), None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -206,12 +243,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         n = _valid_count(labels, h.shape[0])
         ctx.n = n
         ctx.weight_dtype = weight.dtype
+        kept = _KEPT.get(weight)
+        ctx.main_grad = None if kept is None else kept.main_grad
         return total / n
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_out / ctx.n
+        if grad_w is not None and ctx.main_grad is not None:
+            # Scaled and added into the fp32 buffer in one pass (3 x 2.1 GB at 8B), where autograd would
+            # scale (2 x 2.1 GB) and then add into .grad (3 x 2.1 GB) in every micro-batch after the first.
+            if grad_w.dtype == ctx.main_grad.dtype:
+                ctx.main_grad.addcmul_(grad_w, scale)
+            else:  # one chunk's bf16 product: scaled in bf16 first, as the path through autograd does
+                ctx.main_grad.add_(grad_w * scale)
+            grad_w = None
         # In the weight's own dtype (fp32 under autocast): the fp32 accumulator is not rounded to bf16 and
         # cast back, two passes over the 128K x 4096 gradient per micro-batch.
         grad_w = None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype)
@@ -323,7 +370,7 @@ def linear_cross_entropy(
         with torch.autocast(h.device.type, enabled=False):
             # The weight as it is (fp32 under autocast): cast inside, its gradient returned in fp32.
             return _FusedLinearCrossEntropy.apply(h2, weight, lab, chunk_size, fp8, dtype)
-    w = weight.to(dtype)
+    w = _in_dtype(weight, dtype)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, h2.shape[0], chunk_size):
         logits = (h2[start : start + chunk_size] @ w.t()).float()

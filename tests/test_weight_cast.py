@@ -22,7 +22,7 @@ def _batches(n, seed=1):
     return [tuple(torch.randint(0, SIZES["debug"].vocab_size, (2, 16), generator=g) for _ in range(2)) for _ in range(n)]
 
 
-def _grads_after_backward(model, batches):
+def _grads_after_backward(model, batches, device=torch.device("cpu")):
     """Each parameter's gradient after the micro-batches' backward (clipping off, no update: lr 0)."""
     grads = {}
 
@@ -31,7 +31,7 @@ def _grads_after_backward(model, batches):
             grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
     opt = Keep(model.parameters(), lr=0.0)
-    train_step(model, opt, iter(batches), len(batches), lr=0.0, device=torch.device("cpu"),
+    train_step(model, opt, iter(batches), len(batches), lr=0.0, device=device,
                precision=Precision(torch.bfloat16, None), fused_cross_entropy=True)
     return grads
 
@@ -98,11 +98,11 @@ def _family(size: str, seqlen: int = 16):
 def test_fused_gradients_of_the_other_families_equal_autocasts(size):
     """GPT (biased linears) and GLaM, whose router reads its weight directly (fp32 logits), not
     through the layer's forward: its gradient comes from autograd and is added to the (empty) fused
-    buffer, not lost."""
+    buffer, not lost. (GPT's tied embedding table: tests/test_outer_weights.py.)"""
     build, batches = _family(size)
     want = _grads_after_backward(build(), batches)
     model = build()
-    names = weight_cast.cast_weights_once([model], torch.bfloat16, fuse_wgrad=True)
+    names = weight_cast.cast_weights_once([model], torch.bfloat16, fuse_wgrad=True, outer=False)
     assert names and any(n.endswith("feed_forward.router") for n in names) == (size == "glam-debug")
     got = _grads_after_backward(model, batches)
     assert all(want[n].abs().sum() > 0 for n in want if n.endswith(("router.weight", ".bias")))

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamatron.models.glam.experts import GroupedExperts
-from llamatron.transforms import fp8_weight_cast
+from llamatron.transforms import fp8_weight_cast, outer_weights
 
 
 class _CachedCast(torch.autograd.Function):
@@ -171,12 +171,14 @@ class WgradBuffers:
             weight.grad = buffer
 
 
-def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bool = False) -> list[str]:
+def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bool = False,
+                      outer: bool = True) -> list[str]:
     """Make every trainable exact nn.Linear inside the parts' blocks a `CastOnceLinear` with its copy in
     `dtype`, from the current weights; `fuse_wgrad`: with an fp32 weight-gradient buffer each, driven
     by the part's `wgrad_buffers` (train_step). Exact GroupedExperts become `CastOnceExperts`, and
-    tensorwise Float8Linears `CastOnceFloat8Linear` (their copies in E4M3), likewise. Returns the module
-    names converted."""
+    tensorwise Float8Linears `CastOnceFloat8Linear` (their copies in E4M3), likewise. `outer`: the output
+    layer's copies and the embedding's and output layer's gradient buffers too (transforms/outer_weights.py;
+    their names go to each part's `outer_weights`). Returns the block modules' names converted."""
     done = []
     for part in parts:
         copies, grads = [], []  # (copy, weight): what `refresh` copies, found once; (weight, fp32 buffer)
@@ -206,6 +208,8 @@ def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bo
                     grads.append((weight, getattr(mod, grad)))
             done.append(f"layers.{name}")
         part.cast_once_copies, part.cast_once_fp8 = copies, fp8
+        if outer:
+            grads += outer_weights.convert(part, dtype, fuse_wgrad)
         if grads:
             part.wgrad_buffers = WgradBuffers(grads)
     refresh(parts)
@@ -219,6 +223,7 @@ def refresh(parts: list[nn.Module]) -> None:
     if pairs:
         torch._foreach_copy_([copy for copy, _ in pairs], [weight for _, weight in pairs])
     fp8_weight_cast.refresh([triple for part in parts for triple in getattr(part, "cast_once_fp8", ())])
+    outer_weights.refresh(parts)
 
 
 def _casts_experts(mod: nn.Module, dtype: torch.dtype) -> bool:
