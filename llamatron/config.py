@@ -177,10 +177,12 @@ class TrainConfig:
     fp8_experts: bool = True
     # bf16 autocast without FSDP or TP: the block linears' (and a MoE's experts') bf16 weight copies made
     # once per optimizer step instead of in every micro-batch; the same numbers (transforms/weight_cast.py).
-    # With tensorwise train.fp8 the FP8 layers keep E4M3 copies the same way (transforms/fp8_weight_cast.py).
+    # With tensorwise train.fp8 the FP8 layers keep E4M3 copies the same way (transforms/fp8_weight_cast.py),
+    # and the fused loss keeps the output layer's copies between steps (transforms/outer_weights.py).
     cast_weights_once: bool = False
     # With cast_weights_once: each micro-batch's weight gradient accumulated into an fp32 buffer inside
-    # the GEMM (Megatron's gradient_accumulation_fusion), not a bf16 product added into .grad after it.
+    # the GEMM (Megatron's gradient_accumulation_fusion), not a bf16 product added into .grad after it; the
+    # embedding's and output layer's gradients into fp32 buffers too (the embedding's just its rows).
     gradient_accumulation_fusion: bool = False
     # bf16 autocast over fp32 weights (one GPU, no FSDP): the residual stream between blocks in bf16, as
     # Megatron and FSDP's bf16 gather keep it, not fp32 (transforms/residual.py). On by default since its

@@ -70,7 +70,8 @@ def test_cast_weights_once_computes_what_autocast_computes(tmp_path, monkeypatch
     train(_cfg(tmp_path / "once", 6, once), progress=False, log=lambda *a: lines.append(" ".join(map(str, a))))
     want = _losses(tmp_path / "autocast")
     assert _losses(tmp_path / "once") == want and len(set(want.values())) == 6
-    assert any("14 block linears' bf16 weight copies made once per step" in line for line in lines)  # 2 x 7
+    assert any("14 block linears' bf16 weight copies made once per step; outside the blocks: output" in line
+               for line in lines)  # 2 x 7; the embedding joins them with the fused weight gradients
     train(_cfg(tmp_path / "split", 3, once), progress=False, log=lambda *_: None)
     train(_cfg(tmp_path / "split", 6, once), progress=False, log=lambda *_: None)
     assert _losses(tmp_path / "split") == want

@@ -386,7 +386,9 @@ class Trainer:
             fsdp_note += " (AdamW with 8-bit moments, torchao)"
         if self.weight_casts:
             copies = "E4M3" if train.fp8 == "tensorwise" else "bf16"
-            fsdp_note += f" ({self.weight_casts} block linears' {copies} weight copies made once per step)"
+            outer = [n for part in self.layout.parts for n in getattr(part, "outer_weights", ())]
+            fsdp_note += (f" ({self.weight_casts} block linears' {copies} weight copies made once per step"
+                          f"{'; outside the blocks: ' + ', '.join(outer) if outer else ''})")
         self.log(
             f"model {cfg.model.size}: {self.layout.n_params:,} parameters, {self.args.n_layers} layers; device "
             f"{self.device_name}; precision {precision.compute}{fsdp_note}; global batch {train.global_batch_size} = "
