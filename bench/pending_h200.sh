@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-07, 13:20 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-07, 15:10 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -17,6 +17,10 @@
 # ctune_l8 (train.compile_tuning: FP8 micro 8 -0.6 to -1.2%, BF16 and FP8 micro 4 nothing), fp8experts_test
 # (passed), calibrate (its table ranked micro 4 first: not shipped, docs/bench/h200_calibration_not_shipped.json).
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
+# 00. (2026-12-07 15:00) cast-once's embedding and output layer (transforms/outer_weights.py), measured on an H100
+#    only (BF16 -1.2 to -1.6%, FP8 with cast-once -0.7 to -1.0% at micro 8 and -2.1% at micro 4 against the default):
+#    `ONLY=outer_test,outer bash bench/pending_h200.sh 590 $OUT/runs` (~9 min; carrying .whl), then item 1, whose
+#    FP8 rows now run with cast-once and the fused weight gradients as its BF16 row does.
 # 0. Done 2026-12-07 13:09-13:16 on an H200 (docs/performance.md, "Measured on 2026-12-07, 13:09-13:16 UTC"):
 #    FP8's default 1.502x BF16 on the medians (1.489-1.513x pair by pair); FP8 weights cast once per step
 #    (`@castonce=1`) 0.25% slower at micro 8, opt-in. `ONLY=fp8castonce_test,fp8castonce` (~8 min) times it at
@@ -64,11 +68,19 @@ if [ -f /tmp/fa4part.aa ] && [ -f .fa4b/fa4part.ab ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 HAVE_FA4=$(python3 -c "import flash_attn.cute.interface" > /dev/null 2>&1 && echo 1)
-FA4_VARIANTS=${HAVE_FA4:+,compile+cudnn+castonce+fusedwgrad@micro=8@res=bf16@sdpa=fa4,compile+fp8-all@micro=8@res=bf16@sdpa=fa4@ctune=1}
+FA4_VARIANTS=${HAVE_FA4:+,compile+cudnn+castonce+fusedwgrad@micro=8@res=bf16@sdpa=fa4,compile+fp8-all@micro=8@res=bf16@sdpa=fa4@ctune=1@castonce=1@fusedwgrad=1}
 SDPA=${HAVE_FA4:+@sdpa=fa4}  # the tuned runs on the faster attention where it is there
 # An H100 (80 GB) cannot hold BF16 at micro 8: there the BF16 row of item 1 runs at micro 4.
 BF16_STEP=compile+cudnn+castonce+fusedwgrad@res=bf16
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H100 && BF16_STEP=$BF16_STEP@micro=4
+# The embedding and output layer in cast-once's buffers and copies (transforms/outer_weights.py, `@outer=0` without
+# them) on this GPU: BF16 at micro 8 and the 8-layer proxy at micro 2, FP8 with cast-once against the default.
+V=compile+cudnn+castonce+fusedwgrad@res=bf16 F=compile+fp8-all@res=bf16
+run outer_test 90 40 python -m pytest -q -p no:cacheprovider tests/test_outer_weights.py tests/test_fp8_weight_cast.py -k "cuda or keeps"
+run outer 560 400 bash -c "python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
+    --warmup 2 --variants $V,$V@outer=0,$F@castonce=1@fusedwgrad=1,$F,$V@sdpa=cudnn,$V@outer=0@sdpa=cudnn --json $OUT/outer.json; \
+    python bench/bench_train_step.py --layers 8 --seq-len 8192 --global-batch 8 --micro-batch 2 --steps 4 --warmup 2 \
+    --variants $V@outer=0,$V,$V@outer=0@sdpa=cudnn,$V@sdpa=cudnn --json $OUT/outer_l8.json"
 run fp8castonce_test 120 60 python -m pytest -q -p no:cacheprovider tests/test_fp8_weight_cast.py -k "cuda or trainer"
 run fp8castonce 440 300 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
     --warmup 2 --variants compile+fp8-all@res=bf16@castonce=1@fusedwgrad=1,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@castonce=1,compile+fp8-all@res=bf16@micro=4,compile+fp8-all@res=bf16@micro=4@castonce=1@fusedwgrad=1 \
@@ -92,7 +104,7 @@ run zsgpt 75 40 python bench/bench_zero_shot.py --size gpt-126m --requests 4000 
 run fp8loss 330 240 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
     --warmup 2 --variants compile+cudnn+castonce+fusedwgrad,compile+fp8-all,compile+fp8-all@micro=16,compile+fp8-all@micro=4,compile+cudnn+castonce+fusedwgrad@res=bf16,compile+fp8-all@res=bf16 \
     --json "$OUT/fp8loss.json"
-[ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+fp8-all@micro=8@res=bf16${FP8_OPTS:-@ctune=1}$FA4_VARIANTS \
+[ -d .peers/torchtitan ] && EXTRA_VARIANTS=compile+fp8-all@micro=8@res=bf16${FP8_OPTS:-@ctune=1@castonce=1@fusedwgrad=1}$FA4_VARIANTS \
     run sbs 585 420 bash bench/side_by_side.sh "$OUT/sbs" 8 4
 # train.compile_tuning (`@ctune=1`, ~100 s more compile a variant) on both sides, the untuned BF16 again after them:
 # the FP8 / BF16 ratio with the tuning, and the 8-layer proxy's micro 2 (issue 22's 68%) with it.

@@ -8,8 +8,11 @@
 # Needs the peer harness copied into the checkout (it is not carried otherwise) and, for FP8, torchao:
 #   echo /.peers/ >> .git/info/exclude; mkdir -p .peers; cp -r ../shared/peers/torchtitan .peers/
 # llamatron's variants (with the trainer's defaults: the bf16 residual stream, and for FP8 the tuned compile,
-# `@ctune=1`, train.compile_tuning's default with FP8 since 2026-12-07; EXTRA_VARIANTS adds others, e.g.
-# NAME@sdpa=fa4 where flash-attn-4 is installed; FP8_OPTS replaces the FP8 variant's `@ctune=1`) run in one process (bench/bench_train_step.py, medians of its timed steps); each
+# `@ctune=1`, train.compile_tuning's default with FP8 since 2026-12-07; both with the same opt-in knobs,
+# train.cast_weights_once and train.gradient_accumulation_fusion, `castonce+fusedwgrad` / `@castonce=1@fusedwgrad=1`,
+# so that only train.fp8 differs between them (since 2026-12-07 15:00: they pay in FP8 too once the embedding
+# and output layer join them, docs/performance.md); EXTRA_VARIANTS adds others, e.g. NAME@sdpa=fa4 where
+# flash-attn-4 is installed; FP8_OPTS replaces the FP8 variant's options) run in one process (bench/bench_train_step.py, medians of its timed steps); each
 # TorchTitan run is its own process (run.sh), read as the mean `tps` of its steps 6-10 (its README).
 # TorchTitan counts FLOPs as llamatron does (81.90 TFLOP a sequence), so its `mfu` compares directly.
 set -u
@@ -18,7 +21,7 @@ PEER=${PEER:-.peers/torchtitan}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --steps 4 --warmup 2 \
-    --variants "compile+cudnn+castonce+fusedwgrad@micro=$BF16_MICRO@res=bf16,compile+fp8-all@micro=$FP8_MICRO@res=bf16${FP8_OPTS:-@ctune=1}${EXTRA_VARIANTS:+,$EXTRA_VARIANTS}" \
+    --variants "compile+cudnn+castonce+fusedwgrad@micro=$BF16_MICRO@res=bf16,compile+fp8-all@micro=$FP8_MICRO@res=bf16${FP8_OPTS:-@ctune=1@castonce=1@fusedwgrad=1}${EXTRA_VARIANTS:+,$EXTRA_VARIANTS}" \
     --json "$OUT/llamatron.json" > "$OUT/llamatron.log" 2>&1
 echo "llamatron: exit $?"
 FP8="--model.converters quantize.linear.float8 --quantize.linear.float8.recipe_name tensorwise"

@@ -4,6 +4,7 @@ FP8 values in the same GEMMs, so the same gradients bit for bit (the CPU runs to
 
 import pytest
 import torch
+from torch import nn
 
 from llamatron.models.llama.model import ModelArgs, Transformer
 from llamatron.runtime import Precision
@@ -141,7 +142,10 @@ def test_the_trainer_casts_fp8_weights_once_and_trains_as_without(tmp_path):
     once = ["train.cast_weights_once=true", "train.gradient_accumulation_fusion=true"]
     got, lines = run("once", 4, *once)
     assert got == want and len(set(want)) == 4
-    assert any("14 block linears' E4M3 weight copies made once per step" in line for line in lines)
+    # The output layer (a Float8Linear whose weight the FP8 loss reads) keeps its E4M3 copies between steps and
+    # the embedding and it add their gradients into fp32 buffers (transforms/outer_weights.py): still the same losses.
+    assert any("14 block linears' E4M3 weight copies made once per step; outside the blocks: tok_embeddings, "
+               "output" in line for line in lines)
     run("split", 2, *once)
     assert run("split", 4, *once)[0] == want
     with pytest.raises(LlamatronError, match="'train.cast_weights_once': casts tensorwise"):
@@ -163,3 +167,35 @@ def test_the_compiled_refresh_casts_bit_for_bit_as_eager():
     for a, b in zip(eager, compiled):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and a.float().abs().max() == 448.0
     assert all(torch.equal(a, b) for a, b in zip(eager_scales, compiled_scales))
+
+
+def test_the_fp8_loss_keeps_the_output_layers_e4m3_copies():
+    """The output layer in FP8 (a Float8Linear whose weight the fused loss casts itself): with the outer
+    weights (transforms/outer_weights.py) its E4M3 copies are made once for both micro-batches and its
+    gradient is added into its fp32 buffer; the gradients as without them (the embedding's rows summed
+    in another order: within fp32 rounding)."""
+    from llamatron import loss
+
+    def grads(outer: bool):
+        torch._dynamo.reset()
+        model = Transformer(ARGS)
+        model.init_weights(seed=0)
+        apply_fp8(model, "tensorwise", min_features=16, include_output=True)
+        weight_cast.cast_weights_once([model], torch.bfloat16, fuse_wgrad=True, outer=outer)
+        g = torch.Generator().manual_seed(0)
+        model.wgrad_buffers.begin()
+        for _ in range(2):
+            tokens, labels = (torch.randint(0, ARGS.vocab_size, (2, 16), generator=g) for _ in range(2))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                (model(tokens, labels, fp8_loss=True) / 2).backward()
+        model.wgrad_buffers.attach()
+        return model, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    _, want = grads(False)
+    model, got = grads(True)
+    assert type(model.output) is not nn.Linear and model.outer_weights == ["tok_embeddings", "output"]
+    kept = loss._KEPT[model.output.weight]
+    assert kept.copies["e4m3"][0].dtype == torch.float8_e4m3fn and kept.main_grad is got["output.weight"]
+    assert got.keys() == want.keys()
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-6, atol=1e-9)

@@ -16,8 +16,9 @@ adds just its rows (`index_put_` with accumulate: sorted by row, so deterministi
 loss adds its scaled gradient in one pass. A weight used elsewhere too (GPT's tied output layer reads
 the embedding's table) still gets that use's gradient from autograd, and `WgradBuffers.attach` adds it.
 
-Only exact modules outside `layers` with a trainable weight not in the compute dtype: `nn.Embedding` with
-its default options, `nn.Linear` without bias (the output projection).
+Only modules outside `layers` with a trainable weight not in the compute dtype: exact `nn.Embedding`s with
+their default options, and `nn.Linear`s without bias (the output projection; in FP8 torchao's `Float8Linear`,
+whose weight the fused loss reads and casts to E4M3 itself).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def convert(part: nn.Module, dtype: torch.dtype, fuse_wgrad: bool) -> list[tuple
         if not isinstance(weight, nn.Parameter) or not weight.requires_grad or weight.dtype == dtype:
             continue
         buffer = torch.zeros_like(weight) if fuse_wgrad else None
-        if type(mod) is nn.Linear and mod.bias is None:
+        if isinstance(mod, nn.Linear) and mod.bias is None:  # torchao's Float8Linear too: the FP8 loss reads its weight
             kept.append(loss.keep_output_weight(weight, buffer))
         elif _plain_embedding(mod) and fuse_wgrad:
             mod.__class__ = BufferedGradEmbedding
