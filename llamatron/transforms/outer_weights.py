@@ -75,14 +75,16 @@ def convert(part: nn.Module, dtype: torch.dtype, fuse_wgrad: bool) -> list[tuple
         weight = getattr(mod, "weight", None)
         if not isinstance(weight, nn.Parameter) or not weight.requires_grad or weight.dtype == dtype:
             continue
+        # torchao's Float8Linear is an nn.Linear too: the FP8 loss reads its weight.
+        output, embedding = isinstance(mod, nn.Linear) and mod.bias is None, _plain_embedding(mod) and fuse_wgrad
+        if not (output or embedding):
+            continue
         buffer = torch.zeros_like(weight) if fuse_wgrad else None
-        if isinstance(mod, nn.Linear) and mod.bias is None:  # torchao's Float8Linear too: the FP8 loss reads its weight
+        if output:
             kept.append(loss.keep_output_weight(weight, buffer))
-        elif _plain_embedding(mod) and fuse_wgrad:
+        else:
             mod.__class__ = BufferedGradEmbedding
             mod.register_buffer("main_grad", buffer, persistent=False)
-        else:
-            continue
         names.append(name)
         if buffer is not None:
             grads.append((weight, buffer))
