@@ -179,11 +179,14 @@ class TrainConfig:
     # once per optimizer step instead of in every micro-batch; the same numbers (transforms/weight_cast.py).
     # With tensorwise train.fp8 the FP8 layers keep E4M3 copies the same way (transforms/fp8_weight_cast.py),
     # and the fused loss keeps the output layer's copies between steps (transforms/outer_weights.py).
-    cast_weights_once: bool = False
+    # Unset: on where it was measured faster and costs no memory at the peak (weight_cast.wanted: one CUDA
+    # GPU, several micro-batches a step, no activation checkpointing or LoRA, train.fp8 none or tensorwise).
+    cast_weights_once: bool | None = None
     # With cast_weights_once: each micro-batch's weight gradient accumulated into an fp32 buffer inside
     # the GEMM (Megatron's gradient_accumulation_fusion), not a bf16 product added into .grad after it; the
     # embedding's and output layer's gradients into fp32 buffers too (the embedding's just its rows).
-    gradient_accumulation_fusion: bool = False
+    # Unset: as cast_weights_once.
+    gradient_accumulation_fusion: bool | None = None
     # bf16 autocast over fp32 weights (one GPU, no FSDP): the residual stream between blocks in bf16, as
     # Megatron and FSDP's bf16 gather keep it, not fp32 (transforms/residual.py). On by default since its
     # 2,000-step convergence check (docs/performance.md); false keeps the fp32 stream.
@@ -217,7 +220,7 @@ def _validate_train(train: TrainConfig) -> None:
     _need(not (train.cast_weights_once and train.fp8 == "rowwise"), "train.cast_weights_once",
           "casts tensorwise FP8 weights once; rowwise FP8 layers cast in every micro-batch "
           "(set train.fp8 = tensorwise, or cast_weights_once = false)")
-    _need(train.cast_weights_once or not train.gradient_accumulation_fusion, "train.gradient_accumulation_fusion",
+    _need(train.cast_weights_once is not False or not train.gradient_accumulation_fusion, "train.gradient_accumulation_fusion",
           "needs train.cast_weights_once (it accumulates the gradients of the layers that one converts)")
     _need(not (train.fp8_all_gather and train.fp8_include_output), "train.fp8_include_output",
           "not with train.fp8_all_gather (the fused loss takes the gathered output weight in bf16)")

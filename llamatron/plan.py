@@ -215,8 +215,8 @@ class Workload:
     # padding run one of them: the mask lets it attend to itself); None = one document per sequence.
     document_tokens: float | None = None
     compile: bool = True  # train.compile: what the step-time model was fitted to, and the memory it estimates
-    cast_weights_once: bool = False  # train.cast_weights_once: the weight casts once per step
-    gradient_accumulation_fusion: bool = False  # train.gradient_accumulation_fusion: fp32 accumulation in the GEMMs
+    cast_weights_once: bool | None = False  # train.cast_weights_once: the weight casts once per step (None: as the trainer)
+    gradient_accumulation_fusion: bool | None = False  # train.gradient_accumulation_fusion: fp32 accumulation in the GEMMs
     bf16_residual: bool = True  # train.bf16_residual (the default): the residual stream in bf16 (its saved bytes)
     optim: str = "adamw"  # optim.name: the optimizer state's bytes per parameter
     config: str | None = None  # the config file or preset the --set lines go with
@@ -498,14 +498,22 @@ def calibrated_compute(w: Workload, lay: Layout, hw: Hardware, m: int) -> float:
     if fp8_output:
         adds = max(0, math.ceil(chunks / FP8_WGRAD_CHUNKS) - 1) * FP8_WGRAD_ADD_BYTES * vocab * args.dim
         loss += (tokens * vocab * FP8_LOSS_BYTES_PER_LOGIT + (adds if trainable else 0)) / table.bandwidth()
-    return m * (stage.layers * block + output + loss) + parameter_passes(w, stage.params, m) / table.bandwidth()
+    return m * (stage.layers * block + output + loss) + parameter_passes(w, stage.params, m, lay) / table.bandwidth()
 
 
-def parameter_passes(w: Workload, params: float, m: int) -> float:
-    """Bytes of the weight casts and the gradient accumulation in a step of `m` micro-batches."""
-    if not w.cast_weights_once:
+def parameter_passes(w: Workload, params: float, m: int, lay: Layout | None = None) -> float:
+    """Bytes of the weight casts and the gradient accumulation in a step of `m` micro-batches. Unset
+    (None) cast_weights_once and fusion are the trainer's choice for `lay` (weight_cast.wanted): on for
+    one GPU, several micro-batches, no activation checkpointing or LoRA."""
+    cast, fuse = w.cast_weights_once, w.gradient_accumulation_fusion
+    if cast is None or fuse is None:
+        pays = (lay is not None and lay.dp * lay.tp * lay.pp * lay.cp * lay.ep == 1 and m > 1
+                and not lay.activation_checkpointing and w.lora is None and w.fp8 != "rowwise")
+        cast = (pays or bool(fuse)) if cast is None else cast
+        fuse = cast and (pays if fuse is None else fuse)
+    if not cast:
         return m * PARAM_PASS_BYTES * params
-    micro = FUSED_WGRAD_MICRO_BYTES if w.gradient_accumulation_fusion else CAST_ONCE_MICRO_BYTES
+    micro = FUSED_WGRAD_MICRO_BYTES if fuse else CAST_ONCE_MICRO_BYTES
     return CAST_ONCE_BYTES * params + m * micro * params
 
 

@@ -1189,3 +1189,21 @@ def test_the_partitioner_backend_saves_what_inductor_saves(monkeypatch):
             block(x, cos, sin).sum().backward()
         shapes[str(backend)] = sorted((tuple(t.shape), str(t.dtype)) for t in kept)
     assert shapes["inductor"] and len(set(map(tuple, shapes.values()))) == 1, shapes
+
+
+def test_unset_cast_once_is_planned_as_the_trainer_chooses_it(tmp_path):
+    """A config that leaves train.cast_weights_once and gradient_accumulation_fusion unset gets both where
+    the trainer turns them on (one GPU, several micro-batches, no activation checkpointing), neither
+    elsewhere (weight_cast.wanted)."""
+    w = plan.workload("glam-126m-64e", 2048, 128)
+    cfg = tmp_path / "glam.toml"
+    cfg.write_text('[model]\nsize = "glam-126m-64e"\n[data]\nseq_len = 2048\n[train]\nglobal_batch_size = 128\n')
+    auto = plan.workload_from_config(str(cfg))
+    assert (auto.cast_weights_once, auto.gradient_accumulation_fusion) == (None, None)
+    on = dataclasses.replace(w, cast_weights_once=True, gradient_accumulation_fusion=True)
+    params = plan._stage(w, plan.Layout(1, 1, 1, 1, 1, 8, False)).params
+    one_gpu, checkpointed, fsdp = plan.Layout(1, 1, 1, 1, 1, 8, False), plan.Layout(1, 1, 1, 1, 1, 8, True), \
+        plan.Layout(2, 1, 1, 1, 1, 8, False)
+    assert plan.parameter_passes(auto, params, 16, one_gpu) == plan.parameter_passes(on, params, 16, one_gpu)
+    for lay, m in ((checkpointed, 16), (fsdp, 8), (one_gpu, 1)):
+        assert plan.parameter_passes(auto, params, m, lay) == plan.parameter_passes(w, params, m, lay)

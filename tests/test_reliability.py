@@ -558,7 +558,8 @@ def test_load_batch_vocab_guard():
     ("optim.grad_clip=-1", "'optim.grad_clip'"),
     ("optim.name=adam", "'optim.name': must be one of adamw, adamw8bit, got 'adam'"),
     ("optim.name=adamw8bit optim.fused=true", "'optim.fused'"),
-    ("train.gradient_accumulation_fusion=true", "'train.gradient_accumulation_fusion': needs train.cast_weights_once"),
+    ("train.cast_weights_once=false train.gradient_accumulation_fusion=true",
+     "'train.gradient_accumulation_fusion': needs train.cast_weights_once"),
     ("train.fp8=rowwise train.cast_weights_once=true", "'train.cast_weights_once': casts tensorwise FP8 weights once"),
 ])
 def test_new_config_keys_validated(override, needle):

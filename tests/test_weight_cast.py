@@ -134,3 +134,17 @@ def test_glam_experts_cast_once_give_autocasts_gradients(fuse):
     assert not torch.equal(ex.w1_copy, ex.w1.to(torch.bfloat16))
     weight_cast.refresh([m])
     assert torch.equal(ex.w1_copy, ex.w1.to(torch.bfloat16)) and torch.equal(ex.w2_copy, ex.w2.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("cast, fuse, pays, want", [
+    (None, None, True, (True, True)), (None, None, False, (False, False)),
+    (True, None, False, (True, False)), (True, None, True, (True, True)), (True, False, True, (True, False)),
+    (False, None, True, (False, False)), (None, True, False, (True, True)), (None, False, True, (True, False)),
+])
+def test_what_the_options_and_their_unset_defaults_choose(cast, fuse, pays, want):
+    """train.cast_weights_once and gradient_accumulation_fusion: explicit values win; unset, both follow
+    the trainer's judgement (`pays`); an explicit fusion implies cast-once."""
+    from llamatron.config import TrainConfig
+
+    train = TrainConfig(cast_weights_once=cast, gradient_accumulation_fusion=fuse)
+    assert weight_cast.wanted(train, pays) == want

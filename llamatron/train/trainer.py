@@ -246,13 +246,17 @@ class Trainer:
         return loss, grad_norm
 
     def _cast_weights_once(self) -> int:
-        if not self.cfg.train.cast_weights_once:
+        train, dims = self.cfg.train, self.dims
+        pays = (self.device.type == "cuda" and self.precision.amp is not None and dims.world_size == 1
+                and self.accum > 1 and not train.activation_checkpointing and not self.cfg.lora.rank
+                and train.fp8 in ("none", "tensorwise") and not train.fp8_all_gather)
+        cast, self.fuse_wgrad = weight_cast.wanted(train, pays)
+        if not cast:
             return 0
-        if self.precision.amp is None or self.dims.fsdp_enabled or self.dims.tp > 1:
+        if self.precision.amp is None or dims.fsdp_enabled or dims.tp > 1:
             raise LlamatronError("config key 'train.cast_weights_once': for bf16 autocast over fp32 weights, "
                                  "without FSDP (its mixed precision casts at the gather) or tensor parallelism")
-        return len(weight_cast.cast_weights_once(self.layout.parts, self.precision.amp,
-                                                 self.cfg.train.gradient_accumulation_fusion))
+        return len(weight_cast.cast_weights_once(self.layout.parts, self.precision.amp, self.fuse_wgrad))
 
     def _micro_batches(self, step: int):
         """This rank's micro-batches of `step` and, for fine-tuning data (masked labels), their counts
@@ -403,7 +407,7 @@ class Trainer:
             self.args, cfg.data.seq_len, train.micro_batch_size, dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard,
             tp=dims.tp, pp=dims.pp, cp=dims.cp, ep=dims.ep, pp_schedule=dims.pp_schedule,
             # Fused gradient accumulation keeps its fp32 buffers across steps: counted as with accumulation
-            n_microbatches=max(self.accum, 2) if train.gradient_accumulation_fusion else self.accum,
+            n_microbatches=max(self.accum, 2) if self.fuse_wgrad else self.accum,
             bf16=precision.compute == torch.bfloat16, fsdp=dims.fsdp_enabled,
             activation_checkpointing=train.activation_checkpointing, checkpointed_layers=train.activation_checkpointing_layers,
             fused_cross_entropy=self.layout.fused_loss(train.fused_cross_entropy),
