@@ -20,7 +20,8 @@
 # 00. (2026-12-07 15:00) cast-once's embedding and output layer (transforms/outer_weights.py), measured on an H100
 #    only (BF16 -1.2 to -1.6%, FP8 with cast-once -0.7 to -1.0% at micro 8 and -2.1% at micro 4 against the default):
 #    `ONLY=outer_test,outer bash bench/pending_h200.sh 590 $OUT/runs` (~9 min; carrying .whl), then item 1, whose
-#    FP8 rows now run with cast-once and the fused weight gradients as its BF16 row does.
+#    FP8 rows now run with cast-once and the fused weight gradients as its BF16 row does (the trainer's default for
+#    both since 15:40, one GPU and several micro-batches: if FP8 with them is slower on the H200, say so there).
 # 0. Done 2026-12-07 13:09-13:16 on an H200 (docs/performance.md, "Measured on 2026-12-07, 13:09-13:16 UTC"):
 #    FP8's default 1.502x BF16 on the medians (1.489-1.513x pair by pair); FP8 weights cast once per step
 #    (`@castonce=1`) 0.25% slower at micro 8, opt-in. `ONLY=fp8castonce_test,fp8castonce` (~8 min) times it at
