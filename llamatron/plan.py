@@ -64,6 +64,7 @@ from llamatron.errors import LlamatronError
 from llamatron.loss import FP8_WGRAD_CHUNKS
 from llamatron.models.family import Saving
 from llamatron.parallel.memory import STATE_BYTES, GiB, MemoryEstimate, compiles_whole, estimate_memory, fp8_counts, parameter_counts
+from llamatron.transforms.weight_cast import wanted
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 VIRTUAL_STAGES = (1, 2, 4)
@@ -505,12 +506,9 @@ def parameter_passes(w: Workload, params: float, m: int, lay: Layout | None = No
     """Bytes of the weight casts and the gradient accumulation in a step of `m` micro-batches. Unset
     (None) cast_weights_once and fusion are the trainer's choice for `lay` (weight_cast.wanted): on for
     one GPU, several micro-batches, no activation checkpointing or LoRA."""
-    cast, fuse = w.cast_weights_once, w.gradient_accumulation_fusion
-    if cast is None or fuse is None:
-        pays = (lay is not None and lay.dp * lay.tp * lay.pp * lay.cp * lay.ep == 1 and m > 1
-                and not lay.activation_checkpointing and w.lora is None and w.fp8 != "rowwise")
-        cast = (pays or bool(fuse)) if cast is None else cast
-        fuse = cast and (pays if fuse is None else fuse)
+    pays = (lay is not None and lay.dp * lay.tp * lay.pp * lay.cp * lay.ep == 1 and m > 1
+            and not lay.activation_checkpointing and w.lora is None and w.fp8 != "rowwise")
+    cast, fuse = wanted(w.cast_weights_once, w.gradient_accumulation_fusion, pays)
     if not cast:
         return m * PARAM_PASS_BYTES * params
     micro = FUSED_WGRAD_MICRO_BYTES if fuse else CAST_ONCE_MICRO_BYTES

@@ -144,7 +144,4 @@ def test_glam_experts_cast_once_give_autocasts_gradients(fuse):
 def test_what_the_options_and_their_unset_defaults_choose(cast, fuse, pays, want):
     """train.cast_weights_once and gradient_accumulation_fusion: explicit values win; unset, both follow
     the trainer's judgement (`pays`); an explicit fusion implies cast-once."""
-    from llamatron.config import TrainConfig
-
-    train = TrainConfig(cast_weights_once=cast, gradient_accumulation_fusion=fuse)
-    assert weight_cast.wanted(train, pays) == want
+    assert weight_cast.wanted(cast, fuse, pays) == want

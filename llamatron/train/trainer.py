@@ -250,7 +250,7 @@ class Trainer:
         pays = (self.device.type == "cuda" and self.precision.amp is not None and dims.world_size == 1
                 and self.accum > 1 and not train.activation_checkpointing and not self.cfg.lora.rank
                 and train.fp8 in ("none", "tensorwise") and not train.fp8_all_gather)
-        cast, self.fuse_wgrad = weight_cast.wanted(train, pays)
+        cast, self.fuse_wgrad = weight_cast.wanted(train.cast_weights_once, train.gradient_accumulation_fusion, pays)
         if not cast:
             return 0
         if self.precision.amp is None or dims.fsdp_enabled or dims.tp > 1:

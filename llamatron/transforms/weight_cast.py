@@ -171,15 +171,13 @@ class WgradBuffers:
             weight.grad = buffer
 
 
-def wanted(train, pays: bool) -> tuple[bool, bool]:
-    """(cast once, fuse the weight gradients) for the `[train]` section: what `train.cast_weights_once` and
-    `train.gradient_accumulation_fusion` say, and where they are unset (None), `pays`: the trainer's
-    judgement that the run is one where both were measured faster and cost no memory at the peak (one CUDA
-    GPU under bf16 autocast, several micro-batches a step, no activation checkpointing, which would
-    otherwise not keep the blocks' bf16 copies, no LoRA, train.fp8 none or tensorwise; docs/performance.md).
-    An explicit fusion implies cast-once."""
-    fuse = train.gradient_accumulation_fusion
-    cast = train.cast_weights_once
+def wanted(cast: bool | None, fuse: bool | None, pays: bool) -> tuple[bool, bool]:
+    """(cast once, fuse the weight gradients) from `train.cast_weights_once` and
+    `train.gradient_accumulation_fusion`: what they say, and where they are unset (None), `pays`: the
+    trainer's (and the planner's) judgement that the run is one where both were measured faster and cost
+    no memory at the peak (one CUDA GPU under bf16 autocast, several micro-batches a step, no activation
+    checkpointing, which would otherwise not keep the blocks' bf16 copies, no LoRA, train.fp8 none or
+    tensorwise; docs/performance.md). An explicit fusion implies cast-once."""
     cast = (pays or bool(fuse)) if cast is None else cast
     return cast, cast and (pays if fuse is None else fuse)
 
