@@ -20,6 +20,7 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     # NAME@sdpa=fa4 runs SDPA on another kernel (train.attention_backend: cudnn, flash, fa4, ...),
     # NAME@fp8loss=inductor makes the FP8 loss's gradients as before llamatron/loss_kernels.py (fp8loss=arith:
     # with its kernels as they were on 2026-12-06, casts by integer arithmetic and the fixed 64 x 128 tile),
+    # NAME@bf16loss=triton makes the BF16 loss's gradients in llamatron/loss_kernels.py's kernels (llamatron.loss.BF16_LOSS_KERNELS),
     # NAME@fastaccum=0 runs the FP8 logits' GEMM without fast accumulation (llamatron.loss.FP8_LOGITS_FAST_ACCUM,
     # on since 2026-12-07's convergence check),
     # NAME@wgradchunks=N puts N of the FP8 loss's chunks in each of its weight-gradient GEMMs (default 4),
@@ -79,6 +80,7 @@ from llamatron.transforms.fp8 import apply_fp8, apply_fp8_experts  # noqa: E402
 
 # The FP8 loss's kernels and chunks per weight-gradient GEMM of the variants that name none (llamatron.loss's).
 FP8_LOSS_DEFAULTS = fused_loss.FP8_LOSS_KERNELS, fused_loss.FP8_WGRAD_CHUNKS, fused_loss.FP8_LOGITS_FAST_ACCUM
+BF16_LOSS_DEFAULT = fused_loss.BF16_LOSS_KERNELS
 # GLaM's attention kernel of the variants that name none: the environment's (LLAMATRON_GLAM_ATTENTION) or flex.
 DEFAULT_GLAM_ATTENTION = glam_attention.KERNEL
 
@@ -144,6 +146,8 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["bf16_residual"] = value == "bf16"
         elif key == "fp8loss" and value in ("triton", "inductor", "arith"):  # who makes the FP8 loss's gradients
             opts["fp8_loss_kernels"] = value
+        elif key == "bf16loss" and value in ("triton", "inductor"):  # who makes the BF16 loss's gradients
+            opts["bf16_loss_kernels"] = value
         elif key == "fastaccum" and value in ("0", "1"):  # the FP8 logits' GEMM with fast accumulation
             opts["fp8_logits_fast_accum"] = value == "1"
         elif key == "wgradchunks" and value.isdigit():  # chunks of the FP8 loss per weight-gradient GEMM
@@ -162,7 +166,7 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts.setdefault("inductor", {})[key.removeprefix("inductor.")] = int(value) if value.isdigit() else value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor|arith, fastaccum=0|1, wgradchunks=N, castonce=0|1, fusedwgrad=0|1, outer=0|1, ctune=0|1, swiglu=0|1|copy, tune=0|1 or inductor.KEY=VALUE")
+                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor|arith, bf16loss=triton|inductor, fastaccum=0|1, wgradchunks=N, castonce=0|1, fusedwgrad=0|1, outer=0|1, ctune=0|1, swiglu=0|1|copy, tune=0|1 or inductor.KEY=VALUE")
     return spec, opts, over
 
 
@@ -245,6 +249,7 @@ def _run_variant(name, opts, margs, args, device, dataset):
         from llamatron import loss_kernels
 
         loss_kernels.HARDWARE_CASTS = loss_kernels.TUNE_GRAD = kernels != "arith"  # SwiGLU's kernels read the first too
+    fused_loss.BF16_LOSS_KERNELS = opts.get("bf16_loss_kernels", BF16_LOSS_DEFAULT)
     fused_loss.FP8_WGRAD_CHUNKS = opts.get("fp8_wgrad_chunks", FP8_LOSS_DEFAULTS[1])
     fused_loss.FP8_LOGITS_FAST_ACCUM = opts.get("fp8_logits_fast_accum", FP8_LOSS_DEFAULTS[2])
     model = build_layout(margs, opts, device)

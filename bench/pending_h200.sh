@@ -19,7 +19,8 @@
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
 # 00. (2026-12-07 15:00) cast-once's embedding and output layer (transforms/outer_weights.py), measured on an H100
 #    only (BF16 -1.2 to -1.6%, FP8 with cast-once -0.7 to -1.0% at micro 8 and -2.1% at micro 4 against the default):
-#    `ONLY=outer_test,outer bash bench/pending_h200.sh 590 $OUT/runs` (~9 min; carrying .whl), then item 1, whose
+#    `ONLY=outer_test,outer bash bench/pending_h200.sh 590 $OUT/runs` (~9 min; carrying .whl); `ONLY=bf16loss_test,bf16loss`
+#    (~5 min): the BF16 loss in the FP8 loss's Triton kernels (opt-in, loss.BF16_LOSS_KERNELS); then item 1, whose
 #    FP8 rows now run with cast-once and the fused weight gradients as its BF16 row does (the trainer's default for
 #    both since 15:40, one GPU and several micro-batches: if FP8 with them is slower on the H200, say so there).
 # 0. Done 2026-12-07 13:09-13:16 on an H200 (docs/performance.md, "Measured on 2026-12-07, 13:09-13:16 UTC"):
@@ -82,6 +83,11 @@ run outer 560 400 bash -c "python bench/bench_train_step.py --layers 4 --seq-len
     --warmup 2 --variants $V,$V@outer=0,$F@castonce=1@fusedwgrad=1,$F,$V@sdpa=cudnn,$V@outer=0@sdpa=cudnn --json $OUT/outer.json; \
     python bench/bench_train_step.py --layers 8 --seq-len 8192 --global-batch 8 --micro-batch 2 --steps 4 --warmup 2 \
     --variants $V@outer=0,$V,$V@outer=0@sdpa=cudnn,$V@sdpa=cudnn --json $OUT/outer_l8.json"
+# The BF16 loss's gradient from llamatron/loss_kernels.py's kernels (loss.BF16_LOSS_KERNELS, `@bf16loss=triton`)
+# against inductor's (the default): its CUDA test, then the BF16 step at micro 8 A B A B.
+run bf16loss_test 60 30 python -m pytest -q -p no:cacheprovider tests/test_loss_kernels.py
+run bf16loss 330 240 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
+    --warmup 2 --variants $V@bf16loss=triton,$V,$V@bf16loss=triton@sdpa=cudnn,$V@sdpa=cudnn --json "$OUT/bf16loss.json"
 run fp8castonce_test 120 60 python -m pytest -q -p no:cacheprovider tests/test_fp8_weight_cast.py -k "cuda or trainer"
 run fp8castonce 440 300 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
     --warmup 2 --variants compile+fp8-all@res=bf16@castonce=1@fusedwgrad=1,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@castonce=1,compile+fp8-all@res=bf16@micro=4,compile+fp8-all@res=bf16@micro=4@castonce=1@fusedwgrad=1 \

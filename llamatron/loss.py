@@ -31,6 +31,11 @@ FP8_WGRAD_CHUNKS = 4
 # Who makes the FP8 loss and its gradient on CUDA: "triton" (llamatron/loss_kernels.py) or "inductor"
 # (the compiled loss, as before them; bench/bench_train_step.py's NAME@fp8loss=inductor).
 FP8_LOSS_KERNELS = "triton"
+# Who makes the BF16 loss and its gradient on CUDA: "inductor" (the compiled `_loss_and_grad`, one kernel
+# that reads each chunk twice with a row per program) or "triton" (llamatron/loss_kernels.py's tiled kernels,
+# as the FP8 loss: 16% faster than inductor's there on an H100; not yet timed in the BF16 step:
+# bench/bench_train_step.py's NAME@bf16loss=triton).
+BF16_LOSS_KERNELS = "inductor"
 # The logits' FP8 GEMM with the tensor cores' fast accumulation, as torchao's Float8Linear runs every
 # forward GEMM (K = 4096 here): the FP8 step 0.3-1.0% faster (H100, 2026-12-07), and the 2,000-step
 # convergence check ended 0.9% (training) and 1.2% (validation) below BF16 with it, 0.3% / 0.5% without
@@ -140,6 +145,10 @@ def _compiled_on_cuda(fn, eager, device: torch.device):
 def _loss_and_grad_fn(device: torch.device, fp8: bool = False):
     if fp8:
         return _compiled_on_cuda(_loss_and_grad_e5m2, _loss_and_grad_e5m2_eager, device)
+    if device.type == "cuda" and BF16_LOSS_KERNELS == "triton":
+        from llamatron.loss_kernels import loss_and_grad
+
+        return loss_and_grad
     return _compiled_on_cuda(_loss_and_grad, _loss_and_grad_inplace, device)
 
 

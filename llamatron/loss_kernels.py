@@ -1,5 +1,6 @@
 """The FP8 fused loss's cross-entropy and E5M2 softmax gradient in Triton kernels of its own
-(`llamatron.loss`, CUDA).
+(`llamatron.loss`, CUDA); the same kernels give the BF16 loss its bf16 gradient where
+`loss.BF16_LOSS_KERNELS` asks for them (`loss_and_grad`: not yet timed in the step, so not the default).
 
 For each chunk of logits [R, V] (bf16, V = 128,256 for Llama 3.1) the FP8 output layer needs the loss
 and the gradient softmax - one_hot, scaled and cast to E5M2. Compiled by inductor that is one kernel
@@ -103,9 +104,21 @@ def _to_e5m2(x, HW_CAST: tl.constexpr):
 
 
 @triton.jit
+def _to_bf16(x, HW_CAST: tl.constexpr):
+    """x (fp32, finite) in bf16, rounded to nearest, ties to even, as torch's cast. HW_CAST: the GPU's
+    conversion; else by arithmetic on the bits (the CPU interpreter's own cast truncates)."""
+    if HW_CAST:
+        return x.to(tl.bfloat16, fp_downcast_rounding="rtne")
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000
+    return rounded.to(tl.float32, bitcast=True).to(tl.bfloat16)
+
+
+@triton.jit
 def _grad(X, LABELS, LSE, G, R, V, stride_x, stride_g, scale,
-          IGNORE: tl.constexpr, HW_CAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """G [R, V] = E5M2((softmax - one_hot) * scale), zero in ignored rows."""
+          IGNORE: tl.constexpr, HW_CAST: tl.constexpr, FP8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """G [R, V] = E5M2((softmax - one_hot) * scale), zero in ignored rows; FP8 false: in G's own dtype
+    (bf16), unscaled."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (rows < R)[:, None] & (cols < V)[None, :]
@@ -114,11 +127,15 @@ def _grad(X, LABELS, LSE, G, R, V, stride_x, stride_g, scale,
     label = tl.load(LABELS + rows, mask=rows < R, other=IGNORE)
     p = tl.exp(x - lse[:, None])
     p = tl.where(cols[None, :] == label[:, None], p - 1.0, p)
-    g8 = _to_e5m2(tl.where((label != IGNORE)[:, None], p, 0.0) * scale, HW_CAST)
-    tl.store(G + rows[:, None].to(tl.int64) * stride_g + cols[None, :], g8, mask=mask)
+    p = tl.where((label != IGNORE)[:, None], p, 0.0)
+    if FP8:
+        g = _to_e5m2(p * scale, HW_CAST)
+    else:
+        g = _to_bf16(p, HW_CAST)
+    tl.store(G + rows[:, None].to(tl.int64) * stride_g + cols[None, :], g, mask=mask)
 
 
-_grad_tuned = triton.autotune(_GRAD_CONFIGS, key=["R", "V", "HW_CAST"])(_grad)
+_grad_tuned = triton.autotune(_GRAD_CONFIGS, key=["R", "V", "HW_CAST", "FP8"])(_grad)
 
 
 def hardware_casts(x: torch.Tensor) -> bool:
@@ -129,6 +146,15 @@ def hardware_casts(x: torch.Tensor) -> bool:
 def loss_and_grad_e5m2(logits: torch.Tensor, labels: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed cross-entropy of logits [R, V] (row-major) against labels [R] (IGNORE_INDEX: no loss,
     no gradient), and (softmax - one_hot) * scale in E5M2 [R, V], row-major."""
+    return _loss_and_grad(logits, labels, scale, torch.float8_e5m2)
+
+
+def loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same for the BF16 loss (llamatron.loss.BF16_LOSS_KERNELS): softmax - one_hot in logits' dtype."""
+    return _loss_and_grad(logits, labels, 1.0, logits.dtype)
+
+
+def _loss_and_grad(logits, labels, scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     R, V = logits.shape
     assert logits.stride(1) == 1 and labels.is_contiguous()
     slices = triton.cdiv(V, SLICE_COLS)
@@ -141,9 +167,9 @@ def loss_and_grad_e5m2(logits: torch.Tensor, labels: torch.Tensor, scale: float)
     _combine[(triton.cdiv(R, 128),)](
         logits, labels, part_m, part_s, lse, row_loss, R, logits.stride(0), slices, IGNORE=IGNORE_INDEX,
         SP=triton.next_power_of_2(slices), BR=128)
-    grad = torch.empty((R, V), dtype=torch.float8_e5m2, device=logits.device)
+    grad = torch.empty((R, V), dtype=dtype, device=logits.device)
     args = (logits, labels, lse, grad, R, V, logits.stride(0), grad.stride(0), scale, IGNORE_INDEX,
-            hardware_casts(logits))
+            hardware_casts(logits), dtype == torch.float8_e5m2)
     if logits.is_cuda and TUNE_GRAD:
         _grad_tuned[lambda meta: (triton.cdiv(R, meta["BM"]), triton.cdiv(V, meta["BN"]))](*args)
     else:

@@ -121,5 +121,7 @@ def test_variant_conditions_set_the_trainer_options_they_name():
     cast = bench.parse_variant("compile+fp8-all@castonce=1@fusedwgrad=1")[1]
     assert cast["castonce"] is True and cast["fused_wgrad"] is True
     assert bench.parse_variant("compile+cudnn+castonce+fusedwgrad@fusedwgrad=0")[1]["fused_wgrad"] is False
+    assert bench.parse_variant("compile+cudnn+castonce+fusedwgrad@outer=0")[1]["outer"] is False
+    assert bench.parse_variant("compile+cudnn@bf16loss=triton")[1]["bf16_loss_kernels"] == "triton"
     with pytest.raises(SystemExit, match=r"swiglu=0\|1\|copy"):
         bench.parse_variant("compile+fp8-all@swiglu=yes")

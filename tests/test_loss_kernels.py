@@ -60,6 +60,15 @@ for mode in ("eager", "triton"):
 (l0, gh0, gw0), (l1, gh1, gw1) = runs
 out["layer_loss_rel"] = abs(l0 - l1) / l0
 out["layer_grads_equal"] = torch.equal(gh0, gh1) and torch.equal(gw0, gw1)
+
+# The BF16 loss through the same kernels (loss.BF16_LOSS_KERNELS = "triton") against the eager bf16 path.
+ref_loss, ref = loss._loss_and_grad_inplace(logits, labels)
+got_loss, got = loss_kernels.loss_and_grad(logits, labels)
+out["bf16_dtype"] = str(got.dtype)
+out["bf16_loss_rel"] = abs(float(got_loss) - float(ref_loss)) / float(ref_loss)
+out["bf16_bits_equal"] = float((got.view(torch.int16) == ref.view(torch.int16)).float().mean())
+out["bf16_max_rel"] = float(((got.float() - ref.float()).abs() / ref.float().abs().clamp(min=1e-30)).max())
+out["bf16_ignored_rows_zero"] = bool((got[[3, 50, 99]].float() == 0).all())
 print("RESULT " + json.dumps(out))
 """
 
@@ -72,5 +81,27 @@ def test_triton_loss_kernels_give_the_eager_e5m2_gradient_bit_for_bit():
     out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert out["loss_rel"] < 1e-6 and out["layer_loss_rel"] < 1e-6  # fp32 sums in another order
     assert out["subnormals"] > 0  # the case reaches E5M2's subnormals, which the cast rounds by hand
-    for key in ("grad_bits_equal", "ignored_rows_zero", "layer_grads_equal"):
+    for key in ("grad_bits_equal", "ignored_rows_zero", "layer_grads_equal", "bf16_ignored_rows_zero"):
         assert out[key], (key, out)
+    # BF16: the interpreter's exp and torch's may part in fp32's last bit, which rounds to another bf16 rarely
+    assert out["bf16_dtype"] == "torch.bfloat16" and out["bf16_loss_rel"] < 1e-6
+    assert out["bf16_bits_equal"] > 0.99 and out["bf16_max_rel"] <= 2.0**-7, out
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA")
+def test_bf16_loss_kernels_on_cuda_as_inductors():
+    """On a GPU, compiled: the BF16 loss's gradient from the Triton kernels against inductor's compiled
+    loss (the default): the same loss, bf16 gradients within one rounding."""
+    import torch
+
+    from llamatron import loss, loss_kernels
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (4 * torch.randn(1024, 32000, generator=g, device="cuda")).bfloat16()
+    labels = torch.randint(0, 32000, (1024,), generator=g, device="cuda")
+    labels[:7] = loss.IGNORE_INDEX
+    want_loss, want = loss._compiled_on_cuda(loss._loss_and_grad, None, logits.device)(logits, labels)
+    got_loss, got = loss_kernels.loss_and_grad(logits, labels)
+    assert got.dtype == torch.bfloat16 and bool((got[:7] == 0).all())
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-7, atol=1e-7)
