@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-07, 15:10 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-07, 15:35 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -22,7 +22,7 @@
 #    `ONLY=outer_test,outer bash bench/pending_h200.sh 590 $OUT/runs` (~9 min; carrying .whl); `ONLY=bf16loss_test,bf16loss`
 #    (~5 min): the BF16 loss in the FP8 loss's Triton kernels (opt-in, loss.BF16_LOSS_KERNELS); then item 1, whose
 #    FP8 rows now run with cast-once and the fused weight gradients as its BF16 row does (the trainer's default for
-#    both since 15:40, one GPU and several micro-batches: if FP8 with them is slower on the H200, say so there).
+#    both since 15:11, one GPU and several micro-batches: if FP8 with them is slower on the H200, say so there).
 # 0. Done 2026-12-07 13:09-13:16 on an H200 (docs/performance.md, "Measured on 2026-12-07, 13:09-13:16 UTC"):
 #    FP8's default 1.502x BF16 on the medians (1.489-1.513x pair by pair); FP8 weights cast once per step
 #    (`@castonce=1`) 0.25% slower at micro 8, opt-in. `ONLY=fp8castonce_test,fp8castonce` (~8 min) times it at
