@@ -25,10 +25,10 @@ def _ptx(fn, types: dict, constexprs: dict) -> str:
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=SM90).asm["ptx"]
 
 
-def _loss_grad(hw: bool) -> str:
-    types = {"X": "*bf16", "LABELS": "*i64", "LSE": "*fp32", "G": "*fp8e5", "R": "i32", "V": "i32",
-             "stride_x": "i32", "stride_g": "i32", "scale": "fp32"}
-    return _ptx(loss_kernels._grad, types, {"IGNORE": -100, "HW_CAST": hw, "BM": 32, "BN": 256})
+def _loss_grad(hw: bool, fp8: bool = True) -> str:
+    types = {"X": "*bf16", "LABELS": "*i64", "LSE": "*fp32", "G": "*fp8e5" if fp8 else "*bf16", "R": "i32",
+             "V": "i32", "stride_x": "i32", "stride_g": "i32", "scale": "fp32"}
+    return _ptx(loss_kernels._grad, types, {"IGNORE": -100, "HW_CAST": hw, "FP8": fp8, "BM": 32, "BN": 256})
 
 
 def _swiglu_cast(hw: bool) -> str:
@@ -46,6 +46,15 @@ def _swiglu_amax(hw: bool) -> str:
 def test_e5m2_casts_are_the_hardware_conversion_on_the_gpu_only(kernel):
     assert HW_E5M2 in kernel(True)
     assert HW_E5M2 not in kernel(False)  # the interpreter's arithmetic, compiled as it is
+
+
+def test_the_bf16_loss_gradient_rounds_by_the_hardware_on_the_gpu():
+    """The BF16 loss's gradient (loss.BF16_LOSS_KERNELS = "triton"): the GPU's round-to-nearest conversion,
+    the interpreter's bit arithmetic elsewhere; no E5M2 cast either way."""
+    gpu, interpreted = _loss_grad(True, fp8=False), _loss_grad(False, fp8=False)
+    assert "cvt.rn.bf16.f32" in gpu and HW_E5M2 not in gpu
+    # The arithmetic's rounding increment and mask (0x7FFF, -0x10000) are in the interpreter's path only.
+    assert all(c in interpreted and c not in gpu for c in ("32767", "-65536"))
 
 
 def test_swiglu_amax_rounds_to_bf16_by_the_hardware_on_the_gpu():
