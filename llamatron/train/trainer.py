@@ -247,9 +247,8 @@ class Trainer:
 
     def _cast_weights_once(self) -> int:
         train, dims = self.cfg.train, self.dims
-        pays = (self.device.type == "cuda" and self.precision.amp is not None and dims.world_size == 1
-                and self.accum > 1 and not train.activation_checkpointing and not self.cfg.lora.rank
-                and train.fp8 in ("none", "tensorwise") and not train.fp8_all_gather)
+        pays = weight_cast.pays(train, cuda=self.device.type == "cuda", autocast=self.precision.amp is not None,
+                                world_size=dims.world_size, accum=self.accum, lora=bool(self.cfg.lora.rank))
         cast, self.fuse_wgrad = weight_cast.wanted(train.cast_weights_once, train.gradient_accumulation_fusion, pays)
         if not cast:
             return 0
