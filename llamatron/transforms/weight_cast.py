@@ -29,7 +29,9 @@ way (transforms/fp8_weight_cast.py), and with `fuse_wgrad` add their bf16 weight
 kind of fp32 buffers.
 
 Not for FSDP (its mixed precision casts at the all-gather), tensor parallelism (DTensor weights), rowwise
-FP8 layers or LoRA's frozen bf16 bases (no fp32 weight to cast).
+FP8 layers or LoRA's frozen bf16 bases (no fp32 weight to cast). Left unset, the two options are on where
+`pays` says they were measured faster and cost no memory at the peak (`wanted`). The embedding and the
+output layer outside the blocks: transforms/outer_weights.py.
 """
 
 from __future__ import annotations
