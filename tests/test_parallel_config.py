@@ -162,3 +162,18 @@ def test_memory_estimate_of_a_bf16_residual_stream():
         fp32, bf16 = (estimate_memory(a, 8192, 1, fsdp=False, compiled=compiled, bf16_residual=r) for r in (False, True))
         assert fp32.activations - bf16.activations == pytest.approx(32 * 8192 * per_block + 8192 * 2 * a.dim)
     assert estimate_memory(a, 8192, 1, dp_shard=2, bf16_residual=True).total == estimate_memory(a, 8192, 1, dp_shard=2).total
+
+
+def test_weights_cast_once_are_counted_whether_their_blocks_are_checkpointed_or_not():
+    """train.cast_weights_once keeps every block's bf16 copy between steps: on one GPU without checkpointing
+    the estimate is what autocast's kept casts already were; compiled and checkpointed, where autocast's
+    casts are one block's temporaries, the copies add 2 bytes a block parameter; FP8 layers keep E4M3 ones."""
+    a = SIZES["llama3.1-8b"]
+    plain = estimate_memory(a, 8192, 1, n_microbatches=4, compiled=True)
+    assert estimate_memory(a, 8192, 1, n_microbatches=4, compiled=True, cast_once=True).total == pytest.approx(plain.total)
+    ac = dict(n_microbatches=4, compiled=True, activation_checkpointing=True)
+    ac_plain, ac_once = estimate_memory(a, 8192, 1, **ac), estimate_memory(a, 8192, 1, **ac, cast_once=True)
+    blocks = 2 * block_parameters(a)
+    assert ac_once.working == pytest.approx(plain.working) and ac_once.total - ac_plain.total > 0.9 * blocks * (a.n_layers - 1) / a.n_layers
+    fp8 = dict(n_microbatches=4, compiled=True, fp8="tensorwise")
+    assert estimate_memory(a, 8192, 1, **fp8, cast_once=True).working > estimate_memory(a, 8192, 1, **fp8).working

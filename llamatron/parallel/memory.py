@@ -323,11 +323,14 @@ def estimate_memory(
     native_gqa: bool = False,
     optim: str = "adamw",
     bf16_residual: bool = False,
+    cast_once: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes per rank for one training step of the given layout (the largest over ranks). `lora`: the
     `[lora]` section (rank 0 or None: full training); `fp8`: train.fp8; `compiled`: train.compile (blocks
     compiled by inductor); `native_gqa`: SDPA's enable_gqa path (models/attention_ops.py: CUDA's default);
-    `optim`: optim.name; `bf16_residual`: train.bf16_residual (transforms/residual.py)."""
+    `optim`: optim.name; `bf16_residual`: train.bf16_residual (transforms/residual.py); `cast_once`:
+    train.cast_weights_once as the trainer resolved it (its copies kept between steps, checkpointed or not;
+    E4M3 ones for FP8 layers)."""
     fsdp = dp_replicate * dp_shard * cp > 1 if fsdp is None else fsdp
     shard = dp_shard * cp if fsdp else 1
     layers = args.n_layers // pp
@@ -345,8 +348,8 @@ def estimate_memory(
         weights, working = _bf16_frozen_base(weights, working, counts, layers, pp, compute, f8)
     if lora_on:
         f8 = None  # no Float8Linear under LoRA; under FSDP its frozen layers cast the gathered weights
-    if f8 is not None and not fsdp:  # Float8Linear keeps no bf16 cast of its weight
-        working -= compute * layers * f8.block_params / tp
+    if f8 is not None and not fsdp:  # Float8Linear keeps no bf16 cast of its weight (cast once: an E4M3 one)
+        working -= (compute - (1 if cast_once else 0)) * layers * f8.block_params / tp
     fused = fused_cross_entropy and tp == 1 and pp == 1
     fp8_output = f8 is not None and f8.output
 
@@ -356,9 +359,10 @@ def estimate_memory(
     per_block = _per_token(args, counts, lora, residual, compute, saving, cp) * tokens / tp
     in_flight = 1 if pp == 1 else (n_microbatches if pp_schedule == "gpipe" else min(pp, n_microbatches))
     n_ckpt = (layers if checkpointed_layers is None else min(checkpointed_layers, layers)) if activation_checkpointing else 0
-    casts_kept = 0.0 if fsdp else working * (layers - n_ckpt) / layers  # of the blocks not checkpointed
+    # Of the blocks not checkpointed (cast once: all, the copies outlive the step)
+    casts_kept = 0.0 if fsdp else working * (layers - (0 if cast_once else n_ckpt)) / layers
     kept_acts, activations, working = _checkpointed(per_block * in_flight, stream * args.dim * tokens / stp * in_flight,
-                                                    layers, n_ckpt, working, compiled and not fsdp)
+                                                    layers, n_ckpt, working, compiled and not fsdp and not cast_once)
     logits = _loss_bytes(args, tokens, vtp, compute, fused, fp8_output, autocast=bf16 and not fsdp)
     saved, reused = kept_acts + casts_kept, 0.0
     # A gated FFN's backward holds the gradients of its gate, its up projection and their product (a

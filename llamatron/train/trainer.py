@@ -412,7 +412,7 @@ class Trainer:
             fused_cross_entropy=self.layout.fused_loss(train.fused_cross_entropy),
             lora=cfg.lora if cfg.lora.rank else None, fp8=train.fp8, fp8_min_features=train.fp8_min_features,
             fp8_include_output=fp8_output(train, dims.tp, dims.pp, bool(cfg.lora.rank)), compiled=train.compile, native_gqa=native_gqa(self.device),
-            optim=cfg.optim.name, bf16_residual=train.bf16_residual,
+            optim=cfg.optim.name, bf16_residual=train.bf16_residual, cast_once=bool(self.weight_casts),
         )
         mode = "compiled" if train.compile else "eager"
         self.log(f"memory estimate per rank ({mode} count; llamatron/parallel/memory.py): {est.describe()}")
