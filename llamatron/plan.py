@@ -354,12 +354,15 @@ def _pipeline_ok(micro_batches: int, pp: int, virtual: int) -> bool:
 def memory_of(w: Workload, lay: Layout) -> MemoryEstimate:
     """On GPUs, where SDPA reads grouped KV heads natively (llamatron/models/attention_ops.py)."""
     m = w.global_batch // (lay.micro_batch * lay.dp)
+    cast, fuse = cast_once_of(w, lay, m)
     return estimate_memory(w.args, w.seq_len, lay.micro_batch, dp_replicate=lay.dp_replicate, dp_shard=lay.dp_shard,
-                           tp=lay.tp, pp=lay.pp, cp=lay.cp, ep=lay.ep, pp_schedule=lay.schedule, n_microbatches=m,
-                           bf16=True, activation_checkpointing=lay.activation_checkpointing,
+                           tp=lay.tp, pp=lay.pp, cp=lay.cp, ep=lay.ep, pp_schedule=lay.schedule,
+                           n_microbatches=max(m, 2) if fuse else m, bf16=True,
+                           activation_checkpointing=lay.activation_checkpointing,
                            fused_cross_entropy=lay.fused_loss, lora=w.lora, fp8=_recipe(w) if lay.fp8 else "none",
                            fp8_min_features=w.fp8_min_features, fp8_include_output=w.fp8_output and lay.fused_loss,
-                           compiled=w.compile, native_gqa=True, optim=w.optim, bf16_residual=w.bf16_residual)
+                           compiled=w.compile, native_gqa=True, optim=w.optim, bf16_residual=w.bf16_residual,
+                           cast_once=cast)
 
 
 @dataclass(frozen=True)
@@ -502,13 +505,18 @@ def calibrated_compute(w: Workload, lay: Layout, hw: Hardware, m: int) -> float:
     return m * (stage.layers * block + output + loss) + parameter_passes(w, stage.params, m, lay) / table.bandwidth()
 
 
-def parameter_passes(w: Workload, params: float, m: int, lay: Layout | None = None) -> float:
-    """Bytes of the weight casts and the gradient accumulation in a step of `m` micro-batches. Unset
-    (None) cast_weights_once and fusion are the trainer's choice for `lay` (weight_cast.wanted): on for
-    one GPU, several micro-batches, no activation checkpointing or LoRA."""
+def cast_once_of(w: Workload, lay: Layout | None, m: int) -> tuple[bool, bool]:
+    """(cast once, fused weight gradients) of `w` on `lay` with `m` micro-batches a step: the config's, and
+    where it leaves them unset (None), the trainer's choice (weight_cast.wanted): on for one GPU, several
+    micro-batches, no activation checkpointing or LoRA."""
     pays = (lay is not None and lay.dp * lay.tp * lay.pp * lay.cp * lay.ep == 1 and m > 1
             and not lay.activation_checkpointing and w.lora is None and w.fp8 != "rowwise")
-    cast, fuse = wanted(w.cast_weights_once, w.gradient_accumulation_fusion, pays)
+    return wanted(w.cast_weights_once, w.gradient_accumulation_fusion, pays)
+
+
+def parameter_passes(w: Workload, params: float, m: int, lay: Layout | None = None) -> float:
+    """Bytes of the weight casts and the gradient accumulation in a step of `m` micro-batches (`cast_once_of`)."""
+    cast, fuse = cast_once_of(w, lay, m)
     if not cast:
         return m * PARAM_PASS_BYTES * params
     micro = FUSED_WGRAD_MICRO_BYTES if fuse else CAST_ONCE_MICRO_BYTES
