@@ -342,14 +342,9 @@ def estimate_memory(
     weights, gradients, optimizer, working = _states(counts, layers, pp, tp, shard, ep, expert_fsdp, fsdp, compute, bf16,
                                                      STATE_BYTES[optim], whole)
     f8 = fp8_counts(args, fp8_min_features, fp8_include_output) if fp8 != "none" and bf16 else None
-    lora_on = bool(lora is not None and _lora_key(lora))
-    bf16_base = lora_on and bf16 and not fsdp and tp == 1 and lora.base_dtype != "fp32"
-    if bf16_base:
-        weights, working = _bf16_frozen_base(weights, working, counts, layers, pp, compute, f8)
-    if lora_on:
-        f8 = None  # no Float8Linear under LoRA; under FSDP its frozen layers cast the gathered weights
-    if f8 is not None and not fsdp:  # Float8Linear keeps no bf16 cast of its weight (cast once: an E4M3 one)
-        working -= (compute - (1 if cast_once else 0)) * layers * f8.block_params / tp
+    weights, working, f8, lora_on, bf16_base = _lora_and_fp8_copies(
+        lora, counts, f8, weights, working, layers=layers, pp=pp, tp=tp, compute=compute, bf16=bf16,
+        fsdp=fsdp, cast_once=cast_once)
     fused = fused_cross_entropy and tp == 1 and pp == 1
     fp8_output = f8 is not None and f8.output
 
@@ -381,6 +376,21 @@ def estimate_memory(
             reused = min(gradients, working + activations + logits)
             backward += 4 * args.vocab_size * args.dim / vtp / shard if counts.last_trainable else 0.0
     return MemoryEstimate(weights, gradients, optimizer, working, activations, logits, reused, backward, saved)
+
+
+def _lora_and_fp8_copies(lora, counts: ParameterCounts, f8, weights: float, working: float, *, layers: int,
+                         pp: int, tp: int, compute: int, bf16: bool, fsdp: bool, cast_once: bool):
+    """LoRA's bf16 frozen bases and the FP8 layers' weight copies: (weights, working copies, the FP8 counts
+    or None under LoRA, LoRA on, bf16 frozen base)."""
+    lora_on = bool(lora is not None and _lora_key(lora))
+    bf16_base = lora_on and bf16 and not fsdp and tp == 1 and lora.base_dtype != "fp32"
+    if bf16_base:
+        weights, working = _bf16_frozen_base(weights, working, counts, layers, pp, compute, f8)
+    if lora_on:
+        f8 = None  # no Float8Linear under LoRA; under FSDP its frozen layers cast the gathered weights
+    if f8 is not None and not fsdp:  # Float8Linear keeps no bf16 cast of its weight (cast once: an E4M3 one)
+        working -= (compute - (1 if cast_once else 0)) * layers * f8.block_params / tp
+    return weights, working, f8, lora_on, bf16_base
 
 
 def _checkpointed(per_block: float, block_input: float, layers: int, n_ckpt: int, working: float,
