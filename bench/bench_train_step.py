@@ -20,7 +20,7 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     # NAME@sdpa=fa4 runs SDPA on another kernel (train.attention_backend: cudnn, flash, fa4, ...),
     # NAME@fp8loss=inductor makes the FP8 loss's gradients as before llamatron/loss_kernels.py (fp8loss=arith:
     # with its kernels as they were on 2026-12-06, casts by integer arithmetic and the fixed 64 x 128 tile),
-    # NAME@bf16loss=triton makes the BF16 loss's gradients in llamatron/loss_kernels.py's kernels (llamatron.loss.BF16_LOSS_KERNELS),
+    # NAME@bf16loss=inductor makes the BF16 loss's gradients in inductor's compiled kernel, as before 2026-12-07 (llamatron.loss.BF16_LOSS_KERNELS),
     # NAME@fastaccum=0 runs the FP8 logits' GEMM without fast accumulation (llamatron.loss.FP8_LOGITS_FAST_ACCUM,
     # on since 2026-12-07's convergence check),
     # NAME@wgradchunks=N puts N of the FP8 loss's chunks in each of its weight-gradient GEMMs (default 4),

@@ -31,11 +31,12 @@ FP8_WGRAD_CHUNKS = 4
 # Who makes the FP8 loss and its gradient on CUDA: "triton" (llamatron/loss_kernels.py) or "inductor"
 # (the compiled loss, as before them; bench/bench_train_step.py's NAME@fp8loss=inductor).
 FP8_LOSS_KERNELS = "triton"
-# Who makes the BF16 loss and its gradient on CUDA: "inductor" (the compiled `_loss_and_grad`, one kernel
-# that reads each chunk twice with a row per program) or "triton" (llamatron/loss_kernels.py's tiled kernels,
-# as the FP8 loss: 16% faster than inductor's there on an H100; not yet timed in the BF16 step:
-# bench/bench_train_step.py's NAME@bf16loss=triton).
-BF16_LOSS_KERNELS = "inductor"
+# Who makes the BF16 loss and its gradient on CUDA, for bf16 logits: "triton" (llamatron/loss_kernels.py's
+# tiled kernels, as the FP8 loss's) or "inductor" (the compiled `_loss_and_grad`, one kernel that reads each
+# chunk twice with a row per program). The BF16 step of the 8B proxy at micro 8 was 0.6% faster with the
+# Triton kernels, in both orders, and the 8-layer proxy at micro 2 0.1% (H200, 2026-12-07; docs/performance.md);
+# bench/bench_train_step.py's NAME@bf16loss=inductor times the other. fp32 logits stay with inductor's.
+BF16_LOSS_KERNELS = "triton"
 # The logits' FP8 GEMM with the tensor cores' fast accumulation, as torchao's Float8Linear runs every
 # forward GEMM (K = 4096 here): the FP8 step 0.3-1.0% faster (H100, 2026-12-07), and the 2,000-step
 # convergence check ended 0.9% (training) and 1.2% (validation) below BF16 with it, 0.3% / 0.5% without
@@ -142,10 +143,10 @@ def _compiled_on_cuda(fn, eager, device: torch.device):
     return _compiled[fn]
 
 
-def _loss_and_grad_fn(device: torch.device, fp8: bool = False):
+def _loss_and_grad_fn(device: torch.device, fp8: bool = False, dtype: torch.dtype = torch.bfloat16):
     if fp8:
         return _compiled_on_cuda(_loss_and_grad_e5m2, _loss_and_grad_e5m2_eager, device)
-    if device.type == "cuda" and BF16_LOSS_KERNELS == "triton":
+    if device.type == "cuda" and dtype == torch.bfloat16 and BF16_LOSS_KERNELS == "triton":
         from llamatron.loss_kernels import loss_and_grad
 
         return loss_and_grad
@@ -160,8 +161,8 @@ def _to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def _chunks(h, weight, labels, chunk_size: int, need_w: bool, dtype: torch.dtype):
     """The summed loss, the hidden states' gradient and the weight's (None: not needed), chunk by chunk."""
-    loss_and_grad = _loss_and_grad_fn(h.device)
     weight = _in_dtype(weight, dtype)  # under autocast the bf16 copy the GEMMs read
+    loss_and_grad = _loss_and_grad_fn(h.device, dtype=torch.promote_types(h.dtype, weight.dtype))
     grad_h, grad_w = torch.empty_like(h), None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, h.shape[0], chunk_size):

@@ -1,6 +1,6 @@
 """The FP8 fused loss's cross-entropy and E5M2 softmax gradient in Triton kernels of its own
 (`llamatron.loss`, CUDA); the same kernels give the BF16 loss its bf16 gradient where
-`loss.BF16_LOSS_KERNELS` asks for them (`loss_and_grad`: not yet timed in the step, so not the default).
+`loss.BF16_LOSS_KERNELS` asks for them (`loss_and_grad`, the default for bf16 logits since 2026-12-07).
 
 For each chunk of logits [R, V] (bf16, V = 128,256 for Llama 3.1) the FP8 output layer needs the loss
 and the gradient softmax - one_hot, scaled and cast to E5M2. Compiled by inductor that is one kernel

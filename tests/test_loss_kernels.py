@@ -105,3 +105,17 @@ def test_bf16_loss_kernels_on_cuda_as_inductors():
     assert got.dtype == torch.bfloat16 and bool((got[:7] == 0).all())
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-7, atol=1e-7)
+
+
+def test_bf16_loss_kernels_are_chosen_for_bf16_logits_on_cuda_only():
+    """The Triton kernels make the BF16 loss's gradient on CUDA (the default, loss.BF16_LOSS_KERNELS);
+    fp32 logits, whose gradient the kernels would round to bf16, and the CPU keep the other paths."""
+    import torch
+
+    from llamatron import loss, loss_kernels
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert loss.BF16_LOSS_KERNELS == "triton"
+    assert loss._loss_and_grad_fn(cuda, dtype=torch.bfloat16) is loss_kernels.loss_and_grad
+    assert loss._loss_and_grad_fn(cuda, dtype=torch.float32) is not loss_kernels.loss_and_grad
+    assert loss._loss_and_grad_fn(cpu, dtype=torch.bfloat16) is loss._loss_and_grad_inplace
