@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-07, 15:35 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-07, 18:05 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -17,18 +17,18 @@
 # ctune_l8 (train.compile_tuning: FP8 micro 8 -0.6 to -1.2%, BF16 and FP8 micro 4 nothing), fp8experts_test
 # (passed), calibrate (its table ranked micro 4 first: not shipped, docs/bench/h200_calibration_not_shipped.json).
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
-# 00. (2026-12-07 15:00) cast-once's embedding and output layer (transforms/outer_weights.py), measured on an H100
-#    only (BF16 -1.2 to -1.6%, FP8 with cast-once -0.7 to -1.0% at micro 8 and -2.1% at micro 4 against the default):
-#    `ONLY=outer_test,outer bash bench/pending_h200.sh 590 $OUT/runs` (~9 min; carrying .whl); `ONLY=bf16loss_test,bf16loss`
-#    (~5 min): the BF16 loss in the FP8 loss's Triton kernels (opt-in, loss.BF16_LOSS_KERNELS); then item 1, whose
-#    FP8 rows now run with cast-once and the fused weight gradients as its BF16 row does (the trainer's default for
-#    both since 15:11, one GPU and several micro-batches: if FP8 with them is slower on the H200, say so there).
+# 00. Done 2026-12-07 17:35-17:55 on an H200 (docs/performance.md, "Measured on 2026-12-07, 17:35-17:55 UTC"):
+#    item 1 (sbs: BF16 1.015x TorchTitan, FP8 micro 4 1.381x TorchTitan's FP8, FP8 micro 8 1.491x BF16), outer
+#    (FP8 with cast-once -0.5%, the 8-layer proxy -0.6 to -1.5%, BF16 micro 8 within noise), bf16loss_test and
+#    bf16loss (the BF16 loss's Triton kernels -0.6%: the default since). Next, in one call (~6 min, .whl carried):
+#    `ONLY=l8b_mbs16 bash bench/pending_h200.sh 330 $OUT/runs`: FP8 at micro 16 (one micro-batch a step, so
+#    without cast-once) beside BF16 and FP8 at micro 8, for issue 22's 1.5x; then the FA4 halves (below) and sbs.
 # 0. Done 2026-12-07 13:09-13:16 on an H200 (docs/performance.md, "Measured on 2026-12-07, 13:09-13:16 UTC"):
 #    FP8's default 1.502x BF16 on the medians (1.489-1.513x pair by pair); FP8 weights cast once per step
 #    (`@castonce=1`) 0.25% slower at micro 8, opt-in. `ONLY=fp8castonce_test,fp8castonce` (~8 min) times it at
 #    micro 8 and 4 again (micro 4 not yet measured) and runs its CUDA test; `FP8_OPTS=@ctune=1@castonce=1`
 #    would give the side by side's FP8 runs it.
-# 1. issue 22 (state of 2026-12-07 13:20; the FP8 / BF16 ratio measured alone at 13:09, item 0):
+# 1. Done 2026-12-07 17:35 (item 00); as it was asked for (state of 2026-12-07 13:20):
 #    `ONLY=sbs bash bench/pending_h200.sh 585 $OUT/runs` on an H200, alone in
 #    its call (the tuning adds ~200 s of compile; ~10 min), carrying .whl and .peers: the side by side with
 #    the FP8 default of 09:30 (train.compile_tuning on for FP8, the logits' GEMM fast-accumulated), so that
@@ -137,9 +137,10 @@ run glamkernels 330 200 python bench/bench_train_step.py --size glam-126m-64e --
 run glamkernels_mb 330 200 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
     --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split_triton,compile+castonce+fusedwgrad@attn=flex,compile+castonce+fusedwgrad@attn=split_triton@micro=32,compile+castonce+fusedwgrad@attn=flex@micro=32 \
     --steps 3 --warmup 2 --json "$OUT/glamkernels_mb.json"
-# Issue 22: BF16 and FP8 at micro 16 (the planner's first choice) side by side (H200 only: 112 GiB in BF16).
-run l8b_mbs16 260 150 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
-    --steps 3 --warmup 2 --variants compile+cudnn+castonce+fusedwgrad@res=bf16,compile+fp8-all@res=bf16 --json "$OUT/l8b_mbs16.json"
+# Issue 22: FP8 at micro 16 (the planner's first choice for FP8; one micro-batch a step) beside BF16 and FP8 at micro 8.
+run l8b_mbs16 330 200 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
+    --steps 4 --warmup 2 --variants compile+cudnn+castonce+fusedwgrad@res=bf16@micro=8,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@micro=8@castonce=1@fusedwgrad=1 \
+    --json "$OUT/l8b_mbs16.json"
 run glam 240 100 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
     --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split_triton,compile+castonce+fusedwgrad@attn=split_triton@micro=32 \
     --steps 3 --warmup 2 --json "$OUT/glam.json"
