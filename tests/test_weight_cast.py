@@ -114,7 +114,7 @@ def test_fused_gradients_of_the_other_families_equal_autocasts(size):
 def test_glam_experts_cast_once_give_autocasts_gradients(fuse):
     """GLaM's experts (cast by hand in every micro-batch, as autocast would) from their bf16 copies, and
     their weight gradients accumulated in fp32 buffers (the capacity path's batched matmuls): two
-    micro-batches' gradients bit for bit as before, the copies following the weights on refresh."""
+    micro-batches' gradients as before, within fp32 rounding, the copies following the weights on refresh."""
     build, batches = _family("glam-debug", seqlen=32)
     want = _grads_after_backward(build(), batches)
     m = build()
@@ -123,8 +123,12 @@ def test_glam_experts_cast_once_give_autocasts_gradients(fuse):
     assert len(experts) == sum(b.moe for b in m.layers.values()) > 0
     got = _grads_after_backward(m, batches)
     assert got.keys() == want.keys()
+    # Within fp32 rounding: on one CPU bit for bit, on another (an AMD EPYC, 2026-12-07) the fused path's sums
+    # over tokens came out in another order for two of the 42 tensors (the embedding table's and layer 2's
+    # attention norm's, 1e-7 apart, with and without the outer weights' buffers). A lost or bf16-rounded
+    # gradient would be 1e-3 apart and more.
     for n in want:
-        assert torch.equal(got[n], want[n]), n
+        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-9, msg=n)
     ex = m.get_submodule(experts[0])
     if fuse:  # the buffers are the gradients, and the accumulation happened there
         assert torch.equal(ex.w1_grad, want[f"{experts[0]}.w1"]) and torch.equal(ex.w2_grad, want[f"{experts[0]}.w2"])
