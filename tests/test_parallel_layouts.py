@@ -175,7 +175,7 @@ def test_fused_adamw_takes_the_clip_in_parallel_layouts(name, clipped_reference,
     _assert_same(_trajectory(out), want, steps=(1, 2, 3))
 
 
-@pytest.mark.slow  # three CPU runs, two under torchrun, with torchao's step compiled in each process
+@pytest.mark.slow  # three CPU runs, two under torchrun
 def test_8bit_adamw_under_fsdp_and_its_resume_in_another_layout_refused(tmp_path, monkeypatch):
     """optim.name = adamw8bit over 2 FSDP ranks: each rank's shards quantized in its own blocks (and
     shards under 4096 values keep fp32 moments), so within 1e-3 of one process rather than fp32
