@@ -20,8 +20,8 @@
 # 00. Done 2026-12-07 17:35-17:55 on an H200 (docs/performance.md, "Measured on 2026-12-07, 17:35-17:55 UTC"):
 #    item 1 (sbs: BF16 1.015x TorchTitan, FP8 micro 4 1.381x TorchTitan's FP8, FP8 micro 8 1.491x BF16), outer
 #    (FP8 with cast-once -0.5%, the 8-layer proxy -0.6 to -1.5%, BF16 micro 8 within noise), bf16loss_test and
-#    bf16loss (the BF16 loss's Triton kernels -0.6%: the default since). Next, in one call (~6 min, .whl carried):
-#    `ONLY=l8b_mbs16 bash bench/pending_h200.sh 330 $OUT/runs`: FP8 at micro 16 (one micro-batch a step, so
+#    bf16loss (the BF16 loss's Triton kernels -0.6%: the default since). Next, in one call (~9 min, .whl carried):
+#    `ONLY=l8b_mbs16 bash bench/pending_h200.sh 560 $OUT/runs`: FP8 at micro 16 (one micro-batch a step, so
 #    without cast-once) beside BF16 and FP8 at micro 8, for issue 22's 1.5x; then the FA4 halves (below) and sbs.
 # 0. Done 2026-12-07 13:09-13:16 on an H200 (docs/performance.md, "Measured on 2026-12-07, 13:09-13:16 UTC"):
 #    FP8's default 1.502x BF16 on the medians (1.489-1.513x pair by pair); FP8 weights cast once per step
@@ -137,9 +137,10 @@ run glamkernels 330 200 python bench/bench_train_step.py --size glam-126m-64e --
 run glamkernels_mb 330 200 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 8 \
     --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split_triton,compile+castonce+fusedwgrad@attn=flex,compile+castonce+fusedwgrad@attn=split_triton@micro=32,compile+castonce+fusedwgrad@attn=flex@micro=32 \
     --steps 3 --warmup 2 --json "$OUT/glamkernels_mb.json"
-# Issue 22: FP8 at micro 16 (the planner's first choice for FP8; one micro-batch a step) beside BF16 and FP8 at micro 8.
-run l8b_mbs16 330 200 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
-    --steps 4 --warmup 2 --variants compile+cudnn+castonce+fusedwgrad@res=bf16@micro=8,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@micro=8@castonce=1@fusedwgrad=1 \
+# Issue 22: FP8 at micro 16 (the planner's first choice for FP8; one micro-batch a step) beside BF16 and FP8 at micro 8,
+# FP8 as the trainer runs it by default (`@ctune=1`; with several micro-batches cast-once and the fused weight gradients too).
+run l8b_mbs16 540 360 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 16 \
+    --steps 4 --warmup 2 --variants compile+cudnn+castonce+fusedwgrad@res=bf16@micro=8,compile+fp8-all@res=bf16@ctune=1,compile+fp8-all@res=bf16@micro=8@ctune=1@castonce=1@fusedwgrad=1 \
     --json "$OUT/l8b_mbs16.json"
 run glam 240 100 python bench/bench_train_step.py --size glam-126m-64e --layers 0 --seq-len 2048 --micro-batch 16 \
     --global-batch 128 --variants compile+castonce+fusedwgrad@attn=split_triton,compile+castonce+fusedwgrad@attn=split_triton@micro=32 \
