@@ -64,7 +64,7 @@ from llamatron.errors import LlamatronError
 from llamatron.loss import FP8_WGRAD_CHUNKS
 from llamatron.models.family import Saving
 from llamatron.parallel.memory import STATE_BYTES, GiB, MemoryEstimate, compiles_whole, estimate_memory, fp8_counts, parameter_counts
-from llamatron.transforms.weight_cast import wanted
+from llamatron.transforms.weight_cast import pays, wanted
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 VIRTUAL_STAGES = (1, 2, 4)
@@ -509,9 +509,10 @@ def cast_once_of(w: Workload, lay: Layout | None, m: int) -> tuple[bool, bool]:
     """(cast once, fused weight gradients) of `w` on `lay` with `m` micro-batches a step: the config's, and
     where it leaves them unset (None), the trainer's choice (weight_cast.wanted): on for one GPU, several
     micro-batches, no activation checkpointing or LoRA."""
-    pays = (lay is not None and lay.dp * lay.tp * lay.pp * lay.cp * lay.ep == 1 and m > 1
-            and not lay.activation_checkpointing and w.lora is None and w.fp8 != "rowwise")
-    return wanted(w.cast_weights_once, w.gradient_accumulation_fusion, pays)
+    on = lay is not None and pays(cuda=True, autocast=True, world_size=lay.dp * lay.tp * lay.pp * lay.cp * lay.ep,
+                                  accum=m, activation_checkpointing=lay.activation_checkpointing,
+                                  lora=w.lora is not None, fp8=_recipe(w) if lay.fp8 else "none")
+    return wanted(w.cast_weights_once, w.gradient_accumulation_fusion, on)
 
 
 def parameter_passes(w: Workload, params: float, m: int, lay: Layout | None = None) -> float:

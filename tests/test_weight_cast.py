@@ -154,15 +154,9 @@ def test_what_the_options_and_their_unset_defaults_choose(cast, fuse, pays, want
 def test_the_runs_where_the_unset_options_turn_on():
     """weight_cast.pays: one CUDA GPU under bf16 autocast with several micro-batches, and nothing that makes
     the copies cost memory (activation checkpointing) or leaves nothing to cast (LoRA, rowwise FP8)."""
-    import dataclasses
-
-    from llamatron.config import TrainConfig
-
-    base = dict(cuda=True, autocast=True, world_size=1, accum=4, lora=False)
-    train = TrainConfig()
-    assert weight_cast.pays(train, **base)
-    assert weight_cast.pays(dataclasses.replace(train, fp8="tensorwise"), **base)
-    for change in (dict(cuda=False), dict(autocast=False), dict(world_size=2), dict(accum=1), dict(lora=True)):
-        assert not weight_cast.pays(train, **{**base, **change}), change
-    for options in (dict(activation_checkpointing=True), dict(fp8="rowwise"), dict(fp8="tensorwise", fp8_all_gather=True)):
-        assert not weight_cast.pays(dataclasses.replace(train, **options), **base), options
+    base = dict(cuda=True, autocast=True, world_size=1, accum=4, activation_checkpointing=False, lora=False, fp8="none")
+    assert weight_cast.pays(**base)
+    assert weight_cast.pays(**{**base, "fp8": "tensorwise"})
+    for change in (dict(cuda=False), dict(autocast=False), dict(world_size=2), dict(accum=1), dict(lora=True),
+                   dict(activation_checkpointing=True), dict(fp8="rowwise"), dict(fp8="tensorwise", fp8_all_gather=True)):
+        assert not weight_cast.pays(**{**base, **change}), change

@@ -247,8 +247,10 @@ class Trainer:
 
     def _cast_weights_once(self) -> int:
         train, dims = self.cfg.train, self.dims
-        pays = weight_cast.pays(train, cuda=self.device.type == "cuda", autocast=self.precision.amp is not None,
-                                world_size=dims.world_size, accum=self.accum, lora=bool(self.cfg.lora.rank))
+        pays = weight_cast.pays(cuda=self.device.type == "cuda", autocast=self.precision.amp is not None,
+                                world_size=dims.world_size, accum=self.accum,
+                                activation_checkpointing=train.activation_checkpointing, lora=bool(self.cfg.lora.rank),
+                                fp8=train.fp8, fp8_all_gather=train.fp8_all_gather)
         cast, self.fuse_wgrad = weight_cast.wanted(train.cast_weights_once, train.gradient_accumulation_fusion, pays)
         if not cast:
             return 0

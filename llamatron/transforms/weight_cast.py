@@ -173,13 +173,14 @@ class WgradBuffers:
             weight.grad = buffer
 
 
-def pays(train, *, cuda: bool, autocast: bool, world_size: int, accum: int, lora: bool) -> bool:
+def pays(*, cuda: bool, autocast: bool, world_size: int, accum: int, activation_checkpointing: bool, lora: bool,
+         fp8: str, fp8_all_gather: bool = False) -> bool:
     """Whether a run is one where cast-once and the fused weight gradients were measured faster and cost no
     memory at the peak (`wanted`'s `pays`): one CUDA GPU under bf16 autocast, several micro-batches a step,
     no activation checkpointing (which would otherwise drop the blocks' bf16 copies), no LoRA, train.fp8
-    none or tensorwise without FP8 all-gather."""
-    return (cuda and autocast and world_size == 1 and accum > 1 and not train.activation_checkpointing and not lora
-            and train.fp8 in ("none", "tensorwise") and not train.fp8_all_gather)
+    none or tensorwise without FP8 all-gather. The trainer and the planner both ask it."""
+    return (cuda and autocast and world_size == 1 and accum > 1 and not activation_checkpointing and not lora
+            and fp8 in ("none", "tensorwise") and not fp8_all_gather)
 
 
 def wanted(cast: bool | None, fuse: bool | None, pays: bool) -> tuple[bool, bool]:
