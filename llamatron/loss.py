@@ -161,8 +161,8 @@ def _to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def _chunks(h, weight, labels, chunk_size: int, need_w: bool, dtype: torch.dtype):
     """The summed loss, the hidden states' gradient and the weight's (None: not needed), chunk by chunk."""
+    loss_and_grad = _loss_and_grad_fn(h.device, dtype=dtype)  # h and the weight in dtype: so are the logits
     weight = _in_dtype(weight, dtype)  # under autocast the bf16 copy the GEMMs read
-    loss_and_grad = _loss_and_grad_fn(h.device, dtype=torch.promote_types(h.dtype, weight.dtype))
     grad_h, grad_w = torch.empty_like(h), None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, h.shape[0], chunk_size):
