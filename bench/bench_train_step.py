@@ -21,8 +21,9 @@ with bf16 autocast, torch's default attention kernel, full logits + fp32 cross-e
     # NAME@fp8loss=inductor makes the FP8 loss's gradients as before llamatron/loss_kernels.py (fp8loss=arith:
     # with its kernels as they were on 2026-12-06, casts by integer arithmetic and the fixed 64 x 128 tile),
     # NAME@bf16loss=inductor makes the BF16 loss's gradients in inductor's compiled kernel, as before 2026-12-07 (llamatron.loss.BF16_LOSS_KERNELS),
-    # NAME@fastaccum=0 runs the FP8 logits' GEMM without fast accumulation (llamatron.loss.FP8_LOGITS_FAST_ACCUM,
-    # on since 2026-12-07's convergence check),
+    # NAME@fastaccum=output+grad_input runs those FP8 GEMMs with the tensor cores' fast accumulation, in the
+    # linears and the fused loss (train.fp8_fast_accum; default output, the forward's; none: no GEMM; the
+    # older fastaccum=0|1 of the JSON files was the logits' GEMM alone),
     # NAME@wgradchunks=N puts N of the FP8 loss's chunks in each of its weight-gradient GEMMs (default 4),
     # NAME@tune=1 runs with torch's TunableOp (each GEMM shape's cuBLASLt kernels timed in the warm-up),
     # NAME@ctune=1 compiles with train.compile_tuning (inductor's coordinate-descent tuning of the blocks' kernels;
@@ -61,7 +62,8 @@ import torch  # noqa: E402
 
 from llamatron import flops  # noqa: E402
 from llamatron import loss as fused_loss  # noqa: E402
-from llamatron.config import ATTENTION_BACKENDS, OptimConfig, parse_config, resolve_model  # noqa: E402
+from llamatron.config import ATTENTION_BACKENDS, FP8_GEMMS, OptimConfig, parse_config, resolve_model  # noqa: E402
+from llamatron.fp8_gemm import FastAccum  # noqa: E402
 from llamatron.errors import LlamatronError  # noqa: E402
 from llamatron.data.sampler import micro_batch_indices  # noqa: E402
 from llamatron.models.attention_ops import set_gqa_mode  # noqa: E402
@@ -79,7 +81,7 @@ from llamatron.transforms import weight_cast  # noqa: E402
 from llamatron.transforms.fp8 import apply_fp8, apply_fp8_experts  # noqa: E402
 
 # The FP8 loss's kernels and chunks per weight-gradient GEMM of the variants that name none (llamatron.loss's).
-FP8_LOSS_DEFAULTS = fused_loss.FP8_LOSS_KERNELS, fused_loss.FP8_WGRAD_CHUNKS, fused_loss.FP8_LOGITS_FAST_ACCUM
+FP8_LOSS_DEFAULTS = fused_loss.FP8_LOSS_KERNELS, fused_loss.FP8_WGRAD_CHUNKS
 BF16_LOSS_DEFAULT = fused_loss.BF16_LOSS_KERNELS
 # GLaM's attention kernel of the variants that name none: the environment's (LLAMATRON_GLAM_ATTENTION) or flex.
 DEFAULT_GLAM_ATTENTION = glam_attention.KERNEL
@@ -148,8 +150,8 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts["fp8_loss_kernels"] = value
         elif key == "bf16loss" and value in ("triton", "inductor"):  # who makes the BF16 loss's gradients
             opts["bf16_loss_kernels"] = value
-        elif key == "fastaccum" and value in ("0", "1"):  # the FP8 logits' GEMM with fast accumulation
-            opts["fp8_logits_fast_accum"] = value == "1"
+        elif key == "fastaccum" and set(value.split("+")) <= {*FP8_GEMMS, "none"}:  # train.fp8_fast_accum
+            opts["fp8_fast_accum"] = [g for g in FP8_GEMMS if g in value.split("+")]
         elif key == "wgradchunks" and value.isdigit():  # chunks of the FP8 loss per weight-gradient GEMM
             opts["fp8_wgrad_chunks"] = int(value)
         elif key in ("castonce", "fusedwgrad") and value in ("0", "1"):  # train.cast_weights_once (FP8 layers too),
@@ -166,7 +168,7 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             opts.setdefault("inductor", {})[key.removeprefix("inductor.")] = int(value) if value.isdigit() else value
         else:
             raise SystemExit(f"--variants: {c!r} in {spec!r}: expected micro=N, gqa=auto|native|expand, "
-                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor|arith, bf16loss=triton|inductor, fastaccum=0|1, wgradchunks=N, castonce=0|1, fusedwgrad=0|1, outer=0|1, ctune=0|1, swiglu=0|1|copy, tune=0|1 or inductor.KEY=VALUE")
+                             f"attn={'|'.join(glam_attention.KERNELS)}, sdpa={'|'.join(ATTENTION_BACKENDS)}, mk=0|1, res=fp32|bf16, fp8loss=triton|inductor|arith, bf16loss=triton|inductor, fastaccum=none|{'+'.join(FP8_GEMMS)} (some), wgradchunks=N, castonce=0|1, fusedwgrad=0|1, outer=0|1, ctune=0|1, swiglu=0|1|copy, tune=0|1 or inductor.KEY=VALUE")
     return spec, opts, over
 
 
@@ -202,9 +204,10 @@ def build_layout(margs, opts, device) -> Layout:
         model = registry.family_of(margs).build(margs)
     converted = []
     swiglu = opts.get("fp8_fused_swiglu", "0")  # "1", or "copy": the token-major gradients by inductor's copies
+    fast_accum = FastAccum.of(opts.get("fp8_fast_accum", ["output"]))
     if opts.get("fp8"):
         converted = apply_fp8(model, opts["fp8"], include_output=opts.get("fp8_output", False),
-                              min_features=opts.get("fp8_min", 1024), fused_swiglu=swiglu != "0")
+                              min_features=opts.get("fp8_min", 1024), fused_swiglu=swiglu != "0", fast_accum=fast_accum)
     if opts.get("fp8_experts"):
         converted = apply_fp8_experts(model, opts["fp8_experts"])
     if swiglu != "0":
@@ -219,7 +222,7 @@ def build_layout(margs, opts, device) -> Layout:
         apply_compile(model, tuning=opts.get("compile_tuning", False))
     materialize(model, device, seed=0)
     layout = Layout.single(model)
-    layout.fp8_output = "output" in converted
+    layout.fp8_output = fast_accum if "output" in converted else None
     return layout
 
 
@@ -251,7 +254,6 @@ def _run_variant(name, opts, margs, args, device, dataset):
         loss_kernels.HARDWARE_CASTS = loss_kernels.TUNE_GRAD = kernels != "arith"  # SwiGLU's kernels read the first too
     fused_loss.BF16_LOSS_KERNELS = opts.get("bf16_loss_kernels", BF16_LOSS_DEFAULT)
     fused_loss.FP8_WGRAD_CHUNKS = opts.get("fp8_wgrad_chunks", FP8_LOSS_DEFAULTS[1])
-    fused_loss.FP8_LOGITS_FAST_ACCUM = opts.get("fp8_logits_fast_accum", FP8_LOSS_DEFAULTS[2])
     model = build_layout(margs, opts, device)
     opt = build_optimizer(model.model, OptimConfig(fused=opts["fused_adam"]), device.type)
     amp = Precision(torch.bfloat16 if device.type == "cuda" else None, None)

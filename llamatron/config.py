@@ -135,6 +135,9 @@ def _validate_optim(optim: OptimConfig) -> None:
 
 
 FP8_RECIPES = ("none", "tensorwise", "rowwise")
+# A linear layer's three GEMMs, by torchao's names (Float8LinearConfig.gemm_config_*): the forward
+# product, the input gradient's and the weight gradient's.
+FP8_GEMMS = ("output", "grad_input", "grad_weight")
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "fa4", "efficient", "math")
 
 
@@ -172,6 +175,11 @@ class TrainConfig:
     # kernels (transforms/fp8_swiglu.py) instead of torchao's casts compiled by inductor. Opt-in: its
     # step ran 0.5-0.6% slower than the default's (H100, docs/performance.md).
     fp8_fused_swiglu: bool = False
+    # The FP8 GEMMs (of FP8_GEMMS) that sum in the tensor cores alone, without cuBLAS's periodic promotion
+    # of the partial sums to fp32 (llamatron.fp8_gemm.FastAccum), in every FP8 linear and the fused loss's
+    # output layer: faster, less exact over long sums. The default is torchao's recipe (and Transformer
+    # Engine's): the forward product only; the gradients' GEMMs sum over up to 128K terms.
+    fp8_fast_accum: list[str] = field(default_factory=lambda: ["output"])
     # A mixture of experts' grouped GEMMs in FP8 too (torchao's rowwise grouped recipe, whatever
     # train.fp8 names; H100-class GPUs), by the same fp8_min_features rule; false keeps them bf16.
     fp8_experts: bool = True
@@ -215,6 +223,8 @@ def _validate_train(train: TrainConfig) -> None:
     _need(not train.fp8_fused_swiglu or (train.fp8 == "tensorwise" and not train.fp8_all_gather), "train.fp8_fused_swiglu",
           f"needs train.fp8 = tensorwise without train.fp8_all_gather, got fp8 = {train.fp8!r}, "
           f"fp8_all_gather = {str(train.fp8_all_gather).lower()}")
+    _need(set(train.fp8_fast_accum) <= set(FP8_GEMMS), "train.fp8_fast_accum",
+          f"must list some of {', '.join(FP8_GEMMS)}, got {train.fp8_fast_accum!r}")
     _need(train.compile or not train.compile_tuning, "train.compile_tuning",
           "tunes the compiled blocks' kernels: needs train.compile = true")
     _need(not (train.cast_weights_once and train.fp8 == "rowwise"), "train.cast_weights_once",

@@ -6,7 +6,29 @@ torchao's `Float8Linear` does the same for trainable layers; these are for GEMMs
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import torch
+
+from llamatron.config import FP8_GEMMS
+
+
+@dataclass(frozen=True)
+class FastAccum:
+    """Which of a layer's FP8 GEMMs sum in the tensor cores alone (`use_fast_accum`), without cuBLAS's
+    periodic promotion of the partial sums to fp32: faster, and less exact over long sums
+    (train.fp8_fast_accum). The default is torchao's recipe: the forward product only."""
+
+    output: bool = True
+    grad_input: bool = False
+    grad_weight: bool = False
+
+    @classmethod
+    def of(cls, gemms: Iterable[str]) -> "FastAccum":
+        """From the GEMMs' names (FP8_GEMMS), as train.fp8_fast_accum lists them."""
+        gemms = set(gemms)
+        return cls(*(g in gemms for g in FP8_GEMMS))
 
 
 def to_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from llamatron.fp8_gemm import fp8_mm, to_fp8
+from llamatron.fp8_gemm import FastAccum, fp8_mm, to_fp8
 
 # Labels equal to this contribute no loss and no gradient (prompt tokens in fine-tuning, padding): the
 # value torch's cross_entropy ignores by default.
@@ -37,11 +37,6 @@ FP8_LOSS_KERNELS = "triton"
 # Triton kernels, in both orders, and the 8-layer proxy at micro 2 0.1% (H200, 2026-12-07; docs/performance.md);
 # bench/bench_train_step.py's NAME@bf16loss=inductor times the other. fp32 logits stay with inductor's.
 BF16_LOSS_KERNELS = "triton"
-# The logits' FP8 GEMM with the tensor cores' fast accumulation, as torchao's Float8Linear runs every
-# forward GEMM (K = 4096 here): the FP8 step 0.3-1.0% faster (H100, 2026-12-07), and the 2,000-step
-# convergence check ended 0.9% (training) and 1.2% (validation) below BF16 with it, 0.3% / 0.5% without
-# (docs/performance.md). bench/bench_train_step.py's NAME@fastaccum=0 times it off.
-FP8_LOGITS_FAST_ACCUM = True
 
 
 class KeptOutputWeight:
@@ -208,13 +203,16 @@ def _fp8_loss_and_grad(device: torch.device):
     return run
 
 
-def _fp8_chunks(h, weight, labels, chunk_size: int, need_w: bool):
+def _fp8_chunks(h, weight, labels, chunk_size: int, need_w: bool, fast: FastAccum):
     """The same with the three GEMMs in FP8. Hopper's FP8 GEMMs take A row-major and B column-major
     only, so each operand is made in the layout its GEMMs read: W [V, d] (its .t() is B of h @ W^T) and
     W^T [d, V] (B of dlogits @ W); each group of FP8_WGRAD_CHUNKS chunks of hidden states with one
     scale, row-major (A of the logits) and transposed (B of the weight gradient); each chunk's E5M2
     gradient row-major (A of its input gradient) and token-major into the group's [V, rows] (A of one
-    weight-gradient GEMM per group)."""
+    weight-gradient GEMM per group). `fast`: which of the three accumulate fast (train.fp8_fast_accum). The
+    logits' GEMM (K = 4096 at 8B) does by default, as torchao's forward GEMMs: the FP8 step 0.3-1.0% faster
+    (H100, 2026-12-07), and the 2,000-step convergence check ended 0.9% (training) and 1.2% (validation)
+    below BF16 with it, 0.3% / 0.5% without (docs/performance.md)."""
     to_e4m3 = _compiled_on_cuda(_to_e4m3, _to_e4m3, h.device)
     loss_and_grad = _fp8_loss_and_grad(h.device)
     kept = _KEPT.get(weight)
@@ -228,13 +226,13 @@ def _fp8_chunks(h, weight, labels, chunk_size: int, need_w: bool):
         g8_t = torch.empty((weight.shape[0], h8.shape[0]), dtype=torch.float8_e5m2, device=h.device) if need_w else None
         for start in range(0, h8.shape[0], chunk_size):
             rows = slice(first + start, first + start + chunk_size)
-            logits = fp8_mm(h8[start : start + chunk_size], h_inv, w8.t(), w_inv, h.dtype, FP8_LOGITS_FAST_ACCUM)
+            logits = fp8_mm(h8[start : start + chunk_size], h_inv, w8.t(), w_inv, h.dtype, fast.output)
             loss, g8 = loss_and_grad(logits, labels[rows], g8_t, start)  # E5M2, scaled
             del logits
             total += loss
-            grad_h[rows] = fp8_mm(g8, g_inv, w8_t.t(), w_inv, h.dtype)
+            grad_h[rows] = fp8_mm(g8, g_inv, w8_t.t(), w_inv, h.dtype, fast.grad_input)
         if need_w:
-            gw = fp8_mm(g8_t, g_inv, h8_t.t(), h_inv, torch.float32)
+            gw = fp8_mm(g8_t, g_inv, h8_t.t(), h_inv, torch.float32, fast.grad_weight)
             grad_w = gw if grad_w is None else grad_w.add_(gw)
     return total, grad_h, grad_w
 
@@ -245,7 +243,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # A frozen output layer (LoRA) needs no weight gradient: one GEMM of three saved.
         need_w = ctx.needs_input_grad[1]
         if fp8:
-            total, grad_h, grad_w = _fp8_chunks(h, weight, labels, chunk_size, need_w)
+            total, grad_h, grad_w = _fp8_chunks(h, weight, labels, chunk_size, need_w, fp8)
         else:
             total, grad_h, grad_w = _chunks(h, weight, labels, chunk_size, need_w, dtype)
         ctx.save_for_backward(grad_h, grad_w)
@@ -361,14 +359,15 @@ def _valid_count(labels: torch.Tensor, n: int):
 
 def linear_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None,
-    fp8: bool = False,
+    fp8: bool | FastAccum = False,
 ) -> torch.Tensor:
     """mean_i CE(h_i @ weight.T, labels_i) for h [..., dim], weight [vocab, dim], labels [...], over
     the tokens whose label is not IGNORE_INDEX (-100), as torch's cross_entropy.
 
     chunk_size rows at a time; by default 8192 on GPU (one chunk per 8K-token sequence) and, on CPU,
     chunks of fp32 logits of about 16 MB, which the allocator recycles instead of mapping fresh pages.
-    fp8: the three GEMMs in FP8 (training only; the softmax and the loss stay fp32).
+    fp8: the three GEMMs in FP8 (training only; the softmax and the loss stay fp32), accumulating as a
+    `FastAccum` says (True: its default, torchao's recipe).
     """
     if chunk_size is None:
         chunk_size = 8192 if h.is_cuda else max(1, (16 << 20) // (4 * weight.shape[0]))
@@ -379,6 +378,7 @@ def linear_cross_entropy(
     if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
         with torch.autocast(h.device.type, enabled=False):
             # The weight as it is (fp32 under autocast): cast inside, its gradient returned in fp32.
+            fp8 = FastAccum() if fp8 is True else fp8
             return _FusedLinearCrossEntropy.apply(h2, weight, lab, chunk_size, fp8, dtype)
     w = _in_dtype(weight, dtype)
     total = torch.zeros((), dtype=torch.float32, device=h.device)

@@ -117,7 +117,10 @@ def test_variant_conditions_set_the_trainer_options_they_name():
     with pytest.raises(SystemExit, match=r"ctune=0\|1"):
         bench.parse_variant("compile@ctune=yes")
     assert bench.parse_variant("compile+fp8-all@swiglu=copy")[1]["fp8_fused_swiglu"] == "copy"
-    assert bench.parse_variant("compile+fp8-all@fastaccum=1")[1]["fp8_logits_fast_accum"] is True
+    assert bench.parse_variant("compile+fp8-all@fastaccum=grad_weight+output")[1]["fp8_fast_accum"] == ["output", "grad_weight"]
+    assert bench.parse_variant("compile+fp8-all@fastaccum=none")[1]["fp8_fast_accum"] == []
+    with pytest.raises(SystemExit, match="fastaccum=none"):
+        bench.parse_variant("compile+fp8-all@fastaccum=1")
     cast = bench.parse_variant("compile+fp8-all@castonce=1@fusedwgrad=1")[1]
     assert cast["castonce"] is True and cast["fused_wgrad"] is True
     assert bench.parse_variant("compile+cudnn+castonce+fusedwgrad@fusedwgrad=0")[1]["fused_wgrad"] is False

@@ -59,6 +59,7 @@ def test_every_preset_passes_validation(preset):
         (["optim.min_lr=1", "optim.lr=0.1"], "'optim.min_lr'"),
         (["steps=3"], "expected section.key=value"),
         (["train.compile_tuning=true"], "'train.compile_tuning'"),
+        (["train.fp8_fast_accum=[output,grad_wieght]"], "'train.fp8_fast_accum': must list some of output, grad_input"),
     ],
 )
 def test_config_errors_name_the_key(overrides, needle):

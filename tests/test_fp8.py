@@ -69,6 +69,27 @@ def test_8b_converts_every_block_linear_but_not_the_output_layer():
     assert all(type(m).__name__ == "Float8Linear" for n, m in model.named_modules() if n in converted)
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fast_accumulation_reaches_every_converted_layers_gemms(recipe):
+    """train.fp8_fast_accum (a FastAccum) sets which of torchao's three GEMMs accumulate fast, in every
+    converted layer; by default the forward's only, as torchao's recipe."""
+    from llamatron.config import load_config
+    from llamatron.fp8_gemm import FastAccum
+
+    args = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=512, vocab_size=512, max_seq_len=64)
+    default = FastAccum.of(load_config(None, ["data.mock=true"]).train.fp8_fast_accum)
+    assert default == FastAccum() == FastAccum(output=True, grad_input=False, grad_weight=False)
+    for fast in (default, FastAccum.of(["grad_input", "grad_weight"])):
+        with torch.device("meta"):
+            model = Transformer(args)
+        converted = apply_fp8(model, recipe, min_features=16, fast_accum=fast)
+        assert len(converted) == 7
+        for name in converted:
+            mm = model.get_submodule(name).linear_mm_config
+            assert (mm.output.use_fast_accum, mm.grad_input.use_fast_accum, mm.grad_weight.use_fast_accum) == (
+                fast.output, fast.grad_input, fast.grad_weight), name
+
+
 def test_small_layers_stay_bf16():
     args = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=1, ffn_dim=1024, vocab_size=512, max_seq_len=64)
     with torch.device("meta"):
@@ -183,10 +204,13 @@ def test_fp8_fused_cross_entropy_tracks_the_exact_one(device, monkeypatch):
     assert cos(gw.flatten(), w.grad.flatten(), dim=0) > 0.999
 
 
-def test_fp8_loss_fast_accumulates_the_logits_gemm_only(monkeypatch):
-    """The logits' GEMM with the tensor cores' fast accumulation (the default since its 2,000-step
-    convergence check, docs/performance.md), the two gradient GEMMs without, as torchao's recipe has it."""
+@pytest.mark.parametrize("gemms", [["output"], ["output", "grad_input"], ["grad_weight"], []])
+def test_fp8_loss_fast_accumulates_the_gemms_it_is_told(monkeypatch, gemms):
+    """fp8=True: the logits' GEMM with the tensor cores' fast accumulation (the default since its 2,000-step
+    convergence check, docs/performance.md), the two gradient GEMMs without, as torchao's recipe has it; a
+    FastAccum (train.fp8_fast_accum) names others."""
     from llamatron import loss
+    from llamatron.fp8_gemm import FastAccum
 
     calls, real = [], loss.fp8_mm
 
@@ -198,10 +222,11 @@ def test_fp8_loss_fast_accumulates_the_logits_gemm_only(monkeypatch):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(64, 128, generator=g).requires_grad_()
     w = (0.05 * torch.randn(256, 128, generator=g)).requires_grad_()
-    loss.linear_cross_entropy(h, w, torch.randint(0, 256, (64,), generator=g), chunk_size=32, fp8=True).backward()
-    # Per chunk: logits (fast) then the input gradient; one weight-gradient GEMM for the group, in fp32.
-    assert calls == [(torch.float32, True), (torch.float32, False)] * 2 + [(torch.float32, False)]
-    assert loss.FP8_LOGITS_FAST_ACCUM
+    fp8 = True if gemms == ["output"] else FastAccum.of(gemms)
+    loss.linear_cross_entropy(h, w, torch.randint(0, 256, (64,), generator=g), chunk_size=32, fp8=fp8).backward()
+    # Per chunk: logits then the input gradient; one weight-gradient GEMM for the group, in fp32.
+    f32, out, grad_in, grad_w = torch.float32, "output" in gemms, "grad_input" in gemms, "grad_weight" in gemms
+    assert calls == [(f32, out), (f32, grad_in)] * 2 + [(f32, grad_w)]
 
 
 def test_fp8_output_layer_goes_through_the_fused_loss():

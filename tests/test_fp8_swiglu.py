@@ -58,25 +58,36 @@ def test_fused_feed_forward_is_torchaos_recipe():
         assert torch.equal(g1[name].bfloat16(), g0[name].bfloat16().float().bfloat16()) or _rel(g1[name], g0[name]) < 4e-3
 
 
-def test_fused_feed_forward_accumulates_as_torchaos_gemms(monkeypatch):
-    """Fast accumulation where torchao's Float8LinearConfig has it (the forward GEMM), not in the four
-    gradient GEMMs (without it the fused step ran 1.3% slower than torchao's on an H100, 2026-12-07)."""
+@pytest.mark.parametrize("gemms", [None, ["grad_input"], ["output", "grad_weight"]])
+def test_fused_feed_forward_accumulates_as_torchaos_gemms(monkeypatch, gemms):
+    """By default fast accumulation where torchao's Float8LinearConfig has it (the forward GEMM), not in the
+    four gradient GEMMs (without it in forward the fused step ran 1.3% slower than torchao's on an H100,
+    2026-12-07); train.fp8_fast_accum's GEMMs otherwise, as in torchao's layers."""
+    from llamatron.fp8_gemm import FastAccum
     from llamatron.transforms import fp8_swiglu
     from torchao.float8 import Float8LinearConfig
 
     calls, real = [], fp8_swiglu.fp8_mm
 
-    def fp8_mm(*args, fast_accum=False):
+    def fp8_mm(a, a_inv, b, b_inv, out_dtype, fast_accum=False):
         calls.append(fast_accum)
-        return real(*args, fast_accum=fast_accum)
+        return real(a, a_inv, b, b_inv, out_dtype, fast_accum)
 
     monkeypatch.setattr(fp8_swiglu, "fp8_mm", fp8_mm)
     torch.manual_seed(0)
-    _ffn_run(FeedForward(64, 128), torch.randn(2, 8, 64), fused=True)
-    config = Float8LinearConfig()
-    grads = config.gemm_config_grad_input.use_fast_accum, config.gemm_config_grad_weight.use_fast_accum
-    assert calls == [config.gemm_config_output.use_fast_accum] * 2 + [grads[0]] * 2 + [grads[1]] * 2
-    assert calls[0] and not calls[2]
+    fast = FastAccum() if gemms is None else FastAccum.of(gemms)
+    model = torch.nn.Sequential(FeedForward(64, 128))
+    apply_fp8(model, "tensorwise", min_features=16, fused_swiglu=True, fast_accum=fast)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 8, 64, requires_grad=True)).float().pow(2).sum().backward()
+    assert calls == [fast.output] * 2 + [fast.grad_input] * 2 + [fast.grad_weight] * 2
+    assert type(model[0].w2).__name__ == "Float8Linear"
+    assert model[0].w2.config.gemm_config_grad_input.use_fast_accum == fast.grad_input
+    if gemms is None:
+        config = Float8LinearConfig()
+        assert calls == ([config.gemm_config_output.use_fast_accum] * 2 + [config.gemm_config_grad_input.use_fast_accum] * 2
+                         + [config.gemm_config_grad_weight.use_fast_accum] * 2)
+        assert calls[0] and not calls[2]
 
 
 @pytest.mark.parametrize("in_kernel", [True, False])

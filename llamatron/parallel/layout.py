@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llamatron.fp8_gemm import FastAccum
 from llamatron.loss import IGNORE_INDEX
 from llamatron.parallel.dims import ParallelDims
 
@@ -29,7 +30,7 @@ class Layout:
     parts: list[nn.Module]
     dims: ParallelDims
     pipeline: object | None = None  # llamatron.parallel.pipeline.Pipeline
-    fp8_output: bool = False  # the output layer runs in FP8: the fused loss's GEMMs too
+    fp8_output: FastAccum | None = None  # the output layer in FP8: the fused loss's GEMMs too, accumulating so
     n_params: int = 0  # of the whole model, not of this rank's share
 
     @classmethod
@@ -101,7 +102,7 @@ class Layout:
         plain logits -> fp32 cross-entropy path (under tensor parallelism, inside `loss_context`, over
         vocabulary-sharded logits)."""
         if fused:
-            return self.model(tokens, labels, fp8_loss=self.fp8_output, **extra)
+            return self.model(tokens, labels, fp8_loss=self.fp8_output or False, **extra)
         logits = self.model(tokens, **extra).flatten(0, 1).float()
         return nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX)
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from llamatron.fp8_gemm import FastAccum
 from llamatron.models.family import Family
 from llamatron.parallel.dims import ParallelDims
 from llamatron.parallel.fsdp import apply_fsdp
@@ -34,11 +35,11 @@ def clean_name(name: str) -> str:
 
 
 def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
-                param_dtype: torch.dtype | None = None, lora=None) -> tuple[list[nn.Module], list[int], bool]:
+                param_dtype: torch.dtype | None = None, lora=None) -> tuple[list[nn.Module], list[int], FastAccum | None]:
     """This rank's parts of `model` (its pipeline stages, else the model itself) with the layout
-    applied, still on the meta device, their stage indices ([0] without pipelining), and whether the
-    output layer runs in FP8 (the fused loss then runs its GEMMs in FP8). `train` is the `[train]`
-    config section.
+    applied, still on the meta device, their stage indices ([0] without pipelining), and, where the
+    output layer runs in FP8, how the fused loss's FP8 GEMMs accumulate (else None). `train` is the
+    `[train]` config section.
 
     param_dtype: the dtype FSDP gathers parameters in for compute (bf16 for mixed precision).
     lora: the `[lora]` config section; with rank > 0, adapters first, on the unchanged model.
@@ -55,7 +56,8 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
         parts = [split_stage(model, i, n_stages) for i in ids]
     else:
         ids, parts = [0], [model]
-    fp8_loss = False  # the output layer converted: the fused loss runs its GEMMs in FP8
+    fp8_loss = None  # the output layer converted: the fused loss runs its GEMMs in FP8, accumulating so
+    fast_accum = FastAccum.of(train.fp8_fast_accum)
     for part in parts:
         lora_fp8 = lora is not None and lora.rank > 0  # frozen bases in FP8 (transforms/fp8_frozen.py)
         if train.fp8 != "none" and lora_fp8 and dims.fsdp_enabled:
@@ -68,8 +70,8 @@ def parallelize(model: nn.Module, family: Family, train, dims: ParallelDims,
             converted = apply_fp8(part, train.fp8, min_features=train.fp8_min_features,
                                   include_output=fp8_output(train, dims.tp, dims.pp, lora=False),
                                   fsdp_all_gather=train.fp8_all_gather, experts=train.fp8_experts,
-                                  fused_swiglu=train.fp8_fused_swiglu and dims.tp == 1)
-            fp8_loss = fp8_loss or "output" in converted
+                                  fused_swiglu=train.fp8_fused_swiglu and dims.tp == 1, fast_accum=fast_accum)
+            fp8_loss = fast_accum if "output" in converted else fp8_loss
         if dims.tp > 1:
             frozen = {n for n, p in part.named_parameters() if not p.requires_grad}
             family.tensor_parallel(part, dims.submesh("tp"))

@@ -24,11 +24,14 @@ grouped recipe is rowwise, so they run it whichever recipe the linears use (mode
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from llamatron.config import FP8_RECIPES
+from llamatron.config import FP8_GEMMS, FP8_RECIPES
 from llamatron.errors import LlamatronError
+from llamatron.fp8_gemm import FastAccum
 
 
 def fp8_unavailable_reason(device: torch.device) -> str | None:
@@ -119,13 +122,16 @@ def check_fp8_experts(train, args, device: torch.device) -> None:
 
 
 def apply_fp8(model: nn.Module, recipe: str, *, min_features: int = 1024, include_output: bool = False,
-              fsdp_all_gather: bool = False, experts: bool = True, fused_swiglu: bool = False) -> list[str]:
+              fsdp_all_gather: bool = False, experts: bool = True, fused_swiglu: bool = False,
+              fast_accum: FastAccum = FastAccum()) -> list[str]:
     """Convert `model`'s eligible linear layers in place (and, with `experts`, its grouped experts:
     `apply_fp8_experts`); returns the names of those converted.
 
     fused_swiglu (tensorwise, without fsdp_all_gather): the SwiGLU feed-forwards' gate and up
     projections as `FP8SwiGLU` (transforms/fp8_swiglu.py), whose backward makes their E5M2 gradients in
     kernels of its own; their down projections stay torchao's.
+
+    fast_accum: which GEMMs of the converted layers sum without fp32 promotion (train.fp8_fast_accum).
 
     fsdp_all_gather (tensorwise only): FSDP2 gathers the weights already cast to FP8, halving the
     all-gather traffic against BF16; needs `precompute_fp8_scales` after each optimizer step.
@@ -135,24 +141,32 @@ def apply_fp8(model: nn.Module, recipe: str, *, min_features: int = 1024, includ
     if recipe not in FP8_RECIPES:
         raise LlamatronError(f"config key 'train.fp8': must be one of {', '.join(FP8_RECIPES)}, got {recipe!r}")
     try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8 import convert_to_float8_training
     except ImportError as e:
         raise LlamatronError(f"config key 'train.fp8': {recipe} asked for, but torchao is not importable ({e})") from e
-    if recipe == "tensorwise":
-        config = Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp_all_gather)
-    else:
-        if fsdp_all_gather:
-            raise LlamatronError("config key 'train.fp8_all_gather': FP8 all-gather works with the tensorwise recipe only")
-        config = Float8LinearConfig.from_recipe_name(recipe)
+    if recipe != "tensorwise" and fsdp_all_gather:
+        raise LlamatronError("config key 'train.fp8_all_gather': FP8 all-gather works with the tensorwise recipe only")
+    config = torchao_config(recipe, fast_accum, fsdp_all_gather)
     fused = []
     if fused_swiglu and recipe == "tensorwise" and not fsdp_all_gather:
         from llamatron.transforms.fp8_swiglu import apply_fp8_swiglu
 
-        fused = apply_fp8_swiglu(model, min_features)
+        fused = apply_fp8_swiglu(model, min_features, fast_accum)
     keep = fp8_module_filter(min_features, include_output, frozenset(fused))
     converted = [name for name, m in model.named_modules() if keep(m, name)]
     convert_to_float8_training(model, config=config, module_filter_fn=keep)
     return converted + fused + (apply_fp8_experts(model, min_features) if experts else [])
+
+
+def torchao_config(recipe: str, fast_accum: FastAccum, fsdp_all_gather: bool = False):
+    """torchao's `Float8LinearConfig` of `recipe`, its three GEMMs accumulating as `fast_accum` says."""
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.config import Float8GemmConfig
+
+    config = (Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp_all_gather) if recipe == "tensorwise"
+              else Float8LinearConfig.from_recipe_name(recipe))
+    return dataclasses.replace(config, **{f"gemm_config_{gemm}": Float8GemmConfig(use_fast_accum=getattr(fast_accum, gemm))
+                                          for gemm in FP8_GEMMS})
 
 
 def precompute_fp8_scales(model: nn.Module) -> None:

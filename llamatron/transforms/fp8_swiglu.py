@@ -9,7 +9,7 @@ projections and the SwiGLU are one autograd function whose backward gets dh and 
 operands directly (`llamatron.swiglu_kernels` on CUDA), then runs the four FP8 GEMMs itself.
 
 The recipe is torchao's tensorwise one: E4M3 inputs and weights, E5M2 gradients, one dynamic scale per
-tensor, fp32 accumulation in the backward GEMMs, the same E4M3 and E5M2 values (tests/test_fp8_swiglu.py);
+tensor, fp32 accumulation in the backward GEMMs (unless train.fp8_fast_accum names them), the same E4M3 and E5M2 values (tests/test_fp8_swiglu.py);
 the weight gradients come out in the weights' dtype (fp32 master weights: no bf16 product cast back).
 The down projection (w2) stays a `Float8Linear`. Parameter names are unchanged
 (`feed_forward.w1.weight`, ...), so checkpoints are the same either way.
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamatron.fp8_gemm import fp8_mm, to_fp8
+from llamatron.fp8_gemm import FastAccum, fp8_mm, to_fp8
 
 
 # Where the token-major copies of da and db are written: by the cast kernel from its tiles (True), or by
@@ -83,17 +83,17 @@ class _FP8GateUp(torch.autograd.Function):
     """silu(x w1^T) * (x w3^T) for x [..., d] (bf16), w1 and w3 [N, d], the GEMMs in FP8."""
 
     @staticmethod
-    def forward(ctx, x, w1, w3):
+    def forward(ctx, x, w1, w3, fast: FastAccum):
         x2 = x.reshape(-1, x.shape[-1])
         x8, x_inv = to_fp8(x2)
         w1_8, w1_inv = to_fp8(w1)  # from the weights' own dtype, as torchao casts them under autocast
         w3_8, w3_inv = to_fp8(w3)
-        # Fast accumulation in forward only, as torchao's recipe (Float8LinearConfig.gemm_config_output).
-        # Without it the fused step ran 1.1-1.3% slower than torchao's, with it 0.5-0.6% (H100, 2026-12-07).
-        a = fp8_mm(x8, x_inv, w1_8.t(), w1_inv, x.dtype, fast_accum=True)
-        b = fp8_mm(x8, x_inv, w3_8.t(), w3_inv, x.dtype, fast_accum=True)
+        # Accumulating as torchao's layers do (train.fp8_fast_accum; by default fast in forward only).
+        # Without it in forward the fused step ran 1.1-1.3% slower than torchao's, with it 0.5-0.6% (H100, 2026-12-07).
+        a = fp8_mm(x8, x_inv, w1_8.t(), w1_inv, x.dtype, fast_accum=fast.output)
+        b = fp8_mm(x8, x_inv, w3_8.t(), w3_inv, x.dtype, fast_accum=fast.output)
         ctx.save_for_backward(x8, x_inv, w1_8, w1_inv, w3_8, w3_inv, a, b)
-        ctx.weight_dtype = w1.dtype
+        ctx.weight_dtype, ctx.fast = w1.dtype, fast
         return (F.silu(a) * b).view(*x.shape[:-1], a.shape[-1])
 
     @staticmethod
@@ -104,20 +104,22 @@ class _FP8GateUp(torch.autograd.Function):
                                                                                     in_kernel)
         if not in_kernel:  # compiled: inductor's tiled transposing copies
             da8_t, db8_t = da8.t().contiguous(), db8.t().contiguous()
-        dx = fp8_mm(da8, da_inv, _col_major(w1_8), w1_inv, dh.dtype)
-        dx = dx + fp8_mm(db8, db_inv, _col_major(w3_8), w3_inv, dh.dtype)
+        fast = ctx.fast
+        dx = fp8_mm(da8, da_inv, _col_major(w1_8), w1_inv, dh.dtype, fast.grad_input)
+        dx = dx + fp8_mm(db8, db_inv, _col_major(w3_8), w3_inv, dh.dtype, fast.grad_input)
         x8_cols = _col_major(x8)
-        dw1 = fp8_mm(da8_t, da_inv, x8_cols, x_inv, ctx.weight_dtype)
-        dw3 = fp8_mm(db8_t, db_inv, x8_cols, x_inv, ctx.weight_dtype)
-        return dx.view(*dh.shape[:-1], dx.shape[-1]), dw1, dw3
+        dw1 = fp8_mm(da8_t, da_inv, x8_cols, x_inv, ctx.weight_dtype, fast.grad_weight)
+        dw3 = fp8_mm(db8_t, db_inv, x8_cols, x_inv, ctx.weight_dtype, fast.grad_weight)
+        return dx.view(*dh.shape[:-1], dx.shape[-1]), dw1, dw3, None
 
 
 class FP8SwiGLU(nn.Module):
     """A SwiGLU feed-forward, w2(silu(w1 x) * w3 x), with w1 and w3 in `_FP8GateUp`: the same
     submodules and parameter names as the module it replaces."""
 
-    def __init__(self, ffn: nn.Module):
+    def __init__(self, ffn: nn.Module, fast_accum: FastAccum = FastAccum()):
         super().__init__()
+        self.fast_accum = fast_accum
         for name, child in ffn.named_children():  # the order of the original's parameters
             self.add_module(name, child)
 
@@ -125,7 +127,7 @@ class FP8SwiGLU(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
-            h = _FP8GateUp.apply(x.to(dtype), self.w1.weight, self.w3.weight)
+            h = _FP8GateUp.apply(x.to(dtype), self.w1.weight, self.w3.weight, self.fast_accum)
         return self.w2(h)
 
 
@@ -139,14 +141,14 @@ def _eligible(ffn: nn.Module, min_features: int) -> bool:
                and m.weight.shape[0] % 16 == 0 and m.weight.shape[1] % 16 == 0 for m in (ffn.w1, ffn.w3))
 
 
-def apply_fp8_swiglu(model: nn.Module, min_features: int = 1024) -> list[str]:
+def apply_fp8_swiglu(model: nn.Module, min_features: int = 1024, fast_accum: FastAccum = FastAccum()) -> list[str]:
     """Replace each eligible SwiGLU feed-forward of `model` by `FP8SwiGLU`, in place; returns the names
     of the gate and up projections it now runs (torchao's conversion must then leave them alone)."""
     names = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if _eligible(child, min_features):
-                setattr(module, child_name, FP8SwiGLU(child))
+                setattr(module, child_name, FP8SwiGLU(child, fast_accum))
                 full = f"{name}.{child_name}" if name else child_name
                 names += [f"{full}.w1", f"{full}.w3"]
     return names

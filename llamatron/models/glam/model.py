@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
+from llamatron.fp8_gemm import FastAccum
 from llamatron.loss import linear_cross_entropy
 from llamatron.models.glam import attention
 from llamatron.models.glam.attention import band_width, causal_block_mask, sdpa_attention
@@ -290,7 +291,7 @@ class TiedEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, dim))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, unembed: bool = False,
-                fp8_loss: bool = False) -> torch.Tensor:
+                fp8_loss: bool | FastAccum = False) -> torch.Tensor:
         if not unembed:
             return F.embedding(x, self.weight)
         if labels is not None:
@@ -383,7 +384,7 @@ class GLaM(nn.Module):
         return {"moe_aux_loss": float(aux / calls), "moe_dropped_fraction": float(dropped / assigned.clamp(min=1)),
                 "moe_max_load": float(counts.max() / mean), "moe_min_load": float(counts.min() / mean)}
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False,
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool | FastAccum = False,
                 cache: KVCache | None = None, logits_at: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits; with labels, the mean cross-entropy (the aux loss enters the

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamatron.fp8_gemm import FastAccum
 from llamatron.loss import linear_cross_entropy
 from llamatron.models.kv_cache import KVCache, LayerKV
 
@@ -124,7 +125,7 @@ class Head(nn.Module):
         self.proj = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor | None, labels: torch.Tensor | None = None,
-                fp8_loss: bool = False) -> torch.Tensor:
+                fp8_loss: bool | FastAccum = False) -> torch.Tensor:
         w = weight if self.proj is None else self.proj.weight
         if labels is not None:
             return linear_cross_entropy(h, w, labels, fp8=fp8_loss)
@@ -184,7 +185,7 @@ class GPT(nn.Module):
             p.copy_(self.initial_value(name, p.shape, seed))
         self.init_buffers()
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False,
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool | FastAccum = False,
                 cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]; with labels, the mean cross-entropy
         (output projection fused with the loss, as llama's). With `cache` (llamatron.models.kv_cache),

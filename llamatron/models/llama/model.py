@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamatron.fp8_gemm import FastAccum
 from llamatron.loss import linear_cross_entropy
 from llamatron.models.attention_ops import compiled_on_cuda, gqa_attention
 from llamatron.models.kv_cache import KVCache, LayerKV
@@ -261,7 +262,7 @@ class Transformer(nn.Module):
             p.copy_(self.initial_value(name, p.shape, seed))
         self.init_buffers()
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool = False,
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, fp8_loss: bool | FastAccum = False,
                 positions: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]; with labels, the mean cross-entropy over
@@ -270,7 +271,8 @@ class Transformer(nn.Module):
 
         With labels the output projection and the loss are fused (llamatron.loss) so the full logits
         are never materialised; computing it here, inside the module, keeps it under whatever wrapping
-        (FSDP, compile) is applied to the model. fp8_loss: that fused loss's GEMMs in FP8.
+        (FSDP, compile) is applied to the model. fp8_loss: that fused loss's GEMMs in FP8 (a `FastAccum`:
+        which of them accumulate fast).
 
         Packed sequences (fine-tuning): positions [batch, seq] restart at 0 in each document, and
         document_ids [batch, seq] keep attention inside a document (`document_mask`).
