@@ -173,7 +173,8 @@ class TrainConfig:
     # Tensorwise FP8 without fp8_all_gather or LoRA: each SwiGLU feed-forward's gate and up projections
     # and its activation in one function whose backward makes their E5M2 gradients in llamatron's own
     # kernels (transforms/fp8_swiglu.py) instead of torchao's casts compiled by inductor. Opt-in: its
-    # step ran 0.5-0.6% slower than the default's (H100, docs/performance.md).
+    # step ran 0.5-0.6% slower than the default's (H100, docs/performance.md), before its down projection
+    # got h already in FP8 (one amax pass less a call) and its weights cast once: not yet timed since.
     fp8_fused_swiglu: bool = False
     # The FP8 GEMMs (of FP8_GEMMS) that sum in the tensor cores alone, without cuBLAS's periodic promotion
     # of the partial sums to fp32 (llamatron.fp8_gemm.FastAccum), in every FP8 linear and the fused loss's

@@ -58,6 +58,21 @@ def test_fused_feed_forward_is_torchaos_recipe():
         assert torch.equal(g1[name].bfloat16(), g0[name].bfloat16().float().bfloat16()) or _rel(g1[name], g0[name]) < 4e-3
 
 
+def test_the_down_projection_gets_h_already_in_fp8():
+    """w2 (torchao's Float8Linear) is handed silu(a) * b cast by torchao's own function, so that its backward
+    keeps those E4M3 values rather than casting h again (a second amax pass); the same values either way,
+    as the test above checks bit for bit."""
+    from torchao.float8.float8_training_tensor import Float8TrainingTensor
+
+    model = torch.nn.Sequential(FeedForward(64, 128))
+    apply_fp8(model, "tensorwise", min_features=16, fused_swiglu=True)
+    seen = []
+    model[0].w2.register_forward_pre_hook(lambda mod, args: seen.append(type(args[0])))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 8, 64)).float().sum()
+    assert seen == [Float8TrainingTensor]
+
+
 @pytest.mark.parametrize("gemms", [None, ["grad_input"], ["output", "grad_weight"]])
 def test_fused_feed_forward_accumulates_as_torchaos_gemms(monkeypatch, gemms):
     """By default fast accumulation where torchao's Float8LinearConfig has it (the forward GEMM), not in the

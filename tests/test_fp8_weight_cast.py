@@ -17,12 +17,12 @@ torchao = pytest.importorskip("torchao.float8")
 ARGS = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256, vocab_size=256, max_seq_len=32)
 
 
-def _model(recipe="tensorwise", device="cpu", compile_blocks=False):
+def _model(recipe="tensorwise", device="cpu", compile_blocks=False, fused_swiglu=False):
     torch._dynamo.reset()
     with torch.device(device):
         model = Transformer(ARGS)
     model.init_weights(seed=0)
-    apply_fp8(model, recipe, min_features=16)
+    apply_fp8(model, recipe, min_features=16, fused_swiglu=fused_swiglu)
     if compile_blocks:
         for block in model.layers.values():
             block.compile(fullgraph=True)
@@ -69,6 +69,32 @@ def test_fp8_weights_cast_once_give_the_gradients_of_casting_each_micro_batch(fu
         assert torch.equal(wq.main_grad, want[0][1]["layers.0.attention.wq.weight"]) and wq.main_grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["cast-once", "cast-once+fused-wgrad"])
+def test_the_fused_swiglu_casts_its_gate_and_up_weights_once(fuse):
+    """train.fp8_fused_swiglu's gate and up projections keep E4M3 copies of their own (not the bf16 copies
+    and fp32 buffers of plain linears, which their function would not read); the down projection is a
+    cast-once Float8Linear. The same gradients as casting in every micro-batch."""
+    want = _grads(_model(fused_swiglu=True))
+    model = _model(fused_swiglu=True)
+    names = weight_cast.cast_weights_once([model], torch.bfloat16, fuse_wgrad=fuse)
+    ffn = model.get_submodule("layers.0.feed_forward")
+    assert type(ffn).__name__ == "FP8SwiGLU" and "layers.0.feed_forward" in names
+    assert type(ffn.w1) is nn.Linear and not ffn.w1._buffers and "layers.0.feed_forward.w1" not in names
+    assert type(ffn.w2) is fp8_weight_cast.cast_once_class()
+    assert ffn.w1_fp8.dtype == torch.float8_e4m3fn and ffn.w1_fp8.float().abs().sum() > 0 and ffn.w3_scale > 0
+    got = _grads(model)
+    assert got[0][0] == want[0][0]
+    assert got[0][1].keys() == want[0][1].keys()
+    for n, g in want[0][1].items():
+        assert torch.equal(got[0][1][n], g), n
+    with torch.no_grad():  # the forward reads the copies: until the next refresh, not the weights
+        for block in model.layers.values():
+            block.feed_forward.w1_fp8.zero_()
+    assert _grads(model)[0][0] != want[0][0]
+    weight_cast.refresh([model])
+    assert _grads(model)[0][0] == want[0][0]
+
+
 def test_the_fp8_copies_are_torchaos_cast_and_follow_the_weights_only_when_refreshed():
     from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
 
@@ -97,14 +123,16 @@ def test_rowwise_fp8_layers_are_not_cast_once():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fused_swiglu", [False, True], ids=["float8linear", "fused-swiglu"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_compiled_blocks_cast_once_give_the_same_steps(device):
+def test_compiled_blocks_cast_once_give_the_same_steps(device, fused_swiglu):
     """Compiled blocks (one graph each: fullgraph): two steps with the FP8 copies and the fused gradient
-    buffers, refreshed between them as the trainer does, equal to the compiled Float8Linear's."""
+    buffers, refreshed between them as the trainer does, equal to the compiled Float8Linear's (and the
+    fused SwiGLU's, casting in every micro-batch)."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    want = _grads(_model(device=device, compile_blocks=True), device, steps=(0, 1))
-    model = _model(device=device, compile_blocks=True)
+    want = _grads(_model(device=device, compile_blocks=True, fused_swiglu=fused_swiglu), device, steps=(0, 1))
+    model = _model(device=device, compile_blocks=True, fused_swiglu=fused_swiglu)
     weight_cast.cast_weights_once([model], torch.bfloat16, fuse_wgrad=True)
     got = []
     for step in (0, 1):  # the trainer's refresh after each step (lr 0 here: the copies stay the same)

@@ -11,8 +11,12 @@ operands directly (`llamatron.swiglu_kernels` on CUDA), then runs the four FP8 G
 The recipe is torchao's tensorwise one: E4M3 inputs and weights, E5M2 gradients, one dynamic scale per
 tensor, fp32 accumulation in the backward GEMMs (unless train.fp8_fast_accum names them), the same E4M3 and E5M2 values (tests/test_fp8_swiglu.py);
 the weight gradients come out in the weights' dtype (fp32 master weights: no bf16 product cast back).
-The down projection (w2) stays a `Float8Linear`. Parameter names are unchanged
-(`feed_forward.w1.weight`, ...), so checkpoints are the same either way.
+The down projection (w2) stays a `Float8Linear`, handed h = silu(a) * b already cast by torchao's own
+function: given h in bf16, its backward would cast h again, an amax pass over a and b of its own (found in
+the compiled graphs on 2026-12-07: the fused step's second `silu * b` amax). With train.cast_weights_once
+the gate and up weights' E4M3 copies are made once per optimizer step (`FP8SwiGLU.cast_once`), as the
+other FP8 layers'. Parameter names are unchanged (`feed_forward.w1.weight`, ...), so checkpoints are the
+same either way.
 
 Applied on one device or under FSDP (whose unsharded weights are plain tensors in forward); not with
 tensor parallelism, FP8 all-gather (torchao's weights) or LoRA.
@@ -83,11 +87,13 @@ class _FP8GateUp(torch.autograd.Function):
     """silu(x w1^T) * (x w3^T) for x [..., d] (bf16), w1 and w3 [N, d], the GEMMs in FP8."""
 
     @staticmethod
-    def forward(ctx, x, w1, w3, fast: FastAccum):
+    def forward(ctx, x, w1, w3, fast: FastAccum, w1_8=None, w1_scale=None, w3_8=None, w3_scale=None):
+        """w*_8, w*_scale: the weights' E4M3 copies and scales made once per step (train.cast_weights_once:
+        `FP8SwiGLU.cast_once`), else cast here from the weights' own dtype, as torchao casts under autocast."""
         x2 = x.reshape(-1, x.shape[-1])
         x8, x_inv = to_fp8(x2)
-        w1_8, w1_inv = to_fp8(w1)  # from the weights' own dtype, as torchao casts them under autocast
-        w3_8, w3_inv = to_fp8(w3)
+        w1_8, w1_inv = to_fp8(w1) if w1_8 is None else (w1_8, w1_scale.reciprocal())
+        w3_8, w3_inv = to_fp8(w3) if w3_8 is None else (w3_8, w3_scale.reciprocal())
         # Accumulating as torchao's layers do (train.fp8_fast_accum; by default fast in forward only).
         # Without it in forward the fused step ran 1.1-1.3% slower than torchao's, with it 0.5-0.6% (H100, 2026-12-07).
         a = fp8_mm(x8, x_inv, w1_8.t(), w1_inv, x.dtype, fast_accum=fast.output)
@@ -110,7 +116,7 @@ class _FP8GateUp(torch.autograd.Function):
         x8_cols = _col_major(x8)
         dw1 = fp8_mm(da8_t, da_inv, x8_cols, x_inv, ctx.weight_dtype, fast.grad_weight)
         dw3 = fp8_mm(db8_t, db_inv, x8_cols, x_inv, ctx.weight_dtype, fast.grad_weight)
-        return dx.view(*dh.shape[:-1], dx.shape[-1]), dw1, dw3, None
+        return dx.view(*dh.shape[:-1], dx.shape[-1]), dw1, dw3, None, None, None, None, None
 
 
 class FP8SwiGLU(nn.Module):
@@ -127,8 +133,53 @@ class FP8SwiGLU(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
-            h = _FP8GateUp.apply(x.to(dtype), self.w1.weight, self.w3.weight, self.fast_accum)
+            cached = [self._buffers.get(n) for n in ("w1_fp8", "w1_scale", "w3_fp8", "w3_scale")]
+            h = _FP8GateUp.apply(x.to(dtype), self.w1.weight, self.w3.weight, self.fast_accum, *cached)
+            h = _as_float8_input(h, self.w2)
         return self.w2(h)
+
+    def cast_once(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Keep w1's and w3's E4M3 copies and scales in buffers from now on (train.cast_weights_once), made
+        by `fp8_weight_cast.refresh` after each optimizer step rather than in every micro-batch; returns
+        its (copy, scale, weight) triples. Their weight gradients come out of the FP8 GEMMs in fp32 already,
+        so there is no bf16 product to accumulate more cheaply (train.gradient_accumulation_fusion)."""
+        triples = []
+        for name in ("w1", "w3"):
+            weight = getattr(self, name).weight
+            self.register_buffer(f"{name}_fp8", torch.empty_like(weight, dtype=torch.float8_e4m3fn), persistent=False)
+            self.register_buffer(f"{name}_scale", torch.ones((), dtype=torch.float32, device=weight.device),
+                                 persistent=False)
+            triples.append((self._buffers[f"{name}_fp8"], self._buffers[f"{name}_scale"], weight))
+        return triples
+
+
+def _as_float8_input(h: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """h cast to FP8 as torchao's `linear` would cast its input (its function, config and scale), handed
+    to it already cast: torchao then keeps these E4M3 values for its weight gradient, where given h in
+    bf16 its backward casts h again, a second amax pass over silu(a) * b that compile cannot fuse with this
+    function's own backward kernels (~1.3 ms a call at 65,536 x 14,336 on an H200). Costs one byte an
+    element of saved activations. Not a tensorwise Float8Linear: h as it is."""
+    if not _casts_input_tensorwise(linear):
+        return h
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    cast = linear.config.cast_config_input
+    return hp_tensor_to_float8_dynamic(h, cast.target_dtype, linear.linear_mm_config, gemm_input_role=GemmInputRole.INPUT,
+                                       round_scales_to_power_of_2=linear.config.round_scales_to_power_of_2)
+
+
+def _casts_input_tensorwise(linear: nn.Module) -> bool:
+    """A torchao Float8Linear (cast-once's subclass too) casting its input with one dynamic scale, the same
+    cast for its output and weight-gradient GEMMs."""
+    from torchao.float8.config import ScalingGranularity, ScalingType
+    from torchao.float8.float8_linear import Float8Linear
+
+    if not isinstance(linear, Float8Linear):
+        return False
+    cast = linear.config.cast_config_input
+    return (cast == linear.config.cast_config_input_for_grad_weight and cast.scaling_type is ScalingType.DYNAMIC
+            and cast.scaling_granularity is ScalingGranularity.TENSORWISE)
 
 
 def _eligible(ffn: nn.Module, min_features: int) -> bool:

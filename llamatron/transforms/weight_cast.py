@@ -26,7 +26,7 @@ torch.float32)`); the dropless path's gradients reach their buffers after backwa
 
 Tensorwise FP8 layers (torchao's Float8Linear) keep an E4M3 copy instead, made once per step the same
 way (transforms/fp8_weight_cast.py), and with `fuse_wgrad` add their bf16 weight gradients into the same
-kind of fp32 buffers.
+kind of fp32 buffers; the fused FP8 SwiGLU's gate and up projections too (`FP8SwiGLU.cast_once`).
 
 Not for FSDP (its mixed precision casts at the all-gather), tensor parallelism (DTensor weights), rowwise
 FP8 layers or LoRA's frozen bf16 bases (no fp32 weight to cast). Left unset, the two options are on where
@@ -42,6 +42,7 @@ from torch import nn
 
 from llamatron.models.glam.experts import GroupedExperts
 from llamatron.transforms import fp8_weight_cast, outer_weights
+from llamatron.transforms.fp8_swiglu import FP8SwiGLU
 
 
 class _CachedCast(torch.autograd.Function):
@@ -206,7 +207,14 @@ def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bo
     for part in parts:
         copies, grads = [], []  # (copy, weight): what `refresh` copies, found once; (weight, fp32 buffer)
         fp8 = []  # (E4M3 copy, scale, weight) of the tensorwise FP8 layers (transforms/fp8_weight_cast.py)
+        own = set()  # the linears whose weights their parent casts itself (FP8SwiGLU's gate and up projections)
         for name, mod in part.layers.named_modules():
+            if isinstance(mod, FP8SwiGLU):
+                fp8 += mod.cast_once()
+                own |= {id(mod.w1), id(mod.w3)}
+                done.append(f"layers.{name}")
+            if id(mod) in own:
+                continue
             if fp8_weight_cast.castable(mod):
                 triple, grad = fp8_weight_cast.convert(mod, fuse_wgrad)
                 fp8.append(triple)
