@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the code is waiting for (state of 2026-12-07, 18:05 UTC), in
+# The H200 measurements the code is waiting for (state of 2026-12-07, 21:00 UTC), in
 # the order that decides the most, in one device call: each run gets what is left of a time budget, and
 # its log and JSON go to OUT (default ./h200-runs), packed at the end into OUT.tgz (a device call returns a
 # few files, not a folder of them).
@@ -17,6 +17,9 @@
 # ctune_l8 (train.compile_tuning: FP8 micro 8 -0.6 to -1.2%, BF16 and FP8 micro 4 nothing), fp8experts_test
 # (passed), calibrate (its table ranked micro 4 first: not shipped, docs/bench/h200_calibration_not_shipped.json).
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
+# 000. Next (2026-12-07 21:00; that session got no GPU): `ONLY=fastaccum_test,fastaccum bash bench/pending_h200.sh 590
+#    $OUT/runs` on an H200 (BF16 at micro 8 needs it), then `ONLY=fastaccum_conv` (any GPU, .devdata carried too); the
+#    items' comment below says what they decide. Then l8b_mbs16 (item 00) and, with a new FP8 default, sbs again.
 # 00. Done 2026-12-07 17:35-17:55 on an H200 (docs/performance.md, "Measured on 2026-12-07, 17:35-17:55 UTC"):
 #    item 1 (sbs: BF16 1.015x TorchTitan, FP8 micro 4 1.381x TorchTitan's FP8, FP8 micro 8 1.491x BF16), outer
 #    (FP8 with cast-once -0.5%, the 8-layer proxy -0.6 to -1.5%, BF16 micro 8 within noise), bf16loss_test and
@@ -78,6 +81,17 @@ nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H100 && 
 # The embedding and output layer in cast-once's buffers and copies (transforms/outer_weights.py, `@outer=0` without
 # them) on this GPU: BF16 at micro 8 and the 8-layer proxy at micro 2, FP8 with cast-once against the default.
 V=compile+cudnn+castonce+fusedwgrad@res=bf16 F=compile+fp8-all@res=bf16
+# Issue 22, new on 2026-12-07 at 20:00-21:00 and not yet run (no GPU came): the FP8 gradients' GEMMs fast-accumulated
+# (train.fp8_fast_accum: the input gradients', and all three) and the fused SwiGLU (its down projection handed h in
+# FP8, its weights cast once), against the FP8 default and BF16 at micro 8 in one process (~9 min, .whl carried);
+# then the 2,000-step convergence of the two fast-accumulated recipes (~8 min, .whl and .devdata/tokenizer.model
+# carried; its folder comes back inside OUT.tgz). `ONLY=fastaccum_test,fastaccum` then `ONLY=fastaccum_conv`.
+F8=$F@ctune=1@castonce=1@fusedwgrad=1  # the trainer's FP8 default
+run fastaccum_test 120 60 python -m pytest -q -p no:cacheprovider tests/test_fp8_swiglu.py tests/test_fp8_weight_cast.py -k cuda
+run fastaccum 575 400 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
+    --warmup 2 --variants $F8@fastaccum=output+grad_input+grad_weight,$V,$F8,$F8@fastaccum=output+grad_input,$F8@swiglu=1 \
+    --json "$OUT/fastaccum.json"
+run fastaccum_conv 580 450 env RUNS="fp8_fast_grad_input fp8_fast_all" bash bench/fp8_default_convergence.sh "$OUT/conv"
 run outer_test 90 40 python -m pytest -q -p no:cacheprovider tests/test_outer_weights.py tests/test_fp8_weight_cast.py -k "cuda or keeps"
 run outer 560 400 bash -c "python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
     --warmup 2 --variants $V,$V@outer=0,$F@castonce=1@fusedwgrad=1,$F,$V@sdpa=cudnn,$V@outer=0@sdpa=cudnn --json $OUT/outer.json; \
@@ -96,10 +110,10 @@ run swiglu_test 90 30 python -m pytest -q -p no:cacheprovider tests/test_fp8_swi
     tests/test_triton_kernels_compile.py -k "cuda or tracks_the_exact or hardware or statistics"
 # The step first (what decides the default), the kernels after it with what is left.
 run swiglu 330 240 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
-    --warmup 2 --variants compile+fp8-all@res=bf16@swiglu=1,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@fp8loss=arith,compile+fp8-all@res=bf16@fastaccum=0,$BF16_STEP \
+    --warmup 2 --variants compile+fp8-all@res=bf16@swiglu=1,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@fp8loss=arith,$BF16_STEP \
     --profile compile+fp8-all@res=bf16@swiglu=1 --json "$OUT/swiglu.json"
 run swiglu_rev 300 200 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
-    --warmup 2 --variants $BF16_STEP,compile+fp8-all@res=bf16@fastaccum=0,compile+fp8-all@res=bf16@fp8loss=arith,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@swiglu=1 \
+    --warmup 2 --variants $BF16_STEP,compile+fp8-all@res=bf16@fp8loss=arith,compile+fp8-all@res=bf16,compile+fp8-all@res=bf16@swiglu=1 \
     --json "$OUT/swiglu_rev.json"
 run swiglu_kernels 90 60 python bench/bench_fp8_swiglu.py --repeats 10 --json "$OUT/swiglu_kernels.json"
 # The FP8 loss's gradient tile timed per shape (loss_kernels.TUNE_GRAD, 2026-12-07) against the fixed tilings.
