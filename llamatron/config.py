@@ -177,9 +177,10 @@ class TrainConfig:
     # got h already in FP8 (one amax pass less a call) and its weights cast once: not yet timed since.
     fp8_fused_swiglu: bool = False
     # The FP8 GEMMs (of FP8_GEMMS) that sum in the tensor cores alone, without cuBLAS's periodic promotion
-    # of the partial sums to fp32 (llamatron.fp8_gemm.FastAccum), in every FP8 linear and the fused loss's
-    # output layer: faster, less exact over long sums. The default is torchao's recipe (and Transformer
-    # Engine's): the forward product only; the gradients' GEMMs sum over up to 128K terms.
+    # of the partial sums to fp32 (llamatron.fp8_gemm.FastAccum), in the trained FP8 linears (torchao's, the
+    # fused SwiGLU's) and the fused loss's output layer: faster, less exact over long sums. The default is
+    # torchao's recipe (and Transformer Engine's): the forward product only; the gradients' GEMMs sum over
+    # up to 128K terms. LoRA's frozen FP8 bases (transforms/fp8_frozen.py) promote in all their GEMMs.
     fp8_fast_accum: list[str] = field(default_factory=lambda: ["output"])
     # A mixture of experts' grouped GEMMs in FP8 too (torchao's rowwise grouped recipe, whatever
     # train.fp8 names; H100-class GPUs), by the same fp8_min_features rule; false keeps them bf16.
