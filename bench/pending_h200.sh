@@ -17,9 +17,10 @@
 # ctune_l8 (train.compile_tuning: FP8 micro 8 -0.6 to -1.2%, BF16 and FP8 micro 4 nothing), fp8experts_test
 # (passed), calibrate (its table ranked micro 4 first: not shipped, docs/bench/h200_calibration_not_shipped.json).
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
-# 000. Next (2026-12-07 21:00; that session got no GPU): `ONLY=fastaccum_test,fastaccum_gemms,fastaccum bash bench/pending_h200.sh 590
-#    $OUT/runs` on an H200 (BF16 at micro 8 needs it), then `ONLY=fastaccum_conv` (any GPU, .devdata carried too); the
-#    items' comment below says what they decide. Then l8b_mbs16 (item 00) and, with a new FP8 default, sbs again.
+# 000. Next (2026-12-07 21:00; that session got no GPU), three calls on one warm H200 (BF16 at micro 8 needs it):
+#    `ONLY=fastaccum_test,fastaccum_gemms bash bench/pending_h200.sh 200 $OUT/runs` (~3 min), `ONLY=fastaccum ... 590`
+#    (~10 min), `ONLY=fastaccum_conv ... 590` (~8 min, .devdata carried too); the items' comment below says what they
+#    decide. Then l8b_mbs16 (item 00) and, with a new FP8 default, sbs again.
 # 00. Done 2026-12-07 17:35-17:55 on an H200 (docs/performance.md, "Measured on 2026-12-07, 17:35-17:55 UTC"):
 #    item 1 (sbs: BF16 1.015x TorchTitan, FP8 micro 4 1.381x TorchTitan's FP8, FP8 micro 8 1.491x BF16), outer
 #    (FP8 with cast-once -0.5%, the 8-layer proxy -0.6 to -1.5%, BF16 micro 8 within noise), bf16loss_test and
@@ -85,7 +86,7 @@ V=compile+cudnn+castonce+fusedwgrad@res=bf16 F=compile+fp8-all@res=bf16
 # (train.fp8_fast_accum: the input gradients', and all three) and the fused SwiGLU (its down projection handed h in
 # FP8, its weights cast once), against the FP8 default and BF16 at micro 8 in one process (~9 min, .whl carried);
 # then the 2,000-step convergence of the two fast-accumulated recipes (~8 min, .whl and .devdata/tokenizer.model
-# carried; its folder comes back inside OUT.tgz). `ONLY=fastaccum_test,fastaccum_gemms,fastaccum` then `ONLY=fastaccum_conv`.
+# carried; its folder comes back inside OUT.tgz).
 F8=$F@ctune=1@castonce=1@fusedwgrad=1  # the trainer's FP8 default
 run fastaccum_test 120 60 python -m pytest -q -p no:cacheprovider tests/test_fp8_swiglu.py tests/test_fp8_weight_cast.py -k cuda
 run fastaccum_gemms 90 40 python bench/bench_gemm_tuning.py --rows 65536 --precisions fp8 --against fast-accum \
