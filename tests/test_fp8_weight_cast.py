@@ -78,8 +78,8 @@ def test_the_fused_swiglu_casts_its_gate_and_up_weights_once(fuse):
     model = _model(fused_swiglu=True)
     names = weight_cast.cast_weights_once([model], torch.bfloat16, fuse_wgrad=fuse)
     ffn = model.get_submodule("layers.0.feed_forward")
-    assert type(ffn).__name__ == "FP8SwiGLU" and "layers.0.feed_forward" in names
-    assert type(ffn.w1) is nn.Linear and not ffn.w1._buffers and "layers.0.feed_forward.w1" not in names
+    assert type(ffn).__name__ == "FP8SwiGLU" and len(names) == 2 * 7 and "layers.0.feed_forward.w1" in names
+    assert type(ffn.w1) is nn.Linear and not ffn.w1._buffers  # not a bf16 CastOnceLinear
     assert type(ffn.w2) is fp8_weight_cast.cast_once_class()
     assert ffn.w1_fp8.dtype == torch.float8_e4m3fn and ffn.w1_fp8.float().abs().sum() > 0 and ffn.w3_scale > 0
     got = _grads(model)
@@ -176,6 +176,14 @@ def test_the_trainer_casts_fp8_weights_once_and_trains_as_without(tmp_path):
                "output" in line for line in lines)
     run("split", 2, *once)
     assert run("split", 4, *once)[0] == want
+    # The fused SwiGLU's own E4M3 copies (its gate and up weights' gradients are not rounded to bf16, so
+    # its losses are its own), with the gradients' GEMMs fast-accumulated, which the log names.
+    fused = ["train.fp8_fused_swiglu=true", "train.fp8_fast_accum=[output,grad_input]"]
+    fused_each, lines = run("fused_each", 4, "train.cast_weights_once=false", *fused)
+    assert any("FP8 GEMMs fast-accumulated: output, grad_input" in line for line in lines)
+    fused_once, lines = run("fused_once", 4, *once, *fused)
+    assert fused_once == fused_each and fused_once != want
+    assert any("14 block linears' E4M3 weight copies made once per step" in line for line in lines)
     with pytest.raises(LlamatronError, match="'train.cast_weights_once': casts tensorwise"):
         run("rowwise", 1, "train.fp8=rowwise", "train.cast_weights_once=true")
 

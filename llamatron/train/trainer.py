@@ -389,6 +389,8 @@ class Trainer:
             fsdp_note += f" ({self.fp8_frozen} frozen linears run their GEMMs in FP8, {how})"
         if cfg.optim.name == "adamw8bit":
             fsdp_note += " (AdamW with 8-bit moments, torchao)"
+        if train.fp8 != "none" and set(train.fp8_fast_accum) != {"output"}:  # not torchao's recipe: say so
+            fsdp_note += f" (FP8 GEMMs fast-accumulated: {', '.join(train.fp8_fast_accum) or 'none'})"
         if self.weight_casts:
             copies = "E4M3" if train.fp8 == "tensorwise" else "bf16"
             outer = [n for part in self.layout.parts for n in getattr(part, "outer_weights", ())]

@@ -212,7 +212,7 @@ def cast_weights_once(parts: list[nn.Module], dtype: torch.dtype, fuse_wgrad: bo
             if isinstance(mod, FP8SwiGLU):
                 fp8 += mod.cast_once()
                 own |= {id(mod.w1), id(mod.w3)}
-                done.append(f"layers.{name}")
+                done += [f"layers.{name}.w1", f"layers.{name}.w3"]
             if id(mod) in own:
                 continue
             if fp8_weight_cast.castable(mod):
