@@ -4,7 +4,8 @@ autograd runs them), timed with cuBLAS's heuristic choice, then with torch's Tun
 every cuBLASLt algorithm for the shape and keeps the fastest), in one process on one GPU. BF16, and
 FP8 tensorwise (`torch._scaled_mm`, E4M3 operands, A row-major and B column-major as torchao calls it).
 Medians of CUDA-event windows, random inputs. `--against fast-accum` times the FP8 GEMMs as torchao's recipe
-runs them (fast accumulation in the forward only) against all three fast-accumulated (train.fp8_fast_accum).
+runs them (fast accumulation in the forward only) against all three fast-accumulated (train.fp8_fast_accum),
+then how far each gradient GEMM lands from the fp32 product of its operands either way (`fast_accum_errors`).
 
     python bench/bench_gemm_tuning.py --rows 16384,65536 --json OUT.json
     python bench/bench_gemm_tuning.py --rows 65536 --precisions fp8 --against fast-accum --json OUT.json
@@ -57,6 +58,40 @@ def fp8_ops(m: int, k: int, n: int, fast_grads: bool = False) -> dict:
             "wgrad": lambda: mm(dy_t, x_t, one, one, out_dtype=torch.bfloat16, use_fast_accum=fast_grads)}
 
 
+def _fp32_product(a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """a @ b of FP8 operands in true fp32 (no TF32), over K in chunks: the reference the GEMMs are held to."""
+    out = torch.zeros(a.shape[0], b.shape[1], device=a.device)
+    for k in range(0, a.shape[1], chunk):
+        out += a[:, k : k + chunk].float() @ b[k : k + chunk].float()
+    return out
+
+
+@torch.no_grad()
+def fast_accum_errors(rows, shapes: dict = SHAPES, device: str = "cuda") -> list[dict]:
+    """How far each gradient GEMM lands from the fp32 product of its own E4M3 operands, promoted (torchao's
+    default) and fast-accumulated: relative Frobenius errors, the outputs in fp32 so that no bf16 rounding
+    hides the accumulator's. Random operands (N(0, 8^2) cast to E4M3): an order of magnitude, not a
+    gradient's own distribution."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    one, out = torch.ones((), device=device), []
+    for m in rows:
+        for name, (k, n) in shapes.items():
+            for op, (ka, kb) in {"dgrad": ((m, n), (n, k)), "wgrad": ((n, m), (m, k))}.items():
+                a = (torch.randn(*ka, device=device) * 8).to(torch.float8_e5m2)  # the gradient, E5M2 as torchao's
+                b = (torch.randn(kb[1], kb[0], device=device) * 8).to(torch.float8_e4m3fn).t()  # column-major
+                ref = _fp32_product(a, b)
+                errs = {f"rel_err_{mode}": float((torch._scaled_mm(a, b, one, one, out_dtype=torch.float32,
+                                                                   use_fast_accum=fast) - ref).norm() / ref.norm())
+                        for mode, fast in (("promoted", False), ("fast", True))}
+                row = dict(precision="fp8", rows=m, gemm=name, op=op, k=ka[1], **errs)
+                print("ERR", json.dumps(row), flush=True)
+                out.append(row)
+                del a, b, ref
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    return out
+
+
 def time_all(rows, precision: str, fast_grads: bool = False) -> dict:
     out = {}
     for m in rows:
@@ -100,6 +135,8 @@ def main() -> None:
         results.append(row)
     if args.against == "tunableop":
         print("tuned entries:", len(torch.cuda.tunable.get_results()))
+    else:
+        results += fast_accum_errors(rows)
     from bench_train_step import write_json  # written whole or not at all, with the date and command
 
     write_json(args.json, torch.cuda.get_device_name(), results)

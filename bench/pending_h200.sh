@@ -18,7 +18,7 @@
 # (passed), calibrate (its table ranked micro 4 first: not shipped, docs/bench/h200_calibration_not_shipped.json).
 # Earlier: "Measured on 2026-12-06, 08:22-08:48 UTC" (glamkernels, l8b_mbs16, the H100's calibrate). Left, in order:
 # 000. Next (2026-12-07 21:00; that session got no GPU), three calls on one warm H200 (BF16 at micro 8 needs it):
-#    `ONLY=fastaccum_test,fastaccum_gemms bash bench/pending_h200.sh 200 $OUT/runs` (~3 min), `ONLY=fastaccum ... 590`
+#    `ONLY=fastaccum_test,fastaccum_gemms bash bench/pending_h200.sh 280 $OUT/runs` (~4 min), `ONLY=fastaccum ... 590`
 #    (~10 min), `ONLY=fastaccum_conv ... 590` (~8 min, .devdata carried too); the items' comment below says what they
 #    decide. Then l8b_mbs16 (item 00) and, with a new FP8 default, sbs again.
 # 00. Done 2026-12-07 17:35-17:55 on an H200 (docs/performance.md, "Measured on 2026-12-07, 17:35-17:55 UTC"):
@@ -89,7 +89,7 @@ V=compile+cudnn+castonce+fusedwgrad@res=bf16 F=compile+fp8-all@res=bf16
 # carried; its folder comes back inside OUT.tgz).
 F8=$F@ctune=1@castonce=1@fusedwgrad=1  # the trainer's FP8 default
 run fastaccum_test 120 60 python -m pytest -q -p no:cacheprovider tests/test_fp8_swiglu.py tests/test_fp8_weight_cast.py -k cuda
-run fastaccum_gemms 90 40 python bench/bench_gemm_tuning.py --rows 65536 --precisions fp8 --against fast-accum \
+run fastaccum_gemms 150 60 python bench/bench_gemm_tuning.py --rows 65536 --precisions fp8 --against fast-accum \
     --json "$OUT/fastaccum_gemms.json"
 run fastaccum 575 400 python bench/bench_train_step.py --layers 4 --seq-len 8192 --global-batch 16 --micro-batch 8 --steps 4 \
     --warmup 2 --variants $F8@fastaccum=output+grad_input+grad_weight,$V,$F8,$F8@fastaccum=output+grad_input,$F8@swiglu=1 \
