@@ -204,7 +204,7 @@ def build_layout(margs, opts, device) -> Layout:
         model = registry.family_of(margs).build(margs)
     converted = []
     swiglu = opts.get("fp8_fused_swiglu", "0")  # "1", or "copy": the token-major gradients by inductor's copies
-    fast_accum = FastAccum.of(opts.get("fp8_fast_accum", ["output"]))
+    fast_accum = FastAccum.of(opts["fp8_fast_accum"]) if "fp8_fast_accum" in opts else FastAccum()
     if opts.get("fp8"):
         converted = apply_fp8(model, opts["fp8"], include_output=opts.get("fp8_output", False),
                               min_features=opts.get("fp8_min", 1024), fused_swiglu=swiglu != "0", fast_accum=fast_accum)

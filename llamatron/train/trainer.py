@@ -29,6 +29,7 @@ from llamatron.data.sampler import accumulation_steps, micro_batch_indices
 from llamatron.errors import LlamatronError
 from llamatron.eval.perplexity import Cadence, Validator
 from llamatron.eval.zero_shot import ZeroShot
+from llamatron.fp8_gemm import FastAccum
 from llamatron.hooks import fire
 from llamatron.models import parameter_count
 from llamatron.models.attention_ops import native_gqa
@@ -389,7 +390,7 @@ class Trainer:
             fsdp_note += f" ({self.fp8_frozen} frozen linears run their GEMMs in FP8, {how})"
         if cfg.optim.name == "adamw8bit":
             fsdp_note += " (AdamW with 8-bit moments, torchao)"
-        if train.fp8 != "none" and set(train.fp8_fast_accum) != {"output"}:  # not torchao's recipe: say so
+        if train.fp8 != "none" and FastAccum.of(train.fp8_fast_accum) != FastAccum():  # not torchao's recipe: say so
             fsdp_note += f" (FP8 GEMMs fast-accumulated: {', '.join(train.fp8_fast_accum) or 'none'})"
         if self.weight_casts:
             copies = "E4M3" if train.fp8 == "tensorwise" else "bf16"
