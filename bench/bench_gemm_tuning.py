@@ -48,7 +48,7 @@ def fp8_ops(m: int, k: int, n: int, fast_grads: bool = False) -> dict:
     """torchao's three tensorwise GEMMs: each A row-major, each B column-major (a transposed row-major copy);
     the forward fast-accumulated, the two gradients' too with `fast_grads`."""
     def e4m3(*shape):
-        return (torch.randn(*shape, device="cuda") * 8).to(torch.float8_e4m3fn)
+        return random_fp8(shape, torch.float8_e4m3fn)
 
     one = torch.ones((), device="cuda")
     x, w_t, dy, w_nk_t, dy_t, x_t = e4m3(m, k), e4m3(n, k).t(), e4m3(m, n), e4m3(k, n).t(), e4m3(n, m), e4m3(k, m).t()
@@ -56,6 +56,15 @@ def fp8_ops(m: int, k: int, n: int, fast_grads: bool = False) -> dict:
     return {"fwd": lambda: mm(x, w_t, one, one, out_dtype=torch.bfloat16, use_fast_accum=True),
             "dgrad": lambda: mm(dy, w_nk_t, one, one, out_dtype=torch.bfloat16, use_fast_accum=fast_grads),
             "wgrad": lambda: mm(dy_t, x_t, one, one, out_dtype=torch.bfloat16, use_fast_accum=fast_grads)}
+
+
+def random_fp8(shape, dtype, device: str = "cuda", rows: int = 8192) -> torch.Tensor:
+    """N(0, 8^2) cast to `dtype`, drawn a slab of rows at a time: the output layer's 65,536 x 128,256 gradient
+    would need 34 GB in fp32 at once (out of memory on an H100)."""
+    out = torch.empty(*shape, device=device, dtype=dtype)
+    for r in range(0, shape[0], rows):
+        out[r : r + rows] = (torch.randn(min(rows, shape[0] - r), *shape[1:], device=device) * 8).to(dtype)
+    return out
 
 
 def _fp32_product(a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -77,8 +86,8 @@ def fast_accum_errors(rows, shapes: dict = SHAPES, device: str = "cuda") -> list
     for m in rows:
         for name, (k, n) in shapes.items():
             for op, (ka, kb) in {"dgrad": ((m, n), (n, k)), "wgrad": ((n, m), (m, k))}.items():
-                a = (torch.randn(*ka, device=device) * 8).to(torch.float8_e5m2)  # the gradient, E5M2 as torchao's
-                b = (torch.randn(kb[1], kb[0], device=device) * 8).to(torch.float8_e4m3fn).t()  # column-major
+                a = random_fp8(ka, torch.float8_e5m2, device)  # the gradient, E5M2 as torchao's
+                b = random_fp8((kb[1], kb[0]), torch.float8_e4m3fn, device).t()  # column-major
                 ref = _fp32_product(a, b)
                 errs = {f"rel_err_{mode}": float((torch._scaled_mm(a, b, one, one, out_dtype=torch.float32,
                                                                    use_fast_accum=fast) - ref).norm() / ref.norm())

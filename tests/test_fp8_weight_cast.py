@@ -143,7 +143,11 @@ def test_compiled_blocks_cast_once_give_the_same_steps(device, fused_swiglu):
     for (lw, gw), (lg, gg) in zip(want, got):
         assert lg == lw
         for n, g in gw.items():
-            assert torch.equal(gg[n], g), n
+            if g.dim() == 1:  # a norm's weight: a sum over tokens that inductor splits as the graph around it
+                # suggests, which differs on CUDA between these two graphs (seen on an H100, 2026-12-07)
+                torch.testing.assert_close(gg[n], g, rtol=2**-7, atol=1e-6, msg=n)
+            else:
+                assert torch.equal(gg[n], g), n
 
 
 def test_the_trainer_casts_fp8_weights_once_and_trains_as_without(tmp_path):
