@@ -1,4 +1,4 @@
-"""Run by test_parallel_layouts.py under torchrun instead of `python -m llamatron`: `compiled_probe.py ARGS...`
+"""Run by test_compiled_layouts.py under torchrun instead of `python -m llamatron`: `compiled_probe.py ARGS...`
 runs `llamatron ARGS...` with `train.compile`'s backend swapped for inductor's partitioner without its code
 generation (llamatron/testing/compiled.py): the graphs a GPU run compiles, traced and partitioned as
 inductor does it, then run op by op, in seconds on a CPU rather than minutes of C++ compilation. After
