@@ -21,6 +21,11 @@
 #    `ONLY=fastaccum_test,fastaccum_gemms bash bench/pending_h200.sh 280 $OUT/runs` (~4 min), `ONLY=fastaccum ... 590`
 #    (~10 min), `ONLY=fastaccum_conv ... 590` (~8 min, .devdata carried too); the items' comment below says what they
 #    decide. Then l8b_mbs16 (item 00) and, with a new FP8 default, sbs again.
+#    2026-12-07 22:24-00:10: one call of thirteen got a machine (an H100): fastaccum_test then passed but for a
+#    norm's gradient (a sum inductor splits as each graph suggests; the test now allows a bf16 step there) and
+#    fastaccum_gemms ran out of memory (its operands are now drawn a slab at a time); nothing was timed. On an
+#    H100 (FP8 at micro 8 fits, BF16 does not), a shorter call decides whether it pays at all: the fastaccum
+#    item's three FP8 variants alone (~5 min).
 # 00. Done 2026-12-07 17:35-17:55 on an H200 (docs/performance.md, "Measured on 2026-12-07, 17:35-17:55 UTC"):
 #    item 1 (sbs: BF16 1.015x TorchTitan, FP8 micro 4 1.381x TorchTitan's FP8, FP8 micro 8 1.491x BF16), outer
 #    (FP8 with cast-once -0.5%, the 8-layer proxy -0.6 to -1.5%, BF16 micro 8 within noise), bf16loss_test and
