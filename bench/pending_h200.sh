@@ -21,7 +21,7 @@
 #    `ONLY=fastaccum_test,fastaccum_gemms bash bench/pending_h200.sh 280 $OUT/runs` (~4 min), `ONLY=fastaccum ... 590`
 #    (~10 min), `ONLY=fastaccum_conv ... 590` (~8 min, .devdata carried too); the items' comment below says what they
 #    decide. Then l8b_mbs16 (item 00) and, with a new FP8 default, sbs again.
-#    2026-12-07 22:24-00:10: one call of nineteen got a machine (an H100): fastaccum_test then passed but for a
+#    2026-12-07 22:24-00:40: one call of twenty got a machine (an H100): fastaccum_test then passed but for a
 #    norm's gradient (a sum inductor splits as each graph suggests; the test now allows a bf16 step there) and
 #    fastaccum_gemms ran out of memory (its operands are now drawn a slab at a time); nothing was timed. On an
 #    H100 (FP8 at micro 8 fits, BF16 does not), a shorter call decides whether it pays at all: the fastaccum
